@@ -1,0 +1,29 @@
+"""Data: samplers of the distributions pi0 and pi1.
+
+Every sampler has ``dim`` (or ``shape``) and ``sample(n, generator=None, device=None) -> (n, ...)``;
+any of them can be the source pi0 or the target pi1 (domain transfer, SPEC section 1).
+"""
+
+from .toy2d import (
+    Checkerboard,
+    Circle,
+    EightGaussians,
+    Gaussian,
+    Moons,
+    PointCloud,
+    Spirals,
+    TOY_DISTRIBUTIONS,
+    make_distribution,
+)
+
+__all__ = [
+    "Gaussian",
+    "EightGaussians",
+    "Moons",
+    "Circle",
+    "Checkerboard",
+    "Spirals",
+    "PointCloud",
+    "TOY_DISTRIBUTIONS",
+    "make_distribution",
+]

@@ -1,0 +1,17 @@
+"""Exceptions with one-line, user-facing messages (the CLI prints them and exits non-zero)."""
+
+
+class RectflowError(Exception):
+    """Base class of every error rectflow raises on bad input."""
+
+
+class ConfigError(RectflowError, ValueError):
+    """An invalid configuration: unknown key, wrong type or value out of range."""
+
+
+class DataError(RectflowError, ValueError):
+    """Unusable data: empty or unreadable file, NaN/inf, wrong shape, dimension mismatch."""
+
+
+class CheckpointError(RectflowError):
+    """A missing, corrupt or incompatible checkpoint or run directory."""

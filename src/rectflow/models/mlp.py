@@ -1,0 +1,44 @@
+"""An MLP velocity field for low-dimensional data (2-D toys, point clouds, vectors)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .embeddings import SinusoidalTimeEmbedding
+
+_ACTIVATIONS = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh}
+
+
+class MLPVelocity(nn.Module):
+    """v(x, t) = MLP([x, emb(t)]) with ``depth`` hidden layers of ``width`` units.
+
+    Args:
+        dim: data dimension d (input and output).
+        width: hidden units per layer (the issues' "3x256 MLP" is depth=3, width=256).
+        depth: number of hidden layers (>= 1).
+        time_dim: size of the sinusoidal time embedding.
+        activation: one of silu, gelu, relu, tanh.
+    Shapes: x (B, d), t (B,) -> (B, d).
+    """
+
+    def __init__(self, dim: int, width: int = 256, depth: int = 3, time_dim: int = 64, activation: str = "silu"):
+        super().__init__()
+        if dim < 1 or width < 1 or depth < 1:
+            raise ValueError(f"MLPVelocity: dim, width and depth must be >= 1, got {dim}, {width}, {depth}")
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"MLPVelocity: unknown activation {activation!r}; choose one of {sorted(_ACTIVATIONS)}")
+        act = _ACTIVATIONS[activation]
+        self.dim = dim
+        self.time_embed = SinusoidalTimeEmbedding(time_dim)
+        layers: list[nn.Module] = [nn.Linear(dim + time_dim, width), act()]
+        for _ in range(depth - 1):
+            layers += [nn.Linear(width, width), act()]
+        layers.append(nn.Linear(width, dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"MLPVelocity expects x of shape (B, {self.dim}), got {tuple(x.shape)}")
+        return self.net(torch.cat([x, self.time_embed(t).to(x.dtype)], dim=1))
+

@@ -1,0 +1,391 @@
+"""A small, exact-resume trainer for velocity fields.
+
+The trainer knows nothing about flows: it optimises ``objective.loss(model, batch)`` on
+batches from ``objective.draw(n, generator, device)``.  Batch k is drawn from a generator
+seeded by (seed, k) alone, so a run resumed from a checkpoint sees exactly the batches an
+uninterrupted run would, and ends with bitwise-identical weights on the same machine.
+Batches can be drawn ahead by DataLoader worker processes (``workers``), which hides
+CPU-heavy couplings such as exact minibatch OT behind the training step.
+
+Checkpoints are single safetensors files (model, EMA, optimizer state) with JSON metadata;
+``metrics.jsonl`` gets one row per ``log_every`` steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .errors import CheckpointError, ConfigError
+from .io import append_jsonl, load_tensors, read_jsonl, save_tensors, atomic_path
+
+__all__ = ["TrainConfig", "Objective", "EMA", "Trainer", "step_generator", "resolve_device", "lr_at"]
+
+CHECKPOINT_FORMAT = "rectflow-checkpoint/1"
+
+
+class Objective(Protocol):
+    """What the trainer optimises: batch drawing (may be CPU-heavy) and the loss on a batch."""
+
+    def draw(self, n: int, generator: torch.Generator, device: torch.device) -> Any: ...
+
+    def loss(self, model: nn.Module, batch: Any) -> Any:  # -> losses.LossOutput
+        ...
+
+
+@dataclass
+class TrainConfig:
+    """Training hyper-parameters (all plain values, so they round-trip through YAML/JSON)."""
+
+    steps: int = 5000
+    batch_size: int = 256
+    lr: float = 1e-3
+    optimizer: str = "adam"  # adam | adamw
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine (decay to lr_min after warmup)
+    lr_min: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    ema_decay: float = 0.999  # 0 disables; the effective decay warms up as min(decay, (1 + k) / (10 + k))
+    seed: int = 0
+    log_every: int = 100
+    ckpt_every: int = 1000
+    keep_checkpoints: int = 2
+    workers: int | None = None  # DataLoader processes drawing batches ahead; None = auto (1 for heavy couplings)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    progress: bool = True
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(f"train.{msg}")
+
+        need(isinstance(self.steps, int) and self.steps >= 1, f"steps must be an integer >= 1, got {self.steps!r}")
+        need(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.optimizer in ("adam", "adamw"), f"optimizer must be one of ['adam', 'adamw'], got {self.optimizer!r}")
+        need(self.lr_schedule in ("constant", "cosine"), f"lr_schedule must be one of ['constant', 'cosine'], got {self.lr_schedule!r}")
+        need(0 <= self.ema_decay < 1, f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        need(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
+        need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        need(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+        need(self.ckpt_every >= 1, f"ckpt_every must be >= 1, got {self.ckpt_every}")
+        need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        need(self.workers is None or self.workers >= 0, f"workers must be >= 0 or null (auto), got {self.workers}")
+        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas must be two numbers in [0, 1), got {self.betas}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda if available else cpu; anything else is passed to torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator whose stream depends only on (seed, step): splitmix64 of the pair."""
+    z = (seed * 0x9E3779B97F4A7C15 + step + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    z ^= z >> 31
+    return torch.Generator(device=device).manual_seed(z & 0x7FFFFFFFFFFFFFFF)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate for 0-based step ``step``: linear warmup, then constant or cosine decay."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "cosine":
+        span = max(1, cfg.steps - cfg.warmup_steps)
+        frac = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * frac))
+    return cfg.lr
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point parameters and buffers."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.model = _clone_model(model)
+        self._src = [p for p in _float_tensors(model)]
+        self._dst = [p for p in _float_tensors(self.model)]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self._dst, self._src, 1 - d)
+
+
+def _float_tensors(model: nn.Module) -> list[Tensor]:
+    out = [p.data for p in model.parameters() if p.is_floating_point()]
+    out += [b for b in model.buffers() if b.is_floating_point()]
+    return out
+
+
+def _clone_model(model: nn.Module) -> nn.Module:
+    import copy
+
+    clone = copy.deepcopy(model)
+    for p in clone.parameters():
+        p.requires_grad_(False)
+    return clone.eval()
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, Tensor):
+                tensors[f"optim.{idx}.{k}"] = v
+            else:
+                scalars[f"{idx}.{k}"] = v
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    for key, v in meta.get("scalars", {}).items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+class Trainer:
+    """Optimise ``objective`` for ``model``; optional ``run_dir`` for checkpoints and metrics.
+
+    ``model_config`` is stored in every checkpoint and compared on resume, so a checkpoint
+    from another model configuration is refused with a clear error.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Objective,
+        config: TrainConfig,
+        run_dir: str | Path | None = None,
+        *,
+        model_config: dict[str, Any] | None = None,
+        callbacks: list[Callable[["Trainer", int], None]] | None = None,
+    ) -> None:
+        config.validate()
+        self.cfg = config
+        self.device = resolve_device(config.device)
+        self.model = model.to(self.device)
+        self.objective = objective
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.model_config = model_config or {}
+        self.callbacks = callbacks or []
+        opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+        kw = {"foreach": True} if self.device.type == "cpu" else {"fused": True}
+        self.optimizer = opt_cls(self.model.parameters(), lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay, **kw)
+        self.ema = EMA(self.model, config.ema_decay) if config.ema_decay > 0 else None
+        self.step = 0  # number of optimisation steps completed
+
+    # ----- checkpoints ---------------------------------------------------------------
+    @property
+    def ckpt_dir(self) -> Path:
+        assert self.run_dir is not None
+        return self.run_dir / "checkpoints"
+
+    def checkpoints(self) -> list[Path]:
+        """Existing checkpoint files, oldest first."""
+        if self.run_dir is None or not self.ckpt_dir.is_dir():
+            return []
+        return sorted(self.ckpt_dir.glob("step_*.safetensors"))
+
+    def save_checkpoint(self) -> Path:
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        if self.ema is not None:
+            tensors.update({f"ema.{k}": v for k, v in self.ema.model.state_dict().items()})
+        opt_tensors, opt_meta = _optimizer_tensors(self.optimizer)
+        tensors.update(opt_tensors)
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "model_config": self.model_config,
+            "train_config": asdict(self.cfg),
+            "optimizer": opt_meta,
+        }
+        path = self.ckpt_dir / f"step_{self.step:08d}.safetensors"
+        save_tensors(path, tensors, meta)
+        for old in self.checkpoints()[: -self.cfg.keep_checkpoints]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        tensors, meta = load_tensors(path, device=self.device)
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{path}: not a rectflow checkpoint (format {meta.get('format')!r})")
+        if meta.get("model_config") != self.model_config:
+            raise CheckpointError(
+                f"{path}: checkpoint was made with model config {meta.get('model_config')}, "
+                f"but this run uses {self.model_config}"
+            )
+        model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        try:
+            self.model.load_state_dict(model_sd)
+            if self.ema is not None:
+                ema_sd = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+                self.ema.model.load_state_dict(ema_sd if ema_sd else model_sd)
+            _load_optimizer(self.optimizer, tensors, meta["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"{path}: does not match this model ({str(e).splitlines()[0]})") from None
+        self.step = int(meta["step"])
+
+    def resume(self) -> bool:
+        """Load the newest readable checkpoint of ``run_dir``; False when there is none."""
+        for path in reversed(self.checkpoints()):
+            self.load_checkpoint(path)
+            self._truncate_metrics()
+            return True
+        return False
+
+    def _truncate_metrics(self) -> None:
+        if self.run_dir is None:
+            return
+        path = self.run_dir / "metrics.jsonl"
+        rows = [r for r in read_jsonl(path) if r.get("step", 0) <= self.step]
+        import json
+
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    # ----- training ------------------------------------------------------------------
+    def _num_workers(self) -> int:
+        if self.cfg.workers is not None:
+            return self.cfg.workers
+        heavy = bool(getattr(self.objective, "heavy_draw", False))
+        return 1 if heavy and (os.cpu_count() or 1) >= 2 else 0
+
+    def _batches(self, start: int) -> Iterator[Any]:
+        """Batches for steps start .. steps-1, batch k drawn from step_generator(seed, k) on the CPU
+        (in worker processes when ``workers`` > 0; the order and content do not depend on it)."""
+        workers = self._num_workers()
+        if workers == 0:
+            for k in range(start, self.cfg.steps):
+                yield _to_device(self.objective.draw(self.cfg.batch_size, step_generator(self.cfg.seed, k), torch.device("cpu")), self.device)
+            return
+        loader = DataLoader(
+            _StepDraws(self.objective, self.cfg.batch_size, self.cfg.seed),
+            batch_size=None,
+            sampler=range(start, self.cfg.steps),
+            num_workers=workers,
+            prefetch_factor=4,
+            pin_memory=self.device.type == "cuda",
+        )
+        for batch in loader:
+            yield _to_device(batch, self.device)
+
+    def fit(self, resume: bool = True) -> "Trainer":
+        """Train until ``cfg.steps`` steps are done (continuing from the newest checkpoint if
+        ``resume``).  Ctrl-C saves a checkpoint at the last completed step before re-raising."""
+        cfg = self.cfg
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if resume:
+                self.resume()
+        if self.step >= cfg.steps:
+            return self
+        self.model.train()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        loss_sum = torch.zeros((), device=self.device)
+        n_in_window, t_window = 0, time.perf_counter()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress or None, desc="train", unit="step", dynamic_ncols=True)
+        batches = self._batches(self.step)
+        try:
+            for batch in batches:
+                k = self.step
+                lr = lr_at(cfg, k)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                out = self.objective.loss(self.model, batch)
+                self.optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+                self.optimizer.step()
+                if self.ema is not None:
+                    self.ema.update(k)
+                self.step = k + 1
+                loss_sum += out.loss.detach()
+                n_in_window += 1
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    self._log(float(loss_sum) / n_in_window, lr, n_in_window, t_window, bar)
+                    loss_sum.zero_()
+                    n_in_window, t_window = 0, time.perf_counter()
+                if self.run_dir is not None and (self.step % cfg.ckpt_every == 0 or self.step == cfg.steps):
+                    self.save_checkpoint()
+                for cb in self.callbacks:
+                    cb(self, self.step)
+        except KeyboardInterrupt:
+            if self.run_dir is not None and self.step > 0:
+                self.save_checkpoint()
+            raise
+        finally:
+            bar.close()
+            batches.close()
+        return self
+
+    def _log(self, mean_loss: float, lr: float, n: int, t_window: float, bar) -> None:
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(
+                f"training diverged: loss is {mean_loss} at step {self.step} (lower lr or enable grad_clip); "
+                "the last checkpoint is kept"
+            )
+        row = {"step": self.step, "loss": mean_loss, "lr": lr, "ms_per_step": 1e3 * (time.perf_counter() - t_window) / n}
+        bar.set_postfix(loss=f"{mean_loss:.4f}")
+        if self.run_dir is not None:
+            append_jsonl(self.run_dir / "metrics.jsonl", row)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The EMA model if EMA is on, else the trained model (in eval mode)."""
+        return (self.ema.model if self.ema is not None else self.model).eval()
+
+
+class _StepDraws(Dataset):
+    """Map-style view of the batch stream: item k is the batch of step k (picklable for workers)."""
+
+    def __init__(self, objective: Objective, batch_size: int, seed: int) -> None:
+        self.objective, self.batch_size, self.seed = objective, batch_size, seed
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, k: int) -> Any:
+        return self.objective.draw(self.batch_size, step_generator(self.seed, k), torch.device("cpu"))
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if device.type == "cpu":
+        return batch
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(_to_device(b, device) for b in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    return batch
