@@ -36,23 +36,20 @@ def wasserstein2(x: Tensor | np.ndarray, y: Tensor | np.ndarray, *, max_iter: in
     return math.sqrt(max(float(w2sq), 0.0))
 
 
-def _mean_pairwise_distance(a: Tensor, b: Tensor, chunk: int = 2048, same: bool = False) -> float:
+def _mean_pairwise_distance(a: Tensor, b: Tensor, chunk: int = 2048) -> float:
     total = 0.0
     for i in range(0, a.shape[0], chunk):
         total += float(torch.cdist(a[i : i + chunk], b).sum())
-    n, m = a.shape[0], b.shape[0]
-    return total / (n * (n - 1)) if same else total / (n * m)  # unbiased within-set mean (diagonal is 0)
+    return total / (a.shape[0] * b.shape[0])
 
 
 def energy_distance(x: Tensor | np.ndarray, y: Tensor | np.ndarray) -> float:
-    """Energy distance 2 E||X - Y|| - E||X - X'|| - E||Y - Y'|| (>= 0, 0 iff equal laws),
-    with unbiased within-set means."""
+    """Energy distance 2 E||X - Y|| - E||X - X'|| - E||Y - Y'|| between the empirical measures
+    (the V-statistic: always >= 0, and 0 only for identical point sets)."""
     a, b = _as_2d(x, "x"), _as_2d(y, "y")
     if a.shape[1] != b.shape[1]:
         raise DataError(f"energy_distance: x has {a.shape[1]} dims, y has {b.shape[1]}")
-    if a.shape[0] < 2 or b.shape[0] < 2:
-        raise DataError("energy_distance: need at least 2 samples in each set")
     xy = _mean_pairwise_distance(a, b)
-    xx = _mean_pairwise_distance(a, a, same=True)
-    yy = _mean_pairwise_distance(b, b, same=True)
+    xx = _mean_pairwise_distance(a, a)
+    yy = _mean_pairwise_distance(b, b)
     return 2 * xy - xx - yy

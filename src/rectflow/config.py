@@ -1,0 +1,231 @@
+"""Experiment configuration: nested dataclasses, strict YAML/JSON loading and key=value overrides.
+
+Unknown keys and wrongly typed values raise :class:`ConfigError` naming the offending key
+and what is allowed, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+from .training import TrainConfig
+
+__all__ = [
+    "ModelConfig",
+    "CouplingConfig",
+    "TimeConfig",
+    "EvalConfig",
+    "ExperimentConfig",
+    "load_config",
+    "config_from_dict",
+    "apply_overrides",
+    "config_to_dict",
+]
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "mlp"
+    width: int = 256
+    depth: int = 3
+    time_dim: int = 64
+    activation: str = "silu"
+
+
+@dataclass
+class CouplingConfig:
+    kind: str = "independent"  # independent | ot
+    method: str = "exact"  # for ot: exact | sinkhorn
+    reg: float = 0.05  # sinkhorn regulariser, relative to the mean cost
+
+
+@dataclass
+class TimeConfig:
+    kind: str = "uniform"  # uniform | logit_normal | u_shaped
+    eps: float = 0.0  # uniform: t ~ U[eps, 1 - eps]
+    mean: float = 0.0  # logit_normal
+    std: float = 1.0  # logit_normal
+    a: float = 4.0  # u_shaped: density ~ cosh(a (t - 1/2))
+
+    def params(self) -> dict[str, float]:
+        return {"uniform": {"eps": self.eps}, "logit_normal": {"mean": self.mean, "std": self.std}, "u_shaped": {"a": self.a}}.get(self.kind, {})
+
+
+@dataclass
+class EvalConfig:
+    n_samples: int = 5000  # held-out points on each side
+    seed: int = 12345
+    solvers: list[str] = field(default_factory=lambda: ["euler:1", "euler:2", "euler:4", "euler:8", "euler:100", "dopri5"])
+    rtol: float = 1e-5
+    atol: float = 1e-5
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything that defines a run: the two distributions, the model and how it is trained."""
+
+    source: Any = "gaussian"  # a name, a .npy/.csv path, or {name: ..., params...}
+    target: Any = "moons"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    coupling: CouplingConfig = field(default_factory=CouplingConfig)
+    time: TimeConfig = field(default_factory=TimeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            if arm is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _check_type(value, arm, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config key {key!r}: {value!r} is not a {tp}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        elem = args[0] if args else Any
+        items = [_check_type(v, elem, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {key!r}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _from_dict(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section {prefix or '<root>'!r} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key {full!r}; allowed keys here: {sorted(names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _from_dict(tp, value, full)
+        else:
+            kwargs[key] = _check_type(value, tp, full)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    """Build and validate an :class:`ExperimentConfig` from nested dicts (YAML/JSON content)."""
+    cfg = _from_dict(ExperimentConfig, data or {}, "")
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Plain nested dict (tuples become lists) that :func:`config_from_dict` reads back."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(asdict(cfg))
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML (or JSON) config file, apply ``key.sub=value`` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of config sections")
+    data = apply_overrides(data, overrides or [])
+    return config_from_dict(data)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings (value parsed as YAML) to a nested dict, returning a copy."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.subkey=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part, {}), dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+_CHOICES = {
+    "model.kind": ("mlp",),
+    "model.activation": ("silu", "gelu", "relu", "tanh"),
+    "coupling.kind": ("independent", "ot"),
+    "coupling.method": ("exact", "sinkhorn"),
+    "time.kind": ("uniform", "logit_normal", "u_shaped"),
+}
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Range and choice checks that need more than a type (raises ConfigError)."""
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"config key {key!r}: {value!r} is not one of {list(allowed)}")
+    m = cfg.model
+    if m.width < 1 or m.depth < 1 or m.time_dim < 2 or m.time_dim % 2:
+        raise ConfigError("model: width and depth must be >= 1 and time_dim an even number >= 2")
+    if cfg.eval.n_samples < 2:
+        raise ConfigError(f"config key 'eval.n_samples': must be >= 2, got {cfg.eval.n_samples}")
+    if not cfg.eval.rtol > 0:
+        raise ConfigError(f"config key 'eval.rtol': must be > 0, got {cfg.eval.rtol}")
+    from .sampling import parse_solver_spec
+
+    for spec in cfg.eval.solvers:
+        parse_solver_spec(spec)
+    cfg.train.validate()
