@@ -16,8 +16,10 @@ __all__ = ["wasserstein2", "energy_distance"]
 
 def _as_2d(x: Tensor | np.ndarray, name: str) -> Tensor:
     t = torch.as_tensor(x).detach()
-    t = t.reshape(t.shape[0], -1) if t.dim() >= 1 else t
-    if t.dim() != 2 or t.shape[0] == 0:
+    if t.dim() < 1 or t.shape[0] == 0:
+        raise DataError(f"{name}: expected a non-empty set of samples (N, ...), got shape {tuple(t.shape)}")
+    t = t.reshape(t.shape[0], -1)
+    if t.shape[1] == 0:
         raise DataError(f"{name}: expected a non-empty set of samples (N, ...), got shape {tuple(t.shape)}")
     if not torch.isfinite(t).all():
         raise DataError(f"{name}: samples contain NaN or inf")
