@@ -1,0 +1,47 @@
+import pytest
+
+from rectflow.config import apply_overrides, config_from_dict, config_to_dict, load_config
+from rectflow.errors import ConfigError
+
+
+def test_defaults_round_trip():
+    cfg = config_from_dict({})
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("target: 8gaussians\ntrain:\n  steps: 10\n  lr: 0.01\ncoupling: {kind: ot}\n")
+    cfg = load_config(p, ["train.steps=20", "source={name: 8gaussians, radius: 2}", "time.kind=u_shaped"])
+    assert cfg.train.steps == 20 and cfg.train.lr == 0.01 and cfg.coupling.kind == "ot"
+    assert cfg.source == {"name": "8gaussians", "radius": 2} and cfg.time.kind == "u_shaped"
+
+
+@pytest.mark.parametrize(
+    "data, msg",
+    [
+        ({"trian": {}}, "unknown config key 'trian'"),
+        ({"train": {"stpes": 3}}, "unknown config key 'train.stpes'.*allowed keys"),
+        ({"train": {"steps": "many"}}, "train.steps.*integer"),
+        ({"train": {"lr": True}}, "train.lr.*number"),
+        ({"coupling": {"kind": "greedy"}}, "coupling.kind.*not one of"),
+        ({"time": {"kind": "beta"}}, "time.kind"),
+        ({"eval": {"solvers": ["euler:0"]}}, "must be >= 1"),
+        ({"eval": {"solvers": ["rk45"]}}, "unknown method"),
+        ({"eval": {"rtol": 0.0}}, "rtol"),
+        ({"train": 5}, "must be a mapping"),
+    ],
+)
+def test_invalid_configs_name_the_key(data, msg):
+    with pytest.raises(ConfigError, match=msg):
+        config_from_dict(data)
+
+
+def test_bad_files_and_overrides(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="key.subkey=value"):
+        apply_overrides({}, ["train.steps"])
