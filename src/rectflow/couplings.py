@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-import ot
 import torch
 from torch import Tensor
 
@@ -56,6 +55,8 @@ def ot_pairing(
     ``sinkhorn``: the entropic plan with regulariser ``reg`` times the mean cost; one
     partner is drawn for each x0[i] from its row of the plan (pairs may repeat).
     """
+    import ot  # POT: imported on first use (it is slow to import)
+
     n, m = x0.shape[0], x1.shape[0]
     if n == 0 or m == 0:
         raise ValueError("ot_pairing: empty batch")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import ot
 import torch
 from torch import Tensor
 
@@ -29,6 +28,8 @@ def _as_2d(x: Tensor | np.ndarray, name: str) -> Tensor:
 def wasserstein2(x: Tensor | np.ndarray, y: Tensor | np.ndarray, *, max_iter: int | None = None) -> float:
     """Exact W2 between the empirical measures of x (N, ...) and y (M, ...):
     sqrt(min_P sum_ij P_ij ||x_i - y_j||^2), solved by POT's network simplex (EMD)."""
+    import ot  # POT: imported on first use (it is slow to import)
+
     a, b = _as_2d(x, "x"), _as_2d(y, "y")
     if a.shape[1] != b.shape[1]:
         raise DataError(f"wasserstein2: x has {a.shape[1]} dims, y has {b.shape[1]}")
