@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, help="held-out samples per side (default: the run's eval.n_samples)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    p = sub.add_parser("report", help="one self-contained HTML page comparing run directories", formatter_class=fmt)
+    p.add_argument("runs", nargs="+", help="run directories (e.g. 1-RF, 2-RF and distilled runs, or two recipes)")
+    p.add_argument("--out", "-o", default="report.html", help="output HTML file")
+    p.add_argument("--title", default="rectflow report", help="page title")
+
     p = sub.add_parser("demo", help="1-RF on Gaussian -> circle and Gaussian -> moons, with table and plots", formatter_class=fmt)
     p.add_argument("--out", "-o", default="runs/demo", help="output directory")
     p.add_argument("--steps", type=int, default=3000, help="training steps per task")
@@ -127,7 +132,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"train": _cmd_train, "sample": _cmd_sample, "eval": _cmd_eval, "demo": _cmd_demo}
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import build_report
+
+    print(f"wrote {build_report(args.runs, args.out, title=args.title)}")
+    return 0
+
+
+_COMMANDS = {"train": _cmd_train, "sample": _cmd_sample, "eval": _cmd_eval, "demo": _cmd_demo, "report": _cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

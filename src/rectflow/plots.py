@@ -36,7 +36,7 @@ def plot_loss(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "tr
     """Loss vs step from metrics.jsonl rows (log scale)."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
     steps = [r["step"] for r in rows if "loss" in r]
-    ax.plot(steps, [r["loss"] for r in rows if "loss" in r], lw=1.2)
+    ax.plot(steps, [r["loss"] for r in rows if "loss" in r], lw=1.2, marker="o" if len(steps) < 5 else None)
     ax.set(xlabel="step", ylabel="loss", title=title, yscale="log")
     ax.grid(alpha=0.3)
     return save_figure(fig, path)

@@ -132,7 +132,7 @@ def _loss_chart(runs: list[RunSummary]) -> bytes | None:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, x, y in series:
-        ax.plot(x, y, label=name, lw=1.2)
+        ax.plot(x, y, label=name, lw=1.2, marker="o" if len(x) < 5 else None)
     ax.set(xlabel="step", ylabel="loss", yscale="log", title="training loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -160,11 +160,12 @@ def _quality_chart(runs: list[RunSummary], metric: str = "w2") -> bytes | None:
 
 
 def _timings(r: RunSummary) -> dict[str, Any]:
-    ms = [m["ms_per_step"] for m in r.metrics if "ms_per_step" in m]
-    row: dict[str, Any] = {"run": r.name, "steps": r.metrics[-1]["step"] if r.metrics else None}
-    if ms:
-        row["median ms/step"] = statistics.median(ms)
-        row["train time (s)"] = sum(ms) * (r.metrics[-1]["step"] / max(1, len(ms))) / 1e3 if r.metrics else None
+    timed = [m for m in r.metrics if "ms_per_step" in m and "step" in m]
+    row: dict[str, Any] = {"run": r.name, "steps": r.metrics[-1].get("step") if r.metrics else None}
+    if timed:
+        row["median ms/step"] = statistics.median(m["ms_per_step"] for m in timed)
+        steps = [0] + [m["step"] for m in timed]
+        row["train time (s)"] = sum(m["ms_per_step"] * (b - a) for m, a, b in zip(timed, steps, steps[1:])) / 1e3
     if r.eval_rows:
         row["eval sampling (s)"] = sum(e.get("sample_s", 0.0) for e in r.eval_rows)
     if r.machine:
