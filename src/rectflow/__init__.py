@@ -45,3 +45,28 @@ __all__ = [
     "DataError",
     "CheckpointError",
 ]
+
+# Reflow, distillation and straight-coupling diagnostics (SPEC section 4).
+from .diagnostics import crossing_probability, diagnose_coupling, diagnose_runs, straightness, transport_cost
+from .distill import DistillationObjective, PseudoHuberLoss, distillation_loss, one_step, train_distill
+from .pairs import PairCoupling, PairStore, generate_pairs
+from .reflow import generate_run_pairs, reflow_chain, train_reflow
+
+__all__ += [
+    "PairStore",
+    "PairCoupling",
+    "generate_pairs",
+    "generate_run_pairs",
+    "train_reflow",
+    "reflow_chain",
+    "DistillationObjective",
+    "PseudoHuberLoss",
+    "distillation_loss",
+    "one_step",
+    "train_distill",
+    "straightness",
+    "transport_cost",
+    "crossing_probability",
+    "diagnose_coupling",
+    "diagnose_runs",
+]

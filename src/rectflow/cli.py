@@ -38,9 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory")
     p.add_argument("--n", type=int, default=1000, help="number of samples")
     p.add_argument("--seed", type=int, default=0, help="seed of the source samples")
-    p.add_argument("--out", "-o", required=True, help="output .npy file (N x d)")
+    p.add_argument("--out", "-o", required=True, help="output .npy file (N x d); for image runs a directory that gets samples.npz (uint8) and grid.png")
     p.add_argument("--trajectory", help="also save the trajectory (K x N x d) to this .npy file")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale w (class-conditional runs; default: the run's guidance.scale)")
+    p.add_argument("--label", type=int, help="class of every sample (class-conditional runs; default: the classes in turn)")
+    p.add_argument("--batch-size", type=int, default=1000, help="samples per batch (image runs)")
     _add_sample_args(p)
 
     p = sub.add_parser("eval", help="W2 / energy distance vs NFE table for a run", formatter_class=fmt)
@@ -54,12 +57,86 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", default="report.html", help="output HTML file")
     p.add_argument("--title", default="rectflow report", help="page title")
 
-    p = sub.add_parser("demo", help="1-RF on Gaussian -> circle and Gaussian -> moons, with table and plots", formatter_class=fmt)
+    p = sub.add_parser("demo", help="1-RF on Gaussian -> circle and -> moons, then reflow + distillation on moons: tables and plots", formatter_class=fmt)
     p.add_argument("--out", "-o", default="runs/demo", help="output directory")
     p.add_argument("--steps", type=int, default=3000, help="training steps per task")
     p.add_argument("--n-eval", type=int, default=2000, help="held-out points per side for W2")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--no-pipeline", action="store_true", help="only the 1-RF part: skip reflow + distillation on the moons task")
+    p.add_argument("--pairs", type=int, default=10_000, help="reflow / distillation pairs in the pipeline part")
+    _add_reflow_parsers(sub, fmt)
     return parser
+
+
+def _add_pair_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--solver", default="dopri5", help="solver spec for the pairs: dopri5 or e.g. euler:100, rk4:25")
+    p.add_argument("--rtol", type=float, help="dopri5 relative tolerance of the pairs (default: the run's eval.rtol)")
+    p.add_argument("--atol", type=float, help="dopri5 absolute tolerance of the pairs (default: the run's eval.atol)")
+    p.add_argument("--pair-seed", type=int, default=0, help="seed of Z0: shard s draws from (seed, s)")
+    p.add_argument("--shard-size", type=int, default=65536, help="pairs per shard (memory bound and unit of resumption)")
+    p.add_argument("--device", default="auto", help="device for pair generation: auto | cpu | cuda[:N]")
+
+
+def _add_stage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides of the new run(s), e.g. train.lr=3e-4")
+    p.add_argument("--init", default="previous", choices=["previous", "scratch"], help="start from the parent's (EMA) weights or from scratch")
+    p.add_argument("--steps", type=int, help="training steps (default: the parent's train.steps)")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation table and plots after training")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
+def _add_reflow_parsers(sub, fmt) -> None:
+    """Subcommands of SPEC section 4: pairs, reflow, distill, diagnose, pipeline."""
+    p = sub.add_parser("pairs", help="generate (or resume) a reflow pair store (Z0, Flow(Z0)) from a run", formatter_class=fmt)
+    p.add_argument("run", help="run directory of the k-RF")
+    p.add_argument("--n", type=int, required=True, help="number of pairs")
+    p.add_argument("--out", "-o", help="store directory (default: RUN/pairs/<solver>-n<N>-seed<S>)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    _add_pair_args(p)
+
+    p = sub.add_parser("reflow", help="train the (k+1)-RF (and further stages) on pairs of a k-RF run", formatter_class=fmt)
+    p.add_argument("run", help="run directory of the k-RF")
+    p.add_argument("--pairs", type=int, required=True, help="pairs generated from each stage")
+    p.add_argument("--stages", type=int, default=1, help="number of reflows: 2 runs 1-RF -> 2-RF -> 3-RF")
+    p.add_argument("--out", "-o", help="run directory of the new flow (one stage only; default RUN-<k+1>rf)")
+    p.add_argument("--prefix", help="stage j goes to PREFIX-<k+j>rf (default: RUN without a -<n>rf suffix)")
+    p.add_argument("--pairs-dir", help="use this existing pair store instead of generating (one stage only)")
+    _add_stage_args(p)
+    _add_pair_args(p)
+
+    p = sub.add_parser("distill", help="distill a run's flow into a one-step map (regression at t = 0)", formatter_class=fmt)
+    p.add_argument("run", help="run directory of the k-RF teacher")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pairs", type=int, help="generate (or reuse) this many pairs of the flow")
+    src.add_argument("--pairs-dir", help="use this existing pair store")
+    src.add_argument("--random", action="store_true", help="distill the independent coupling instead (learns E[X1|X0]: the failure case)")
+    p.add_argument("--loss", default="l2", choices=["l2", "pseudo_huber"], help="distillation loss")
+    p.add_argument("--huber-c", type=float, default=0.0, help="pseudo-Huber scale c (0: 0.00054 sqrt(d))")
+    p.add_argument("--out", "-o", help="run directory of the one-step model (default RUN-distill)")
+    _add_stage_args(p)
+    _add_pair_args(p)
+
+    p = sub.add_parser("diagnose", help="stage table: W2 vs NFE, straightness, transport cost, crossings", formatter_class=fmt)
+    p.add_argument("runs", nargs="+", help="run directories of one task (e.g. 1-RF, 2-RF, distilled)")
+    p.add_argument("--out", "-o", help="write table.md, rows.json and the plots here")
+    p.add_argument("--n", type=int, help="held-out points per side (default: the first run's eval.n_samples)")
+    p.add_argument("--solvers", default="euler:1,euler:2,euler:4,euler:8,euler:100,dopri5", help="W2 columns")
+    p.add_argument("--no-independent", action="store_true", help="leave out the row of the independent coupling")
+    p.add_argument("--json", action="store_true", help="print JSON rows instead of the table")
+
+    p = sub.add_parser("pipeline", help="1-RF -> pairs -> 2-RF -> distill on a 2-D task, with one table and plots", formatter_class=fmt)
+    p.add_argument("--out", "-o", default="runs/pipeline", help="output directory")
+    p.add_argument("--source", default="gaussian", help="pi0")
+    p.add_argument("--target", default="moons", help="pi1")
+    p.add_argument("--steps", type=int, default=3000, help="1-RF training steps")
+    p.add_argument("--reflow-steps", type=int, help="steps per reflow (default: --steps)")
+    p.add_argument("--distill-steps", type=int, help="distillation steps (default: --steps / 2)")
+    p.add_argument("--stages", type=int, default=1, help="number of reflows before distillation")
+    p.add_argument("--pairs", type=int, default=10_000, help="pairs generated from each k-RF")
+    p.add_argument("--pair-solver", default="dopri5", help="solver spec for the pairs")
+    p.add_argument("--pair-tol", type=float, default=1e-4, help="dopri5 rtol = atol for the pairs")
+    p.add_argument("--n-eval", type=int, default=2000, help="held-out points per side")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
 
 def _version() -> str:
@@ -76,6 +153,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + (["train.progress=false"] if args.quiet else [])
     cfg = load_config(args.config, overrides)
     train_run(cfg, args.run, resume=not args.fresh)
+    from .distributed import destroy, is_main_process
+
+    main_process = is_main_process()
+    destroy()  # under torchrun: leave the process group; only rank 0 evaluates and reports
+    if not main_process:
+        return 0
     if not args.no_eval:
         run = load_run(args.run)
         print(format_table(evaluate_run(run), ["solver", "nfe", "w2", "energy"]))
@@ -92,12 +175,16 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from .experiment import load_run
     from .io import atomic_path
     from .sampling import sample_model
+    from .training import resolve_device
 
     if args.n < 1:
         raise ConfigError(f"--n must be >= 1, got {args.n}")
     if args.solver != "dopri5" and args.steps < 1:
         raise ConfigError(f"--steps (NFE) must be >= 1, got {args.steps}")
     run = load_run(args.run, ema=not args.raw)
+    if len(getattr(run.source, "shape", ())) == 3 or args.guidance is not None or args.label is not None:
+        run.model.to(resolve_device("auto"))  # images: sample on the GPU when there is one
+        return _sample_images(args, run)
     x0 = run.source.sample(args.n, generator=torch.Generator().manual_seed(args.seed))
     res = sample_model(run.model, x0, method=args.solver, steps=args.steps, rtol=args.rtol, atol=args.atol, return_trajectory=bool(args.trajectory))
     for path, arr in [(args.out, res.x), (args.trajectory, res.trajectory)]:
@@ -106,6 +193,28 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                 with open(tmp, "wb") as f:
                     np.save(f, arr.numpy())
     print(f"wrote {args.n} samples to {args.out} ({args.solver}, NFE {res.nfe})")
+    return 0
+
+
+def _sample_images(args: argparse.Namespace, run) -> int:
+    """Image (or class-conditional) runs: batched sampling to OUT/samples.npz and OUT/grid.png."""
+    import torch
+
+    from .errors import ConfigError
+    from .image_sampling import sample_images
+
+    k = run.config.model.num_classes
+    w = run.config.guidance.scale if args.guidance is None else args.guidance
+    if k < 1 and (args.guidance is not None or args.label is not None):
+        raise ConfigError("--guidance/--label need a class-conditional run (model.num_classes > 0); this run is unconditional")
+    if args.label is not None and not 0 <= args.label < max(k, 1):
+        raise ConfigError(f"--label must lie in [0, {k}), got {args.label}")
+    labels = None if k < 1 else (torch.full((args.n,), args.label) if args.label is not None else torch.arange(args.n) % k)
+    if args.trajectory:
+        raise ConfigError("--trajectory is for vector data; image runs write samples.npz and grid.png")
+    _, summary = sample_images(run.model, run.source, args.n, args.out, method=args.solver, steps=args.steps, labels=labels, guidance=w,
+                               batch_size=args.batch_size, seed=args.seed, rtol=args.rtol, atol=args.atol)
+    print(f"wrote {args.n} samples to {args.out}/samples.npz and grid.png ({args.solver}, NFE {summary['nfe']})")
     return 0
 
 
@@ -128,7 +237,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, steps=args.steps, n_eval=args.n_eval, progress=not args.quiet)
+    run_demo(args.out, steps=args.steps, n_eval=args.n_eval, progress=not args.quiet, pipeline=not args.no_pipeline, n_pairs=args.pairs)
     return 0
 
 
@@ -142,10 +251,139 @@ def _cmd_report(args: argparse.Namespace) -> int:
 _COMMANDS = {"train": _cmd_train, "sample": _cmd_sample, "eval": _cmd_eval, "demo": _cmd_demo, "report": _cmd_report}
 
 
+
+def _pair_kwargs(args: argparse.Namespace) -> dict:
+    from .errors import ConfigError
+    from .sampling import parse_solver_spec
+
+    parse_solver_spec(args.solver)
+    if args.shard_size < 1:
+        raise ConfigError(f"--shard-size must be >= 1, got {args.shard_size}")
+    return {"solver": args.solver, "rtol": args.rtol, "atol": args.atol, "pair_seed": args.pair_seed, "shard_size": args.shard_size, "device": args.device}
+
+
+def _eval_and_plot(run_dir) -> None:
+    from .evaluation import format_table
+    from .experiment import evaluate_run, load_run, plot_run
+
+    run = load_run(run_dir)
+    print(format_table(evaluate_run(run), ["solver", "nfe", "w2", "energy"]))
+    plot_run(run)
+
+
+def _cmd_pairs(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+    from .reflow import generate_run_pairs
+
+    if args.n < 1:
+        raise ConfigError(f"--n (number of pairs) must be >= 1, got {args.n}")
+    kw = _pair_kwargs(args)
+    kw["seed"] = kw.pop("pair_seed")
+    store = generate_run_pairs(args.run, args.n, args.out, progress=None if not args.quiet else False, **kw)
+    st = store.manifest.get("stats", {})
+    rate = st.get("last_session_pairs_per_s")
+    print(f"{len(store)} pairs in {store.path} ({store.settings.solver}, mean NFE {st.get('nfe_mean', 0):.1f}" + (f", {rate:.0f} pairs/s)" if rate else ")"))
+    return 0
+
+
+def _cmd_reflow(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+    from .reflow import reflow_chain, train_reflow
+
+    if args.pairs < 1:
+        raise ConfigError(f"--pairs must be >= 1, got {args.pairs}")
+    if args.stages < 1:
+        raise ConfigError(f"--stages must be >= 1, got {args.stages}")
+    if args.stages > 1 and (args.out or args.pairs_dir):
+        raise ConfigError("--out and --pairs-dir apply to a single stage; with --stages > 1 use --prefix")
+    kw = dict(n_pairs=args.pairs, init=args.init, steps=args.steps, overrides=args.overrides, progress=None if not args.quiet else False, **_pair_kwargs(args))
+    if args.stages == 1 and (args.out or args.pairs_dir):
+        outs = [train_reflow(args.run, args.out, pairs=args.pairs_dir, **kw)]
+    else:
+        outs = reflow_chain(args.run, args.stages, prefix=args.prefix, **kw)
+    for out in outs:
+        if not args.no_eval:
+            print(f"== {out}")
+            _eval_and_plot(out)
+    print("runs saved in " + ", ".join(str(o) for o in outs))
+    return 0
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from .distill import train_distill
+
+    out = train_distill(
+        args.run,
+        args.out,
+        n_pairs=args.pairs,
+        pairs=args.pairs_dir,
+        coupling="independent" if args.random else "pairs",
+        loss=args.loss,
+        huber_c=args.huber_c,
+        init=args.init,
+        steps=args.steps,
+        overrides=args.overrides,
+        progress=None if not args.quiet else False,
+        **_pair_kwargs(args),
+    )
+    if not args.no_eval:
+        _eval_and_plot(out)
+    print(f"run saved in {out}")
+    return 0
+
+
+def _cmd_diagnose(args: argparse.Namespace) -> int:
+    from .diagnostics import diagnose_runs, format_stage_table
+    from .io import atomic_path, save_json
+
+    solvers = [s.strip() for s in args.solvers.split(",") if s.strip()]
+    rows = diagnose_runs(args.runs, n=args.n, solvers=solvers, include_independent=not args.no_independent, plots_dir=args.out)
+    table = format_stage_table(rows, solvers)
+    if args.out:
+        save_json(Path(args.out) / "rows.json", {"rows": rows})
+        with atomic_path(Path(args.out) / "table.md") as tmp:
+            tmp.write_text(table + "\n")
+    print(json.dumps(rows, indent=2) if args.json else table)
+    return 0
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from .demo import run_pipeline
+    from .errors import ConfigError
+
+    for name in ("steps", "pairs", "stages", "n_eval"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    run_pipeline(
+        args.out,
+        source=args.source,
+        target=args.target,
+        steps=args.steps,
+        reflow_steps=args.reflow_steps,
+        distill_steps=args.distill_steps,
+        stages=args.stages,
+        n_pairs=args.pairs,
+        pair_solver=args.pair_solver,
+        pair_tol=args.pair_tol,
+        n_eval=args.n_eval,
+        progress=not args.quiet,
+    )
+    return 0
+
+
+_COMMANDS.update({"pairs": _cmd_pairs, "reflow": _cmd_reflow, "distill": _cmd_distill, "diagnose": _cmd_diagnose, "pipeline": _cmd_pipeline})
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import RectflowError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # KEY=VALUE overrides placed after options (argparse takes positionals in one chunk)
+        if hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:

@@ -23,6 +23,8 @@ __all__ = [
     "CouplingConfig",
     "TimeConfig",
     "EvalConfig",
+    "ReflowConfig",
+    "GuidanceConfig",
     "ExperimentConfig",
     "load_config",
     "config_from_dict",
@@ -33,18 +35,28 @@ __all__ = [
 
 @dataclass
 class ModelConfig:
-    kind: str = "mlp"
-    width: int = 256
-    depth: int = 3
-    time_dim: int = 64
-    activation: str = "silu"
+    kind: str = "mlp"  # mlp | unet | dit (unet/dit: images, see rectflow.models)
+    width: int = 256  # mlp: hidden units; dit: token width
+    depth: int = 3  # mlp: hidden layers; dit: transformer blocks
+    time_dim: int = 64  # mlp: time-embedding size
+    activation: str = "silu"  # mlp
+    channels: int = 128  # unet: base channels
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 2])  # unet: per-level multipliers
+    num_res_blocks: int = 2  # unet: residual blocks per level
+    attention_resolutions: list[int] = field(default_factory=lambda: [16])  # unet: resolutions with attention
+    dropout: float = 0.1  # unet
+    head_channels: int = 64  # unet: channels per attention head; dit: width / heads
+    scale_shift: bool = False  # unet: embedding as GroupNorm scale/shift (ADM) instead of added (DDPM)
+    patch_size: int = 2  # dit
+    num_classes: int = 0  # unet/dit: > 0 = class-conditional on the target's labels (see guidance)
 
 
 @dataclass
 class CouplingConfig:
-    kind: str = "independent"  # independent | ot
+    kind: str = "independent"  # independent | ot | pairs
     method: str = "exact"  # for ot: exact | sinkhorn
     reg: float = 0.05  # sinkhorn regulariser, relative to the mean cost
+    pairs: str | None = None  # for pairs: directory of a pair store (rectflow.pairs), SPEC 4
 
 
 @dataclass
@@ -69,6 +81,31 @@ class EvalConfig:
 
 
 @dataclass
+class ReflowConfig:
+    """Where a run sits in the reflow chain (SPEC section 4); the defaults describe a plain 1-RF.
+
+    ``stage``: for a flow, k of this k-RF (1: trained on an independent/OT coupling; k + 1: on
+    pairs of a k-RF, i.e. coupling.kind = pairs).  For a distillation run, k of the k-RF whose
+    pairs it learns (0: no teacher, the base coupling).
+    """
+
+    stage: int = 1
+    parent: str | None = None  # run directory of the flow that generated the pairs (provenance)
+    init: str | None = None  # checkpoint whose (EMA) weights initialise the model (e.g. the k-RF's)
+    distill: bool = False  # one-step distillation: regress at t = 0 only
+    distill_loss: str = "l2"  # l2 | pseudo_huber
+    huber_c: float = 0.0  # pseudo-Huber scale c; 0 = 0.00054 sqrt(d)
+
+
+@dataclass
+class GuidanceConfig:
+    """Class conditioning (model.num_classes > 0): label dropout in training, guidance in sampling."""
+
+    p_uncond: float = 0.1  # probability of replacing a label by the null label while training
+    scale: float = 1.0  # default classifier-free guidance scale w for sampling (1 = plain conditional)
+
+
+@dataclass
 class ExperimentConfig:
     """Everything that defines a run: the two distributions, the model and how it is trained."""
 
@@ -79,6 +116,8 @@ class ExperimentConfig:
     time: TimeConfig = field(default_factory=TimeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    reflow: ReflowConfig = field(default_factory=ReflowConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
 
 
 def _check_type(value: Any, tp: Any, key: str) -> Any:
@@ -202,11 +241,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 _CHOICES = {
-    "model.kind": ("mlp",),
+    "model.kind": ("mlp", "unet", "dit"),
     "model.activation": ("silu", "gelu", "relu", "tanh"),
-    "coupling.kind": ("independent", "ot"),
+    "coupling.kind": ("independent", "ot", "pairs"),
     "coupling.method": ("exact", "sinkhorn"),
     "time.kind": ("uniform", "logit_normal", "u_shaped"),
+    "reflow.distill_loss": ("l2", "pseudo_huber"),
 }
 
 
@@ -220,6 +260,7 @@ def validate(cfg: ExperimentConfig) -> None:
     m = cfg.model
     if m.width < 1 or m.depth < 1 or m.time_dim < 2 or m.time_dim % 2:
         raise ConfigError("model: width and depth must be >= 1 and time_dim an even number >= 2")
+    _validate_images(cfg)
     if cfg.eval.n_samples < 2:
         raise ConfigError(f"config key 'eval.n_samples': must be >= 2, got {cfg.eval.n_samples}")
     if not cfg.eval.rtol > 0:
@@ -228,4 +269,40 @@ def validate(cfg: ExperimentConfig) -> None:
 
     for spec in cfg.eval.solvers:
         parse_solver_spec(spec)
+    _validate_reflow(cfg)
     cfg.train.validate()
+
+
+def _validate_reflow(cfg: ExperimentConfig) -> None:
+    """coupling.pairs goes with coupling.kind = pairs, and the reflow stage matches the coupling."""
+    c, r = cfg.coupling, cfg.reflow
+    if c.kind == "pairs" and not c.pairs:
+        raise ConfigError("config key 'coupling.pairs': set the pair-store directory when coupling.kind is 'pairs'")
+    if c.kind != "pairs" and c.pairs is not None:
+        raise ConfigError(f"config key 'coupling.pairs': only used with coupling.kind=pairs (coupling.kind is {c.kind!r})")
+    if r.stage < 0 or (r.stage == 0 and not r.distill):
+        raise ConfigError(f"config key 'reflow.stage': must be >= 1 for a flow (>= 0 for distillation), got {r.stage}")
+    if not r.distill and (c.kind == "pairs") != (r.stage >= 2):
+        raise ConfigError(
+            f"config key 'reflow.stage': a flow trained on pairs of a k-RF is a (k+1)-RF (stage >= 2) and only such a flow "
+            f"has stage >= 2; got stage {r.stage} with coupling.kind={c.kind!r}"
+        )
+    if not r.huber_c >= 0:
+        raise ConfigError(f"config key 'reflow.huber_c': must be >= 0, got {r.huber_c}")
+
+
+def _validate_images(cfg: ExperimentConfig) -> None:
+    """Ranges of the image-model and guidance keys."""
+    m, g = cfg.model, cfg.guidance
+    if m.kind == "unet" and (m.channels < 1 or m.num_res_blocks < 1 or not m.channel_mult or min(m.channel_mult) < 1 or m.channels * min(m.channel_mult) % m.head_channels):
+        raise ConfigError("model (unet): channels, num_res_blocks and channel_mult entries must be >= 1, and level widths divisible by head_channels")
+    if m.kind == "dit" and (m.width % m.head_channels or m.width % 4 or m.patch_size < 1):
+        raise ConfigError(f"model (dit): width {m.width} must be divisible by head_channels {m.head_channels} and by 4, patch_size >= 1")
+    if not 0 <= m.dropout < 1:
+        raise ConfigError(f"config key 'model.dropout': must lie in [0, 1), got {m.dropout}")
+    if m.num_classes < 0:
+        raise ConfigError(f"config key 'model.num_classes': must be >= 0 (0 = unconditional), got {m.num_classes}")
+    if m.num_classes > 0 and m.kind == "mlp":
+        raise ConfigError("config key 'model.num_classes': class conditioning needs model.kind unet or dit")
+    if not 0 <= g.p_uncond <= 1:
+        raise ConfigError(f"config key 'guidance.p_uncond': must lie in [0, 1], got {g.p_uncond}")

@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 # Keys that may change between a run and its resumption (they do not change the result).
-_RESUMABLE_KEYS = {"steps", "progress", "log_every", "ckpt_every", "keep_checkpoints", "workers", "device"}
+_RESUMABLE_KEYS = {"steps", "progress", "log_every", "ckpt_every", "keep_checkpoints", "workers", "device", "sample_every"}
 
 
 def build_distributions(cfg: ExperimentConfig) -> tuple[Any, Any]:
@@ -52,28 +52,86 @@ def build_distributions(cfg: ExperimentConfig) -> tuple[Any, Any]:
     source, target = make_distribution(cfg.source), make_distribution(cfg.target)
     if source.dim != target.dim:
         raise DataError(f"source has dimension {source.dim} but target has dimension {target.dim}; they must match")
+    if _shape(source) != _shape(target):
+        raise DataError(f"source samples have shape {list(_shape(source))} but target samples {list(_shape(target))}; they must match")
     return source, target
 
 
-def model_config(cfg: ExperimentConfig, dim: int) -> dict[str, Any]:
-    """The architecture description stored in checkpoints (and compared on load)."""
-    return {**asdict(cfg.model), "dim": dim}
+def _shape(sampler: Any) -> tuple[int, ...]:
+    """Shape of one sample: ``sampler.shape`` (images) or (dim,)."""
+    return tuple(getattr(sampler, "shape", None) or (sampler.dim,))
+
+
+_MLP_KEYS = ("kind", "width", "depth", "time_dim", "activation")
+_IMAGE_MODEL_KEYS = {
+    "unet": ("kind", "channels", "channel_mult", "num_res_blocks", "attention_resolutions", "dropout", "head_channels", "scale_shift", "num_classes"),
+    "dit": ("kind", "width", "depth", "head_channels", "patch_size", "num_classes"),
+}
+
+
+def model_config(cfg: ExperimentConfig, dim: int, shape: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """The architecture description stored in checkpoints (and compared on load): the keys of
+    ``cfg.model`` that the model kind uses, plus ``dim`` (and ``shape`` (C, H, W) for unet/dit)."""
+    m = asdict(cfg.model)
+    if m["kind"] in _IMAGE_MODEL_KEYS:
+        if shape is None or len(shape) != 3 or shape[1] != shape[2]:
+            raise DataError(f"model.kind {m['kind']!r} needs square images (C, H, W), but the data have shape {list(shape or (dim,))}")
+        return {**{k: m[k] for k in _IMAGE_MODEL_KEYS[m["kind"]]}, "dim": dim, "shape": list(shape)}
+    return {**{k: m[k] for k in _MLP_KEYS}, "dim": dim}
 
 
 def build_model(mcfg: dict[str, Any]) -> nn.Module:
     """Instantiate the velocity network from :func:`model_config` output."""
+    if mcfg.get("kind") in ("unet", "dit"):
+        from .models import DiTVelocity, UNetVelocity
+
+        c, h, _ = mcfg["shape"]
+        try:
+            if mcfg["kind"] == "unet":
+                return UNetVelocity(
+                    c, h, channels=mcfg["channels"], channel_mult=mcfg["channel_mult"], num_res_blocks=mcfg["num_res_blocks"],
+                    attention_resolutions=mcfg["attention_resolutions"], dropout=mcfg["dropout"], head_channels=mcfg["head_channels"],
+                    num_classes=mcfg["num_classes"], scale_shift=mcfg["scale_shift"],
+                )
+            return DiTVelocity(c, h, patch_size=mcfg["patch_size"], hidden=mcfg["width"], depth=mcfg["depth"], heads=mcfg["width"] // mcfg["head_channels"], num_classes=mcfg["num_classes"])
+        except ValueError as e:
+            raise ConfigError(f"model: {e}") from None
     if mcfg.get("kind") != "mlp":
-        raise ConfigError(f"model.kind: {mcfg.get('kind')!r} is not one of ['mlp']")
+        raise ConfigError(f"model.kind: {mcfg.get('kind')!r} is not one of ['mlp', 'unet', 'dit']")
     return MLPVelocity(mcfg["dim"], width=mcfg["width"], depth=mcfg["depth"], time_dim=mcfg["time_dim"], activation=mcfg["activation"])
 
 
-def build_objective(cfg: ExperimentConfig, source: Any, target: Any) -> FlowMatchingObjective:
-    """Coupling + time sampling + straight path: the 1-RF objective of SPEC section 2."""
+def build_objective(cfg: ExperimentConfig, source: Any, target: Any) -> Any:
+    """Coupling + time sampling + straight path: the 1-RF objective of SPEC section 2; on the pairs
+    of a k-RF (coupling.kind = pairs) the (k+1)-RF's, and with reflow.distill the one-step
+    distillation objective of SPEC section 4.  With model.num_classes > 0: the class-conditional
+    objective with label dropout (:mod:`rectflow.guidance`)."""
+    if cfg.model.num_classes > 0:
+        return _conditional_objective(cfg, source, target)
     if cfg.coupling.kind == "ot":
         coupling = MinibatchOTCoupling(source, target, method=cfg.coupling.method, reg=cfg.coupling.reg)
+    elif cfg.coupling.kind == "pairs":
+        from .pairs import PairCoupling
+
+        coupling = PairCoupling(cfg.coupling.pairs, shape=_shape(source))
     else:
         coupling = IndependentCoupling(source, target)
+    if cfg.reflow.distill:
+        from .distill import DistillationObjective, make_distill_loss
+
+        return DistillationObjective(coupling, make_distill_loss(cfg.reflow.distill_loss, c=cfg.reflow.huber_c))
     return FlowMatchingObjective(coupling, time_sampler=make_time_sampler(cfg.time.kind, **cfg.time.params()))
+
+
+def _conditional_objective(cfg: ExperimentConfig, source: Any, target: Any) -> Any:
+    from .guidance import ConditionalFlowMatchingObjective, LabelledCoupling
+
+    if cfg.coupling.kind != "independent" or cfg.reflow.distill:
+        raise ConfigError("class-conditional training (model.num_classes > 0) supports coupling.kind=independent without distillation only")
+    coupling = LabelledCoupling(source, target)
+    if coupling.num_classes != cfg.model.num_classes:
+        raise ConfigError(f"config key 'model.num_classes' is {cfg.model.num_classes} but the target has {coupling.num_classes} classes; they must match")
+    return ConditionalFlowMatchingObjective(coupling, cfg.guidance.p_uncond, time_sampler=make_time_sampler(cfg.time.kind, **cfg.time.params()))
 
 
 def _semantic(cfg_dict: dict[str, Any]) -> dict[str, Any]:
@@ -105,12 +163,25 @@ def train_run(
             raise ConfigError(f"{run_dir} holds a run with another config (differs in {', '.join(diff)}); use a new run directory")
         if not resume and (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
             raise ConfigError(f"{run_dir} already holds checkpoints; resume it or choose a new run directory")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_json(cfg_path, new)
-    mcfg = model_config(cfg, source.dim)
+    objective = build_objective(cfg, source, target)  # before writing: a bad pair store leaves nothing behind
+    mcfg = model_config(cfg, source.dim, _shape(source))
     torch.manual_seed(cfg.train.seed)  # parameter initialisation
     model = build_model(mcfg)
-    trainer = Trainer(model, build_objective(cfg, source, target), cfg.train, run_dir, model_config=mcfg, callbacks=callbacks)
+    if cfg.reflow.init and not any((run_dir / "checkpoints").glob("step_*.safetensors")):
+        from .reflow import load_init_weights
+
+        load_init_weights(model, cfg.reflow.init, mcfg)  # SPEC 4: initialise the (k+1)-RF from the k-RF
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_json(cfg_path, new)
+    from .machine import machine_info
+
+    save_json(run_dir / "machine.json", machine_info())
+    if cfg.train.sample_every > 0 and len(_shape(source)) == 3:
+        from .image_sampling import SampleGridCallback
+
+        labels = torch.arange(64) % cfg.model.num_classes if cfg.model.num_classes > 0 else None
+        callbacks = [*(callbacks or []), SampleGridCallback(source, cfg.train.sample_every, labels=labels, guidance=cfg.guidance.scale)]
+    trainer = Trainer(model, objective, cfg.train, run_dir, model_config=mcfg, callbacks=callbacks)
     return trainer.fit(resume=resume)
 
 
@@ -133,6 +204,7 @@ class Run:
     source: Any
     target: Any
     step: int
+    checkpoint: Path | None = None  # the checkpoint file the weights came from
 
     @property
     def dim(self) -> int:
@@ -155,7 +227,7 @@ def load_run(run_dir: str | Path, *, checkpoint: str | Path | None = None, ema: 
     source, target = build_distributions(cfg)
     path = Path(checkpoint) if checkpoint is not None else _latest_checkpoint(run_dir)
     tensors, meta = load_tensors(path)
-    mcfg = model_config(cfg, source.dim)
+    mcfg = model_config(cfg, source.dim, _shape(source))
     if meta.get("model_config") != mcfg:
         raise CheckpointError(f"{path}: checkpoint model config {meta.get('model_config')} does not match the run's {mcfg}")
     prefix = "ema." if ema and any(k.startswith("ema.") for k in tensors) else "model."
@@ -165,7 +237,7 @@ def load_run(run_dir: str | Path, *, checkpoint: str | Path | None = None, ema: 
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit the model ({str(e).splitlines()[0]})") from None
     model = model.to(resolve_device(device)).eval()
-    return Run(run_dir, cfg, model, source, target, int(meta.get("step", 0)))
+    return Run(run_dir, cfg, model, source, target, int(meta.get("step", 0)), path)
 
 
 def heldout_samples(run: Run, n: int | None = None, seed: int | None = None) -> tuple[Tensor, Tensor]:
@@ -199,6 +271,8 @@ def plot_run(run: Run, *, n: int = 2000, steps: int = 100) -> list[Path]:
     from .sampling import sample_model
 
     out = run.path / "plots"
+    if len(_shape(run.source)) == 3:
+        return _plot_image_run(run, out, steps)
     x0, x1 = heldout_samples(run, n)
     res = sample_model(run.model, x0, method="euler", steps=steps, return_trajectory=True)
     name = f"{_label(run.config.source)} -> {_label(run.config.target)}"
@@ -209,6 +283,35 @@ def plot_run(run: Run, *, n: int = 2000, steps: int = 100) -> list[Path]:
     rows = read_jsonl(run.path / "metrics.jsonl")
     if rows:
         paths.append(plot_loss(rows, out / "loss.png", title=f"{name}: loss"))
+    return paths
+
+
+def _plot_image_run(run: Run, out: Path, steps: int, n: int = 64) -> list[Path]:
+    """Image runs: samples.png (generated), data.png (held-out targets), pairs.png (input -> output,
+    for domain transfer from an image set) and the loss curve."""
+    from .image_sampling import save_image_grid, save_pair_grid
+    from .io import read_jsonl
+    from .plots import plot_loss
+    from .sampling import sample_model
+
+    x0, x1 = heldout_samples(run, n)
+    dev = next(run.model.parameters()).device
+    if run.config.model.num_classes > 0:
+        from .guidance import sample_guided
+
+        y = torch.arange(n, device=dev) % run.config.model.num_classes
+        res = sample_guided(run.model, x0.to(dev), y, run.config.guidance.scale, method="euler", steps=steps)
+    else:
+        res = sample_model(run.model, x0.to(dev), method="euler", steps=steps)
+    scale = max(1, 64 // x1.shape[-1])
+    paths = [save_image_grid(res.x, out / "samples.png", scale=scale), save_image_grid(x1, out / "data.png", scale=scale)]
+    from .data.images import ImageDataset
+
+    if isinstance(run.source, ImageDataset):  # domain transfer: show each input next to its output
+        paths.append(save_pair_grid(x0[:32], res.x[:32].cpu(), out / "pairs.png", scale=scale))
+    rows = read_jsonl(run.path / "metrics.jsonl")
+    if rows:
+        paths.append(plot_loss(rows, out / "loss.png", title=f"{_label(run.config.source)} -> {_label(run.config.target)}: loss"))
     return paths
 
 

@@ -97,3 +97,83 @@ def plot_quality_vs_nfe(series: dict[str, Sequence[tuple[int, float]]], path: st
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+# ----- reflow diagnostics (SPEC section 4): crossings and stage-by-stage comparison ----------
+
+__all__ += ["plot_crossings", "plot_stages"]
+
+
+def _draw_coupling(ax, x0: np.ndarray, x1: np.ndarray, points: np.ndarray, max_segments: int) -> None:
+    """Segments [x0_i, x1_i] (grey), end points, and intersection points in red (the seed's figure)."""
+    from matplotlib.collections import LineCollection
+
+    k = min(max_segments, x0.shape[0])
+    segs = np.stack([x0[:k, :2], x1[:k, :2]], axis=1)
+    ax.add_collection(LineCollection(segs, colors="0.55", linewidths=0.4, alpha=0.5))
+    ax.scatter(x0[:k, 0], x0[:k, 1], s=2, c="tab:gray", label="$Z_0$")
+    ax.scatter(x1[:k, 0], x1[:k, 1], s=2, c="tab:blue", label="$Z_1$")
+    if len(points):
+        ax.scatter(points[:, 0], points[:, 1], s=4, c="red", label="crossings", zorder=3)
+    ax.autoscale()
+    ax.set_aspect("equal")
+
+
+def plot_crossings(
+    x0: Tensor | np.ndarray,
+    x1: Tensor | np.ndarray,
+    points: Tensor | np.ndarray,
+    path: str | Path,
+    title: str = "crossings",
+    max_segments: int = 300,
+) -> Path:
+    """One coupling: its straight segments [Z0, Z1] and the intersection points of random segment
+    pairs in red (as returned by :func:`rectflow.diagnostics.crossing_probability`)."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    _draw_coupling(ax, _np(x0), _np(x1), _np(points).reshape(-1, 2), max_segments)
+    ax.set(title=title)
+    ax.legend(markerscale=3, fontsize=7, loc="upper right")
+    return save_figure(fig, path)
+
+
+def plot_stages(panels: Sequence[dict[str, Any]], path: str | Path, max_paths: int = 300, title: str | None = None) -> Path:
+    """Stage-by-stage figure: one column per stage (random coupling, 1-RF, 2-RF, ...).
+
+    Each panel is a dict with ``label``, ``x0``, ``x1`` (N, 2): the stage's coupling, ``points``
+    (C, 2): its crossing points, ``crossing``: the probability, and optionally ``trajectory``
+    (K, B, 2) with ``times`` (K,): the ODE paths.  Top row: trajectories coloured by t (the
+    straight segments when there is no trajectory); bottom row: segments and crossings in red.
+    """
+    from matplotlib.collections import LineCollection
+
+    n = len(panels)
+    pts = np.concatenate([np.concatenate([_np(p["x0"])[:, :2], _np(p["x1"])[:, :2]]) for p in panels])
+    span = np.ptp(pts, axis=0) + 1e-9
+    row_h = float(np.clip(3.2 * span[1] / span[0], 1.6, 4.5))  # equal aspect: rows as tall as the data
+    fig, axes = plt.subplots(2, n, figsize=(3.6 * n, 2 * row_h + 0.9), squeeze=False, sharex=True, sharey=True, layout="constrained")
+    for col, p in enumerate(panels):
+        top, bottom = axes[0, col], axes[1, col]
+        x0, x1 = _np(p["x0"]), _np(p["x1"])
+        traj = p.get("trajectory")
+        if traj is not None:
+            tr = _np(traj)[:, :max_paths]
+            t = _np(p["times"]) if p.get("times") is not None else np.linspace(0, 1, tr.shape[0])
+            segs = np.stack([tr[:-1], tr[1:]], axis=2).reshape(-1, 2, 2)
+            colours = np.repeat(((t[:-1] + t[1:]) / 2)[:, None], tr.shape[1], axis=1).reshape(-1)
+            lc = LineCollection(segs, cmap="viridis", linewidths=0.5, alpha=0.7)
+            lc.set_array(colours)
+            top.add_collection(lc)
+            top.scatter(tr[0, :, 0], tr[0, :, 1], s=2, c="tab:gray")
+            top.scatter(tr[-1, :, 0], tr[-1, :, 1], s=2, c="tab:blue")
+            top.autoscale()
+            top.set_aspect("equal")
+            top.set_title(f"{p['label']}: trajectories", fontsize=9)
+        else:
+            _draw_coupling(top, x0, x1, np.zeros((0, 2)), max_paths)
+            top.set_title(f"{p['label']}: coupling", fontsize=9)
+        _draw_coupling(bottom, x0, x1, _np(p.get("points", np.zeros((0, 2)))).reshape(-1, 2), max_paths)
+        cr = p.get("crossing")
+        bottom.set_title(f"{p['label']}: crossing p = {cr:.4f}" if cr is not None else p["label"], fontsize=9)
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path)

@@ -213,13 +213,20 @@ TOY_DISTRIBUTIONS: dict[str, type] = {
 
 def make_distribution(spec: str | dict[str, Any]) -> Any:
     """Build a sampler from a name (``"moons"``), a file path (``"points.npy"``) or a dict
-    ``{"name": "8gaussians", "radius": 5}`` / ``{"name": "file", "path": "points.csv"}``."""
+    ``{"name": "8gaussians", "radius": 5}`` / ``{"name": "file", "path": "points.csv"}``.
+
+    Image specs (``images``, ``digits``, ``gaussian`` with a ``shape``) go to
+    :func:`rectflow.data.images.make_image_distribution`."""
     if isinstance(spec, (str, Path)):
         spec = {"name": str(spec)}
     if not isinstance(spec, dict) or "name" not in spec:
         raise DataError(f"a distribution is a name or a mapping with a 'name' key, got {spec!r}")
     params = dict(spec)
     name = str(params.pop("name"))
+    if name in ("images", "digits") or (name == "gaussian" and "shape" in params):
+        from .images import make_image_distribution  # image data sets and image-shaped N(0, I)
+
+        return make_image_distribution({"name": name, **params})
     if name == "file" or name.endswith((".npy", ".csv")):
         path = params.pop("path", None) if name == "file" else name
         if path is None or params:

@@ -1,0 +1,116 @@
+"""Shared helpers of the benchmark scripts: a description of the machine, JSON/markdown output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model (from /proc/cpuinfo), core counts, load and library versions."""
+    import numpy
+    import ot
+    import torch
+
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        usable = os.cpu_count()
+    try:
+        load = list(os.getloadavg())
+    except OSError:
+        load = None
+    return {
+        "cpu": model,
+        "logical_cores": os.cpu_count(),
+        "usable_cores": usable,
+        "loadavg_1_5_15": load,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "pot": ot.__version__,
+        "cuda": torch.cuda.is_available(),
+    }
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    load = m.get("loadavg_1_5_15")
+    load_s = f", load average at start {load[0]:.2f}" if load else ""
+    return (
+        f"Machine: {m['cpu']}, {m['usable_cores']} usable of {m['logical_cores']} logical cores{load_s}; "
+        f"torch {m['torch']}, numpy {m['numpy']}, POT {m['pot']}, Python {m['python']}."
+    )
+
+
+def write_results(out_dir: Path, name: str, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    js, md = out_dir / f"{name}.json", out_dir / f"{name}.md"
+    js.write_text(json.dumps(payload, indent=1, default=float) + "\n")
+    md.write_text(markdown.rstrip() + "\n")
+    return js, md
+
+
+class LoadMeter:
+    """CPU used by *other* processes while a measurement runs, in cores (0 = machine to ourselves).
+
+    Linux only (reads /proc/stat); elsewhere ``foreign_cores`` is None.  Our own CPU time counts
+    this process and its reaped children (e.g. DataLoader workers, joined when a run ends).
+    """
+
+    def __init__(self) -> None:
+        self._hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.foreign_cores: float | None = None
+
+    @staticmethod
+    def _busy_jiffies() -> int | None:
+        try:
+            f = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        except OSError:
+            return None
+        v = [int(x) for x in f]
+        return sum(v[:8]) - v[3] - v[4]  # minus idle and iowait
+
+    @staticmethod
+    def _own_cpu() -> float:
+        import resource
+
+        s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+    def __enter__(self) -> "LoadMeter":
+        import time
+
+        self._b0, self._o0, self._t0 = self._busy_jiffies(), self._own_cpu(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import time
+
+        b1, o1, t1 = self._busy_jiffies(), self._own_cpu(), time.perf_counter()
+        if self._b0 is None or b1 is None or t1 <= self._t0:
+            return
+        self.foreign_cores = max(0.0, ((b1 - self._b0) / self._hz - (o1 - self._o0)) / (t1 - self._t0))
+
+
+def wait_quiet(max_wait_s: float, threshold_cores: float = 0.3, window_s: float = 1.0) -> float | None:
+    """Sleep (up to ``max_wait_s``) until other processes use less than ``threshold_cores``;
+    returns the last measured foreign load."""
+    import time
+
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        with LoadMeter() as m:
+            time.sleep(window_s)
+        if m.foreign_cores is None or m.foreign_cores < threshold_cores or time.monotonic() >= deadline:
+            return m.foreign_cores

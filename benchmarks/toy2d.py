@@ -1,0 +1,463 @@
+"""The standard 2-D benchmark: quality (exact W2) vs NFE for rectified flow on four toy tasks.
+
+Tasks (pi0 -> pi1, library defaults for every distribution):
+
+    gauss-8gauss   N(0, I) -> 8gaussians (radius 5, std 0.1**0.25)
+    gauss-moons    N(0, I) -> moons (noise 0.05, mapped 3x - 1)
+    gauss-checker  N(0, I) -> checkerboard
+    8gauss-moons   8gaussians -> moons
+
+Couplings: ``independent`` and ``ot`` (minibatch OT, exact EMD).  Model: the 3x256 MLP.
+Everything is trained and evaluated through the library (``rectflow.experiment.train_run`` on a
+config from ``rectflow.config.config_from_dict``, then ``load_run`` / ``evaluate_run``): this
+script only chooses configs and tabulates.  Evaluation: 5k held-out source points pushed through
+the EMA model, compared with 5k held-out target points by exact W2 (``rectflow.metrics``), at
+Euler 1/2/4/8/100 and dopri5 (with its NFE).
+
+Stages are a registry (``STAGES``, name -> run function + prerequisites): ``1rf`` trains
+rectified flow on the chosen coupling; ``2rf`` trains on pairs of the 1-RF flow (dopri5),
+initialised from it (``rectflow.reflow.train_reflow``); ``3rf`` the same from the 2-RF;
+``distill`` regresses the 2-RF's coupling at t = 0 (``rectflow.distill.train_distill``, same
+pair store as 3-RF).  Every stage reports W2 per solver plus straightness S, transport cost
+(and its excess over exact OT) and crossing probability of its coupling on the held-out points
+(``rectflow.diagnostics.diagnose_flow``).  A new stage is one more registry entry.
+
+    .venv/bin/python benchmarks/toy2d.py                                   # all tasks, both couplings, 5k steps, seed 0
+    .venv/bin/python benchmarks/toy2d.py --tasks gauss-8gauss --couplings ot --steps 1000
+    .venv/bin/python benchmarks/toy2d.py --seeds 2 --noise-floor
+    .venv/bin/python benchmarks/toy2d.py --couplings ot --stages 3rf,distill --seeds 2 --name reflow
+    .venv/bin/python benchmarks/toy2d.py --variants benchmarks/recipe_sweep.json --solvers euler:1,euler:100 --name recipe_sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import machine_info, machine_line, write_results  # noqa: E402
+
+from rectflow.config import apply_overrides, config_from_dict  # noqa: E402
+from rectflow.data import make_distribution  # noqa: E402
+from rectflow.experiment import evaluate_run, load_run, train_run  # noqa: E402
+from rectflow.io import read_jsonl  # noqa: E402
+from rectflow.metrics import wasserstein2  # noqa: E402
+
+TASKS: dict[str, dict[str, Any]] = {
+    "gauss-8gauss": {"source": "gaussian", "target": "8gaussians"},
+    "gauss-moons": {"source": "gaussian", "target": "moons"},
+    "gauss-checker": {"source": "gaussian", "target": "checkerboard"},
+    "8gauss-moons": {"source": "8gaussians", "target": "moons"},
+}
+COUPLINGS: dict[str, dict[str, Any]] = {
+    "independent": {"kind": "independent"},
+    "ot": {"kind": "ot", "method": "exact"},
+    "ot-sinkhorn": {"kind": "ot", "method": "sinkhorn"},
+}
+DEFAULT_SOLVERS = ["euler:1", "euler:2", "euler:4", "euler:8", "euler:100", "dopri5"]
+
+# Training recipe applied to every run before --variants / --set overrides (SEE benchmarks/README.md,
+# "recipe"): the result of the recipe study (task C).  Only keys of the library's config schema.
+RECIPE: dict[str, Any] = {
+    "train": {"lr": 1e-3, "warmup_steps": 0, "lr_schedule": "constant", "ema_decay": 0.999, "batch_size": 256},
+    "time": {"kind": "uniform"},
+}
+
+# Goals from the issues, checked and reported (never asserted): (task, coupling, stage, solver) -> max W2.
+GOALS: dict[tuple[str, str, str, str], float] = {
+    ("gauss-8gauss", "ot", "1rf", "euler:100"): 0.42,
+    ("8gauss-moons", "ot", "1rf", "euler:100"): 0.25,
+}
+# One-step goals after reflow / distillation (any coupling of the teacher), for the later stages.
+ONE_STEP_GOALS: dict[str, float] = {"gauss-8gauss": 0.40, "gauss-moons": 0.15, "gauss-checker": 0.28, "8gauss-moons": 0.20}
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Context:
+    """What a stage needs: the run's identity, where to put it and the CLI settings."""
+
+    task: str
+    coupling: str
+    seed: int
+    variant: str
+    overrides: list[str]
+    steps: int
+    runs_dir: Path
+    solvers: list[str]
+    n_eval: int
+    eval_seed: int
+    n_pairs: int = 20_000
+    pair_solver: str = "dopri5"
+    reflow_steps: int | None = None  # None: the parent's
+    reflow_overrides: list[str] = field(default_factory=list)
+    diagnostics: bool = True
+
+    def run_dir(self, stage: str) -> Path:
+        return self.runs_dir / f"{self.task}_{self.coupling}_{self.variant}_s{self.seed}" / stage
+
+
+@dataclass
+class StageResult:
+    """A trained stage: its run directory (library layout), timing and evaluation rows."""
+
+    stage: str
+    run_dir: Path
+    train_s: float
+    train_ms_per_step: float | None
+    eval_rows: list[dict[str, Any]]
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Stage:
+    """``run(ctx, previous results by stage name) -> StageResult``; ``requires``: stages that must run first."""
+
+    run: Callable[[Context, dict[str, StageResult]], StageResult]
+    requires: tuple[str, ...] = ()
+    available: Callable[[], str | None] = lambda: None  # None, or why the stage cannot run here
+    help: str = ""
+
+
+def experiment_dict(ctx: Context) -> dict[str, Any]:
+    """The library config (as a dict) of the 1-RF run of ``ctx``: task, coupling, recipe, overrides."""
+    t = TASKS[ctx.task]
+    d: dict[str, Any] = {
+        "source": t["source"],
+        "target": t["target"],
+        "model": {"kind": "mlp", "width": 256, "depth": 3},
+        "coupling": dict(COUPLINGS[ctx.coupling]),
+        "time": dict(RECIPE["time"]),
+        "train": {
+            **RECIPE["train"],
+            "steps": ctx.steps,
+            "seed": ctx.seed,
+            "progress": False,
+            "log_every": 100,
+            "ckpt_every": ctx.steps,
+            "keep_checkpoints": 1,
+            "device": "cpu",
+        },
+        "eval": {"n_samples": ctx.n_eval, "seed": ctx.eval_seed, "solvers": list(ctx.solvers)},
+    }
+    return apply_overrides(d, ctx.overrides)
+
+
+def _train_ms_per_step(run_dir: Path) -> float | None:
+    """Median of the logged ms/step windows (the first window, with start-up, dropped when possible)."""
+    rows = [r["ms_per_step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "ms_per_step" in r]
+    if len(rows) > 2:
+        rows = rows[1:]
+    return statistics.median(rows) if rows else None
+
+
+def _reflow_api() -> str | None:
+    """None when the reflow modules (rectflow.pairs / reflow / distill / diagnostics) import cleanly, else why not."""
+    missing = []
+    for mod in ("rectflow.pairs", "rectflow.reflow", "rectflow.distill", "rectflow.diagnostics"):
+        try:
+            __import__(mod)
+        except Exception as e:  # noqa: BLE001 - any import failure means "not ready"
+            missing.append(f"{mod} ({type(e).__name__}: {e})")
+    return None if not missing else "needs " + ", ".join(missing)
+
+
+def _diagnostics(run, ctx: Context, *, one_step: bool = False) -> dict[str, Any]:
+    """Straightness S, transport cost (and its excess over exact OT) and crossing probability of the
+    flow's coupling (Z0, Z1) on the held-out source points (SPEC section 4), via
+    rectflow.diagnostics.diagnose_flow; Z1 by dopri5 (a one-step model: Euler 1, and no S)."""
+    if not ctx.diagnostics or _reflow_api() is not None:
+        return {}
+    from rectflow.diagnostics import diagnose_flow
+    from rectflow.experiment import heldout_samples
+
+    x0, _ = heldout_samples(run, ctx.n_eval, ctx.eval_seed)
+    d = diagnose_flow(
+        run.model, x0, solver="euler:1" if one_step else "dopri5", straightness_steps=None if one_step else 100,
+        n_pairs=10_000, rtol=run.config.eval.rtol, atol=run.config.eval.atol,
+    )
+    return {k: d[k] for k in ("straightness", "transport_cost", "transport_excess", "crossing") if d.get(k) is not None}
+
+
+def _evaluate(run_dir: Path, ctx: Context, stage: str, train_s: float, *, one_step: bool = False) -> StageResult:
+    run = load_run(run_dir)  # EMA weights
+    solvers = ["euler:1"] if one_step else ctx.solvers  # a one-step map is only meaningful at N = 1
+    rows = evaluate_run(run, n=ctx.n_eval, solvers=solvers, write=False)
+    return StageResult(stage, run_dir, train_s, _train_ms_per_step(run_dir), rows, _diagnostics(run, ctx, one_step=one_step))
+
+
+def stage_1rf(ctx: Context, prev: dict[str, StageResult]) -> StageResult:
+    """1-RF (SPEC section 2) on the task's coupling, through experiment.train_run."""
+    cfg = config_from_dict(experiment_dict(ctx))
+    run_dir = ctx.run_dir("1rf")
+    t0 = time.perf_counter()
+    train_run(cfg, run_dir)
+    return _evaluate(run_dir, ctx, "1rf", time.perf_counter() - t0)
+
+
+def _reflow_stage(name: str, parent: str) -> Callable[[Context, dict[str, StageResult]], StageResult]:
+    """(k+1)-RF on pairs of the k-RF ``parent`` stage, initialised from its weights (rectflow.reflow.train_reflow)."""
+
+    def run(ctx: Context, prev: dict[str, StageResult]) -> StageResult:
+        from rectflow.reflow import train_reflow
+
+        t0 = time.perf_counter()
+        out = train_reflow(
+            prev[parent].run_dir, ctx.run_dir(name), n_pairs=ctx.n_pairs, init="previous", steps=ctx.reflow_steps,
+            overrides=ctx.reflow_overrides, solver=ctx.pair_solver, device="cpu", progress=False,
+        )
+        return _evaluate(Path(out), ctx, name, time.perf_counter() - t0)
+
+    return run
+
+
+def stage_distill(ctx: Context, prev: dict[str, StageResult]) -> StageResult:
+    """One-step distillation of the 2-RF coupling (rectflow.distill.train_distill on the 2-RF's pairs,
+    the same store 3-RF trains on when both run), initialised from the 2-RF."""
+    from rectflow.distill import train_distill
+
+    t0 = time.perf_counter()
+    out = train_distill(
+        prev["2rf"].run_dir, ctx.run_dir("distill"), n_pairs=ctx.n_pairs, coupling="pairs", init="previous",
+        steps=ctx.reflow_steps, overrides=ctx.reflow_overrides, solver=ctx.pair_solver, device="cpu", progress=False,
+    )
+    return _evaluate(Path(out), ctx, "distill", time.perf_counter() - t0, one_step=True)
+
+
+STAGES: dict[str, Stage] = {
+    "1rf": Stage(stage_1rf, help="rectified flow on the task's coupling"),
+    "2rf": Stage(_reflow_stage("2rf", "1rf"), requires=("1rf",), available=_reflow_api, help="reflow on pairs of the 1-RF, initialised from it"),
+    "3rf": Stage(_reflow_stage("3rf", "2rf"), requires=("2rf",), available=_reflow_api, help="reflow on pairs of the 2-RF, initialised from it"),
+    "distill": Stage(stage_distill, requires=("2rf",), available=_reflow_api, help="one-step distillation of the 2-RF coupling"),
+}
+
+
+def stage_order(wanted: list[str]) -> list[str]:
+    """``wanted`` plus everything it requires, dependencies first."""
+    order: list[str] = []
+
+    def visit(s: str) -> None:
+        if s not in STAGES:
+            raise SystemExit(f"unknown stage {s!r}; choose from {list(STAGES)}")
+        for r in STAGES[s].requires:
+            visit(r)
+        if s not in order:
+            order.append(s)
+
+    for s in wanted:
+        visit(s)
+    return order
+
+
+# ----------------------------------------------------------------------------------------------
+# Noise floor
+# ----------------------------------------------------------------------------------------------
+def noise_floor(task: str, n: int, pairs: int, eval_seed: int, seed: int = 777) -> dict[str, Any]:
+    """The W2 a perfect model would score here: the task's held-out target set (the very points the
+    evaluation uses, drawn as ``experiment.heldout_samples`` does) against ``pairs`` fresh,
+    independent n-point samples of the same target."""
+    source, target = make_distribution(TASKS[task]["source"]), make_distribution(TASKS[task]["target"])
+    g = torch.Generator().manual_seed(eval_seed)
+    source.sample(n, generator=g)  # same stream as heldout_samples: source first, then target
+    ref = target.sample(n, generator=g)
+    vals = []
+    for p in range(pairs):
+        vals.append(wasserstein2(target.sample(n, generator=torch.Generator().manual_seed(seed + 1000 * p)), ref))
+    return {"task": task, "n": n, "pairs": pairs, "w2_mean": statistics.fmean(vals), "w2_sd": statistics.stdev(vals) if len(vals) > 1 else 0.0, "w2_all": vals}
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------------
+def _agg(vals: list[float]) -> str:
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return ""
+    if len(vals) == 1:
+        return f"{vals[0]:.3f}"
+    return f"{statistics.fmean(vals):.3f} ± {statistics.stdev(vals):.3f}"
+
+
+def _results_table(results: list[dict[str, Any]], solvers: list[str], args) -> list[str]:
+    out: list[str] = []
+    out.append(
+        f"3x256 MLP, batch {results[0]['config']['train']['batch_size']} unless a variant says otherwise, "
+        f"seeds {args.seed_list}; exact W2 between {args.n_eval} model samples (from held-out source points) "
+        f"and {args.n_eval} held-out target points; EMA weights; torch threads {args.threads}. "
+        "Values are mean ± sd over seeds."
+    )
+    out.append("")
+    fixed = [s for s in solvers if s != "dopri5"]
+    cols = ["task", "coupling", "variant", "stage", "steps"] + [f"W2 {s}" for s in fixed]
+    if "dopri5" in solvers:
+        cols += ["W2 dopri5", "dopri5 NFE"]
+    cols += ["train ms/step", "train s"]
+    extra_diag = sorted({k for r in results for k in r.get("diagnostics", {})})
+    cols += extra_diag
+    out += ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["task"], r["coupling"], r["variant"], r["stage"]), []).append(r)
+    for (task, coupling, variant, stage), rs in groups.items():
+        cells = [task, coupling, variant, stage, "/".join(sorted({str(r["config"]["train"]["steps"]) for r in rs}))]
+        by = lambda s, k: [next((e[k] for e in r["eval"] if e["solver"] == s), None) for r in rs]  # noqa: E731
+        cells += [_agg(by(s, "w2")) for s in fixed]
+        if "dopri5" in solvers:
+            cells += [_agg(by("dopri5", "w2")), _agg([float(v) for v in by("dopri5", "nfe") if v is not None]).replace(".000", "")]
+        cells += [_agg([r["train_ms_per_step"] for r in rs]), _agg([r["train_s"] for r in rs])]
+        cells += [_agg([r.get("diagnostics", {}).get(k) for r in rs]) for k in extra_diag]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def render(results: list[dict[str, Any]], floors: list[dict[str, Any]], solvers: list[str], machine: dict, args) -> str:
+    out = ["# 2-D toy benchmark: W2 vs NFE", "", machine_line(machine), ""]
+    if results:
+        out += _results_table(results, solvers, args)
+    if floors:
+        out += ["", f"W2 noise floor: W2 between the held-out target set used above and {floors[0]['pairs']} fresh, independent "
+                f"{floors[0]['n']}-point samples of the same target (what a perfect model scores):", "",
+                "| task | target | W2 floor (mean ± sd) |", "|---|---|---|"]
+        for f in floors:
+            out.append(f"| {f['task']} | {TASKS[f['task']]['target']} | {f['w2_mean']:.3f} ± {f['w2_sd']:.3f} |")
+    goal_lines = goal_report(results)
+    if goal_lines:
+        out += ["", "Goals (W2 at the given solver, mean over seeds):", ""] + goal_lines
+    return "\n".join(out)
+
+
+def goal_report(results: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for (task, coupling, stage, solver), limit in GOALS.items():
+        vals = [e["w2"] for r in results if (r["task"], r["coupling"], r["stage"]) == (task, coupling, stage) for e in r["eval"] if e["solver"] == solver]
+        if vals:
+            m = statistics.fmean(vals)
+            lines.append(f"- {task}, {coupling}, {stage}, {solver}: W2 {m:.3f} (goal <= {limit}): {'met' if m <= limit else 'NOT met'}")
+    for r_task, limit in ONE_STEP_GOALS.items():
+        for coupling in COUPLINGS:
+            for stage in ("2rf", "3rf", "distill"):
+                vals = [e["w2"] for r in results if (r["task"], r["coupling"], r["stage"]) == (r_task, coupling, stage) for e in r["eval"] if e["solver"] == "euler:1"]
+                if vals:
+                    m = statistics.fmean(vals)
+                    lines.append(f"- {r_task}, {coupling} teacher, {stage}, one step (euler:1): W2 {m:.3f} (goal <= {limit}): {'met' if m <= limit else 'NOT met'}")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {list(TASKS)} (default: all)")
+    ap.add_argument("--couplings", default="independent,ot", help=f"comma-separated, from {list(COUPLINGS)} (default independent,ot)")
+    ap.add_argument("--stages", default="1rf", help=f"comma-separated, from {list(STAGES)} (default 1rf; prerequisites are added)")
+    ap.add_argument("--seeds", type=int, default=1, help="number of training seeds 0..N-1 (default 1)")
+    ap.add_argument("--seed-list", default=None, help="explicit comma-separated seeds (overrides --seeds)")
+    ap.add_argument("--steps", type=int, default=5000, help="training steps per stage (default 5000)")
+    ap.add_argument("--solvers", default=",".join(DEFAULT_SOLVERS), help="evaluation solvers (default euler:1,2,4,8,100 and dopri5)")
+    ap.add_argument("--n-eval", type=int, default=5000, help="held-out points on each side (default 5000)")
+    ap.add_argument("--eval-seed", type=int, default=12345, help="seed of the held-out sets (default 12345, the library's)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override applied to every run, e.g. train.lr=2e-3 (repeatable)")
+    ap.add_argument("--variants", type=Path, default=None, help='JSON file {"name": ["key=value", ...], ...}: every run repeated per variant')
+    ap.add_argument("--pairs", type=int, default=20_000, help="reflow/distillation pairs generated per stage (default 20000)")
+    ap.add_argument("--pair-solver", default="dopri5", help="solver that generates the pairs (default dopri5 at the run's eval rtol/atol)")
+    ap.add_argument("--reflow-steps", type=int, default=None, help="training steps of 2rf/3rf/distill (default: --steps)")
+    ap.add_argument("--reflow-set", dest="reflow_overrides", action="append", default=[], metavar="KEY=VALUE", help="config override for the 2rf/3rf/distill runs only (repeatable)")
+    ap.add_argument("--no-diagnostics", action="store_true", help="skip straightness / transport cost / crossing probability")
+    ap.add_argument("--noise-floor", action="store_true", help="also measure the W2 noise floor of each task's target")
+    ap.add_argument("--floor-pairs", type=int, default=8, help="fresh samples for the noise floor (default 8)")
+    ap.add_argument("--floor-only", action="store_true", help="only measure the noise floor (implies --noise-floor)")
+    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: best on a shared 2-core machine)")
+    ap.add_argument("--runs-dir", type=Path, default=None, help="keep run directories here (finished runs are reused); default: a temporary directory, deleted")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results", help="output directory for JSON/markdown")
+    ap.add_argument("--name", default="toy2d", help="output file stem (default toy2d)")
+    args = ap.parse_args(argv)
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    couplings = [c.strip() for c in args.couplings.split(",") if c.strip()]
+    for t in tasks:
+        if t not in TASKS:
+            ap.error(f"unknown task {t!r}; choose from {list(TASKS)}")
+    for c in couplings:
+        if c not in COUPLINGS:
+            ap.error(f"unknown coupling {c!r}; choose from {list(COUPLINGS)}")
+    stages = stage_order([s.strip() for s in args.stages.split(",") if s.strip()])
+    for s in stages:
+        why = STAGES[s].available()
+        if why:
+            ap.error(f"stage {s!r} is not available: {why}")
+    solvers = [s.strip() for s in args.solvers.split(",") if s.strip()]
+    args.seed_list = [int(s) for s in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
+    variants: dict[str, list[str]] = {"base": []}
+    if args.variants is not None:
+        variants = json.loads(args.variants.read_text())
+    torch.set_num_threads(args.threads)
+
+    machine = machine_info()
+    print(machine_line(machine), flush=True)
+    tmp = None
+    runs_dir = args.runs_dir
+    if runs_dir is None:
+        tmp = tempfile.mkdtemp(prefix="rectflow-toy2d-")
+        runs_dir = Path(tmp)
+    t_start = time.perf_counter()
+    results: list[dict[str, Any]] = []
+    floors: list[dict[str, Any]] = []
+    try:
+        if args.noise_floor or args.floor_only:
+            for task in tasks:
+                floors.append(noise_floor(task, args.n_eval, args.floor_pairs, args.eval_seed))
+                print(f"noise floor {task}: W2 {floors[-1]['w2_mean']:.3f} ± {floors[-1]['w2_sd']:.3f}", flush=True)
+        for vname, vover in ({} if args.floor_only else variants).items():
+            for task in tasks:
+                for coupling in couplings:
+                    for seed in args.seed_list:
+                        ctx = Context(
+                            task, coupling, seed, vname, list(args.overrides) + list(vover), args.steps, runs_dir, solvers, args.n_eval, args.eval_seed,
+                            n_pairs=args.pairs, pair_solver=args.pair_solver, reflow_steps=args.reflow_steps,
+                            reflow_overrides=list(args.reflow_overrides), diagnostics=not args.no_diagnostics,
+                        )
+                        done: dict[str, StageResult] = {}
+                        for s in stages:
+                            res = STAGES[s].run(ctx, done)
+                            done[s] = res
+                            row = {
+                                "task": task, "coupling": coupling, "seed": seed, "variant": vname, "stage": s,
+                                "overrides": ctx.overrides, "train_s": res.train_s, "train_ms_per_step": res.train_ms_per_step,
+                                "eval": res.eval_rows, "diagnostics": res.diagnostics,
+                                "config": json.loads((res.run_dir / "config.json").read_text()),
+                            }
+                            results.append(row)
+                            w2 = "  ".join(f"{e['solver']}={e['w2']:.3f}" for e in res.eval_rows)
+                            print(f"[{time.perf_counter() - t_start:6.0f}s] {task} {coupling} {vname} seed={seed} {s}: "
+                                  f"{res.train_ms_per_step or float('nan'):.2f} ms/step, W2 {w2}", flush=True)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if results or floors:
+            machine["loadavg_end"] = machine_info()["loadavg_1_5_15"]
+            md = render(results, floors, solvers, machine, args)
+            payload = {
+                "benchmark": "toy2d", "machine": machine, "recipe": RECIPE, "tasks": {t: TASKS[t] for t in tasks},
+                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                "variants": variants, "noise_floor": floors, "results": results, "wall_s": time.perf_counter() - t_start,
+            }
+            js, mdp = write_results(args.out, args.name, payload, md)
+            print()
+            print(md)
+            print(f"\nwrote {js} and {mdp}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
