@@ -46,7 +46,7 @@ from rectflow.data.images import ImageArray, load_images, to_unit_range  # noqa:
 from rectflow.experiment import load_run, train_run  # noqa: E402
 from rectflow.image_metrics import extract_features, feature_statistics, frechet_distance, inception_network  # noqa: E402
 from rectflow.image_sampling import sample_images, save_image_grid  # noqa: E402
-from rectflow.training import TimeBudget, step_generator  # noqa: E402
+from rectflow.training import TimeBudget  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"

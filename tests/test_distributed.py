@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rectflow.couplings import IndependentCoupling, MinibatchOTCoupling
+from rectflow.couplings import MinibatchOTCoupling
 from rectflow.data import Gaussian, Moons, make_distribution
 from rectflow.distributed import check_divisible, rank_shards, rank_slice, slice_batch
 from rectflow.errors import ConfigError

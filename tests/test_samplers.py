@@ -118,7 +118,8 @@ def test_euler_in_z_tilde_eta_is_ddim_at_any_step_count(path):
 
 def test_ddim_is_invariant_to_rescaling_the_schedule_but_pf_ode_euler_is_not():
     fm = FlowMatchingSchedule()
-    rescaled = [variance_preserving(fm), RescaledSchedule(fm, lambda s: torch.exp(torch.sin(3 * s)))]  # c(s = 0) = 1
+    rescaled = [variance_preserving(fm),  # c(s = 0) = 1
+                RescaledSchedule(fm, lambda s: torch.exp(torch.sin(3 * s)), lambda s: 3 * torch.cos(3 * s) * torch.exp(torch.sin(3 * s)))]
     g = torch.Generator().manual_seed(2)
     z = MIX.marginal(fm, 0.0, 1000, g)
     grid = time_grid(6)
@@ -131,10 +132,13 @@ def test_ddim_is_invariant_to_rescaling_the_schedule_but_pf_ode_euler_is_not():
         torch.testing.assert_close(out.trajectory[1:] / alpha, ref.trajectory[1:] / grid[1:, None, None], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(out.x, ref.x, rtol=0, atol=1e-10)  # the final samples are the same
         pf_euler = euler(MIX.model(path, "velocity"), c0 * z, grid).x
-        assert float((pf_euler - ref_euler).abs().max()) > 0.05  # Euler on the probability-flow ODE in z changes
-        fine = time_grid(1000)  # ... by discretisation error only: at many steps both converge to the same flow
-        gap = euler(MIX.model(path, "velocity"), c0 * z[:200], fine).x - euler(MIX.model(fm, "velocity"), z[:200], fine).x
-        assert float(gap.norm(dim=1).mean()) < 5e-3
+        assert float((pf_euler - ref_euler).norm(dim=1).mean()) > 0.1  # Euler on the probability-flow ODE in z changes
+        gaps = []  # ... by discretisation error only: the gap is O(1/steps), both converge to the same flow
+        for steps in (300, 600):
+            fine = time_grid(steps)
+            gap = euler(MIX.model(path, "velocity"), c0 * z[:200], fine).x - euler(MIX.model(fm, "velocity"), z[:200], fine).x
+            gaps.append(float(gap.norm(dim=1).mean()))
+        assert gaps[1] < 1e-2 and 0.4 < gaps[1] / gaps[0] < 0.6, gaps
 
 
 def _moments_ok(x: torch.Tensor, target: Mixture) -> bool:
@@ -189,14 +193,14 @@ def test_the_moment_check_can_fail():
 @pytest.mark.parametrize("name", ["ddim", "ddpm", "churn_0.5", "sde_sigma_0.5", "sde_sigma_2", "sde_natural_1"])
 def test_samplers_reach_a_gaussian_mixture(name):
     path, g = VPCosineSchedule(), torch.Generator().manual_seed(4)
-    n = 3000
+    n = 4000  # energy distance between two exact sample sets of this size: ~0.5e-3 .. 2.5e-3
     out = SAMPLERS[name](MIX.denoiser(path), MIX.marginal(path, 0.01, n, g), time_grid(200, 0.01, 1.0), path, g).x
     exact = MIX.sample(n, g)
-    assert energy_distance(out, exact) < 5e-3
-    assert abs(float((out[:, 0] > 1.0).double().mean()) - 0.5) < 0.03  # the weight of the right-hand component
-    # control: the same sampler with far too few steps is detectably off
-    bad = SAMPLERS["ddim"](MIX.denoiser(path), MIX.marginal(path, 0.01, n, g), time_grid(2, 0.01, 1.0), path, g).x
-    assert energy_distance(bad, exact) > 2e-2
+    assert energy_distance(out, exact) < 6e-3
+    assert abs(float((out[:, 0] > 1.0).double().mean()) - 0.5) < 0.035  # right-hand component's weight (SE 0.008)
+    # control: the same check catches a sampler with far too few steps
+    bad = SAMPLERS["ddim"](MIX.denoiser(path), MIX.marginal(path, 0.01, n, g), time_grid(4, 0.01, 1.0), path, g).x
+    assert energy_distance(bad, exact) > 1.5e-2
 
 
 @pytest.mark.parametrize("path", [FlowMatchingSchedule(), VPCosineSchedule(), VPLinearSchedule(), DDPMSchedule()], ids=repr)
@@ -275,20 +279,20 @@ def test_train_eps_on_vp_cosine_sample_with_flow_euler_and_ddim():
     obj = DiffusionObjective(IndependentCoupling(Gaussian(2), make_distribution("moons")), path, "eps")
     cfg = TrainConfig(steps=400, batch_size=256, lr=2e-3, ema_decay=0.0, progress=False, device="cpu", seed=1)
     model = Trainer(net, obj, cfg).fit().eval_model.double()
-    z = torch.randn(2000, 2, dtype=F64, generator=torch.Generator().manual_seed(12))
-    t0 = 0.02
+    z = torch.randn(1000, 2, dtype=F64, generator=torch.Generator().manual_seed(12))
+    t0 = 0.02  # eps -> x0 is singular at t = 0 (alpha = 0): both samplers start just after it
     with torch.no_grad():
         for steps in (4, 25):  # DDIM = Euler in (z~, eta), to float precision at any step count
             grid = time_grid(steps, t0, 1.0)
             torch.testing.assert_close(euler_eta(model, z, grid, path=path, parameterization="eps").x,
                                        ddim(model, z, grid, path=path, parameterization="eps").x, rtol=1e-10, atol=1e-10)
         velocity = ConvertedModel(model, path, "eps", "velocity")
-        fine = time_grid(2000, t0, 1.0)
-        x_euler = euler(velocity, z, fine).x
+        fine = time_grid(1000, t0, 1.0)
+        x_euler = euler(velocity, z, fine).x  # the flow Euler solver on the wrapped model
         x_ddim = ddim(model, z, fine, path=path, parameterization="eps").x
         x_ddim_coarse = ddim(model, z, time_grid(10, t0, 1.0), path=path, parameterization="eps").x
     err_fine = float((x_euler - x_ddim).norm(dim=1).mean())
     err_coarse = float((x_ddim_coarse - x_ddim).norm(dim=1).mean())
-    assert err_fine < 0.02 and err_coarse > 5 * err_fine  # the same deterministic map, up to discretisation
-    data = make_distribution("moons").sample(2000, generator=torch.Generator().manual_seed(13)).double()
-    assert energy_distance(x_ddim, data) < 0.05  # and it is a sensible generative model of the moons
+    assert err_fine < 0.01 and err_coarse > 20 * err_fine  # the same deterministic map, up to discretisation
+    data = make_distribution("moons").sample(1000, generator=torch.Generator().manual_seed(13)).double()
+    assert energy_distance(x_ddim, data) < 0.1  # and a sensible model of the moons (pure noise: ~1.4)

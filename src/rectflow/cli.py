@@ -268,7 +268,7 @@ def _eval_and_plot(run_dir) -> None:
 
     run = load_run(run_dir)
     print(format_table(evaluate_run(run), ["solver", "nfe", "w2", "energy"]))
-    plot_run(run)
+    plot_run(run, steps=1 if run.config.reflow.distill else 100)  # a distilled model is a one-step map
 
 
 def _cmd_pairs(args: argparse.Namespace) -> int:

@@ -135,6 +135,9 @@ def run_pipeline(
     )
     timings["distill"] = time.perf_counter() - t
     t = time.perf_counter()
+    for run_dir in runs[1:]:  # samples and trajectories of each new run, in its plots/ (as `rectflow train` does)
+        run = load_run(run_dir)
+        plot_run(run, steps=1 if run.config.reflow.distill else 100)
     pdir = out / "pipeline"
     rows = diagnose_runs(runs, plots_dir=pdir, echo=echo)
     timings["diagnostics"] = time.perf_counter() - t

@@ -338,7 +338,13 @@ class RescaledSchedule(NoiseSchedule):
 
 def variance_preserving(base: NoiseSchedule) -> RescaledSchedule:
     """The VP schedule with the same log-SNR: c_s = 1 / sqrt(alpha_s^2 + sigma_s^2) (e.g. FM -> VP)."""
-    return RescaledSchedule(base, lambda s: torch.rsqrt(base.alpha(s) ** 2 + base.sigma(s) ** 2))
+    def scale(s: Tensor) -> Tensor:
+        return torch.rsqrt(base.alpha(s) ** 2 + base.sigma(s) ** 2)
+
+    def scale_ds(s: Tensor) -> Tensor:  # d/ds (a^2 + b^2)^(-1/2) = -(a a' + b b') c^3
+        return -(base.alpha(s) * base.alpha_ds(s) + base.sigma(s) * base.sigma_ds(s)) * scale(s) ** 3
+
+    return RescaledSchedule(base, scale, scale_ds)
 
 
 def _as_schedule(path: AffinePath) -> AffinePath:

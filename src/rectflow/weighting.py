@@ -63,8 +63,8 @@ class ELBOWeighting:
 
 @dataclass(frozen=True)
 class FlowMatchingWeighting:
-    """w = e^(-lambda/2) / 2: exactly the flow-matching loss E_{t~U} ||u-hat - u||^2 on the FM path,
-    and (2/pi) x the v-MSE with uniform time on the VP cosine schedule (SPEC 6)."""
+    """w = e^(-lambda/2) / 2: exactly the flow-matching loss E_{t~U} ||u-hat - u||^2 on the FM path; the
+    v-MSE with uniform time on the VP cosine schedule implies the same weighting times 2/pi (SPEC 6)."""
 
     def __call__(self, lam: Tensor) -> Tensor:
         return 0.5 * torch.exp(-lam / 2)

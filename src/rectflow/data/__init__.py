@@ -4,6 +4,7 @@ Every sampler has ``dim`` (or ``shape``) and ``sample(n, generator=None, device=
 any of them can be the source pi0 or the target pi1 (domain transfer, SPEC section 1).
 """
 
+from .images import ImageArray, ImageDataset, ImageGaussian, load_digits_images, load_images
 from .toy2d import (
     Checkerboard,
     Circle,
@@ -17,6 +18,11 @@ from .toy2d import (
 )
 
 __all__ = [
+    "ImageArray",
+    "ImageDataset",
+    "ImageGaussian",
+    "load_images",
+    "load_digits_images",
     "Gaussian",
     "EightGaussians",
     "Moons",
