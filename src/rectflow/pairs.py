@@ -226,7 +226,7 @@ class PairStore(Dataset):
             _check_shard(self.path, self.settings, i, e, full=verify)[0] for i, e in enumerate(self.manifest["shards"])
         ]
         counts = [self.settings.shard_count(i) for i in range(self.settings.n_shards)]
-        self._offsets = torch.tensor([0, *np.cumsum(counts).tolist()], dtype=torch.int64)
+        self._offsets = np.array([0, *np.cumsum(counts).tolist()], dtype=np.int64)
         self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     # Memory maps are per process: drop them when pickled (DataLoader workers reopen lazily).
@@ -274,16 +274,17 @@ class PairStore(Dataset):
         idx = torch.as_tensor(idx, dtype=torch.int64).reshape(-1)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
             raise IndexError(f"pair index out of range [0, {len(self)})")
-        z0 = torch.empty((idx.numel(), *self.shape), dtype=torch.float32)
-        z1 = torch.empty_like(z0)
-        shard = torch.searchsorted(self._offsets, idx, right=True) - 1
-        for s in shard.unique().tolist():
-            sel = (shard == s).nonzero().squeeze(1)
-            local = (idx[sel] - self._offsets[s]).numpy()
+        z0 = np.empty((idx.numel(), *self.shape), dtype=np.float32)
+        z1 = np.empty_like(z0)
+        gidx = idx.numpy()
+        shard = np.searchsorted(self._offsets, gidx, side="right") - 1
+        for s in np.unique(shard).tolist():
+            sel = np.flatnonzero(shard == s)
+            local = gidx[sel] - self._offsets[s]
             m0, m1 = self._shard_maps(s)
-            z0[sel] = torch.from_numpy(np.ascontiguousarray(m0[local]))
-            z1[sel] = torch.from_numpy(np.ascontiguousarray(m1[local]))
-        return z0, z1
+            z0[sel] = m0[local]
+            z1[sel] = m1[local]
+        return torch.from_numpy(z0), torch.from_numpy(z1)
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         if i < 0:
