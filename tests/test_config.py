@@ -12,8 +12,8 @@ def test_defaults_round_trip():
 def test_yaml_and_overrides(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("target: 8gaussians\ntrain:\n  steps: 10\n  lr: 0.01\ncoupling: {kind: ot}\n")
-    cfg = load_config(p, ["train.steps=20", "source={name: 8gaussians, radius: 2}", "time.kind=u_shaped"])
-    assert cfg.train.steps == 20 and cfg.train.lr == 0.01 and cfg.coupling.kind == "ot"
+    cfg = load_config(p, ["train.steps=20", "train.lr=1e-4", "source={name: 8gaussians, radius: 2}", "time.kind=u_shaped"])
+    assert cfg.train.steps == 20 and cfg.train.lr == 1e-4 and cfg.coupling.kind == "ot"
     assert cfg.source == {"name": "8gaussians", "radius": 2} and cfg.time.kind == "u_shaped"
 
 

@@ -70,3 +70,38 @@ __all__ += [
     "diagnose_coupling",
     "diagnose_runs",
 ]
+
+# Diffusion models = Gaussian flow matching (SPEC section 6).
+from .parameterizations import ConvertedModel, convert
+from .samplers import churn, ddim, ddpm, euler_eta, flow_sde
+from .schedules import (
+    CustomSchedule,
+    DDPMSchedule,
+    FlowMatchingSchedule,
+    NoiseSchedule,
+    VPCosineSchedule,
+    VPLinearSchedule,
+    diffusion_time,
+    log_snr,
+)
+from .weighting import DiffusionObjective, make_weighting
+
+__all__ += [
+    "NoiseSchedule",
+    "FlowMatchingSchedule",
+    "VPCosineSchedule",
+    "VPLinearSchedule",
+    "DDPMSchedule",
+    "CustomSchedule",
+    "diffusion_time",
+    "log_snr",
+    "convert",
+    "ConvertedModel",
+    "DiffusionObjective",
+    "make_weighting",
+    "ddim",
+    "euler_eta",
+    "ddpm",
+    "churn",
+    "flow_sde",
+]
