@@ -42,3 +42,13 @@ def test_examples_run(path, tmp_path, monkeypatch):
                     ran += 1
     if path.name != "cli.md":
         assert ran, f"{path.name} has no runnable example"
+
+
+def test_cli_reference_is_current(monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_cli_reference", ROOT / "docs" / "gen_cli_reference.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setenv("COLUMNS", "100")
+    assert (ROOT / "docs" / "cli.md").read_text() == mod.render(), "run: python docs/gen_cli_reference.py"
