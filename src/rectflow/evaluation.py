@@ -23,11 +23,16 @@ def evaluate_solvers(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     metrics: tuple[str, ...] = ("w2", "energy"),
+    progress: bool | None = None,
 ) -> list[dict[str, Any]]:
     """One row per solver spec ("euler:4", "dopri5", ...): NFE, W2 and energy distance between
-    the model's samples from ``x0`` and the reference target samples ``x1_ref``."""
+    the model's samples from ``x0`` and the reference target samples ``x1_ref``.
+    ``progress``: a bar over solvers (None: only on a terminal; False: never)."""
+    from tqdm.auto import tqdm
+
     rows = []
-    for spec in solvers:
+    specs = list(solvers)
+    for spec in tqdm(specs, desc="eval", unit="solver", disable=progress is False or None, leave=False):
         method, steps = parse_solver_spec(spec)
         t = time.perf_counter()
         res = sample_model(model, x0, method=method, steps=steps, rtol=rtol, atol=atol)
