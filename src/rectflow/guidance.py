@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, DataError
-from .losses import LossOutput, flow_matching_loss
+from .losses import FlowMatchingObjective, LossOutput, flow_matching_loss
 from .models.class_embedding import NULL_LABEL
 from .paths import AffinePath, LinearPath
 from .solvers import SolveResult
@@ -113,7 +113,7 @@ class ConditionalFlowBatch(NamedTuple):
     y: Tensor
 
 
-class ConditionalFlowMatchingObjective:
+class ConditionalFlowMatchingObjective(FlowMatchingObjective):
     """The rectified-flow loss (SPEC section 2) of v(X_t, t, y), with label dropout.
 
     Args:
@@ -124,19 +124,10 @@ class ConditionalFlowMatchingObjective:
     """
 
     def __init__(self, coupling, p_uncond: float = 0.1, path: AffinePath | None = None, time_sampler=None, weight=None) -> None:
-        from .time_sampling import UniformTime
-
         if not 0.0 <= p_uncond <= 1.0:
             raise ConfigError(f"label dropout p_uncond must lie in [0, 1], got {p_uncond}")
-        self.coupling = coupling
+        super().__init__(coupling, path=path, time_sampler=time_sampler, weight=weight)
         self.p_uncond = float(p_uncond)
-        self.path = path or LinearPath()
-        self.time_sampler = time_sampler or UniformTime()
-        self.weight = weight
-
-    @property
-    def heavy_draw(self) -> bool:
-        return bool(getattr(self.coupling, "heavy", False))
 
     def draw(self, n: int, generator: torch.Generator, device) -> ConditionalFlowBatch:
         x0, x1, y = self.coupling.sample(n, generator=generator, device=device)

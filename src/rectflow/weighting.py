@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .losses import FlowBatch, LossOutput, per_sample_mse
+from .losses import FlowBatch, FlowMatchingObjective, LossOutput, per_sample_mse
 from .parameterizations import _check_kind, error_ratio, from_x0_eps
 from .paths import AffinePath
 from .schedules import log_snr, log_snr_derivative, time_from_log_snr
@@ -195,7 +195,7 @@ def diffusion_loss(model: Callable[..., Tensor], x0: Tensor, x1: Tensor, t: Tens
     return LossOutput((err * factor.to(err.dtype)).mean(), err.detach())
 
 
-class DiffusionObjective:
+class DiffusionObjective(FlowMatchingObjective):
     """Trainer objective: a model in any parameterisation on any path, with any weighting.
 
     Args:
@@ -210,18 +210,9 @@ class DiffusionObjective:
     def __init__(self, coupling, path: AffinePath, parameterization: str = "eps",
                  weighting: Weighting | None = None, time_sampler=None) -> None:
         _check_kind(parameterization)
-        self.coupling, self.path, self.parameterization = coupling, path, parameterization
-        self.weighting = weighting
-        self.time_sampler = time_sampler if time_sampler is not None else UniformTime(eps=1e-5)
-
-    @property
-    def heavy_draw(self) -> bool:
-        return bool(getattr(self.coupling, "heavy", False))
-
-    def draw(self, n: int, generator: torch.Generator, device) -> FlowBatch:
-        x0, x1 = self.coupling.sample(n, generator=generator, device=device)
-        t = self.time_sampler(n, generator=generator, device=device)
-        return FlowBatch(x0, x1, t.to(x0.dtype))
+        # draw() and heavy_draw come from FlowMatchingObjective; only the loss differs
+        super().__init__(coupling, path=path, time_sampler=time_sampler if time_sampler is not None else UniformTime(eps=1e-5))
+        self.parameterization, self.weighting = parameterization, weighting
 
     def sample_weight(self, t: Tensor) -> Tensor:
         """The factor multiplying each sample's ||K-hat - K||^2 (see :func:`loss_factor`)."""
