@@ -380,6 +380,8 @@ def generate_pairs(
     provenance: dict[str, Any] | None = None,
     progress: bool | None = True,
     on_shard: Callable[[int], None] | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
 ) -> PairStore:
     """Write (or finish, or just verify) the store of n pairs (Z0, Z1 = Flow(Z0)) in ``out``.
 
@@ -395,6 +397,9 @@ def generate_pairs(
         provenance: extra JSON recorded in the manifest but not compared (run dir, step, stage).
         progress: tqdm bar over pairs (None: only on a terminal).
         on_shard: called with each shard index after it is recorded (tests use it to simulate a kill).
+        rank, world_size: under torchrun (default: read from torch.distributed), rank r makes the
+            shards r, r + N, r + 2N, ... and rank 0 writes the manifest; since shard s depends on
+            (settings, s) alone, N ranks produce exactly the store one process would.
     Returns:
         the complete, verified :class:`PairStore`.
     Raises:
@@ -402,8 +407,7 @@ def generate_pairs(
         CheckpointError: an existing shard is missing, truncated or changed;
         DataError: the model's and the source's dimensions differ.
     """
-    from .sampling import parse_solver_spec, sample_model
-    from .training import step_generator
+    from .sampling import parse_solver_spec
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"number of pairs must be an integer >= 1, got {n!r}")
@@ -427,6 +431,15 @@ def generate_pairs(
         source=source_spec if source_spec is not None else repr(source),
     )
     root = Path(out)
+    from . import distributed
+
+    dinfo = distributed.info()
+    rank = dinfo.rank if rank is None else int(rank)
+    world_size = dinfo.world_size if world_size is None else int(world_size)
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"rank must lie in [0, world_size), got rank {rank}, world_size {world_size}")
+    if world_size > 1:
+        return _generate_sharded(model, source, root, settings, provenance, rank, world_size, device, method, steps, rtol, atol, progress)
     man = _open_for_writing(root, settings, provenance)
     done = len(man["shards"])
     if not man["complete"]:
@@ -435,16 +448,10 @@ def generate_pairs(
         try:
             for s in range(done, settings.n_shards):
                 m = settings.shard_count(s)
-                z0 = source.sample(m, generator=step_generator(settings.seed, s), device="cpu").float()
-                if tuple(z0.shape[1:]) != shape:
-                    raise DataError(f"the source drew samples of shape {list(z0.shape[1:])}, expected {list(shape)}")
-                res = sample_model(model, z0.to(device), method=method, steps=steps, rtol=rtol, atol=atol)
-                z1 = res.x.float().cpu()
-                if not torch.isfinite(z1).all():
-                    raise FloatingPointError(f"the flow produced NaN/inf in shard {s}; nothing of it was stored")
+                z0, z1, nfe = _make_shard(model, source, settings, s, device, method, steps, rtol, atol)
                 path = root / shard_name(s)
                 save_tensors(path, {"z0": z0, "z1": z1}, {"format": PAIRS_FORMAT})  # one key: safetensors orders metadata at random
-                man["shards"].append({"file": path.name, "n": m, "bytes": path.stat().st_size, "sha256": sha256_file(path), "nfe": res.nfe})
+                man["shards"].append({"file": path.name, "n": m, "bytes": path.stat().st_size, "sha256": sha256_file(path), "nfe": nfe})
                 made += m
                 man["complete"] = len(man["shards"]) == settings.n_shards
                 if man["complete"]:
@@ -464,6 +471,67 @@ def generate_pairs(
         finally:
             bar.close()
     return PairStore(root, verify=False)  # every shard was hashed when written or when the store was reopened
+
+
+def _make_shard(model: nn.Module, source: Any, settings: PairSettings, s: int, device, method: str, steps: int | None, rtol: float, atol: float) -> tuple[Tensor, Tensor, int]:
+    """Shard s: Z0 from step_generator(seed, s), Z1 = Flow(Z0); a function of (settings, s) alone."""
+    from .sampling import sample_model
+    from .training import step_generator
+
+    z0 = source.sample(settings.shard_count(s), generator=step_generator(settings.seed, s), device="cpu").float()
+    if tuple(z0.shape[1:]) != settings.shape:
+        raise DataError(f"the source drew samples of shape {list(z0.shape[1:])}, expected {list(settings.shape)}")
+    res = sample_model(model, z0.to(device), method=method, steps=steps, rtol=rtol, atol=atol)
+    z1 = res.x.float().cpu()
+    if not torch.isfinite(z1).all():
+        raise FloatingPointError(f"the flow produced NaN/inf in shard {s}; nothing of it was stored")
+    return z0, z1, res.nfe
+
+
+def _generate_sharded(model, source, root: Path, settings: PairSettings, provenance, rank: int, world: int, device, method, steps, rtol, atol, progress) -> PairStore:
+    """torchrun pair generation: rank 0 opens the store; every rank writes its own shards (each with
+    a side file holding its NFE); rank 0 then hashes them in order and completes the manifest."""
+    from . import distributed
+
+    if rank == 0:
+        man = _open_for_writing(root, settings, provenance)
+    distributed.barrier()
+    if rank != 0:
+        old, man = _read_manifest(root)
+        diff = _settings_diff(old, settings)
+        if diff:
+            raise ConfigError(f"{root} holds pairs with other settings (differs in {', '.join(diff)})")
+    done = len(man["shards"])
+    mine = [s for s in distributed.rank_shards(settings.n_shards, rank, world) if s >= done]
+    bar = tqdm(total=sum(settings.shard_count(s) for s in mine), disable=not progress or None, desc=f"pairs (rank {rank})", unit="pair", unit_scale=True, dynamic_ncols=True)
+    try:
+        for s in mine:
+            path = root / shard_name(s)
+            side = path.with_name(path.name + ".nfe.json")
+            if path.is_file() and side.is_file():  # finished by an earlier, killed attempt (atomic writes)
+                bar.update(settings.shard_count(s))
+                continue
+            z0, z1, nfe = _make_shard(model, source, settings, s, device, method, steps, rtol, atol)
+            save_tensors(path, {"z0": z0, "z1": z1}, {"format": PAIRS_FORMAT})
+            save_json(side, {"nfe": nfe})
+            bar.update(settings.shard_count(s))
+    finally:
+        bar.close()
+    distributed.barrier()
+    if rank == 0 and not man["complete"]:
+        for s in range(done, settings.n_shards):
+            path = root / shard_name(s)
+            side = path.with_name(path.name + ".nfe.json")
+            nfe = int(json.loads(side.read_text())["nfe"])
+            man["shards"].append({"file": path.name, "n": settings.shard_count(s), "bytes": path.stat().st_size, "sha256": sha256_file(path), "nfe": nfe})
+        man["complete"] = True
+        nfes = [e["nfe"] for e in man["shards"]]
+        man["stats"] = {"nfe_mean": sum(e["nfe"] * e["n"] for e in man["shards"]) / settings.n_pairs, "nfe_max": max(nfes), "world_size": world, "torch": torch.__version__}
+        save_json(root / MANIFEST, man)
+        for s in range(settings.n_shards):
+            (root / (shard_name(s) + ".nfe.json")).unlink(missing_ok=True)
+    distributed.barrier()
+    return PairStore(root, verify=False)
 
 
 def _open_for_writing(root: Path, settings: PairSettings, provenance: dict[str, Any] | None) -> dict[str, Any]:
