@@ -89,7 +89,7 @@ def _add_reflow_parsers(sub, fmt) -> None:
     """Subcommands of SPEC section 4: pairs, reflow, distill, diagnose, pipeline."""
     p = sub.add_parser("pairs", help="generate (or resume) a reflow pair store (Z0, Flow(Z0)) from a run", formatter_class=fmt)
     p.add_argument("run", help="run directory of the k-RF")
-    p.add_argument("--n", type=int, required=True, help="number of pairs")
+    p.add_argument("--n", "--num-pairs", dest="n", type=int, required=True, help="number of pairs (spell it --num-pairs under torchrun, whose own --n... options clash)")
     p.add_argument("--out", "-o", help="store directory (default: RUN/pairs/<solver>-n<N>-seed<S>)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     _add_pair_args(p)
@@ -279,7 +279,15 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
         raise ConfigError(f"--n (number of pairs) must be >= 1, got {args.n}")
     kw = _pair_kwargs(args)
     kw["seed"] = kw.pop("pair_seed")
+    from .distributed import destroy, init_from_env, is_main_process, planned_world_size
+
+    if planned_world_size() > 1:  # under torchrun: rank r makes shards r, r + N, ...
+        init_from_env(device=None if kw.get("device", "auto") == "auto" else kw["device"])
     store = generate_run_pairs(args.run, args.n, args.out, progress=None if not args.quiet else False, **kw)
+    main_process = is_main_process()
+    destroy()
+    if not main_process:
+        return 0
     st = store.manifest.get("stats", {})
     rate = st.get("last_session_pairs_per_s")
     print(f"{len(store)} pairs in {store.path} ({store.settings.solver}, mean NFE {st.get('nfe_mean', 0):.1f}" + (f", {rate:.0f} pairs/s)" if rate else ")"))
