@@ -52,6 +52,8 @@ __all__ = [
     "PeRFlowBatch",
     "PeRFlowObjective",
     "PairsObjective",
+    "straight_loss",
+    "teacher_ddim_sample",
     "sample",
     "window_grid",
     "weight_delta",
@@ -368,7 +370,3 @@ def teacher_ddim_sample(teacher: Teacher, x: Tensor, steps: int) -> SolveResult:
     from .solvers import time_grid
 
     return ddim(teacher.raw, x, time_grid(steps), path=teacher.path, parameterization=teacher.parameterization)
-
-
-__all__ += ["straight_loss", "teacher_ddim_sample"]
-

@@ -1,0 +1,102 @@
+"""diffusers in/out for PeRFlow: local folders only, tiny random UNet2DModel (no download)."""
+
+import json
+
+import pytest
+import torch
+
+from rectflow.errors import ConfigError
+from rectflow.schedules import DDPMSchedule
+
+diffusers = pytest.importorskip("diffusers")
+
+from rectflow import perflow  # noqa: E402
+from rectflow.diffusers_io import export_student, load_student, load_teacher, schedule_from_config  # noqa: E402
+from rectflow.training import TrainConfig, Trainer  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def _tiny_unet():
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+
+
+def _teacher_folder(tmp_path, prediction_type="epsilon"):
+    folder = tmp_path / "teacher"
+    _tiny_unet().save_pretrained(str(folder / "unet"))
+    sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type=prediction_type)
+    sched.save_pretrained(str(folder / "scheduler"))
+    return folder
+
+
+class _Data:
+    def sample(self, n, generator=None, device=None):
+        return torch.rand(n, 1, 8, 8, generator=generator) * 2 - 1
+
+
+def test_load_teacher_maps_schedule_and_kind(tmp_path):
+    t = load_teacher(_teacher_folder(tmp_path, "v_prediction"))
+    assert t.parameterization == "v" and isinstance(t.path, DDPMSchedule)
+    ref = diffusers.DDPMScheduler(num_train_timesteps=1000)
+    assert torch.allclose(t.path.alphas_cumprod, ref.alphas_cumprod.double(), atol=1e-6)
+    cos, kind = schedule_from_config({"_class_name": "DDIMScheduler", "beta_schedule": "squaredcos_cap_v2"})
+    ref = diffusers.DDIMScheduler(beta_schedule="squaredcos_cap_v2")
+    assert kind == "eps" and torch.allclose(cos.alphas_cumprod, ref.alphas_cumprod.double(), atol=1e-5)
+
+
+def test_missing_config_and_non_affine_schedule(tmp_path):
+    folder = _teacher_folder(tmp_path)
+    (folder / "scheduler" / "scheduler_config.json").unlink()
+    with pytest.raises(ConfigError, match="scheduler_config.json"):
+        load_teacher(folder)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_teacher(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="affine"):
+        schedule_from_config({"_class_name": "ScoreSdeVeScheduler"})
+    with pytest.raises(ConfigError, match="zero_snr|alpha = 0"):
+        schedule_from_config({"_class_name": "DDIMScheduler", "rescale_betas_zero_snr": True})
+    with pytest.raises(ConfigError, match="affine"):
+        schedule_from_config({"beta_schedule": "sigmoid"})
+
+
+def test_train_export_import_identical_samples(tmp_path):
+    folder = _teacher_folder(tmp_path)
+    teacher = load_teacher(folder)
+    windows = perflow.make_windows(4)
+    student = perflow.PeRFlowStudent.from_teacher(teacher, windows)
+    obj = perflow.PeRFlowObjective(teacher, _Data(), windows, solver_steps=2)
+    cfg = TrainConfig(steps=3, batch_size=4, lr=1e-3, ema_decay=0.0, device="cpu", progress=False,
+                      log_every=1, ckpt_every=1000)
+    Trainer(student, obj, cfg, run_dir=tmp_path / "run").fit(resume=False)
+    out = export_student(student, tmp_path / "student", folder)
+    meta = json.loads((out / "perflow.json").read_text())
+    assert meta["stock_scheduler_exact"] and meta["windows"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = perflow.sample(student, x, windows)
+        loaded = load_student(out)
+        again = perflow.sample(loaded, x, loaded.boundaries)
+        # stock diffusers: DDIMScheduler from the exported config + the exported UNet
+        unet = diffusers.UNet2DModel.from_pretrained(str(out / "unet"))
+        sched = diffusers.DDIMScheduler.from_pretrained(str(out / "scheduler"))
+        sched.set_timesteps(4)
+        z = x.clone()
+        for ts in sched.timesteps:
+            z = sched.step(unet(z, ts).sample, ts, z).prev_sample
+    assert ours.nfe == 4
+    assert torch.equal(ours.x, again.x)
+    assert torch.allclose(z, ours.x, atol=1e-4), (z - ours.x).abs().max()
+
+
+def test_non_uniform_windows_export_without_stock_scheduler(tmp_path):
+    folder = _teacher_folder(tmp_path)
+    teacher = load_teacher(folder)
+    student = perflow.PeRFlowStudent.from_teacher(teacher, perflow.make_windows(boundaries=[0, 0.3, 1]))
+    out = export_student(student, tmp_path / "s", folder)
+    assert not (out / "scheduler").exists()
+    assert not json.loads((out / "perflow.json").read_text())["stock_scheduler_exact"]
+    loaded = load_student(out)
+    assert torch.equal(loaded.boundaries, student.boundaries)

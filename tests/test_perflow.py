@@ -1,0 +1,163 @@
+"""PeRFlow (SPEC 5): windows, window path, teacher, piecewise reflow objective, deltas, samplers."""
+
+import pytest
+import torch
+
+from rectflow import perflow
+from rectflow.errors import ConfigError
+from rectflow.models.unet import UNetVelocity
+from rectflow.parameterizations import ConvertedModel
+from rectflow.paths import PathCoefficients
+from rectflow.schedules import DDPMSchedule, FlowMatchingSchedule, VPCosineSchedule, log_snr
+from rectflow.training import TrainConfig, Trainer
+
+torch.set_num_threads(1)
+
+
+def _unet(seed=0):
+    torch.manual_seed(seed)
+    net = UNetVelocity(in_channels=1, image_size=8, channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                        attention_resolutions=(), dropout=0.0, head_channels=8)
+    with torch.no_grad():  # the zero-initialised output layer would make every teacher predict 0
+        for q in net.parameters():
+            q.add_(0.05 * torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + q.numel())))
+    return net
+
+
+def _eps_teacher(seed=0):
+    sch = DDPMSchedule()
+    return perflow.Teacher(_unet(seed), sch, "eps", time_map=sch.t_to_timestep)
+
+
+class _Data:
+    def sample(self, n, generator=None, device=None):
+        return torch.rand(n, 1, 8, 8, generator=generator) * 2 - 1
+
+
+def test_windows_time_logsnr_and_user():
+    assert torch.allclose(perflow.make_windows(4), torch.tensor([0, 0.25, 0.5, 0.75, 1], dtype=torch.float64))
+    sch = VPCosineSchedule()
+    b = perflow.make_windows(4, spacing="log_snr", path=sch)
+    lam = log_snr(sch, b[1:-1])
+    assert torch.allclose(lam[1:] - lam[:-1], torch.full((2,), 5.0, dtype=torch.float64), atol=1e-6)
+    assert b[0] == 0 and b[-1] == 1
+    assert perflow.make_windows(boundaries=[0, 0.2, 1]).tolist() == [0, 0.2, 1]
+
+
+@pytest.mark.parametrize("bad", [[0.1, 0.5, 1], [0, 0.5, 0.9], [0, 0.6, 0.6, 1], [0, 0.7, 0.4, 1], [0], [0, float("nan"), 1]])
+def test_windows_must_cover_unit_interval(bad):
+    with pytest.raises(ConfigError, match="perflow.windows"):
+        perflow.make_windows(boundaries=bad)
+
+
+def test_window_config_errors():
+    with pytest.raises(ConfigError):
+        perflow.make_windows(0)
+    with pytest.raises(ConfigError):
+        perflow.make_windows(3, spacing="log_snr")
+    with pytest.raises(ConfigError):
+        perflow.make_windows(3, spacing="cubic")
+
+
+def test_teacher_path_must_be_affine():
+    class NotAPath:
+        def coefficients(self, t):
+            return PathCoefficients(t, 1 - t, t, t)
+
+    with pytest.raises(ConfigError, match="AffinePath"):
+        perflow.Teacher(lambda z, t: z, NotAPath(), "eps")
+
+
+def test_window_path_interpolates_teacher_knots_and_is_continuous():
+    sch, b = DDPMSchedule(), perflow.make_windows(boundaries=[0, 0.3, 0.8, 1])
+    wp = perflow.WindowPath(sch, b)
+    c, ct = wp.coefficients(b), sch.coefficients(b)
+    assert torch.allclose(c.a, ct.a) and torch.allclose(c.b, ct.b)
+    eps = 1e-9
+    left, right = wp.coefficients(b[1:-1] - eps), wp.coefficients(b[1:-1] + eps)
+    assert torch.allclose(left.a, right.a, atol=1e-7) and torch.allclose(left.b, right.b, atol=1e-7)
+    mid = wp.coefficients(torch.tensor([0.15], dtype=torch.float64))
+    assert torch.allclose(mid.a, (ct.a[0] + ct.a[1]) / 2)
+    assert perflow.window_index(b, torch.tensor([0.0, 0.3, 0.5, 1.0])).tolist() == [0, 1, 1, 2]
+
+
+def test_student_from_teacher_is_teacher_ddim_at_k_steps():
+    teacher = _eps_teacher()
+    b = perflow.make_windows(4)
+    student = perflow.PeRFlowStudent.from_teacher(teacher, b)
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        s = perflow.sample(student, x, b)
+        t = perflow.teacher_ddim_sample(teacher, x, 4)
+    assert s.nfe == 4 and t.nfe == 4
+    assert torch.allclose(s.x, t.x, atol=1e-4)
+    with torch.no_grad():
+        assert perflow.sample(student, x, b, steps_per_window=3).nfe == 12
+
+
+def test_teacher_from_library_model_in_any_parameterisation():
+    # a velocity model on the FM path, exposed as a v-prediction via ConvertedModel, is the same teacher
+    path = FlowMatchingSchedule()
+    net = _unet()
+    as_v = ConvertedModel(net, path, src="velocity", dst="v")
+    t_vel, t_v = perflow.Teacher(net, path, "velocity"), perflow.Teacher(as_v, path, "v")
+    z, t = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 0.7])
+    with torch.no_grad():
+        assert torch.allclose(t_vel.velocity(z, t), t_v.velocity(z, t), atol=1e-4)
+        t0, t1 = torch.tensor([0.2, 0.5], dtype=torch.float64), torch.tensor([0.4, 0.9], dtype=torch.float64)
+        assert torch.allclose(t_vel.ddim(z, t0, t1, 3), t_v.ddim(z, t0, t1, 3), atol=1e-4)
+
+
+def test_objective_targets_are_per_window_teacher_solves():
+    teacher, b = _eps_teacher(), perflow.make_windows(3)
+    obj = perflow.PeRFlowObjective(teacher, _Data(), b, solver_steps=2)
+    batch = obj.draw(6, torch.Generator().manual_seed(3), "cpu")
+    assert obj.teacher_nfe == 12
+    k = perflow.window_index(b, batch.t)
+    # recompute each example alone: z_start from the line, z_end by the teacher across its window
+    for i in range(6):
+        t0, t1 = b[k[i]], b[k[i] + 1]
+        z_start = batch.z[i:i + 1] - (batch.t[i] - t0).float() * batch.target[i:i + 1]
+        z_end = teacher.ddim(z_start, t0.reshape(1), t1.reshape(1), 2)
+        assert torch.allclose((z_end - z_start) / float(t1 - t0), batch.target[i:i + 1], atol=1e-3)
+        assert float(t0) < float(batch.t[i]) < float(t1)
+
+
+def test_short_training_reduces_loss_and_delta_roundtrip(tmp_path):
+    teacher, b = _eps_teacher(), perflow.make_windows(2)
+    student = perflow.PeRFlowStudent.from_teacher(teacher, b)
+    obj = perflow.PeRFlowObjective(teacher, _Data(), b, solver_steps=2)
+    fixed = obj.draw(16, torch.Generator().manual_seed(9), "cpu")
+    before = float(obj.loss(student, fixed).loss.detach())
+    cfg = TrainConfig(steps=15, batch_size=16, lr=2e-3, ema_decay=0.0, device="cpu", progress=False, ckpt_every=1000)
+    Trainer(student, obj, cfg, run_dir=tmp_path / "run").fit(resume=False)
+    assert float(obj.loss(student, fixed).loss.detach()) < before
+    path = perflow.save_delta(tmp_path / "delta.safetensors", student.net, teacher.model, b)
+    delta, meta = perflow.load_delta(path)
+    assert meta["windows"] == [0.0, 0.5, 1.0]
+    other = _unet()  # another copy of the same teacher
+    perflow.apply_delta(other, delta)
+    for p, q in zip(other.state_dict().values(), student.net.state_dict().values()):
+        assert torch.allclose(p, q, atol=1e-6)
+    with pytest.raises(ConfigError):
+        perflow.apply_delta(torch.nn.Linear(2, 2), delta)
+
+
+def test_pairs_objective_2rf_shapes():
+    z0, z1 = torch.randn(5, 1, 8, 8), torch.randn(5, 1, 8, 8)
+    obj = perflow.PairsObjective(z0, z1)
+    batch = obj.draw(4, torch.Generator().manual_seed(0), "cpu")
+    assert batch.z.shape == (4, 1, 8, 8) and batch.t.shape == (4,)
+    student = perflow.PeRFlowStudent.from_teacher(_eps_teacher(), perflow.make_windows(1))
+    assert torch.isfinite(obj.loss(student, batch).loss)
+
+
+def test_bad_objective_config():
+    with pytest.raises(ConfigError):
+        perflow.PeRFlowObjective(_eps_teacher(), _Data(), perflow.make_windows(2), solver_steps=0)
+    with pytest.raises(ConfigError):
+        perflow.PeRFlowObjective(_eps_teacher(), _Data(), [0, 0.5], solver_steps=1)
+    with pytest.raises(ConfigError):
+        perflow.window_grid(perflow.make_windows(2), 0)
+
+
