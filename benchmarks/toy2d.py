@@ -65,6 +65,7 @@ COUPLINGS: dict[str, dict[str, Any]] = {
     "ot": {"kind": "ot", "method": "exact"},
     "ot-sinkhorn": {"kind": "ot", "method": "sinkhorn"},
 }
+DIAG_COLUMNS = ["straightness", "transport_cost", "transport_excess", "crossing", "train_coupling_cost", "train_coupling_crossing", "pairs_per_s", "pair_nfe"]
 DEFAULT_SOLVERS = ["euler:1", "euler:2", "euler:4", "euler:8", "euler:100", "dopri5"]
 
 # Training recipe applied to every run before --variants / --set overrides: the result of the
@@ -196,11 +197,48 @@ def _diagnostics(run, ctx: Context, *, one_step: bool = False) -> dict[str, Any]
     return {k: d[k] for k in ("straightness", "transport_cost", "transport_excess", "crossing") if d.get(k) is not None}
 
 
-def _evaluate(run_dir: Path, ctx: Context, stage: str, train_s: float, *, one_step: bool = False) -> StageResult:
+def _evaluate(run_dir: Path, ctx: Context, stage: str, train_s: float, *, one_step: bool = False, train_coupling: dict[str, Any] | None = None) -> StageResult:
     run = load_run(run_dir)  # EMA weights
     solvers = ["euler:1"] if one_step else ctx.solvers  # a one-step map is only meaningful at N = 1
     rows = evaluate_run(run, n=ctx.n_eval, solvers=solvers, write=False)
-    return StageResult(stage, run_dir, train_s, _train_ms_per_step(run_dir), rows, _diagnostics(run, ctx, one_step=one_step))
+    diag = _diagnostics(run, ctx, one_step=one_step)
+    if diag and train_coupling:
+        diag.update(train_coupling)
+    return StageResult(stage, run_dir, train_s, _train_ms_per_step(run_dir), rows, diag)
+
+
+def _coupling_diagnostics(run_dir: Path, ctx: Context) -> dict[str, Any]:
+    """Transport cost and crossing probability of the coupling a 1-RF run was *trained* on
+    (independent or minibatch OT), from ``n_eval`` pairs drawn batch by batch as training draws them."""
+    if not ctx.diagnostics or _reflow_api() is not None:
+        return {}
+    from rectflow.diagnostics import diagnose_coupling
+    from rectflow.experiment import build_distributions, build_objective
+
+    cfg = load_run(run_dir).config
+    coupling = build_objective(cfg, *build_distributions(cfg)).coupling
+    g = torch.Generator().manual_seed(ctx.eval_seed + 1)
+    bs = cfg.train.batch_size
+    draws = [coupling.sample(bs, generator=g) for _ in range(-(-ctx.n_eval // bs))]
+    x0, x1 = torch.cat([d[0] for d in draws])[: ctx.n_eval], torch.cat([d[1] for d in draws])[: ctx.n_eval]
+    d = diagnose_coupling(x0, x1, n_pairs=10_000, seed=0, exact_ot=False)
+    return {"train_coupling_cost": d.transport.cost, "train_coupling_crossing": d.crossings.probability}
+
+
+def _pair_stats(parent_dir: Path, ctx: Context) -> dict[str, Any]:
+    """Throughput and mean NFE of the pair store a stage trained on (from its manifest's ``stats``)."""
+    from rectflow.io import load_json
+    from rectflow.reflow import default_pairs_dir
+
+    man = default_pairs_dir(parent_dir, ctx.n_pairs, ctx.pair_solver) / "manifest.json"
+    stats = load_json(man).get("stats", {}) if man.exists() else {}
+    return {k: stats[src] for k, src in (("pairs_per_s", "last_session_pairs_per_s"), ("pair_nfe", "nfe_mean")) if stats.get(src) is not None}
+
+
+def _as_train_coupling(prev: StageResult) -> dict[str, Any]:
+    """A (k+1)-RF / distillation run is trained on the k-RF's flow coupling: the previous stage's row."""
+    d = prev.diagnostics
+    return {"train_coupling_cost": d["transport_cost"], "train_coupling_crossing": d["crossing"]} if "crossing" in d else {}
 
 
 def stage_1rf(ctx: Context, prev: dict[str, StageResult]) -> StageResult:
@@ -209,7 +247,8 @@ def stage_1rf(ctx: Context, prev: dict[str, StageResult]) -> StageResult:
     run_dir = ctx.run_dir("1rf")
     t0 = time.perf_counter()
     train_run(cfg, run_dir)
-    return _evaluate(run_dir, ctx, "1rf", time.perf_counter() - t0)
+    train_s = time.perf_counter() - t0
+    return _evaluate(run_dir, ctx, "1rf", train_s, train_coupling=_coupling_diagnostics(run_dir, ctx))
 
 
 def _reflow_stage(name: str, parent: str) -> Callable[[Context, dict[str, StageResult]], StageResult]:
@@ -223,29 +262,36 @@ def _reflow_stage(name: str, parent: str) -> Callable[[Context, dict[str, StageR
             prev[parent].run_dir, ctx.run_dir(name), n_pairs=ctx.n_pairs, init="previous", steps=ctx.reflow_steps,
             overrides=ctx.reflow_overrides, solver=ctx.pair_solver, device="cpu", progress=False,
         )
-        return _evaluate(Path(out), ctx, name, time.perf_counter() - t0)
+        extra = {**_as_train_coupling(prev[parent]), **_pair_stats(prev[parent].run_dir, ctx)}
+        return _evaluate(Path(out), ctx, name, time.perf_counter() - t0, train_coupling=extra)
 
     return run
 
 
-def stage_distill(ctx: Context, prev: dict[str, StageResult]) -> StageResult:
-    """One-step distillation of the 2-RF coupling (rectflow.distill.train_distill on the 2-RF's pairs,
-    the same store 3-RF trains on when both run), initialised from the 2-RF."""
-    from rectflow.distill import train_distill
+def _distill_stage(name: str, parent: str) -> Callable[[Context, dict[str, StageResult]], StageResult]:
+    """One-step distillation of the ``parent`` stage's flow coupling (rectflow.distill.train_distill on
+    its pairs, the same store the next reflow stage trains on when both run), initialised from it."""
 
-    t0 = time.perf_counter()
-    out = train_distill(
-        prev["2rf"].run_dir, ctx.run_dir("distill"), n_pairs=ctx.n_pairs, coupling="pairs", init="previous",
-        steps=ctx.reflow_steps, overrides=ctx.reflow_overrides, solver=ctx.pair_solver, device="cpu", progress=False,
-    )
-    return _evaluate(Path(out), ctx, "distill", time.perf_counter() - t0, one_step=True)
+    def run(ctx: Context, prev: dict[str, StageResult]) -> StageResult:
+        from rectflow.distill import train_distill
+
+        t0 = time.perf_counter()
+        out = train_distill(
+            prev[parent].run_dir, ctx.run_dir(name), n_pairs=ctx.n_pairs, coupling="pairs", init="previous",
+            steps=ctx.reflow_steps, overrides=ctx.reflow_overrides, solver=ctx.pair_solver, device="cpu", progress=False,
+        )
+        extra = {**_as_train_coupling(prev[parent]), **_pair_stats(prev[parent].run_dir, ctx)}
+        return _evaluate(Path(out), ctx, name, time.perf_counter() - t0, one_step=True, train_coupling=extra)
+
+    return run
 
 
 STAGES: dict[str, Stage] = {
     "1rf": Stage(stage_1rf, help="rectified flow on the task's coupling"),
     "2rf": Stage(_reflow_stage("2rf", "1rf"), requires=("1rf",), available=_reflow_api, help="reflow on pairs of the 1-RF, initialised from it"),
     "3rf": Stage(_reflow_stage("3rf", "2rf"), requires=("2rf",), available=_reflow_api, help="reflow on pairs of the 2-RF, initialised from it"),
-    "distill": Stage(stage_distill, requires=("2rf",), available=_reflow_api, help="one-step distillation of the 2-RF coupling"),
+    "distill": Stage(_distill_stage("distill", "2rf"), requires=("2rf",), available=_reflow_api, help="one-step distillation of the 2-RF coupling"),
+    "distill1": Stage(_distill_stage("distill1", "1rf"), requires=("1rf",), available=_reflow_api, help="one-step distillation of the 1-RF coupling (no reflow)"),
 }
 
 
@@ -286,13 +332,13 @@ def noise_floor(task: str, n: int, pairs: int, eval_seed: int, seed: int = 777) 
 # ----------------------------------------------------------------------------------------------
 # Tables
 # ----------------------------------------------------------------------------------------------
-def _agg(vals: list[float]) -> str:
+def _agg(vals: list[float], fmt: str = ".3f") -> str:
     vals = [v for v in vals if v is not None]
     if not vals:
         return ""
     if len(vals) == 1:
-        return f"{vals[0]:.3f}"
-    return f"{statistics.fmean(vals):.3f} ± {statistics.stdev(vals):.3f}"
+        return format(vals[0], fmt)
+    return f"{format(statistics.fmean(vals), fmt)} ± {format(statistics.stdev(vals), fmt)}"
 
 
 def _results_table(results: list[dict[str, Any]], solvers: list[str], args) -> list[str]:
@@ -311,7 +357,8 @@ def _results_table(results: list[dict[str, Any]], solvers: list[str], args) -> l
     if "dopri5" in solvers:
         cols += ["W2 dopri5", "dopri5 NFE"]
     cols += ["train ms/step", "train s"]
-    extra_diag = sorted({k for r in results for k in r.get("diagnostics", {})})
+    present = {k for r in results for k in r.get("diagnostics", {})}
+    extra_diag = [k for k in DIAG_COLUMNS if k in present] + sorted(present - set(DIAG_COLUMNS))
     cols += extra_diag
     out += ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     groups: dict[tuple, list[dict]] = {}
@@ -322,17 +369,31 @@ def _results_table(results: list[dict[str, Any]], solvers: list[str], args) -> l
         by = lambda s, k: [next((e[k] for e in r["eval"] if e["solver"] == s), None) for r in rs]  # noqa: E731
         cells += [_agg(by(s, "w2")) for s in fixed]
         if "dopri5" in solvers:
-            cells += [_agg(by("dopri5", "w2")), _agg([float(v) for v in by("dopri5", "nfe") if v is not None]).replace(".000", "")]
-        cells += [_agg([r["train_ms_per_step"] for r in rs]), _agg([r["train_s"] for r in rs])]
+            cells += [_agg(by("dopri5", "w2")), _agg([float(v) for v in by("dopri5", "nfe") if v is not None], ".0f")]
+        cells += [_agg([r["train_ms_per_step"] for r in rs], ".2f"), _agg([r["train_s"] for r in rs], ".0f")]
         cells += [_agg([r.get("diagnostics", {}).get(k) for r in rs]) for k in extra_diag]
         out.append("| " + " | ".join(cells) + " |")
     return out
+
+
+DIAG_NOTE = (
+    "Diagnostics (rectflow.diagnostics, on the held-out source points): `straightness` S of the stage's own ODE paths "
+    "(Euler 100); `transport_cost` E||Z1 - Z0||^2, `transport_excess` (cost minus the exact OT cost of the same points) and "
+    "`crossing` (fraction of 10,000 random pairs of chords [Z0, Z1] that intersect) of the stage's flow coupling "
+    "(Z0, dopri5 Z1; distillation: its one-step map).  `train_coupling_cost` / `train_coupling_crossing`: the same for the "
+    "coupling the stage was trained on (1-RF: the independent or minibatch-OT coupling; 2-RF / distill: the 1-RF / 2-RF "
+    "flow coupling; 3-RF: the 2-RF's).  Reflow only rewires the map where the training chords cross; when the 1-RF's "
+    "chords hardly cross (a minibatch-OT teacher), the next stage learns nearly the same map, so `crossing` of the flow "
+    "coupling barely moves between stages, while S and the crossing of the training coupling fall."
+)
 
 
 def render(results: list[dict[str, Any]], floors: list[dict[str, Any]], solvers: list[str], machine: dict, args) -> str:
     out = ["# 2-D toy benchmark: W2 vs NFE", "", machine_line(machine), ""]
     if results:
         out += _results_table(results, solvers, args)
+    if any(r.get("diagnostics") for r in results):
+        out += ["", DIAG_NOTE]
     if floors:
         out += ["", f"W2 noise floor: W2 between the held-out target set used above and {floors[0]['pairs']} fresh, independent "
                 f"{floors[0]['n']}-point samples of the same target (what a perfect model scores):", "",
@@ -354,11 +415,33 @@ def goal_report(results: list[dict[str, Any]]) -> list[str]:
             lines.append(f"- {task}, {coupling}, {stage}, {solver}: W2 {m:.3f} (goal <= {limit}): {'met' if m <= limit else 'NOT met'}")
     for r_task, limit in ONE_STEP_GOALS.items():
         for coupling in COUPLINGS:
-            for stage in ("2rf", "3rf", "distill"):
+            for stage in ("2rf", "3rf", "distill", "distill1"):
                 vals = [e["w2"] for r in results if (r["task"], r["coupling"], r["stage"]) == (r_task, coupling, stage) for e in r["eval"] if e["solver"] == "euler:1"]
                 if vals:
                     m = statistics.fmean(vals)
                     lines.append(f"- {r_task}, {coupling} teacher, {stage}, one step (euler:1): W2 {m:.3f} (goal <= {limit}): {'met' if m <= limit else 'NOT met'}")
+    return lines + chain_report(results)
+
+
+def chain_report(results: list[dict[str, Any]]) -> list[str]:
+    """Issue 3's chain goals, per (task, coupling, variant, seed): transport cost and straightness never
+    rise from k-RF to (k+1)-RF, and S falls at least 100x from 1-RF to 2-RF."""
+    chains: dict[tuple, dict[str, dict[str, Any]]] = {}
+    for r in results:
+        chains.setdefault((r["task"], r["coupling"], r["variant"], r["seed"]), {})[r["stage"]] = r.get("diagnostics", {})
+    lines = []
+    for (task, coupling, variant, seed), st in chains.items():
+        ks = [k for k in ("1rf", "2rf", "3rf") if "straightness" in st.get(k, {})]
+        if len(ks) < 2:
+            continue
+        s_vals, c_vals = [st[k]["straightness"] for k in ks], [st[k]["transport_cost"] for k in ks]
+        mono = all(b <= a for a, b in zip(s_vals, s_vals[1:])) and all(b <= a for a, b in zip(c_vals, c_vals[1:]))
+        ratio = s_vals[0] / max(s_vals[1], 1e-300)
+        lines.append(
+            f"- {task}, {coupling}, {variant}, seed {seed}: S {' -> '.join(f'{v:.2e}' for v in s_vals)}, "
+            f"cost {' -> '.join(f'{v:.4f}' for v in c_vals)}: {'monotone' if mono else 'NOT monotone'}; "
+            f"S(1rf)/S(2rf) = {ratio:.0f} (goal >= 100: {'met' if ratio >= 100 else 'NOT met'})"
+        )
     return lines
 
 
