@@ -65,7 +65,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pipeline", action="store_true", help="only the 1-RF part: skip reflow + distillation on the moons task")
     p.add_argument("--pairs", type=int, default=10_000, help="reflow / distillation pairs in the pipeline part")
     _add_reflow_parsers(sub, fmt)
+    _add_perflow_parser(sub, fmt)
     return parser
+
+
+def _add_perflow_parser(sub, fmt) -> None:
+    """SPEC section 5: piecewise reflow of a pretrained run or diffusers folder."""
+    p = sub.add_parser("perflow", help="accelerate a trained image flow or a local diffusers model with PeRFlow (K-step student)", formatter_class=fmt)
+    p.add_argument("teacher", help="a rectflow image run directory, or a local diffusers folder (unet/ + scheduler/)")
+    p.add_argument("--out", "-o", required=True, help="output directory (created, or resumed if it holds the same job)")
+    p.add_argument("--data", help="real training images: 'digits', an image folder, a .zip of one, or .npy/.npz (default: the run's target; required for diffusers teachers)")
+    p.add_argument("--windows", "-K", type=int, default=4, help="number of time windows K (= sampling steps)")
+    p.add_argument("--spacing", default="time", choices=["time", "log_snr"], help="window boundaries uniform in time or in the teacher's log-SNR")
+    p.add_argument("--solver-steps", type=int, default=8, help="teacher DDIM steps across one window per training example")
+    p.add_argument("--steps", type=int, default=2000, help="training steps")
+    p.add_argument("--batch-size", type=int, default=64, help="training batch size")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (cosine decay after 100 warmup steps)")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the student weights (0 disables)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the training draws")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--export-diffusers", action="store_true", help="diffusers teachers: also write OUT/diffusers (a diffusers folder of the student)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
 def _add_pair_args(p: argparse.ArgumentParser) -> None:
@@ -379,7 +399,31 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS.update({"pairs": _cmd_pairs, "reflow": _cmd_reflow, "distill": _cmd_distill, "diagnose": _cmd_diagnose, "pipeline": _cmd_pipeline})
+def _perflow_data(spec: str | None):
+    if spec is None:
+        return None, None
+    from .data.images import make_image_distribution
+
+    if spec == "digits":
+        return make_image_distribution({"name": "digits"}), "digits"
+    return make_image_distribution({"name": "images", "path": spec}), str(Path(spec).resolve())
+
+
+def _cmd_perflow(args: argparse.Namespace) -> int:
+    from .perflow_train import PeRFlowSettings, train_perflow
+    from .training import TrainConfig
+
+    data, data_name = _perflow_data(args.data)
+    settings = PeRFlowSettings(windows=args.windows, spacing=args.spacing, solver_steps=args.solver_steps)
+    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_schedule="cosine", warmup_steps=min(100, args.steps // 10),
+                        ema_decay=args.ema, seed=args.seed, device=args.device, progress=not args.quiet, workers=0,
+                        log_every=max(1, min(100, args.steps // 10)), ckpt_every=max(1, min(500, args.steps)))
+    out = train_perflow(args.teacher, args.out, settings=settings, train=train, data=data, data_name=data_name, export=args.export_diffusers)
+    print(f"PeRFlow student ({args.windows} windows, {args.windows}-step sampling) saved in {out}: student.safetensors, delta.safetensors, samples.png")
+    return 0
+
+
+_COMMANDS.update({"perflow": _cmd_perflow, "pairs": _cmd_pairs, "reflow": _cmd_reflow, "distill": _cmd_distill, "diagnose": _cmd_diagnose, "pipeline": _cmd_pipeline})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -214,9 +214,12 @@ class PeRFlowStudent(nn.Module):
     @classmethod
     def from_teacher(cls, teacher: Teacher, boundaries: Tensor, net: nn.Module | None = None) -> "PeRFlowStudent":
         """Student with a deep copy of the teacher's network (or ``net``) and the teacher's kind/time map."""
-        net = net if net is not None else copy.deepcopy(teacher.model)
-        if not isinstance(net, nn.Module):
-            raise ConfigError("perflow: the teacher's model must be an nn.Module to initialise a student from it")
+        if net is None:
+            if not isinstance(teacher.model, nn.Module):
+                raise ConfigError("perflow: the teacher's model must be an nn.Module to initialise a student from it")
+            net = copy.deepcopy(teacher.model).requires_grad_(True)  # a frozen (e.g. EMA) teacher gives a trainable copy
+        elif not isinstance(net, nn.Module):
+            raise ConfigError("perflow: the student's net must be an nn.Module")
         return cls(net, teacher.path, boundaries, teacher.parameterization, time_map=teacher.time_map)
 
 

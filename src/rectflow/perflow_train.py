@@ -1,0 +1,217 @@
+"""PeRFlow as a resumable job: teacher in, student directory out (the API under ``rectflow perflow``).
+
+A teacher is either a rectflow run directory (a flow from N(0, I) to images; a velocity on the
+straight path, SPEC 2) or a LOCAL diffusers folder (``unet/`` + ``scheduler/``; see
+:mod:`rectflow.diffusers_io`).  :func:`train_perflow` writes into its output directory:
+
+    perflow.json           settings, teacher (path + kind), windows, teacher NFE spent
+    checkpoints/           Trainer checkpoints (safetensors; the job resumes from the newest)
+    metrics.jsonl          loss / lr / ms per step
+    student.safetensors    the student's (EMA) network weights
+    delta.safetensors      student - teacher weights (apply to another model derived from the teacher)
+    samples.png            a grid of K-step samples
+    diffusers/             (diffusers teachers, ``export=True``) a diffusers folder of the student
+
+:func:`load_perflow` reads it back as a :class:`~rectflow.perflow.PeRFlowStudent`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import CheckpointError, ConfigError
+from .io import load_json, load_tensors, save_json, save_tensors
+from .paths import LinearPath
+from .perflow import PeRFlowObjective, PeRFlowStudent, Teacher, make_windows, sample, save_delta
+from .image_sampling import save_image_grid
+from .training import TrainConfig, Trainer, resolve_device
+
+__all__ = ["PeRFlowSettings", "PeRFlowJob", "load_perflow_teacher", "train_perflow", "load_perflow", "sample_perflow"]
+
+PERFLOW_JOB_FORMAT = "rectflow.perflow.job"
+
+
+@dataclass
+class PeRFlowSettings:
+    """What defines a PeRFlow student (a resumed job must agree on all of it)."""
+
+    windows: int = 4  # K: number of time windows = sampling steps
+    spacing: str = "time"  # time | log_snr: how the window boundaries are placed
+    solver_steps: int = 8  # teacher DDIM steps across one window (teacher NFE per training example)
+    loss_space: str = "native"  # native (the teacher's output kind on the window path) | velocity
+
+    def validate(self) -> None:
+        if self.windows < 1:
+            raise ConfigError(f"perflow: windows must be >= 1, got {self.windows}")
+        if self.solver_steps < 1:
+            raise ConfigError(f"perflow: solver_steps must be >= 1, got {self.solver_steps}")
+        if self.spacing not in ("time", "log_snr"):
+            raise ConfigError(f"perflow: spacing must be 'time' or 'log_snr', got {self.spacing!r}")
+        if self.loss_space not in ("native", "velocity"):
+            raise ConfigError(f"perflow: loss_space must be 'native' or 'velocity', got {self.loss_space!r}")
+
+
+def _is_diffusers_folder(p: Path) -> bool:
+    return (p / "scheduler" / "scheduler_config.json").is_file() or (p / "scheduler_config.json").is_file()
+
+
+def load_perflow_teacher(path: str | Path, device: str = "cpu") -> tuple[Teacher, Any | None, dict[str, Any]]:
+    """(teacher, its data sampler or None, description) from a run directory or a diffusers folder.
+
+    A run's data are its target images; a diffusers folder has none (give ``data`` to
+    :func:`train_perflow`).  Class-conditional runs are refused (not supported yet)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ConfigError(f"perflow teacher {str(p)!r}: no such directory (a rectflow run or a local diffusers folder)")
+    if _is_diffusers_folder(p):
+        from .diffusers_io import load_teacher
+
+        teacher = load_teacher(p)
+        teacher.model.to(resolve_device(device))
+        return teacher, None, {"kind": "diffusers", "path": str(p.resolve()), "parameterization": teacher.parameterization}
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"perflow teacher {str(p)!r}: neither a rectflow run (config.json) nor a diffusers folder (scheduler/scheduler_config.json)")
+    from .experiment import load_run
+
+    run = load_run(p, device=device)
+    if run.config.model.num_classes > 0:
+        raise ConfigError(f"{p} is class-conditional; PeRFlow of conditional runs is not supported yet")
+    if run.config.reflow.distill:
+        raise ConfigError(f"{p} is a one-step distillation run, not a flow; give a k-RF run")
+    if getattr(run.source, "shape", None) is None or type(run.source).__name__ != "ImageGaussian":
+        raise ConfigError(f"{p}: PeRFlow needs a flow from Gaussian noise to images (source is {run.config.source!r})")
+    # A rectflow run is a velocity on the straight path X_t = t X1 + (1 - t) X0 (SPEC 2).
+    teacher = Teacher(run.model, LinearPath(), "velocity")
+    desc = {"kind": "run", "path": str(p.resolve()), "checkpoint": str(run.checkpoint), "step": run.step, "parameterization": "velocity"}
+    return teacher, run.target, desc
+
+
+def _job_record(settings: PeRFlowSettings, train: TrainConfig, teacher: dict[str, Any], data: str, boundaries: Tensor, shape: tuple[int, ...]) -> dict[str, Any]:
+    from .experiment import _RESUMABLE_KEYS
+
+    return json.loads(json.dumps({  # JSON round trip: compared with the record read back on resumption
+        "format": PERFLOW_JOB_FORMAT,
+        "settings": asdict(settings),
+        "train": {k: v for k, v in asdict(train).items() if k not in _RESUMABLE_KEYS},
+        "teacher": teacher,
+        "data": data,
+        "windows": [float(v) for v in boundaries],
+        "shape": list(shape),
+    }))
+
+
+def train_perflow(
+    teacher_path: str | Path,
+    out: str | Path,
+    *,
+    settings: PeRFlowSettings | None = None,
+    train: TrainConfig | None = None,
+    data: Any | None = None,
+    data_name: str | None = None,
+    export: bool = False,
+) -> Path:
+    """Train (or resume) a PeRFlow student of the teacher at ``teacher_path`` into ``out``.
+
+    Args:
+        settings: windows, spacing, window solver steps (:class:`PeRFlowSettings`).
+        train: the Trainer settings (steps, batch, lr, EMA, device, seed...); default lr 2e-4,
+            2000 steps, batch 64.
+        data: a sampler of real images in [-1, 1] (``sample(n, generator=, device=)``); default the
+            run's target images.  Required for diffusers teachers.
+        data_name: how ``data`` is named in ``perflow.json`` (compared on resumption).
+        export: for diffusers teachers, also write ``out/diffusers`` (a diffusers folder).
+    A directory holding a job of other settings, teacher or data is refused; nothing is overwritten.
+    """
+    settings = settings or PeRFlowSettings()
+    settings.validate()
+    train = train or TrainConfig(steps=2000, batch_size=64, lr=2e-4, warmup_steps=100, lr_schedule="cosine")
+    train.validate()
+    out = Path(out)
+    device = resolve_device(train.device)
+    teacher, run_data, desc = load_perflow_teacher(teacher_path, str(device))
+    if data is None:
+        if run_data is None:
+            raise ConfigError("perflow: a diffusers teacher needs real training images (give data, e.g. --data PATH)")
+        data, data_name = run_data, data_name or "run target"
+    boundaries = make_windows(settings.windows, spacing=settings.spacing, path=teacher.path)
+    shape = tuple(data.sample(1, generator=torch.Generator().manual_seed(0)).shape[1:])
+    record = _job_record(settings, train, desc, data_name or type(data).__name__, boundaries, shape)
+    job = out / "perflow.json"
+    if job.exists():
+        old = load_json(job)
+        keep = {k: old.get(k) for k in ("format", "settings", "train", "teacher", "data", "windows", "shape")}
+        new = {k: record[k] for k in keep}
+        if keep != new:
+            diff = sorted(k for k in keep if keep[k] != new[k])
+            raise ConfigError(f"{out} holds a PeRFlow job with other {', '.join(diff)}; use a new output directory")
+    elif out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} exists and is not a PeRFlow job directory; choose a new output directory")
+
+    student = PeRFlowStudent.from_teacher(teacher, boundaries)
+    objective = PeRFlowObjective(teacher, data, boundaries, solver_steps=settings.solver_steps, loss_space=settings.loss_space)
+    out.mkdir(parents=True, exist_ok=True)
+    save_json(job, record)
+    mcfg = {"perflow": record["settings"], "teacher": desc["path"], "windows": record["windows"]}
+    trainer = Trainer(student, objective, train, out, model_config=mcfg).fit(resume=True)
+    final = trainer.ema.model if trainer.ema is not None else trainer.model
+    final = final.eval()
+    save_tensors(out / "student.safetensors", {k: v.detach().cpu().contiguous() for k, v in final.net.state_dict().items()},
+                 {"format": "rectflow.perflow.student", "job": json.dumps(record)})
+    if isinstance(teacher.model, torch.nn.Module):
+        save_delta(out / "delta.safetensors", final.net, teacher.model, boundaries, {"teacher": desc["path"]})
+    record["teacher_nfe_per_example"] = settings.solver_steps
+    record["teacher_nfe_this_session"] = objective.teacher_nfe
+    record["steps_done"] = trainer.step
+    save_json(job, record)
+    save_image_grid(sample_perflow(PeRFlowJob(final, shape, record), 64), out / "samples.png", scale=max(1, 64 // shape[-1]))
+    if export and desc["kind"] == "diffusers":
+        from .diffusers_io import export_student
+
+        export_student(final, out / "diffusers", teacher_path)
+    return out
+
+
+@dataclass
+class PeRFlowJob:
+    """A finished PeRFlow job: the student, the image shape (C, H, W) and the job record."""
+
+    student: PeRFlowStudent
+    shape: tuple[int, ...]
+    record: dict[str, Any]
+
+    @property
+    def boundaries(self) -> Tensor:
+        return self.student.boundaries
+
+
+def load_perflow(out: str | Path, device: str = "cpu") -> PeRFlowJob:
+    """The trained student of a :func:`train_perflow` directory (teacher architecture + student weights)."""
+    out = Path(out)
+    job, weights = out / "perflow.json", out / "student.safetensors"
+    if not job.is_file() or not weights.is_file():
+        raise CheckpointError(f"{out}: not a finished PeRFlow job (needs perflow.json and student.safetensors)")
+    record = load_json(job)
+    if record.get("format") != PERFLOW_JOB_FORMAT:
+        raise CheckpointError(f"{job}: not a PeRFlow job file (format {record.get('format')!r})")
+    teacher, _, _ = load_perflow_teacher(record["teacher"]["path"], device)
+    student = PeRFlowStudent.from_teacher(teacher, torch.tensor(record["windows"], dtype=torch.float64))
+    tensors, _ = load_tensors(weights, device=device)
+    try:
+        student.net.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise CheckpointError(f"{weights}: weights do not fit the teacher's network ({str(e).splitlines()[0]})") from None
+    return PeRFlowJob(student.eval(), tuple(record["shape"]), record)
+
+
+def sample_perflow(job: PeRFlowJob, n: int, *, steps_per_window: int = 1, seed: int = 0) -> Tensor:
+    """n images (n, C, H, W) from the student: K * ``steps_per_window`` Euler steps from seeded noise."""
+    dev = next(job.student.parameters()).device
+    noise = torch.randn((n, *job.shape), generator=torch.Generator().manual_seed(seed)).to(dev)
+    with torch.no_grad():
+        return sample(job.student, noise, job.boundaries, steps_per_window).x.cpu()

@@ -1,0 +1,122 @@
+"""rectflow.perflow_train and `rectflow perflow`: the PeRFlow job (teacher in, student directory out)."""
+
+import json
+
+import pytest
+import torch
+
+from rectflow.cli import main
+from rectflow.config import config_from_dict
+from rectflow.errors import CheckpointError, ConfigError
+from rectflow.experiment import load_run, train_run
+from rectflow.io import load_tensors
+from rectflow.perflow import PeRFlowStudent, make_windows, sample
+from rectflow.perflow_train import PeRFlowSettings, load_perflow, load_perflow_teacher, sample_perflow, train_perflow
+from rectflow.training import TrainConfig
+
+torch.set_num_threads(1)
+
+TINY_UNET = {"kind": "unet", "channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [], "dropout": 0.0, "head_channels": 8}
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "digits"
+    cfg = config_from_dict({
+        "source": {"name": "gaussian", "shape": [1, 8, 8]}, "target": {"name": "digits"}, "model": TINY_UNET,
+        "train": {"steps": 20, "batch_size": 16, "device": "cpu", "progress": False, "ckpt_every": 20, "log_every": 10},
+    })
+    train_run(cfg, run)
+    return run
+
+
+def _train(steps=6):
+    return TrainConfig(steps=steps, batch_size=8, lr=1e-3, ema_decay=0.0, device="cpu", progress=False, workers=0, ckpt_every=3, log_every=3)
+
+
+def test_run_teacher_is_the_runs_flow_on_the_straight_path(image_run):
+    teacher, data, desc = load_perflow_teacher(image_run)
+    run = load_run(image_run)
+    z, t = torch.randn(4, 1, 8, 8), torch.rand(4)
+    torch.testing.assert_close(teacher.velocity(z, t), run.model(z, t))  # velocity on X_t = t X1 + (1 - t) X0
+    assert desc["kind"] == "run" and data.sample(2).shape == (2, 1, 8, 8)
+
+
+def test_job_writes_student_delta_samples_and_reloads(image_run, tmp_path):
+    out = train_perflow(image_run, tmp_path / "pf", settings=PeRFlowSettings(windows=2, solver_steps=2), train=_train())
+    for name in ("perflow.json", "student.safetensors", "delta.safetensors", "samples.png", "metrics.jsonl"):
+        assert (out / name).is_file(), name
+    rec = json.loads((out / "perflow.json").read_text())
+    assert rec["windows"] == [0.0, 0.5, 1.0] and rec["shape"] == [1, 8, 8] and rec["steps_done"] == 6
+    assert rec["teacher_nfe_this_session"] == 6 * 8 * 2  # steps x batch x window solver steps
+    job = load_perflow(out)
+    x = sample_perflow(job, 5, seed=3)
+    assert x.shape == (5, 1, 8, 8) and torch.isfinite(x).all()
+    torch.testing.assert_close(sample_perflow(job, 5, seed=3), x)  # seeded
+    # student = teacher + delta, weight by weight
+    teacher, _, _ = load_perflow_teacher(image_run)
+    delta, meta = load_tensors(out / "delta.safetensors")
+    assert json.loads(meta["windows"]) == [0.0, 0.5, 1.0] if isinstance(meta["windows"], str) else meta["windows"] == [0.0, 0.5, 1.0]
+    for name, w in job.student.net.state_dict().items():
+        if name in delta:
+            torch.testing.assert_close(w, teacher.model.state_dict()[name] + delta[name])
+    assert any(float(d.abs().max()) > 0 for d in delta.values())  # it trained
+
+
+def test_untrained_student_is_the_teachers_k_step_solver(image_run, tmp_path):
+    """Before training, one Euler step per window of the student = the teacher's K-step Euler (a
+    velocity teacher on the straight path: DDIM == Euler, SPEC 6)."""
+    teacher, _, _ = load_perflow_teacher(image_run)
+    b = make_windows(4)
+    student = PeRFlowStudent.from_teacher(teacher, b)
+    z = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(sample(student, z, b).x, sample(teacher.velocity, z, b).x, rtol=1e-4, atol=1e-5)
+
+
+def test_killed_job_resumes_to_the_same_student(image_run, tmp_path):
+    s = PeRFlowSettings(windows=2, solver_steps=1)
+    whole = train_perflow(image_run, tmp_path / "whole", settings=s, train=_train(6))
+    part = train_perflow(image_run, tmp_path / "part", settings=s, train=_train(3))  # stopped after 3 steps
+    part = train_perflow(image_run, part, settings=s, train=_train(6))  # the same command, a larger budget
+    a, _ = load_tensors(whole / "student.safetensors")
+    b, _ = load_tensors(part / "student.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_bad_input_is_refused_and_nothing_is_overwritten(image_run, tmp_path):
+    out = train_perflow(image_run, tmp_path / "pf", settings=PeRFlowSettings(windows=2, solver_steps=1), train=_train(3))
+    before = (out / "student.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match="settings"):
+        train_perflow(image_run, out, settings=PeRFlowSettings(windows=3, solver_steps=1), train=_train(3))
+    assert (out / "student.safetensors").read_bytes() == before
+    with pytest.raises(ConfigError, match="no such directory"):
+        train_perflow(tmp_path / "nowhere", tmp_path / "x")
+    with pytest.raises(ConfigError, match="neither a rectflow run"):
+        train_perflow(tmp_path, tmp_path / "y")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not a PeRFlow job"):
+        train_perflow(image_run, tmp_path / "full", train=_train(3))
+    with pytest.raises(ConfigError, match="windows"):
+        train_perflow(image_run, tmp_path / "z", settings=PeRFlowSettings(windows=0))
+    with pytest.raises(CheckpointError, match="not a finished PeRFlow job"):
+        load_perflow(tmp_path / "full")
+
+
+def test_two_d_run_is_not_a_perflow_teacher(tmp_path):
+    cfg = config_from_dict({"train": {"steps": 2, "batch_size": 8, "device": "cpu", "progress": False, "ckpt_every": 2}})
+    train_run(cfg, tmp_path / "moons")
+    with pytest.raises(ConfigError, match="Gaussian noise to images"):
+        load_perflow_teacher(tmp_path / "moons")
+
+
+def test_cli_perflow(image_run, tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = main(["perflow", str(image_run), "--out", str(out), "-K", "2", "--steps", "3", "--batch-size", "4",
+                 "--solver-steps", "1", "--device", "cpu", "-q", "--data", "digits"])
+    assert code == 0 and (out / "samples.png").is_file()
+    assert "2-step sampling" in capsys.readouterr().out
+    assert main(["perflow", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")]) == 2
+    assert "no such directory" in capsys.readouterr().err
