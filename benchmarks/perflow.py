@@ -102,6 +102,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, nargs="+", default=[2, 4, 8], help="PeRFlow window counts K")
     ap.add_argument("--window-spacing", choices=["time", "log_snr"], default="time")
     ap.add_argument("--window-solver-steps", type=int, default=8, help="teacher DDIM steps across one window")
+    ap.add_argument("--start-fraction", type=float, default=0.5, help="share of training points at a window's start (0 = the paper's uniform t)")
+    ap.add_argument("--loss-space", default="native", choices=["native", "velocity", "x0", "eps", "v"], help="space of the student's MSE")
     ap.add_argument("--ref-steps", type=int, default=50, help="teacher DDIM steps of the reference quality")
     ap.add_argument("--full-ode-steps", type=int, default=50, help="teacher DDIM steps per 2-RF pair")
     ap.add_argument("--budgets", type=float, nargs="+", default=[1.0, 2.0], help="2-RF teacher cost as multiples of PeRFlow's")
@@ -160,7 +162,8 @@ def main() -> None:
         t0 = time.time()
         windows = perflow.make_windows(k, spacing=args.window_spacing, path=sch)
         student = perflow.PeRFlowStudent.from_teacher(teacher, windows)
-        pobj = perflow.PeRFlowObjective(teacher, data, windows, solver_steps=args.window_solver_steps)
+        pobj = perflow.PeRFlowObjective(teacher, data, windows, solver_steps=args.window_solver_steps,
+                                        start_fraction=args.start_fraction, loss_space=args.loss_space)
         student = fit(student, pobj, train_cfg(args.student_steps, args.batch, args.student_lr, 1, args.student_ema))
         with torch.no_grad():
             x = perflow.sample(student, noise, windows).x
@@ -175,7 +178,7 @@ def main() -> None:
         with torch.no_grad():
             z1 = torch.cat([perflow.teacher_ddim_sample(teacher, c, args.full_ode_steps).x for c in z0.split(1000)])
         rf2 = perflow.PeRFlowStudent.from_teacher(teacher, one)
-        rf2 = fit(rf2, perflow.PairsObjective(z0, z1), train_cfg(args.student_steps, args.batch, args.student_lr, 2, args.student_ema))
+        rf2 = fit(rf2, perflow.PairsObjective(z0, z1, loss_space=args.loss_space), train_cfg(args.student_steps, args.batch, args.student_lr, 2, args.student_ema))
         train_s = time.time() - t0
         with torch.no_grad():
             for n in args.windows:
@@ -194,7 +197,8 @@ def main() -> None:
              f"{floor['pixel_fd']:.3f}).  ODE error: E||x - x_ref||^2 to the teacher's {args.ref_steps}-step DDIM from the same noise.  "
              f"Teacher: {args.parameterization}-prediction UNet ({args.channels} channels) on DDPM's linear schedule, {args.teacher_steps} steps, "
              f"batch {args.batch}, EMA {args.teacher_ema}.  Students: {args.student_steps} steps, lr {args.student_lr}, EMA {args.student_ema}; "
-             f"PeRFlow windows uniform in {args.window_spacing}, {args.window_solver_steps} teacher DDIM steps per window solve; "
+             f"PeRFlow windows uniform in {args.window_spacing}, {args.window_solver_steps} teacher DDIM steps per window solve, "
+             f"{args.start_fraction:g} of the training points at window starts, loss in {args.loss_space} space; "
              f"2-RF pairs: {args.full_ode_steps}-step DDIM.  Cost: teacher NFE per example, summed over training data.  "
              f"Total {result['total_s']:.0f} s.", "",
              "| method | NFE | FD | pixel FD | ODE error | teacher NFE spent | train s |", "|---|---:|---:|---:|---:|---:|---:|"]

@@ -123,6 +123,39 @@ def test_objective_targets_are_per_window_teacher_solves():
         assert float(t0) < float(batch.t[i]) < float(t1)
 
 
+def test_start_fraction_places_points_at_window_starts():
+    teacher, b = _eps_teacher(), perflow.make_windows(4)
+    all_start = perflow.PeRFlowObjective(teacher, _Data(), b, solver_steps=1, start_fraction=1.0).draw(32, torch.Generator().manual_seed(1), "cpu")
+    assert all(any(abs(float(t) - float(bb)) < 1e-6 for bb in b[:-1]) for t in all_start.t)
+    none = perflow.PeRFlowObjective(teacher, _Data(), b, solver_steps=1).draw(32, torch.Generator().manual_seed(1), "cpu")
+    assert not any(any(abs(float(t) - float(bb)) < 1e-6 for bb in b) for t in none.t)
+    half = perflow.PeRFlowObjective(teacher, _Data(), b, solver_steps=1, start_fraction=0.5).draw(400, torch.Generator().manual_seed(2), "cpu")
+    share = sum(any(abs(float(t) - float(bb)) < 1e-6 for bb in b[:-1]) for t in half.t) / 400
+    assert 0.4 < share < 0.6
+    with pytest.raises(ConfigError, match="start_fraction"):
+        perflow.PeRFlowObjective(teacher, _Data(), b, start_fraction=1.5)
+
+
+@pytest.mark.parametrize("space", ["x0", "eps", "v"])
+def test_loss_space_compares_both_sides_in_that_kind(space):
+    """straight_loss in a kind = MSE of the student's output and of the target, both converted to
+    that kind on the window path; it is zero exactly when the velocity matches."""
+    from rectflow.parameterizations import convert
+
+    teacher, b = _eps_teacher(), perflow.make_windows(2)
+    student = perflow.PeRFlowStudent.from_teacher(teacher, b)
+    batch = perflow.PeRFlowObjective(teacher, _Data(), b, solver_steps=2).draw(8, torch.Generator().manual_seed(4), "cpu")
+    with torch.no_grad():
+        got = perflow.straight_loss(student, batch, space).loss
+        kw = dict(z=batch.z, path=student.window_path, t=batch.t)
+        want = (convert(student(batch.z, batch.t), src="velocity", dst=space, **kw) - convert(batch.target, src="velocity", dst=space, **kw)).square().flatten(1).sum(1).mean()
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
+        exact = perflow.PeRFlowBatch(batch.z, batch.t, student(batch.z, batch.t))
+        assert float(perflow.straight_loss(student, exact, space).loss) < 1e-8
+    with pytest.raises(ConfigError, match="loss_space"):
+        perflow.straight_loss(student, batch, "logits")
+
+
 def test_short_training_reduces_loss_and_delta_roundtrip(tmp_path):
     teacher, b = _eps_teacher(), perflow.make_windows(2)
     student = perflow.PeRFlowStudent.from_teacher(teacher, b)

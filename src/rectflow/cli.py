@@ -78,6 +78,8 @@ def _add_perflow_parser(sub, fmt) -> None:
     p.add_argument("--windows", "-K", type=int, default=4, help="number of time windows K (= sampling steps)")
     p.add_argument("--spacing", default="time", choices=["time", "log_snr"], help="window boundaries uniform in time or in the teacher's log-SNR")
     p.add_argument("--solver-steps", type=int, default=8, help="teacher DDIM steps across one window per training example")
+    p.add_argument("--start-fraction", type=float, default=0.5, help="share of training points at window starts, where K-step sampling reads the student (0 = the paper's uniform t)")
+    p.add_argument("--loss-space", default="native", choices=["native", "velocity", "x0", "eps", "v"], help="space of the student's MSE (native = the teacher's output kind)")
     p.add_argument("--steps", type=int, default=2000, help="training steps")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (cosine decay after 100 warmup steps)")
@@ -414,7 +416,8 @@ def _cmd_perflow(args: argparse.Namespace) -> int:
     from .training import TrainConfig
 
     data, data_name = _perflow_data(args.data)
-    settings = PeRFlowSettings(windows=args.windows, spacing=args.spacing, solver_steps=args.solver_steps)
+    settings = PeRFlowSettings(windows=args.windows, spacing=args.spacing, solver_steps=args.solver_steps,
+                               start_fraction=args.start_fraction, loss_space=args.loss_space)
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_schedule="cosine", warmup_steps=min(100, args.steps // 10),
                         ema_decay=args.ema, seed=args.seed, device=args.device, progress=not args.quiet, workers=0,
                         log_every=max(1, min(100, args.steps // 10)), ckpt_every=max(1, min(500, args.steps)))

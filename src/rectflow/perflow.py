@@ -248,19 +248,26 @@ class PeRFlowObjective:
         boundaries: window boundaries (from :func:`make_windows`).
         solver_steps: DDIM steps of the teacher across one window (its NFE per example).
         loss_space: "native" (MSE of the student's own output, e.g. eps, against the target converted
-            on the window path) or "velocity".
+            on the window path), "velocity", or a kind ("x0", "eps", "v"); see :func:`straight_loss`.
         t_margin: keeps the training t inside [t_{k-1} + margin dt, t_k - margin dt).
+        start_fraction: share of each batch placed exactly at its window's start (the rest uniform in
+            the window, as in the paper).  One Euler step per window only reads the student there;
+            the interior of a window asks for E[z_end - z_start | z_t], which a small network learns
+            slowly and at the expense of the start, so K-step students train faster with a share
+            here (0 = the paper's uniform t; use 0 when sampling with several steps per window).
     Each draw costs ``solver_steps`` teacher calls on the whole batch (``teacher_nfe`` counts them).
     """
 
     heavy_draw = False
 
     def __init__(self, teacher: Teacher, data: Any, boundaries: Tensor, *, solver_steps: int = 4,
-                 loss_space: str = "native", t_margin: float = 1e-4) -> None:
+                 loss_space: str = "native", t_margin: float = 1e-4, start_fraction: float = 0.0) -> None:
         if solver_steps < 1:
             raise ConfigError(f"perflow.solver_steps must be >= 1, got {solver_steps}")
-        if loss_space not in ("native", "velocity"):
-            raise ConfigError(f"perflow.loss_space must be 'native' or 'velocity', got {loss_space!r}")
+        if not 0.0 <= start_fraction <= 1.0:
+            raise ConfigError(f"perflow.start_fraction must lie in [0, 1], got {start_fraction}")
+        self.start_fraction = float(start_fraction)
+        _check_loss_space(loss_space)
         self.teacher, self.data, self.solver_steps = teacher, data, int(solver_steps)
         self.boundaries, self.loss_space, self.t_margin = validate_windows(boundaries), loss_space, float(t_margin)
         self.teacher_nfe = 0  # teacher evaluations per example, summed over draws
@@ -281,6 +288,9 @@ class PeRFlowObjective:
         dt = t1 - t0
         v = (z1 - z0) / expand_like(dt.to(x.dtype), x)
         tau = (self.t_margin + u * (1 - 2 * self.t_margin)) * dt
+        if self.start_fraction > 0:
+            at_start = torch.rand(n, generator=generator, device=gdev).to(x.device) < self.start_fraction
+            tau = torch.where(at_start, torch.zeros_like(tau), tau)
         z = z0 + expand_like(tau.to(x.dtype), x) * v
         return PeRFlowBatch(z, (t0 + tau).to(x.dtype), v)
 
@@ -288,12 +298,26 @@ class PeRFlowObjective:
         return straight_loss(model, batch, self.loss_space)
 
 
+LOSS_SPACES = ("native", "velocity", "x0", "eps", "v")
+
+
+def _check_loss_space(loss_space: str) -> None:
+    if loss_space not in LOSS_SPACES:
+        raise ConfigError(f"perflow.loss_space must be one of {list(LOSS_SPACES)}, got {loss_space!r}")
+
+
 def straight_loss(model: nn.Module, batch: PeRFlowBatch, loss_space: str = "native") -> LossOutput:
-    """MSE of a :class:`PeRFlowStudent` against straight-line velocity targets (native or velocity space)."""
-    if loss_space == "native" and isinstance(model, PeRFlowStudent):
-        pred = model.raw(batch.z, batch.t)
-        target = convert(batch.target, src="velocity", dst=model.parameterization, z=batch.z,
-                         path=model.window_path, t=batch.t)
+    """MSE of a :class:`PeRFlowStudent` against straight-line velocity targets, compared in
+    ``loss_space``: "native" (the student's own output kind), "velocity", or a kind ("x0", "eps",
+    "v") that both sides are converted to on the window path.  The space is the loss weighting
+    over t: "x0" keeps the window ends as easy as the teacher's denoising, while eps / v / velocity
+    ask for the noise near the clean end of the last window, where it is hardly predictable."""
+    _check_loss_space(loss_space)
+    if isinstance(model, PeRFlowStudent) and loss_space != "velocity":
+        dst = model.parameterization if loss_space == "native" else loss_space
+        raw = model.raw(batch.z, batch.t)
+        pred = raw if dst == model.parameterization else convert(raw, src=model.parameterization, dst=dst, z=batch.z, path=model.window_path, t=batch.t)
+        target = convert(batch.target, src="velocity", dst=dst, z=batch.z, path=model.window_path, t=batch.t)
     else:
         pred, target = model(batch.z, batch.t), batch.target
     err = per_sample_mse(pred, target)

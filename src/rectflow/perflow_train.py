@@ -28,7 +28,7 @@ from torch import Tensor
 from .errors import CheckpointError, ConfigError
 from .io import load_json, load_tensors, save_json, save_tensors
 from .paths import LinearPath
-from .perflow import PeRFlowObjective, PeRFlowStudent, Teacher, make_windows, sample, save_delta
+from .perflow import LOSS_SPACES, PeRFlowObjective, PeRFlowStudent, Teacher, make_windows, sample, save_delta
 from .image_sampling import save_image_grid
 from .training import TrainConfig, Trainer, resolve_device
 
@@ -44,7 +44,8 @@ class PeRFlowSettings:
     windows: int = 4  # K: number of time windows = sampling steps
     spacing: str = "time"  # time | log_snr: how the window boundaries are placed
     solver_steps: int = 8  # teacher DDIM steps across one window (teacher NFE per training example)
-    loss_space: str = "native"  # native (the teacher's output kind on the window path) | velocity
+    loss_space: str = "native"  # native (the teacher's output kind on the window path) | velocity | x0 | eps | v
+    start_fraction: float = 0.5  # share of training points at window starts (0 = the paper's uniform t), see PeRFlowObjective
 
     def validate(self) -> None:
         if self.windows < 1:
@@ -53,8 +54,10 @@ class PeRFlowSettings:
             raise ConfigError(f"perflow: solver_steps must be >= 1, got {self.solver_steps}")
         if self.spacing not in ("time", "log_snr"):
             raise ConfigError(f"perflow: spacing must be 'time' or 'log_snr', got {self.spacing!r}")
-        if self.loss_space not in ("native", "velocity"):
-            raise ConfigError(f"perflow: loss_space must be 'native' or 'velocity', got {self.loss_space!r}")
+        if self.loss_space not in LOSS_SPACES:
+            raise ConfigError(f"perflow: loss_space must be one of {list(LOSS_SPACES)}, got {self.loss_space!r}")
+        if not 0.0 <= self.start_fraction <= 1.0:
+            raise ConfigError(f"perflow: start_fraction must lie in [0, 1], got {self.start_fraction}")
 
 
 def _is_diffusers_folder(p: Path) -> bool:
@@ -154,7 +157,8 @@ def train_perflow(
         raise ConfigError(f"{out} exists and is not a PeRFlow job directory; choose a new output directory")
 
     student = PeRFlowStudent.from_teacher(teacher, boundaries)
-    objective = PeRFlowObjective(teacher, data, boundaries, solver_steps=settings.solver_steps, loss_space=settings.loss_space)
+    objective = PeRFlowObjective(teacher, data, boundaries, solver_steps=settings.solver_steps, loss_space=settings.loss_space,
+                                 start_fraction=settings.start_fraction)
     out.mkdir(parents=True, exist_ok=True)
     save_json(job, record)
     mcfg = {"perflow": record["settings"], "teacher": desc["path"], "windows": record["windows"]}
