@@ -1,54 +1,20 @@
-"""Shared helpers of the benchmark scripts: a description of the machine, JSON/markdown output."""
+"""Shared helpers of the benchmark scripts: the machine line (from rectflow.machine), JSON/markdown output, load metering."""
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 from pathlib import Path
 from typing import Any
 
-
-def machine_info() -> dict[str, Any]:
-    """CPU model (from /proc/cpuinfo), core counts, load and library versions."""
-    import numpy
-    import ot
-    import torch
-
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        usable = os.cpu_count()
-    try:
-        load = list(os.getloadavg())
-    except OSError:
-        load = None
-    return {
-        "cpu": model,
-        "logical_cores": os.cpu_count(),
-        "usable_cores": usable,
-        "loadavg_1_5_15": load,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "pot": ot.__version__,
-        "cuda": torch.cuda.is_available(),
-    }
+from rectflow.machine import machine_info  # noqa: F401 - re-exported for the scripts
 
 
 def machine_line(m: dict[str, Any]) -> str:
     load = m.get("loadavg_1_5_15")
     load_s = f", load average at start {load[0]:.2f}" if load else ""
     return (
-        f"Machine: {m['cpu']}, {m['usable_cores']} usable of {m['logical_cores']} logical cores{load_s}; "
+        f"Machine: {m['cpu']}, {m['usable_cores']} usable of {m.get('cpu_count', m.get('logical_cores'))} logical cores{load_s}; "
         f"torch {m['torch']}, numpy {m['numpy']}, POT {m['pot']}, Python {m['python']}."
     )
 

@@ -20,18 +20,45 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def _usable_cores() -> int | None:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count()
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return list(os.getloadavg())
+    except (OSError, AttributeError):
+        return None
+
+
+def _version_of(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except Exception:  # noqa: BLE001 - an optional library that is missing or broken is just not listed
+        return None
+
+
 def machine_info() -> dict[str, Any]:
-    """CPU model and count, torch threads, GPU (if any), Python / torch / rectflow versions."""
+    """CPU model, logical and usable cores, load average, torch threads, GPU (if any), Python /
+    torch / numpy / POT / rectflow versions."""
     from . import __version__
 
     info: dict[str, Any] = {
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
+        "usable_cores": _usable_cores(),
+        "loadavg_1_5_15": _loadavg(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "numpy": _version_of("numpy"),
+        "pot": _version_of("ot"),
         "rectflow": __version__,
+        "cuda": torch.cuda.is_available(),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
