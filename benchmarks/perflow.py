@@ -20,7 +20,7 @@ summed over the training draws.  Writes results/perflow.{json,md}.  Goals (issue
 PeRFlow student within 10 % of the teacher's 50-step FD, at less than half the data-generation cost
 of full-ODE reflow (2-RF given 2x PeRFlow's teacher NFE must still be worse).
 
-    nice python benchmarks/perflow.py                       # ~15 min on one CPU core
+    nice python benchmarks/perflow.py                       # ~1 h on one CPU core
     nice python benchmarks/perflow.py --teacher-steps 500 --student-steps 100 --n-eval 500   # smoke
 """
 
@@ -96,15 +96,15 @@ def main() -> None:
     ap.add_argument("--teacher-steps", type=int, default=4000, help="teacher training steps")
     ap.add_argument("--teacher-lr", type=float, default=2e-3)
     ap.add_argument("--teacher-ema", type=float, default=0.999)
-    ap.add_argument("--student-steps", type=int, default=2000, help="training steps of each PeRFlow / 2-RF student")
-    ap.add_argument("--student-lr", type=float, default=2e-4)
+    ap.add_argument("--student-steps", type=int, default=3000, help="training steps of each PeRFlow / 2-RF student")
+    ap.add_argument("--student-lr", type=float, default=1e-3)
     ap.add_argument("--student-ema", type=float, default=0.999)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--windows", type=int, nargs="+", default=[2, 4, 8], help="PeRFlow window counts K")
     ap.add_argument("--window-spacing", choices=["time", "log_snr"], default="time")
-    ap.add_argument("--window-solver-steps", type=int, default=8, help="teacher DDIM steps across one window")
-    ap.add_argument("--start-fraction", type=float, default=0.5, help="share of training points at a window's start (0 = the paper's uniform t)")
-    ap.add_argument("--loss-space", default="native", choices=["native", "velocity", "x0", "eps", "v"], help="space of the student's MSE")
+    ap.add_argument("--window-solver-steps", type=int, default=12, help="teacher DDIM steps across one window")
+    ap.add_argument("--start-fraction", type=float, default=0.8, help="share of training points at a window's start (0 = the paper's uniform t)")
+    ap.add_argument("--loss-space", default="x0", choices=["native", "velocity", "x0", "eps", "v"], help="space of the student's MSE")
     ap.add_argument("--ref-steps", type=int, default=50, help="teacher DDIM steps of the reference quality")
     ap.add_argument("--full-ode-steps", type=int, default=50, help="teacher DDIM steps per 2-RF pair")
     ap.add_argument("--budgets", type=float, nargs="*", default=[1.0, 2.0], help="2-RF teacher cost as multiples of PeRFlow's")

@@ -106,12 +106,24 @@ class Context:
     n_pairs: int = 20_000
     pair_solver: str = "dopri5"
     reflow_steps: int | None = None  # None: the parent's
+    distill_steps: int | None = None  # None: reflow_steps
+    distill_loss: str = "l2"
+    huber_c: float = 0.0
     reflow_overrides: list[str] = field(default_factory=list)
     diagnostics: bool = True
     recipe: str = "tuned"  # tuned: RECIPE; library: the library's defaults
 
+    def stage_steps(self, stage: str) -> int:
+        if stage == "1rf":
+            return self.steps
+        reflow = self.reflow_steps or self.steps
+        return (self.distill_steps or reflow) if stage.startswith("distill") else reflow
+
     def run_dir(self, stage: str) -> Path:
-        return self.runs_dir / f"{self.task}_{self.coupling}_{self.variant}_s{self.seed}" / stage
+        """``RUNS/<task>_<coupling>_<variant>_s<seed>_n<1-RF steps>/<stage>[-n<steps>]``: the step budgets are in
+        the names because a finished run is reused and the library resumes a run whose budget changed."""
+        base = self.runs_dir / f"{self.task}_{self.coupling}_{self.variant}_s{self.seed}_n{self.steps}"
+        return base / (stage if stage == "1rf" else f"{stage}-n{self.stage_steps(stage)}")
 
 
 @dataclass
@@ -259,7 +271,7 @@ def _reflow_stage(name: str, parent: str) -> Callable[[Context, dict[str, StageR
 
         t0 = time.perf_counter()
         out = train_reflow(
-            prev[parent].run_dir, ctx.run_dir(name), n_pairs=ctx.n_pairs, init="previous", steps=ctx.reflow_steps,
+            prev[parent].run_dir, ctx.run_dir(name), n_pairs=ctx.n_pairs, init="previous", steps=ctx.stage_steps(name),
             overrides=ctx.reflow_overrides, solver=ctx.pair_solver, device="cpu", progress=False,
         )
         extra = {**_as_train_coupling(prev[parent]), **_pair_stats(prev[parent].run_dir, ctx)}
@@ -278,7 +290,8 @@ def _distill_stage(name: str, parent: str) -> Callable[[Context, dict[str, Stage
         t0 = time.perf_counter()
         out = train_distill(
             prev[parent].run_dir, ctx.run_dir(name), n_pairs=ctx.n_pairs, coupling="pairs", init="previous",
-            steps=ctx.reflow_steps, overrides=ctx.reflow_overrides, solver=ctx.pair_solver, device="cpu", progress=False,
+            steps=ctx.stage_steps(name), loss=ctx.distill_loss, huber_c=ctx.huber_c,
+            overrides=ctx.reflow_overrides, solver=ctx.pair_solver, device="cpu", progress=False,
         )
         extra = {**_as_train_coupling(prev[parent]), **_pair_stats(prev[parent].run_dir, ctx)}
         return _evaluate(Path(out), ctx, name, time.perf_counter() - t0, one_step=True, train_coupling=extra)
@@ -462,8 +475,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", type=Path, default=None, help='JSON file {"name": ["key=value", ...], ...}: every run repeated per variant')
     ap.add_argument("--pairs", type=int, default=20_000, help="reflow/distillation pairs generated per stage (default 20000)")
     ap.add_argument("--pair-solver", default="dopri5", help="solver that generates the pairs (default dopri5 at the run's eval rtol/atol)")
-    ap.add_argument("--reflow-steps", type=int, default=None, help="training steps of 2rf/3rf/distill (default: --steps)")
-    ap.add_argument("--reflow-set", dest="reflow_overrides", action="append", default=[], metavar="KEY=VALUE", help="config override for the 2rf/3rf/distill runs only (repeatable)")
+    ap.add_argument("--reflow-steps", type=int, default=None, help="training steps of 2rf/3rf (and of distill/distill1 without --distill-steps; default: --steps)")
+    ap.add_argument("--distill-steps", type=int, default=None, help="training steps of distill/distill1 (default: --reflow-steps)")
+    ap.add_argument("--distill-loss", choices=["l2", "pseudo_huber"], default="l2", help="distillation loss (default l2)")
+    ap.add_argument("--huber-c", type=float, default=0.0, help="pseudo-Huber scale c (default 0: the library's 0.00054 sqrt(d))")
+    ap.add_argument("--reflow-set", dest="reflow_overrides", action="append", default=[], metavar="KEY=VALUE", help="config override for the 2rf/3rf/distill/distill1 runs only (repeatable)")
     ap.add_argument("--no-diagnostics", action="store_true", help="skip straightness / transport cost / crossing probability")
     ap.add_argument("--noise-floor", action="store_true", help="also measure the W2 noise floor of each task's target")
     ap.add_argument("--floor-pairs", type=int, default=8, help="fresh samples for the noise floor (default 8)")
@@ -516,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
                         ctx = Context(
                             task, coupling, seed, vname, list(args.overrides) + list(vover), args.steps, runs_dir, solvers, args.n_eval, args.eval_seed,
                             n_pairs=args.pairs, pair_solver=args.pair_solver, reflow_steps=args.reflow_steps,
+                            distill_steps=args.distill_steps, distill_loss=args.distill_loss, huber_c=args.huber_c,
                             reflow_overrides=list(args.reflow_overrides), diagnostics=not args.no_diagnostics, recipe=args.recipe,
                         )
                         done: dict[str, StageResult] = {}
