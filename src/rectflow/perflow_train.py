@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .data.images import ImageGaussian
 from .errors import CheckpointError, ConfigError
 from .io import load_json, load_tensors, save_json, save_tensors
 from .paths import LinearPath
@@ -43,9 +44,10 @@ class PeRFlowSettings:
 
     windows: int = 4  # K: number of time windows = sampling steps
     spacing: str = "time"  # time | log_snr: how the window boundaries are placed
-    solver_steps: int = 8  # teacher DDIM steps across one window (teacher NFE per training example)
-    loss_space: str = "native"  # native (the teacher's output kind on the window path) | velocity | x0 | eps | v
-    start_fraction: float = 0.5  # share of training points at window starts (0 = the paper's uniform t), see PeRFlowObjective
+    solver_steps: int = 12  # teacher DDIM steps across one window (teacher NFE per training example)
+    loss_space: str = "x0"  # native (the teacher's output kind on the window path) | velocity | x0 | eps | v
+    start_fraction: float = 0.8  # share of training points at window starts (0 = the paper's uniform t), see PeRFlowObjective
+    # (defaults: the best of benchmarks/results/perflow_study.md)
 
     def validate(self) -> None:
         if self.windows < 1:
@@ -87,7 +89,7 @@ def load_perflow_teacher(path: str | Path, device: str = "cpu") -> tuple[Teacher
         raise ConfigError(f"{p} is class-conditional; PeRFlow of conditional runs is not supported yet")
     if run.config.reflow.distill:
         raise ConfigError(f"{p} is a one-step distillation run, not a flow; give a k-RF run")
-    if getattr(run.source, "shape", None) is None or type(run.source).__name__ != "ImageGaussian":
+    if not isinstance(run.source, ImageGaussian):
         raise ConfigError(f"{p}: PeRFlow needs a flow from Gaussian noise to images (source is {run.config.source!r})")
     # A rectflow run is a velocity on the straight path X_t = t X1 + (1 - t) X0 (SPEC 2).
     teacher = Teacher(run.model, LinearPath(), "velocity")
