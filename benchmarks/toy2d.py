@@ -187,6 +187,17 @@ def _train_ms_per_step(run_dir: Path) -> float | None:
     return statistics.median(rows) if rows else None
 
 
+def _logged_train_s(run_dir: Path) -> float | None:
+    """Training time of a run from its logged ms/step windows (the same whether the run was trained
+    now or reused from an earlier invocation; excludes evaluation and pair generation)."""
+    total, prev = 0.0, 0
+    for r in read_jsonl(run_dir / "metrics.jsonl"):
+        if "ms_per_step" in r and "step" in r:
+            total += r["ms_per_step"] * (r["step"] - prev) / 1000.0
+            prev = r["step"]
+    return total if prev else None
+
+
 def _reflow_api() -> str | None:
     """None when the reflow modules (rectflow.pairs / reflow / distill / diagnostics) import cleanly, else why not."""
     missing = []
@@ -222,7 +233,8 @@ def _evaluate(run_dir: Path, ctx: Context, stage: str, train_s: float, *, one_st
     diag = _diagnostics(run, ctx, one_step=one_step)
     if diag and train_coupling:
         diag.update(train_coupling)
-    return StageResult(stage, run_dir, train_s, _train_ms_per_step(run_dir), rows, diag)
+    logged = _logged_train_s(run_dir)  # a reused run's wall time here would be ~0
+    return StageResult(stage, run_dir, logged if logged is not None else train_s, _train_ms_per_step(run_dir), rows, diag)
 
 
 def _coupling_diagnostics(run_dir: Path, ctx: Context) -> dict[str, Any]:
@@ -379,7 +391,7 @@ def _results_table(results: list[dict[str, Any]], solvers: list[str], args) -> l
     cols = ["task", "coupling", "variant", "stage", "steps"] + [f"W2 {s}" for s in fixed]
     if "dopri5" in solvers:
         cols += ["W2 dopri5", "dopri5 NFE"]
-    cols += ["train ms/step", "train s"]
+    cols += ["train ms/step", "train s"]  # train s: from the run's logged ms/step (reused runs keep theirs)
     present = {k for r in results for k in r.get("diagnostics", {})}
     extra_diag = [k for k in DIAG_COLUMNS if k in present] + sorted(present - set(DIAG_COLUMNS))
     cols += extra_diag
@@ -551,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
                             done[s] = res
                             row = {
                                 "task": task, "coupling": coupling, "seed": seed, "variant": vname, "stage": s,
-                                "overrides": ctx.overrides, "train_s": res.train_s, "train_ms_per_step": res.train_ms_per_step,
+                                "overrides": ctx.overrides, "run_dir": str(res.run_dir), "train_s": res.train_s, "train_ms_per_step": res.train_ms_per_step,
                                 "eval": res.eval_rows, "diagnostics": res.diagnostics,
                                 "config": json.loads((res.run_dir / "config.json").read_text()),
                             }
