@@ -71,18 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_perflow_parser(sub, fmt) -> None:
     """SPEC section 5: piecewise reflow of a pretrained run or diffusers folder."""
+    from .perflow_train import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, PeRFlowSettings
+
+    d = PeRFlowSettings()  # one source of defaults: the library's
     p = sub.add_parser("perflow", help="accelerate a trained image flow or a local diffusers model with PeRFlow (K-step student)", formatter_class=fmt)
     p.add_argument("teacher", help="a rectflow image run directory, or a local diffusers folder (unet/ + scheduler/)")
     p.add_argument("--out", "-o", required=True, help="output directory (created, or resumed if it holds the same job)")
     p.add_argument("--data", help="real training images: 'digits', an image folder, a .zip of one, or .npy/.npz (default: the run's target; required for diffusers teachers)")
-    p.add_argument("--windows", "-K", type=int, default=4, help="number of time windows K (= sampling steps)")
-    p.add_argument("--spacing", default="time", choices=["time", "log_snr"], help="window boundaries uniform in time or in the teacher's log-SNR")
-    p.add_argument("--solver-steps", type=int, default=12, help="teacher DDIM steps across one window per training example")
-    p.add_argument("--start-fraction", type=float, default=0.8, help="share of training points at window starts, where K-step sampling reads the student (0 = the paper's uniform t)")
-    p.add_argument("--loss-space", default="x0", choices=["native", "velocity", "x0", "eps", "v"], help="space of the student's MSE (native = the teacher's output kind)")
-    p.add_argument("--steps", type=int, default=2000, help="training steps")
-    p.add_argument("--batch-size", type=int, default=64, help="training batch size")
-    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (cosine decay after 100 warmup steps)")
+    p.add_argument("--windows", "-K", type=int, default=d.windows, help="number of time windows K (= sampling steps)")
+    p.add_argument("--spacing", default=d.spacing, choices=["time", "log_snr"], help="window boundaries uniform in time or in the teacher's log-SNR")
+    p.add_argument("--solver-steps", type=int, default=d.solver_steps, help="teacher DDIM steps across one window per training example")
+    p.add_argument("--start-fraction", type=float, default=d.start_fraction, help="share of training points at window starts, where K-step sampling reads the student (0 = the paper's uniform t)")
+    p.add_argument("--loss-space", default=d.loss_space, choices=["native", "velocity", "x0", "eps", "v"], help="space of the student's MSE (native = the teacher's output kind)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="training batch size")
+    p.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak learning rate (cosine decay after 100 warmup steps)")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the student weights (0 disables)")
     p.add_argument("--seed", type=int, default=0, help="seed of the training draws")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")

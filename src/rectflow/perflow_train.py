@@ -66,6 +66,16 @@ def _is_diffusers_folder(p: Path) -> bool:
     return (p / "scheduler" / "scheduler_config.json").is_file() or (p / "scheduler_config.json").is_file()
 
 
+# The student's training defaults measured on digits (benchmarks/results/perflow_study.md: lr 2e-4 -> 1e-3
+# took K = 4 FD from 5.6 to 3.6); the CLI reads them from here.
+DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_LR = 3000, 128, 1e-3
+
+
+def default_train_config(steps: int = DEFAULT_STEPS) -> TrainConfig:
+    """Trainer settings of a PeRFlow student: lr 1e-3, batch 128, cosine after min(100, steps/10) warmup steps."""
+    return TrainConfig(steps=steps, batch_size=DEFAULT_BATCH, lr=DEFAULT_LR, warmup_steps=min(100, steps // 10), lr_schedule="cosine")
+
+
 def load_perflow_teacher(path: str | Path, device: str = "cpu") -> tuple[Teacher, Any | None, dict[str, Any]]:
     """(teacher, its data sampler or None, description) from a run directory or a diffusers folder.
 
@@ -125,8 +135,8 @@ def train_perflow(
 
     Args:
         settings: windows, spacing, window solver steps (:class:`PeRFlowSettings`).
-        train: the Trainer settings (steps, batch, lr, EMA, device, seed...); default lr 2e-4,
-            2000 steps, batch 64.
+        train: the Trainer settings (steps, batch, lr, EMA, device, seed...); default
+            :func:`default_train_config`.
         data: a sampler of real images in [-1, 1] (``sample(n, generator=, device=)``); default the
             run's target images.  Required for diffusers teachers.
         data_name: how ``data`` is named in ``perflow.json`` (compared on resumption).
@@ -135,7 +145,7 @@ def train_perflow(
     """
     settings = settings or PeRFlowSettings()
     settings.validate()
-    train = train or TrainConfig(steps=2000, batch_size=64, lr=2e-4, warmup_steps=100, lr_schedule="cosine")
+    train = train or default_train_config()
     train.validate()
     out = Path(out)
     device = resolve_device(train.device)
