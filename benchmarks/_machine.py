@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmark scripts: the machine line (from rectflow.machine), JSON/markdown output, load metering."""
+"""Shared helpers of the benchmark scripts: the machine line (from rectflow.runs.machine), JSON/markdown output, load metering."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from rectflow.machine import machine_info  # noqa: F401 - re-exported for the scripts
+from rectflow.runs.machine import machine_info  # noqa: F401 - re-exported for the scripts
 
 
 def machine_line(m: dict[str, Any]) -> str:

@@ -3,7 +3,7 @@ distillation, each on its own budget; Frechet distances vs NFE in one table (nee
 
 Recipe: ``configs/cifar10.yaml`` (35.7M UNet, logit-normal time, bf16, channels-last, compile),
 with the power EMA (suits short runs) and an open-ended step count stopped by
-:class:`rectflow.training.TimeBudget`.  Stages:
+:class:`rectflow.engine.trainer.TimeBudget`.  Stages:
 
 1. 1-RF, N(0, I) -> CIFAR-10 train (JPEG copy), ``--budget-1rf`` seconds (default 360, the
    issue's "6-minute H100 budget"); FD at Euler 1/2/4/10/100 and dopri5.
@@ -41,12 +41,12 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine_info, machine_line, write_results  # noqa: E402
 
-from rectflow.config import load_config  # noqa: E402
+from rectflow.runs.config import load_config  # noqa: E402
 from rectflow.data.images import ImageArray, load_images, to_unit_range  # noqa: E402
-from rectflow.experiment import load_run, train_run  # noqa: E402
-from rectflow.image_metrics import extract_features, feature_statistics, frechet_distance, inception_network  # noqa: E402
-from rectflow.image_sampling import sample_images, save_image_grid  # noqa: E402
-from rectflow.training import TimeBudget  # noqa: E402
+from rectflow.runs.experiment import load_run, train_run  # noqa: E402
+from rectflow.images.metrics import extract_features, feature_statistics, frechet_distance, inception_network  # noqa: E402
+from rectflow.images.sampling import sample_images, save_image_grid  # noqa: E402
+from rectflow.engine.trainer import TimeBudget  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
@@ -139,7 +139,7 @@ class Bf16(nn.Module):
 
 def evaluate(run_dir: Path, solvers: list[str], args, device: torch.device, feats: dict, grid_dir: Path) -> list[dict]:
     """FD (and FID) of ``args.n_fd`` samples of a run for each solver spec."""
-    from rectflow.sampling import parse_solver_spec
+    from rectflow.flow.sampling import parse_solver_spec
 
     run = load_run(run_dir, device=str(device))
     model = run.model
@@ -202,7 +202,7 @@ def train_stage(cfg, run_dir: Path, budget: float, device: torch.device) -> dict
 
 
 def make_pairs(run_dir: Path, args, device: torch.device) -> tuple[Path, dict]:
-    from rectflow.reflow import generate_run_pairs
+    from rectflow.runs.lineage import generate_run_pairs
 
     out = run_dir / "pairs"
     _peak_reset(device)
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         floor["fid"] = frechet_distance(*feature_statistics(extract_features(inc, to_unit_range(test.images), batch_size=250, device=device)), imu, isig)
     del ref
 
-    from rectflow.reflow import child_config
+    from rectflow.runs.lineage import child_config
 
     base = load_config(ROOT / "configs" / "cifar10.yaml", stage_overrides(args))
     stages, rows = [], []

@@ -1,7 +1,7 @@
 """Our ODE solvers vs torchdiffeq on the same trained velocity field (CPU or GPU).
 
 Trains a small 1-RF (Gaussian -> moons) once, then integrates the same 5,000 source points with
-rectflow.solvers and torchdiffeq.odeint: wall time (median of repeats), NFE, the mean distance
+rectflow.flow.solvers and torchdiffeq.odeint: wall time (median of repeats), NFE, the mean distance
 E||x - x_ref|| of each to a reference (torchdiffeq dopri5 at rtol = atol = 1e-9; "err") and the largest
 difference between the two results.  torchdiffeq's "rk4" is the 3/8-rule variant, ours the classic one.  Writes benchmarks/results/ode_solvers.{json,md}.
 
@@ -20,8 +20,8 @@ import torch
 
 from rectflow import FlowMatchingObjective, IndependentCoupling, MLPVelocity, TrainConfig, Trainer, solve
 from rectflow.data import make_distribution
-from rectflow.evaluation import format_table
-from rectflow.machine import describe, machine_info
+from rectflow.runs.evaluation import format_table
+from rectflow.runs.machine import describe, machine_info
 
 
 def timed(fn, repeats: int):

@@ -1,4 +1,4 @@
-"""PeRFlow vs the teacher's DDIM vs 2-RF from full-ODE pairs (InstaFlow style) on 8x8 digits, CPU (SPEC 5).
+"""PeRFlow vs the teacher's DDIM vs 2-RF from full-ODE pairs (InstaFlow style) on 8x8 digits, CPU (theory §5).
 
 1. Teacher: a small UNetVelocity predicting v (--parameterization eps|v|x0) on DDPM's linear schedule
    (DiffusionObjective), EMA weights; cached in --cache (safetensors + JSON) so reruns skip it.
@@ -12,7 +12,7 @@
    sampled with N uniform Euler steps.
 
 Quality: FD to --n-eval real digits in the features of a small classifier trained on the digits
-(rectflow.classifier_features; held-out accuracy printed), samples clipped to [-1, 1] first, with the
+(rectflow.images.classifier_features; held-out accuracy printed), samples clipped to [-1, 1] first, with the
 data floor (real vs real; both drawn with replacement from the 1,797 digits);
 pixel FD; and the error to the teacher's reference ODE solution from the same noise,
 E||x - x_ref||^2 (what an accelerator should reproduce).  Cost: teacher NFE per training example,
@@ -39,15 +39,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine_info, machine_line  # noqa: E402
 
 from rectflow import perflow  # noqa: E402
-from rectflow.classifier_features import train_classifier_features  # noqa: E402
-from rectflow.couplings import IndependentCoupling  # noqa: E402
+from rectflow.images.classifier_features import train_classifier_features  # noqa: E402
+from rectflow.flow.couplings import IndependentCoupling  # noqa: E402
 from rectflow.data.images import ImageDataset, ImageGaussian, load_digits_images  # noqa: E402
-from rectflow.image_metrics import extract_features, feature_statistics, frechet_distance  # noqa: E402
-from rectflow.io import load_tensors, save_json, save_tensors  # noqa: E402
+from rectflow.images.metrics import extract_features, feature_statistics, frechet_distance  # noqa: E402
+from rectflow.engine.io import load_tensors, save_json, save_tensors  # noqa: E402
 from rectflow.models.unet import UNetVelocity  # noqa: E402
-from rectflow.schedules import DDPMSchedule  # noqa: E402
-from rectflow.training import TrainConfig, Trainer  # noqa: E402
-from rectflow.weighting import DiffusionObjective  # noqa: E402
+from rectflow.diffusion.schedules import DDPMSchedule  # noqa: E402
+from rectflow.engine.trainer import TrainConfig, Trainer  # noqa: E402
+from rectflow.diffusion.weighting import DiffusionObjective  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
 
@@ -168,7 +168,7 @@ def main() -> None:
                                         start_fraction=args.start_fraction, loss_space=args.loss_space)
         student = fit(student, pobj, train_cfg(args.student_steps, args.batch, args.student_lr, 1, args.student_ema))
         with torch.no_grad():
-            x = perflow.sample(student, noise, windows).x
+            x = perflow.sample_perflow(student, noise, windows).x
         add(f"PeRFlow K={k}", x, k, pobj.teacher_nfe, time.time() - t0, windows=k)
         budget = pobj.teacher_nfe  # the same for every K: steps x batch x window solver steps
 
@@ -184,7 +184,7 @@ def main() -> None:
         train_s = time.time() - t0
         with torch.no_grad():
             for n in args.windows:
-                add(f"2-RF ({n_pairs} full-ODE pairs, {mult:g}x PeRFlow's cost)", perflow.sample(rf2, noise, one, steps_per_window=n).x,
+                add(f"2-RF ({n_pairs} full-ODE pairs, {mult:g}x PeRFlow's cost)", perflow.sample_perflow(rf2, noise, one, steps_per_window=n).x,
                     n, n_pairs * args.full_ode_steps, train_s, budget_mult=mult)
 
     goals = goal_lines(rows, args)

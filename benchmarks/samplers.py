@@ -1,11 +1,11 @@
-"""W2 vs NFE of deterministic and stochastic samplers on one trained 2-D flow model (SPEC 3, 6).
+"""W2 vs NFE of deterministic and stochastic samplers on one trained 2-D flow model (theory §3, 6).
 
 For each task, trains one 1-RF velocity field (Gaussian -> task, MLPVelocity, FlowMatchingObjective),
-then samples the same 5,000 source points with Euler / Heun / dopri5 (rectflow.solvers) and
-DDIM / DDPM / churn / flow SDE at several noise levels (rectflow.samplers, the velocity model read
+then samples the same 5,000 source points with Euler / Heun / dopri5 (rectflow.flow.solvers) and
+DDIM / DDPM / churn / flow SDE at several noise levels (rectflow.diffusion.samplers, the velocity model read
 on the flow-matching schedule), and reports the exact W2 to 5,000 held-out data points.  The
 "data floor" row is the W2 between two held-out data sets of that size (the best any sampler can
-show).  On this schedule DDIM is the flow's Euler sampler, so those two rows agree (SPEC 6).
+show).  On this schedule DDIM is the flow's Euler sampler, so those two rows agree (theory §6).
 Writes benchmarks/results/samplers.{json,md}.
 
     python benchmarks/samplers.py [--tasks 8gaussians moons] [--train-steps 2000] [--nfe 4 16 64]
@@ -24,10 +24,10 @@ import torch
 
 from rectflow import FlowMatchingObjective, IndependentCoupling, MLPVelocity, TrainConfig, Trainer, solve, wasserstein2
 from rectflow.data import Gaussian, make_distribution
-from rectflow.machine import describe, machine_info
-from rectflow.samplers import churn, ddim, ddpm, flow_sde, sigma_noise_level
-from rectflow.schedules import FlowMatchingSchedule
-from rectflow.solvers import SolveResult, time_grid
+from rectflow.runs.machine import describe, machine_info
+from rectflow.diffusion.samplers import churn, ddim, ddpm, flow_sde, sigma_noise_level
+from rectflow.diffusion.schedules import FlowMatchingSchedule
+from rectflow.flow.solvers import SolveResult, time_grid
 
 PATH = FlowMatchingSchedule()  # the 1-RF straight line as a diffusion schedule: alpha_s = 1 - s, sigma_s = s
 

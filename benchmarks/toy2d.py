@@ -8,20 +8,20 @@ Tasks (pi0 -> pi1, library defaults for every distribution):
     8gauss-moons   8gaussians -> moons
 
 Couplings: ``independent`` and ``ot`` (minibatch OT, exact EMD).  Model: the 3x256 MLP.
-Everything is trained and evaluated through the library (``rectflow.experiment.train_run`` on a
-config from ``rectflow.config.config_from_dict``, then ``load_run`` / ``evaluate_run``): this
+Everything is trained and evaluated through the library (``rectflow.runs.experiment.train_run`` on a
+config from ``rectflow.runs.config.config_from_dict``, then ``load_run`` / ``evaluate_run``): this
 script only chooses configs and tabulates.  Evaluation: 5k held-out source points pushed through
-the EMA model, compared with 5k held-out target points by exact W2 (``rectflow.metrics``), at
+the EMA model, compared with 5k held-out target points by exact W2 (``rectflow.flow.metrics``), at
 Euler 1/2/4/8/100 and dopri5 (with its NFE).
 
 Stages are a registry (``STAGES``, name -> run function + prerequisites): ``1rf`` trains
 rectified flow on the chosen coupling; ``2rf`` trains on pairs of the 1-RF flow (dopri5),
-initialised from it (``rectflow.reflow.train_reflow``); ``3rf`` the same from the 2-RF;
-``distill`` regresses the 2-RF's coupling at t = 0 (``rectflow.distill.train_distill``, same
+initialised from it (``rectflow.runs.reflow.train_reflow``); ``3rf`` the same from the 2-RF;
+``distill`` regresses the 2-RF's coupling at t = 0 (``rectflow.runs.distill.train_distill``, same
 pair store as 3-RF); ``distill1`` the 1-RF's (no reflow).  Later stages use ``REFLOW_RECIPE``
 (the ``--pairs`` / ``--reflow-steps`` / ``--distill-*`` defaults).  Every stage reports W2 per solver plus straightness S, transport cost
 (and its excess over exact OT) and crossing probability of its coupling on the held-out points
-(``rectflow.diagnostics.diagnose_flow``).  A new stage is one more registry entry.
+(``rectflow.reflow.diagnostics.diagnose_flow``).  A new stage is one more registry entry.
 
     .venv/bin/python benchmarks/toy2d.py                                   # all tasks, both couplings, 5k steps, seed 0
     .venv/bin/python benchmarks/toy2d.py --tasks gauss-8gauss --couplings ot --steps 1000
@@ -49,11 +49,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine_info, machine_line, write_results  # noqa: E402
 
-from rectflow.config import apply_overrides, config_from_dict  # noqa: E402
+from rectflow.runs.config import apply_overrides, config_from_dict  # noqa: E402
 from rectflow.data import make_distribution  # noqa: E402
-from rectflow.experiment import evaluate_run, load_run, train_run  # noqa: E402
-from rectflow.io import read_jsonl  # noqa: E402
-from rectflow.metrics import wasserstein2  # noqa: E402
+from rectflow.runs.evaluation import evaluate_run
+from rectflow.runs.experiment import load_run, train_run  # noqa: E402
+from rectflow.engine.io import read_jsonl  # noqa: E402
+from rectflow.flow.metrics import wasserstein2  # noqa: E402
 
 TASKS: dict[str, dict[str, Any]] = {
     "gauss-8gauss": {"source": "gaussian", "target": "8gaussians"},
@@ -199,9 +200,9 @@ def _logged_train_s(run_dir: Path) -> float | None:
 
 
 def _reflow_api() -> str | None:
-    """None when the reflow modules (rectflow.pairs / reflow / distill / diagnostics) import cleanly, else why not."""
+    """None when the reflow modules (rectflow.reflow.pairs / reflow / distill / diagnostics) import cleanly, else why not."""
     missing = []
-    for mod in ("rectflow.pairs", "rectflow.reflow", "rectflow.distill", "rectflow.diagnostics"):
+    for mod in ("rectflow.reflow.pairs", "rectflow.runs.reflow", "rectflow.reflow.distill", "rectflow.reflow.diagnostics"):
         try:
             __import__(mod)
         except Exception as e:  # noqa: BLE001 - any import failure means "not ready"
@@ -211,12 +212,12 @@ def _reflow_api() -> str | None:
 
 def _diagnostics(run, ctx: Context, *, one_step: bool = False) -> dict[str, Any]:
     """Straightness S, transport cost (and its excess over exact OT) and crossing probability of the
-    flow's coupling (Z0, Z1) on the held-out source points (SPEC section 4), via
-    rectflow.diagnostics.diagnose_flow; Z1 by dopri5 (a one-step model: Euler 1, and no S)."""
+    flow's coupling (Z0, Z1) on the held-out source points (theory §4), via
+    rectflow.reflow.diagnostics.diagnose_flow; Z1 by dopri5 (a one-step model: Euler 1, and no S)."""
     if not ctx.diagnostics or _reflow_api() is not None:
         return {}
-    from rectflow.diagnostics import diagnose_flow
-    from rectflow.experiment import heldout_samples
+    from rectflow.reflow.diagnostics import diagnose_flow
+    from rectflow.runs.evaluation import heldout_samples
 
     x0, _ = heldout_samples(run, ctx.n_eval, ctx.eval_seed)
     d = diagnose_flow(
@@ -242,8 +243,8 @@ def _coupling_diagnostics(run_dir: Path, ctx: Context) -> dict[str, Any]:
     (independent or minibatch OT), from ``n_eval`` pairs drawn batch by batch as training draws them."""
     if not ctx.diagnostics or _reflow_api() is not None:
         return {}
-    from rectflow.diagnostics import diagnose_coupling
-    from rectflow.experiment import build_distributions, build_objective
+    from rectflow.reflow.diagnostics import diagnose_coupling
+    from rectflow.runs.experiment import build_distributions, build_objective
 
     cfg = load_run(run_dir).config
     coupling = build_objective(cfg, *build_distributions(cfg)).coupling
@@ -257,8 +258,8 @@ def _coupling_diagnostics(run_dir: Path, ctx: Context) -> dict[str, Any]:
 
 def _pair_stats(parent_dir: Path, ctx: Context) -> dict[str, Any]:
     """Throughput and mean NFE of the pair store a stage trained on (from its manifest's ``stats``)."""
-    from rectflow.io import load_json
-    from rectflow.reflow import default_pairs_dir
+    from rectflow.engine.io import load_json
+    from rectflow.runs.lineage import default_pairs_dir
 
     man = default_pairs_dir(parent_dir, ctx.n_pairs, ctx.pair_solver) / "manifest.json"
     stats = load_json(man).get("stats", {}) if man.exists() else {}
@@ -272,7 +273,7 @@ def _as_train_coupling(prev: StageResult) -> dict[str, Any]:
 
 
 def stage_1rf(ctx: Context, prev: dict[str, StageResult]) -> StageResult:
-    """1-RF (SPEC section 2) on the task's coupling, through experiment.train_run."""
+    """1-RF (theory §2) on the task's coupling, through experiment.train_run."""
     cfg = config_from_dict(experiment_dict(ctx))
     run_dir = ctx.run_dir("1rf")
     t0 = time.perf_counter()
@@ -282,10 +283,10 @@ def stage_1rf(ctx: Context, prev: dict[str, StageResult]) -> StageResult:
 
 
 def _reflow_stage(name: str, parent: str) -> Callable[[Context, dict[str, StageResult]], StageResult]:
-    """(k+1)-RF on pairs of the k-RF ``parent`` stage, initialised from its weights (rectflow.reflow.train_reflow)."""
+    """(k+1)-RF on pairs of the k-RF ``parent`` stage, initialised from its weights (rectflow.runs.reflow.train_reflow)."""
 
     def run(ctx: Context, prev: dict[str, StageResult]) -> StageResult:
-        from rectflow.reflow import train_reflow
+        from rectflow.runs.reflow import train_reflow
 
         t0 = time.perf_counter()
         out = train_reflow(
@@ -299,11 +300,11 @@ def _reflow_stage(name: str, parent: str) -> Callable[[Context, dict[str, StageR
 
 
 def _distill_stage(name: str, parent: str) -> Callable[[Context, dict[str, StageResult]], StageResult]:
-    """One-step distillation of the ``parent`` stage's flow coupling (rectflow.distill.train_distill on
+    """One-step distillation of the ``parent`` stage's flow coupling (rectflow.runs.distill.train_distill on
     its pairs, the same store the next reflow stage trains on when both run), initialised from it."""
 
     def run(ctx: Context, prev: dict[str, StageResult]) -> StageResult:
-        from rectflow.distill import train_distill
+        from rectflow.runs.distill import train_distill
 
         t0 = time.perf_counter()
         out = train_distill(
@@ -412,7 +413,7 @@ def _results_table(results: list[dict[str, Any]], solvers: list[str], args) -> l
 
 
 DIAG_NOTE = (
-    "Diagnostics (rectflow.diagnostics, on the held-out source points): `straightness` S of the stage's own ODE paths "
+    "Diagnostics (rectflow.reflow.diagnostics, on the held-out source points): `straightness` S of the stage's own ODE paths "
     "(Euler 100); `transport_cost` E||Z1 - Z0||^2, `transport_excess` (cost minus the exact OT cost of the same points) and "
     "`crossing` (fraction of 10,000 random pairs of chords [Z0, Z1] that intersect) of the stage's flow coupling "
     "(Z0, dopri5 Z1; distillation: its one-step map).  `train_coupling_cost` / `train_coupling_crossing`: the same for the "

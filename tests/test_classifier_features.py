@@ -1,12 +1,12 @@
-"""rectflow.classifier_features: a digits classifier as an FD feature network."""
+"""rectflow.images.classifier_features: a digits classifier as an FD feature network."""
 
 import pytest
 import torch
 
-from rectflow.classifier_features import ClassifierFeatures, train_classifier_features
+from rectflow.images.classifier_features import ClassifierFeatures, train_classifier_features
 from rectflow.data.images import ImageArray, ImageDataset, load_digits_images
 from rectflow.errors import DataError
-from rectflow.image_metrics import fd
+from rectflow.images.metrics import fd
 
 
 @pytest.fixture(scope="module")

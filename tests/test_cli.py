@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rectflow.cli import main
-from rectflow.experiment import load_run
+from rectflow.runs.experiment import load_run
 
 TINY = ["model.width=32", "model.depth=2", "train.steps=60", "train.ckpt_every=20", "train.log_every=10", "eval.n_samples=300", "eval.solvers=[euler:1,euler:4,dopri5]"]
 

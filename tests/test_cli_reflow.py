@@ -6,7 +6,7 @@ import json
 import pytest
 
 from rectflow.cli import main
-from rectflow.experiment import load_run
+from rectflow.runs.experiment import load_run
 
 TINY = ["model.width=32", "model.depth=2", "train.steps=60", "train.ckpt_every=30", "train.log_every=10", "eval.n_samples=200", "eval.solvers=[euler:1,euler:4]"]
 PAIR_ARGS = ["--solver", "euler:8", "--shard-size", "128", "--device", "cpu"]

@@ -1,6 +1,6 @@
 import pytest
 
-from rectflow.config import apply_overrides, config_from_dict, config_to_dict, load_config
+from rectflow.runs.config import apply_overrides, config_from_dict, config_to_dict, load_config
 from rectflow.errors import ConfigError
 
 

@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from rectflow.couplings import IndependentCoupling, MinibatchOTCoupling, ot_pairing, squared_cost
+from rectflow.flow.couplings import IndependentCoupling, MinibatchOTCoupling, ot_pairing, squared_cost
 from rectflow.data import EightGaussians, Gaussian
 
 from .conftest import gen

@@ -1,4 +1,4 @@
-"""Straight-coupling diagnostics (SPEC section 4): straightness, transport cost vs exact OT,
+"""Straight-coupling diagnostics (theory §4): straightness, transport cost vs exact OT,
 exact segment intersections and crossing probability."""
 
 import math
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from rectflow.diagnostics import crossing_probability, diagnose_coupling, segment_intersections, straightness, transport_cost
+from rectflow.reflow.diagnostics import crossing_probability, diagnose_coupling, segment_intersections, straightness, transport_cost
 from rectflow.errors import DataError
 
 from .conftest import gen

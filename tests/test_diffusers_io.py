@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from rectflow.errors import ConfigError
-from rectflow.schedules import DDPMSchedule
+from rectflow.diffusion.schedules import DDPMSchedule
 
 diffusers = pytest.importorskip("diffusers")
 
 from rectflow import perflow  # noqa: E402
-from rectflow.diffusers_io import export_student, load_student, load_teacher, schedule_from_config  # noqa: E402
-from rectflow.training import TrainConfig, Trainer  # noqa: E402
+from rectflow.perflow.diffusers_io import export_student, load_student, load_teacher, schedule_from_config  # noqa: E402
+from rectflow.engine.trainer import TrainConfig, Trainer  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -76,9 +76,9 @@ def test_train_export_import_identical_samples(tmp_path):
     assert meta["stock_scheduler_exact"] and meta["windows"] == [0.0, 0.25, 0.5, 0.75, 1.0]
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ours = perflow.sample(student, x, windows)
+        ours = perflow.sample_perflow(student, x, windows)
         loaded = load_student(out)
-        again = perflow.sample(loaded, x, loaded.boundaries)
+        again = perflow.sample_perflow(loaded, x, loaded.boundaries)
         # stock diffusers: DDIMScheduler from the exported config + the exported UNet
         unet = diffusers.UNet2DModel.from_pretrained(str(out / "unet"))
         sched = diffusers.DDIMScheduler.from_pretrained(str(out / "scheduler"))

@@ -1,4 +1,4 @@
-"""One-step distillation (SPEC section 4): the t = 0 regression, pluggable losses, and the
+"""One-step distillation (theory §4): the t = 0 regression, pluggable losses, and the
 conditional-mean failure of distilling the random coupling."""
 
 import math
@@ -7,18 +7,20 @@ import pytest
 import torch
 from torch import nn
 
-from rectflow.couplings import IndependentCoupling
+from rectflow.flow.couplings import IndependentCoupling
 from rectflow.data import PointCloud
-from rectflow.distill import DistillationObjective, PseudoHuberLoss, distillation_loss, l2_loss, make_distill_loss, one_step
+from rectflow.reflow.distill import DistillationObjective, PseudoHuberLoss, distillation_loss, l2_loss, make_distill_loss, one_step
 from rectflow.models import MLPVelocity
-from rectflow.sampling import sample_model
-from rectflow.training import TrainConfig, Trainer
+from rectflow.flow.sampling import sample_model
+from rectflow.engine.trainer import TrainConfig, Trainer
 
 from .conftest import gen
 
 
 class Deterministic:
     """The coupling that pairs x0 = -1 with x1 = -3 and x0 = +1 with x1 = +5 (a straight coupling)."""
+
+    heavy = False
 
     def sample(self, n, *, generator=None, device=None):
         i = torch.randint(2, (n,), generator=generator)
@@ -86,3 +88,12 @@ def test_one_step_is_euler_with_one_step():
     model = MLPVelocity(2, width=16, depth=1)
     x0 = torch.randn(10, 2, generator=gen(0))
     torch.testing.assert_close(one_step(model, x0), sample_model(model, x0, method="euler", steps=1).x)
+
+
+def test_an_object_without_the_coupling_interface_is_refused():
+    class NoHeavy:
+        def sample(self, n, *, generator=None, device=None):
+            return torch.zeros(n, 1), torch.ones(n, 1)
+
+    with pytest.raises(TypeError, match="heavy"):
+        DistillationObjective(NoHeavy())

@@ -11,15 +11,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rectflow.couplings import MinibatchOTCoupling
+from rectflow.flow.couplings import MinibatchOTCoupling
 from rectflow.data import Gaussian, Moons, make_distribution
-from rectflow.distributed import check_divisible, rank_shards, rank_slice, slice_batch
+from rectflow.engine.distributed import check_divisible, rank_shards, rank_slice, slice_batch
 from rectflow.errors import ConfigError
-from rectflow.guidance import ConditionalFlowMatchingObjective, LabelledCoupling
-from rectflow.io import load_tensors, read_jsonl, save_tensors
-from rectflow.losses import FlowBatch, FlowMatchingObjective
+from rectflow.images.guidance import ConditionalFlowMatchingObjective, LabelledCoupling
+from rectflow.engine.io import load_tensors, read_jsonl, save_tensors
+from rectflow.flow.losses import FlowBatch, FlowMatchingObjective
 from rectflow.models import MLPVelocity, UNetVelocity
-from rectflow.training import TrainConfig, Trainer
+from rectflow.engine.trainer import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,7 +113,7 @@ def test_rectflow_train_under_torchrun(tmp_path):
 
 
 def _pairs_worker(rank: int, world: int, init_file: str, out: str) -> None:
-    from rectflow.pairs import generate_pairs
+    from rectflow.reflow.pairs import generate_pairs
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -127,7 +127,7 @@ def _pairs_worker(rank: int, world: int, init_file: str, out: str) -> None:
 
 def test_sharded_pair_generation_equals_one_process(tmp_path):
     """Two gloo ranks writing every other shard produce byte-identical shards and the same manifest."""
-    from rectflow.pairs import PairStore, generate_pairs
+    from rectflow.reflow.pairs import PairStore, generate_pairs
 
     mp.start_processes(_pairs_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "two")), nprocs=2, join=True, start_method="spawn")
     torch.manual_seed(0)

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from rectflow.couplings import IndependentCoupling
+from rectflow.flow.couplings import IndependentCoupling
 from rectflow.data import make_distribution
 from rectflow.errors import ConfigError
-from rectflow.losses import FlowMatchingObjective
+from rectflow.flow.losses import FlowMatchingObjective
 from rectflow.models import UNetVelocity
-from rectflow.training import EMA, TrainConfig, Trainer
+from rectflow.engine.trainer import EMA, TrainConfig, Trainer
 
 
 def image_trainer(run_dir=None, **kw):
@@ -81,7 +81,7 @@ def test_compile_is_wired_and_checkpoints_keep_plain_keys(tmp_path, monkeypatch)
     torch._dynamo.reset()
     tr = image_trainer(tmp_path, compile=True, steps=3).fit()
     assert len(calls) == 1
-    from rectflow.io import load_tensors
+    from rectflow.engine.io import load_tensors
 
     tensors, _ = load_tensors(tr.checkpoints()[-1])
     assert not any("_orig_mod" in k for k in tensors)
@@ -103,8 +103,8 @@ def test_gpu_trainer_with_every_knob(tmp_path):
 
 
 def test_time_budget_stops_with_a_checkpoint(tmp_path):
-    from rectflow.io import read_jsonl
-    from rectflow.training import TimeBudget
+    from rectflow.engine.io import read_jsonl
+    from rectflow.engine.trainer import TimeBudget
 
     tr = image_trainer(tmp_path, steps=1000, ckpt_every=1000, log_every=1000)
     budget = TimeBudget(1e-9, every=2)

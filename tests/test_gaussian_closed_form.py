@@ -8,12 +8,12 @@ Its flow is Z_t = t mu + sigma_t Z_0, so Z_1 = mu + s Z_0 (the marginal is prese
 import pytest
 import torch
 
-from rectflow.couplings import IndependentCoupling
+from rectflow.flow.couplings import IndependentCoupling
 from rectflow.data import Gaussian
-from rectflow.losses import FlowMatchingObjective, flow_matching_loss
+from rectflow.flow.losses import FlowMatchingObjective, flow_matching_loss
 from rectflow.models import MLPVelocity
-from rectflow.solvers import solve
-from rectflow.training import TrainConfig, Trainer
+from rectflow.flow.solvers import solve
+from rectflow.engine.trainer import TrainConfig, Trainer
 
 from .conftest import gen
 
@@ -58,7 +58,7 @@ def test_transported_marginal_and_one_step_collapse():
     z1 = solve(v_star, x0, method="rk4", steps=20).x
     assert torch.allclose(z1.mean(0), MU, atol=0.01)
     assert torch.allclose(z1.std(0), torch.full((2,), S, dtype=torch.float64), atol=0.01)
-    # One Euler step lands every sample on E[X1 | X0] = mu: the conditional-mean failure of SPEC 4.
+    # One Euler step lands every sample on E[X1 | X0] = mu: the conditional-mean failure of theory §4.
     one = solve(v_star, x0[:10], method="euler", steps=1).x
     assert torch.allclose(one, MU.expand(10, 2), atol=1e-12)
 

@@ -6,23 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from rectflow.config import load_config
+from rectflow.runs.config import load_config
 from rectflow.data import make_distribution
 from rectflow.errors import ConfigError, DataError
-from rectflow.experiment import build_distributions, build_objective, load_run, train_run
-from rectflow.guidance import (
-    NULL_LABEL,
-    ConditionalFlowMatchingObjective,
-    GuidedVelocity,
-    LabelledCoupling,
-    drop_labels,
-    sample_guided,
-)
-from rectflow.image_sampling import FixedStepSampler, sample_images
-from rectflow.paths import LinearPath
-from rectflow.samplers import ddim
-from rectflow.sampling import sample_model
-from rectflow.solvers import solve, time_grid
+from rectflow.runs.experiment import build_distributions, build_objective, load_run, train_run
+from rectflow.images.guidance import NULL_LABEL, ConditionalFlowMatchingObjective, GuidedVelocity, LabelledCoupling, drop_labels, sample_guided
+from rectflow.images.sampling import FixedStepSampler, sample_images
+from rectflow.flow.paths import LinearPath
+from rectflow.diffusion.samplers import ddim
+from rectflow.flow.sampling import sample_model
+from rectflow.flow.solvers import solve, time_grid
 
 
 def gen(seed=0):
@@ -103,7 +96,7 @@ def test_guidance_works_in_every_sampler():
     x, y, w = torch.randn(5, 1, 2, 2), torch.tensor([0, 1, 2, 0, 1]), 1.7
     ref = solve(GuidedVelocity(m, y, w), x, method="euler", steps=8).x
     assert torch.allclose(sample_guided(m, x, y, w, steps=8, batch_size=2).x, ref, atol=1e-6)
-    # DDIM with the velocity parameterisation on the straight path is Euler (SPEC 6)
+    # DDIM with the velocity parameterisation on the straight path is Euler (theory §6)
     assert torch.allclose(ddim(GuidedVelocity(m, y, w), x, time_grid(8), path=LinearPath(), parameterization="velocity").x, ref, atol=1e-5)
     assert torch.allclose(FixedStepSampler(GuidedVelocity(m, y, w), "euler", 8)(x), ref, atol=1e-6)
 

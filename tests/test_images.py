@@ -22,7 +22,7 @@ from rectflow.data.images import (
     to_unit_range,
 )
 from rectflow.errors import DataError
-from rectflow.image_sampling import image_grid, save_image_grid, save_pair_grid
+from rectflow.images.sampling import image_grid, save_image_grid, save_pair_grid
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg" / "test.zip"
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from rectflow.errors import DataError
-from rectflow.metrics import energy_distance, wasserstein2
+from rectflow.flow.metrics import energy_distance, wasserstein2
 
 from .conftest import gen
 

@@ -1,4 +1,4 @@
-"""Pair stores (SPEC section 4): round trip, determinism, resume after a kill, corruption and
+"""Pair stores (theory §4): round trip, determinism, resume after a kill, corruption and
 settings checks, and the store as a coupling."""
 
 import json
@@ -15,9 +15,9 @@ from torch import nn
 
 from rectflow.data import Gaussian
 from rectflow.errors import CheckpointError, ConfigError, DataError
-from rectflow.losses import FlowMatchingObjective
-from rectflow.pairs import PairCoupling, PairStore, generate_pairs, shard_name, state_dict_sha256
-from rectflow.training import step_generator
+from rectflow.flow.losses import FlowMatchingObjective
+from rectflow.reflow.pairs import PairCoupling, PairStore, generate_pairs, shard_name, state_dict_sha256
+from rectflow.engine.trainer import step_generator
 
 from .conftest import gen
 
@@ -242,7 +242,7 @@ def test_sigkill_during_generation_then_resume(tmp_path):
         import sys, torch
         from rectflow.data import Gaussian
         from rectflow.models import MLPVelocity
-        from rectflow.pairs import generate_pairs
+        from rectflow.reflow.pairs import generate_pairs
         torch.manual_seed(0)
         model = MLPVelocity(2, width=64, depth=2)
         generate_pairs(model, Gaussian(2), sys.argv[1], 40_000, shard_size=2_000, solver="euler:60", progress=False)

@@ -1,4 +1,4 @@
-"""Parameterisations eps / x0 / v / velocity / u: conversions, loss identities, end points, wrapper (SPEC 6)."""
+"""Parameterisations eps / x0 / v / velocity / u: conversions, loss identities, end points, wrapper (theory §6)."""
 
 from __future__ import annotations
 
@@ -9,32 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from rectflow.couplings import IndependentCoupling
+from rectflow.flow.couplings import IndependentCoupling
 from rectflow.data import Gaussian, make_distribution
-from rectflow.losses import FlowMatchingObjective
+from rectflow.flow.losses import FlowMatchingObjective
 from rectflow.models import MLPVelocity
-from rectflow.parameterizations import (
-    PARAMETERIZATIONS,
-    ConvertedModel,
-    SingularConversionError,
-    convert,
-    error_ratio,
-    from_x0_eps,
-    to_x0_eps,
-)
-from rectflow.paths import LinearPath
-from rectflow.schedules import (
-    CustomSchedule,
-    DDPMSchedule,
-    FlowMatchingSchedule,
-    RescaledSchedule,
-    VPCosineSchedule,
-    VPLinearSchedule,
-    diffusion_time,
-    log_snr,
-)
-from rectflow.solvers import euler, solve, time_grid
-from rectflow.training import TrainConfig, Trainer
+from rectflow.diffusion.parameterizations import PARAMETERIZATIONS, ConvertedModel, SingularConversionError, convert, error_ratio, from_x0_eps, to_x0_eps
+from rectflow.flow.paths import LinearPath
+from rectflow.diffusion.schedules import CustomSchedule, DDPMSchedule, FlowMatchingSchedule, RescaledSchedule, VPCosineSchedule, VPLinearSchedule, diffusion_time, log_snr
+from rectflow.flow.solvers import euler, solve, time_grid
+from rectflow.engine.trainer import TrainConfig, Trainer
 
 F64 = torch.float64
 PATHS = {

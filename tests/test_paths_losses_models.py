@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from rectflow.losses import flow_matching_loss
+from rectflow.flow.losses import flow_matching_loss
 from rectflow.models import MLPVelocity, SinusoidalTimeEmbedding
-from rectflow.paths import AffinePath, LinearPath, PathCoefficients
+from rectflow.flow.paths import AffinePath, LinearPath, PathCoefficients
 
 from .conftest import gen
 

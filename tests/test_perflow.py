@@ -1,4 +1,4 @@
-"""PeRFlow (SPEC 5): windows, window path, teacher, piecewise reflow objective, deltas, samplers."""
+"""PeRFlow (theory §5): windows, window path, teacher, piecewise reflow objective, deltas, samplers."""
 
 import pytest
 import torch
@@ -6,10 +6,10 @@ import torch
 from rectflow import perflow
 from rectflow.errors import ConfigError
 from rectflow.models.unet import UNetVelocity
-from rectflow.parameterizations import ConvertedModel
-from rectflow.paths import PathCoefficients
-from rectflow.schedules import DDPMSchedule, FlowMatchingSchedule, VPCosineSchedule, log_snr
-from rectflow.training import TrainConfig, Trainer
+from rectflow.diffusion.parameterizations import ConvertedModel
+from rectflow.flow.paths import PathCoefficients
+from rectflow.diffusion.schedules import DDPMSchedule, FlowMatchingSchedule, VPCosineSchedule, log_snr
+from rectflow.engine.trainer import TrainConfig, Trainer
 
 torch.set_num_threads(1)
 
@@ -87,12 +87,12 @@ def test_student_from_teacher_is_teacher_ddim_at_k_steps():
     student = perflow.PeRFlowStudent.from_teacher(teacher, b)
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        s = perflow.sample(student, x, b)
+        s = perflow.sample_perflow(student, x, b)
         t = perflow.teacher_ddim_sample(teacher, x, 4)
     assert s.nfe == 4 and t.nfe == 4
     assert torch.allclose(s.x, t.x, atol=1e-4)
     with torch.no_grad():
-        assert perflow.sample(student, x, b, steps_per_window=3).nfe == 12
+        assert perflow.sample_perflow(student, x, b, steps_per_window=3).nfe == 12
 
 
 def test_teacher_from_library_model_in_any_parameterisation():
@@ -140,7 +140,7 @@ def test_start_fraction_places_points_at_window_starts():
 def test_loss_space_compares_both_sides_in_that_kind(space):
     """straight_loss in a kind = MSE of the student's output and of the target, both converted to
     that kind on the window path; it is zero exactly when the velocity matches."""
-    from rectflow.parameterizations import convert
+    from rectflow.diffusion.parameterizations import convert
 
     teacher, b = _eps_teacher(), perflow.make_windows(2)
     student = perflow.PeRFlowStudent.from_teacher(teacher, b)

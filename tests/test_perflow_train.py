@@ -1,4 +1,4 @@
-"""rectflow.perflow_train and `rectflow perflow`: the PeRFlow job (teacher in, student directory out)."""
+"""rectflow.runs.perflow and `rectflow perflow`: the PeRFlow job (teacher in, student directory out)."""
 
 import json
 
@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from rectflow.cli import main
-from rectflow.config import config_from_dict
+from rectflow.runs.config import config_from_dict
 from rectflow.errors import CheckpointError, ConfigError
-from rectflow.experiment import load_run, train_run
-from rectflow.io import load_tensors
-from rectflow.perflow import PeRFlowStudent, make_windows, sample
-from rectflow.perflow_train import PeRFlowSettings, load_perflow, load_perflow_teacher, sample_perflow, train_perflow
-from rectflow.training import TrainConfig
+from rectflow.runs.experiment import load_run, train_run
+from rectflow.engine.io import load_tensors
+from rectflow.perflow.student import PeRFlowStudent, sample_perflow
+from rectflow.perflow.windows import make_windows
+from rectflow.runs.perflow import PeRFlowSettings, load_perflow, load_perflow_teacher, train_perflow
+from rectflow.engine.trainer import TrainConfig
 
 torch.set_num_threads(1)
 
@@ -50,9 +51,9 @@ def test_job_writes_student_delta_samples_and_reloads(image_run, tmp_path):
     assert rec["windows"] == [0.0, 0.5, 1.0] and rec["shape"] == [1, 8, 8] and rec["steps_done"] == 6
     assert rec["teacher_nfe_this_session"] == 6 * 8 * 2  # steps x batch x window solver steps
     job = load_perflow(out)
-    x = sample_perflow(job, 5, seed=3)
+    x = job.sample(5, seed=3)
     assert x.shape == (5, 1, 8, 8) and torch.isfinite(x).all()
-    torch.testing.assert_close(sample_perflow(job, 5, seed=3), x)  # seeded
+    torch.testing.assert_close(job.sample(5, seed=3), x)  # seeded
     # student = teacher + delta, weight by weight
     teacher, _, _ = load_perflow_teacher(image_run)
     delta, meta = load_tensors(out / "delta.safetensors")
@@ -65,13 +66,13 @@ def test_job_writes_student_delta_samples_and_reloads(image_run, tmp_path):
 
 def test_untrained_student_is_the_teachers_k_step_solver(image_run, tmp_path):
     """Before training, one Euler step per window of the student = the teacher's K-step Euler (a
-    velocity teacher on the straight path: DDIM == Euler, SPEC 6)."""
+    velocity teacher on the straight path: DDIM == Euler, theory §6)."""
     teacher, _, _ = load_perflow_teacher(image_run)
     b = make_windows(4)
     student = PeRFlowStudent.from_teacher(teacher, b)
     z = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(sample(student, z, b).x, sample(teacher.velocity, z, b).x, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(sample_perflow(student, z, b).x, sample_perflow(teacher.velocity, z, b).x, rtol=1e-4, atol=1e-5)
 
 
 def test_killed_job_resumes_to_the_same_student(image_run, tmp_path):

@@ -1,4 +1,4 @@
-"""k-rectified flow (SPEC section 4): reflow straightens paths and never raises the transport
+"""k-rectified flow (theory §4): reflow straightens paths and never raises the transport
 cost; 1-D reflow gives a monotone coupling; reflow runs are ordinary runs with their lineage
 in the config; bad inputs are refused before anything is written."""
 
@@ -8,19 +8,23 @@ import pytest
 import torch
 from scipy.stats import kendalltau
 
-from rectflow.config import config_from_dict, config_to_dict
+from rectflow.runs.config import config_from_dict, config_to_dict
 from rectflow.data import Gaussian, PointCloud
-from rectflow.diagnostics import diagnose_runs, format_stage_table
+from rectflow.runs.diagnose import diagnose_runs, format_stage_table
 from rectflow.errors import CheckpointError, ConfigError, DataError
-from rectflow.experiment import build_model, evaluate_run, load_run, model_config, train_run
-from rectflow.losses import FlowMatchingObjective
-from rectflow.metrics import wasserstein2
+from rectflow.runs.experiment import build_model, load_run, model_config, train_run
+from rectflow.runs.evaluation import evaluate_run
+from rectflow.flow.losses import FlowMatchingObjective
+from rectflow.flow.metrics import wasserstein2
 from rectflow.models import MLPVelocity
-from rectflow.couplings import IndependentCoupling
-from rectflow.pairs import PairCoupling, generate_pairs
-from rectflow.reflow import default_pairs_dir, default_reflow_dir, load_init_weights, stage_label, train_reflow
-from rectflow.distill import one_step, train_distill
-from rectflow.training import TrainConfig, Trainer
+from rectflow.flow.couplings import IndependentCoupling
+from rectflow.reflow.pairs import PairCoupling, generate_pairs
+from rectflow.runs.lineage import default_pairs_dir, stage_label
+from rectflow.engine.checkpoint import load_weights, read_checkpoint
+from rectflow.runs.reflow import default_reflow_dir, train_reflow
+from rectflow.reflow.distill import one_step
+from rectflow.runs.distill import train_distill
+from rectflow.engine.trainer import TrainConfig, Trainer
 
 from .conftest import gen
 
@@ -64,7 +68,7 @@ def test_reflow_run_is_a_run_with_its_lineage(chain):
 
 
 def test_reflow_straightens_and_never_raises_the_transport_cost(chain):
-    """SPEC 4: each reflow lowers convex transport costs and straightness; crossings fall."""
+    """theory §4: each reflow lowers convex transport costs and straightness; crossings fall."""
     rows = diagnose_runs(list(chain), n=800, solvers=["euler:1", "euler:50"], coupling_solver="euler:50", n_pairs=4000)
     ind, r1, r2 = rows
     assert [r["stage"] for r in rows] == ["independent", "1-RF", "2-RF"]
@@ -81,11 +85,11 @@ def test_init_from_previous_copies_the_ema_weights(chain):
     parent = load_run(one)
     mcfg = model_config(parent.config, 2)
     model = build_model(mcfg)
-    load_init_weights(model, parent.checkpoint, mcfg)
+    load_weights(model, read_checkpoint(parent.checkpoint, model_config=mcfg))
     for a, b in zip(model.state_dict().values(), parent.model.state_dict().values()):
         assert torch.equal(a, b)
-    with pytest.raises(CheckpointError, match="cannot initialise"):
-        load_init_weights(build_model({**mcfg, "width": 32}), parent.checkpoint, {**mcfg, "width": 32})
+    with pytest.raises(CheckpointError, match="does not match"):
+        read_checkpoint(parent.checkpoint, model_config={**mcfg, "width": 32})
 
 
 def test_distillation_runs_and_their_refusals(chain, tmp_path):

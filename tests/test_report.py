@@ -4,7 +4,7 @@ import shutil
 import pytest
 
 from rectflow.cli import main
-from rectflow.report import build_report, collect_run
+from rectflow.runs.report import build_report, collect_run
 
 TINY = ["model.width=32", "model.depth=2", "train.steps=40", "train.ckpt_every=20", "train.log_every=10", "eval.n_samples=200", "eval.solvers=[euler:1,euler:4]"]
 

@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from rectflow.cli import main
-from rectflow.report import build_report
+from rectflow.runs.report import build_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 DRIVER = shutil.which("chromedriver")

@@ -1,4 +1,4 @@
-"""DDIM / Euler-in-(z~, eta) / DDPM / churn / flow-SDE samplers: each claim of SPEC 6 checked numerically.
+"""DDIM / Euler-in-(z~, eta) / DDPM / churn / flow-SDE samplers: each claim of theory §6 checked numerically.
 
 Most tests use the exact denoiser E[x | z_t] of a Gaussian (mixture) target, known in closed form,
 so sampler errors are separated from model errors.
@@ -11,38 +11,17 @@ import math
 import pytest
 import torch
 
-from rectflow.couplings import IndependentCoupling
+from rectflow.flow.couplings import IndependentCoupling
 from rectflow.data import Gaussian, make_distribution
-from rectflow.metrics import energy_distance
+from rectflow.flow.metrics import energy_distance
 from rectflow.models import MLPVelocity
-from rectflow.parameterizations import PARAMETERIZATIONS, ConvertedModel, SingularConversionError, to_x0_eps
-from rectflow.paths import LinearPath
-from rectflow.samplers import (
-    churn,
-    ddim,
-    ddim_step,
-    ddpm,
-    euler_eta,
-    flow_sde,
-    natural_noise_level,
-    posterior,
-    renoise,
-    sigma_noise_level,
-)
-from rectflow.schedules import (
-    DDPMSchedule,
-    FlowMatchingSchedule,
-    RescaledSchedule,
-    VPCosineSchedule,
-    VPLinearSchedule,
-    log_snr,
-    shift_time,
-    time_from_log_snr,
-    variance_preserving,
-)
-from rectflow.solvers import euler, solve, time_grid
-from rectflow.training import TrainConfig, Trainer
-from rectflow.weighting import DiffusionObjective
+from rectflow.diffusion.parameterizations import PARAMETERIZATIONS, ConvertedModel, SingularConversionError, to_x0_eps
+from rectflow.flow.paths import LinearPath
+from rectflow.diffusion.samplers import churn, ddim, ddim_step, ddpm, euler_eta, flow_sde, natural_noise_level, posterior, renoise, sigma_noise_level
+from rectflow.diffusion.schedules import DDPMSchedule, FlowMatchingSchedule, RescaledSchedule, VPCosineSchedule, VPLinearSchedule, log_snr, shift_time, time_from_log_snr, variance_preserving
+from rectflow.flow.solvers import euler, solve, time_grid
+from rectflow.engine.trainer import TrainConfig, Trainer
+from rectflow.diffusion.weighting import DiffusionObjective
 
 F64 = torch.float64
 
@@ -272,7 +251,7 @@ def test_flow_paths_are_straight_only_for_a_single_point():
 @pytest.mark.slow
 def test_train_eps_on_vp_cosine_sample_with_flow_euler_and_ddim():
     """An eps-prediction model trained on a VP-cosine path samples through the flow Euler solver (via the
-    wrapper) and through DDIM with the same result (SPEC 6, issue item 5)."""
+    wrapper) and through DDIM with the same result (theory §6, issue item 5)."""
     path = VPCosineSchedule()
     torch.manual_seed(0)
     net = MLPVelocity(2, width=64, depth=2)

@@ -1,4 +1,4 @@
-"""Noise schedules as affine paths: time convention, derivatives, log-SNR and its inverse, grids (SPEC 1, 6)."""
+"""Noise schedules as affine paths: time convention, derivatives, log-SNR and its inverse, grids (theory §1, 6)."""
 
 from __future__ import annotations
 
@@ -7,24 +7,8 @@ import math
 import pytest
 import torch
 
-from rectflow.paths import LinearPath
-from rectflow.schedules import (
-    CustomSchedule,
-    DDPMSchedule,
-    FlowMatchingSchedule,
-    RescaledSchedule,
-    VPCosineSchedule,
-    VPLinearSchedule,
-    diffusion_time,
-    karras_sigmas,
-    log_snr,
-    log_snr_derivative,
-    log_snr_grid,
-    shift_time,
-    time_from_log_snr,
-    times_from_sigmas,
-    variance_preserving,
-)
+from rectflow.flow.paths import LinearPath
+from rectflow.diffusion.schedules import CustomSchedule, DDPMSchedule, FlowMatchingSchedule, RescaledSchedule, VPCosineSchedule, VPLinearSchedule, diffusion_time, karras_sigmas, log_snr, log_snr_derivative, log_snr_grid, shift_time, time_from_log_snr, times_from_sigmas, variance_preserving
 
 F64 = torch.float64
 

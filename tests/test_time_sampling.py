@@ -2,7 +2,7 @@ import pytest
 import torch
 from scipy import stats
 
-from rectflow.time_sampling import LogitNormalTime, UniformTime, UShapedTime, make_time_sampler
+from rectflow.flow.time_sampling import LogitNormalTime, UniformTime, UShapedTime, make_time_sampler
 
 from .conftest import gen
 

@@ -3,13 +3,13 @@ import json
 import pytest
 import torch
 
-from rectflow.couplings import IndependentCoupling, MinibatchOTCoupling
+from rectflow.flow.couplings import IndependentCoupling, MinibatchOTCoupling
 from rectflow.data import EightGaussians, Gaussian, Moons
 from rectflow.errors import CheckpointError, ConfigError
-from rectflow.io import read_jsonl
-from rectflow.losses import FlowMatchingObjective
+from rectflow.engine.io import read_jsonl
+from rectflow.flow.losses import FlowMatchingObjective
 from rectflow.models import MLPVelocity
-from rectflow.training import EMA, TrainConfig, Trainer, lr_at, step_generator
+from rectflow.engine.trainer import EMA, TrainConfig, Trainer, lr_at, step_generator
 
 
 def make(run_dir=None, steps=60, coupling="ind", width=32, **kw):

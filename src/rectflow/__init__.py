@@ -1,107 +1,124 @@
 """rectflow: rectified flow, reflow, distillation, PeRFlow and diffusion <-> flow matching in PyTorch.
 
-Notation and time convention follow SPEC.md: t = 0 is the source pi0, t = 1 the target pi1.
+One time convention everywhere: t = 0 is the source pi0 (noise or domain A), t = 1 the target pi1
+(data); the maths is in docs/theory.md.  Subpackages, lowest layer first:
+
+* :mod:`rectflow.models`, :mod:`rectflow.data`: networks and samplers of distributions;
+* :mod:`rectflow.flow`: paths, training times, couplings, losses, ODE solvers, sample metrics;
+* :mod:`rectflow.engine`, :mod:`rectflow.diffusion`: the trainer and checkpoints; diffusion
+  schedules, parameterisations, weightings and samplers;
+* :mod:`rectflow.reflow`, :mod:`rectflow.perflow`, :mod:`rectflow.images`: reflow and
+  distillation maths, PeRFlow, image guidance and metrics;
+* :mod:`rectflow.runs`: run directories and jobs (the CLI is a thin layer over it).
 """
 
-from .couplings import IndependentCoupling, MinibatchOTCoupling, ot_pairing
-from .errors import CheckpointError, ConfigError, DataError, RectflowError
-from .losses import FlowMatchingObjective, LossOutput, flow_matching_loss
-from .metrics import energy_distance, wasserstein2
-from .models import MLPVelocity
-from .paths import AffinePath, LinearPath
-from .solvers import SolveResult, dopri5, euler, heun, midpoint, rk4, solve
-from .time_sampling import LogitNormalTime, UniformTime, UShapedTime, make_time_sampler
-from .training import TrainConfig, Trainer
-
-__version__ = "0.1.0"
-
-__all__ = [
-    "AffinePath",
-    "LinearPath",
-    "IndependentCoupling",
-    "MinibatchOTCoupling",
-    "ot_pairing",
-    "FlowMatchingObjective",
-    "LossOutput",
-    "flow_matching_loss",
-    "MLPVelocity",
-    "SolveResult",
-    "solve",
-    "euler",
-    "midpoint",
-    "heun",
-    "rk4",
-    "dopri5",
-    "UniformTime",
-    "LogitNormalTime",
-    "UShapedTime",
-    "make_time_sampler",
-    "TrainConfig",
-    "Trainer",
-    "wasserstein2",
-    "energy_distance",
-    "RectflowError",
-    "ConfigError",
-    "DataError",
-    "CheckpointError",
-]
-
-# Reflow, distillation and straight-coupling diagnostics (SPEC section 4).
-from .diagnostics import crossing_probability, diagnose_coupling, diagnose_runs, straightness, transport_cost
-from .distill import DistillationObjective, PseudoHuberLoss, distillation_loss, one_step, train_distill
-from .pairs import PairCoupling, PairStore, generate_pairs
-from .reflow import generate_run_pairs, reflow_chain, train_reflow
-
-__all__ += [
-    "PairStore",
-    "PairCoupling",
-    "generate_pairs",
-    "generate_run_pairs",
-    "train_reflow",
-    "reflow_chain",
-    "DistillationObjective",
-    "PseudoHuberLoss",
-    "distillation_loss",
-    "one_step",
-    "train_distill",
-    "straightness",
-    "transport_cost",
-    "crossing_probability",
-    "diagnose_coupling",
-    "diagnose_runs",
-]
-
-# Diffusion models = Gaussian flow matching (SPEC section 6).
-from .parameterizations import ConvertedModel, convert
-from .samplers import churn, ddim, ddpm, euler_eta, flow_sde
-from .schedules import (
+from rectflow.version import __version__
+from rectflow.errors import CheckpointError, ConfigError, DataError, RectflowError
+from rectflow.models import DiTVelocity, MLPVelocity, UNetVelocity
+from rectflow.data import make_distribution
+from rectflow.flow import (
+    AffinePath,
+    Coupling,
+    FlowMatchingObjective,
+    IndependentCoupling,
+    LinearPath,
+    LogitNormalTime,
+    LossOutput,
+    MinibatchOTCoupling,
+    Objective,
+    SolveResult,
+    UniformTime,
+    UShapedTime,
+    dopri5,
+    energy_distance,
+    euler,
+    flow_matching_loss,
+    heun,
+    make_time_sampler,
+    midpoint,
+    ot_pairing,
+    rk4,
+    sample_model,
+    solve,
+    wasserstein2,
+)
+from rectflow.engine import TrainConfig, Trainer
+from rectflow.diffusion import (
+    ConvertedModel,
     CustomSchedule,
     DDPMSchedule,
+    DiffusionObjective,
     FlowMatchingSchedule,
     NoiseSchedule,
     VPCosineSchedule,
     VPLinearSchedule,
+    churn,
+    convert,
+    ddim,
+    ddpm,
     diffusion_time,
+    euler_eta,
+    flow_sde,
     log_snr,
+    make_weighting,
 )
-from .weighting import DiffusionObjective, make_weighting
+from rectflow.reflow import (
+    DistillationObjective,
+    PairCoupling,
+    PairStore,
+    PseudoHuberLoss,
+    crossing_probability,
+    diagnose_coupling,
+    distillation_loss,
+    generate_pairs,
+    one_step,
+    straightness,
+    transport_cost,
+)
+from rectflow.images import ConditionalFlowMatchingObjective, GuidedVelocity, fd, fid, sample_guided, sample_images
+from rectflow.perflow import PeRFlowObjective, PeRFlowStudent, Teacher, apply_delta, load_delta, make_windows, sample_perflow, save_delta
+from rectflow.runs import (
+    ExperimentConfig,
+    diagnose_runs,
+    evaluate_run,
+    generate_run_pairs,
+    load_config,
+    load_perflow,
+    load_run,
+    reflow_chain,
+    train_distill,
+    train_perflow,
+    train_reflow,
+    train_run,
+)
 
-__all__ += [
-    "NoiseSchedule",
-    "FlowMatchingSchedule",
-    "VPCosineSchedule",
-    "VPLinearSchedule",
-    "DDPMSchedule",
-    "CustomSchedule",
-    "diffusion_time",
-    "log_snr",
-    "convert",
-    "ConvertedModel",
-    "DiffusionObjective",
-    "make_weighting",
-    "ddim",
-    "euler_eta",
-    "ddpm",
-    "churn",
-    "flow_sde",
+__all__ = [
+    "__version__",
+    # errors
+    "RectflowError", "ConfigError", "DataError", "CheckpointError",
+    # networks and distributions
+    "MLPVelocity", "UNetVelocity", "DiTVelocity", "make_distribution",
+    # flow matching (theory sections 1-3)
+    "AffinePath", "LinearPath", "UniformTime", "LogitNormalTime", "UShapedTime", "make_time_sampler",
+    "Coupling", "IndependentCoupling", "MinibatchOTCoupling", "ot_pairing",
+    "FlowMatchingObjective", "LossOutput", "flow_matching_loss",
+    "SolveResult", "solve", "euler", "midpoint", "heun", "rk4", "dopri5", "sample_model",
+    "wasserstein2", "energy_distance",
+    # training
+    "Objective", "TrainConfig", "Trainer",
+    # diffusion = Gaussian flow matching (theory section 6)
+    "NoiseSchedule", "FlowMatchingSchedule", "VPCosineSchedule", "VPLinearSchedule", "DDPMSchedule", "CustomSchedule",
+    "diffusion_time", "log_snr", "convert", "ConvertedModel", "DiffusionObjective", "make_weighting",
+    "ddim", "euler_eta", "ddpm", "churn", "flow_sde",
+    # reflow and distillation (theory section 4)
+    "PairStore", "PairCoupling", "generate_pairs", "DistillationObjective", "PseudoHuberLoss", "distillation_loss", "one_step",
+    "straightness", "transport_cost", "crossing_probability", "diagnose_coupling",
+    # images and guidance
+    "GuidedVelocity", "ConditionalFlowMatchingObjective", "sample_guided", "sample_images", "fd", "fid",
+    # PeRFlow (theory section 5)
+    "make_windows", "Teacher", "PeRFlowStudent", "PeRFlowObjective", "sample_perflow", "save_delta", "load_delta", "apply_delta",
+    # runs and jobs
+    "ExperimentConfig", "load_config", "train_run", "load_run", "evaluate_run",
+    "generate_run_pairs", "train_reflow", "reflow_chain", "train_distill", "diagnose_runs",
+    "train_perflow", "load_perflow",
 ]

@@ -10,6 +10,29 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from rectflow.data.images import make_image_distribution
+from rectflow.engine.distributed import destroy, init_from_env, is_main_process, planned_world_size
+from rectflow.engine.io import atomic_path, save_json
+from rectflow.engine.trainer import TrainConfig, resolve_device
+from rectflow.errors import ConfigError, RectflowError
+from rectflow.flow.sampling import parse_solver_spec, sample_model
+from rectflow.images.sampling import sample_images
+from rectflow.runs.config import load_config
+from rectflow.runs.demo import run_demo, run_pipeline
+from rectflow.runs.diagnose import diagnose_runs, format_stage_table
+from rectflow.runs.distill import train_distill
+from rectflow.runs.evaluation import evaluate_run, format_table
+from rectflow.runs.experiment import load_run, train_run
+from rectflow.runs.lineage import generate_run_pairs
+from rectflow.runs.perflow import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, PeRFlowSettings, train_perflow
+from rectflow.runs.plots import plot_run
+from rectflow.runs.reflow import reflow_chain, train_reflow
+from rectflow.runs.report import build_report
+from rectflow.version import __version__
+
 __all__ = ["main", "build_parser"]
 
 
@@ -70,9 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_perflow_parser(sub, fmt) -> None:
-    """SPEC section 5: piecewise reflow of a pretrained run or diffusers folder."""
-    from .perflow_train import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, PeRFlowSettings
-
+    """theory §5: piecewise reflow of a pretrained run or diffusers folder."""
     d = PeRFlowSettings()  # one source of defaults: the library's
     p = sub.add_parser("perflow", help="accelerate a trained image flow or a local diffusers model with PeRFlow (K-step student)", formatter_class=fmt)
     p.add_argument("teacher", help="a rectflow image run directory, or a local diffusers folder (unet/ + scheduler/)")
@@ -111,7 +132,7 @@ def _add_stage_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_reflow_parsers(sub, fmt) -> None:
-    """Subcommands of SPEC section 4: pairs, reflow, distill, diagnose, pipeline."""
+    """Subcommands of theory §4: pairs, reflow, distill, diagnose, pipeline."""
     p = sub.add_parser("pairs", help="generate (or resume) a reflow pair store (Z0, Flow(Z0)) from a run", formatter_class=fmt)
     p.add_argument("run", help="run directory of the k-RF")
     p.add_argument("--n", "--num-pairs", dest="n", type=int, required=True, help="number of pairs (spell it --num-pairs under torchrun, whose own --n... options clash)")
@@ -165,20 +186,13 @@ def _add_reflow_parsers(sub, fmt) -> None:
 
 
 def _version() -> str:
-    from . import __version__
-
     return __version__
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .evaluation import format_table
-    from .experiment import evaluate_run, load_run, plot_run, train_run
-
     overrides = list(args.overrides) + (["train.progress=false"] if args.quiet else [])
     cfg = load_config(args.config, overrides)
     train_run(cfg, args.run, resume=not args.fresh)
-    from .distributed import destroy, is_main_process
 
     main_process = is_main_process()
     destroy()  # under torchrun: leave the process group; only rank 0 evaluates and reports
@@ -193,14 +207,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
 
-    from .errors import ConfigError
-    from .experiment import load_run
-    from .io import atomic_path
-    from .sampling import sample_model
-    from .training import resolve_device
 
     if args.n < 1:
         raise ConfigError(f"--n must be >= 1, got {args.n}")
@@ -223,11 +230,6 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 def _sample_images(args: argparse.Namespace, run) -> int:
     """Image (or class-conditional) runs: batched sampling to OUT/samples.npz and OUT/grid.png."""
-    import torch
-
-    from .errors import ConfigError
-    from .image_sampling import sample_images
-
     k = run.config.model.num_classes
     w = run.config.guidance.scale if args.guidance is None else args.guidance
     if k < 1 and (args.guidance is not None or args.label is not None):
@@ -244,13 +246,9 @@ def _sample_images(args: argparse.Namespace, run) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import format_table
-    from .experiment import evaluate_run, load_run
-
     run = load_run(args.run)
     solvers = [s.strip() for s in args.solvers.split(",") if s.strip()] if args.solvers else None
     if solvers is not None:
-        from .sampling import parse_solver_spec
 
         for s in solvers:
             parse_solver_spec(s)
@@ -260,15 +258,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
     run_demo(args.out, steps=args.steps, n_eval=args.n_eval, progress=not args.quiet, pipeline=not args.no_pipeline, n_pairs=args.pairs)
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import build_report
-
     print(f"wrote {build_report(args.runs, args.out, title=args.title)}")
     return 0
 
@@ -278,9 +272,6 @@ _COMMANDS = {"train": _cmd_train, "sample": _cmd_sample, "eval": _cmd_eval, "dem
 
 
 def _pair_kwargs(args: argparse.Namespace) -> dict:
-    from .errors import ConfigError
-    from .sampling import parse_solver_spec
-
     parse_solver_spec(args.solver)
     if args.shard_size < 1:
         raise ConfigError(f"--shard-size must be >= 1, got {args.shard_size}")
@@ -288,23 +279,16 @@ def _pair_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _eval_and_plot(run_dir) -> None:
-    from .evaluation import format_table
-    from .experiment import evaluate_run, load_run, plot_run
-
     run = load_run(run_dir)
     print(format_table(evaluate_run(run), ["solver", "nfe", "w2", "energy"]))
     plot_run(run, steps=1 if run.config.reflow.distill else 100)  # a distilled model is a one-step map
 
 
 def _cmd_pairs(args: argparse.Namespace) -> int:
-    from .errors import ConfigError
-    from .reflow import generate_run_pairs
-
     if args.n < 1:
         raise ConfigError(f"--n (number of pairs) must be >= 1, got {args.n}")
     kw = _pair_kwargs(args)
     kw["seed"] = kw.pop("pair_seed")
-    from .distributed import destroy, init_from_env, is_main_process, planned_world_size
 
     if planned_world_size() > 1:  # under torchrun: rank r makes shards r, r + N, ...
         init_from_env(device=None if kw.get("device", "auto") == "auto" else kw["device"])
@@ -320,9 +304,6 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
 
 
 def _cmd_reflow(args: argparse.Namespace) -> int:
-    from .errors import ConfigError
-    from .reflow import reflow_chain, train_reflow
-
     if args.pairs < 1:
         raise ConfigError(f"--pairs must be >= 1, got {args.pairs}")
     if args.stages < 1:
@@ -343,8 +324,6 @@ def _cmd_reflow(args: argparse.Namespace) -> int:
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
-    from .distill import train_distill
-
     out = train_distill(
         args.run,
         args.out,
@@ -366,9 +345,6 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
 
 def _cmd_diagnose(args: argparse.Namespace) -> int:
-    from .diagnostics import diagnose_runs, format_stage_table
-    from .io import atomic_path, save_json
-
     solvers = [s.strip() for s in args.solvers.split(",") if s.strip()]
     rows = diagnose_runs(args.runs, n=args.n, solvers=solvers, include_independent=not args.no_independent, plots_dir=args.out)
     table = format_stage_table(rows, solvers)
@@ -381,9 +357,6 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
-    from .demo import run_pipeline
-    from .errors import ConfigError
-
     for name in ("steps", "pairs", "stages", "n_eval"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -407,7 +380,6 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 def _perflow_data(spec: str | None):
     if spec is None:
         return None, None
-    from .data.images import make_image_distribution
 
     if spec == "digits":
         return make_image_distribution({"name": "digits"}), "digits"
@@ -415,9 +387,6 @@ def _perflow_data(spec: str | None):
 
 
 def _cmd_perflow(args: argparse.Namespace) -> int:
-    from .perflow_train import PeRFlowSettings, train_perflow
-    from .training import TrainConfig
-
     data, data_name = _perflow_data(args.data)
     settings = PeRFlowSettings(windows=args.windows, spacing=args.spacing, solver_steps=args.solver_steps,
                                start_fraction=args.start_fraction, loss_space=args.loss_space)
@@ -433,8 +402,6 @@ _COMMANDS.update({"perflow": _cmd_perflow, "pairs": _cmd_pairs, "reflow": _cmd_r
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import RectflowError
-
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # KEY=VALUE overrides placed after options (argparse takes positionals in one chunk)

@@ -1,21 +1,11 @@
 """Data: samplers of the distributions pi0 and pi1.
 
 Every sampler has ``dim`` (or ``shape``) and ``sample(n, generator=None, device=None) -> (n, ...)``;
-any of them can be the source pi0 or the target pi1 (domain transfer, SPEC section 1).
+any of them can be the source pi0 or the target pi1 (domain transfer, theory §1).
 """
 
-from .images import ImageArray, ImageDataset, ImageGaussian, load_digits_images, load_images
-from .toy2d import (
-    Checkerboard,
-    Circle,
-    EightGaussians,
-    Gaussian,
-    Moons,
-    PointCloud,
-    Spirals,
-    TOY_DISTRIBUTIONS,
-    make_distribution,
-)
+from rectflow.data.images import ImageArray, ImageDataset, ImageGaussian, load_digits_images, load_images
+from rectflow.data.toy2d import Checkerboard, Circle, EightGaussians, Gaussian, Moons, PointCloud, Spirals, TOY_DISTRIBUTIONS, make_distribution
 
 __all__ = [
     "ImageArray",

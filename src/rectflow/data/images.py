@@ -1,4 +1,4 @@
-"""Image data sets as samplers of pi0 / pi1 (SPEC sections 1 and 7).
+"""Image data sets as samplers of pi0 / pi1 (theory §1 and 7).
 
 Readers (all return :class:`ImageArray`: uint8 images (N, C, H, W), optional int64 labels and
 class names):
@@ -14,7 +14,7 @@ Samplers (the repo protocol ``sample(n, generator=None, device=None) -> (n, C, H
 
 * :class:`ImageDataset` -- uniform draws with replacement, optional random horizontal flips,
   values scaled to [-1, 1]; ``sample_labelled`` also returns the labels (class-conditional
-  training, :mod:`rectflow.guidance`).  The images stay uint8 on ``storage_device``: a small data
+  training, :mod:`rectflow.images.guidance`).  The images stay uint8 on ``storage_device``: a small data
   set (CIFAR-10 is 150 MB) can live on the GPU, so a batch is a gather, a flip and a scale there.
 * :class:`ImageGaussian` -- N(0, I) of a given image shape (the usual source pi0).
 
@@ -32,9 +32,10 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from ..errors import DataError
+from rectflow.errors import DataError
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -91,8 +92,6 @@ class ImageArray:
 
 def _decode(data: bytes, name: str, mode: str | None) -> np.ndarray:
     """One image file's bytes -> uint8 (H, W, C); ``mode`` converts (L, RGB, RGBA), None keeps it."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
@@ -288,7 +287,7 @@ def read_image_array(path: str | Path) -> ImageArray:
 
 def load_digits_images() -> ImageArray:
     """scikit-learn's bundled 8x8 handwritten digits (no download): 1,797 images (1, 8, 8), labels 0-9."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # scikit-learn is slow to import; only the digits need it
 
     d = load_digits()
     images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # values 0..16 -> 0..255
@@ -361,7 +360,6 @@ class ImageDataset:
     Sampling: index draws and flip decisions come from ``generator`` in that order, so
     ``sample`` and ``sample_labelled`` return the same images for the same generator state.
     """
-
     def __init__(self, data: ImageArray, *, flip: bool = False, storage_device: str | torch.device = "cpu", max_device_bytes: int = 2 << 30) -> None:
         self.data = data
         self.flip = bool(flip)
@@ -421,7 +419,6 @@ class ImageGaussian:
     drawn there from a device generator seeded by one draw of ``generator`` (so a CUDA batch costs
     no host-side sampling or copy).  Either way it is a function of the generator's state.
     """
-
     shape: tuple[int, ...] = (3, 32, 32)
     std: float = 1.0
 

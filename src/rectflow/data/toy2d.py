@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import DataError
+from rectflow.data.images import make_image_distribution
+from rectflow.errors import DataError
 
 __all__ = [
     "Gaussian",
@@ -224,7 +225,6 @@ def make_distribution(spec: str | dict[str, Any]) -> Any:
     params = dict(spec)
     name = str(params.pop("name"))
     if name in ("images", "digits") or (name == "gaussian" and "shape" in params):
-        from .images import make_image_distribution  # image data sets and image-shaped N(0, I)
 
         return make_image_distribution({"name": name, **params})
     if name == "file" or name.endswith((".npy", ".csv")):

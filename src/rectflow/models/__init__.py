@@ -1,10 +1,10 @@
 """Velocity-field networks v_theta(x, t).  All take x (B, ...) and t (B,) in [0, 1];
 the image models also take optional class labels y (B,)."""
 
-from .class_embedding import NULL_LABEL, ClassEmbedding
-from .dit import DiTVelocity
-from .embeddings import SinusoidalTimeEmbedding
-from .mlp import MLPVelocity
-from .unet import UNetVelocity
+from rectflow.models.class_embedding import NULL_LABEL, ClassEmbedding
+from rectflow.models.dit import DiTVelocity
+from rectflow.models.embeddings import SinusoidalTimeEmbedding
+from rectflow.models.mlp import MLPVelocity
+from rectflow.models.unet import UNetVelocity
 
 __all__ = ["SinusoidalTimeEmbedding", "MLPVelocity", "UNetVelocity", "DiTVelocity", "ClassEmbedding", "NULL_LABEL"]

@@ -6,7 +6,7 @@ transformer blocks whose LayerNorms are modulated by the conditioning c = emb(t)
 the identity), then a modulated final layer and unpatchify.  Attention uses
 ``scaled_dot_product_attention`` (flash/memory-efficient kernels on GPU).
 
-Time convention (SPEC section 1): t in [0, 1], t = 0 the source (noise), t = 1 the data.
+Time convention (theory §1): t in [0, 1], t = 0 the source (noise), t = 1 the data.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .class_embedding import ClassEmbedding
-from .embeddings import SinusoidalTimeEmbedding
+from rectflow.models.class_embedding import ClassEmbedding
+from rectflow.models.embeddings import SinusoidalTimeEmbedding
 
 __all__ = ["DiTVelocity", "sincos_2d", "unpatchify"]
 

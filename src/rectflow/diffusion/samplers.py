@@ -1,0 +1,235 @@
+"""Diffusion-style samplers for any affine path and any parameterisation (theory §6).
+
+Every sampler is a pure function ``sampler(model, x, grid, *, path, parameterization, ...)`` where
+``model(z, t)`` (z (B, ...), t (B,)) predicts ``parameterization`` (eps, x0, v, velocity, u; see
+:mod:`rectflow.diffusion.parameterizations`), ``x`` is the state at ``grid[0]`` and ``grid`` is a rectflow time
+grid (t = 0 noise, t = 1 data; build one with :func:`rectflow.flow.solvers.time_grid` or the helpers of
+:mod:`rectflow.diffusion.schedules`: shifted, uniform in log-SNR, EDM/custom sigmas).  Each returns a
+:class:`~rectflow.flow.solvers.SolveResult` with the final state, the NFE (model calls) and optionally
+the trajectory.  Stochastic samplers draw all their noise from the explicit ``generator``.
+
+* :func:`ddim`: z' = a(t') x-hat + b(t') eps-hat, deterministic; on the flow-matching path it *is*
+  Euler (theory §6), and it is invariant to rescaling the schedule.
+* :func:`euler_eta`: Euler on z-tilde = z / alpha against eta = sigma / alpha, dz-tilde/d eta = eps-hat
+  (equal to DDIM step by step).
+* :func:`ddpm`: ancestral sampling from the forward process's posterior q(z_t' | z_t, x = x-hat).
+* :func:`churn`: DDIM step overshooting in log-SNR by a fraction ``churn`` of the step, then
+  re-noising back; churn = 0 is DDIM, churn = 1 is DDPM (theory §6).
+* :func:`flow_sde`: Euler-Maruyama on dZ = [v + e(t) score] dt + sqrt(2 e(t)) dW, the score coming from
+  the velocity (Gaussian source), with a noise-level schedule e(t) >= 0; e = 0 is the flow ODE.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from rectflow.diffusion.parameterizations import SingularConversionError, to_x0_eps
+from rectflow.diffusion.schedules import log_snr, log_snr_derivative, time_from_log_snr
+from rectflow.flow.paths import AffinePath
+from rectflow.flow.solvers import SolveResult, check_grid
+
+__all__ = [
+    "Model",
+    "NoiseLevel",
+    "predict_x0_eps",
+    "ddim_step",
+    "posterior",
+    "renoise",
+    "ddim",
+    "euler_eta",
+    "ddpm",
+    "churn",
+    "flow_sde",
+    "natural_noise_level",
+    "sigma_noise_level",
+]
+
+Model = Callable[[Tensor, Tensor], Tensor]
+NoiseLevel = Callable[[float], float]
+"""e(t) >= 0, the stochastic-interpolant noise level of :func:`flow_sde`."""
+
+
+def _coef(path: AffinePath, t: float) -> tuple[float, float, float, float]:
+    """a(t), b(t), a'(t), b'(t) as Python floats (evaluated in float64)."""
+    c = path.coefficients(torch.tensor([t], dtype=torch.float64))
+    return float(c.a[0]), float(c.b[0]), float(c.da[0]), float(c.db[0])
+
+
+def _randn(like: Tensor, generator: torch.Generator | None) -> Tensor:
+    gdev = generator.device if generator is not None else like.device
+    return torch.randn(like.shape, generator=generator, device=gdev, dtype=like.dtype).to(like.device)
+
+
+def _lam(path: AffinePath, t: float) -> float:
+    return float(log_snr(path, torch.tensor([t], dtype=torch.float64))[0])
+
+
+def predict_x0_eps(model: Model, z: Tensor, t: float, path: AffinePath, parameterization: str) -> tuple[Tensor, Tensor]:
+    """One model call at time t, converted to (x-hat, eps-hat)."""
+    tv = torch.full((z.shape[0],), t, dtype=z.dtype, device=z.device)
+    return to_x0_eps(model(z, tv), parameterization, z, path, tv)
+
+
+def ddim_step(x0: Tensor, eps: Tensor, t_next: float, path: AffinePath) -> Tensor:
+    """DDIM: z' = alpha(t') x-hat + sigma(t') eps-hat (theory §6)."""
+    a, b, _, _ = _coef(path, t_next)
+    return a * x0 + b * eps if b != 0 else a * x0
+
+
+def posterior(z: Tensor, x0: Tensor, t: float, t_next: float, path: AffinePath) -> tuple[Tensor, float]:
+    """Mean and std of q(z_t' | z_t, x = x0) for t < t' (t' less noisy), the DDPM reverse step.
+
+    Forward kernel from t' to t: z_t = (a/a') z_t' + sqrt(b^2 - (a/a')^2 b'^2) noise.
+    """
+    a, b, _, _ = _coef(path, t)
+    a_n, b_n, _, _ = _coef(path, t_next)
+    if not (t_next > t and a_n > 0 and b > 0):
+        raise SingularConversionError(f"posterior: needs t < t' with alpha(t') > 0 and sigma(t) > 0, got t={t}, t'={t_next}")
+    ratio = a / a_n
+    var_kernel = max(b * b - ratio * ratio * b_n * b_n, 0.0)
+    mean = (ratio * b_n * b_n / (b * b)) * z + (a_n * var_kernel / (b * b)) * x0
+    return mean, math.sqrt(var_kernel) * b_n / b
+
+
+def renoise(z: Tensor, t_from: float, t_to: float, path: AffinePath, noise: Tensor) -> Tensor:
+    """Forward process from t_from to the noisier t_to <= t_from: z' = (a_to/a_from) z + sqrt(b_to^2 - (a_to/a_from)^2 b_from^2) noise."""
+    a_f, b_f, _, _ = _coef(path, t_from)
+    a_t, b_t, _, _ = _coef(path, t_to)
+    if not (t_to <= t_from and a_f > 0):
+        raise SingularConversionError(f"renoise: needs t_to <= t_from and alpha(t_from) > 0, got {t_from} -> {t_to}")
+    ratio = a_t / a_f
+    return ratio * z + math.sqrt(max(b_t * b_t - ratio * ratio * b_f * b_f, 0.0)) * noise
+
+
+def _run(step: Callable[[Tensor, float, float], Tensor], x: Tensor, g: list[float], trajectory: bool) -> SolveResult:
+    traj = [x] if trajectory else None
+    for t, t_next in zip(g, g[1:]):
+        x = step(x, t, t_next)
+        if traj is not None:
+            traj.append(x)
+    return SolveResult(x, len(g) - 1, torch.stack(traj) if traj is not None else None, torch.tensor(g, dtype=torch.float64))
+
+
+def ddim(model: Model, x: Tensor, grid, *, path: AffinePath, parameterization: str = "velocity",
+         return_trajectory: bool = False) -> SolveResult:
+    """Deterministic DDIM along ``grid`` (increasing: sampling; decreasing: DDIM inversion). NFE = steps."""
+    g = check_grid(grid, name="ddim: the time grid", increasing=False, unit_interval=True)
+
+    def step(z: Tensor, t: float, t_next: float) -> Tensor:
+        x0, eps = predict_x0_eps(model, z, t, path, parameterization)
+        return ddim_step(x0, eps, t_next, path)
+
+    return _run(step, x, g, return_trajectory)
+
+
+def euler_eta(model: Model, x: Tensor, grid, *, path: AffinePath, parameterization: str = "velocity",
+              return_trajectory: bool = False) -> SolveResult:
+    """Euler in (z-tilde, eta): z-tilde = z / alpha, eta = sigma / alpha, d z-tilde / d eta = eps-hat (theory §6).
+
+    The same map as :func:`ddim`, written as the Euler method of the ODE in these variables; needs alpha > 0
+    at every grid point but the last.
+    """
+    g = check_grid(grid, name="euler_eta: the time grid", increasing=False, unit_interval=True)
+
+    def step(z: Tensor, t: float, t_next: float) -> Tensor:
+        a, b, _, _ = _coef(path, t)
+        a_n, b_n, _, _ = _coef(path, t_next)
+        if a <= 0 or a_n <= 0:
+            raise SingularConversionError(f"euler_eta: alpha must be > 0 on the grid (eta = sigma/alpha), got alpha = {min(a, a_n)} near t = {t}")
+        _, eps = predict_x0_eps(model, z, t, path, parameterization)
+        z_tilde = z / a + (b_n / a_n - b / a) * eps  # Euler: z~' = z~ + (eta' - eta) eps-hat
+        return a_n * z_tilde
+
+    return _run(step, x, g, return_trajectory)
+
+
+def ddpm(model: Model, x: Tensor, grid, *, path: AffinePath, parameterization: str = "velocity",
+         generator: torch.Generator | None = None, return_trajectory: bool = False) -> SolveResult:
+    """Ancestral DDPM: z' ~ q(z_t' | z_t, x = x-hat(z_t)) at each step (no noise on the step to sigma = 0)."""
+    g = check_grid(grid, name="ddpm: the time grid", increasing=True, unit_interval=True)
+
+    def step(z: Tensor, t: float, t_next: float) -> Tensor:
+        x0, _ = predict_x0_eps(model, z, t, path, parameterization)
+        mean, std = posterior(z, x0, t, t_next, path)
+        return mean + std * _randn(z, generator) if _coef(path, t_next)[1] > 0 else mean
+
+    return _run(step, x, g, return_trajectory)
+
+
+def churn(model: Model, x: Tensor, grid, *, path: AffinePath, parameterization: str = "velocity",
+          churn: float = 0.5, generator: torch.Generator | None = None, return_trajectory: bool = False) -> SolveResult:
+    """DDIM step from lambda to lambda' + churn (lambda' - lambda), then re-noise back to lambda' (theory §6).
+
+    churn = 0 is DDIM, churn = 1 is DDPM (same noise draws as :func:`ddpm`); any churn >= 0 is a valid
+    sampler: it only moves weight from early to late predictions.  The step to sigma = 0 is plain DDIM.
+    """
+    if not churn >= 0:
+        raise ValueError(f"churn must be >= 0, got {churn}")
+    g = check_grid(grid, name="churn: the time grid", increasing=True, unit_interval=True)
+
+    def step(z: Tensor, t: float, t_next: float) -> Tensor:
+        x0, eps = predict_x0_eps(model, z, t, path, parameterization)
+        lam, lam_next = _lam(path, t), _lam(path, t_next)
+        if churn == 0 or not math.isfinite(lam_next) or _coef(path, t_next)[1] <= 0:
+            return ddim_step(x0, eps, t_next, path)
+        lam_far = lam_next + churn * (lam_next - lam)
+        t_far = float(time_from_log_snr(path, torch.tensor([lam_far], dtype=torch.float64))[0])
+        t_far = max(t_far, t_next)  # guard against round-off in the inverse
+        return renoise(ddim_step(x0, eps, t_far, path), t_far, t_next, path, _randn(z, generator))
+
+    return _run(step, x, g, return_trajectory)
+
+
+def flow_sde(model: Model, x: Tensor, grid, *, path: AffinePath, noise_level: float | NoiseLevel,
+             parameterization: str = "velocity", generator: torch.Generator | None = None,
+             return_trajectory: bool = False) -> SolveResult:
+    """Euler-Maruyama for dZ = [v(Z, t) + e(t) score(Z, t)] dt + sqrt(2 e(t)) dW, t increasing (theory §6).
+
+    With a Gaussian source the score follows from the model: score = -eps-hat / sigma(t), eps-hat from
+    the velocity (or any other parameterisation).  Every e(t) >= 0 keeps the path's marginals;
+    e = 0 is the flow's Euler sampler.  ``noise_level`` is a constant or a function of t (see
+    :func:`natural_noise_level`, :func:`sigma_noise_level`).
+    """
+    level = noise_level if callable(noise_level) else (lambda t, c=float(noise_level): c)
+    g = check_grid(grid, name="flow_sde: the time grid", increasing=True, unit_interval=True)
+
+    def step(z: Tensor, t: float, t_next: float) -> Tensor:
+        a, b, da, db = _coef(path, t)
+        e = float(level(t))
+        if not (math.isfinite(e) and e >= 0):
+            raise ValueError(f"flow_sde: the noise level must be finite and >= 0, got {e} at t = {t}")
+        x0, eps = predict_x0_eps(model, z, t, path, parameterization)
+        h = t_next - t
+        velocity = da * x0 + db * eps  # theory §6: dz/dt = a' x + b' eps
+        if e == 0:
+            return z + h * velocity
+        if b <= 0:
+            raise SingularConversionError(f"flow_sde: the score -eps/sigma is undefined at t = {t} (sigma = 0)")
+        drift = velocity - (e / b) * eps  # score = -eps-hat / sigma
+        return z + h * drift + math.sqrt(2 * e * h) * _randn(z, generator)
+
+    return _run(step, x, g, return_trajectory)
+
+
+def natural_noise_level(path: AffinePath, eta: float = 1.0) -> NoiseLevel:
+    """e(t) = eta^2 g(t)^2 / 2 with g^2 = sigma^2 d lambda/dt the forward process's diffusion: eta = 1 is the
+    DDPM-like reverse SDE, eta = 0 the probability-flow ODE (theory §6).  On paths with alpha(0) = 0 (flow
+    matching, VP cosine) it is infinite at t = 0: start the grid at t > 0 or use :func:`sigma_noise_level`."""
+
+    def level(t: float) -> float:
+        tt = torch.tensor([t], dtype=torch.float64)
+        b = path.coefficients(tt).b
+        return float(0.5 * eta**2 * (b * b * log_snr_derivative(path, tt))[0])
+
+    return level
+
+
+def sigma_noise_level(path: AffinePath, scale: float = 1.0) -> NoiseLevel:
+    """e(t) = scale * sigma(t): finite at the noise end, vanishing at the data end (e score = -scale eps-hat)."""
+    if not scale >= 0:
+        raise ValueError(f"sigma_noise_level: scale must be >= 0, got {scale}")
+    return lambda t: scale * _coef(path, t)[1]

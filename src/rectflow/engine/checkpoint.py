@@ -1,0 +1,170 @@
+"""Checkpoints: one safetensors file per saved step, the only place that knows their layout.
+
+A checkpoint ``checkpoints/step_XXXXXXXX.safetensors`` holds
+
+    model.<name>    the trained weights
+    ema.<name>      the EMA weights (when the run keeps an EMA)
+    optim.<i>.<k>   the optimizer's tensor state (Adam moments...)
+
+and JSON metadata: ``format``, ``step``, ``model_config`` (the architecture, compared on every
+load so weights never land in a model of another shape), ``train_config`` and the optimizer's
+scalar state and parameter groups.  No pickle anywhere.
+
+Used by the trainer (save / resume), by runs (load the EMA weights of a run), by reflow and
+distillation (initialise a child run from its parent) and by the benchmarks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rectflow.engine.io import load_tensors, save_tensors
+from rectflow.errors import CheckpointError
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "Checkpoint",
+    "checkpoint_path",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "save_checkpoint",
+    "read_checkpoint",
+    "load_weights",
+    "load_optimizer_state",
+]
+
+CHECKPOINT_FORMAT = "rectflow-checkpoint/1"
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read from disk: its tensors (by prefixed name), metadata and file."""
+
+    path: Path
+    tensors: dict[str, Tensor]
+    meta: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.meta.get("step", 0))
+
+    @property
+    def model_config(self) -> dict[str, Any] | None:
+        return self.meta.get("model_config")
+
+    @property
+    def has_ema(self) -> bool:
+        return any(k.startswith("ema.") for k in self.tensors)
+
+    def state_dict(self, prefix: str) -> dict[str, Tensor]:
+        """The tensors under ``prefix`` (``"model."`` or ``"ema."``) with the prefix removed."""
+        return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+    def weights(self, ema: bool = True) -> dict[str, Tensor]:
+        """The EMA weights when asked for and present, else the trained weights."""
+        return self.state_dict("ema." if ema and self.has_ema else "model.")
+
+
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    """``run_dir/checkpoints/step_XXXXXXXX.safetensors``."""
+    return Path(run_dir) / "checkpoints" / f"step_{step:08d}.safetensors"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The checkpoint files of a run directory, oldest first (empty when there are none)."""
+    d = Path(run_dir) / "checkpoints"
+    return sorted(d.glob("step_*.safetensors")) if d.is_dir() else []
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path:
+    """The newest checkpoint of a run directory; CheckpointError when there is none."""
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        raise CheckpointError(f"{run_dir}: no checkpoints found (train the run first)")
+    return ckpts[-1]
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, Tensor):
+                tensors[f"optim.{idx}.{k}"] = v
+            else:
+                scalars[f"{idx}.{k}"] = v
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    step: int,
+    model_config: dict[str, Any],
+    ema_model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    train_config: dict[str, Any] | None = None,
+) -> Path:
+    """Write one checkpoint file atomically (model, optional EMA and optimizer state)."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if ema_model is not None:
+        tensors.update({f"ema.{k}": v for k, v in ema_model.state_dict().items()})
+    meta: dict[str, Any] = {"format": CHECKPOINT_FORMAT, "step": step, "model_config": model_config}
+    if train_config is not None:
+        meta["train_config"] = train_config
+    if optimizer is not None:
+        opt_tensors, meta["optimizer"] = _optimizer_tensors(optimizer)
+        tensors.update(opt_tensors)
+    save_tensors(path, tensors, meta)
+    return Path(path)
+
+
+def read_checkpoint(path: str | Path, *, model_config: dict[str, Any] | None = None, device: str | torch.device = "cpu") -> Checkpoint:
+    """Read a checkpoint; with ``model_config`` given, refuse one made for another architecture.
+
+    Raises CheckpointError (naming the file) for a missing, corrupt or foreign file.
+    """
+    p = Path(path)
+    tensors, meta = load_tensors(p, device=device)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{p}: not a rectflow checkpoint (format {meta.get('format')!r})")
+    if model_config is not None and meta.get("model_config") != model_config:
+        raise CheckpointError(f"{p}: checkpoint model config {meta.get('model_config')} does not match this model's {model_config}")
+    return Checkpoint(p, tensors, meta)
+
+
+def load_weights(model: nn.Module, checkpoint: Checkpoint, *, ema: bool = True) -> nn.Module:
+    """Copy the checkpoint's (EMA) weights into ``model``; CheckpointError if they do not fit."""
+    try:
+        model.load_state_dict(checkpoint.weights(ema))
+    except RuntimeError as e:
+        raise CheckpointError(f"{checkpoint.path}: weights do not fit the model ({str(e).splitlines()[0]})") from None
+    return model
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, checkpoint: Checkpoint) -> None:
+    """Restore the optimizer state saved by :func:`save_checkpoint`."""
+    meta = checkpoint.meta.get("optimizer")
+    if meta is None:
+        raise CheckpointError(f"{checkpoint.path}: holds no optimizer state")
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in checkpoint.tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    for key, v in meta.get("scalars", {}).items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{checkpoint.path}: optimizer state does not match this model ({str(e).splitlines()[0]})") from None

@@ -1,0 +1,464 @@
+"""A small, exact-resume trainer for velocity fields.
+
+The trainer knows nothing about flows: it optimises ``objective.loss(model, batch)`` on
+batches from ``objective.draw(n, generator, device)``.  Batch k is drawn from a generator
+seeded by (seed, k) alone, so a run resumed from a checkpoint sees exactly the batches an
+uninterrupted run would, and ends with bitwise-identical weights on the same machine.
+Batches can be drawn ahead by DataLoader worker processes (``workers``), which hides
+CPU-heavy couplings such as exact minibatch OT behind the training step.
+
+Checkpoints are single safetensors files (model, EMA, optimizer state) with JSON metadata;
+``metrics.jsonl`` gets one row per ``log_every`` steps.
+
+Speed knobs (all off by default, all keep the resume design): bf16 autocast (``precision``),
+TF32 matmuls/convolutions on CUDA (``tf32``, set only while ``fit`` runs), channels-last memory
+format (``channels_last``), ``torch.compile`` (``compile``), fused AdamW on CUDA, and a
+power-function EMA (``ema_kind = "power"``, Karras et al. 2024) whose averaging window is a fixed
+fraction of the run, so it suits short runs.
+
+Data-parallel training: under ``torchrun --nproc_per_node=N`` (WORLD_SIZE > 1) the trainer joins
+the process group, every rank draws the same global batch k and trains on its slice through
+DistributedDataParallel (see :mod:`rectflow.engine.distributed`); N ranks with global batch B equal one
+process with batch B.  Only rank 0 writes checkpoints and metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from rectflow.engine import distributed as dist_utils
+from rectflow.engine.checkpoint import checkpoint_path, list_checkpoints, load_optimizer_state, load_weights, read_checkpoint, save_checkpoint
+from rectflow.engine.io import append_jsonl, atomic_path, read_jsonl
+from rectflow.errors import ConfigError
+from rectflow.flow.losses import Objective
+
+__all__ = ["TrainConfig", "EMA", "Trainer", "TimeBudget", "step_generator", "resolve_device", "lr_at"]
+
+@dataclass
+class TrainConfig:
+    """Training hyper-parameters (all plain values, so they round-trip through YAML/JSON)."""
+
+    steps: int = 5000
+    batch_size: int = 256
+    lr: float = 1e-3
+    optimizer: str = "adam"  # adam | adamw
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine (decay to lr_min after warmup)
+    lr_min: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    ema_decay: float = 0.999  # 0 disables; the effective decay warms up as min(decay, (1 + k) / (10 + k))
+    ema_kind: str = "exponential"  # exponential (ema_decay) | power (ema_gamma; ignores ema_decay)
+    ema_gamma: float = 6.94  # power EMA exponent: weights ~ step^gamma (6.94 <-> EDM2 sigma_rel 0.10)
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the loss computation; weights stay fp32)
+    tf32: bool = True  # allow TF32 matmuls/convolutions on CUDA while training
+    channels_last: bool = False  # channels-last memory format for the model and 4-D batch tensors
+    compile: bool = False  # torch.compile the model for training
+    sample_every: int = 0  # write a sample grid every so many steps (image data; 0 = never)
+    seed: int = 0
+    log_every: int = 100
+    ckpt_every: int = 1000
+    keep_checkpoints: int = 2
+    workers: int | None = None  # DataLoader processes drawing batches ahead; None = auto (1 for heavy couplings)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    progress: bool = True
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(f"train.{msg}")
+
+        need(isinstance(self.steps, int) and self.steps >= 1, f"steps must be an integer >= 1, got {self.steps!r}")
+        need(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.optimizer in ("adam", "adamw"), f"optimizer must be one of ['adam', 'adamw'], got {self.optimizer!r}")
+        need(self.lr_schedule in ("constant", "cosine"), f"lr_schedule must be one of ['constant', 'cosine'], got {self.lr_schedule!r}")
+        need(0 <= self.ema_decay < 1, f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        need(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
+        need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        need(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+        need(self.ckpt_every >= 1, f"ckpt_every must be >= 1, got {self.ckpt_every}")
+        need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        need(self.workers is None or self.workers >= 0, f"workers must be >= 0 or null (auto), got {self.workers}")
+        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas must be two numbers in [0, 1), got {self.betas}")
+        need(self.ema_kind in ("exponential", "power"), f"ema_kind must be one of ['exponential', 'power'], got {self.ema_kind!r}")
+        need(self.ema_gamma > 0, f"ema_gamma must be > 0, got {self.ema_gamma}")
+        need(self.precision in ("fp32", "bf16"), f"precision must be one of ['fp32', 'bf16'], got {self.precision!r}")
+        need(isinstance(self.sample_every, int) and self.sample_every >= 0, f"sample_every must be an integer >= 0, got {self.sample_every!r}")
+
+    @property
+    def uses_ema(self) -> bool:
+        """EMA weights are kept when ema_decay > 0 or the power EMA is chosen."""
+        return self.ema_decay > 0 or self.ema_kind == "power"
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda if available else cpu; anything else is passed to torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator whose stream depends only on (seed, step): splitmix64 of the pair."""
+    z = (seed * 0x9E3779B97F4A7C15 + step + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    z ^= z >> 31
+    return torch.Generator(device=device).manual_seed(z & 0x7FFFFFFFFFFFFFFF)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate for 0-based step ``step``: linear warmup, then constant or cosine decay."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "cosine":
+        span = max(1, cfg.steps - cfg.warmup_steps)
+        frac = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * frac))
+    return cfg.lr
+
+
+class EMA:
+    """Moving average of a model's floating-point parameters and buffers.
+
+    ``kind="exponential"``: after 0-based step k, decay d_k = min(decay, (1 + k) / (10 + k)).
+    ``kind="power"``: d_k = (1 - 1/(k + 1))^(gamma + 1) (EDM2's power-function EMA): the average
+    weights the state after step j by about j^gamma, a window proportional to the run's length,
+    so it suits short runs; the first update copies the weights.
+    """
+    def __init__(self, model: nn.Module, decay: float, kind: str = "exponential", gamma: float = 6.94) -> None:
+        if kind not in ("exponential", "power"):
+            raise ConfigError(f"EMA kind must be 'exponential' or 'power', got {kind!r}")
+        self.decay, self.kind, self.gamma = decay, kind, gamma
+        self.model = _clone_model(model)
+        self._src = [p for p in _float_tensors(model)]
+        self._dst = [p for p in _float_tensors(self.model)]
+
+    def decay_at(self, step: int) -> float:
+        """The decay applied by the update after 0-based step ``step``."""
+        if self.kind == "power":
+            return (1 - 1 / (step + 1)) ** (self.gamma + 1)
+        return min(self.decay, (1 + step) / (10 + step))
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        torch._foreach_lerp_(self._dst, self._src, 1 - self.decay_at(step))
+
+
+def _float_tensors(model: nn.Module) -> list[Tensor]:
+    out = [p.data for p in model.parameters() if p.is_floating_point()]
+    out += [b for b in model.buffers() if b.is_floating_point()]
+    return out
+
+
+def _clone_model(model: nn.Module) -> nn.Module:
+
+    clone = copy.deepcopy(model)
+    for p in clone.parameters():
+        p.requires_grad_(False)
+    return clone.eval()
+
+
+class Trainer:
+    """Optimise ``objective`` for ``model``; optional ``run_dir`` for checkpoints and metrics.
+
+    ``model_config`` is stored in every checkpoint and compared on resume, so a checkpoint
+    from another model configuration is refused with a clear error.
+    """
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Objective,
+        config: TrainConfig,
+        run_dir: str | Path | None = None,
+        *,
+        model_config: dict[str, Any] | None = None,
+        callbacks: list[Callable[["Trainer", int], None]] | None = None,
+    ) -> None:
+        config.validate()
+        self.cfg = config
+        dist_utils.check_divisible(config.batch_size, dist_utils.planned_world_size())  # before any rendezvous
+        self.dist = dist_utils.init_from_env(device=None if config.device == "auto" else config.device)
+        self.local_batch = dist_utils.check_divisible(config.batch_size, self.dist.world_size)
+        self.device = resolve_device(config.device)
+        if self.device.type == "cuda" and self.device.index is None and self.dist.world_size > 1:
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.model = model.to(self.device)
+        if config.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.objective = objective
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.model_config = model_config or {}
+        self.callbacks = callbacks or []
+        opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+        kw = {"foreach": True} if self.device.type == "cpu" else {"fused": True}
+        self.optimizer = opt_cls(self.model.parameters(), lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay, **kw)
+        self.ema = EMA(self.model, config.ema_decay, config.ema_kind, config.ema_gamma) if config.uses_ema else None
+        self.step = 0  # number of optimisation steps completed
+        self._train_model: nn.Module | None = None  # the model the loss sees (DDP / compiled wrapper)
+        self.stop_requested = False  # set by a callback to end fit() after this step (with a checkpoint)
+
+    # ----- checkpoints ---------------------------------------------------------------
+    @property
+    def ckpt_dir(self) -> Path:
+        assert self.run_dir is not None
+        return self.run_dir / "checkpoints"
+
+    def checkpoints(self) -> list[Path]:
+        """Existing checkpoint files, oldest first."""
+        return [] if self.run_dir is None else list_checkpoints(self.run_dir)
+
+    def save_checkpoint(self) -> Path | None:
+        """Write ``checkpoints/step_XXXXXXXX.safetensors`` (rank 0 only; other ranks return None)."""
+        if not self.dist.is_main:
+            return None
+        path = save_checkpoint(
+            checkpoint_path(self.run_dir, self.step),
+            model=self.model,
+            step=self.step,
+            model_config=self.model_config,
+            ema_model=self.ema.model if self.ema is not None else None,
+            optimizer=self.optimizer,
+            train_config=asdict(self.cfg),
+        )
+        for old in self.checkpoints()[: -self.cfg.keep_checkpoints]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore model, EMA, optimizer and step from a checkpoint of this model config."""
+        ckpt = read_checkpoint(path, model_config=self.model_config, device=self.device)
+        load_weights(self.model, ckpt, ema=False)
+        if self.ema is not None:
+            load_weights(self.ema.model, ckpt, ema=True)
+        load_optimizer_state(self.optimizer, ckpt)
+        self.step = ckpt.step
+
+    def resume(self) -> bool:
+        """Load the newest readable checkpoint of ``run_dir``; False when there is none."""
+        for path in reversed(self.checkpoints()):
+            self.load_checkpoint(path)
+            self._truncate_metrics()
+            return True
+        return False
+
+    def _truncate_metrics(self) -> None:
+        if self.run_dir is None or not self.dist.is_main:
+            return
+        path = self.run_dir / "metrics.jsonl"
+        rows = [r for r in read_jsonl(path) if r.get("step", 0) <= self.step]
+
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    # ----- training ------------------------------------------------------------------
+    def _num_workers(self) -> int:
+        if self.cfg.workers is not None:
+            return self.cfg.workers
+        heavy = self.objective.heavy_draw
+        return 1 if heavy and (os.cpu_count() or 1) >= 2 else 0
+
+    def _batches(self, start: int) -> Iterator[Any]:
+        """Batches for steps start .. steps-1: the global batch k drawn from the CPU generator
+        step_generator(seed, k), then this rank's slice of it.  Without workers the draw is
+        materialised directly on the training device (samplers keep their randomness a function of
+        the generator); with ``workers`` > 0 it is drawn in worker processes on the CPU."""
+        workers = self._num_workers()
+        rank, world = self.dist.rank, self.dist.world_size
+        cl = self.cfg.channels_last
+        if workers == 0:
+            for k in range(start, self.cfg.steps):
+                batch = self.objective.draw(self.cfg.batch_size, step_generator(self.cfg.seed, k), self.device)
+                yield _to_device(dist_utils.slice_batch(batch, rank, world), self.device, cl)
+            return
+        loader = DataLoader(
+            _StepDraws(self.objective, self.cfg.batch_size, self.cfg.seed, rank, world),
+            batch_size=None,
+            sampler=range(start, self.cfg.steps),
+            num_workers=workers,
+            prefetch_factor=4,
+            pin_memory=self.device.type == "cuda",
+        )
+        for batch in loader:
+            yield _to_device(batch, self.device, cl)
+
+    def _model_for_loss(self) -> nn.Module:
+        """The module the objective calls: DDP-wrapped under a process group, compiled on request."""
+        if self._train_model is None:
+            m: nn.Module = self.model
+            if self.dist.world_size > 1:
+
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                m = DistributedDataParallel(m, device_ids=ids)
+            if self.cfg.compile:
+                m = torch.compile(m)
+            self._train_model = m
+        return self._train_model
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def fit(self, resume: bool = True) -> "Trainer":
+        """Train until ``cfg.steps`` steps are done (continuing from the newest checkpoint if
+        ``resume``).  Ctrl-C saves a checkpoint at the last completed step before re-raising."""
+        cfg = self.cfg
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if resume:
+                self.resume()
+        if self.step >= cfg.steps:
+            return self
+        self.model.train()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        train_model = self._model_for_loss()
+        loss_sum = torch.zeros((), device=self.device)
+        n_in_window, t_window = 0, time.perf_counter()
+        show = cfg.progress and self.dist.is_main
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not show or None, desc="train", unit="step", dynamic_ncols=True)
+        batches = self._batches(self.step)
+        tf32 = _tf32(cfg.tf32 and self.device.type == "cuda")
+        tf32.__enter__()
+        try:
+            for batch in batches:
+                k = self.step
+                lr = lr_at(cfg, k)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                with self._autocast():
+                    out = self.objective.loss(train_model, batch)
+                self.optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+                self.optimizer.step()
+                if self.ema is not None:
+                    self.ema.update(k)
+                self.step = k + 1
+                loss_sum += out.loss.detach()
+                n_in_window += 1
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    self._log(float(dist_utils.all_reduce_mean(loss_sum)) / n_in_window, lr, n_in_window, t_window, bar)
+                    loss_sum.zero_()
+                    n_in_window, t_window = 0, time.perf_counter()
+                if self.run_dir is not None and (self.step % cfg.ckpt_every == 0 or self.step == cfg.steps):
+                    self.save_checkpoint()
+                for cb in self.callbacks:
+                    cb(self, self.step)
+                if self.stop_requested:  # a callback ended the run early (e.g. TimeBudget)
+                    if n_in_window:
+                        self._log(float(dist_utils.all_reduce_mean(loss_sum)) / n_in_window, lr, n_in_window, t_window, bar)
+                    if self.run_dir is not None and self.step % cfg.ckpt_every != 0:
+                        self.save_checkpoint()
+                    break
+        except KeyboardInterrupt:
+            if self.run_dir is not None and self.step > 0:
+                self.save_checkpoint()
+            raise
+        finally:
+            tf32.__exit__(None, None, None)
+            bar.close()
+            batches.close()
+        return self
+
+    def _log(self, mean_loss: float, lr: float, n: int, t_window: float, bar) -> None:
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(
+                f"training diverged: loss is {mean_loss} at step {self.step} (lower lr or enable grad_clip); "
+                "the last checkpoint is kept"
+            )
+        row = {"step": self.step, "loss": mean_loss, "lr": lr, "ms_per_step": 1e3 * (time.perf_counter() - t_window) / n}
+        bar.set_postfix(loss=f"{mean_loss:.4f}")
+        if self.run_dir is not None and self.dist.is_main:
+            append_jsonl(self.run_dir / "metrics.jsonl", row)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The EMA model if EMA is on, else the trained model (in eval mode)."""
+        return (self.ema.model if self.ema is not None else self.model).eval()
+
+
+class TimeBudget:
+    """Trainer callback: end training (with a checkpoint) once ``seconds`` of wall time have passed
+    since this object was made, checking every ``every`` steps.  Under DDP the ranks decide
+    together (any rank over budget stops all), so they stop at the same step."""
+    def __init__(self, seconds: float, every: int = 20) -> None:
+        if not seconds > 0 or every < 1:
+            raise ConfigError(f"time budget: seconds must be > 0 and every >= 1, got {seconds}, {every}")
+        self.seconds, self.every = float(seconds), int(every)
+        self.t0 = time.perf_counter()
+
+    def __call__(self, trainer: "Trainer", step: int) -> None:
+        if step % self.every:
+            return
+        over = time.perf_counter() - self.t0 > self.seconds
+        if dist_utils.is_distributed():
+            flag = torch.tensor(float(over), device=trainer.device)
+            over = float(dist_utils.all_reduce_mean(flag)) > 0
+        if over:
+            trainer.stop_requested = True
+
+
+class _StepDraws(Dataset):
+    """Map-style view of the batch stream: item k is this rank's slice of the global batch of step k
+    (picklable for workers)."""
+
+    def __init__(self, objective: Objective, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.objective, self.batch_size, self.seed = objective, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, k: int) -> Any:
+        batch = self.objective.draw(self.batch_size, step_generator(self.seed, k), torch.device("cpu"))
+        return dist_utils.slice_batch(batch, self.rank, self.world_size)
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool) -> Iterator[None]:
+    """Allow TF32 matmuls and cuDNN convolutions inside the block (restores the previous flags)."""
+    if not enabled:
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
+    if isinstance(batch, Tensor):
+        if batch.device != device:
+            batch = batch.to(device, non_blocking=True)
+        if channels_last and batch.dim() == 4 and batch.is_floating_point():
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(_to_device(b, device, channels_last) for b in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(b, device, channels_last) for b in batch)
+    return batch

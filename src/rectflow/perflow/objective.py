@@ -1,0 +1,159 @@
+"""PeRFlow: piecewise rectified flow that accelerates a pretrained diffusion or flow model (theory §5).
+
+Rectflow time t: 0 = noise, 1 = data (diffusion time s = 1 - t, see :mod:`rectflow.diffusion.schedules`).
+
+* :func:`make_windows` splits [0, 1] into K windows 0 = t_0 < t_1 < ... < t_K = 1 (uniform in t,
+  uniform in the teacher's log-SNR, or user-given boundaries).
+* :class:`Teacher` is any model that is a prediction (eps, x0, v, velocity, u) on an affine path
+  z_t = a(t) x + b(t) eps; :meth:`Teacher.solve_windows` runs a batched DDIM across one window per
+  example (each example may sit in a different window).
+* :class:`PeRFlowObjective` (Trainer-compatible): real data x, noise eps, window k per example;
+  z_start = a(t_{k-1}) x + b(t_{k-1}) eps (forward process), z_end = teacher DDIM across window k;
+  the student regresses the straight line: at z_t = z_start + (t - t_{k-1}) v,
+  v = (z_end - z_start) / (t_k - t_{k-1}).
+* Parameterisation inheritance.  Inside window k the straight line from z_start to the DDIM end
+  point z_end = a_k x-hat + b_k eps-hat (x-hat, eps-hat the teacher's predictions at z_start) is
+  itself an affine path in (x-hat, eps-hat) with *linearly interpolated* coefficients
+  A(t) = a_{k-1} + r (a_k - a_{k-1}), B(t) = b_{k-1} + r (b_k - b_{k-1}), r = (t - t_{k-1}) / (t_k - t_{k-1}):
+  z_t = A(t) x-hat + B(t) eps-hat, v = (a_k - a_{k-1})/dt x-hat + (b_k - b_{k-1})/dt eps-hat.
+  :class:`WindowPath` is that piecewise-linear path; the student keeps the teacher's output kind
+  (e.g. eps) *on the window path*, so at each window start its prediction means exactly what the
+  teacher's does, and one Euler step per window of the teacher-initialised student is the teacher's
+  K-step DDIM.  The weight change is stored as a delta (:func:`save_delta` / :func:`apply_delta`).
+* Samplers: :func:`sample` (m Euler steps per window; m = 1 is K-step generation), returning a
+  :class:`~rectflow.flow.solvers.SolveResult` with the NFE.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from rectflow.diffusion.parameterizations import convert
+from rectflow.errors import ConfigError
+from rectflow.flow.losses import LossOutput, per_sample_mse
+from rectflow.flow.paths import expand_like
+from rectflow.perflow.student import PeRFlowStudent
+from rectflow.perflow.teacher import Teacher
+from rectflow.perflow.windows import validate_windows
+
+__all__ = ['PeRFlowBatch', 'PeRFlowObjective', 'PairsObjective', 'straight_loss']
+
+
+# ----------------------------------------------------------------------------------------- training
+class PeRFlowBatch(NamedTuple):
+    """``z``: points on the windows' straight lines; ``t`` (B,); ``target``: velocity (B, ...)."""
+
+    z: Tensor
+    t: Tensor
+    target: Tensor
+
+
+class PeRFlowObjective:
+    """Piecewise reflow (theory §5) for :class:`rectflow.engine.trainer.Trainer`.
+
+    Args:
+        teacher: the frozen :class:`Teacher`.
+        data: ``sample(n, generator=, device=) -> x`` of real data (e.g. :class:`ImageDataset`).
+        boundaries: window boundaries (from :func:`make_windows`).
+        solver_steps: DDIM steps of the teacher across one window (its NFE per example).
+        loss_space: "native" (MSE of the student's own output, e.g. eps, against the target converted
+            on the window path), "velocity", or a kind ("x0", "eps", "v"); see :func:`straight_loss`.
+        t_margin: keeps the training t inside [t_{k-1} + margin dt, t_k - margin dt).
+        start_fraction: share of each batch placed exactly at its window's start (the rest uniform in
+            the window, as in the paper).  One Euler step per window only reads the student there;
+            the interior of a window asks for E[z_end - z_start | z_t], which a small network learns
+            slowly and at the expense of the start, so K-step students train faster with a share
+            here (0 = the paper's uniform t; use 0 when sampling with several steps per window).
+    Each draw costs ``solver_steps`` teacher calls on the whole batch (``teacher_nfe`` counts them).
+    """
+
+    heavy_draw = False
+
+    def __init__(self, teacher: Teacher, data: Any, boundaries: Tensor, *, solver_steps: int = 4,
+                 loss_space: str = "native", t_margin: float = 1e-4, start_fraction: float = 0.0) -> None:
+        if solver_steps < 1:
+            raise ConfigError(f"perflow.solver_steps must be >= 1, got {solver_steps}")
+        if not 0.0 <= start_fraction <= 1.0:
+            raise ConfigError(f"perflow.start_fraction must lie in [0, 1], got {start_fraction}")
+        self.start_fraction = float(start_fraction)
+        _check_loss_space(loss_space)
+        self.teacher, self.data, self.solver_steps = teacher, data, int(solver_steps)
+        self.boundaries, self.loss_space, self.t_margin = validate_windows(boundaries), loss_space, float(t_margin)
+        self.teacher_nfe = 0  # teacher evaluations per example, summed over draws
+
+    @torch.no_grad()
+    def draw(self, n: int, generator: torch.Generator, device) -> PeRFlowBatch:
+        x = self.data.sample(n, generator=generator, device=device)
+        gdev = generator.device
+        eps = torch.randn(x.shape, generator=generator, device=gdev, dtype=x.dtype).to(x.device)
+        k = torch.randint(0, self.boundaries.numel() - 1, (n,), generator=generator, device=gdev).to(x.device)
+        u = torch.rand(n, generator=generator, device=gdev, dtype=torch.float64).to(x.device)
+        b = self.boundaries.to(x.device)
+        t0, t1 = b[k], b[k + 1]
+        c0 = self.teacher.path.coefficients(t0.to(x.dtype))
+        z0 = expand_like(c0.a, x) * x + expand_like(c0.b, x) * eps  # forward process to the window start
+        z1 = self.teacher.ddim(z0, t0, t1, self.solver_steps)  # teacher ODE across this one window
+        self.teacher_nfe += self.solver_steps * n
+        dt = t1 - t0
+        v = (z1 - z0) / expand_like(dt.to(x.dtype), x)
+        tau = (self.t_margin + u * (1 - 2 * self.t_margin)) * dt
+        if self.start_fraction > 0:
+            at_start = torch.rand(n, generator=generator, device=gdev).to(x.device) < self.start_fraction
+            tau = torch.where(at_start, torch.zeros_like(tau), tau)
+        z = z0 + expand_like(tau.to(x.dtype), x) * v
+        return PeRFlowBatch(z, (t0 + tau).to(x.dtype), v)
+
+    def loss(self, model: nn.Module, batch: PeRFlowBatch) -> LossOutput:
+        return straight_loss(model, batch, self.loss_space)
+
+
+LOSS_SPACES = ("native", "velocity", "x0", "eps", "v")
+
+
+def _check_loss_space(loss_space: str) -> None:
+    if loss_space not in LOSS_SPACES:
+        raise ConfigError(f"perflow.loss_space must be one of {list(LOSS_SPACES)}, got {loss_space!r}")
+
+
+def straight_loss(model: nn.Module, batch: PeRFlowBatch, loss_space: str = "native") -> LossOutput:
+    """MSE of a :class:`PeRFlowStudent` against straight-line velocity targets, compared in
+    ``loss_space``: "native" (the student's own output kind), "velocity", or a kind ("x0", "eps",
+    "v") that both sides are converted to on the window path.  The space is the loss weighting
+    over t: "x0" keeps the window ends as easy as the teacher's denoising, while eps / v / velocity
+    ask for the noise near the clean end of the last window, where it is hardly predictable."""
+    _check_loss_space(loss_space)
+    if isinstance(model, PeRFlowStudent) and loss_space != "velocity":
+        dst = model.parameterization if loss_space == "native" else loss_space
+        raw = model.raw(batch.z, batch.t)
+        pred = raw if dst == model.parameterization else convert(raw, src=model.parameterization, dst=dst, z=batch.z, path=model.window_path, t=batch.t)
+        target = convert(batch.target, src="velocity", dst=dst, z=batch.z, path=model.window_path, t=batch.t)
+    else:
+        pred, target = model(batch.z, batch.t), batch.target
+    err = per_sample_mse(pred, target)
+    return LossOutput(err.mean(), err.detach())
+
+
+class PairsObjective:
+    """Reflow on precomputed (noise-end, data-end) pairs (InstaFlow's 2-RF baseline): the straight line
+    z_t = (1 - r) z_start + r z_end over the single window [t_0, t_1] = [0, 1] (use a K = 1 student)."""
+
+    heavy_draw = False
+
+    def __init__(self, z_start: Tensor, z_end: Tensor, *, loss_space: str = "native", t_margin: float = 1e-4) -> None:
+        if z_start.shape != z_end.shape:
+            raise ConfigError("perflow.PairsObjective: z_start and z_end must have the same shape")
+        self.z_start, self.z_end, self.loss_space, self.t_margin = z_start, z_end, loss_space, float(t_margin)
+
+    def draw(self, n: int, generator: torch.Generator, device) -> PeRFlowBatch:
+        i = torch.randint(0, self.z_start.shape[0], (n,), generator=generator, device=generator.device).cpu()
+        u = torch.rand(n, generator=generator, device=generator.device, dtype=torch.float64).cpu()
+        z0, z1 = self.z_start[i].to(device), self.z_end[i].to(device)
+        t = (self.t_margin + u * (1 - 2 * self.t_margin)).to(device)
+        v = z1 - z0
+        return PeRFlowBatch(z0 + expand_like(t.to(z0.dtype), z0) * v, t.to(z0.dtype), v)
+
+    def loss(self, model: nn.Module, batch: PeRFlowBatch) -> LossOutput:
+        return straight_loss(model, batch, self.loss_space)

@@ -1,0 +1,84 @@
+"""PeRFlow: piecewise rectified flow that accelerates a pretrained diffusion or flow model (theory §5).
+
+Rectflow time t: 0 = noise, 1 = data (diffusion time s = 1 - t, see :mod:`rectflow.diffusion.schedules`).
+
+* :func:`make_windows` splits [0, 1] into K windows 0 = t_0 < t_1 < ... < t_K = 1 (uniform in t,
+  uniform in the teacher's log-SNR, or user-given boundaries).
+* :class:`Teacher` is any model that is a prediction (eps, x0, v, velocity, u) on an affine path
+  z_t = a(t) x + b(t) eps; :meth:`Teacher.solve_windows` runs a batched DDIM across one window per
+  example (each example may sit in a different window).
+* :class:`PeRFlowObjective` (Trainer-compatible): real data x, noise eps, window k per example;
+  z_start = a(t_{k-1}) x + b(t_{k-1}) eps (forward process), z_end = teacher DDIM across window k;
+  the student regresses the straight line: at z_t = z_start + (t - t_{k-1}) v,
+  v = (z_end - z_start) / (t_k - t_{k-1}).
+* Parameterisation inheritance.  Inside window k the straight line from z_start to the DDIM end
+  point z_end = a_k x-hat + b_k eps-hat (x-hat, eps-hat the teacher's predictions at z_start) is
+  itself an affine path in (x-hat, eps-hat) with *linearly interpolated* coefficients
+  A(t) = a_{k-1} + r (a_k - a_{k-1}), B(t) = b_{k-1} + r (b_k - b_{k-1}), r = (t - t_{k-1}) / (t_k - t_{k-1}):
+  z_t = A(t) x-hat + B(t) eps-hat, v = (a_k - a_{k-1})/dt x-hat + (b_k - b_{k-1})/dt eps-hat.
+  :class:`WindowPath` is that piecewise-linear path; the student keeps the teacher's output kind
+  (e.g. eps) *on the window path*, so at each window start its prediction means exactly what the
+  teacher's does, and one Euler step per window of the teacher-initialised student is the teacher's
+  K-step DDIM.  The weight change is stored as a delta (:func:`save_delta` / :func:`apply_delta`).
+* Samplers: :func:`sample` (m Euler steps per window; m = 1 is K-step generation), returning a
+  :class:`~rectflow.flow.solvers.SolveResult` with the NFE.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from rectflow.diffusion.parameterizations import _check_kind, convert, to_x0_eps
+from rectflow.diffusion.samplers import ddim
+from rectflow.errors import ConfigError
+from rectflow.flow.paths import AffinePath, expand_like
+from rectflow.flow.solvers import SolveResult, time_grid
+
+__all__ = ['Teacher', 'teacher_ddim_sample']
+
+
+# ----------------------------------------------------------------------------------------- teacher
+class Teacher:
+    """A pretrained model as a prediction of kind ``parameterization`` on the affine ``path``.
+
+    ``model(z, time_map(t))`` with z (B, ...), t (B,) rectflow time; ``time_map`` converts t into the
+    model's own time input (e.g. ``DDPMSchedule.t_to_timestep``).  For a diffusers UNet use
+    :func:`rectflow.perflow.diffusers_io.load_teacher`.
+    """
+
+    def __init__(self, model: Callable[..., Tensor], path: AffinePath, parameterization: str = "velocity",
+                 *, time_map: Callable[[Tensor], Tensor] | None = None) -> None:
+        _check_kind(parameterization)
+        if not isinstance(path, AffinePath):
+            raise ConfigError(f"perflow.Teacher: path must be an AffinePath (got {type(path).__name__})")
+        self.model, self.path, self.parameterization, self.time_map = model, path, parameterization, time_map
+
+    def raw(self, z: Tensor, t: Tensor) -> Tensor:
+        """The model's own output at (z, t)."""
+        return self.model(z, self.time_map(t) if self.time_map is not None else t)
+
+    def x0_eps(self, z: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return to_x0_eps(self.raw(z, t), self.parameterization, z, self.path, t)
+
+    def velocity(self, z: Tensor, t: Tensor) -> Tensor:
+        """dz/dt of the teacher's probability-flow ODE (a velocity field for the solvers)."""
+        return convert(self.raw(z, t), src=self.parameterization, dst="velocity", z=z, path=self.path, t=t)
+
+    @torch.no_grad()
+    def ddim(self, z: Tensor, t_from: Tensor, t_to: Tensor, steps: int) -> Tensor:
+        """Batched DDIM from per-example times t_from (B,) to t_to (B,) in ``steps`` equal steps."""
+        for j in range(steps):
+            t = t_from + (t_to - t_from) * (j / steps)
+            t_next = t_from + (t_to - t_from) * ((j + 1) / steps)
+            x0, eps = self.x0_eps(z, t.to(z.dtype))
+            c = self.path.coefficients(t_next.to(z.dtype))
+            z = expand_like(c.a, z) * x0 + expand_like(c.b, z) * eps  # theory §6: z' = alpha' x-hat + sigma' eps-hat
+        return z
+
+
+def teacher_ddim_sample(teacher: Teacher, x: Tensor, steps: int) -> SolveResult:
+    """The teacher's own DDIM from t = 0 to 1 in ``steps`` uniform steps (the baseline; NFE = steps)."""
+    return ddim(teacher.raw, x, time_grid(steps), path=teacher.path, parameterization=teacher.parameterization)

@@ -1,0 +1,120 @@
+"""PeRFlow: piecewise rectified flow that accelerates a pretrained diffusion or flow model (theory §5).
+
+Rectflow time t: 0 = noise, 1 = data (diffusion time s = 1 - t, see :mod:`rectflow.diffusion.schedules`).
+
+* :func:`make_windows` splits [0, 1] into K windows 0 = t_0 < t_1 < ... < t_K = 1 (uniform in t,
+  uniform in the teacher's log-SNR, or user-given boundaries).
+* :class:`Teacher` is any model that is a prediction (eps, x0, v, velocity, u) on an affine path
+  z_t = a(t) x + b(t) eps; :meth:`Teacher.solve_windows` runs a batched DDIM across one window per
+  example (each example may sit in a different window).
+* :class:`PeRFlowObjective` (Trainer-compatible): real data x, noise eps, window k per example;
+  z_start = a(t_{k-1}) x + b(t_{k-1}) eps (forward process), z_end = teacher DDIM across window k;
+  the student regresses the straight line: at z_t = z_start + (t - t_{k-1}) v,
+  v = (z_end - z_start) / (t_k - t_{k-1}).
+* Parameterisation inheritance.  Inside window k the straight line from z_start to the DDIM end
+  point z_end = a_k x-hat + b_k eps-hat (x-hat, eps-hat the teacher's predictions at z_start) is
+  itself an affine path in (x-hat, eps-hat) with *linearly interpolated* coefficients
+  A(t) = a_{k-1} + r (a_k - a_{k-1}), B(t) = b_{k-1} + r (b_k - b_{k-1}), r = (t - t_{k-1}) / (t_k - t_{k-1}):
+  z_t = A(t) x-hat + B(t) eps-hat, v = (a_k - a_{k-1})/dt x-hat + (b_k - b_{k-1})/dt eps-hat.
+  :class:`WindowPath` is that piecewise-linear path; the student keeps the teacher's output kind
+  (e.g. eps) *on the window path*, so at each window start its prediction means exactly what the
+  teacher's does, and one Euler step per window of the teacher-initialised student is the teacher's
+  K-step DDIM.  The weight change is stored as a delta (:func:`save_delta` / :func:`apply_delta`).
+* Samplers: :func:`sample` (m Euler steps per window; m = 1 is K-step generation), returning a
+  :class:`~rectflow.flow.solvers.SolveResult` with the NFE.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from rectflow.diffusion.schedules import log_snr, time_from_log_snr
+from rectflow.errors import ConfigError
+from rectflow.flow.paths import AffinePath, PathCoefficients
+from rectflow.flow.solvers import check_grid
+
+__all__ = ['make_windows', 'validate_windows', 'window_index', 'WindowPath', 'window_grid']
+
+
+# ----------------------------------------------------------------------------------------- windows
+def validate_windows(boundaries: Tensor | Sequence[float]) -> Tensor:
+    """Check user boundaries: start at 0, end at 1, strictly increasing, >= 1 window -> float64 (K+1,)."""
+    g = check_grid(torch.as_tensor(boundaries, dtype=torch.float64).flatten(), name="perflow.windows: the boundaries", increasing=True, unit_interval=True)
+    if abs(g[0]) > 1e-12 or abs(g[-1] - 1) > 1e-12:
+        raise ConfigError(f"perflow.windows: boundaries must start at 0 and end at 1 (cover [0, 1]), got {g}")
+    g[0], g[-1] = 0.0, 1.0
+    return torch.tensor(g, dtype=torch.float64)
+
+
+def make_windows(k: int | None = None, *, spacing: str = "time", path: AffinePath | None = None,
+                 boundaries: Sequence[float] | Tensor | None = None, lam_min: float = -10.0,
+                 lam_max: float = 10.0) -> Tensor:
+    """K windows over rectflow t in [0, 1] as a float64 tensor of K + 1 boundaries.
+
+    ``spacing="time"``: t_k = k / K.  ``spacing="log_snr"``: inner boundaries uniform in the log-SNR of
+    ``path`` between max(lambda(0), lam_min) and min(lambda(1), lam_max) (the clip keeps infinite
+    end points usable).  ``boundaries``: user-given (validated; ``k`` and ``spacing`` are ignored).
+    """
+    if boundaries is not None:
+        return validate_windows(boundaries)
+    if not isinstance(k, int) or k < 1:
+        raise ConfigError(f"perflow.windows: K must be an integer >= 1, got {k!r}")
+    if spacing == "time":
+        return torch.linspace(0, 1, k + 1, dtype=torch.float64)
+    if spacing == "log_snr":
+        if path is None:
+            raise ConfigError("perflow.windows: spacing='log_snr' needs the teacher's path")
+        ends = log_snr(path, torch.tensor([0.0, 1.0], dtype=torch.float64))
+        lo, hi = max(float(ends[0]), lam_min), min(float(ends[1]), lam_max)
+        if not lo < hi:
+            raise ConfigError(f"perflow.windows: empty log-SNR range [{lo}, {hi}]")
+        lam = torch.linspace(lo, hi, k + 1, dtype=torch.float64)
+        b = time_from_log_snr(path, lam).double()
+        b[0], b[-1] = 0.0, 1.0
+        return validate_windows(b)
+    raise ConfigError(f"perflow.windows: spacing must be 'time' or 'log_snr', got {spacing!r}")
+
+
+def window_index(boundaries: Tensor, t: Tensor) -> Tensor:
+    """Window k (0-based) holding each t; a boundary t_k belongs to the window it starts, t = 1 to the last."""
+    k = torch.searchsorted(boundaries.to(t.device, torch.float64), t.double().contiguous(), right=True) - 1
+    return k.clamp(0, boundaries.numel() - 2)
+
+
+def window_grid(boundaries: Tensor, steps_per_window: int = 1) -> Tensor:
+    """The sampling grid: each window split into ``steps_per_window`` equal steps (float64)."""
+    if steps_per_window < 1:
+        raise ConfigError(f"perflow: steps_per_window must be >= 1, got {steps_per_window}")
+    b = boundaries.double()
+    r = torch.arange(steps_per_window, dtype=torch.float64) / steps_per_window
+    inner = (b[:-1, None] + r[None, :] * (b[1:] - b[:-1])[:, None]).flatten()
+    return torch.cat([inner, b[-1:]])
+
+
+class WindowPath(AffinePath):
+    """The piecewise-linear path of the student: A(t), B(t) interpolate the teacher's a, b linearly
+    between window boundaries (see the module docstring); A' and B' are constant inside a window."""
+
+    def __init__(self, teacher_path: AffinePath, boundaries: Tensor) -> None:
+        self.teacher_path = teacher_path
+        self.boundaries = validate_windows(boundaries)
+        c = teacher_path.coefficients(self.boundaries)
+        self.a_knots, self.b_knots = c.a.double(), c.b.double()
+
+    def coefficients(self, t: Tensor) -> PathCoefficients:
+        k = window_index(self.boundaries, t)
+        dev = t.device
+        t0, t1 = self.boundaries.to(dev)[k], self.boundaries.to(dev)[k + 1]
+        a0, a1 = self.a_knots.to(dev)[k], self.a_knots.to(dev)[k + 1]
+        b0, b1 = self.b_knots.to(dev)[k], self.b_knots.to(dev)[k + 1]
+        dt = t1 - t0
+        da, db = (a1 - a0) / dt, (b1 - b0) / dt
+        tau = t.double() - t0
+        out = (a0 + tau * da, b0 + tau * db, da, db)
+        return PathCoefficients(*(v.to(t.dtype) for v in out))
+
+    def __repr__(self) -> str:
+        return f"WindowPath(K={self.boundaries.numel() - 1}, teacher={self.teacher_path!r})"

@@ -1,0 +1,550 @@
+"""Reflow pair stores: coupled samples (Z0, Z1 = Flow_k(Z0)) kept on disk (theory §4).
+
+A store is a directory::
+
+    manifest.json               settings, provenance and one entry (n, bytes, sha256, NFE) per shard
+    pairs_00000.safetensors     z0 (m, *shape) and z1 (m, *shape), float32
+    pairs_00001.safetensors     ...
+
+Generation (:func:`generate_pairs`) streams shard by shard, so only one shard is ever in
+memory.  Shard s holds Z0 drawn from ``step_generator(seed, s)`` and Z1 solved on that whole
+shard (adaptive solvers control their step on the batch, so the shard is the unit of
+determinism): the store is a function of its settings alone.  Each shard is written
+atomically and then recorded in the manifest, so a killed generation resumes at the first
+unrecorded shard with no pair lost or duplicated.  A store is never overwritten with other
+settings, and a shard that is missing, truncated or changed on disk is reported with a
+:class:`~rectflow.errors.CheckpointError`.
+
+Reading: :class:`PairStore` is a map-style dataset (``store[i] -> (z0, z1)``, ``store.get(idx)``)
+backed by memory maps, so stores larger than RAM are read page by page;
+:class:`PairCoupling` draws random pairs from it and is a coupling in the sense of
+:mod:`rectflow.flow.couplings`, usable by :class:`~rectflow.flow.losses.FlowMatchingObjective`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from rectflow.engine import distributed
+from rectflow.engine.io import load_json, load_tensors, save_json, save_tensors, sha256_file
+from rectflow.engine.trainer import step_generator
+from rectflow.errors import CheckpointError, ConfigError, DataError
+from rectflow.flow.sampling import parse_solver_spec, sample_model
+
+__all__ = [
+    "PAIRS_FORMAT",
+    "PairSettings",
+    "PairStore",
+    "PairCoupling",
+    "generate_pairs",
+    "state_dict_sha256",
+    "shard_name",
+]
+
+PAIRS_FORMAT = "rectflow-pairs/1"
+MANIFEST = "manifest.json"
+_SHARD_KEYS = ("z0", "z1")
+
+
+def shard_name(index: int) -> str:
+    """File name of shard ``index``: ``pairs_00000.safetensors``."""
+    return f"pairs_{index:05d}.safetensors"
+
+
+def state_dict_sha256(model: nn.Module) -> str:
+    """Hex sha256 over a model's state dict (names, dtypes, shapes and raw bytes, in key order)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class PairSettings:
+    """Everything that determines a store's content (two stores with equal settings are identical).
+
+    ``solver`` is a spec such as ``"dopri5"`` or ``"euler:100"``; ``model_sha256`` identifies the
+    flow that produced Z1; ``source`` describes pi0 (JSON: a distribution spec or a repr).
+    """
+    n_pairs: int
+    shape: tuple[int, ...]
+    seed: int
+    shard_size: int
+    solver: str
+    rtol: float
+    atol: float
+    model_sha256: str
+    source: Any
+
+    @property
+    def n_shards(self) -> int:
+        return math.ceil(self.n_pairs / self.shard_size)
+
+    def shard_count(self, index: int) -> int:
+        """Number of pairs in shard ``index`` (all full but possibly the last)."""
+        return min(self.shard_size, self.n_pairs - index * self.shard_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> "PairSettings":
+        want = {f: None for f in cls.__dataclass_fields__}
+        if not isinstance(d, dict) or set(d) != set(want):
+            got = sorted(d) if isinstance(d, dict) else type(d).__name__
+            raise CheckpointError(f"{where}: malformed pair-store manifest (settings keys {got}, expected {sorted(want)})")
+        try:
+            s = cls(
+                n_pairs=int(d["n_pairs"]),
+                shape=tuple(int(v) for v in d["shape"]),
+                seed=int(d["seed"]),
+                shard_size=int(d["shard_size"]),
+                solver=str(d["solver"]),
+                rtol=float(d["rtol"]),
+                atol=float(d["atol"]),
+                model_sha256=str(d["model_sha256"]),
+                source=d["source"],
+            )
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{where}: malformed pair-store manifest ({e})") from None
+        if s.n_pairs < 1 or s.shard_size < 1 or not s.shape or any(v < 1 for v in s.shape):
+            raise CheckpointError(f"{where}: malformed pair-store manifest (n_pairs {s.n_pairs}, shard_size {s.shard_size}, shape {list(s.shape)})")
+        return s
+
+
+# ----- manifest and shard checks -----------------------------------------------------------
+
+
+def _read_manifest(root: Path) -> tuple[PairSettings, dict[str, Any]]:
+    path = root / MANIFEST
+    man = load_json(path)
+    if not isinstance(man, dict) or man.get("format") != PAIRS_FORMAT:
+        fmt = man.get("format") if isinstance(man, dict) else None
+        raise CheckpointError(f"{path}: not a rectflow pair store (format {fmt!r}, expected {PAIRS_FORMAT!r})")
+    settings = PairSettings.from_dict(man.get("settings"), str(path))
+    shards = man.get("shards")
+    if not isinstance(shards, list) or len(shards) > settings.n_shards:
+        raise CheckpointError(f"{path}: malformed pair-store manifest (shards must be a list of at most {settings.n_shards} entries)")
+    for i, e in enumerate(shards):
+        ok = isinstance(e, dict) and e.get("file") == shard_name(i) and e.get("n") == settings.shard_count(i)
+        ok = ok and isinstance(e.get("sha256"), str) and isinstance(e.get("bytes"), int)
+        if not ok:
+            raise CheckpointError(
+                f"{path}: manifest disagrees with its layout at shard {i} (expected file {shard_name(i)} with "
+                f"n = {settings.shard_count(i)}, got {e!r:.120})"
+            )
+    if man.get("complete") and len(shards) != settings.n_shards:
+        raise CheckpointError(f"{path}: manifest says complete but lists {len(shards)} of {settings.n_shards} shards")
+    return settings, man
+
+
+def _safetensors_layout(path: Path) -> tuple[int, dict[str, dict[str, Any]]]:
+    """(offset of the data section, header entries) of a safetensors file, read without loading it."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError("file shorter than its header")
+            (n,) = struct.unpack("<Q", raw)
+            if n > 100_000_000:
+                raise ValueError(f"header length {n} is implausible")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated shard ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt shard (header is not a mapping)")
+    return 8 + n, {k: v for k, v in header.items() if k != "__metadata__"}
+
+
+def _check_shard(root: Path, settings: PairSettings, index: int, entry: dict[str, Any], *, full: bool) -> tuple[int, dict]:
+    """Verify shard ``index`` against its manifest entry; returns its safetensors layout."""
+    path = root / entry["file"]
+    if not path.is_file():
+        raise CheckpointError(f"{path}: shard listed in the manifest is missing")
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise CheckpointError(f"{path}: shard is truncated or was changed on disk ({size} bytes, manifest records {entry['bytes']})")
+    if full and sha256_file(path) != entry["sha256"]:
+        raise CheckpointError(f"{path}: shard was changed on disk (sha256 differs from the manifest)")
+    start, header = _safetensors_layout(path)
+    want = [settings.shard_count(index), *settings.shape]
+    for key in _SHARD_KEYS:
+        h = header.get(key)
+        if not isinstance(h, dict) or h.get("dtype") != "F32" or h.get("shape") != want:
+            got = {k: (v.get("dtype"), v.get("shape")) for k, v in header.items() if isinstance(v, dict)}
+            raise CheckpointError(f"{path}: shard disagrees with the manifest (expected {key} float32 of shape {want}, found {got})")
+        lo, hi = h.get("data_offsets", [0, -1])
+        if hi - lo != 4 * math.prod(want) or start + hi > size:
+            raise CheckpointError(f"{path}: corrupt shard (tensor {key} does not fit the file)")
+    return start, header
+
+
+def _settings_diff(a: PairSettings, b: PairSettings) -> list[str]:
+    da, db = a.to_dict(), b.to_dict()
+    return [k for k in da if da[k] != db[k]]
+
+
+# ----- reading -----------------------------------------------------------------------------
+
+
+class PairStore(Dataset):
+    """A complete pair store opened for reading: ``len(store)`` pairs, ``store[i] -> (z0, z1)``.
+
+    Args:
+        path: the store directory.
+        verify: check every shard's sha256 on open (reads the store once); sizes, shapes and the
+            manifest's consistency are always checked.
+    Raises:
+        CheckpointError: missing/malformed manifest, incomplete store, or a shard that is
+            missing, truncated, changed on disk or disagrees with the manifest.
+    """
+    def __init__(self, path: str | Path, *, verify: bool = True) -> None:
+        self.path = Path(path)
+        if not (self.path / MANIFEST).is_file():
+            raise CheckpointError(f"{self.path}: not a pair store (no {MANIFEST}); generate pairs first")
+        self.settings, self.manifest = _read_manifest(self.path)
+        if not self.manifest.get("complete"):
+            n = len(self.manifest["shards"])
+            raise CheckpointError(f"{self.path}: incomplete pair store ({n} of {self.settings.n_shards} shards); run the generation again to finish it")
+        self._layouts = [
+            _check_shard(self.path, self.settings, i, e, full=verify)[0] for i, e in enumerate(self.manifest["shards"])
+        ]
+        counts = [self.settings.shard_count(i) for i in range(self.settings.n_shards)]
+        self._offsets = np.array([0, *np.cumsum(counts).tolist()], dtype=np.int64)
+        self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    # Memory maps are per process: drop them when pickled (DataLoader workers reopen lazily).
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_maps": {}}
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of one sample (d,) or (C, H, W)."""
+        return self.settings.shape
+
+    @property
+    def dim(self) -> int:
+        """Number of values per sample."""
+        return math.prod(self.settings.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * 4 * len(self) * self.dim
+
+    def __len__(self) -> int:
+        return self.settings.n_pairs
+
+    def __repr__(self) -> str:
+        s = self.settings
+        return f"PairStore({str(self.path)!r}, n={s.n_pairs}, shape={list(s.shape)}, solver={s.solver!r})"
+
+    _MAX_OPEN_MAPS = 64  # each memory map holds a file descriptor
+
+    def _shard_maps(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        if index not in self._maps:
+            if len(self._maps) >= self._MAX_OPEN_MAPS:
+                self._maps.pop(next(iter(self._maps)))  # the oldest opened
+            entry = self.manifest["shards"][index]
+            start, header = _safetensors_layout(self.path / entry["file"])
+            shape = (self.settings.shard_count(index), *self.settings.shape)
+            self._maps[index] = tuple(  # type: ignore[assignment]
+                np.memmap(self.path / entry["file"], dtype="<f4", mode="r", offset=start + header[k]["data_offsets"][0], shape=shape)
+                for k in _SHARD_KEYS
+            )
+        return self._maps[index]
+
+    def get(self, idx: Tensor | Sequence[int]) -> tuple[Tensor, Tensor]:
+        """Pairs at global indices ``idx`` (k,): z0, z1 each (k, *shape), in the order given."""
+        idx = torch.as_tensor(idx, dtype=torch.int64).reshape(-1)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
+            raise IndexError(f"pair index out of range [0, {len(self)})")
+        z0 = np.empty((idx.numel(), *self.shape), dtype=np.float32)
+        z1 = np.empty_like(z0)
+        gidx = idx.numpy()
+        shard = np.searchsorted(self._offsets, gidx, side="right") - 1
+        for s in np.unique(shard).tolist():
+            sel = np.flatnonzero(shard == s)
+            local = gidx[sel] - self._offsets[s]
+            m0, m1 = self._shard_maps(s)
+            z0[sel] = m0[local]
+            z1[sel] = m1[local]
+        return torch.from_numpy(z0), torch.from_numpy(z1)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        if i < 0:
+            i += len(self)
+        z0, z1 = self.get([i])
+        return z0[0], z1[0]
+
+    def iter_shards(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """Stream the store shard by shard: (z0, z1) of shape (m, *shape) each, in order."""
+        for i, entry in enumerate(self.manifest["shards"]):
+            tensors, _ = load_tensors(self.path / entry["file"])
+            yield tensors["z0"], tensors["z1"]
+
+    def load(self) -> tuple[Tensor, Tensor]:
+        """All pairs in memory: z0, z1 of shape (N, *shape)."""
+        parts = list(self.iter_shards())
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def verify(self) -> None:
+        """Check every shard's size, layout and sha256 against the manifest (raises CheckpointError)."""
+        for i, e in enumerate(self.manifest["shards"]):
+            _check_shard(self.path, self.settings, i, e, full=True)
+
+
+class PairCoupling:
+    """The coupling of a pair store: ``sample(n, generator, device)`` returns n pairs drawn uniformly
+    with replacement (theory §4: 2-RF is 1-RF's loss on this coupling).
+
+    Args:
+        store: a :class:`PairStore` or its directory.
+        in_memory: keep all pairs in RAM (fast gathers); default: when the store is at most 2 GiB,
+            else the pairs are gathered from memory maps.
+        dim, shape: when given, the dimension / sample shape the caller expects; a store of
+            another raises :class:`DataError`.
+    """
+    heavy = False
+
+    def __init__(
+        self, store: PairStore | str | Path, *, in_memory: bool | None = None, dim: int | None = None, shape: Sequence[int] | None = None
+    ) -> None:
+        self.store = store if isinstance(store, PairStore) else PairStore(store)
+        if shape is not None and tuple(shape) != self.store.shape:
+            raise DataError(
+                f"{self.store.path}: pairs have shape {list(self.store.shape)} but this run's samples have shape {list(shape)}; "
+                "use pairs generated by a flow of this run's dimension"
+            )
+        if dim is not None and self.store.dim != dim:
+            raise DataError(
+                f"{self.store.path}: pairs have shape {list(self.store.shape)} (dimension {self.store.dim}) "
+                f"but this run's distributions have dimension {dim}; use pairs generated by a flow of this run's dimension"
+            )
+        if in_memory is None:
+            in_memory = self.store.nbytes <= 2 << 30
+        self._pairs = self.store.load() if in_memory else None
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None, device=None) -> tuple[Tensor, Tensor]:
+        gdev = generator.device if generator is not None else None
+        idx = torch.randint(len(self.store), (n,), generator=generator, device=gdev).cpu()
+        if self._pairs is not None:
+            z0, z1 = self._pairs[0][idx], self._pairs[1][idx]
+        else:
+            z0, z1 = self.store.get(idx)
+        return z0.to(device), z1.to(device)
+
+
+# ----- generation --------------------------------------------------------------------------
+
+
+def _model_dim_check(model: nn.Module, shape: tuple[int, ...]) -> None:
+    mdim = getattr(model, "dim", None)
+    if isinstance(mdim, int) and len(shape) == 1 and mdim != shape[0]:
+        raise DataError(f"the flow has dimension {mdim} but the source pi0 has dimension {shape[0]}; they must match")
+
+
+def generate_pairs(
+    model: nn.Module,
+    source: Any,
+    out: str | Path,
+    n: int,
+    *,
+    seed: int = 0,
+    shard_size: int = 65536,
+    solver: str = "dopri5",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    device: str | torch.device = "cpu",
+    model_sha256: str | None = None,
+    source_spec: Any = None,
+    provenance: dict[str, Any] | None = None,
+    progress: bool | None = True,
+    on_shard: Callable[[int], None] | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> PairStore:
+    """Write (or finish, or just verify) the store of n pairs (Z0, Z1 = Flow(Z0)) in ``out``.
+
+    Args:
+        model: the velocity field v(x, t) of the k-RF, integrated from t = 0 to 1.
+        source: a sampler of pi0 (``sample(n, generator=, device=)`` and ``dim`` or ``shape``).
+        out: the store directory: new, empty, or a store of the same settings to resume.
+        n: number of pairs; ``shard_size`` pairs per shard (the unit of memory and of resumption).
+        seed: shard s draws Z0 from ``step_generator(seed, s)``.
+        solver: ``"dopri5"`` (adaptive, rtol/atol) or a fixed-step spec such as ``"euler:100"``.
+        model_sha256: identifies the flow (default: :func:`state_dict_sha256` of ``model``).
+        source_spec: JSON description of pi0 recorded in the settings (default: ``repr(source)``).
+        provenance: extra JSON recorded in the manifest but not compared (run dir, step, stage).
+        progress: tqdm bar over pairs (None: only on a terminal).
+        on_shard: called with each shard index after it is recorded (tests use it to simulate a kill).
+        rank, world_size: under torchrun (default: read from torch.distributed), rank r makes the
+            shards r, r + N, r + 2N, ... and rank 0 writes the manifest; since shard s depends on
+            (settings, s) alone, N ranks produce exactly the store one process would.
+    Returns:
+        the complete, verified :class:`PairStore`.
+    Raises:
+        ConfigError: ``out`` is non-empty and not a store of these settings (nothing is written);
+        CheckpointError: an existing shard is missing, truncated or changed;
+        DataError: the model's and the source's dimensions differ.
+    """
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"number of pairs must be an integer >= 1, got {n!r}")
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ConfigError(f"shard size must be an integer >= 1, got {shard_size!r}")
+    method, steps = parse_solver_spec(solver)
+    if method == "dopri5" and not (rtol > 0 and atol >= 0):
+        raise ConfigError(f"dopri5 needs rtol > 0 and atol >= 0, got rtol={rtol}, atol={atol}")
+    shape = tuple(getattr(source, "shape", None) or (int(source.dim),))
+    device = torch.device(device)
+    _model_dim_check(model, shape)
+    settings = PairSettings(
+        n_pairs=n,
+        shape=shape,
+        seed=int(seed),
+        shard_size=shard_size,
+        solver=solver,
+        rtol=float(rtol) if method == "dopri5" else 0.0,
+        atol=float(atol) if method == "dopri5" else 0.0,
+        model_sha256=model_sha256 or state_dict_sha256(model),
+        source=source_spec if source_spec is not None else repr(source),
+    )
+    root = Path(out)
+
+    dinfo = distributed.info()
+    rank = dinfo.rank if rank is None else int(rank)
+    world_size = dinfo.world_size if world_size is None else int(world_size)
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"rank must lie in [0, world_size), got rank {rank}, world_size {world_size}")
+    if world_size > 1:
+        return _generate_sharded(model, source, root, settings, provenance, rank, world_size, device, method, steps, rtol, atol, progress)
+    man = _open_for_writing(root, settings, provenance)
+    done = len(man["shards"])
+    if not man["complete"]:
+        bar = tqdm(total=n, initial=sum(e["n"] for e in man["shards"]), disable=not progress or None, desc="pairs", unit="pair", unit_scale=True, dynamic_ncols=True)
+        t_start, made = time.perf_counter(), 0
+        try:
+            for s in range(done, settings.n_shards):
+                m = settings.shard_count(s)
+                z0, z1, nfe = _make_shard(model, source, settings, s, device, method, steps, rtol, atol)
+                path = root / shard_name(s)
+                save_tensors(path, {"z0": z0, "z1": z1}, {"format": PAIRS_FORMAT})  # one key: safetensors orders metadata at random
+                man["shards"].append({"file": path.name, "n": m, "bytes": path.stat().st_size, "sha256": sha256_file(path), "nfe": nfe})
+                made += m
+                man["complete"] = len(man["shards"]) == settings.n_shards
+                if man["complete"]:
+                    nfes = [e["nfe"] for e in man["shards"]]
+                    elapsed = time.perf_counter() - t_start
+                    man["stats"] = {
+                        "nfe_mean": sum(e["nfe"] * e["n"] for e in man["shards"]) / n,
+                        "nfe_max": max(nfes),
+                        "last_session_pairs_per_s": made / elapsed if elapsed > 0 else None,
+                        "device": str(device),
+                        "torch": torch.__version__,
+                    }
+                save_json(root / MANIFEST, man)
+                bar.update(m)
+                if on_shard is not None:
+                    on_shard(s)
+        finally:
+            bar.close()
+    return PairStore(root, verify=False)  # every shard was hashed when written or when the store was reopened
+
+
+def _make_shard(model: nn.Module, source: Any, settings: PairSettings, s: int, device, method: str, steps: int | None, rtol: float, atol: float) -> tuple[Tensor, Tensor, int]:
+    """Shard s: Z0 from step_generator(seed, s), Z1 = Flow(Z0); a function of (settings, s) alone."""
+    z0 = source.sample(settings.shard_count(s), generator=step_generator(settings.seed, s), device="cpu").float()
+    if tuple(z0.shape[1:]) != settings.shape:
+        raise DataError(f"the source drew samples of shape {list(z0.shape[1:])}, expected {list(settings.shape)}")
+    res = sample_model(model, z0.to(device), method=method, steps=steps, rtol=rtol, atol=atol)
+    z1 = res.x.float().cpu()
+    if not torch.isfinite(z1).all():
+        raise FloatingPointError(f"the flow produced NaN/inf in shard {s}; nothing of it was stored")
+    return z0, z1, res.nfe
+
+
+def _generate_sharded(model, source, root: Path, settings: PairSettings, provenance, rank: int, world: int, device, method, steps, rtol, atol, progress) -> PairStore:
+    """torchrun pair generation: rank 0 opens the store; every rank writes its own shards (each with
+    a side file holding its NFE); rank 0 then hashes them in order and completes the manifest."""
+    if rank == 0:
+        man = _open_for_writing(root, settings, provenance)
+    distributed.barrier()
+    if rank != 0:
+        old, man = _read_manifest(root)
+        diff = _settings_diff(old, settings)
+        if diff:
+            raise ConfigError(f"{root} holds pairs with other settings (differs in {', '.join(diff)})")
+    done = len(man["shards"])
+    mine = [s for s in distributed.rank_shards(settings.n_shards, rank, world) if s >= done]
+    bar = tqdm(total=sum(settings.shard_count(s) for s in mine), disable=not progress or None, desc=f"pairs (rank {rank})", unit="pair", unit_scale=True, dynamic_ncols=True)
+    try:
+        for s in mine:
+            path = root / shard_name(s)
+            side = path.with_name(path.name + ".nfe.json")
+            if path.is_file() and side.is_file():  # finished by an earlier, killed attempt (atomic writes)
+                bar.update(settings.shard_count(s))
+                continue
+            z0, z1, nfe = _make_shard(model, source, settings, s, device, method, steps, rtol, atol)
+            save_tensors(path, {"z0": z0, "z1": z1}, {"format": PAIRS_FORMAT})
+            save_json(side, {"nfe": nfe})
+            bar.update(settings.shard_count(s))
+    finally:
+        bar.close()
+    distributed.barrier()
+    if rank == 0 and not man["complete"]:
+        for s in range(done, settings.n_shards):
+            path = root / shard_name(s)
+            side = path.with_name(path.name + ".nfe.json")
+            nfe = int(json.loads(side.read_text())["nfe"])
+            man["shards"].append({"file": path.name, "n": settings.shard_count(s), "bytes": path.stat().st_size, "sha256": sha256_file(path), "nfe": nfe})
+        man["complete"] = True
+        nfes = [e["nfe"] for e in man["shards"]]
+        man["stats"] = {"nfe_mean": sum(e["nfe"] * e["n"] for e in man["shards"]) / settings.n_pairs, "nfe_max": max(nfes), "world_size": world, "torch": torch.__version__}
+        save_json(root / MANIFEST, man)
+        for s in range(settings.n_shards):
+            (root / (shard_name(s) + ".nfe.json")).unlink(missing_ok=True)
+    distributed.barrier()
+    return PairStore(root, verify=False)
+
+
+def _open_for_writing(root: Path, settings: PairSettings, provenance: dict[str, Any] | None) -> dict[str, Any]:
+    """Create the store's manifest, or check that ``root`` holds a store of the same settings whose
+    recorded shards are intact; returns the manifest (stale temporary files are removed)."""
+    if (root / MANIFEST).is_file():
+        old, man = _read_manifest(root)
+        diff = _settings_diff(old, settings)
+        if diff:
+            raise ConfigError(f"{root} holds pairs with other settings (differs in {', '.join(diff)}); nothing was written: use another directory")
+        for i, e in enumerate(man["shards"]):
+            _check_shard(root, settings, i, e, full=True)
+        for tmp in root.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+        return man
+    if root.exists():
+        if not root.is_dir():
+            raise ConfigError(f"{root} exists and is not a directory")
+        if any(p for p in root.iterdir() if not (p.name.startswith(".") and p.name.endswith(".tmp"))):
+            raise ConfigError(f"{root} is not empty and holds no pair store ({MANIFEST} missing); nothing was written: use an empty or new directory")
+    man = {"format": PAIRS_FORMAT, "settings": settings.to_dict(), "provenance": provenance or {}, "shards": [], "complete": False}
+    save_json(root / MANIFEST, man)
+    return man

@@ -1,0 +1,150 @@
+"""Straight-coupling diagnostics for any flow or coupling (theory §4).
+
+* straightness S = int_0^1 E ||(Z1 - Z0) - v(Z_t, t)||^2 dt of a flow (0 = straight paths);
+* transport cost E ||Z1 - Z0||^2 of a coupling, and its excess over the exact discrete optimal
+  transport cost of the same two point sets (POT's EMD);
+* crossing probability of a 2-D coupling: the fraction of random pairs of segments
+  [Z0^i, Z1^i], [Z0^j, Z1^j] that intersect, by an exact segment-intersection test, together
+  with the intersection points (the seed's figure plots them in red).
+
+Reflow lowers all three; distillation cannot lower the crossing probability of its coupling.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from torch import Tensor
+
+from rectflow.errors import DataError
+from rectflow.flow.metrics import wasserstein2
+from rectflow.flow.sampling import parse_solver_spec, sample_model
+from rectflow.reflow.diagnostics import diagnose_coupling, straightness
+from rectflow.runs.evaluation import heldout_samples
+from rectflow.runs.experiment import Run, load_run
+from rectflow.runs.lineage import stage_label
+from rectflow.runs.plots import plot_crossings, plot_quality_vs_nfe, plot_stages
+
+__all__ = ['STAGE_SOLVERS', 'diagnose_runs', 'format_stage_table']
+
+
+STAGE_SOLVERS = ("euler:1", "euler:2", "euler:4", "euler:8", "euler:100", "dopri5")
+"""The solvers of the reflow table (theory §4 / the issue's pipeline table)."""
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in label).strip("_").lower()
+
+
+def diagnose_runs(
+    runs: Sequence[Any],
+    *,
+    n: int | None = None,
+    seed: int | None = None,
+    solvers: Sequence[str] = STAGE_SOLVERS,
+    coupling_solver: str = "dopri5",
+    straightness_steps: int = 100,
+    n_pairs: int = 10_000,
+    include_independent: bool = True,
+    exact_ot: bool = True,
+    plots_dir: str | Path | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per stage of a reflow chain, all on the same held-out points (those of the first run).
+
+    Args:
+        runs: run directories or loaded runs (1-RF, 2-RF, ..., distillation runs), same pi0 / pi1.
+        n, seed: held-out points per side and their seed (default: the first run's eval settings).
+        solvers: W2 columns (a distillation run is only evaluated with ``euler:1``).
+        coupling_solver: the solver whose samples define each flow's coupling (Z0, Z1); reused
+            from the W2 pass when it is one of ``solvers``.
+        include_independent: a first row for the independent (random) coupling of pi0 and pi1.
+        plots_dir: when given, writes ``quality_vs_nfe.png``, ``stages.png`` (trajectories and
+            crossings per stage) and ``crossings_<stage>.png`` there.
+    Returns:
+        rows with ``stage``, ``run``, ``w2@<solver>`` and ``nfe@<solver>`` per solver,
+        ``straightness``, ``transport_cost``, ``ot_cost``, ``transport_excess``, ``crossing``.
+    """
+
+    loaded = [r if isinstance(r, Run) else load_run(r) for r in runs]
+    if not loaded:
+        raise ValueError("diagnose_runs: no runs given")
+    for spec in (*solvers, coupling_solver):
+        parse_solver_spec(spec)
+    first = loaded[0]
+    for r in loaded[1:]:
+        if r.dim != first.dim:
+            raise DataError(f"{r.path} has dimension {r.dim} but {first.path} has dimension {first.dim}; compare runs of one task")
+    x0, x1_ref = heldout_samples(first, n, seed)
+    say = echo or (lambda s: None)
+    rows: list[dict[str, Any]] = []
+    panels: list[dict[str, Any]] = []
+    series: dict[str, list[tuple[int, float]]] = {}
+
+    def add_coupling(row: dict[str, Any], label: str, z0: Tensor, z1: Tensor, traj=None, times=None) -> None:
+        diag = diagnose_coupling(z0, z1, n_pairs=n_pairs, seed=0, exact_ot=exact_ot)
+        row.update(diag.as_row())
+        if diag.crossings is not None:
+            panels.append({"label": label, "x0": z0, "x1": z1, "points": diag.crossings.points, "crossing": diag.crossings.probability, "trajectory": traj, "times": times})
+
+    if include_independent:
+        row: dict[str, Any] = {"stage": "independent", "run": None, "straightness": None}
+        add_coupling(row, "independent", x0, x1_ref)
+        rows.append(row)
+    for run in loaded:
+        label = stage_label(run.config)
+        say(f"diagnostics: {label} ({run.path})")
+        model, dev = run.model, next(run.model.parameters()).device
+        z0 = x0.to(dev)
+        row = {"stage": label, "run": str(run.path)}
+        one_step = run.config.reflow.distill
+        coupling_x1 = None
+        for spec in solvers:
+            if one_step and spec != "euler:1":
+                row[f"w2@{spec}"], row[f"nfe@{spec}"] = None, None
+                continue
+            method, steps = parse_solver_spec(spec)
+            res = sample_model(model, z0, method=method, steps=steps, rtol=run.config.eval.rtol, atol=run.config.eval.atol)
+            row[f"w2@{spec}"], row[f"nfe@{spec}"] = wasserstein2(res.x.cpu(), x1_ref), res.nfe
+            series.setdefault(label, []).append((res.nfe, row[f"w2@{spec}"]))
+            if spec == ("euler:1" if one_step else coupling_solver):
+                coupling_x1 = res.x.cpu()
+        if coupling_x1 is None:
+            method, steps = parse_solver_spec("euler:1" if one_step else coupling_solver)
+            coupling_x1 = sample_model(model, z0, method=method, steps=steps, rtol=run.config.eval.rtol, atol=run.config.eval.atol).x.cpu()
+        row["straightness"] = None if one_step else straightness(model, z0, steps=straightness_steps).value
+        traj = times = None
+        if plots_dir is not None and not one_step and first.dim == 2:
+            res = sample_model(model, z0[:300], method="euler", steps=100, return_trajectory=True)
+            traj, times = res.trajectory[::2].cpu(), res.times[::2]
+        add_coupling(row, label, x0, coupling_x1, traj, times)
+        rows.append(row)
+    if plots_dir is not None:
+
+        out = Path(plots_dir)
+        if series:
+            plot_quality_vs_nfe(series, out / "quality_vs_nfe.png")
+        if panels:
+            plot_stages(panels, out / "stages.png")
+            for p in panels:
+                plot_crossings(p["x0"], p["x1"], p["points"], out / f"crossings_{_slug(p['label'])}.png", title=f"{p['label']}: crossing p = {p['crossing']:.4f}")
+    return rows
+
+
+def format_stage_table(rows: Sequence[dict[str, Any]], solvers: Sequence[str] = STAGE_SOLVERS) -> str:
+    """The reflow table as GitHub markdown: stage | W2 per solver | S | cost | excess | crossing."""
+    cols = ["stage", *[f"W2 {s}" for s in solvers], "S", "cost E|Z1-Z0|^2", "excess over OT", "crossing p"]
+
+    def f(v: Any, fmt: str = ".4f") -> str:
+        return "-" if v is None else format(v, fmt)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        w2 = []
+        for s in solvers:
+            v, nfe = r.get(f"w2@{s}"), r.get(f"nfe@{s}")
+            w2.append(f(v) + (f" ({nfe})" if s == "dopri5" and nfe is not None else ""))
+        cells = [r["stage"], *w2, f(r.get("straightness"), ".2e"), f(r.get("transport_cost")), f(r.get("transport_excess")), f(r.get("crossing"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,70 @@
+"""One-step distillation as a job: a child run of a k-RF that regresses the parent's coupling at
+t = 0 (the maths is :mod:`rectflow.reflow.distill`; theory §4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from rectflow.errors import ConfigError
+from rectflow.reflow.distill import make_distill_loss
+from rectflow.runs.experiment import Run
+from rectflow.runs.lineage import PairOptions, as_run, child_config, init_checkpoint, progress_overrides, train_child
+
+__all__ = ['train_distill']
+
+
+def train_distill(
+    run: Run | str | Path,
+    out: str | Path | None = None,
+    *,
+    n_pairs: int | None = None,
+    coupling: str = "pairs",
+    loss: str = "l2",
+    huber_c: float = 0.0,
+    init: str = "previous",
+    steps: int | None = None,
+    overrides: Sequence[str] = (),
+    pairs: str | Path | None = None,
+    pair_seed: int = 0,
+    solver: str = "dopri5",
+    rtol: float | None = None,
+    atol: float | None = None,
+    shard_size: int = 65536,
+    device: str = "auto",
+    progress: bool | None = True,
+) -> Path:
+    """Distill the flow of ``run`` (a k-RF run directory or loaded Run) into a one-step map; returns
+    the new run directory (default ``RUN-distill``, or ``RUN-distill-independent``).
+
+    ``coupling="pairs"``: learn the k-RF's coupling (Z0, Flow_k(Z0)) from ``n_pairs`` generated
+    pairs (or the store ``pairs``): reflow + distillation.  ``coupling="independent"``: learn
+    the random coupling of pi0 and pi1, which can only give E[X1 | X0] (the failure theory §4
+    describes).  ``init``: ``"previous"`` starts from the run's weights, ``"scratch"`` from a
+    fresh network.  ``loss``: ``l2`` or ``pseudo_huber`` (scale ``huber_c``).  The pair
+    arguments are those of :func:`rectflow.runs.reflow.train_reflow` (:class:`~rectflow.runs.lineage.PairOptions`).
+    """
+    teacher = as_run(run)
+    if teacher.config.reflow.distill:
+        raise ConfigError(f"{teacher.path} is already a distillation run; distill a k-RF flow")
+    make_distill_loss(loss, c=huber_c)  # validate the name early
+    if coupling == "pairs":
+        opts: PairOptions | None = PairOptions(n_pairs, pairs, pair_seed, solver, rtol, atol, shard_size, device)
+        section, stage, suffix = {"kind": "pairs", "pairs": str(opts.store_dir(teacher).resolve())}, teacher.config.reflow.stage, "distill"
+    elif coupling == "independent":
+        opts, section, stage, suffix = None, {"kind": "independent"}, 0, "distill-independent"
+    else:
+        raise ConfigError(f"distillation coupling must be 'pairs' (the flow's) or 'independent', got {coupling!r}")
+    cfg = child_config(  # first: a bad override or init fails before any pair is generated
+        teacher,
+        coupling=section,
+        stage=stage,
+        init=init_checkpoint(teacher, init),
+        distill=True,
+        distill_loss=loss,
+        huber_c=huber_c,
+        steps=steps,
+        overrides=[*progress_overrides(progress), *overrides],
+    )
+    out = Path(out) if out is not None else Path(teacher.path).parent / f"{Path(teacher.path).name}-{suffix}"
+    return train_child(cfg, out, teacher, opts, progress)

@@ -1,0 +1,190 @@
+"""Runs: build everything an :class:`ExperimentConfig` describes, train it into a run directory,
+load it back, sample and evaluate it.
+
+A run directory holds::
+
+    config.json                 the resolved experiment config
+    checkpoints/step_*.safetensors
+    metrics.jsonl               training log (one row per log interval)
+    eval.json, eval.md          quality-vs-NFE table (after `rectflow eval`)
+    plots/*.png                 loss curve, samples vs data, trajectories
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from rectflow.data import make_distribution
+from rectflow.engine.checkpoint import latest_checkpoint, list_checkpoints, load_weights, read_checkpoint
+from rectflow.engine.io import load_json, save_json
+from rectflow.engine.trainer import Trainer, resolve_device
+from rectflow.errors import CheckpointError, ConfigError, DataError
+from rectflow.flow.couplings import IndependentCoupling, MinibatchOTCoupling
+from rectflow.flow.losses import FlowMatchingObjective
+from rectflow.flow.time_sampling import make_time_sampler
+from rectflow.images.guidance import ConditionalFlowMatchingObjective, LabelledCoupling
+from rectflow.images.sampling import SampleGridCallback
+from rectflow.models import DiTVelocity, MLPVelocity, UNetVelocity
+from rectflow.reflow.distill import DistillationObjective, make_distill_loss
+from rectflow.reflow.pairs import PairCoupling
+from rectflow.runs.config import ExperimentConfig, config_from_dict, config_to_dict
+from rectflow.runs.machine import machine_info
+from rectflow.runs.rundir import guard_run_dir, semantic_config
+
+__all__ = ['Run', 'build_distributions', 'build_model', 'build_objective', 'model_config', 'train_run', 'load_run', 'sample_shape']
+
+
+def build_distributions(cfg: ExperimentConfig) -> tuple[Any, Any]:
+    """Source pi0 and target pi1 samplers; their dimensions must agree."""
+    source, target = make_distribution(cfg.source), make_distribution(cfg.target)
+    if source.dim != target.dim:
+        raise DataError(f"source has dimension {source.dim} but target has dimension {target.dim}; they must match")
+    if sample_shape(source) != sample_shape(target):
+        raise DataError(f"source samples have shape {list(sample_shape(source))} but target samples {list(sample_shape(target))}; they must match")
+    return source, target
+
+
+def sample_shape(sampler: Any) -> tuple[int, ...]:
+    """Shape of one sample: ``sampler.shape`` (images) or (dim,)."""
+    return tuple(getattr(sampler, "shape", None) or (sampler.dim,))
+
+
+_MLP_KEYS = ("kind", "width", "depth", "time_dim", "activation")
+
+
+_IMAGE_MODEL_KEYS = {
+    "unet": ("kind", "channels", "channel_mult", "num_res_blocks", "attention_resolutions", "dropout", "head_channels", "scale_shift", "num_classes"),
+    "dit": ("kind", "width", "depth", "head_channels", "patch_size", "num_classes"),
+}
+
+
+def model_config(cfg: ExperimentConfig, dim: int, shape: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """The architecture description stored in checkpoints (and compared on load): the keys of
+    ``cfg.model`` that the model kind uses, plus ``dim`` (and ``shape`` (C, H, W) for unet/dit)."""
+    m = asdict(cfg.model)
+    if m["kind"] in _IMAGE_MODEL_KEYS:
+        if shape is None or len(shape) != 3 or shape[1] != shape[2]:
+            raise DataError(f"model.kind {m['kind']!r} needs square images (C, H, W), but the data have shape {list(shape or (dim,))}")
+        return {**{k: m[k] for k in _IMAGE_MODEL_KEYS[m["kind"]]}, "dim": dim, "shape": list(shape)}
+    return {**{k: m[k] for k in _MLP_KEYS}, "dim": dim}
+
+
+def build_model(mcfg: dict[str, Any]) -> nn.Module:
+    """Instantiate the velocity network from :func:`model_config` output."""
+    if mcfg.get("kind") in ("unet", "dit"):
+
+        c, h, _ = mcfg["shape"]
+        try:
+            if mcfg["kind"] == "unet":
+                return UNetVelocity(
+                    c, h, channels=mcfg["channels"], channel_mult=mcfg["channel_mult"], num_res_blocks=mcfg["num_res_blocks"],
+                    attention_resolutions=mcfg["attention_resolutions"], dropout=mcfg["dropout"], head_channels=mcfg["head_channels"],
+                    num_classes=mcfg["num_classes"], scale_shift=mcfg["scale_shift"],
+                )
+            return DiTVelocity(c, h, patch_size=mcfg["patch_size"], hidden=mcfg["width"], depth=mcfg["depth"], heads=mcfg["width"] // mcfg["head_channels"], num_classes=mcfg["num_classes"])
+        except ValueError as e:
+            raise ConfigError(f"model: {e}") from None
+    if mcfg.get("kind") != "mlp":
+        raise ConfigError(f"model.kind: {mcfg.get('kind')!r} is not one of ['mlp', 'unet', 'dit']")
+    return MLPVelocity(mcfg["dim"], width=mcfg["width"], depth=mcfg["depth"], time_dim=mcfg["time_dim"], activation=mcfg["activation"])
+
+
+def build_objective(cfg: ExperimentConfig, source: Any, target: Any) -> Any:
+    """Coupling + time sampling + straight path: the 1-RF objective of theory §2; on the pairs
+    of a k-RF (coupling.kind = pairs) the (k+1)-RF's, and with reflow.distill the one-step
+    distillation objective of theory §4.  With model.num_classes > 0: the class-conditional
+    objective with label dropout (:mod:`rectflow.images.guidance`)."""
+    if cfg.model.num_classes > 0:
+        return _conditional_objective(cfg, source, target)
+    if cfg.coupling.kind == "ot":
+        coupling = MinibatchOTCoupling(source, target, method=cfg.coupling.method, reg=cfg.coupling.reg)
+    elif cfg.coupling.kind == "pairs":
+
+        coupling = PairCoupling(cfg.coupling.pairs, shape=sample_shape(source))
+    else:
+        coupling = IndependentCoupling(source, target)
+    if cfg.reflow.distill:
+
+        return DistillationObjective(coupling, make_distill_loss(cfg.reflow.distill_loss, c=cfg.reflow.huber_c))
+    return FlowMatchingObjective(coupling, time_sampler=make_time_sampler(cfg.time.kind, **cfg.time.params()))
+
+
+def _conditional_objective(cfg: ExperimentConfig, source: Any, target: Any) -> Any:
+
+    if cfg.coupling.kind != "independent" or cfg.reflow.distill:
+        raise ConfigError("class-conditional training (model.num_classes > 0) supports coupling.kind=independent without distillation only")
+    coupling = LabelledCoupling(source, target)
+    if coupling.num_classes != cfg.model.num_classes:
+        raise ConfigError(f"config key 'model.num_classes' is {cfg.model.num_classes} but the target has {coupling.num_classes} classes; they must match")
+    return ConditionalFlowMatchingObjective(coupling, cfg.guidance.p_uncond, time_sampler=make_time_sampler(cfg.time.kind, **cfg.time.params()))
+
+
+def train_run(
+    cfg: ExperimentConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = True,
+    callbacks: list[Callable[[Trainer, int], None]] | None = None,
+) -> Trainer:
+    """Train (or resume) the run in ``run_dir``.
+
+    A directory that already holds a run with a different config is refused (only the
+    step budget and logging settings may change on resumption) so nothing is overwritten.
+    """
+    run_dir = Path(run_dir)
+    source, target = build_distributions(cfg)
+    new = config_to_dict(cfg)
+    if guard_run_dir(run_dir, "config.json", new, normalise=semantic_config) and not resume and list_checkpoints(run_dir):
+        raise ConfigError(f"{run_dir} already holds checkpoints; resume it or choose a new run directory")
+    objective = build_objective(cfg, source, target)  # before writing: a bad pair store leaves nothing behind
+    mcfg = model_config(cfg, source.dim, sample_shape(source))
+    torch.manual_seed(cfg.train.seed)  # parameter initialisation
+    model = build_model(mcfg)
+    if cfg.reflow.init and not list_checkpoints(run_dir):  # theory §4: initialise the (k+1)-RF from the k-RF
+        try:
+            load_weights(model, read_checkpoint(cfg.reflow.init, model_config=mcfg))
+        except CheckpointError as e:
+            raise CheckpointError(f"cannot initialise from the parent run: {e}") from None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_json(run_dir / "config.json", new)
+    save_json(run_dir / "machine.json", machine_info())
+    if cfg.train.sample_every > 0 and len(sample_shape(source)) == 3:
+
+        labels = torch.arange(64) % cfg.model.num_classes if cfg.model.num_classes > 0 else None
+        callbacks = [*(callbacks or []), SampleGridCallback(source, cfg.train.sample_every, labels=labels, guidance=cfg.guidance.scale)]
+    trainer = Trainer(model, objective, cfg.train, run_dir, model_config=mcfg, callbacks=callbacks)
+    return trainer.fit(resume=resume)
+
+
+@dataclass
+class Run:
+    """A trained run loaded from disk: its config, distributions and (EMA) model."""
+    path: Path
+    config: ExperimentConfig
+    model: nn.Module
+    source: Any
+    target: Any
+    step: int
+    checkpoint: Path | None = None  # the checkpoint file the weights came from
+
+    @property
+    def dim(self) -> int:
+        return self.source.dim
+
+
+def load_run(run_dir: str | Path, *, checkpoint: str | Path | None = None, ema: bool = True, device: str = "cpu") -> Run:
+    """Load a run directory's config and newest (or given) checkpoint; the EMA weights by default."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: no such run directory")
+    cfg = config_from_dict(load_json(run_dir / "config.json"))
+    source, target = build_distributions(cfg)
+    mcfg = model_config(cfg, source.dim, sample_shape(source))
+    ckpt = read_checkpoint(checkpoint if checkpoint is not None else latest_checkpoint(run_dir), model_config=mcfg)
+    model = load_weights(build_model(mcfg), ckpt, ema=ema).to(resolve_device(device)).eval()
+    return Run(run_dir, cfg, model, source, target, ckpt.step, ckpt.path)

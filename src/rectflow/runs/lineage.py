@@ -1,0 +1,189 @@
+"""Parent -> child runs: the one way a reflow or distillation stage is made from a run.
+
+A child run is an ordinary run directory whose ``config.json`` records its lineage in the
+``reflow`` section (stage, parent run, initial checkpoint) and its coupling: ``pairs`` (the
+parent's flow coupling (Z0, Flow_k(Z0)), kept in a pair store) or ``independent``.  Making one is
+always the same four steps (:func:`train_child`): the child's config from the parent's
+(:func:`child_config`), the run-directory guard, the pairs (generated or reused,
+:class:`PairOptions`), then :func:`~rectflow.runs.experiment.train_run`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from rectflow.engine.io import sha256_file
+from rectflow.engine.trainer import resolve_device
+from rectflow.errors import ConfigError
+from rectflow.reflow.pairs import PairStore, generate_pairs, state_dict_sha256
+from rectflow.runs.config import ExperimentConfig, apply_overrides, config_from_dict, config_to_dict
+from rectflow.runs.experiment import Run, load_run, train_run
+from rectflow.runs.rundir import guard_run_dir, semantic_config
+
+__all__ = [
+    "PairOptions",
+    "as_run",
+    "run_checksum",
+    "stage_label",
+    "default_pairs_dir",
+    "generate_run_pairs",
+    "init_checkpoint",
+    "child_config",
+    "train_child",
+    "progress_overrides",
+]
+
+
+def as_run(run: Run | str | Path, device: str = "cpu") -> Run:
+    """A loaded run: ``run`` itself, or the run directory it names loaded on ``device``."""
+    return run if isinstance(run, Run) else load_run(run, device=device)
+
+
+def run_checksum(run: Run) -> str:
+    """sha256 of the checkpoint file a loaded run came from (of its weights when it has none)."""
+    return state_dict_sha256(run.model) if run.checkpoint is None else sha256_file(run.checkpoint)
+
+
+def stage_label(cfg: ExperimentConfig) -> str:
+    """Human label of a run's place in the chain: ``1-RF``, ``2-RF``, ``2-RF+distill``, ``distill (independent)``."""
+    r = cfg.reflow
+    if r.distill:
+        return f"{r.stage}-RF+distill" if r.stage >= 1 else f"distill ({cfg.coupling.kind})"
+    return f"{r.stage}-RF"
+
+
+def default_pairs_dir(run_dir: str | Path, n: int, solver: str = "dopri5", seed: int = 0) -> Path:
+    """``RUN/pairs/<solver>-n<N>-seed<S>``: where the pairs of a run's flow are kept by default."""
+    return Path(run_dir) / "pairs" / f"{solver.replace(':', '')}-n{n}-seed{seed}"
+
+
+def generate_run_pairs(
+    run: Run | str | Path,
+    n: int,
+    out: str | Path | None = None,
+    *,
+    seed: int = 0,
+    solver: str = "dopri5",
+    rtol: float | None = None,
+    atol: float | None = None,
+    shard_size: int = 65536,
+    device: str = "auto",
+    progress: bool | None = True,
+) -> PairStore:
+    """Pairs (Z0 ~ pi0, Z1 = Flow_k(Z0)) of a run's (EMA) flow, in ``out`` (default
+    :func:`default_pairs_dir`); resumes or reuses a store of the same settings.
+
+    ``run``: a run directory or a loaded :class:`~rectflow.runs.experiment.Run`; the model checksum
+    is the sha256 of its checkpoint file, so pairs of an older checkpoint are never reused.
+    """
+    dev = resolve_device(device)
+    run = as_run(run, str(dev))
+    if run.config.reflow.distill:
+        raise ConfigError(f"{run.path} is a distillation run (a one-step map, not a flow); generate pairs from a k-RF run")
+    if run.config.model.num_classes > 0:
+        raise ConfigError(f"{run.path} is class-conditional; reflow pairs of conditional flows are not supported yet")
+    out = Path(out) if out is not None else default_pairs_dir(run.path, n, solver, seed)
+    return generate_pairs(
+        run.model.to(dev),
+        run.source,
+        out,
+        n,
+        seed=seed,
+        shard_size=shard_size,
+        solver=solver,
+        rtol=run.config.eval.rtol if rtol is None else rtol,
+        atol=run.config.eval.atol if atol is None else atol,
+        device=dev,
+        model_sha256=run_checksum(run),
+        source_spec=run.config.source,
+        provenance={"run": str(Path(run.path).resolve()), "step": run.step, "stage": run.config.reflow.stage, "checkpoint": Path(run.checkpoint).name if run.checkpoint else None},
+        progress=progress,
+    )
+
+
+@dataclass(frozen=True)
+class PairOptions:
+    """Where a child run's pairs come from: ``n`` pairs generated from the parent's flow with
+    ``solver`` (dopri5: ``rtol``/``atol``, default the parent's eval tolerances), ``seed`` and
+    ``shard_size`` into the default store, or the existing store ``store``."""
+
+    n: int | None = None
+    store: str | Path | None = None
+    seed: int = 0
+    solver: str = "dopri5"
+    rtol: float | None = None
+    atol: float | None = None
+    shard_size: int = 65536
+    device: str = "auto"
+
+    def store_dir(self, parent: Run) -> Path:
+        if self.store is not None:
+            return Path(self.store)
+        if self.n is None:
+            raise ConfigError("training on the flow's coupling needs a number of pairs (n_pairs / --pairs N) or a pair store")
+        return default_pairs_dir(parent.path, self.n, self.solver, self.seed)
+
+    def ensure(self, parent: Run, progress: bool | None = True) -> PairStore:
+        """Open the given store, or generate (resume, reuse) the parent's pairs."""
+        if self.store is not None:
+            return PairStore(self.store)
+        return generate_run_pairs(parent, self.n, self.store_dir(parent), seed=self.seed, solver=self.solver, rtol=self.rtol,
+                                  atol=self.atol, shard_size=self.shard_size, device=self.device, progress=progress)
+
+
+def init_checkpoint(run: Run, init: str) -> Path | None:
+    """The checkpoint a child starts from: ``"previous"`` (the parent's) or ``"scratch"`` (None)."""
+    if init == "previous":
+        return Path(run.checkpoint)
+    if init == "scratch":
+        return None
+    raise ConfigError(f"init must be 'previous' (start from the parent's weights) or 'scratch', got {init!r}")
+
+
+def child_config(
+    parent: Run,
+    *,
+    coupling: dict[str, Any],
+    stage: int,
+    init: str | Path | None,
+    distill: bool = False,
+    distill_loss: str = "l2",
+    huber_c: float = 0.0,
+    steps: int | None = None,
+    overrides: Sequence[str] = (),
+) -> ExperimentConfig:
+    """The config of a run derived from ``parent``: same distributions, model and training
+    settings, with the given coupling section and lineage, then ``key=value`` overrides."""
+    d = config_to_dict(parent.config)
+    d["coupling"] = coupling
+    d["reflow"] = {
+        "stage": stage,
+        "parent": str(Path(parent.path).resolve()),
+        "init": str(Path(init).resolve()) if init is not None else None,
+        "distill": distill,
+        "distill_loss": distill_loss,
+        "huber_c": huber_c,
+    }
+    if steps is not None:
+        d["train"]["steps"] = steps
+    if distill:
+        d["eval"]["solvers"] = ["euler:1"]  # a one-step map: only N = 1 is meaningful
+    return config_from_dict(apply_overrides(d, list(overrides)))
+
+
+def train_child(cfg: ExperimentConfig, out: str | Path, parent: Run, pairs: PairOptions | None, progress: bool | None = True) -> Path:
+    """Make the child run ``out`` of ``parent``: guard the directory (before any pair is made),
+    get the pairs when the coupling needs them, train.  Returns ``out``."""
+    out = Path(out)
+    guard_run_dir(out, "config.json", config_to_dict(cfg), normalise=semantic_config)
+    if pairs is not None:
+        pairs.ensure(parent, progress)
+    train_run(cfg, out)
+    return out
+
+
+def progress_overrides(progress: bool | None) -> list[str]:
+    """The ``train.progress`` override for a child run (none: keep the parent's)."""
+    return [] if progress is None else [f"train.progress={'true' if progress else 'false'}"]

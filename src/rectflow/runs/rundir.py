@@ -1,0 +1,67 @@
+"""The run-directory guard: a directory holds one job, and a job never overwrites another's.
+
+Every job that writes into a directory (training runs, reflow and distillation stages, PeRFlow)
+keeps a JSON record of what it is (``config.json``, ``perflow.json``) and calls
+:func:`guard_run_dir` before writing anything: the same record resumes, another one is refused
+with the keys that differ.  Only settings that do not change the result (step budget, logging,
+checkpoint cadence, device) may change between a job and its resumption.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from rectflow.engine.io import load_json
+from rectflow.errors import ConfigError
+
+__all__ = ["RESUMABLE_TRAIN_KEYS", "semantic_config", "diff_keys", "guard_run_dir"]
+
+RESUMABLE_TRAIN_KEYS = frozenset({"steps", "progress", "log_every", "ckpt_every", "keep_checkpoints", "workers", "device", "sample_every"})
+"""``train`` keys that may change between a run and its resumption (they do not change the result)."""
+
+
+def semantic_config(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """The part of an experiment config dict that defines the result: no ``eval`` section and no
+    :data:`RESUMABLE_TRAIN_KEYS`."""
+    d = {k: v for k, v in cfg_dict.items() if k != "eval"}
+    d["train"] = {k: v for k, v in d.get("train", {}).items() if k not in RESUMABLE_TRAIN_KEYS}
+    return d
+
+
+def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys where two nested dicts differ, sorted."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: set[str] = set()
+        for k in set(a) | set(b):
+            out.update(diff_keys(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k))
+        return sorted(out)
+    return [] if a == b else [prefix]
+
+
+def guard_run_dir(
+    run_dir: str | Path,
+    record_name: str,
+    record: dict[str, Any],
+    *,
+    what: str = "run",
+    normalise: Callable[[dict[str, Any]], dict[str, Any]] = lambda d: d,
+    foreign_ok: bool = True,
+) -> bool:
+    """Check that ``run_dir`` may hold the job described by ``record`` before anything is written.
+
+    Returns True when ``run_dir/record_name`` holds the same job (a resumption), False when the
+    directory holds no job of this kind.  Raises ConfigError (naming the directory and the keys
+    that differ) when it holds another job, or, with ``foreign_ok=False``, when it is a non-empty
+    directory that is not a job of this kind.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / record_name
+    if path.exists():
+        old, new = normalise(load_json(path)), normalise(record)
+        if old != new:
+            raise ConfigError(f"{run_dir} holds a {what} with another config (differs in {', '.join(diff_keys(old, new))}); use a new directory")
+        return True
+    if not foreign_ok and run_dir.is_dir() and any(run_dir.iterdir()):
+        raise ConfigError(f"{run_dir} exists and is not a {what} directory (no {record_name}); choose a new directory")
+    return False

@@ -1,0 +1,101 @@
+"""The package's architecture as checked facts: import-linter contracts (layers, maths never
+imports a run job, no cycles), no cross-module private imports, function-level imports only for
+slow optional dependencies, and every theory citation resolving to a section of docs/theory.md."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src" / "rectflow"
+# Imported inside functions on purpose: slow to import or optional.  Each such import carries a
+# comment saying why (checked below).
+LAZY_OK = {"ot", "diffusers", "sklearn.datasets", "torchdiffeq"}
+CITATION = re.compile(r"theory §(\d+(?:\.\d+)?)(?:-(\d+(?:\.\d+)?))?")
+
+
+def _modules() -> list[tuple[Path, ast.Module, list[str]]]:
+    out = []
+    for p in sorted(SRC.rglob("*.py")):
+        text = p.read_text()
+        out.append((p, ast.parse(text), text.splitlines()))
+    return out
+
+
+def test_import_linter_contracts_hold():
+    exe = Path(sys.executable).with_name("lint-imports")
+    if not exe.exists():
+        pytest.skip("import-linter is not installed (pip install -e '.[test]')")
+    res = subprocess.run([str(exe), "--no-cache"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "0 broken" in res.stdout
+
+
+def test_no_module_imports_another_modules_private_name():
+    bad = []
+    for p, tree, _ in _modules():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("rectflow"):
+                bad += [f"{p.relative_to(ROOT)}:{node.lineno} imports {a.name} from {node.module}" for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                if any(part.startswith("_") and not part.startswith("__") for part in node.module.split(".")):
+                    bad.append(f"{p.relative_to(ROOT)}:{node.lineno} imports from private module {node.module}")
+    assert not bad, "\n".join(bad)
+
+
+def test_function_level_imports_are_only_slow_optional_ones_with_a_reason():
+    bad = []
+    for p, tree, lines in _modules():
+        top = {id(n) for n in tree.body}
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) in top:
+                continue
+            mod = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+            where = f"{p.relative_to(ROOT)}:{node.lineno}"
+            if mod not in LAZY_OK:
+                bad.append(f"{where}: import of {mod} inside a function (move it to the top of the module)")
+            elif "#" not in lines[node.lineno - 1] and not lines[node.lineno - 2].strip().startswith("#"):
+                bad.append(f"{where}: lazy import of {mod} without a one-line reason")
+    assert not bad, "\n".join(bad)
+
+
+def _theory_sections() -> set[str]:
+    heads = set()
+    for line in (ROOT / "docs" / "theory.md").read_text().splitlines():
+        m = re.match(r"#{2,3} (\d+(?:\.\d+)?)\.? ", line)
+        if m:
+            heads.add(m.group(1))
+    return heads
+
+
+def _cited_files() -> list[Path]:
+    files = [*SRC.rglob("*.py"), *(ROOT / "tests").rglob("*.py"), *(ROOT / "benchmarks").glob("*.py"), *(ROOT / "docs").glob("*.md"), ROOT / "README.md"]
+    return [f for f in files if f.name != "theory.md"]
+
+
+def test_theory_has_numbered_sections_1_to_7():
+    assert {str(i) for i in range(1, 8)} <= _theory_sections()
+
+
+def test_every_theory_citation_resolves_and_no_external_spec_is_cited():
+    sections, bad, n = _theory_sections(), [], 0
+    for f in _cited_files():
+        text = f.read_text()
+        for m in CITATION.finditer(text):
+            n += 1
+            for sec in filter(None, m.groups()):
+                if sec not in sections:
+                    bad.append(f"{f.relative_to(ROOT)}: '{m.group(0)}' cites a section docs/theory.md does not have")
+        if re.search(r"\bSPEC\b", text):
+            bad.append(f"{f.relative_to(ROOT)}: cites SPEC, which is not part of the repository (cite 'theory §N')")
+    assert n > 50, f"only {n} citations found: the pattern is wrong"
+    assert not bad, "\n".join(bad)
+
+
+def test_the_citation_check_catches_a_missing_section():
+    assert "99" not in _theory_sections() and CITATION.search("see theory §99.1").group(1) == "99.1"
