@@ -32,6 +32,7 @@ __all__ = [
     "Parameterization",
     "PARAMETERIZATIONS",
     "SingularConversionError",
+    "check_parameterization",
     "to_x0_eps",
     "from_x0_eps",
     "convert",
@@ -47,7 +48,8 @@ class SingularConversionError(RectflowError, ValueError):
     """A conversion between parameterisations is undefined at this t (a divisor vanishes)."""
 
 
-def _check_kind(kind: str) -> None:
+def check_parameterization(kind: str) -> None:
+    """ValueError unless ``kind`` is one of :data:`PARAMETERIZATIONS`."""
     if kind not in PARAMETERIZATIONS:
         raise ValueError(f"unknown parameterization {kind!r}; choose one of {list(PARAMETERIZATIONS)}")
 
@@ -76,7 +78,7 @@ def _needs_derivatives(*kinds: str) -> bool:
 
 def to_x0_eps(pred: Tensor, kind: str, z: Tensor, path: AffinePath, t: Tensor) -> tuple[Tensor, Tensor]:
     """(x-hat, eps-hat) implied by a prediction ``pred`` of type ``kind`` at z (B, ...), t (B,)."""
-    _check_kind(kind)
+    check_parameterization(kind)
     a, b, da, db = _coeffs(path, t, z)
     if kind == "eps":
         _require(a, a.abs() + b.abs(), t, "eps -> x0 (divides by alpha)")
@@ -96,7 +98,7 @@ def to_x0_eps(pred: Tensor, kind: str, z: Tensor, path: AffinePath, t: Tensor) -
 
 def from_x0_eps(x0: Tensor, eps: Tensor, kind: str, path: AffinePath, t: Tensor) -> Tensor:
     """The prediction of type ``kind`` made from (x-hat, eps-hat), shapes (B, ...), t (B,)."""
-    _check_kind(kind)
+    check_parameterization(kind)
     if kind == "x0":
         return x0
     if kind == "eps":
@@ -116,8 +118,8 @@ def from_x0_eps(x0: Tensor, eps: Tensor, kind: str, path: AffinePath, t: Tensor)
 
 def convert(pred: Tensor, *, src: str, dst: str, z: Tensor, path: AffinePath, t: Tensor) -> Tensor:
     """Convert a model output ``pred`` from parameterisation ``src`` to ``dst`` at (z, t) on ``path``."""
-    _check_kind(src)
-    _check_kind(dst)
+    check_parameterization(src)
+    check_parameterization(dst)
     if src == dst:
         return pred
     if {src, dst} == {"velocity", "u"}:
@@ -132,7 +134,7 @@ def error_ratio(kind: str, path: AffinePath, t: Tensor) -> Tensor:
     eps: 1;  x0: sigma^2/alpha^2 = e^-lambda;  v: alpha^2 (e^-lambda + 1)^2 = (alpha^2 + sigma^2)^2/alpha^2;
     velocity and u: (b' - a' b/a)^2, which on the flow-matching path is (e^(-lambda/2) + 1)^2.
     """
-    _check_kind(kind)
+    check_parameterization(kind)
     a, b, da, db = path.coefficients(t)
     if kind == "eps":
         return torch.ones_like(a)
@@ -157,8 +159,8 @@ class ConvertedModel(nn.Module):
     def __init__(self, model: Callable[..., Tensor], path: AffinePath, src: str, dst: str = "velocity",
                  *, time_map: Callable[[Tensor], Tensor] | None = None) -> None:
         super().__init__()
-        _check_kind(src)
-        _check_kind(dst)
+        check_parameterization(src)
+        check_parameterization(dst)
         self.model, self.path, self.src, self.dst, self.time_map = model, path, src, dst, time_map
 
     def forward(self, x: Tensor, t: Tensor, **kwargs: Any) -> Tensor:

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from rectflow.diffusion.parameterizations import _check_kind, error_ratio, from_x0_eps
+from rectflow.diffusion.parameterizations import check_parameterization, error_ratio, from_x0_eps
 from rectflow.diffusion.schedules import log_snr, log_snr_derivative, time_from_log_snr
 from rectflow.flow.losses import FlowBatch, FlowMatchingObjective, LossOutput, per_sample_mse
 from rectflow.flow.paths import AffinePath
@@ -184,7 +184,7 @@ def diffusion_loss(model: Callable[..., Tensor], x0: Tensor, x1: Tensor, t: Tens
     ``model(z, t)`` predicts ``parameterization``; the loss is mean_i factor(t_i) ||K-hat_i - K_i||^2
     (:func:`loss_factor`); ``time_sampler`` is the distribution t was drawn from (needed with a weighting).
     """
-    _check_kind(parameterization)
+    check_parameterization(parameterization)
     if weighting is not None and time_sampler is None:
         raise ValueError("diffusion_loss: a weighting needs the time_sampler that drew t (for p(lambda))")
     z = path.interpolate(x0, x1, t)
@@ -209,7 +209,7 @@ class DiffusionObjective(FlowMatchingObjective):
 
     def __init__(self, coupling, path: AffinePath, parameterization: str = "eps",
                  weighting: Weighting | None = None, time_sampler=None) -> None:
-        _check_kind(parameterization)
+        check_parameterization(parameterization)
         # draw() and heavy_draw come from FlowMatchingObjective; only the loss differs
         super().__init__(coupling, path=path, time_sampler=time_sampler if time_sampler is not None else UniformTime(eps=1e-5))
         self.parameterization, self.weighting = parameterization, weighting

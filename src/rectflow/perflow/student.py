@@ -31,7 +31,7 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-from rectflow.diffusion.parameterizations import _check_kind, convert
+from rectflow.diffusion.parameterizations import check_parameterization, convert
 from rectflow.errors import ConfigError
 from rectflow.flow.paths import AffinePath
 from rectflow.flow.solvers import SolveResult, euler
@@ -49,7 +49,7 @@ class PeRFlowStudent(nn.Module):
     def __init__(self, net: nn.Module, teacher_path: AffinePath, boundaries: Tensor, parameterization: str,
                  *, time_map: Callable[[Tensor], Tensor] | None = None) -> None:
         super().__init__()
-        _check_kind(parameterization)
+        check_parameterization(parameterization)
         self.net, self.parameterization, self.time_map = net, parameterization, time_map
         self.window_path = WindowPath(teacher_path, boundaries)
 

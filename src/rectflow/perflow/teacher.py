@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from rectflow.diffusion.parameterizations import _check_kind, convert, to_x0_eps
+from rectflow.diffusion.parameterizations import check_parameterization, convert, to_x0_eps
 from rectflow.diffusion.samplers import ddim
 from rectflow.errors import ConfigError
 from rectflow.flow.paths import AffinePath, expand_like
@@ -51,7 +51,7 @@ class Teacher:
 
     def __init__(self, model: Callable[..., Tensor], path: AffinePath, parameterization: str = "velocity",
                  *, time_map: Callable[[Tensor], Tensor] | None = None) -> None:
-        _check_kind(parameterization)
+        check_parameterization(parameterization)
         if not isinstance(path, AffinePath):
             raise ConfigError(f"perflow.Teacher: path must be an AffinePath (got {type(path).__name__})")
         self.model, self.path, self.parameterization, self.time_map = model, path, parameterization, time_map

@@ -21,7 +21,7 @@ from rectflow.errors import DataError
 from rectflow.flow.metrics import wasserstein2
 from rectflow.flow.sampling import parse_solver_spec, sample_model
 from rectflow.reflow.diagnostics import diagnose_coupling, straightness
-from rectflow.runs.evaluation import heldout_samples
+from rectflow.runs.evaluation import format_table, heldout_samples
 from rectflow.runs.experiment import Run, load_run
 from rectflow.runs.lineage import stage_label
 from rectflow.runs.plots import plot_crossings, plot_quality_vs_nfe, plot_stages
@@ -139,12 +139,12 @@ def format_stage_table(rows: Sequence[dict[str, Any]], solvers: Sequence[str] = 
     def f(v: Any, fmt: str = ".4f") -> str:
         return "-" if v is None else format(v, fmt)
 
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    table = []
     for r in rows:
         w2 = []
         for s in solvers:
             v, nfe = r.get(f"w2@{s}"), r.get(f"nfe@{s}")
             w2.append(f(v) + (f" ({nfe})" if s == "dopri5" and nfe is not None else ""))
         cells = [r["stage"], *w2, f(r.get("straightness"), ".2e"), f(r.get("transport_cost")), f(r.get("transport_excess")), f(r.get("crossing"))]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        table.append(dict(zip(cols, cells)))
+    return format_table(table, cols)

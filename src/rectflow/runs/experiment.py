@@ -130,17 +130,22 @@ def train_run(
     *,
     resume: bool = True,
     callbacks: list[Callable[[Trainer, int], None]] | None = None,
+    prepare: Callable[[], Any] | None = None,
 ) -> Trainer:
     """Train (or resume) the run in ``run_dir``.
 
     A directory that already holds a run with a different config is refused (only the
     step budget and logging settings may change on resumption) so nothing is overwritten.
+    ``prepare`` runs after that check and before the objective is built: a child run generates
+    its parent's pairs there (:func:`rectflow.runs.lineage.train_child`).
     """
     run_dir = Path(run_dir)
     source, target = build_distributions(cfg)
     new = config_to_dict(cfg)
     if guard_run_dir(run_dir, "config.json", new, normalise=semantic_config) and not resume and list_checkpoints(run_dir):
         raise ConfigError(f"{run_dir} already holds checkpoints; resume it or choose a new run directory")
+    if prepare is not None:
+        prepare()
     objective = build_objective(cfg, source, target)  # before writing: a bad pair store leaves nothing behind
     mcfg = model_config(cfg, source.dim, sample_shape(source))
     torch.manual_seed(cfg.train.seed)  # parameter initialisation

@@ -3,9 +3,9 @@
 A child run is an ordinary run directory whose ``config.json`` records its lineage in the
 ``reflow`` section (stage, parent run, initial checkpoint) and its coupling: ``pairs`` (the
 parent's flow coupling (Z0, Flow_k(Z0)), kept in a pair store) or ``independent``.  Making one is
-always the same four steps (:func:`train_child`): the child's config from the parent's
-(:func:`child_config`), the run-directory guard, the pairs (generated or reused,
-:class:`PairOptions`), then :func:`~rectflow.runs.experiment.train_run`.
+always the same steps (:func:`train_child`): the child's config from the parent's (:func:`child_config`),
+then :func:`~rectflow.runs.experiment.train_run`, which guards the directory, has the pairs made
+(generated or reused, :class:`PairOptions`) and trains.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from rectflow.errors import ConfigError
 from rectflow.reflow.pairs import PairStore, generate_pairs, state_dict_sha256
 from rectflow.runs.config import ExperimentConfig, apply_overrides, config_from_dict, config_to_dict
 from rectflow.runs.experiment import Run, load_run, train_run
-from rectflow.runs.rundir import guard_run_dir, semantic_config
 
 __all__ = [
     "PairOptions",
@@ -174,14 +173,11 @@ def child_config(
 
 
 def train_child(cfg: ExperimentConfig, out: str | Path, parent: Run, pairs: PairOptions | None, progress: bool | None = True) -> Path:
-    """Make the child run ``out`` of ``parent``: guard the directory (before any pair is made),
-    get the pairs when the coupling needs them, train.  Returns ``out``."""
-    out = Path(out)
-    guard_run_dir(out, "config.json", config_to_dict(cfg), normalise=semantic_config)
-    if pairs is not None:
-        pairs.ensure(parent, progress)
-    train_run(cfg, out)
-    return out
+    """Make (or resume) the child run ``out`` of ``parent``: :func:`~rectflow.runs.experiment.train_run`
+    checks the directory first, then the pairs are made when the coupling needs them (so a refused
+    directory costs no pair generation), then it trains.  Returns ``out``."""
+    train_run(cfg, out, prepare=None if pairs is None else lambda: pairs.ensure(parent, progress))
+    return Path(out)
 
 
 def progress_overrides(progress: bool | None) -> list[str]:

@@ -7,7 +7,7 @@ import torch
 from rectflow.data import TOY_DISTRIBUTIONS, Checkerboard, Circle, EightGaussians, Moons, PointCloud, make_distribution
 from rectflow.errors import DataError
 
-from .conftest import gen
+from tests.conftest import gen
 
 
 @pytest.mark.parametrize("name", sorted(TOY_DISTRIBUTIONS))

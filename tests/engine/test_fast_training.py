@@ -123,7 +123,7 @@ def test_gpu_benchmarks_explain_themselves_without_cuda(tmp_path):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     for script in ("throughput.py", "cifar10.py"):
         r = subprocess.run([sys.executable, str(root / "benchmarks" / script), "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and "needs a CUDA device" in r.stderr and "--cpu-smoke" in r.stderr

@@ -21,7 +21,7 @@ from rectflow.flow.losses import FlowBatch, FlowMatchingObjective
 from rectflow.models import MLPVelocity, UNetVelocity
 from rectflow.engine.trainer import TrainConfig, Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_slicing_helpers():

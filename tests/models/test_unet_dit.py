@@ -150,7 +150,7 @@ def test_gpu_bf16_channels_last_compiled_step():
 def test_cifar10_recipe_config():
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     cfg = load_config(root / "configs" / "cifar10.yaml")
     assert cfg.model.kind == "unet" and cfg.time.kind == "logit_normal" and cfg.train.precision == "bf16"
     assert cfg.reflow.distill_loss == "pseudo_huber" and cfg.target["flip"] is True

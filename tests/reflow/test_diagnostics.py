@@ -11,7 +11,7 @@ from torch import nn
 from rectflow.reflow.diagnostics import crossing_probability, diagnose_coupling, segment_intersections, straightness, transport_cost
 from rectflow.errors import DataError
 
-from .conftest import gen
+from tests.conftest import gen
 
 
 def seg(*xy):

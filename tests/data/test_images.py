@@ -24,7 +24,7 @@ from rectflow.data.images import (
 from rectflow.errors import DataError
 from rectflow.images.sampling import image_grid, save_image_grid, save_pair_grid
 
-CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg" / "test.zip"
+CIFAR = Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10-jpeg" / "test.zip"
 
 
 def gen(seed=0):

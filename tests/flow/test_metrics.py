@@ -4,7 +4,7 @@ import torch
 from rectflow.errors import DataError
 from rectflow.flow.metrics import energy_distance, wasserstein2
 
-from .conftest import gen
+from tests.conftest import gen
 
 
 def test_w2_translation_and_identity():

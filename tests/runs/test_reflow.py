@@ -26,7 +26,7 @@ from rectflow.reflow.distill import one_step
 from rectflow.runs.distill import train_distill
 from rectflow.engine.trainer import TrainConfig, Trainer
 
-from .conftest import gen
+from tests.conftest import gen
 
 TINY = {
     "target": "moons",

@@ -6,7 +6,7 @@ import torch
 from rectflow.flow.couplings import IndependentCoupling, MinibatchOTCoupling, ot_pairing, squared_cost
 from rectflow.data import EightGaussians, Gaussian
 
-from .conftest import gen
+from tests.conftest import gen
 
 
 def test_exact_ot_is_a_permutation_that_does_not_raise_cost():

@@ -14,7 +14,7 @@ from rectflow.models import MLPVelocity
 from rectflow.flow.sampling import sample_model
 from rectflow.engine.trainer import TrainConfig, Trainer
 
-from .conftest import gen
+from tests.conftest import gen
 
 
 class Deterministic:

@@ -19,7 +19,7 @@ from rectflow.flow.losses import FlowMatchingObjective
 from rectflow.reflow.pairs import PairCoupling, PairStore, generate_pairs, shard_name, state_dict_sha256
 from rectflow.engine.trainer import step_generator
 
-from .conftest import gen
+from tests.conftest import gen
 
 
 class Shift(nn.Module):

@@ -15,7 +15,7 @@ from rectflow.models import MLPVelocity
 from rectflow.flow.solvers import solve
 from rectflow.engine.trainer import TrainConfig, Trainer
 
-from .conftest import gen
+from tests.conftest import gen
 
 MU = torch.tensor([2.0, -1.0], dtype=torch.float64)
 S = 0.5

@@ -4,7 +4,7 @@ from scipy import stats
 
 from rectflow.flow.time_sampling import LogitNormalTime, UniformTime, UShapedTime, make_time_sampler
 
-from .conftest import gen
+from tests.conftest import gen
 
 
 def test_uniform_range_and_ks():

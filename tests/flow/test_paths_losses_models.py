@@ -5,7 +5,7 @@ from rectflow.flow.losses import flow_matching_loss
 from rectflow.models import MLPVelocity, SinusoidalTimeEmbedding
 from rectflow.flow.paths import AffinePath, LinearPath, PathCoefficients
 
-from .conftest import gen
+from tests.conftest import gen
 
 
 class GenericLinear(AffinePath):
