@@ -202,14 +202,14 @@ def train_stage(cfg, run_dir: Path, budget: float, device: torch.device) -> dict
 
 
 def make_pairs(run_dir: Path, args, device: torch.device) -> tuple[Path, dict]:
-    from rectflow.runs.lineage import generate_run_pairs
+    from rectflow.runs.lineage import PairOptions, generate_run_pairs
 
     out = run_dir / "pairs"
     _peak_reset(device)
     t0 = time.perf_counter()
     with _tf32(device):
-        store = generate_run_pairs(run_dir, args.pairs, out, solver=args.pair_solver, rtol=args.rtol, atol=args.rtol,
-                                   shard_size=args.shard_size, device=str(device), progress=not args.quiet)
+        store = generate_run_pairs(run_dir, args.pairs, out, options=PairOptions(solver=args.pair_solver, rtol=args.rtol, atol=args.rtol,
+                                   shard_size=args.shard_size, device=str(device)), progress=not args.quiet)
     stats = store.manifest.get("stats", {})
     return out, {"pairs": args.pairs, "pairs_s": time.perf_counter() - t0, "pairs_nfe_mean": stats.get("nfe_mean"), "pairs_peak_gib": _peak(device)}
 

@@ -286,12 +286,13 @@ def _reflow_stage(name: str, parent: str) -> Callable[[Context, dict[str, StageR
     """(k+1)-RF on pairs of the k-RF ``parent`` stage, initialised from its weights (rectflow.runs.reflow.train_reflow)."""
 
     def run(ctx: Context, prev: dict[str, StageResult]) -> StageResult:
+        from rectflow.runs.lineage import PairOptions
         from rectflow.runs.reflow import train_reflow
 
         t0 = time.perf_counter()
         out = train_reflow(
             prev[parent].run_dir, ctx.run_dir(name), n_pairs=ctx.n_pairs, init="previous", steps=ctx.stage_steps(name),
-            overrides=ctx.reflow_overrides, solver=ctx.pair_solver, device="cpu", progress=False,
+            overrides=ctx.reflow_overrides, options=PairOptions(solver=ctx.pair_solver, device="cpu"), progress=False,
         )
         extra = {**_as_train_coupling(prev[parent]), **_pair_stats(prev[parent].run_dir, ctx)}
         return _evaluate(Path(out), ctx, name, time.perf_counter() - t0, train_coupling=extra)
@@ -305,12 +306,13 @@ def _distill_stage(name: str, parent: str) -> Callable[[Context, dict[str, Stage
 
     def run(ctx: Context, prev: dict[str, StageResult]) -> StageResult:
         from rectflow.runs.distill import train_distill
+        from rectflow.runs.lineage import PairOptions
 
         t0 = time.perf_counter()
         out = train_distill(
             prev[parent].run_dir, ctx.run_dir(name), n_pairs=ctx.n_pairs, coupling="pairs", init="previous",
             steps=ctx.stage_steps(name), loss=ctx.distill_loss, huber_c=ctx.huber_c,
-            overrides=ctx.reflow_overrides, solver=ctx.pair_solver, device="cpu", progress=False,
+            overrides=ctx.reflow_overrides, options=PairOptions(solver=ctx.pair_solver, device="cpu"), progress=False,
         )
         extra = {**_as_train_coupling(prev[parent]), **_pair_stats(prev[parent].run_dir, ctx)}
         return _evaluate(Path(out), ctx, name, time.perf_counter() - t0, one_step=True, train_coupling=extra)

@@ -79,6 +79,7 @@ from rectflow.images import ConditionalFlowMatchingObjective, GuidedVelocity, fd
 from rectflow.perflow import PeRFlowObjective, PeRFlowStudent, Teacher, apply_delta, load_delta, make_windows, sample_perflow, save_delta
 from rectflow.runs import (
     ExperimentConfig,
+    config_from_dict,
     diagnose_runs,
     evaluate_run,
     generate_run_pairs,
@@ -118,7 +119,7 @@ __all__ = [
     # PeRFlow (theory section 5)
     "make_windows", "Teacher", "PeRFlowStudent", "PeRFlowObjective", "sample_perflow", "save_delta", "load_delta", "apply_delta",
     # runs and jobs
-    "ExperimentConfig", "load_config", "train_run", "load_run", "evaluate_run",
+    "ExperimentConfig", "load_config", "config_from_dict", "train_run", "load_run", "evaluate_run",
     "generate_run_pairs", "train_reflow", "reflow_chain", "train_distill", "diagnose_runs",
     "train_perflow", "load_perflow",
 ]

@@ -26,7 +26,7 @@ from rectflow.runs.diagnose import diagnose_runs, format_stage_table
 from rectflow.runs.distill import train_distill
 from rectflow.runs.evaluation import evaluate_run, format_table
 from rectflow.runs.experiment import load_run, train_run
-from rectflow.runs.lineage import generate_run_pairs
+from rectflow.runs.lineage import PairOptions, generate_run_pairs
 from rectflow.runs.perflow import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, PeRFlowSettings, train_perflow
 from rectflow.runs.plots import plot_run
 from rectflow.runs.reflow import reflow_chain, train_reflow
@@ -275,7 +275,7 @@ def _pair_kwargs(args: argparse.Namespace) -> dict:
     parse_solver_spec(args.solver)
     if args.shard_size < 1:
         raise ConfigError(f"--shard-size must be >= 1, got {args.shard_size}")
-    return {"solver": args.solver, "rtol": args.rtol, "atol": args.atol, "pair_seed": args.pair_seed, "shard_size": args.shard_size, "device": args.device}
+    return {"options": PairOptions(seed=args.pair_seed, solver=args.solver, rtol=args.rtol, atol=args.atol, shard_size=args.shard_size, device=args.device)}
 
 
 def _eval_and_plot(run_dir) -> None:
@@ -288,7 +288,6 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise ConfigError(f"--n (number of pairs) must be >= 1, got {args.n}")
     kw = _pair_kwargs(args)
-    kw["seed"] = kw.pop("pair_seed")
 
     if planned_world_size() > 1:  # under torchrun: rank r makes shards r, r + N, ...
         init_from_env(device=None if kw.get("device", "auto") == "auto" else kw["device"])

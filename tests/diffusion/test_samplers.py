@@ -6,7 +6,6 @@ so sampler errors are separated from model errors.
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from rectflow.flow.solvers import METHODS, dopri5, euler, fixed_step, heun, midpoint, rk4, solve, time_grid
+from rectflow.flow.solvers import METHODS, dopri5, euler, heun, midpoint, rk4, solve, time_grid
 
 # dx/dt = -2 t x + R x (a decaying rotation): x(t) = exp(-t^2) Rot(t) x0.
 ROT = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64)

@@ -19,7 +19,7 @@ from rectflow.flow.metrics import wasserstein2
 from rectflow.models import MLPVelocity
 from rectflow.flow.couplings import IndependentCoupling
 from rectflow.reflow.pairs import PairCoupling, generate_pairs
-from rectflow.runs.lineage import default_pairs_dir, stage_label
+from rectflow.runs.lineage import PairOptions, default_pairs_dir, stage_label
 from rectflow.engine.checkpoint import load_weights, read_checkpoint
 from rectflow.runs.reflow import default_reflow_dir, train_reflow
 from rectflow.reflow.distill import one_step
@@ -34,7 +34,7 @@ TINY = {
     "train": {"steps": 1000, "batch_size": 256, "lr": 2e-3, "warmup_steps": 50, "ckpt_every": 500, "log_every": 100, "progress": False, "device": "cpu"},
     "eval": {"n_samples": 600, "solvers": ["euler:1", "euler:4", "euler:50"]},
 }
-PAIRS = {"n_pairs": 4000, "solver": "euler:50", "shard_size": 1500, "device": "cpu", "progress": False}
+PAIRS = {"n_pairs": 4000, "options": PairOptions(solver="euler:50", shard_size=1500, device="cpu"), "progress": False}
 
 
 @pytest.fixture(scope="module")

@@ -100,15 +100,15 @@ class FlowMatchingObjective:
         weight: optional per-sample loss weight w(t).
     """
 
-    def __init__(self, coupling: Coupling, path: AffinePath | None = None, time_sampler=None, weight: LossWeight | None = None):
-        self.coupling = check_coupling(coupling)
+    def __init__(self, coupling: Coupling | None, path: AffinePath | None = None, time_sampler=None, weight: LossWeight | None = None):
+        self.coupling = None if coupling is None else check_coupling(coupling)  # None: loss only, no draw
         self.path = path or LinearPath()
         self.time_sampler = time_sampler or UniformTime()
         self.weight = weight
 
     @property
     def heavy_draw(self) -> bool:
-        return self.coupling.heavy
+        return self.coupling is not None and self.coupling.heavy
 
     def draw(self, n: int, generator: torch.Generator, device) -> FlowBatch:
         x0, x1 = self.coupling.sample(n, generator=generator, device=device)

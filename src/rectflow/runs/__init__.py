@@ -5,7 +5,7 @@ from rectflow.runs.config import ModelConfig, CouplingConfig, TimeConfig, EvalCo
 from rectflow.runs.rundir import RESUMABLE_TRAIN_KEYS, semantic_config, diff_keys, guard_run_dir
 from rectflow.runs.experiment import Run, build_distributions, build_model, build_objective, model_config, train_run, load_run, sample_shape
 from rectflow.runs.evaluation import evaluate_solvers, format_table, heldout_samples, evaluate_run
-from rectflow.runs.lineage import PairOptions, as_run, run_checksum, stage_label, default_pairs_dir, generate_run_pairs, init_checkpoint, child_config, train_child, progress_overrides
+from rectflow.runs.lineage import PairOptions, pairs_dir, as_run, run_checksum, stage_label, default_pairs_dir, generate_run_pairs, init_checkpoint, child_config, train_child, progress_overrides
 from rectflow.runs.reflow import default_reflow_dir, train_reflow, reflow_chain
 from rectflow.runs.distill import train_distill
 from rectflow.runs.diagnose import STAGE_SOLVERS, diagnose_runs, format_stage_table
@@ -40,6 +40,7 @@ __all__ = [
     "heldout_samples",
     "evaluate_run",
     "PairOptions",
+    "pairs_dir",
     "as_run",
     "run_checksum",
     "stage_label",

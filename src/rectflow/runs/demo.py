@@ -16,6 +16,7 @@ from rectflow.runs.distill import train_distill
 from rectflow.runs.evaluation import evaluate_run, format_table
 from rectflow.runs.experiment import load_run, train_run
 from rectflow.runs.plots import plot_run
+from rectflow.runs.lineage import PairOptions
 from rectflow.runs.reflow import train_reflow
 
 __all__ = ["DEMO_TASKS", "run_demo", "run_pipeline", "task_config"]
@@ -110,7 +111,7 @@ def run_pipeline(
         train_run(task_config(source, target, steps=steps, n_eval=n_eval, progress=progress), base_run)
     timings["1-RF"] = time.perf_counter() - t
     runs = [Path(base_run)]
-    pair_kw = {"solver": pair_solver, "rtol": pair_tol, "atol": pair_tol, "progress": progress}
+    pair_kw = {"options": PairOptions(solver=pair_solver, rtol=pair_tol, atol=pair_tol), "progress": progress}
     for k in range(2, stages + 2):
         t = time.perf_counter()
         echo(f"== {k}-RF: {n_pairs} pairs of the {k - 1}-RF ({pair_solver}), then {reflow_steps or steps} steps from its weights")

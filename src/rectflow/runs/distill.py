@@ -9,7 +9,7 @@ from typing import Sequence
 from rectflow.errors import ConfigError
 from rectflow.reflow.distill import make_distill_loss
 from rectflow.runs.experiment import Run
-from rectflow.runs.lineage import PairOptions, as_run, child_config, init_checkpoint, progress_overrides, train_child
+from rectflow.runs.lineage import PairOptions, as_run, child_config, init_checkpoint, pairs_dir, progress_overrides, train_child
 
 __all__ = ['train_distill']
 
@@ -26,12 +26,7 @@ def train_distill(
     steps: int | None = None,
     overrides: Sequence[str] = (),
     pairs: str | Path | None = None,
-    pair_seed: int = 0,
-    solver: str = "dopri5",
-    rtol: float | None = None,
-    atol: float | None = None,
-    shard_size: int = 65536,
-    device: str = "auto",
+    options: PairOptions = PairOptions(),
     progress: bool | None = True,
 ) -> Path:
     """Distill the flow of ``run`` (a k-RF run directory or loaded Run) into a one-step map; returns
@@ -49,10 +44,9 @@ def train_distill(
         raise ConfigError(f"{teacher.path} is already a distillation run; distill a k-RF flow")
     make_distill_loss(loss, c=huber_c)  # validate the name early
     if coupling == "pairs":
-        opts: PairOptions | None = PairOptions(n_pairs, pairs, pair_seed, solver, rtol, atol, shard_size, device)
-        section, stage, suffix = {"kind": "pairs", "pairs": str(opts.store_dir(teacher).resolve())}, teacher.config.reflow.stage, "distill"
+        section, stage, suffix = {"kind": "pairs", "pairs": str(pairs_dir(teacher, n_pairs, pairs, options).resolve())}, teacher.config.reflow.stage, "distill"
     elif coupling == "independent":
-        opts, section, stage, suffix = None, {"kind": "independent"}, 0, "distill-independent"
+        section, stage, suffix = {"kind": "independent"}, 0, "distill-independent"
     else:
         raise ConfigError(f"distillation coupling must be 'pairs' (the flow's) or 'independent', got {coupling!r}")
     cfg = child_config(  # first: a bad override or init fails before any pair is generated
@@ -67,4 +61,4 @@ def train_distill(
         overrides=[*progress_overrides(progress), *overrides],
     )
     out = Path(out) if out is not None else Path(teacher.path).parent / f"{Path(teacher.path).name}-{suffix}"
-    return train_child(cfg, out, teacher, opts, progress)
+    return train_child(cfg, out, teacher, n_pairs=None if pairs is not None else n_pairs, options=options, progress=progress)

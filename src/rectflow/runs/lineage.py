@@ -23,6 +23,7 @@ from rectflow.runs.experiment import Run, load_run, train_run
 
 __all__ = [
     "PairOptions",
+    "pairs_dir",
     "as_run",
     "run_checksum",
     "stage_label",
@@ -58,42 +59,52 @@ def default_pairs_dir(run_dir: str | Path, n: int, solver: str = "dopri5", seed:
     return Path(run_dir) / "pairs" / f"{solver.replace(':', '')}-n{n}-seed{seed}"
 
 
+@dataclass(frozen=True)
+class PairOptions:
+    """How the pairs (Z0 ~ pi0, Z1 = Flow_k(Z0)) of a run's flow are generated: the ``solver``
+    (dopri5: ``rtol``/``atol``, default the run's eval tolerances), the ``seed`` of the Z0 draws,
+    pairs per ``shard_size`` shard, and the ``device`` of the solve."""
+
+    seed: int = 0
+    solver: str = "dopri5"
+    rtol: float | None = None
+    atol: float | None = None
+    shard_size: int = 65536
+    device: str = "auto"
+
+
 def generate_run_pairs(
     run: Run | str | Path,
     n: int,
     out: str | Path | None = None,
     *,
-    seed: int = 0,
-    solver: str = "dopri5",
-    rtol: float | None = None,
-    atol: float | None = None,
-    shard_size: int = 65536,
-    device: str = "auto",
+    options: PairOptions = PairOptions(),
     progress: bool | None = True,
 ) -> PairStore:
-    """Pairs (Z0 ~ pi0, Z1 = Flow_k(Z0)) of a run's (EMA) flow, in ``out`` (default
+    """n pairs of a run's (EMA) flow generated with ``options``, in ``out`` (default
     :func:`default_pairs_dir`); resumes or reuses a store of the same settings.
 
     ``run``: a run directory or a loaded :class:`~rectflow.runs.experiment.Run`; the model checksum
     is the sha256 of its checkpoint file, so pairs of an older checkpoint are never reused.
     """
-    dev = resolve_device(device)
+    o = options
+    dev = resolve_device(o.device)
     run = as_run(run, str(dev))
     if run.config.reflow.distill:
         raise ConfigError(f"{run.path} is a distillation run (a one-step map, not a flow); generate pairs from a k-RF run")
     if run.config.model.num_classes > 0:
         raise ConfigError(f"{run.path} is class-conditional; reflow pairs of conditional flows are not supported yet")
-    out = Path(out) if out is not None else default_pairs_dir(run.path, n, solver, seed)
+    out = Path(out) if out is not None else default_pairs_dir(run.path, n, o.solver, o.seed)
     return generate_pairs(
         run.model.to(dev),
         run.source,
         out,
         n,
-        seed=seed,
-        shard_size=shard_size,
-        solver=solver,
-        rtol=run.config.eval.rtol if rtol is None else rtol,
-        atol=run.config.eval.atol if atol is None else atol,
+        seed=o.seed,
+        shard_size=o.shard_size,
+        solver=o.solver,
+        rtol=run.config.eval.rtol if o.rtol is None else o.rtol,
+        atol=run.config.eval.atol if o.atol is None else o.atol,
         device=dev,
         model_sha256=run_checksum(run),
         source_spec=run.config.source,
@@ -102,34 +113,14 @@ def generate_run_pairs(
     )
 
 
-@dataclass(frozen=True)
-class PairOptions:
-    """Where a child run's pairs come from: ``n`` pairs generated from the parent's flow with
-    ``solver`` (dopri5: ``rtol``/``atol``, default the parent's eval tolerances), ``seed`` and
-    ``shard_size`` into the default store, or the existing store ``store``."""
-
-    n: int | None = None
-    store: str | Path | None = None
-    seed: int = 0
-    solver: str = "dopri5"
-    rtol: float | None = None
-    atol: float | None = None
-    shard_size: int = 65536
-    device: str = "auto"
-
-    def store_dir(self, parent: Run) -> Path:
-        if self.store is not None:
-            return Path(self.store)
-        if self.n is None:
-            raise ConfigError("training on the flow's coupling needs a number of pairs (n_pairs / --pairs N) or a pair store")
-        return default_pairs_dir(parent.path, self.n, self.solver, self.seed)
-
-    def ensure(self, parent: Run, progress: bool | None = True) -> PairStore:
-        """Open the given store, or generate (resume, reuse) the parent's pairs."""
-        if self.store is not None:
-            return PairStore(self.store)
-        return generate_run_pairs(parent, self.n, self.store_dir(parent), seed=self.seed, solver=self.solver, rtol=self.rtol,
-                                  atol=self.atol, shard_size=self.shard_size, device=self.device, progress=progress)
+def pairs_dir(parent: Run, n_pairs: int | None, store: str | Path | None, options: PairOptions) -> Path:
+    """The pair store a child trains on: ``store`` if given, else the default store of ``n_pairs``
+    pairs of the parent's flow."""
+    if store is not None:
+        return Path(store)
+    if n_pairs is None:
+        raise ConfigError("training on the flow's coupling needs a number of pairs (n_pairs / --pairs N) or a pair store")
+    return default_pairs_dir(parent.path, n_pairs, options.solver, options.seed)
 
 
 def init_checkpoint(run: Run, init: str) -> Path | None:
@@ -172,11 +163,22 @@ def child_config(
     return config_from_dict(apply_overrides(d, list(overrides)))
 
 
-def train_child(cfg: ExperimentConfig, out: str | Path, parent: Run, pairs: PairOptions | None, progress: bool | None = True) -> Path:
-    """Make (or resume) the child run ``out`` of ``parent``: :func:`~rectflow.runs.experiment.train_run`
-    checks the directory first, then the pairs are made when the coupling needs them (so a refused
-    directory costs no pair generation), then it trains.  Returns ``out``."""
-    train_run(cfg, out, prepare=None if pairs is None else lambda: pairs.ensure(parent, progress))
+def train_child(cfg: ExperimentConfig, out: str | Path, parent: Run, *, n_pairs: int | None = None, options: PairOptions = PairOptions(),
+                progress: bool | None = True) -> Path:
+    """Make (or resume) the child run ``out`` of ``parent`` from its config (:func:`child_config`).
+
+    :func:`~rectflow.runs.experiment.train_run` checks the directory first; then, when the coupling
+    is the parent's pairs, the store ``cfg.coupling.pairs`` is opened (``n_pairs`` None) or
+    generated with ``options`` (so a refused directory costs no pair generation); then it trains.
+    Returns ``out``."""
+
+    def prepare() -> None:
+        if n_pairs is None:
+            PairStore(cfg.coupling.pairs)
+        else:
+            generate_run_pairs(parent, n_pairs, cfg.coupling.pairs, options=options, progress=progress)
+
+    train_run(cfg, out, prepare=prepare if cfg.coupling.kind == "pairs" else None)
     return Path(out)
 
 

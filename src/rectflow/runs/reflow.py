@@ -15,7 +15,7 @@ from typing import Sequence
 
 from rectflow.errors import ConfigError
 from rectflow.runs.experiment import Run
-from rectflow.runs.lineage import PairOptions, as_run, child_config, init_checkpoint, progress_overrides, train_child
+from rectflow.runs.lineage import PairOptions, as_run, child_config, init_checkpoint, pairs_dir, progress_overrides, train_child
 
 __all__ = ["default_reflow_dir", "train_reflow", "reflow_chain"]
 
@@ -35,16 +35,11 @@ def train_reflow(
     out: str | Path | None = None,
     *,
     n_pairs: int | None = None,
+    pairs: str | Path | None = None,
+    options: PairOptions = PairOptions(),
     init: str = "previous",
     steps: int | None = None,
     overrides: Sequence[str] = (),
-    pairs: str | Path | None = None,
-    pair_seed: int = 0,
-    solver: str = "dopri5",
-    rtol: float | None = None,
-    atol: float | None = None,
-    shard_size: int = 65536,
-    device: str = "auto",
     progress: bool | None = True,
 ) -> Path:
     """Train the (k+1)-RF on pairs of the k-RF ``run`` (theory §4); returns its run directory.
@@ -53,26 +48,26 @@ def train_reflow(
         run: the k-RF run directory (or loaded Run).
         out: the new run directory (default :func:`default_reflow_dir`); an existing run of the
             same config is resumed, one of another config is refused.
-        n_pairs: pairs to generate (or reuse) with ``solver`` (dopri5: ``rtol``/``atol``, default
-            the run's eval tolerances), ``pair_seed`` and ``shard_size``.
+        n_pairs: pairs of the k-RF to generate (or reuse) with ``options`` (:class:`PairOptions`:
+            solver, tolerances, seed, shard size, device).
+        pairs: an existing pair-store directory to train on instead (no generation).
         init: ``"previous"`` (start from the k-RF's EMA weights) or ``"scratch"``.
         steps: training steps (default: the parent's); ``overrides``: ``key=value`` config edits.
-        pairs: an existing pair-store directory to use instead of generating into the default one.
     """
     parent = as_run(run)
     if parent.config.reflow.distill:
         raise ConfigError(f"{parent.path} is a distillation run (a one-step map); reflow needs a k-RF flow")
-    opts = PairOptions(n_pairs, pairs, pair_seed, solver, rtol, atol, shard_size, device)
     k = parent.config.reflow.stage
     cfg = child_config(  # first: a bad override or init fails before any pair is generated
         parent,
-        coupling={"kind": "pairs", "pairs": str(opts.store_dir(parent).resolve())},
+        coupling={"kind": "pairs", "pairs": str(pairs_dir(parent, n_pairs, pairs, options).resolve())},
         stage=k + 1,
         init=init_checkpoint(parent, init),
         steps=steps,
         overrides=[*progress_overrides(progress), *overrides],
     )
-    return train_child(cfg, out if out is not None else default_reflow_dir(parent.path, k + 1), parent, opts, progress)
+    out = out if out is not None else default_reflow_dir(parent.path, k + 1)
+    return train_child(cfg, out, parent, n_pairs=None if pairs is not None else n_pairs, options=options, progress=progress)
 
 
 def reflow_chain(run: Run | str | Path, stages: int = 1, *, prefix: str | Path | None = None, **kwargs) -> list[Path]:

@@ -29,14 +29,17 @@ def semantic_config(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
+_MISSING = object()
+
+
 def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-    """Dotted keys where two nested dicts differ, sorted."""
+    """Dotted keys where two nested dicts differ (a key missing on one side counts), sorted."""
     if isinstance(a, dict) and isinstance(b, dict):
         out: set[str] = set()
         for k in set(a) | set(b):
-            out.update(diff_keys(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k))
+            out.update(diff_keys(a.get(k, _MISSING), b.get(k, _MISSING), f"{prefix}.{k}" if prefix else k))
         return sorted(out)
-    return [] if a == b else [prefix]
+    return [] if a is b or a == b else [prefix]
 
 
 def guard_run_dir(

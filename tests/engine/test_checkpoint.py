@@ -1,0 +1,122 @@
+import pytest
+import torch
+
+from rectflow.engine.checkpoint import (
+    CHECKPOINT_FORMAT,
+    checkpoint_path,
+    latest_checkpoint,
+    list_checkpoints,
+    load_optimizer_state,
+    load_weights,
+    read_checkpoint,
+    save_checkpoint,
+)
+from rectflow.engine.io import save_tensors
+from rectflow.errors import CheckpointError
+from rectflow.models import MLPVelocity
+from tests.conftest import gen
+
+MCFG = {"kind": "mlp", "width": 8, "depth": 2, "dim": 2}
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return MLPVelocity(2, width=8, depth=2, time_dim=8)
+
+
+def trained(steps=3):
+    model = make_model(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = gen(0)
+    for _ in range(steps):
+        x, t = torch.randn(16, 2, generator=g), torch.rand(16, generator=g)
+        loss = model(x, t).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ema = make_model(1)  # weights distinct from the model's
+    return model, ema, opt
+
+
+def assert_state_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_round_trip_model_ema_optimizer(tmp_path):
+    model, ema, opt = trained()
+    path = save_checkpoint(checkpoint_path(tmp_path, 3), model=model, step=3, model_config=MCFG, ema_model=ema, optimizer=opt, train_config={"lr": 0.01})
+    assert path == tmp_path / "checkpoints" / "step_00000003.safetensors" and path.is_file()
+    ckpt = read_checkpoint(path, model_config=MCFG)
+    assert ckpt.step == 3 and ckpt.model_config == MCFG and ckpt.has_ema
+    assert ckpt.meta["format"] == CHECKPOINT_FORMAT and ckpt.meta["train_config"] == {"lr": 0.01}
+
+    m2 = load_weights(make_model(5), ckpt, ema=False)
+    assert_state_equal(m2.state_dict(), model.state_dict())
+    e2 = load_weights(make_model(5), ckpt)  # EMA by default
+    assert_state_equal(e2.state_dict(), ema.state_dict())
+
+    fresh = make_model(5)
+    opt2 = torch.optim.Adam(fresh.parameters(), lr=1e-2)
+    load_optimizer_state(opt2, ckpt)
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    assert s1["param_groups"] == s2["param_groups"]
+    assert s1["state"].keys() == s2["state"].keys() and len(s1["state"]) > 0
+    for idx in s1["state"]:
+        a, b = s1["state"][idx], s2["state"][idx]
+        assert a.keys() == b.keys()
+        for k in a:
+            if isinstance(a[k], torch.Tensor):
+                assert torch.equal(a[k], b[k]), (idx, k)
+            else:
+                assert a[k] == b[k], (idx, k)
+
+
+def test_model_config_mismatch_refused(tmp_path):
+    model, _, _ = trained(1)
+    path = save_checkpoint(tmp_path / "c.safetensors", model=model, step=1, model_config=MCFG)
+    with pytest.raises(CheckpointError, match="model config"):
+        read_checkpoint(path, model_config={**MCFG, "width": 16})
+    read_checkpoint(path)  # no config given: no comparison
+
+
+def test_weights_prefers_ema_only_when_present_and_asked(tmp_path):
+    model, ema, _ = trained(1)
+    with_ema = read_checkpoint(save_checkpoint(tmp_path / "a.safetensors", model=model, step=1, model_config=MCFG, ema_model=ema))
+    assert_state_equal(with_ema.weights(), ema.state_dict())
+    assert_state_equal(with_ema.weights(ema=False), model.state_dict())
+    no_ema = read_checkpoint(save_checkpoint(tmp_path / "b.safetensors", model=model, step=1, model_config=MCFG))
+    assert not no_ema.has_ema
+    assert_state_equal(no_ema.weights(ema=True), model.state_dict())
+
+
+def test_load_weights_wrong_shape_and_missing_optimizer(tmp_path):
+    model, _, _ = trained(1)
+    ckpt = read_checkpoint(save_checkpoint(tmp_path / "a.safetensors", model=model, step=1, model_config=MCFG))
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_weights(MLPVelocity(2, width=4, depth=2, time_dim=8), ckpt)
+    with pytest.raises(CheckpointError, match="no optimizer state"):
+        load_optimizer_state(torch.optim.Adam(model.parameters()), ckpt)
+
+
+def test_list_and_latest_checkpoints(tmp_path):
+    assert list_checkpoints(tmp_path) == []
+    with pytest.raises(CheckpointError, match="no checkpoints"):
+        latest_checkpoint(tmp_path)
+    model = make_model()
+    for step in (100, 5, 20):
+        save_checkpoint(checkpoint_path(tmp_path, step), model=model, step=step, model_config=MCFG)
+    (tmp_path / "checkpoints" / ".step_00000200.safetensors.abc.tmp").write_bytes(b"partial")
+    (tmp_path / "checkpoints" / "notes.txt").write_text("x")
+    found = list_checkpoints(tmp_path)
+    assert [read_checkpoint(p).step for p in found] == [5, 20, 100]
+    assert latest_checkpoint(tmp_path) == checkpoint_path(tmp_path, 100)
+
+
+@pytest.mark.parametrize("meta", [{"format": "someone-else/1", "step": 1}, {"step": 1}])
+def test_foreign_format_refused(tmp_path, meta):
+    p = tmp_path / "foreign.safetensors"
+    save_tensors(p, {"model.w": torch.zeros(2)}, meta)
+    with pytest.raises(CheckpointError, match="not a rectflow checkpoint"):
+        read_checkpoint(p)

@@ -1,0 +1,116 @@
+import hashlib
+import json
+
+import pytest
+import torch
+
+from rectflow.engine.io import (
+    append_jsonl,
+    atomic_path,
+    load_json,
+    load_tensors,
+    read_jsonl,
+    save_json,
+    save_tensors,
+    sha256_file,
+)
+from rectflow.errors import CheckpointError
+from tests.conftest import gen
+
+
+def test_atomic_path_success_replaces_target_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "sub" / "out.txt"  # parent does not exist yet
+    with atomic_path(target) as tmp:
+        assert tmp != target and tmp.parent == target.parent
+        tmp.write_text("new")
+        assert not target.exists()  # nothing visible until the block succeeds
+    assert target.read_text() == "new"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["out.txt"]
+
+
+def test_atomic_path_exception_keeps_target_and_removes_temp(tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError, match="boom"), atomic_path(target) as tmp:
+        tmp.write_text("half-written")
+        raise RuntimeError("boom")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_json_round_trip(tmp_path):
+    obj = {"a": 1, "b": [1.5, None, "x"], "c": {"d": True}}
+    save_json(tmp_path / "x.json", obj)
+    assert load_json(tmp_path / "x.json") == obj
+
+
+def test_load_json_missing_names_file(tmp_path):
+    p = tmp_path / "missing.json"
+    with pytest.raises(CheckpointError, match="missing.json"):
+        load_json(p)
+
+
+@pytest.mark.parametrize("content", ["{not json", ""])
+def test_load_json_invalid_names_file(tmp_path, content):
+    p = tmp_path / "bad.json"
+    p.write_text(content)
+    with pytest.raises(CheckpointError, match="bad.json"):
+        load_json(p)
+
+
+def test_tensors_round_trip_with_metadata(tmp_path):
+    g = gen(0)
+    tensors = {"w": torch.randn(3, 4, generator=g), "i": torch.arange(5), "s": torch.tensor(2.5)}
+    meta = {"step": 7, "cfg": {"width": 16, "mult": [1, 2]}, "name": "x", "none": None}
+    save_tensors(tmp_path / "t.safetensors", tensors, meta)
+    got, got_meta = load_tensors(tmp_path / "t.safetensors")
+    assert got.keys() == tensors.keys()
+    for k, t in tensors.items():
+        assert got[k].dtype == t.dtype and torch.equal(got[k], t), k
+    assert got_meta == meta
+
+
+def test_load_tensors_truncated_file(tmp_path):
+    p = tmp_path / "t.safetensors"
+    save_tensors(p, {"w": torch.randn(64, 64, generator=gen(1))}, {"step": 1})
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="t.safetensors"):
+        load_tensors(p)
+
+
+def test_load_tensors_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="nope.safetensors"):
+        load_tensors(tmp_path / "nope.safetensors")
+
+
+def test_sha256_file_matches_hashlib(tmp_path):
+    data = bytes(range(256)) * 5 + b"tail"
+    p = tmp_path / "blob.bin"
+    p.write_bytes(data)
+    expected = hashlib.sha256(data).hexdigest()
+    assert sha256_file(p) == expected
+    assert sha256_file(p, chunk=7) == expected  # several reads
+    p.write_bytes(data + b"!")
+    assert sha256_file(p) != expected
+
+
+def test_jsonl_round_trip(tmp_path):
+    p = tmp_path / "m.jsonl"
+    assert read_jsonl(p) == []  # missing file: no rows
+    rows = [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25, "tag": "x"}]
+    for r in rows:
+        append_jsonl(p, r)
+    assert read_jsonl(p) == rows
+    assert len(p.read_text().splitlines()) == 2
+
+
+def test_read_jsonl_skips_torn_last_line(tmp_path):
+    p = tmp_path / "m.jsonl"
+    rows = [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}]
+    for r in rows:
+        append_jsonl(p, r)
+    torn = json.dumps({"step": 3, "loss": 0.125})[:9]
+    with open(p, "a") as f:
+        f.write(torn)  # a kill mid-write: no newline, incomplete JSON
+    assert read_jsonl(p) == rows

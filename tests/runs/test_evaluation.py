@@ -1,0 +1,103 @@
+import pytest
+import torch
+from torch import nn
+
+from rectflow.engine.io import load_json
+from rectflow.runs.config import config_from_dict
+from rectflow.runs.evaluation import evaluate_run, evaluate_solvers, format_table, heldout_samples
+from rectflow.runs.experiment import Run, build_distributions, load_run, train_run
+from tests.conftest import gen
+
+SHIFT = torch.tensor([3.0, -1.0])
+
+
+class Constant(nn.Module):
+    """v(x, t) = c: carries x0 exactly onto x0 + c with any solver."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = nn.Parameter(torch.as_tensor(c, dtype=torch.float32).clone())
+
+    def forward(self, x, t):
+        return self.c.expand_as(x)
+
+
+def cfg_dict(**train):
+    return {
+        "source": "gaussian",
+        "target": "moons",
+        "model": {"width": 16, "depth": 2, "time_dim": 8},
+        "train": {"steps": 20, "batch_size": 32, "progress": False, "log_every": 10, "ckpt_every": 10, "device": "cpu", **train},
+        "eval": {"n_samples": 100, "seed": 7, "solvers": ["euler:2", "heun:1"]},
+    }
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    train_run(config_from_dict(cfg_dict()), run_dir)
+    return load_run(run_dir)
+
+
+def test_evaluate_solvers_rows_and_exact_map():
+    x0 = torch.randn(64, 2, generator=gen(0))
+    ref = x0 + SHIFT  # the target is the source shifted by a constant
+    rows = evaluate_solvers(Constant(SHIFT), x0, ref, ["euler:1", "rk4:2", "dopri5"], progress=False)
+    assert [r["solver"] for r in rows] == ["euler:1", "rk4:2", "dopri5"]
+    assert [r["nfe"] for r in rows[:2]] == [1, 8] and rows[2]["nfe"] >= 1
+    for r in rows:
+        assert {"solver", "nfe", "w2", "energy"} <= r.keys()
+        assert r["w2"] == pytest.approx(0.0, abs=1e-4) and r["energy"] == pytest.approx(0.0, abs=1e-4)
+    wrong = evaluate_solvers(Constant(torch.zeros(2)), x0, ref, ["euler:1"], progress=False)[0]
+    assert wrong["w2"] == pytest.approx(float(SHIFT.norm()), rel=1e-3)  # a pure translation: W2 = |c|
+    assert wrong["energy"] > 0.1
+
+
+def test_evaluate_solvers_metric_selection():
+    x0 = torch.randn(16, 2, generator=gen(1))
+    (row,) = evaluate_solvers(Constant(SHIFT), x0, x0 + SHIFT, ["euler:1"], metrics=("w2",), progress=False)
+    assert "w2" in row and "energy" not in row
+
+
+def test_format_table():
+    rows = [{"solver": "euler:1", "nfe": 1, "w2": 0.123456}, {"solver": "dopri5", "nfe": 26, "w2": None, "energy": 2.0}]
+    lines = format_table(rows).splitlines()
+    assert lines[0] == "| solver | nfe | w2 | energy |"  # order of first appearance
+    assert lines[1] == "|---|---|---|---|"
+    assert lines[2] == "| euler:1 | 1 | 0.1235 |  |"  # missing -> empty cell
+    assert lines[3] == "| dopri5 | 26 |  | 2.0000 |"  # None -> empty cell, ints unformatted
+    sub = format_table(rows, columns=["w2", "solver"], floatfmt=".2e").splitlines()
+    assert sub[0] == "| w2 | solver |" and sub[2] == "| 1.23e-01 | euler:1 |"
+    assert format_table([]) == "(no rows)"
+
+
+def test_heldout_samples_deterministic_per_seed():
+    cfg = config_from_dict(cfg_dict())
+    src, tgt = build_distributions(cfg)
+    r = Run(path=None, config=cfg, model=Constant(SHIFT), source=src, target=tgt, step=0)
+    a0, a1 = heldout_samples(r)
+    b0, b1 = heldout_samples(r)
+    assert a0.shape == a1.shape == (100, 2)  # eval.n_samples by default
+    assert torch.equal(a0, b0) and torch.equal(a1, b1)
+    assert torch.equal(heldout_samples(r, seed=7)[0], a0)  # eval.seed by default
+    c0, c1 = heldout_samples(r, n=100, seed=8)
+    assert not torch.equal(a0, c0) and not torch.equal(a1, c1)
+    assert heldout_samples(r, n=30)[0].shape == (30, 2)
+
+
+def test_evaluate_run_writes_files(run):
+    rows = evaluate_run(run, n=50)
+    assert [r["solver"] for r in rows] == ["euler:2", "heun:1"]  # eval.solvers of the config
+    data = load_json(run.path / "eval.json")
+    assert data["step"] == run.step == 20 and data["n_samples"] == 50
+    assert [r["solver"] for r in data["rows"]] == ["euler:2", "heun:1"]
+    assert data["rows"][0]["w2"] == pytest.approx(rows[0]["w2"])
+    md = (run.path / "eval.md").read_text().splitlines()
+    assert md[0] == "| solver | nfe | w2 | energy |" and md[2].startswith("| euler:2 | 2 |") and len(md) == 4
+
+
+def test_evaluate_run_write_false(run, tmp_path):
+    r = Run(tmp_path, run.config, run.model, run.source, run.target, run.step)
+    rows = evaluate_run(r, n=40, solvers=["euler:1"], write=False)
+    assert [row["solver"] for row in rows] == ["euler:1"] and rows[0]["nfe"] == 1
+    assert list(tmp_path.iterdir()) == []

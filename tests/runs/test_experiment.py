@@ -1,0 +1,145 @@
+import json
+
+import pytest
+import torch
+
+from rectflow.engine.checkpoint import checkpoint_path, list_checkpoints
+from rectflow.engine.io import load_json
+from rectflow.errors import CheckpointError, ConfigError, DataError
+from rectflow.models import MLPVelocity, UNetVelocity
+from rectflow.runs.config import config_from_dict, config_to_dict
+from rectflow.runs.experiment import build_distributions, build_model, load_run, model_config, sample_shape, train_run
+from tests.conftest import gen
+
+STEPS = 30
+
+
+def tiny(**over):
+    d = {
+        "source": "gaussian",
+        "target": "moons",
+        "model": {"width": 16, "depth": 2, "time_dim": 8},
+        "train": {"steps": STEPS, "batch_size": 32, "progress": False, "log_every": 10, "ckpt_every": 10, "device": "cpu", "ema_decay": 0.9},
+        "eval": {"n_samples": 200},
+    }
+    for key, value in over.items():
+        section, name = key.split("__")
+        d[section][name] = value
+    return config_from_dict(d)
+
+
+UNET = {"kind": "unet", "channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [4], "head_channels": 8, "dropout": 0.0}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    train_run(tiny(), run_dir)
+    return run_dir
+
+
+def test_build_distributions_ok_and_mismatches():
+    src, tgt = build_distributions(tiny())
+    assert src.dim == tgt.dim == 2
+    with pytest.raises(DataError, match="dimension"):
+        build_distributions(config_from_dict({"source": {"name": "gaussian", "dim": 3}, "target": "moons"}))
+    # same dimension (16), different sample shapes
+    cfg = config_from_dict({"source": {"name": "gaussian", "shape": [1, 4, 4]}, "target": {"name": "gaussian", "shape": [1, 2, 8]}})
+    with pytest.raises(DataError, match="shape"):
+        build_distributions(cfg)
+
+
+def test_mlp_model_config_round_trip():
+    cfg = tiny()
+    mcfg = model_config(cfg, 2)
+    assert mcfg == {"kind": "mlp", "width": 16, "depth": 2, "time_dim": 8, "activation": "silu", "dim": 2}
+    assert json.loads(json.dumps(mcfg)) == mcfg  # what checkpoints store and compare
+    model = build_model(mcfg)
+    ref = MLPVelocity(2, width=16, depth=2, time_dim=8)
+    assert isinstance(model, MLPVelocity)
+    assert [p.shape for p in model.parameters()] == [p.shape for p in ref.parameters()]
+    assert model(torch.randn(5, 2, generator=gen()), torch.rand(5, generator=gen())).shape == (5, 2)
+    # unet-only keys do not enter an MLP's config
+    assert model_config(config_from_dict({"model": {"width": 16, "depth": 2, "time_dim": 8, "channels": 4}}), 2) == mcfg
+
+
+def test_unet_model_config_round_trip():
+    cfg = config_from_dict({"source": {"name": "gaussian", "shape": [1, 8, 8]}, "target": {"name": "gaussian", "shape": [1, 8, 8]}, "model": UNET})
+    src, _ = build_distributions(cfg)
+    mcfg = model_config(cfg, src.dim, sample_shape(src))
+    assert mcfg["kind"] == "unet" and mcfg["channels"] == 8 and mcfg["shape"] == [1, 8, 8] and mcfg["dim"] == 64
+    assert json.loads(json.dumps(mcfg)) == mcfg
+    model = build_model(mcfg)
+    assert isinstance(model, UNetVelocity)
+    x = torch.randn(2, 1, 8, 8, generator=gen())
+    assert model(x, torch.rand(2, generator=gen())).shape == (2, 1, 8, 8)
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 8), (16,), None])
+def test_image_model_needs_square_images(shape):
+    cfg = config_from_dict({"model": UNET})
+    with pytest.raises(DataError, match="square images"):
+        model_config(cfg, 32, shape)
+
+
+def test_build_model_unknown_kind():
+    with pytest.raises(ConfigError, match="model.kind"):
+        build_model({"kind": "transformer", "dim": 2})
+
+
+def test_train_then_load(trained):
+    cks = list_checkpoints(trained)
+    assert cks and cks[-1] == checkpoint_path(trained, STEPS)
+    assert load_json(trained / "config.json") == config_to_dict(tiny())
+    run = load_run(trained)
+    assert run.step == STEPS and run.checkpoint == checkpoint_path(trained, STEPS)
+    assert run.config == tiny() and run.dim == 2 and not run.model.training
+    raw = load_run(trained, ema=False)
+    ema_w, raw_w = run.model.state_dict(), raw.model.state_dict()
+    assert ema_w.keys() == raw_w.keys()
+    assert any(not torch.equal(ema_w[k], raw_w[k]) for k in ema_w)
+    older = load_run(trained, checkpoint=cks[0], ema=False)
+    assert older.step < STEPS and older.checkpoint == cks[0]
+
+
+def test_load_run_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="no such run directory"):
+        load_run(tmp_path / "nope")
+
+
+def test_other_config_refused_and_nothing_written(trained):
+    before = (trained / "config.json").read_text()
+    calls = []
+    with pytest.raises(ConfigError, match="model.width"):
+        train_run(tiny(model__width=8), trained, prepare=lambda: calls.append(1))
+    assert calls == []  # prepare runs only after the directory check passed
+    assert (trained / "config.json").read_text() == before
+    assert load_run(trained).step == STEPS
+
+
+def test_resume_false_refused_when_checkpoints_exist(trained):
+    calls = []
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        train_run(tiny(), trained, resume=False, prepare=lambda: calls.append(1))
+    assert calls == []
+
+
+def test_prepare_called_once_before_anything_is_written(tmp_path):
+    run_dir = tmp_path / "run"
+    seen = []
+
+    def prepare():
+        seen.append((run_dir / "config.json").exists())
+
+    train_run(tiny(train__steps=5, train__ckpt_every=5), run_dir, prepare=prepare)
+    assert seen == [False]
+    assert load_run(run_dir).step == 5
+
+
+def test_resume_with_larger_budget(tmp_path):
+    run_dir = tmp_path / "run"
+    train_run(tiny(train__steps=10), run_dir)
+    calls = []
+    trainer = train_run(tiny(train__steps=20), run_dir, prepare=lambda: calls.append(1))  # steps is resumable
+    assert calls == [1] and trainer.step == 20
+    assert load_run(run_dir).step == 20
