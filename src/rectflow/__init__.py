@@ -99,7 +99,7 @@ __all__ = [
     "RectflowError", "ConfigError", "DataError", "CheckpointError",
     # networks and distributions
     "MLPVelocity", "UNetVelocity", "DiTVelocity", "make_distribution",
-    # flow matching (theory sections 1-3)
+    # flow matching (theory §1-3)
     "AffinePath", "LinearPath", "UniformTime", "LogitNormalTime", "UShapedTime", "make_time_sampler",
     "Coupling", "IndependentCoupling", "MinibatchOTCoupling", "ot_pairing",
     "FlowMatchingObjective", "LossOutput", "flow_matching_loss",
@@ -107,16 +107,16 @@ __all__ = [
     "wasserstein2", "energy_distance",
     # training
     "Objective", "TrainConfig", "Trainer",
-    # diffusion = Gaussian flow matching (theory section 6)
+    # diffusion = Gaussian flow matching (theory §6)
     "NoiseSchedule", "FlowMatchingSchedule", "VPCosineSchedule", "VPLinearSchedule", "DDPMSchedule", "CustomSchedule",
     "diffusion_time", "log_snr", "convert", "ConvertedModel", "DiffusionObjective", "make_weighting",
     "ddim", "euler_eta", "ddpm", "churn", "flow_sde",
-    # reflow and distillation (theory section 4)
+    # reflow and distillation (theory §4)
     "PairStore", "PairCoupling", "generate_pairs", "DistillationObjective", "PseudoHuberLoss", "distillation_loss", "one_step",
     "straightness", "transport_cost", "crossing_probability", "diagnose_coupling",
     # images and guidance
     "GuidedVelocity", "ConditionalFlowMatchingObjective", "sample_guided", "sample_images", "fd", "fid",
-    # PeRFlow (theory section 5)
+    # PeRFlow (theory §5)
     "make_windows", "Teacher", "PeRFlowStudent", "PeRFlowObjective", "sample_perflow", "save_delta", "load_delta", "apply_delta",
     # runs and jobs
     "ExperimentConfig", "load_config", "config_from_dict", "train_run", "load_run", "evaluate_run",

@@ -98,7 +98,7 @@ def test_distillation_runs_and_their_refusals(chain, tmp_path):
     run = load_run(d)
     assert stage_label(run.config) == "2-RF+distill" and run.config.eval.solvers == ["euler:1"]
     assert run.config.coupling.pairs == str(default_pairs_dir(two, 4000, "euler:50", 0).resolve())
-    rnd = train_distill(one, tmp_path / "r", coupling="independent", init="scratch", steps=20, progress=False, device="cpu")
+    rnd = train_distill(one, tmp_path / "r", coupling="independent", init="scratch", steps=20, progress=False, options=PairOptions(device="cpu"))
     cfg = load_run(rnd).config
     assert stage_label(cfg) == "distill (independent)" and cfg.reflow.init is None and cfg.coupling.kind == "independent"
     with pytest.raises(ConfigError, match="distillation run"):

@@ -1,62 +1,10 @@
 """Diffusion models as Gaussian flow matching: noise schedules, output parameterisations,
-loss weightings and the DDIM/DDPM/SDE samplers (theory section 6)."""
+loss weightings and the DDIM/DDPM/SDE samplers (theory §6)."""
 
-from rectflow.diffusion.schedules import diffusion_time, NoiseSchedule, FlowMatchingSchedule, VPCosineSchedule, VPLinearSchedule, DDPMSchedule, CustomSchedule, RescaledSchedule, variance_preserving, log_snr, log_snr_derivative, time_from_log_snr, shift_time, log_snr_grid, karras_sigmas, times_from_sigmas
-from rectflow.diffusion.parameterizations import Parameterization, PARAMETERIZATIONS, SingularConversionError, check_parameterization, to_x0_eps, from_x0_eps, convert, error_ratio, ConvertedModel
-from rectflow.diffusion.weighting import Weighting, ELBOWeighting, FlowMatchingWeighting, SD3Weighting, EDMWeighting, SigmoidWeighting, make_weighting, LogSNRNormalTime, time_density, log_snr_density, implied_weighting, loss_factor, diffusion_loss, DiffusionObjective
-from rectflow.diffusion.samplers import Model, NoiseLevel, predict_x0_eps, ddim_step, posterior, renoise, ddim, euler_eta, ddpm, churn, flow_sde, natural_noise_level, sigma_noise_level
+from rectflow.diffusion import schedules, parameterizations, weighting, samplers
+from rectflow.diffusion.schedules import *  # noqa: F403 (re-exports schedules.__all__)
+from rectflow.diffusion.parameterizations import *  # noqa: F403 (re-exports parameterizations.__all__)
+from rectflow.diffusion.weighting import *  # noqa: F403 (re-exports weighting.__all__)
+from rectflow.diffusion.samplers import *  # noqa: F403 (re-exports samplers.__all__)
 
-__all__ = [
-    "diffusion_time",
-    "NoiseSchedule",
-    "FlowMatchingSchedule",
-    "VPCosineSchedule",
-    "VPLinearSchedule",
-    "DDPMSchedule",
-    "CustomSchedule",
-    "RescaledSchedule",
-    "variance_preserving",
-    "log_snr",
-    "log_snr_derivative",
-    "time_from_log_snr",
-    "shift_time",
-    "log_snr_grid",
-    "karras_sigmas",
-    "times_from_sigmas",
-    "Parameterization",
-    "PARAMETERIZATIONS",
-    "SingularConversionError",
-    "check_parameterization",
-    "to_x0_eps",
-    "from_x0_eps",
-    "convert",
-    "error_ratio",
-    "ConvertedModel",
-    "Weighting",
-    "ELBOWeighting",
-    "FlowMatchingWeighting",
-    "SD3Weighting",
-    "EDMWeighting",
-    "SigmoidWeighting",
-    "make_weighting",
-    "LogSNRNormalTime",
-    "time_density",
-    "log_snr_density",
-    "implied_weighting",
-    "loss_factor",
-    "diffusion_loss",
-    "DiffusionObjective",
-    "Model",
-    "NoiseLevel",
-    "predict_x0_eps",
-    "ddim_step",
-    "posterior",
-    "renoise",
-    "ddim",
-    "euler_eta",
-    "ddpm",
-    "churn",
-    "flow_sde",
-    "natural_noise_level",
-    "sigma_noise_level",
-]
+__all__ = [*schedules.__all__, *parameterizations.__all__, *weighting.__all__, *samplers.__all__]

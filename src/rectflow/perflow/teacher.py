@@ -1,28 +1,5 @@
-"""PeRFlow: piecewise rectified flow that accelerates a pretrained diffusion or flow model (theory §5).
-
-Rectflow time t: 0 = noise, 1 = data (diffusion time s = 1 - t, see :mod:`rectflow.diffusion.schedules`).
-
-* :func:`make_windows` splits [0, 1] into K windows 0 = t_0 < t_1 < ... < t_K = 1 (uniform in t,
-  uniform in the teacher's log-SNR, or user-given boundaries).
-* :class:`Teacher` is any model that is a prediction (eps, x0, v, velocity, u) on an affine path
-  z_t = a(t) x + b(t) eps; :meth:`Teacher.solve_windows` runs a batched DDIM across one window per
-  example (each example may sit in a different window).
-* :class:`PeRFlowObjective` (Trainer-compatible): real data x, noise eps, window k per example;
-  z_start = a(t_{k-1}) x + b(t_{k-1}) eps (forward process), z_end = teacher DDIM across window k;
-  the student regresses the straight line: at z_t = z_start + (t - t_{k-1}) v,
-  v = (z_end - z_start) / (t_k - t_{k-1}).
-* Parameterisation inheritance.  Inside window k the straight line from z_start to the DDIM end
-  point z_end = a_k x-hat + b_k eps-hat (x-hat, eps-hat the teacher's predictions at z_start) is
-  itself an affine path in (x-hat, eps-hat) with *linearly interpolated* coefficients
-  A(t) = a_{k-1} + r (a_k - a_{k-1}), B(t) = b_{k-1} + r (b_k - b_{k-1}), r = (t - t_{k-1}) / (t_k - t_{k-1}):
-  z_t = A(t) x-hat + B(t) eps-hat, v = (a_k - a_{k-1})/dt x-hat + (b_k - b_{k-1})/dt eps-hat.
-  :class:`WindowPath` is that piecewise-linear path; the student keeps the teacher's output kind
-  (e.g. eps) *on the window path*, so at each window start its prediction means exactly what the
-  teacher's does, and one Euler step per window of the teacher-initialised student is the teacher's
-  K-step DDIM.  The weight change is stored as a delta (:func:`save_delta` / :func:`apply_delta`).
-* Samplers: :func:`sample` (m Euler steps per window; m = 1 is K-step generation), returning a
-  :class:`~rectflow.flow.solvers.SolveResult` with the NFE.
-"""
+"""The PeRFlow teacher (theory §5.2): any prediction model (eps, x0, v, velocity, u) on an affine path,
+and its batched DDIM solve across one window per example."""
 
 from __future__ import annotations
 

@@ -1,65 +1,15 @@
 """Run jobs: configs, run directories, training/reflow/distillation/PeRFlow/diagnose jobs,
 evaluation, plots, the HTML report and the demo.  The CLI is a thin layer over this package."""
 
-from rectflow.runs.config import ModelConfig, CouplingConfig, TimeConfig, EvalConfig, ReflowConfig, GuidanceConfig, ExperimentConfig, load_config, config_from_dict, apply_overrides, config_to_dict
-from rectflow.runs.rundir import RESUMABLE_TRAIN_KEYS, semantic_config, diff_keys, guard_run_dir
-from rectflow.runs.experiment import Run, build_distributions, build_model, build_objective, model_config, train_run, load_run, sample_shape
-from rectflow.runs.evaluation import evaluate_solvers, format_table, heldout_samples, evaluate_run
-from rectflow.runs.lineage import PairOptions, pairs_dir, as_run, run_checksum, stage_label, default_pairs_dir, generate_run_pairs, init_checkpoint, child_config, train_child, progress_overrides
-from rectflow.runs.reflow import default_reflow_dir, train_reflow, reflow_chain
-from rectflow.runs.distill import train_distill
-from rectflow.runs.diagnose import STAGE_SOLVERS, diagnose_runs, format_stage_table
-from rectflow.runs.perflow import PeRFlowSettings, PeRFlowJob, load_perflow_teacher, train_perflow, load_perflow
+from rectflow.runs import config, rundir, experiment, evaluation, lineage, reflow, distill, diagnose, perflow
+from rectflow.runs.config import *  # noqa: F403 (re-exports config.__all__)
+from rectflow.runs.rundir import *  # noqa: F403 (re-exports rundir.__all__)
+from rectflow.runs.experiment import *  # noqa: F403 (re-exports experiment.__all__)
+from rectflow.runs.evaluation import *  # noqa: F403 (re-exports evaluation.__all__)
+from rectflow.runs.lineage import *  # noqa: F403 (re-exports lineage.__all__)
+from rectflow.runs.reflow import *  # noqa: F403 (re-exports reflow.__all__)
+from rectflow.runs.distill import *  # noqa: F403 (re-exports distill.__all__)
+from rectflow.runs.diagnose import *  # noqa: F403 (re-exports diagnose.__all__)
+from rectflow.runs.perflow import *  # noqa: F403 (re-exports perflow.__all__)
 
-__all__ = [
-    "ModelConfig",
-    "CouplingConfig",
-    "TimeConfig",
-    "EvalConfig",
-    "ReflowConfig",
-    "GuidanceConfig",
-    "ExperimentConfig",
-    "load_config",
-    "config_from_dict",
-    "apply_overrides",
-    "config_to_dict",
-    "RESUMABLE_TRAIN_KEYS",
-    "semantic_config",
-    "diff_keys",
-    "guard_run_dir",
-    "Run",
-    "build_distributions",
-    "build_model",
-    "build_objective",
-    "model_config",
-    "train_run",
-    "load_run",
-    "sample_shape",
-    "evaluate_solvers",
-    "format_table",
-    "heldout_samples",
-    "evaluate_run",
-    "PairOptions",
-    "pairs_dir",
-    "as_run",
-    "run_checksum",
-    "stage_label",
-    "default_pairs_dir",
-    "generate_run_pairs",
-    "init_checkpoint",
-    "child_config",
-    "train_child",
-    "progress_overrides",
-    "default_reflow_dir",
-    "train_reflow",
-    "reflow_chain",
-    "train_distill",
-    "STAGE_SOLVERS",
-    "diagnose_runs",
-    "format_stage_table",
-    "PeRFlowSettings",
-    "PeRFlowJob",
-    "load_perflow_teacher",
-    "train_perflow",
-    "load_perflow",
-]
+__all__ = [*config.__all__, *rundir.__all__, *experiment.__all__, *evaluation.__all__, *lineage.__all__, *reflow.__all__, *distill.__all__, *diagnose.__all__, *perflow.__all__]
