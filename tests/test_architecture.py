@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "rectflow"
 # Imported inside functions on purpose: slow to import or optional.  Each such import carries a
 # comment saying why (checked below).
-LAZY_OK = {"ot", "diffusers", "sklearn.datasets", "torchdiffeq"}
+LAZY_OK = {"ot", "diffusers", "sklearn.datasets"}
 CITATION = re.compile(r"theory §(\d+(?:\.\d+)?)(?:-(\d+(?:\.\d+)?))?")
 
 
@@ -123,3 +123,14 @@ def test_readme_layout_table_is_the_real_tree():
 def test_tests_mirror_the_package_layout():
     for pkg in ("flow", "diffusion", "engine", "reflow", "perflow", "images", "runs", "models", "data"):
         assert (ROOT / "tests" / pkg).is_dir(), f"tests/{pkg}/ is missing"
+
+
+def test_every_test_named_in_the_guarantees_page_exists():
+    text = (ROOT / "docs" / "guarantees.md").read_text()
+    refs = re.findall(r"`([\w/]+\.py)(?:::(\w+))?`", text)
+    assert len(refs) >= 15
+    for path, name in refs:
+        f = ROOT / "tests" / path
+        assert f.is_file(), f"docs/guarantees.md names tests/{path}, which does not exist"
+        if name:
+            assert re.search(rf"^def {name}\(", f.read_text(), re.M), f"docs/guarantees.md names {path}::{name}, which does not exist"

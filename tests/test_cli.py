@@ -122,3 +122,18 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     a, b = load_run(tmp_path / "a"), load_run(tmp_path / "b")
     for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert ka == kb and np.array_equal(va.numpy(), vb.numpy()), ka
+
+
+@pytest.mark.parametrize("args, msg", [(["--device", "banana"], "not a device"), (["--n", "1"], ">= 2"), (["--n", "0"], ">= 2"), (["--n", "-3"], ">= 2")])
+def test_eval_bad_numbers_and_devices_are_one_line_errors(tmp_path, capsys, args, msg):
+    from rectflow.cli import main
+
+    run = tmp_path / "r"
+    assert main(["train", "--run", str(run), "--quiet", "--no-eval", "model.width=16", "model.depth=2", "train.steps=5", "train.batch_size=16"]) == 0
+    capsys.readouterr()
+    if args[0] == "--device":
+        code = main(["train", "--run", str(tmp_path / "d"), "--quiet", "--no-eval", "train.device=banana", "train.steps=5"])
+    else:
+        code = main(["eval", str(run), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, err

@@ -249,7 +249,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     run = load_run(args.run)
     solvers = [s.strip() for s in args.solvers.split(",") if s.strip()] if args.solvers else None
     if solvers is not None:
-
         for s in solvers:
             parse_solver_spec(s)
     rows = evaluate_run(run, n=args.n, solvers=solvers)

@@ -15,3 +15,7 @@ class DataError(RectflowError, ValueError):
 
 class CheckpointError(RectflowError):
     """A missing, corrupt or incompatible checkpoint or run directory."""
+
+
+class BusyError(RectflowError):
+    """A run directory or pair store is in use by another process (its lock is held)."""

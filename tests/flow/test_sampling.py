@@ -124,3 +124,12 @@ def test_solver_label_round_trip(method, steps):
     label = solver_label(method, steps)
     assert parse_solver_spec(label) == (method, steps)
     assert solver_label(*parse_solver_spec(label)) == label
+
+
+def test_non_finite_samples_are_an_error_never_returned():
+    class NaNField(torch.nn.Module):
+        def forward(self, x, t):
+            return torch.full_like(x, float("nan"))
+
+    with pytest.raises(FloatingPointError, match="NaN or inf"):
+        sample_model(NaNField(), torch.zeros(4, 2), method="euler", steps=2)

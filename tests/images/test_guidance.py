@@ -215,3 +215,13 @@ def test_guided_sampler_replays_as_a_cuda_graph():
         for _ in range(3):  # record, then replay
             out = graph(x)
         assert torch.allclose(out, ref, atol=1e-3)
+
+
+def test_a_guidance_scale_that_is_not_finite_is_refused():
+    from rectflow.errors import ConfigError
+    from rectflow.images.guidance import GuidedVelocity
+    from rectflow.models import UNetVelocity
+
+    net = UNetVelocity(1, 8, channels=8, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(), head_channels=8, num_classes=3)
+    with pytest.raises(ConfigError, match="finite"):
+        GuidedVelocity(net, torch.zeros(2, dtype=torch.long), float("nan"))

@@ -45,3 +45,26 @@ def test_bad_files_and_overrides(tmp_path):
         load_config(tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match="key.subkey=value"):
         apply_overrides({}, ["train.steps"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.lr_min=-0.01", "lr_min"),
+        ("train.lr=inf", "lr"),
+        ("train.lr_min=0.5", "lr_min"),  # above lr
+        ("source={name: gaussian, std: .nan}", "source.std"),
+        ("target={name: moons, noise: .nan}", "target.noise"),
+        ("train.weight_decay=-1", "weight_decay"),
+    ],
+)
+def test_numbers_that_make_no_sense_are_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, [override])
+
+
+def test_a_key_written_twice_in_yaml_is_refused_with_both_lines(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train: {lr: 0.05, steps: 7}\ntarget: moons\ntrain: {batch_size: 16}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: key 'train' appears twice .*lines 1 and 3"):
+        load_config(p)

@@ -1,6 +1,7 @@
 """rectflow.runs.perflow and `rectflow perflow`: the PeRFlow job (teacher in, student directory out)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,3 +122,12 @@ def test_cli_perflow(image_run, tmp_path, capsys):
     assert "2-step sampling" in capsys.readouterr().out
     assert main(["perflow", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")]) == 2
     assert "no such directory" in capsys.readouterr().err
+
+
+def test_on_disk_format_names_never_change():
+    """Files written by earlier versions must stay readable: these identifiers are part of the format."""
+    from rectflow.perflow import diffusers_io
+    from rectflow.runs import perflow as job
+
+    assert job.PERFLOW_JOB_FORMAT == "rectflow.perflow.job"
+    assert '"format": "rectflow.perflow"' in Path(diffusers_io.__file__).read_text()

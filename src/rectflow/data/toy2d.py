@@ -225,7 +225,6 @@ def make_distribution(spec: str | dict[str, Any]) -> Any:
     params = dict(spec)
     name = str(params.pop("name"))
     if name in ("images", "digits") or (name == "gaussian" and "shape" in params):
-
         return make_image_distribution({"name": name, **params})
     if name == "file" or name.endswith((".npy", ".csv")):
         path = params.pop("path", None) if name == "file" else name

@@ -7,8 +7,11 @@ A checkpoint ``checkpoints/step_XXXXXXXX.safetensors`` holds
     optim.<i>.<k>   the optimizer's tensor state (Adam moments...)
 
 and JSON metadata: ``format``, ``step``, ``model_config`` (the architecture, compared on every
-load so weights never land in a model of another shape), ``train_config`` and the optimizer's
-scalar state and parameter groups.  No pickle anywhere.
+load so weights never land in a model of another shape), ``run_record`` (what the run is: compared
+on resume, so a directory that lost its ``config.json`` cannot continue another run's weights),
+``train_config``, the optimizer's scalar state and parameter groups, and ``tensors_sha256``, a
+checksum of every tensor's bytes verified on every read.  Non-finite model or EMA weights are
+never written.  No pickle anywhere.
 
 Used by the trainer (save / resume), by runs (load the EMA weights of a run), by reflow and
 distillation (initialise a child run from its parent) and by the benchmarks.
@@ -16,6 +19,7 @@ distillation (initialise a child run from its parent) and by the benchmarks.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,9 @@ from rectflow.errors import CheckpointError
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "NonFiniteWeightsError",
+    "diff_keys",
+    "tensors_sha256",
     "Checkpoint",
     "checkpoint_path",
     "list_checkpoints",
@@ -36,9 +43,41 @@ __all__ = [
     "read_checkpoint",
     "load_weights",
     "load_optimizer_state",
+    "check_run_record",
 ]
 
-CHECKPOINT_FORMAT = "rectflow-checkpoint/1"
+CHECKPOINT_FORMAT = "rectflow-checkpoint/2"
+_LEGACY_FORMATS = ("rectflow-checkpoint/1",)  # before checksums: read without verification
+_MISSING = object()
+
+
+class NonFiniteWeightsError(FloatingPointError):
+    """Model or EMA weights hold NaN or inf: they are never written to a checkpoint."""
+
+
+def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys where two nested dicts differ (a key missing on one side counts), sorted."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: set[str] = set()
+        for k in set(a) | set(b):
+            out.update(diff_keys(a.get(k, _MISSING), b.get(k, _MISSING), f"{prefix}.{k}" if prefix else k))
+        return sorted(out)
+    return [] if a is b or a == b else [prefix]
+
+
+def tensors_sha256(tensors: dict[str, Tensor]) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every tensor, in name order."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().contiguous().cpu()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _non_finite(sd: dict[str, Tensor]) -> list[str]:
+    return [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 @dataclass
@@ -112,39 +151,57 @@ def save_checkpoint(
     ema_model: nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     train_config: dict[str, Any] | None = None,
+    run_record: dict[str, Any] | None = None,
 ) -> Path:
-    """Write one checkpoint file atomically (model, optional EMA and optimizer state)."""
+    """Write one checkpoint file atomically (model, optional EMA and optimizer state).
+
+    Raises NonFiniteWeightsError, writing nothing, when the model or EMA weights are not finite.
+    """
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     if ema_model is not None:
         tensors.update({f"ema.{k}": v for k, v in ema_model.state_dict().items()})
+    bad = _non_finite(tensors)
+    if bad:
+        raise NonFiniteWeightsError(f"not writing {Path(path).name}: {len(bad)} weight tensors hold NaN or inf (e.g. {bad[0]})")
     meta: dict[str, Any] = {"format": CHECKPOINT_FORMAT, "step": step, "model_config": model_config}
     if train_config is not None:
         meta["train_config"] = train_config
+    if run_record is not None:
+        meta["run_record"] = run_record
     if optimizer is not None:
         opt_tensors, meta["optimizer"] = _optimizer_tensors(optimizer)
         tensors.update(opt_tensors)
+    meta["tensors_sha256"] = tensors_sha256(tensors)
     save_tensors(path, tensors, meta)
     return Path(path)
 
 
 def read_checkpoint(path: str | Path, *, model_config: dict[str, Any] | None = None, device: str | torch.device = "cpu") -> Checkpoint:
-    """Read a checkpoint; with ``model_config`` given, refuse one made for another architecture.
+    """Read a checkpoint and verify its checksum; with ``model_config`` given, refuse one made for
+    another architecture.
 
-    Raises CheckpointError (naming the file) for a missing, corrupt or foreign file.
+    Raises CheckpointError (naming the file) for a missing, corrupt, changed or foreign file.
     """
     p = Path(path)
     tensors, meta = load_tensors(p, device=device)
-    if meta.get("format") != CHECKPOINT_FORMAT:
+    if meta.get("format") not in (CHECKPOINT_FORMAT, *_LEGACY_FORMATS):
         raise CheckpointError(f"{p}: not a rectflow checkpoint (format {meta.get('format')!r})")
+    if meta.get("format") == CHECKPOINT_FORMAT and meta.get("tensors_sha256") != tensors_sha256(tensors):
+        raise CheckpointError(f"{p}: checksum mismatch: the file was changed or corrupted after it was written")
     if model_config is not None and meta.get("model_config") != model_config:
         raise CheckpointError(f"{p}: checkpoint model config {meta.get('model_config')} does not match this model's {model_config}")
     return Checkpoint(p, tensors, meta)
 
 
 def load_weights(model: nn.Module, checkpoint: Checkpoint, *, ema: bool = True) -> nn.Module:
-    """Copy the checkpoint's (EMA) weights into ``model``; CheckpointError if they do not fit."""
+    """Copy the checkpoint's (EMA) weights into ``model``; CheckpointError if they do not fit or
+    are not finite."""
+    weights = checkpoint.weights(ema)
+    bad = _non_finite(weights)
+    if bad:
+        raise CheckpointError(f"{checkpoint.path}: {len(bad)} weight tensors hold NaN or inf (e.g. {bad[0]})")
     try:
-        model.load_state_dict(checkpoint.weights(ema))
+        model.load_state_dict(weights)
     except RuntimeError as e:
         raise CheckpointError(f"{checkpoint.path}: weights do not fit the model ({str(e).splitlines()[0]})") from None
     return model
@@ -155,16 +212,23 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, checkpoint: Checkpoin
     meta = checkpoint.meta.get("optimizer")
     if meta is None:
         raise CheckpointError(f"{checkpoint.path}: holds no optimizer state")
-    state: dict[int, dict[str, Any]] = {}
-    for key, v in checkpoint.tensors.items():
-        if key.startswith("optim."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = v
-    for key, v in meta.get("scalars", {}).items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = v
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
     try:
+        state: dict[int, dict[str, Any]] = {}
+        for key, v in checkpoint.tensors.items():
+            if key.startswith("optim."):
+                _, idx, name = key.split(".", 2)
+                state.setdefault(int(idx), {})[name] = v
+        for key, v in meta.get("scalars", {}).items():
+            idx, name = key.split(".", 1)
+            state.setdefault(int(idx), {})[name] = v
+        groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
         optimizer.load_state_dict({"state": state, "param_groups": groups})
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{checkpoint.path}: optimizer state does not match this model ({str(e).splitlines()[0]})") from None
+
+
+def check_run_record(checkpoint: Checkpoint, run_record: dict[str, Any] | None) -> None:
+    """CheckpointError when the checkpoint was written by a run with another record."""
+    stored = checkpoint.meta.get("run_record")
+    if run_record is not None and stored is not None and stored != run_record:
+        raise CheckpointError(f"{checkpoint.path}: written by a run of another config (differs in {', '.join(diff_keys(stored, run_record))}); use a new run directory")

@@ -6,6 +6,7 @@ so a killed process never leaves a half-written file behind.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -19,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from rectflow.errors import CheckpointError
+from rectflow.errors import BusyError, CheckpointError
 
 __all__ = ["atomic_path", "save_json", "load_json", "save_tensors", "load_tensors", "sha256_file", "append_jsonl", "read_jsonl"]
 
@@ -112,3 +113,47 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+LOCK_FILE = ".lock"
+"""The lock file a job holds inside its directory while it runs (it holds the holder's pid)."""
+
+
+@contextmanager
+def exclusive_lock(directory: str | Path, what: str = "directory") -> Iterator[Path]:
+    """Hold an exclusive lock on ``directory`` (created if missing) for the block.
+
+    A second process asking for the same lock gets BusyError naming the holder's pid.  The lock
+    is an OS file lock (``flock``) on ``directory/.lock``, so a holder killed by any signal,
+    kill -9 included, leaves no stale lock behind (at most a stale file, which the next holder
+    takes over).  The lock file is removed on release, and a directory that this call created
+    and nobody wrote into is removed again.
+    """
+    directory = Path(directory)
+    created = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise BusyError(f"{directory}: this {what} is in use by another rectflow process (pid {holder}); wait for it to finish or use another directory") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed the file between our open and our lock: retry
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield directory
+    finally:
+        path.unlink(missing_ok=True)  # before unlocking, so nobody can lock a file that is going away
+        os.close(fd)
+        if created and not any(directory.iterdir()):
+            directory.rmdir()

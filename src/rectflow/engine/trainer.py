@@ -29,6 +29,8 @@ import copy
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from rectflow.engine import distributed as dist_utils
-from rectflow.engine.checkpoint import checkpoint_path, list_checkpoints, load_optimizer_state, load_weights, read_checkpoint, save_checkpoint
+from rectflow.engine.checkpoint import NonFiniteWeightsError, check_run_record, checkpoint_path, list_checkpoints, load_optimizer_state, load_weights, read_checkpoint, save_checkpoint
 from rectflow.engine.io import append_jsonl, atomic_path, read_jsonl
 from rectflow.errors import ConfigError
 from rectflow.flow.losses import Objective
@@ -85,7 +87,12 @@ class TrainConfig:
 
         need(isinstance(self.steps, int) and self.steps >= 1, f"steps must be an integer >= 1, got {self.steps!r}")
         need(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        for name in ("lr", "lr_min", "weight_decay", "grad_clip", "ema_decay", "ema_gamma"):
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and math.isfinite(v), f"{name} must be a finite number, got {v!r}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(0 <= self.lr_min <= self.lr, f"lr_min must lie in [0, lr = {self.lr}], got {self.lr_min}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(self.optimizer in ("adam", "adamw"), f"optimizer must be one of ['adam', 'adamw'], got {self.optimizer!r}")
         need(self.lr_schedule in ("constant", "cosine"), f"lr_schedule must be one of ['constant', 'cosine'], got {self.lr_schedule!r}")
         need(0 <= self.ema_decay < 1, f"ema_decay must lie in [0, 1), got {self.ema_decay}")
@@ -111,7 +118,10 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda if available else cpu; anything else is passed to torch.device."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but CUDA is not available")
     return dev
@@ -171,7 +181,6 @@ def _float_tensors(model: nn.Module) -> list[Tensor]:
 
 
 def _clone_model(model: nn.Module) -> nn.Module:
-
     clone = copy.deepcopy(model)
     for p in clone.parameters():
         p.requires_grad_(False)
@@ -192,9 +201,12 @@ class Trainer:
         run_dir: str | Path | None = None,
         *,
         model_config: dict[str, Any] | None = None,
+        run_record: dict[str, Any] | None = None,
         callbacks: list[Callable[["Trainer", int], None]] | None = None,
     ) -> None:
         config.validate()
+        if not isinstance(objective, Objective):
+            raise TypeError(f"{type(objective).__name__} is not an objective: it needs draw(n, generator, device), loss(model, batch) and a bool attribute 'heavy_draw'")
         self.cfg = config
         dist_utils.check_divisible(config.batch_size, dist_utils.planned_world_size())  # before any rendezvous
         self.dist = dist_utils.init_from_env(device=None if config.device == "auto" else config.device)
@@ -208,6 +220,7 @@ class Trainer:
         self.objective = objective
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.model_config = model_config or {}
+        self.run_record = run_record  # what the run is; stored in checkpoints and compared on resume
         self.callbacks = callbacks or []
         opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
         kw = {"foreach": True} if self.device.type == "cpu" else {"fused": True}
@@ -216,13 +229,9 @@ class Trainer:
         self.step = 0  # number of optimisation steps completed
         self._train_model: nn.Module | None = None  # the model the loss sees (DDP / compiled wrapper)
         self.stop_requested = False  # set by a callback to end fit() after this step (with a checkpoint)
+        self._in_step = False  # inside _step: the state may be half-updated
 
     # ----- checkpoints ---------------------------------------------------------------
-    @property
-    def ckpt_dir(self) -> Path:
-        assert self.run_dir is not None
-        return self.run_dir / "checkpoints"
-
     def checkpoints(self) -> list[Path]:
         """Existing checkpoint files, oldest first."""
         return [] if self.run_dir is None else list_checkpoints(self.run_dir)
@@ -231,15 +240,24 @@ class Trainer:
         """Write ``checkpoints/step_XXXXXXXX.safetensors`` (rank 0 only; other ranks return None)."""
         if not self.dist.is_main:
             return None
-        path = save_checkpoint(
-            checkpoint_path(self.run_dir, self.step),
-            model=self.model,
-            step=self.step,
-            model_config=self.model_config,
-            ema_model=self.ema.model if self.ema is not None else None,
-            optimizer=self.optimizer,
-            train_config=asdict(self.cfg),
-        )
+        try:
+            path = save_checkpoint(
+                checkpoint_path(self.run_dir, self.step),
+                model=self.model,
+                step=self.step,
+                model_config=self.model_config,
+                ema_model=self.ema.model if self.ema is not None else None,
+                optimizer=self.optimizer,
+                train_config=asdict(self.cfg),
+                run_record=self.run_record,
+            )
+        except NonFiniteWeightsError as e:
+            kept = self.checkpoints()
+            raise FloatingPointError(
+                f"training diverged at step {self.step} ({e}); "
+                + (f"the last finite checkpoint {kept[-1].name} is kept" if kept else "no checkpoint was written")
+                + " (lower lr or enable grad_clip)"
+            ) from None
         for old in self.checkpoints()[: -self.cfg.keep_checkpoints]:
             old.unlink(missing_ok=True)
         return path
@@ -247,6 +265,7 @@ class Trainer:
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore model, EMA, optimizer and step from a checkpoint of this model config."""
         ckpt = read_checkpoint(path, model_config=self.model_config, device=self.device)
+        check_run_record(ckpt, self.run_record)
         load_weights(self.model, ckpt, ema=False)
         if self.ema is not None:
             load_weights(self.ema.model, ckpt, ema=True)
@@ -306,7 +325,6 @@ class Trainer:
         if self._train_model is None:
             m: nn.Module = self.model
             if self.dist.world_size > 1:
-
                 ids = [self.device.index] if self.device.type == "cuda" else None
                 m = DistributedDataParallel(m, device_ids=ids)
             if self.cfg.compile:
@@ -319,9 +337,30 @@ class Trainer:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _step(self, batch: Any, train_model: nn.Module, params: list[Tensor]) -> Tensor:
+        """One optimisation step k -> k + 1 (weights, optimizer, EMA, then the counter); returns the loss."""
+        k = self.step
+        self._in_step = True
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr_at(self.cfg, k)
+        with self._autocast():
+            out = self.objective.loss(train_model, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip, foreach=True)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(k)
+        self.step = k + 1
+        self._in_step = False
+        return out.loss.detach()
+
     def fit(self, resume: bool = True) -> "Trainer":
         """Train until ``cfg.steps`` steps are done (continuing from the newest checkpoint if
-        ``resume``).  Ctrl-C saves a checkpoint at the last completed step before re-raising."""
+        ``resume``).  Ctrl-C (SIGINT) is acted on between steps: the state after the last completed
+        step is saved, then KeyboardInterrupt is raised (a second Ctrl-C stops at once, keeping the
+        last saved checkpoint)."""
         cfg = self.cfg
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -333,62 +372,50 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         train_model = self._model_for_loss()
         loss_sum = torch.zeros((), device=self.device)
-        n_in_window, t_window = 0, time.perf_counter()
-        show = cfg.progress and self.dist.is_main
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not show or None, desc="train", unit="step", dynamic_ncols=True)
+        n_in_window, t_window, saved = 0, time.perf_counter(), self.step
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.dist.is_main) or None, desc="train", unit="step", dynamic_ncols=True)
         batches = self._batches(self.step)
-        tf32 = _tf32(cfg.tf32 and self.device.type == "cuda")
-        tf32.__enter__()
-        try:
-            for batch in batches:
-                k = self.step
-                lr = lr_at(cfg, k)
-                for g in self.optimizer.param_groups:
-                    g["lr"] = lr
-                with self._autocast():
-                    out = self.objective.loss(train_model, batch)
-                self.optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
-                self.optimizer.step()
-                if self.ema is not None:
-                    self.ema.update(k)
-                self.step = k + 1
-                loss_sum += out.loss.detach()
-                n_in_window += 1
-                bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    self._log(float(dist_utils.all_reduce_mean(loss_sum)) / n_in_window, lr, n_in_window, t_window, bar)
-                    loss_sum.zero_()
-                    n_in_window, t_window = 0, time.perf_counter()
-                if self.run_dir is not None and (self.step % cfg.ckpt_every == 0 or self.step == cfg.steps):
-                    self.save_checkpoint()
-                for cb in self.callbacks:
-                    cb(self, self.step)
-                if self.stop_requested:  # a callback ended the run early (e.g. TimeBudget)
-                    if n_in_window:
-                        self._log(float(dist_utils.all_reduce_mean(loss_sum)) / n_in_window, lr, n_in_window, t_window, bar)
-                    if self.run_dir is not None and self.step % cfg.ckpt_every != 0:
+        with _SigintLatch() as interrupt, _tf32(cfg.tf32 and self.device.type == "cuda"):
+            try:
+                for batch in batches:
+                    loss_sum += self._step(batch, train_model, params)
+                    n_in_window += 1
+                    bar.update(1)
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                        self._log(float(dist_utils.all_reduce_mean(loss_sum)) / n_in_window, n_in_window, t_window, bar)
+                        loss_sum.zero_()
+                        n_in_window, t_window = 0, time.perf_counter()
+                    if self.run_dir is not None and (self.step % cfg.ckpt_every == 0 or self.step == cfg.steps):
                         self.save_checkpoint()
-                    break
-        except KeyboardInterrupt:
-            if self.run_dir is not None and self.step > 0:
-                self.save_checkpoint()
-            raise
-        finally:
-            tf32.__exit__(None, None, None)
-            bar.close()
-            batches.close()
+                        saved = self.step
+                    for cb in self.callbacks:
+                        cb(self, self.step)
+                    if self.stop_requested or interrupt.fired:  # a callback ended the run (TimeBudget), or Ctrl-C
+                        if n_in_window:
+                            self._log(float(dist_utils.all_reduce_mean(loss_sum)) / n_in_window, n_in_window, t_window, bar)
+                        if self.run_dir is not None and saved != self.step:
+                            self.save_checkpoint()
+                        if interrupt.fired:
+                            raise KeyboardInterrupt
+                        break
+            except KeyboardInterrupt:
+                # raised between steps (by a callback): save that step; mid-step or after the save
+                # above: the last saved checkpoint stands, as after kill -9
+                if self.run_dir is not None and saved != self.step and not self._in_step and not interrupt.fired:
+                    self.save_checkpoint()
+                raise
+            finally:
+                bar.close()
+                batches.close()
         return self
 
-    def _log(self, mean_loss: float, lr: float, n: int, t_window: float, bar) -> None:
+    def _log(self, mean_loss: float, n: int, t_window: float, bar) -> None:
         if not math.isfinite(mean_loss):
             raise FloatingPointError(
                 f"training diverged: loss is {mean_loss} at step {self.step} (lower lr or enable grad_clip); "
                 "the last checkpoint is kept"
             )
-        row = {"step": self.step, "loss": mean_loss, "lr": lr, "ms_per_step": 1e3 * (time.perf_counter() - t_window) / n}
+        row = {"step": self.step, "loss": mean_loss, "lr": lr_at(self.cfg, self.step - 1), "ms_per_step": 1e3 * (time.perf_counter() - t_window) / n}
         bar.set_postfix(loss=f"{mean_loss:.4f}")
         if self.run_dir is not None and self.dist.is_main:
             append_jsonl(self.run_dir / "metrics.jsonl", row)
@@ -418,6 +445,26 @@ class TimeBudget:
             over = float(dist_utils.all_reduce_mean(flag)) > 0
         if over:
             trainer.stop_requested = True
+
+
+class _SigintLatch:
+    """While active (main thread only), the first SIGINT only sets ``fired``, so the trainer stops
+    between steps with a consistent checkpoint; a second SIGINT raises KeyboardInterrupt at once."""
+
+    def __enter__(self) -> "_SigintLatch":
+        self.fired, self._old = False, None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.fired:
+            raise KeyboardInterrupt
+        self.fired = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
 
 
 class _StepDraws(Dataset):

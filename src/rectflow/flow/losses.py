@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Protocol
+from typing import Any, Callable, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -64,6 +64,7 @@ def flow_matching_loss(
     return LossOutput(loss, err.detach())
 
 
+@runtime_checkable
 class Objective(Protocol):
     """What the trainer optimises: ``draw`` a batch (may be CPU-heavy: ``heavy_draw`` says whether
     to draw ahead in a worker process) and compute ``loss(model, batch) -> LossOutput``."""
@@ -94,7 +95,7 @@ class FlowMatchingObjective:
     times from a time sampler, then regress the path's velocity (theory §2).
 
     Args:
-        coupling: any object with ``sample(n, generator, device) -> (x0, x1)``.
+        coupling: a :class:`~rectflow.flow.couplings.Coupling` (``sample(n, generator, device) -> (x0, x1)`` and ``heavy``), or None for loss-only use.
         path: the interpolation (default straight line).
         time_sampler: ``sampler(n, generator=, device=) -> (n,)`` (default uniform).
         weight: optional per-sample loss weight w(t).

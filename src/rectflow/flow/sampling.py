@@ -32,7 +32,8 @@ def sample_model(
     """Integrate dZ/dt = model(Z, t) from t0 to t1 starting at x0 (B, ...) (theory §3).
 
     ``batch_size`` splits x0 into chunks to bound memory; the NFE reported is then the largest
-    per-chunk count (the evaluations each sample saw).
+    per-chunk count (the evaluations each sample saw).  Non-finite samples raise FloatingPointError
+    (never returned silently).
     """
     kw = model_kwargs or {}
     was_training = model.training
@@ -43,16 +44,18 @@ def sample_model(
 
     try:
         with torch.no_grad():
-            if batch_size is None or batch_size >= x0.shape[0]:
-                return solve(f, x0, method=method, steps=steps, grid=grid, t0=t0, t1=t1, rtol=rtol, atol=atol, return_trajectory=return_trajectory)
-            parts = [
-                solve(f, chunk, method=method, steps=steps, grid=grid, t0=t0, t1=t1, rtol=rtol, atol=atol, return_trajectory=return_trajectory)
-                for chunk in x0.split(batch_size)
-            ]
+            chunks = [x0] if batch_size is None or batch_size >= x0.shape[0] else list(x0.split(batch_size))
+            parts = [solve(f, c, method=method, steps=steps, grid=grid, t0=t0, t1=t1, rtol=rtol, atol=atol, return_trajectory=return_trajectory) for c in chunks]
     finally:
         model.train(was_training)
-    traj = torch.cat([p.trajectory for p in parts], dim=1) if return_trajectory and method != "dopri5" else None
-    return SolveResult(torch.cat([p.x for p in parts]), max(p.nfe for p in parts), traj, parts[0].times)
+    if len(parts) == 1:
+        res = parts[0]
+    else:
+        traj = torch.cat([p.trajectory for p in parts], dim=1) if return_trajectory and method != "dopri5" else None
+        res = SolveResult(torch.cat([p.x for p in parts]), max(p.nfe for p in parts), traj, parts[0].times)
+    if not bool(torch.isfinite(res.x).all()):
+        raise FloatingPointError(f"sampling with {method} produced NaN or inf: the model's output is not finite (diverged weights or a bad input)")
+    return res
 
 
 def parse_solver_spec(spec: str) -> tuple[str, int | None]:

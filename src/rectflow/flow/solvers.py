@@ -118,7 +118,7 @@ def rk_step(f: Velocity, x: Tensor, t: float, h: float, tableau: ButcherTableau,
         for a_ij, k in zip(a_row, ks):
             if a_ij != 0.0:
                 xi = xi + (h * a_ij) * k
-        ks.append(f(xi, torch.full((x.shape[0],), t + c * h, dtype=x.dtype, device=x.device)))
+        ks.append(f(xi, _tvec(x, t + c * h)))
     for b_i, k in zip(tableau.b, ks):
         if b_i != 0.0:
             x = x + (h * b_i) * k

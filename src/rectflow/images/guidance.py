@@ -24,6 +24,7 @@ to the network (rows / batch = NFE per sample), so the rule is checked, not assu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Sequence
 
@@ -38,7 +39,6 @@ from rectflow.flow.solvers import SolveResult
 from rectflow.models.class_embedding import NULL_LABEL
 
 __all__ = [
-    "NULL_LABEL",
     "drop_labels",
     "num_classes_of",
     "require_conditional",
@@ -159,6 +159,8 @@ class GuidedVelocity(nn.Module):
             raise ValueError(f"labels y must have shape (B,), got {tuple(y.shape)}")
         self.model = model
         self.scale = float(scale)
+        if not math.isfinite(self.scale):
+            raise ConfigError(f"guidance scale must be a finite number, got {scale}")
         self.register_buffer("y", y.long(), persistent=False)
         # w in {0, 1} needs one branch only: 1 network evaluation instead of 2
         self.nfe_per_eval = 1 if self.scale in (0.0, 1.0) else 2

@@ -96,7 +96,6 @@ def image_grid(images: Tensor, nrow: int | None = None, padding: int = 2, pad_va
 
 
 def _save_png(arr: np.ndarray, path: str | Path, scale: int = 1) -> Path:
-
     img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
@@ -167,6 +166,8 @@ def sample_images(
                 res = sample_model(f, x0, method=method, steps=steps, rtol=rtol, atol=atol)
                 x1, k = res.x, res.nfe
             nfe = max(nfe, k * per)
+            if not bool(torch.isfinite(x1).all()):
+                raise FloatingPointError(f"sampling with {method} produced NaN or inf in batch {i} (diverged weights, or a guidance scale that is not finite)")
             parts.append(x1.float().cpu())
     finally:
         model.train(was_training)
@@ -210,7 +211,6 @@ class SampleGridCallback:
         x0 = self.source.sample(self.n, generator=torch.Generator().manual_seed(self.seed), device=trainer.device)
         with torch.no_grad():
             if self.labels is not None:
-
                 model = GuidedVelocity(model, self.labels.to(trainer.device), self.guidance)
             x1 = FixedStepSampler(model, "euler", self.steps)(x0)
         trainer.model.train()

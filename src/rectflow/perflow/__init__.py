@@ -5,7 +5,7 @@ Rectflow time t: 0 = noise, 1 = data (diffusion time s = 1 - t, see :mod:`rectfl
 * :func:`make_windows` splits [0, 1] into K windows 0 = t_0 < t_1 < ... < t_K = 1 (uniform in t,
   uniform in the teacher's log-SNR, or user-given boundaries).
 * :class:`Teacher` is any model that is a prediction (eps, x0, v, velocity, u) on an affine path
-  z_t = a(t) x + b(t) eps; :meth:`Teacher.solve_windows` runs a batched DDIM across one window per
+  z_t = a(t) x + b(t) eps; :meth:`Teacher.ddim` runs a batched DDIM across one window per
   example (each example may sit in a different window).
 * :class:`PeRFlowObjective` (Trainer-compatible): real data x, noise eps, window k per example;
   z_start = a(t_{k-1}) x + b(t_{k-1}) eps (forward process), z_end = teacher DDIM across window k;
@@ -20,7 +20,7 @@ Rectflow time t: 0 = noise, 1 = data (diffusion time s = 1 - t, see :mod:`rectfl
   (e.g. eps) *on the window path*, so at each window start its prediction means exactly what the
   teacher's does, and one Euler step per window of the teacher-initialised student is the teacher's
   K-step DDIM.  The weight change is stored as a delta (:func:`save_delta` / :func:`apply_delta`).
-* Samplers: :func:`sample` (m Euler steps per window; m = 1 is K-step generation), returning a
+* Samplers: :func:`sample_perflow` (m Euler steps per window; m = 1 is K-step generation), returning a
   :class:`~rectflow.flow.solvers.SolveResult` with the NFE.
 """
 

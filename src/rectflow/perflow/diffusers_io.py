@@ -14,7 +14,7 @@ from t_{k-1} to t_k is z' = a_k x-hat + b_k eps-hat, i.e. a DDIM step between th
 DDIMScheduler with ``timestep_spacing="trailing"``, ``set_alpha_to_one=True`` and K inference steps
 visits timesteps N - 1 - j N / K, which are our boundaries only when the windows are uniform in t and
 K divides N; otherwise no stock scheduler reproduces the windows, no scheduler config is written,
-and :func:`load_student` + :func:`rectflow.perflow.student.sample` (our loader) must be used.  The m > 1
+and :func:`load_student` + :func:`rectflow.perflow.student.sample_perflow` (our loader) must be used.  The m > 1
 steps-per-window sampler is never reproduced by a stock scheduler.
 """
 
@@ -159,7 +159,7 @@ def export_student(student: PeRFlowStudent, folder: str | Path, teacher_folder: 
     if ddim_cfg is not None:
         (folder / "scheduler").mkdir(exist_ok=True)
         (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(ddim_cfg, indent=2))
-    meta = {"format": "rectflow.perflow.student", "windows": [float(v) for v in student.boundaries],
+    meta = {"format": "rectflow.perflow", "windows": [float(v) for v in student.boundaries],
             "parameterization": student.parameterization, "teacher_scheduler": teacher_cfg,
             "stock_scheduler_exact": ddim_cfg is not None,
             "sampler": "one Euler step per window on the window path (== DDIM between window boundaries)"}

@@ -19,11 +19,12 @@ __all__ = ['make_windows', 'validate_windows', 'window_index', 'WindowPath', 'wi
 # ----------------------------------------------------------------------------------------- windows
 def validate_windows(boundaries: Tensor | Sequence[float]) -> Tensor:
     """Check user boundaries: start at 0, end at 1, strictly increasing, >= 1 window -> float64 (K+1,)."""
-    g = check_grid(torch.as_tensor(boundaries, dtype=torch.float64).flatten(), name="perflow.windows: the boundaries", increasing=True, unit_interval=True)
+    b = torch.as_tensor(boundaries, dtype=torch.float64).flatten()
+    g = check_grid(b, name="perflow.windows: the boundaries", increasing=True, unit_interval=True)
     if abs(g[0]) > 1e-12 or abs(g[-1] - 1) > 1e-12:
         raise ConfigError(f"perflow.windows: boundaries must start at 0 and end at 1 (cover [0, 1]), got {g}")
     g[0], g[-1] = 0.0, 1.0
-    return torch.tensor(g, dtype=torch.float64)
+    return torch.tensor(g, dtype=torch.float64, device=b.device)
 
 
 def make_windows(k: int | None = None, *, spacing: str = "time", path: AffinePath | None = None,
@@ -73,7 +74,7 @@ def window_grid(boundaries: Tensor, steps_per_window: int = 1) -> Tensor:
 
 class WindowPath(AffinePath):
     """The piecewise-linear path of the student: A(t), B(t) interpolate the teacher's a, b linearly
-    between window boundaries (see the module docstring); A' and B' are constant inside a window."""
+    between window boundaries (see the docstring of :mod:`rectflow.perflow`); A' and B' are constant inside a window."""
 
     def __init__(self, teacher_path: AffinePath, boundaries: Tensor) -> None:
         self.teacher_path = teacher_path

@@ -83,7 +83,7 @@ class DistillationObjective:
     """Distillation as the trainer sees it: draw pairs from ``coupling``, regress at t = 0.
 
     Args:
-        coupling: any object with ``sample(n, generator=, device=) -> (x0, x1)`` (a
+        coupling: a :class:`~rectflow.flow.couplings.Coupling` (``sample(n, generator=, device=) -> (x0, x1)`` and ``heavy``; a
             :class:`~rectflow.reflow.pairs.PairCoupling` for reflow + distillation, or the independent
             coupling to see the conditional-mean failure).
         loss: per-sample loss d(pred, target) -> (B,) (default L2).

@@ -23,6 +23,7 @@ backed by memory maps, so stores larger than RAM are read page by page;
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -39,7 +40,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from rectflow.engine import distributed
-from rectflow.engine.io import load_json, load_tensors, save_json, save_tensors, sha256_file
+from rectflow.engine.io import LOCK_FILE, exclusive_lock, load_json, load_tensors, save_json, save_tensors, sha256_file
 from rectflow.engine.trainer import step_generator
 from rectflow.errors import CheckpointError, ConfigError, DataError
 from rectflow.flow.sampling import parse_solver_spec, sample_model
@@ -438,36 +439,38 @@ def generate_pairs(
         raise ConfigError(f"rank must lie in [0, world_size), got rank {rank}, world_size {world_size}")
     if world_size > 1:
         return _generate_sharded(model, source, root, settings, provenance, rank, world_size, device, method, steps, rtol, atol, progress)
-    man = _open_for_writing(root, settings, provenance)
-    done = len(man["shards"])
-    if not man["complete"]:
-        bar = tqdm(total=n, initial=sum(e["n"] for e in man["shards"]), disable=not progress or None, desc="pairs", unit="pair", unit_scale=True, dynamic_ncols=True)
-        t_start, made = time.perf_counter(), 0
-        try:
-            for s in range(done, settings.n_shards):
-                m = settings.shard_count(s)
-                z0, z1, nfe = _make_shard(model, source, settings, s, device, method, steps, rtol, atol)
-                path = root / shard_name(s)
-                save_tensors(path, {"z0": z0, "z1": z1}, {"format": PAIRS_FORMAT})  # one key: safetensors orders metadata at random
-                man["shards"].append({"file": path.name, "n": m, "bytes": path.stat().st_size, "sha256": sha256_file(path), "nfe": nfe})
-                made += m
-                man["complete"] = len(man["shards"]) == settings.n_shards
-                if man["complete"]:
-                    nfes = [e["nfe"] for e in man["shards"]]
-                    elapsed = time.perf_counter() - t_start
-                    man["stats"] = {
-                        "nfe_mean": sum(e["nfe"] * e["n"] for e in man["shards"]) / n,
-                        "nfe_max": max(nfes),
-                        "last_session_pairs_per_s": made / elapsed if elapsed > 0 else None,
-                        "device": str(device),
-                        "torch": torch.__version__,
-                    }
-                save_json(root / MANIFEST, man)
-                bar.update(m)
-                if on_shard is not None:
-                    on_shard(s)
-        finally:
-            bar.close()
+    complete = _check_target(root, settings)  # read-only: a refused directory is left untouched
+    with contextlib.nullcontext() if complete else exclusive_lock(root, "pair store"):  # a complete store is only read
+        man = _open_for_writing(root, settings, provenance)
+        done = len(man["shards"])
+        if not man["complete"]:
+            bar = tqdm(total=n, initial=sum(e["n"] for e in man["shards"]), disable=not progress or None, desc="pairs", unit="pair", unit_scale=True, dynamic_ncols=True)
+            t_start, made = time.perf_counter(), 0
+            try:
+                for s in range(done, settings.n_shards):
+                    m = settings.shard_count(s)
+                    z0, z1, nfe = _make_shard(model, source, settings, s, device, method, steps, rtol, atol)
+                    path = root / shard_name(s)
+                    save_tensors(path, {"z0": z0, "z1": z1}, {"format": PAIRS_FORMAT})  # one key: safetensors orders metadata at random
+                    man["shards"].append({"file": path.name, "n": m, "bytes": path.stat().st_size, "sha256": sha256_file(path), "nfe": nfe})
+                    made += m
+                    man["complete"] = len(man["shards"]) == settings.n_shards
+                    if man["complete"]:
+                        nfes = [e["nfe"] for e in man["shards"]]
+                        elapsed = time.perf_counter() - t_start
+                        man["stats"] = {
+                            "nfe_mean": sum(e["nfe"] * e["n"] for e in man["shards"]) / n,
+                            "nfe_max": max(nfes),
+                            "last_session_pairs_per_s": made / elapsed if elapsed > 0 else None,
+                            "device": str(device),
+                            "torch": torch.__version__,
+                        }
+                    save_json(root / MANIFEST, man)
+                    bar.update(m)
+                    if on_shard is not None:
+                        on_shard(s)
+            finally:
+                bar.close()
     return PairStore(root, verify=False)  # every shard was hashed when written or when the store was reopened
 
 
@@ -527,24 +530,34 @@ def _generate_sharded(model, source, root: Path, settings: PairSettings, provena
     return PairStore(root, verify=False)
 
 
-def _open_for_writing(root: Path, settings: PairSettings, provenance: dict[str, Any] | None) -> dict[str, Any]:
-    """Create the store's manifest, or check that ``root`` holds a store of the same settings whose
-    recorded shards are intact; returns the manifest (stale temporary files are removed)."""
+def _check_target(root: Path, settings: PairSettings) -> bool:
+    """Refuse (ConfigError) a directory that holds pairs of other settings or something else,
+    without writing anything; True when it holds a complete store of these settings."""
     if (root / MANIFEST).is_file():
         old, man = _read_manifest(root)
         diff = _settings_diff(old, settings)
         if diff:
             raise ConfigError(f"{root} holds pairs with other settings (differs in {', '.join(diff)}); nothing was written: use another directory")
+        return bool(man.get("complete"))
+    if root.exists():
+        if not root.is_dir():
+            raise ConfigError(f"{root} exists and is not a directory")
+        if any(p for p in root.iterdir() if p.name != LOCK_FILE and not (p.name.startswith(".") and p.name.endswith(".tmp"))):
+            raise ConfigError(f"{root} is not empty and holds no pair store ({MANIFEST} missing); nothing was written: use an empty or new directory")
+    return False
+
+
+def _open_for_writing(root: Path, settings: PairSettings, provenance: dict[str, Any] | None) -> dict[str, Any]:
+    """Create the store's manifest, or check that ``root`` holds a store of the same settings whose
+    recorded shards are intact; returns the manifest (stale temporary files are removed)."""
+    _check_target(root, settings)
+    if (root / MANIFEST).is_file():
+        _, man = _read_manifest(root)
         for i, e in enumerate(man["shards"]):
             _check_shard(root, settings, i, e, full=True)
         for tmp in root.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
         return man
-    if root.exists():
-        if not root.is_dir():
-            raise ConfigError(f"{root} exists and is not a directory")
-        if any(p for p in root.iterdir() if not (p.name.startswith(".") and p.name.endswith(".tmp"))):
-            raise ConfigError(f"{root} is not empty and holds no pair store ({MANIFEST} missing); nothing was written: use an empty or new directory")
     man = {"format": PAIRS_FORMAT, "settings": settings.to_dict(), "provenance": provenance or {}, "shards": [], "complete": False}
     save_json(root / MANIFEST, man)
     return man

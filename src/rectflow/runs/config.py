@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -214,13 +215,39 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.load(p.read_text(), Loader=_StrictLoader) or {}
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: top level must be a mapping of config sections")
     data = apply_overrides(data, overrides or [])
     return config_from_dict(data)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key written twice in one mapping is an error (plain YAML
+    keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"key {key!r} appears twice in one mapping (lines {seen[key]} and {line}); merge them")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _non_finite_numbers(value: Any, key: str) -> list[str]:
+    """Dotted keys under ``key`` whose value is a float NaN or inf (bools and ints are finite)."""
+    if isinstance(value, dict):
+        return [k for name, v in value.items() for k in _non_finite_numbers(v, f"{key}.{name}" if key else str(name))]
+    if isinstance(value, (list, tuple)):
+        return [k for i, v in enumerate(value) for k in _non_finite_numbers(v, f"{key}[{i}]")]
+    return [key] if isinstance(value, float) and not math.isfinite(value) else []
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -256,6 +283,9 @@ _CHOICES = {
 
 def validate(cfg: ExperimentConfig) -> None:
     """Range and choice checks that need more than a type (raises ConfigError)."""
+    bad = _non_finite_numbers(config_to_dict(cfg), "")
+    if bad:
+        raise ConfigError(f"config key {bad[0]!r}: must be a finite number, got {_lookup(config_to_dict(cfg), bad[0])}")
     for key, allowed in _CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -274,6 +304,12 @@ def validate(cfg: ExperimentConfig) -> None:
         parse_solver_spec(spec)
     _validate_reflow(cfg)
     cfg.train.validate()
+
+
+def _lookup(d: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.replace("[", ".").replace("]", "").split("."):
+        d = d[int(part)] if isinstance(d, (list, tuple)) else d[part]
+    return d
 
 
 def _validate_reflow(cfg: ExperimentConfig) -> None:

@@ -22,15 +22,14 @@ from rectflow.flow.metrics import wasserstein2
 from rectflow.flow.sampling import parse_solver_spec, sample_model
 from rectflow.reflow.diagnostics import diagnose_coupling, straightness
 from rectflow.runs.evaluation import format_table, heldout_samples
-from rectflow.runs.experiment import Run, load_run
-from rectflow.runs.lineage import stage_label
+from rectflow.runs.lineage import as_run, stage_label
 from rectflow.runs.plots import plot_crossings, plot_quality_vs_nfe, plot_stages
 
 __all__ = ['STAGE_SOLVERS', 'diagnose_runs', 'format_stage_table']
 
 
 STAGE_SOLVERS = ("euler:1", "euler:2", "euler:4", "euler:8", "euler:100", "dopri5")
-"""The solvers of the reflow table (theory §4 / the issue's pipeline table)."""
+"""The solvers of the reflow stage table (theory §4): one to 100 Euler steps and dopri5."""
 
 
 def _slug(label: str) -> str:
@@ -67,7 +66,7 @@ def diagnose_runs(
         ``straightness``, ``transport_cost``, ``ot_cost``, ``transport_excess``, ``crossing``.
     """
 
-    loaded = [r if isinstance(r, Run) else load_run(r) for r in runs]
+    loaded = [as_run(r) for r in runs]
     if not loaded:
         raise ValueError("diagnose_runs: no runs given")
     for spec in (*solvers, coupling_solver):
@@ -121,7 +120,6 @@ def diagnose_runs(
         add_coupling(row, label, x0, coupling_x1, traj, times)
         rows.append(row)
     if plots_dir is not None:
-
         out = Path(plots_dir)
         if series:
             plot_quality_vs_nfe(series, out / "quality_vs_nfe.png")

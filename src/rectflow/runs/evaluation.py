@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from rectflow.engine.io import atomic_path, save_json
+from rectflow.errors import ConfigError
 from rectflow.flow.metrics import energy_distance, wasserstein2
 from rectflow.flow.sampling import parse_solver_spec, sample_model, solver_label
 from rectflow.runs.experiment import Run
@@ -65,7 +66,9 @@ def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None, f
 
 def heldout_samples(run: Run, n: int | None = None, seed: int | None = None) -> tuple[Tensor, Tensor]:
     """Held-out source and target samples for evaluation (streams disjoint from training's)."""
-    n = n or run.config.eval.n_samples
+    n = run.config.eval.n_samples if n is None else n
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ConfigError(f"number of held-out samples (--n) must be an integer >= 2 (a distance between one-point sets means nothing), got {n!r}")
     seed = run.config.eval.seed if seed is None else seed
     g = torch.Generator().manual_seed(seed)
     x0 = run.source.sample(n, generator=g)

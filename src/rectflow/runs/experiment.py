@@ -34,7 +34,7 @@ from rectflow.reflow.distill import DistillationObjective, make_distill_loss
 from rectflow.reflow.pairs import PairCoupling
 from rectflow.runs.config import ExperimentConfig, config_from_dict, config_to_dict
 from rectflow.runs.machine import machine_info
-from rectflow.runs.rundir import guard_run_dir, semantic_config
+from rectflow.runs.rundir import guard_run_dir, lock_run_dir, semantic_config
 
 __all__ = ['Run', 'build_distributions', 'build_model', 'build_objective', 'model_config', 'train_run', 'load_run', 'sample_shape']
 
@@ -77,7 +77,6 @@ def model_config(cfg: ExperimentConfig, dim: int, shape: tuple[int, ...] | None 
 def build_model(mcfg: dict[str, Any]) -> nn.Module:
     """Instantiate the velocity network from :func:`model_config` output."""
     if mcfg.get("kind") in ("unet", "dit"):
-
         c, h, _ = mcfg["shape"]
         try:
             if mcfg["kind"] == "unet":
@@ -104,18 +103,15 @@ def build_objective(cfg: ExperimentConfig, source: Any, target: Any) -> Any:
     if cfg.coupling.kind == "ot":
         coupling = MinibatchOTCoupling(source, target, method=cfg.coupling.method, reg=cfg.coupling.reg)
     elif cfg.coupling.kind == "pairs":
-
         coupling = PairCoupling(cfg.coupling.pairs, shape=sample_shape(source))
     else:
         coupling = IndependentCoupling(source, target)
     if cfg.reflow.distill:
-
         return DistillationObjective(coupling, make_distill_loss(cfg.reflow.distill_loss, c=cfg.reflow.huber_c))
     return FlowMatchingObjective(coupling, time_sampler=make_time_sampler(cfg.time.kind, **cfg.time.params()))
 
 
 def _conditional_objective(cfg: ExperimentConfig, source: Any, target: Any) -> Any:
-
     if cfg.coupling.kind != "independent" or cfg.reflow.distill:
         raise ConfigError("class-conditional training (model.num_classes > 0) supports coupling.kind=independent without distillation only")
     coupling = LabelledCoupling(source, target)
@@ -142,28 +138,33 @@ def train_run(
     run_dir = Path(run_dir)
     source, target = build_distributions(cfg)
     new = config_to_dict(cfg)
-    if guard_run_dir(run_dir, "config.json", new, normalise=semantic_config) and not resume and list_checkpoints(run_dir):
-        raise ConfigError(f"{run_dir} already holds checkpoints; resume it or choose a new run directory")
-    if prepare is not None:
-        prepare()
-    objective = build_objective(cfg, source, target)  # before writing: a bad pair store leaves nothing behind
-    mcfg = model_config(cfg, source.dim, sample_shape(source))
-    torch.manual_seed(cfg.train.seed)  # parameter initialisation
-    model = build_model(mcfg)
-    if cfg.reflow.init and not list_checkpoints(run_dir):  # theory §4: initialise the (k+1)-RF from the k-RF
-        try:
-            load_weights(model, read_checkpoint(cfg.reflow.init, model_config=mcfg))
-        except CheckpointError as e:
-            raise CheckpointError(f"cannot initialise from the parent run: {e}") from None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_json(run_dir / "config.json", new)
-    save_json(run_dir / "machine.json", machine_info())
-    if cfg.train.sample_every > 0 and len(sample_shape(source)) == 3:
+    _guard(run_dir, new, resume)  # read-only, so a refused directory is left untouched
+    with lock_run_dir(run_dir):
+        _guard(run_dir, new, resume)  # again: another process may have started meanwhile
+        mcfg = model_config(cfg, source.dim, sample_shape(source))
+        torch.manual_seed(cfg.train.seed)  # parameter initialisation
+        model = build_model(mcfg)
+        if cfg.reflow.init and not list_checkpoints(run_dir):  # theory §4: initialise the (k+1)-RF from the k-RF
+            try:
+                load_weights(model, read_checkpoint(cfg.reflow.init, model_config=mcfg))
+            except CheckpointError as e:
+                raise CheckpointError(f"cannot initialise from the parent run: {e}") from None
+        if prepare is not None:  # after every check that needs no pairs: a refusal costs no pair generation
+            prepare()
+        objective = build_objective(cfg, source, target)  # before writing: a bad pair store leaves nothing behind
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_json(run_dir / "config.json", new)
+        save_json(run_dir / "machine.json", machine_info())
+        if cfg.train.sample_every > 0 and len(sample_shape(source)) == 3:
+            labels = torch.arange(64) % cfg.model.num_classes if cfg.model.num_classes > 0 else None
+            callbacks = [*(callbacks or []), SampleGridCallback(source, cfg.train.sample_every, labels=labels, guidance=cfg.guidance.scale)]
+        trainer = Trainer(model, objective, cfg.train, run_dir, model_config=mcfg, run_record=semantic_config(new), callbacks=callbacks)
+        return trainer.fit(resume=resume)
 
-        labels = torch.arange(64) % cfg.model.num_classes if cfg.model.num_classes > 0 else None
-        callbacks = [*(callbacks or []), SampleGridCallback(source, cfg.train.sample_every, labels=labels, guidance=cfg.guidance.scale)]
-    trainer = Trainer(model, objective, cfg.train, run_dir, model_config=mcfg, callbacks=callbacks)
-    return trainer.fit(resume=resume)
+
+def _guard(run_dir: Path, cfg_dict: dict[str, Any], resume: bool) -> None:
+    if guard_run_dir(run_dir, "config.json", cfg_dict, normalise=semantic_config) and not resume and list_checkpoints(run_dir):
+        raise ConfigError(f"{run_dir} already holds checkpoints; resume it or choose a new run directory")
 
 
 @dataclass

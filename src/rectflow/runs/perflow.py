@@ -38,11 +38,11 @@ from rectflow.perflow.student import PeRFlowStudent, sample_perflow
 from rectflow.perflow.teacher import Teacher
 from rectflow.perflow.windows import make_windows
 from rectflow.runs.experiment import load_run
-from rectflow.runs.rundir import RESUMABLE_TRAIN_KEYS, guard_run_dir
+from rectflow.runs.rundir import RESUMABLE_TRAIN_KEYS, guard_run_dir, lock_run_dir
 
 __all__ = ["PeRFlowSettings", "PeRFlowJob", "load_perflow_teacher", "train_perflow", "load_perflow"]
 
-PERFLOW_JOB_FORMAT = "rectflow.perflow.student.job"
+PERFLOW_JOB_FORMAT = "rectflow.perflow.job"
 
 
 @dataclass
@@ -92,7 +92,6 @@ def load_perflow_teacher(path: str | Path, device: str = "cpu") -> tuple[Teacher
     if not p.is_dir():
         raise ConfigError(f"perflow teacher {str(p)!r}: no such directory (a rectflow run or a local diffusers folder)")
     if _is_diffusers_folder(p):
-
         teacher = load_teacher(p)
         teacher.model.to(resolve_device(device))
         return teacher, None, {"kind": "diffusers", "path": str(p.resolve()), "parameterization": teacher.parameterization}
@@ -163,28 +162,28 @@ def train_perflow(
     job = out / "perflow.json"
     keys = ("format", "settings", "train", "teacher", "data", "windows", "shape")
     guard_run_dir(out, "perflow.json", record, what="PeRFlow job", normalise=lambda d: {k: d.get(k) for k in keys}, foreign_ok=False)
-
-    student = PeRFlowStudent.from_teacher(teacher, boundaries)
-    objective = PeRFlowObjective(teacher, data, boundaries, solver_steps=settings.solver_steps, loss_space=settings.loss_space,
-                                 start_fraction=settings.start_fraction)
-    out.mkdir(parents=True, exist_ok=True)
-    save_json(job, record)
-    mcfg = {"perflow": record["settings"], "teacher": desc["path"], "windows": record["windows"]}
-    trainer = Trainer(student, objective, train, out, model_config=mcfg).fit(resume=True)
-    final = trainer.ema.model if trainer.ema is not None else trainer.model
-    final = final.eval()
-    save_tensors(out / "student.safetensors", {k: v.detach().cpu().contiguous() for k, v in final.net.state_dict().items()},
-                 {"format": "rectflow.perflow.student", "job": json.dumps(record)})
-    if isinstance(teacher.model, torch.nn.Module):
-        save_delta(out / "delta.safetensors", final.net, teacher.model, boundaries, {"teacher": desc["path"]})
-    record["teacher_nfe_per_example"] = settings.solver_steps
-    record["teacher_nfe_this_session"] = objective.teacher_nfe
-    record["steps_done"] = trainer.step
-    save_json(job, record)
-    save_image_grid(PeRFlowJob(final, shape, record).sample(64), out / "samples.png", scale=max(1, 64 // shape[-1]))
-    if export and desc["kind"] == "diffusers":
-
-        export_student(final, out / "diffusers", teacher_path)
+    with lock_run_dir(out, "PeRFlow job directory"):
+        guard_run_dir(out, "perflow.json", record, what="PeRFlow job", normalise=lambda d: {k: d.get(k) for k in keys}, foreign_ok=False)
+        student = PeRFlowStudent.from_teacher(teacher, boundaries)
+        objective = PeRFlowObjective(teacher, data, boundaries, solver_steps=settings.solver_steps, loss_space=settings.loss_space,
+                                     start_fraction=settings.start_fraction)
+        out.mkdir(parents=True, exist_ok=True)
+        save_json(job, record)
+        mcfg = {"perflow": record["settings"], "teacher": desc["path"], "windows": record["windows"]}
+        trainer = Trainer(student, objective, train, out, model_config=mcfg, run_record={k: record[k] for k in keys}).fit(resume=True)
+        final = trainer.ema.model if trainer.ema is not None else trainer.model
+        final = final.eval()
+        save_tensors(out / "student.safetensors", {k: v.detach().cpu().contiguous() for k, v in final.net.state_dict().items()},
+                     {"format": "rectflow.perflow.student", "job": json.dumps(record)})
+        if isinstance(teacher.model, torch.nn.Module):
+            save_delta(out / "delta.safetensors", final.net, teacher.model, boundaries, {"teacher": desc["path"]})
+        record["teacher_nfe_per_example"] = settings.solver_steps
+        record["teacher_nfe_this_session"] = objective.teacher_nfe
+        record["steps_done"] = trainer.step
+        save_json(job, record)
+        save_image_grid(PeRFlowJob(final, shape, record).sample(64), out / "samples.png", scale=max(1, 64 // shape[-1]))
+        if export and desc["kind"] == "diffusers":
+            export_student(final, out / "diffusers", teacher_path)
     return out
 
 

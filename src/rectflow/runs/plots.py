@@ -6,14 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 from matplotlib.collections import LineCollection
-from torch import Tensor  # noqa: E402
+from matplotlib.figure import Figure
+from torch import Tensor
 
 from rectflow.data.images import ImageDataset
 from rectflow.engine.io import atomic_path, read_jsonl
@@ -23,15 +20,21 @@ from rectflow.images.sampling import save_image_grid, save_pair_grid
 from rectflow.runs.evaluation import heldout_samples
 from rectflow.runs.experiment import Run, sample_shape
 
-__all__ = ["plot_loss", "plot_samples", "plot_trajectories", "plot_quality_vs_nfe", "save_figure", "plot_run"]
+__all__ = ["plot_loss", "plot_samples", "plot_trajectories", "plot_quality_vs_nfe", "save_figure", "subplots", "plot_run"]
 
 
-def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 120) -> Path:
-    """Save a figure as PNG atomically and close it."""
+def subplots(*args: Any, figsize: tuple[float, float], layout: str | None = None, **kw: Any) -> tuple[Figure, Any]:
+    """A figure and its axes, drawn off-screen (matplotlib's object API: no pyplot, so importing
+    rectflow never changes the user's matplotlib backend)."""
+    fig = Figure(figsize=figsize, layout=layout)
+    return fig, fig.subplots(*args, **kw)
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
+    """Save a figure as PNG atomically."""
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -41,7 +44,7 @@ def _np(x: Tensor | np.ndarray) -> np.ndarray:
 
 def plot_loss(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "training loss") -> Path:
     """Loss vs step from metrics.jsonl rows (log scale)."""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = subplots(figsize=(5, 3.5))
     steps = [r["step"] for r in rows if "loss" in r]
     ax.plot(steps, [r["loss"] for r in rows if "loss" in r], lw=1.2, marker="o" if len(steps) < 5 else None)
     ax.set(xlabel="step", ylabel="loss", title=title, yscale="log")
@@ -58,7 +61,7 @@ def plot_samples(
     max_points: int = 3000,
 ) -> Path:
     """Scatter of generated vs real target points (2-D; first two coordinates otherwise)."""
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = subplots(figsize=(4.5, 4.5))
     if source is not None:
         s = _np(source)[:max_points]
         ax.scatter(s[:, 0], s[:, 1], s=2, c="tab:gray", alpha=0.25, label="source $\\pi_0$")
@@ -77,7 +80,7 @@ def plot_trajectories(
     traj = _np(trajectory)[:, :max_paths]
     k = traj.shape[0]
     t = _np(times) if times is not None else np.linspace(0, 1, k)
-    fig, ax = plt.subplots(figsize=(4.8, 4.5))
+    fig, ax = subplots(figsize=(4.8, 4.5))
 
     segs = np.stack([traj[:-1], traj[1:]], axis=2)  # (K-1, B, 2, 2)
     colours = np.repeat(((t[:-1] + t[1:]) / 2)[:, None], traj.shape[1], axis=1)
@@ -95,7 +98,7 @@ def plot_trajectories(
 
 def plot_quality_vs_nfe(series: dict[str, Sequence[tuple[int, float]]], path: str | Path, metric: str = "W2") -> Path:
     """One line per label: (NFE, metric) points on a log-NFE axis."""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = subplots(figsize=(5, 3.5))
     for label, pts in series.items():
         pts = sorted(pts)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
@@ -133,7 +136,7 @@ def plot_crossings(
 ) -> Path:
     """One coupling: its straight segments [Z0, Z1] and the intersection points of random segment
     pairs in red (as returned by :func:`rectflow.reflow.diagnostics.crossing_probability`)."""
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = subplots(figsize=(4.5, 4.5))
     _draw_coupling(ax, _np(x0), _np(x1), _np(points).reshape(-1, 2), max_segments)
     ax.set(title=title)
     ax.legend(markerscale=3, fontsize=7, loc="upper right")
@@ -152,7 +155,7 @@ def plot_stages(panels: Sequence[dict[str, Any]], path: str | Path, max_paths: i
     pts = np.concatenate([np.concatenate([_np(p["x0"])[:, :2], _np(p["x1"])[:, :2]]) for p in panels])
     span = np.ptp(pts, axis=0) + 1e-9
     row_h = float(np.clip(3.2 * span[1] / span[0], 1.6, 4.5))  # equal aspect: rows as tall as the data
-    fig, axes = plt.subplots(2, n, figsize=(3.6 * n, 2 * row_h + 0.9), squeeze=False, sharex=True, sharey=True, layout="constrained")
+    fig, axes = subplots(2, n, figsize=(3.6 * n, 2 * row_h + 0.9), squeeze=False, sharex=True, sharey=True, layout="constrained")
     for col, p in enumerate(panels):
         top, bottom = axes[0, col], axes[1, col]
         x0, x1 = _np(p["x0"]), _np(p["x1"])
@@ -205,7 +208,6 @@ def _plot_image_run(run: Run, out: Path, steps: int, n: int = 64) -> list[Path]:
     x0, x1 = heldout_samples(run, n)
     dev = next(run.model.parameters()).device
     if run.config.model.num_classes > 0:
-
         y = torch.arange(n, device=dev) % run.config.model.num_classes
         res = sample_guided(run.model, x0.to(dev), y, run.config.guidance.scale, method="euler", steps=steps)
     else:

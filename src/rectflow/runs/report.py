@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
-
 from rectflow.engine.io import atomic_path, read_jsonl
 from rectflow.runs.config import config_from_dict
 from rectflow.runs.machine import describe, machine_info
+from rectflow.runs.plots import subplots
 
 __all__ = ["RunSummary", "collect_run", "build_report"]
 
@@ -71,7 +70,6 @@ def collect_run(path: str | Path) -> RunSummary:
     s.config = _read_json(path / "config.json", s.problems, "not a rectflow run, or an unfinished one")
     if s.config is not None:
         try:
-
             config_from_dict(s.config)
         except Exception as e:  # a run from another version: show it, say why
             s.problems.append(f"config.json does not validate with this rectflow version: {e}")
@@ -119,7 +117,6 @@ def _table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return buf.getvalue()
 
 
@@ -128,7 +125,7 @@ def _loss_chart(runs: list[RunSummary]) -> bytes | None:
     series = [s for s in series if s[1]]
     if not series:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = subplots(figsize=(6, 3.5))
     for name, x, y in series:
         ax.plot(x, y, label=name, lw=1.2, marker="o" if len(x) < 5 else None)
     ax.set(xlabel="step", ylabel="loss", yscale="log", title="training loss")
@@ -138,7 +135,7 @@ def _loss_chart(runs: list[RunSummary]) -> bytes | None:
 
 
 def _quality_chart(runs: list[RunSummary], metric: str = "w2") -> bytes | None:
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = subplots(figsize=(6, 3.5))
     drawn = False
     for r in runs:
         for family in dict.fromkeys(row["solver"].split(":")[0] for row in r.eval_rows if metric in row):
@@ -146,7 +143,6 @@ def _quality_chart(runs: list[RunSummary], metric: str = "w2") -> bytes | None:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{r.name} ({family})")
             drawn = True
     if not drawn:
-        plt.close(fig)
         return None
     ax.set(xscale="log", xlabel="NFE", ylabel=metric.upper(), title=f"{metric.upper()} vs NFE (lower is better)")
     ax.grid(alpha=0.3, which="both")
@@ -164,7 +160,6 @@ def _timings(r: RunSummary) -> dict[str, Any]:
     if r.eval_rows:
         row["eval sampling (s)"] = sum(e.get("sample_s", 0.0) for e in r.eval_rows)
     if r.machine:
-
         row["machine"] = describe(r.machine)
     return row
 

@@ -9,13 +9,16 @@ checkpoint cadence, device) may change between a job and its resumption.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 from typing import Any, Callable
 
-from rectflow.engine.io import load_json
+from rectflow.engine.checkpoint import diff_keys
+from rectflow.engine.io import LOCK_FILE, exclusive_lock, load_json
 from rectflow.errors import ConfigError
 
-__all__ = ["RESUMABLE_TRAIN_KEYS", "semantic_config", "diff_keys", "guard_run_dir"]
+__all__ = ["RESUMABLE_TRAIN_KEYS", "semantic_config", "guard_run_dir", "lock_run_dir"]
 
 RESUMABLE_TRAIN_KEYS = frozenset({"steps", "progress", "log_every", "ckpt_every", "keep_checkpoints", "workers", "device", "sample_every"})
 """``train`` keys that may change between a run and its resumption (they do not change the result)."""
@@ -27,19 +30,6 @@ def semantic_config(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     d = {k: v for k, v in cfg_dict.items() if k != "eval"}
     d["train"] = {k: v for k, v in d.get("train", {}).items() if k not in RESUMABLE_TRAIN_KEYS}
     return d
-
-
-_MISSING = object()
-
-
-def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-    """Dotted keys where two nested dicts differ (a key missing on one side counts), sorted."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        out: set[str] = set()
-        for k in set(a) | set(b):
-            out.update(diff_keys(a.get(k, _MISSING), b.get(k, _MISSING), f"{prefix}.{k}" if prefix else k))
-        return sorted(out)
-    return [] if a is b or a == b else [prefix]
 
 
 def guard_run_dir(
@@ -65,6 +55,14 @@ def guard_run_dir(
         if old != new:
             raise ConfigError(f"{run_dir} holds a {what} with another config (differs in {', '.join(diff_keys(old, new))}); use a new directory")
         return True
-    if not foreign_ok and run_dir.is_dir() and any(run_dir.iterdir()):
+    if not foreign_ok and run_dir.is_dir() and any(q.name != LOCK_FILE for q in run_dir.iterdir()):
         raise ConfigError(f"{run_dir} exists and is not a {what} directory (no {record_name}); choose a new directory")
     return False
+
+
+def lock_run_dir(run_dir: str | Path, what: str = "run directory") -> contextlib.AbstractContextManager:
+    """The job's exclusive lock on ``run_dir`` (:func:`~rectflow.engine.io.exclusive_lock`), taken
+    by rank 0 only: the other torchrun ranks of the same job share it."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    return exclusive_lock(run_dir, what)

@@ -1,0 +1,114 @@
+"""What survives Ctrl-C, divergence and corruption (issue 13, items 1-4): each test failed on the
+code before the fix."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+from rectflow.engine.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
+from rectflow.errors import CheckpointError
+from tests.engine.test_trainer import assert_same, make, weights
+
+
+def _adam_steps(path) -> set[float]:
+    ck = read_checkpoint(path)
+    return {float(v) for k, v in ck.tensors.items() if k.startswith("optim.") and k.endswith(".step")}
+
+
+def test_ctrl_c_inside_the_optimizer_step_leaves_a_consistent_checkpoint(tmp_path):
+    """SIGINT delivered after optimizer.step() but before the step counter moves: the checkpoint
+    must hold the state after exactly the step it names, and the resumed run must equal an
+    uninterrupted one."""
+    ref = weights(make(tmp_path / "ref").fit())
+    tr = make(tmp_path / "run")
+    tr.optimizer.register_step_post_hook(lambda opt, args, kw: os.kill(os.getpid(), signal.SIGINT) if tr.step == 33 else None)
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit()
+    ck = latest_checkpoint(tmp_path / "run")
+    step = read_checkpoint(ck).step
+    assert _adam_steps(ck) == {float(step)}, f"checkpoint of step {step} holds Adam steps {_adam_steps(ck)}"
+    resumed = make(tmp_path / "run").fit()
+    assert_same(weights(resumed), ref)
+
+
+def test_divergence_never_writes_non_finite_weights_and_keeps_the_last_finite_checkpoint(tmp_path):
+    make(tmp_path, steps=60).fit()  # 60 finite steps: checkpoints 40 and 60
+    tr = make(tmp_path, steps=200, grad_clip=0.0)
+    for g in tr.optimizer.param_groups:
+        g["initial_lr"] = 1e6
+    tr.cfg.lr = 1e6  # the same run, resumed with a learning rate that diverges
+    with pytest.raises(FloatingPointError):
+        tr.fit()
+    ckpts = list_checkpoints(tmp_path)
+    assert ckpts, "the last finite checkpoint was deleted"
+    for p in ckpts:
+        ck = read_checkpoint(p)
+        assert all(bool(torch.isfinite(v).all()) for v in ck.tensors.values() if v.is_floating_point()), f"{p.name} holds non-finite weights"
+
+
+def test_a_flipped_bit_inside_a_tensor_is_detected_on_load(tmp_path):
+    make(tmp_path, steps=20).fit()
+    path = latest_checkpoint(tmp_path)
+    raw = bytearray(path.read_bytes())
+    header = int.from_bytes(raw[:8], "little")
+    raw[8 + header + 100] ^= 0x10  # inside the tensor data, not the header
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=path.name):
+        read_checkpoint(path)
+
+
+def test_a_checkpoint_of_another_run_config_is_not_resumed(tmp_path):
+    """A run directory without its config.json: the checkpoint's own record must be compared."""
+    tr = make(tmp_path, steps=20)
+    tr.run_record = {"target": "moons", "train": {"lr": 0.003}}
+    tr.fit()
+    other = make(tmp_path, steps=40)
+    other.run_record = {"target": "circle", "train": {"lr": 0.01}}
+    with pytest.raises(CheckpointError, match="target"):
+        other.fit()
+
+
+def test_a_run_directory_is_locked_against_a_second_writer_naming_its_pid(tmp_path):
+    from rectflow.engine.io import exclusive_lock
+    from rectflow.errors import BusyError
+
+    with exclusive_lock(tmp_path / "run"):
+        with pytest.raises(BusyError, match=f"pid {os.getpid()}"):
+            with exclusive_lock(tmp_path / "run"):
+                pass
+    with exclusive_lock(tmp_path / "run"):  # released
+        pass
+
+
+def test_a_lock_held_by_a_killed_process_does_not_block(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from rectflow.engine.io import exclusive_lock
+
+    code = f"from rectflow.engine.io import exclusive_lock\nimport time\nwith exclusive_lock({str(tmp_path / 'run')!r}):\n    print('held', flush=True)\n    time.sleep(60)\n"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    proc.kill()
+    proc.wait()
+    t = time.perf_counter()
+    with exclusive_lock(tmp_path / "run"):
+        assert time.perf_counter() - t < 5
+
+
+def test_train_run_refuses_a_directory_in_use(tmp_path):
+    from rectflow.engine.io import exclusive_lock
+    from rectflow.errors import BusyError
+    from rectflow.runs.config import config_from_dict
+    from rectflow.runs.experiment import train_run
+
+    cfg = config_from_dict({"target": "moons", "model": {"width": 16, "depth": 2}, "train": {"steps": 5, "batch_size": 16, "progress": False}})
+    with exclusive_lock(tmp_path / "run"):
+        with pytest.raises(BusyError, match="in use"):
+            train_run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "config.json").exists()
