@@ -112,3 +112,18 @@ def test_train_run_refuses_a_directory_in_use(tmp_path):
         with pytest.raises(BusyError, match="in use"):
             train_run(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_temporary_files_left_by_a_kill_mid_write_are_removed_on_the_next_start(tmp_path):
+    from rectflow.runs.config import config_from_dict
+    from rectflow.runs.experiment import train_run
+
+    def cfg(steps):
+        return config_from_dict({"target": "moons", "model": {"width": 16, "depth": 2}, "train": {"steps": steps, "batch_size": 16, "progress": False, "ckpt_every": 5}})
+
+    train_run(cfg(5), tmp_path / "run")
+    stale = [tmp_path / "run" / "checkpoints" / ".step_00000010.safetensors.k3j2h1.tmp", tmp_path / "run" / ".config.json.x8y7.tmp"]
+    for f in stale:
+        f.write_bytes(b"\0" * 4096)  # what a kill during a write leaves
+    train_run(cfg(6), tmp_path / "run")  # the resumption
+    assert not any(f.exists() for f in stale)

@@ -157,3 +157,17 @@ def exclusive_lock(directory: str | Path, what: str = "directory") -> Iterator[P
         os.close(fd)
         if created and not any(directory.iterdir()):
             directory.rmdir()
+
+
+def remove_stale_temporaries(*directories: str | Path) -> list[Path]:
+    """Delete the temporary files :func:`atomic_path` leaves when a process is killed mid-write
+    (``.<name>.<random>.tmp``) in ``directories`` (not recursive); returns what was removed.
+    Call it only while holding the directory's :func:`exclusive_lock`: another writer's
+    temporaries would otherwise be in use."""
+    removed = []
+    for d in map(Path, directories):
+        if d.is_dir():
+            for tmp in d.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed

@@ -21,7 +21,7 @@ from torch import nn
 
 from rectflow.data import make_distribution
 from rectflow.engine.checkpoint import latest_checkpoint, list_checkpoints, load_weights, read_checkpoint
-from rectflow.engine.io import load_json, save_json
+from rectflow.engine.io import load_json, remove_stale_temporaries, save_json
 from rectflow.engine.trainer import Trainer, resolve_device
 from rectflow.errors import CheckpointError, ConfigError, DataError
 from rectflow.flow.couplings import IndependentCoupling, MinibatchOTCoupling
@@ -141,6 +141,7 @@ def train_run(
     _guard(run_dir, new, resume)  # read-only, so a refused directory is left untouched
     with lock_run_dir(run_dir):
         _guard(run_dir, new, resume)  # again: another process may have started meanwhile
+        remove_stale_temporaries(run_dir, run_dir / "checkpoints", run_dir / "plots")  # left by a kill mid-write
         mcfg = model_config(cfg, source.dim, sample_shape(source))
         torch.manual_seed(cfg.train.seed)  # parameter initialisation
         model = build_model(mcfg)

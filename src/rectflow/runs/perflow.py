@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from rectflow.data.images import ImageGaussian
-from rectflow.engine.io import load_json, load_tensors, save_json, save_tensors
+from rectflow.engine.io import load_json, load_tensors, remove_stale_temporaries, save_json, save_tensors
 from rectflow.engine.trainer import TrainConfig, Trainer, resolve_device
 from rectflow.errors import CheckpointError, ConfigError
 from rectflow.flow.paths import LinearPath
@@ -164,6 +164,7 @@ def train_perflow(
     guard_run_dir(out, "perflow.json", record, what="PeRFlow job", normalise=lambda d: {k: d.get(k) for k in keys}, foreign_ok=False)
     with lock_run_dir(out, "PeRFlow job directory"):
         guard_run_dir(out, "perflow.json", record, what="PeRFlow job", normalise=lambda d: {k: d.get(k) for k in keys}, foreign_ok=False)
+        remove_stale_temporaries(out, out / "checkpoints", out / "diffusers")  # left by a kill mid-write
         student = PeRFlowStudent.from_teacher(teacher, boundaries)
         objective = PeRFlowObjective(teacher, data, boundaries, solver_steps=settings.solver_steps, loss_space=settings.loss_space,
                                      start_fraction=settings.start_fraction)
