@@ -1,6 +1,9 @@
 """Image data: readers (folder, ZIP, .npy/.npz, digits), samplers, flips, scaling, grids, bad input."""
 
+import struct
+import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +205,37 @@ def test_label_count_mismatch_and_other_array_errors(tmp_path):
         load_images(tmp_path / "missing")
     with pytest.raises(DataError, match="one label per image"):
         ImageArray(torch.zeros(3, 1, 2, 2, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("dtype, msg", [(np.complex64, "complex"), ("U1", "expected real numbers"), (bool, "expected real numbers")])
+def test_complex_and_non_numeric_image_arrays_are_refused(tmp_path, dtype, msg):
+    """issue 13 item 8: complex images used to lose their imaginary part silently."""
+    np.save(tmp_path / "x.npy", np.zeros((2, 1, 4, 4), dtype=dtype))
+    with pytest.raises(DataError, match=msg) as e:
+        read_image_array(tmp_path / "x.npy")
+    assert "x.npy" in str(e.value)
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels (the pixel data is a few bytes)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [20000, 10000])  # past PIL's error limit, and past its warning limit
+def test_a_decompression_bomb_in_a_zip_is_a_data_error_naming_the_member(tmp_path, side):
+    """issue 13 item 10: PIL's DecompressionBombError escaped the image decoder."""
+    path = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("cat/huge.png", _png_claiming(side, side))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a DecompressionBombWarning must not be the only signal either
+        with pytest.raises(DataError, match=r"bomb\.zip/cat/huge\.png.*pixels") as e:
+            read_image_zip(path)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.skipif(not CIFAR.is_file(), reason="CIFAR-10 JPEG test.zip not present")

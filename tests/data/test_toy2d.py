@@ -79,3 +79,22 @@ def test_point_cloud_bad_inputs(tmp_path):
         make_distribution("banana")
     with pytest.raises(DataError, match="radiuss"):
         make_distribution({"name": "8gaussians", "radiuss": 3})
+
+
+@pytest.mark.parametrize(
+    "name, arr, msg",
+    [
+        ("complex.npy", np.array([[1 + 2j, 0], [1, 3j]]), "complex"),
+        ("text.npy", np.array([["a", "b"], ["c", "d"]]), "expected real numbers"),
+        ("record.npy", np.zeros(3, dtype=[("x", "f4"), ("y", "f4")]), "expected real numbers"),
+        ("flags.npy", np.ones((3, 2), dtype=bool), "expected real numbers"),
+        ("objects.npy", np.array([[1, None]], dtype=object), "cannot read"),
+    ],
+)
+def test_complex_and_non_numeric_arrays_are_refused_naming_the_file(tmp_path, name, arr, msg):
+    """issue 13 item 8: a complex .npy used to lose its imaginary part silently; object arrays are
+    never unpickled."""
+    np.save(tmp_path / name, arr, allow_pickle=True)
+    with pytest.raises(DataError, match=msg) as e:
+        make_distribution(str(tmp_path / name))
+    assert name in str(e.value) and "\n" not in str(e.value)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -51,6 +52,7 @@ __all__ = [
     "make_image_distribution",
     "to_unit_range",
     "to_uint8",
+    "require_real",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -93,15 +95,19 @@ class ImageArray:
 def _decode(data: bytes, name: str, mode: str | None) -> np.ndarray:
     """One image file's bytes -> uint8 (H, W, C); ``mode`` converts (L, RGB, RGBA), None keeps it."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            if mode is not None:
-                im = im.convert(mode)
-            elif im.mode not in _MODES:
-                raise DataError(f"{name}: image mode {im.mode!r} is not one of {sorted(_MODES)}; pass mode='RGB' or 'L' to convert")
-            arr = np.asarray(im, dtype=np.uint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse before decoding, not after
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                if mode is not None:
+                    im = im.convert(mode)
+                elif im.mode not in _MODES:
+                    raise DataError(f"{name}: image mode {im.mode!r} is not one of {sorted(_MODES)}; pass mode='RGB' or 'L' to convert")
+                arr = np.asarray(im, dtype=np.uint8)
     except DataError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"{name}: refused as a possible decompression bomb ({e})") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt'})") from None
     return arr[:, :, None] if arr.ndim == 2 else arr
@@ -215,11 +221,19 @@ def _read(names: list[str], read, source: str, mode: str | None, classes: Sequen
     return ImageArray(images, lab, class_names, source)
 
 
+def require_real(arr: np.ndarray, where: str) -> None:
+    """Raise DataError unless ``arr`` holds real numbers (integers or floats): a complex array
+    would lose its imaginary part in a cast, and strings, records or booleans are not data."""
+    if np.iscomplexobj(arr):
+        raise DataError(f"{where}: holds complex numbers (dtype {arr.dtype}); the imaginary part would be lost, so pass real numbers")
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise DataError(f"{where}: expected real numbers (integers or floats), got dtype {arr.dtype}")
+
+
 def _to_uint8_array(arr: np.ndarray, where: str) -> np.ndarray:
     if arr.dtype == np.uint8:
         return arr
-    if not np.issubdtype(arr.dtype, np.number):
-        raise DataError(f"{where}: expected numbers, got dtype {arr.dtype}")
+    require_real(arr, where)
     a = arr.astype(np.float64)
     if not np.isfinite(a).all():
         raise DataError(f"{where}: images contain NaN or inf")

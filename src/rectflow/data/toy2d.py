@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rectflow.data.images import make_image_distribution
+from rectflow.data.images import make_image_distribution, require_real
 from rectflow.errors import DataError
 
 __all__ = [
@@ -183,8 +183,7 @@ class PointCloud:
             raise DataError(f"{p}: cannot read point cloud ({type(e).__name__}: {e})") from None
         if arr.ndim == 1:
             arr = arr[:, None]
-        if not np.issubdtype(arr.dtype, np.number):
-            raise DataError(f"{p}: expected numbers, got dtype {arr.dtype}")
+        require_real(arr, str(p))
         return cls(arr.astype(np.float32), name=str(p))
 
     def sample(self, n: int, *, generator=None, device=None) -> Tensor:
