@@ -1,6 +1,8 @@
 """The ``rectflow`` command line: a thin layer over the Python API.
 
-Exit codes: 0 success, 2 bad input (config, data, checkpoint), 130 interrupted, 1 anything else.
+Exit codes: 0 success, 2 bad input (config, data, checkpoint, a path that cannot be read or
+written), 130 interrupted, 1 anything else.  Bad input is reported as one line naming the file or
+config key, never a traceback.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 
 from rectflow.data.images import make_image_distribution
 from rectflow.engine.distributed import destroy, init_from_env, is_main_process, planned_world_size
-from rectflow.engine.io import atomic_path, save_json
+from rectflow.engine.io import atomic_path, check_writable, save_json
 from rectflow.engine.trainer import TrainConfig, resolve_device
 from rectflow.errors import ConfigError, RectflowError
 from rectflow.flow.sampling import parse_solver_spec, sample_model
@@ -24,13 +26,13 @@ from rectflow.runs.config import load_config
 from rectflow.runs.demo import run_demo, run_pipeline
 from rectflow.runs.diagnose import diagnose_runs, format_stage_table
 from rectflow.runs.distill import train_distill
-from rectflow.runs.evaluation import evaluate_run, format_table
+from rectflow.runs.evaluation import evaluate_run, format_table, save_evaluation
 from rectflow.runs.experiment import load_run, train_run
 from rectflow.runs.lineage import PairOptions, generate_run_pairs
 from rectflow.runs.perflow import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, PeRFlowSettings, train_perflow
 from rectflow.runs.plots import plot_run
 from rectflow.runs.reflow import reflow_chain, train_reflow
-from rectflow.runs.report import build_report
+from rectflow.runs.report import build_report, collect_run
 from rectflow.version import __version__
 
 __all__ = ["main", "build_parser"]
@@ -207,16 +209,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-
-
     if args.n < 1:
         raise ConfigError(f"--n must be >= 1, got {args.n}")
     if args.solver != "dopri5" and args.steps < 1:
         raise ConfigError(f"--steps (NFE) must be >= 1, got {args.steps}")
     run = load_run(args.run, ema=not args.raw)
     if len(getattr(run.source, "shape", ())) == 3 or args.guidance is not None or args.label is not None:
+        check_writable(args.out, directory=True)  # before sampling, not after
         run.model.to(resolve_device("auto"))  # images: sample on the GPU when there is one
         return _sample_images(args, run)
+    for path in (args.out, args.trajectory):
+        if path:
+            check_writable(path)
     x0 = run.source.sample(args.n, generator=torch.Generator().manual_seed(args.seed))
     res = sample_model(run.model, x0, method=args.solver, steps=args.steps, rtol=args.rtol, atol=args.atol, return_trajectory=bool(args.trajectory))
     for path, arr in [(args.out, res.x), (args.trajectory, res.trajectory)]:
@@ -251,8 +255,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if solvers is not None:
         for s in solvers:
             parse_solver_spec(s)
-    rows = evaluate_run(run, n=args.n, solvers=solvers)
-    print(json.dumps(rows, indent=2) if args.json else format_table(rows, ["solver", "nfe", "w2", "energy"]))
+    rows = evaluate_run(run, n=args.n, solvers=solvers, write=False)
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows, ["solver", "nfe", "w2", "energy"]), flush=True)
+    save_evaluation(run, rows, run.config.eval.n_samples if args.n is None else args.n)  # after printing: a read-only run still shows its table
     return 0
 
 
@@ -262,7 +267,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    print(f"wrote {build_report(args.runs, args.out, title=args.title)}")
+    check_writable(args.out)
+    runs = [collect_run(p) for p in args.runs]
+    out = build_report(runs, args.out, title=args.title)
+    for r in runs:  # also listed on the page
+        for problem in r.problems:
+            print(f"rectflow report: warning: {r.path}: {problem}", file=sys.stderr)
+    print(f"wrote {out}")
     return 0
 
 
@@ -344,6 +355,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
 def _cmd_diagnose(args: argparse.Namespace) -> int:
     solvers = [s.strip() for s in args.solvers.split(",") if s.strip()]
+    if args.out:
+        check_writable(args.out, directory=True)
     rows = diagnose_runs(args.runs, n=args.n, solvers=solvers, include_independent=not args.no_independent, plots_dir=args.out)
     table = format_stage_table(rows, solvers)
     if args.out:
@@ -413,8 +426,17 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted (the last checkpoint is kept; run the same command again to resume)", file=sys.stderr)
         return 130
     except (RectflowError, ValueError, FloatingPointError, FileNotFoundError) as e:
-        print(f"rectflow {args.command}: error: {e}", file=sys.stderr)
+        _error(args.command, str(e))
         return 2
+    except OSError as e:  # a path that cannot be read or written, not caught where it was used
+        _error(args.command, f"{e.filename}: {e.strerror or e}" if e.filename else str(e))
+        return 2
+
+
+def _error(command: str, message: str) -> None:
+    """Print ``message`` as the one line ``rectflow COMMAND: error: ...`` on stderr."""
+    one_line = "; ".join(part.strip() for part in message.strip().splitlines() if part.strip())
+    print(f"rectflow {command}: error: {one_line}", file=sys.stderr)
 
 
 if __name__ == "__main__":

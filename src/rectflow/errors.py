@@ -19,3 +19,8 @@ class CheckpointError(RectflowError):
 
 class BusyError(RectflowError):
     """A run directory or pair store is in use by another process (its lock is held)."""
+
+
+class OutputError(RectflowError):
+    """An output path that cannot be written: a file where a directory is needed (or the reverse),
+    no permission, a full disk.  The message names the path."""

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rectflow.engine.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
+from rectflow.engine.io import read_jsonl
 from rectflow.errors import CheckpointError
 from tests.engine.test_trainer import assert_same, make, weights
 
@@ -127,3 +128,42 @@ def test_temporary_files_left_by_a_kill_mid_write_are_removed_on_the_next_start(
         f.write_bytes(b"\0" * 4096)  # what a kill during a write leaves
     train_run(cfg(6), tmp_path / "run")  # the resumption
     assert not any(f.exists() for f in stale)
+
+
+@pytest.mark.parametrize("garbage", [b"\xff\xfe\n", b"[1, 2]\n", b'{"step": "ten", "loss": 1.0}\n'])
+def test_resuming_with_a_corrupt_training_log_names_the_file_and_keeps_it(tmp_path, garbage):
+    """issue 13 item 11: a 0xff byte or a line that is not a row made the resumption fail with no
+    file name (or a traceback); the log is not rewritten, so nothing in it is lost."""
+    make(tmp_path, steps=20).fit()
+    log = tmp_path / "metrics.jsonl"
+    with open(log, "ab") as f:
+        f.write(garbage)
+    before = log.read_bytes()
+    with pytest.raises(CheckpointError, match=r"metrics\.jsonl: line 3") as e:
+        make(tmp_path, steps=40).fit()
+    assert "\n" not in str(e.value) and log.read_bytes() == before
+
+
+def test_a_torn_last_log_line_is_still_repaired_silently(tmp_path):
+    make(tmp_path, steps=20).fit()
+    with open(tmp_path / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 21, "lo')  # a kill mid-append
+    make(tmp_path, steps=40).fit()
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [10, 20, 30, 40]
+
+
+def test_the_first_log_row_after_a_resume_says_how_many_steps_it_averages(tmp_path):
+    """issue 13 item 14: resumed mid-window (checkpoint 33, rows every 10), the row at step 40
+    averages steps 34-40 only; it must say so."""
+    tr = make(tmp_path)
+
+    def interrupt(trainer, s):
+        if s == 33:
+            raise KeyboardInterrupt
+
+    tr.callbacks.append(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit()
+    make(tmp_path).fit()
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r.get("steps")) for r in rows] == [(10, 10), (20, 10), (30, 10), (40, 7), (50, 10), (60, 10)]

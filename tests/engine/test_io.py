@@ -1,5 +1,6 @@
 import hashlib
 import json
+import os
 
 import pytest
 import torch
@@ -7,14 +8,18 @@ import torch
 from rectflow.engine.io import (
     append_jsonl,
     atomic_path,
+    check_writable,
+    exclusive_lock,
     load_json,
     load_tensors,
+    make_dirs,
     read_jsonl,
     save_json,
     save_tensors,
+    scan_jsonl,
     sha256_file,
 )
-from rectflow.errors import CheckpointError
+from rectflow.errors import CheckpointError, OutputError
 from tests.conftest import gen
 
 
@@ -114,3 +119,59 @@ def test_read_jsonl_skips_torn_last_line(tmp_path):
     with open(p, "a") as f:
         f.write(torn)  # a kill mid-write: no newline, incomplete JSON
     assert read_jsonl(p) == rows
+
+
+def test_output_paths_that_cannot_be_written_are_errors_naming_them(tmp_path):
+    """issue 13 item 9: a file where a folder is needed, or a folder where a file is, used to
+    escape as FileExistsError / NotADirectoryError / IsADirectoryError tracebacks."""
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    cases = [
+        (lambda: atomic_path(afile / "out.npy").__enter__(), "afile"),
+        (lambda: atomic_path(afile / "deeper" / "out.npy").__enter__(), "afile"),
+        (lambda: atomic_path(tmp_path).__enter__(), "is a directory"),
+        (lambda: save_json(afile / "x.json", {}), "afile"),
+        (lambda: check_writable(afile, directory=True), "is a file, not a directory"),
+        (lambda: check_writable(afile / "run", directory=True), "afile"),
+        (lambda: check_writable(tmp_path), "is a directory"),
+        (lambda: make_dirs(afile / "run"), "afile"),
+        (lambda: exclusive_lock(afile).__enter__(), "afile"),
+    ]
+    for call, msg in cases:
+        with pytest.raises(OutputError, match=msg) as e:
+            call()
+        assert "\n" not in str(e.value)
+    assert afile.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    check_writable(tmp_path / "new" / "deeper" / "out.npy")  # creatable: no error, nothing created
+    check_writable(tmp_path / "new", directory=True)
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_a_read_only_directory_is_an_error_naming_it(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(OutputError, match="ro"):
+            check_writable(ro / "out.npy")
+        with pytest.raises(OutputError, match="ro"):
+            save_json(ro / "x.json", {})
+    finally:
+        ro.chmod(0o755)
+
+
+def test_jsonl_with_garbled_lines_is_read_and_the_problems_are_named(tmp_path):
+    """issue 13 item 11: a 0xff byte used to raise UnicodeDecodeError and a line that is not an
+    object broke every reader."""
+    p = tmp_path / "m.jsonl"
+    p.write_bytes(b'{"step": 1}\n\xff\xfe\n[1, 2]\n3\n\n{"step": 2}\n{"step": 3, "lo')
+    rows, problems = scan_jsonl(p)
+    assert rows == [{"step": 1}, {"step": 2}]
+    assert [q.split(":")[0] for q in problems] == ["line 2", "line 3", "line 4"]  # the torn last line is not a problem
+    assert read_jsonl(p) == rows
+    with pytest.raises(CheckpointError, match=r"m\.jsonl: line 2"):
+        read_jsonl(p, strict=True)
+    for content in (b"", b"\x00" * 64):  # empty, and a zero-filled file left by a crash
+        p.write_bytes(content)
+        assert read_jsonl(p, strict=True) == []

@@ -4,7 +4,7 @@ import torch
 
 from rectflow.flow.couplings import IndependentCoupling, MinibatchOTCoupling
 from rectflow.data import EightGaussians, Gaussian, Moons
-from rectflow.errors import CheckpointError, ConfigError
+from rectflow.errors import CheckpointError, ConfigError, DataError
 from rectflow.engine.io import read_jsonl
 from rectflow.flow.losses import FlowMatchingObjective
 from rectflow.models import MLPVelocity
@@ -85,6 +85,25 @@ def test_worker_processes_draw_the_same_batches(tmp_path):
     a = weights(make(steps=15, coupling="ot", workers=0).fit())
     b = weights(make(steps=15, coupling="ot", workers=1).fit())
     assert_same(a, b)
+
+
+class _BrokenCoupling(IndependentCoupling):
+    """Draws fail the way bad data does: with a one-line DataError."""
+
+    heavy = True
+
+    def sample(self, n, *, generator=None, device=None):
+        raise DataError("points.npy: row 3 is broken")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_error_in_a_batch_worker_surfaces_as_itself_in_one_line(tmp_path, workers):
+    """issue 13 item 12: a DataLoader worker wrapped the error in its own 20-line traceback."""
+    cfg = TrainConfig(steps=3, batch_size=8, progress=False, workers=workers, log_every=1, ckpt_every=3)
+    tr = Trainer(MLPVelocity(2, width=8, depth=1), FlowMatchingObjective(_BrokenCoupling(Gaussian(2), Moons())), cfg, tmp_path)
+    with pytest.raises(DataError) as e:
+        tr.fit()
+    assert str(e.value) == "points.npy: row 3 is broken"
 
 
 def test_checkpoint_from_another_model_config_is_refused(tmp_path):

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from rectflow.errors import ConfigError
+from rectflow.errors import CheckpointError, ConfigError
 from rectflow.diffusion.schedules import DDPMSchedule
 
 diffusers = pytest.importorskip("diffusers")
@@ -45,6 +45,31 @@ def test_load_teacher_maps_schedule_and_kind(tmp_path):
     cos, kind = schedule_from_config({"_class_name": "DDIMScheduler", "beta_schedule": "squaredcos_cap_v2"})
     ref = diffusers.DDIMScheduler(beta_schedule="squaredcos_cap_v2")
     assert kind == "eps" and torch.allclose(cos.alphas_cumprod, ref.alphas_cumprod.double(), atol=1e-5)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "directory"])
+def test_unreadable_weights_are_one_line_naming_the_file(tmp_path, damage):
+    """issue 13 item 12: a corrupt weights file escaped as a bare OSError from diffusers."""
+    folder = _teacher_folder(tmp_path)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    if damage == "directory":
+        weights.unlink()
+        weights.mkdir()
+    else:
+        weights.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\xff" * 64, "empty": b""}[damage])
+    with pytest.raises(CheckpointError, match="diffusion_pytorch_model.safetensors") as e:
+        load_teacher(folder)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["scheduler/scheduler_config.json", "unet/config.json"])
+def test_corrupt_json_of_a_diffusers_folder_is_named(tmp_path, name):
+    folder = _teacher_folder(tmp_path)
+    (folder / name).write_bytes(b"\xff{not json")
+    with pytest.raises((CheckpointError, ConfigError), match=name.split("/")[-1]) as e:
+        load_teacher(folder)
+    assert "\n" not in str(e.value)
 
 
 def test_missing_config_and_non_affine_schedule(tmp_path):

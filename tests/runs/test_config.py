@@ -21,7 +21,8 @@ def test_yaml_and_overrides(tmp_path):
     "data, msg",
     [
         ({"trian": {}}, "unknown config key 'trian'"),
-        ({"train": {"stpes": 3}}, "unknown config key 'train.stpes'.*allowed keys"),
+        ({"train": {"stpes": 3}}, "unknown config key 'train.stpes'; did you mean 'train.steps'"),
+        ({"train": {"xyzzy": 3}}, "unknown config key 'train.xyzzy'.*allowed keys"),
         ({"train": {"steps": "many"}}, "train.steps.*integer"),
         ({"train": {"lr": True}}, "train.lr.*number"),
         ({"coupling": {"kind": "greedy"}}, "coupling.kind.*not one of"),
@@ -61,6 +62,19 @@ def test_bad_files_and_overrides(tmp_path):
 def test_numbers_that_make_no_sense_are_refused_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("reg", ["0", "-0.1"])
+def test_sinkhorn_needs_a_positive_regulariser_named_at_config_time(reg):
+    """issue 13 item 12: coupling.reg=0 used to fail inside a DataLoader worker, 20 lines long."""
+    with pytest.raises(ConfigError, match="coupling.reg"):
+        load_config(None, ["coupling.kind=ot", "coupling.method=sinkhorn", f"coupling.reg={reg}"])
+
+
+def test_a_mistyped_key_suggests_the_close_one_in_a_short_line():
+    with pytest.raises(ConfigError, match="did you mean 'train.steps'") as e:
+        load_config(None, ["train.stpes=3"])
+    assert len(str(e.value)) < 120
 
 
 def test_a_key_written_twice_in_yaml_is_refused_with_both_lines(tmp_path):

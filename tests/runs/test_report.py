@@ -47,3 +47,43 @@ def test_report_cli(two_runs, tmp_path, capsys):
     out = tmp_path / "cli.html"
     assert main(["report", str(two_runs / "moons"), "--out", str(out)]) == 0
     assert out.is_file() and str(out) in capsys.readouterr().out
+
+
+def test_report_lists_corrupt_files_and_renders_the_rest(two_runs, tmp_path, capsys):
+    """issue 13 item 11: a corrupt machine.json or metrics.jsonl, or eval.json rows of the wrong
+    type, used to stop the report with a traceback or an error naming no file."""
+    bad = tmp_path / "bad"
+    shutil.copytree(two_runs / "moons", bad)
+    (bad / "machine.json").write_bytes(b"")
+    with open(bad / "metrics.jsonl", "ab") as f:
+        f.write(b"\xff\xfe\n7\n{\"step\": \"ten\", \"loss\": \"low\"}\n")
+    ev = json.loads((bad / "eval.json").read_text())
+    ev["rows"] += [5, {"solver": 3, "nfe": "many", "w2": "x"}]
+    (bad / "eval.json").write_text(json.dumps(ev))
+    (bad / "extra.table.json").write_bytes(b'{"not": "a list of rows"}')
+    worse = tmp_path / "worse"
+    shutil.copytree(two_runs / "circle", worse)
+    (worse / "machine.json").write_bytes(b"\xff\x00")
+    (worse / "eval.json").write_text(json.dumps({"rows": "euler:1"}))
+    (worse / "config.json").write_text("[1, 2]")
+    s = collect_run(bad)
+    text = " | ".join(s.problems)
+    for token in ("machine.json", "metrics.jsonl: line", "not a JSON object", "eval.json", "extra.table.json"):
+        assert token in text, (token, text)
+    assert s.metrics and all(isinstance(m["step"], int) for m in s.metrics)  # the good rows are kept
+    assert s.eval_rows and all(isinstance(r["nfe"], int) for r in s.eval_rows)
+    out = tmp_path / "r.html"
+    assert main(["report", str(bad), str(worse), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    page = out.read_text()
+    assert "Traceback" not in captured.err and "machine.json" in page and "config.json" in page
+    assert "data:image/png;base64," in page and "euler:4" in page  # the rest renders
+    assert "machine.json" in captured.err  # and the listing is shown, not only in the page
+
+
+def test_report_with_nothing_to_render_is_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code = main(["report", str(tmp_path / "nope"), str(tmp_path / "empty"), "--out", str(tmp_path / "r.html")])
+    err = capsys.readouterr().err
+    assert code == 2 and "nope" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r.html").exists()

@@ -13,24 +13,65 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from rectflow.errors import BusyError, CheckpointError
+from rectflow.errors import BusyError, CheckpointError, OutputError
 
-__all__ = ["atomic_path", "save_json", "load_json", "save_tensors", "load_tensors", "sha256_file", "append_jsonl", "read_jsonl"]
+__all__ = ["atomic_path", "check_writable", "make_dirs", "save_json", "load_json", "save_tensors", "load_tensors", "sha256_file",
+           "append_jsonl", "read_jsonl", "scan_jsonl"]
+
+
+def check_writable(path: str | Path, *, directory: bool = False) -> Path:
+    """Check, creating nothing, that ``path`` can be written: as a file (``directory=False``,
+    written by :func:`atomic_path`) or as a directory to create or write into.
+
+    Raises :class:`OutputError` naming the path when it is a directory where a file is wanted (or a
+    file where a directory is), when an existing ancestor is a file, or when the directory that
+    would receive the write is not writable.  Returns ``Path(path)``.
+    """
+    p = Path(path)
+    if p.is_dir() and not directory:
+        raise OutputError(f"{p} is a directory, not a file")
+    if p.exists() and not p.is_dir() and directory:
+        raise OutputError(f"{p} is a file, not a directory")
+    nearest = p if directory and p.is_dir() else p.parent
+    while not nearest.is_dir():
+        if nearest.exists() or nearest == nearest.parent:  # a file (or something else) where a directory is needed
+            raise OutputError(f"{p}: cannot create it, {nearest} is a file, not a directory")
+        nearest = nearest.parent
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise OutputError(f"{p}: cannot write into {nearest} (permission denied)")
+    return p
+
+
+def make_dirs(path: str | Path) -> Path:
+    """``mkdir -p path``, with an :class:`OutputError` naming the path instead of an OSError."""
+    p = check_writable(path, directory=True)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{p}: cannot create the directory ({e.strerror or e})") from None
+    return p
 
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success rename it over ``path``, else delete it."""
+    """Yield a temporary path next to ``path``; on success rename it over ``path``, else delete it.
+
+    A path that cannot be written (see :func:`check_writable`) raises :class:`OutputError` naming it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise OutputError(f"{path} is a directory, not a file")
+    make_dirs(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write ({e.strerror or e})") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -39,6 +80,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp_path, path)
+    except OSError as e:  # writing the temporary (a full disk) or renaming it (a directory appeared there)
+        tmp_path.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write ({e.strerror or e})") from None
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -101,17 +145,43 @@ def append_jsonl(path: str | Path, row: dict[str, Any]) -> None:
         f.flush()
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a JSON-lines file; lines that do not parse (a torn last line) are skipped."""
+def scan_jsonl(path: str | Path, check: Callable[[dict[str, Any]], str | None] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows of a JSON-lines file, and one entry per line that could not be read (``"line 3: not a
+    JSON object"``).  A missing file has no rows; blank lines are skipped; a torn last line (no
+    newline: a process killed while appending) is dropped and is not a problem.  ``check(row)``
+    may refuse a row by returning why (it then counts as unreadable)."""
     p = Path(path)
     if not p.is_file():
-        return []
-    rows = []
-    for line in p.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
+        return [], []
+    lines = p.read_bytes().split(b"\n")
+    rows, problems = [], []
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
             continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            if number < len(lines):  # text after the last newline is a torn line: dropped, not a problem
+                problems.append(f"line {number}: " + ("not UTF-8 text" if isinstance(e, UnicodeDecodeError) else f"not JSON ({e.msg})"))
+            continue
+        why = f"not a JSON object ({type(row).__name__})" if not isinstance(row, dict) else check(row) if check is not None else None
+        if why is None:
+            rows.append(row)
+        else:
+            problems.append(f"line {number}: {why}")
+    return rows, problems
+
+
+def read_jsonl(path: str | Path, *, strict: bool = False, check: Callable[[dict[str, Any]], str | None] | None = None) -> list[dict[str, Any]]:
+    """Rows (JSON objects) of a JSON-lines file; a torn last line left by a kill is skipped.
+
+    Other unreadable lines (stray bytes, text that is not JSON, JSON that is not an object) are
+    skipped too, unless ``strict``: then the first raises :class:`CheckpointError` naming the file
+    and the line (see :func:`scan_jsonl`, which also explains ``check``)."""
+    rows, problems = scan_jsonl(path, check)
+    if strict and problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(f"{path}: {problems[0]}{more}")
     return rows
 
 
@@ -131,7 +201,7 @@ def exclusive_lock(directory: str | Path, what: str = "directory") -> Iterator[P
     """
     directory = Path(directory)
     created = not directory.exists()
-    directory.mkdir(parents=True, exist_ok=True)
+    make_dirs(directory)
     path = directory / LOCK_FILE
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

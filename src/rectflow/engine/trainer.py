@@ -8,7 +8,8 @@ Batches can be drawn ahead by DataLoader worker processes (``workers``), which h
 CPU-heavy couplings such as exact minibatch OT behind the training step.
 
 Checkpoints are single safetensors files (model, EMA, optimizer state) with JSON metadata;
-``metrics.jsonl`` gets one row per ``log_every`` steps.
+``metrics.jsonl`` gets one row per ``log_every`` steps: the mean loss and time per step over the
+``steps`` steps the row covers (fewer than ``log_every`` after a resume mid-window).
 
 Speed knobs (all off by default, all keep the resume design): bf16 autocast (``precision``),
 TF32 matmuls/convolutions on CUDA (``tf32``, set only while ``fit`` runs), channels-last memory
@@ -29,6 +30,7 @@ import copy
 import json
 import math
 import os
+import pickle
 import signal
 import threading
 import time
@@ -44,8 +46,8 @@ from tqdm.auto import tqdm
 
 from rectflow.engine import distributed as dist_utils
 from rectflow.engine.checkpoint import NonFiniteWeightsError, check_run_record, checkpoint_path, list_checkpoints, load_optimizer_state, load_weights, read_checkpoint, save_checkpoint
-from rectflow.engine.io import append_jsonl, atomic_path, read_jsonl
-from rectflow.errors import ConfigError
+from rectflow.engine.io import append_jsonl, atomic_path, make_dirs, read_jsonl
+from rectflow.errors import CheckpointError, ConfigError
 from rectflow.flow.losses import Objective
 
 __all__ = ["TrainConfig", "EMA", "Trainer", "TimeBudget", "step_generator", "resolve_device", "lr_at"]
@@ -281,10 +283,17 @@ class Trainer:
         return False
 
     def _truncate_metrics(self) -> None:
+        """Drop the log rows after the resumed step (their steps are trained again).  A log holding
+        lines that are not rows is refused with an error naming the file and line, not rewritten
+        (nothing in it is lost); only a torn last line, left by a kill mid-append, is dropped."""
         if self.run_dir is None or not self.dist.is_main:
             return
         path = self.run_dir / "metrics.jsonl"
-        rows = [r for r in read_jsonl(path) if r.get("step", 0) <= self.step]
+        try:
+            rows = read_jsonl(path, strict=True, check=_log_row_problem)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}; the training log is damaged: repair it or move it away to resume") from None
+        rows = [r for r in rows if r["step"] <= self.step]
 
         with atomic_path(path) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -318,6 +327,8 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
         )
         for batch in loader:
+            if isinstance(batch, _FailedDraw):
+                raise batch.error
             yield _to_device(batch, self.device, cl)
 
     def _model_for_loss(self) -> nn.Module:
@@ -363,7 +374,7 @@ class Trainer:
         last saved checkpoint)."""
         cfg = self.cfg
         if self.run_dir is not None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.run_dir)
             if resume:
                 self.resume()
         if self.step >= cfg.steps:
@@ -415,7 +426,9 @@ class Trainer:
                 f"training diverged: loss is {mean_loss} at step {self.step} (lower lr or enable grad_clip); "
                 "the last checkpoint is kept"
             )
-        row = {"step": self.step, "loss": mean_loss, "lr": lr_at(self.cfg, self.step - 1), "ms_per_step": 1e3 * (time.perf_counter() - t_window) / n}
+        # "steps": how many steps the row averages, (step - steps, step]; fewer than log_every after a
+        # resume mid-window or a stop, so a reader never takes a partial window for a whole one
+        row = {"step": self.step, "steps": n, "loss": mean_loss, "lr": lr_at(self.cfg, self.step - 1), "ms_per_step": 1e3 * (time.perf_counter() - t_window) / n}
         bar.set_postfix(loss=f"{mean_loss:.4f}")
         if self.run_dir is not None and self.dist.is_main:
             append_jsonl(self.run_dir / "metrics.jsonl", row)
@@ -479,8 +492,30 @@ class _StepDraws(Dataset):
         return 2**62
 
     def __getitem__(self, k: int) -> Any:
-        batch = self.objective.draw(self.batch_size, step_generator(self.seed, k), torch.device("cpu"))
+        try:
+            batch = self.objective.draw(self.batch_size, step_generator(self.seed, k), torch.device("cpu"))
+        except Exception as e:  # any error: carried to the main process and raised there (see _FailedDraw)
+            return _FailedDraw(e)
         return dist_utils.slice_batch(batch, self.rank, self.world_size)
+
+
+def _log_row_problem(row: dict[str, Any]) -> str | None:
+    """Why ``row`` is not a row of metrics.jsonl (None when it is one)."""
+    step = row.get("step")
+    return None if isinstance(step, int) and not isinstance(step, bool) else f"not a log row (step {step!r} is not an integer)"
+
+
+class _FailedDraw:
+    """An exception raised while drawing a batch in a worker process, sent to the main process
+    to be raised there as itself: DataLoader would re-raise it as a new exception whose message
+    holds the worker's whole traceback."""
+
+    def __init__(self, error: Exception) -> None:
+        try:
+            pickle.loads(pickle.dumps(error))
+        except Exception:  # an exception that cannot cross processes: keep its text
+            error = RuntimeError(f"{type(error).__name__} while drawing a batch: {error}")
+        self.error = error
 
 
 @contextlib.contextmanager

@@ -132,6 +132,8 @@ class MinibatchOTCoupling:
     def __post_init__(self) -> None:
         if self.method not in ("exact", "sinkhorn"):
             raise ValueError(f"MinibatchOTCoupling: method must be 'exact' or 'sinkhorn', got {self.method!r}")
+        if self.method == "sinkhorn" and not self.reg > 0:
+            raise ValueError(f"MinibatchOTCoupling: sinkhorn needs reg > 0, got {self.reg}")
 
     def sample(self, n: int, *, generator=None, device=None) -> tuple[Tensor, Tensor]:
         x0 = self.source.sample(n, generator=generator, device=device)

@@ -29,7 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from rectflow.diffusion.schedules import DDPMSchedule
-from rectflow.errors import ConfigError
+from rectflow.engine.io import load_json
+from rectflow.errors import CheckpointError, ConfigError
 from rectflow.perflow.student import PeRFlowStudent
 from rectflow.perflow.teacher import Teacher
 from rectflow.perflow.windows import validate_windows
@@ -123,10 +124,16 @@ def load_teacher(folder: str | Path, *, dtype: torch.dtype = torch.float32) -> T
     unet_cfg = _find(folder, "unet", "config.json")
     if unet_cfg is None:
         raise ConfigError(f"diffusers folder {str(folder)!r} has no unet/config.json")
-    schedule, kind = schedule_from_config(json.loads(sched_path.read_text()))
+    schedule, kind = schedule_from_config(load_json(sched_path))
+    load_json(unet_cfg)  # a corrupt config is named here; diffusers would only say "not a valid JSON file"
     diffusers = _diffusers()
-    unet = diffusers.UNet2DModel.from_pretrained(str(unet_cfg.parent), local_files_only=True).to(dtype).eval()
-    return Teacher(UNetAdapter(unet), schedule, kind, time_map=schedule.t_to_timestep)
+    try:  # low_cpu_mem_usage=False: the default asks for `accelerate` in a multi-line log message
+        unet = diffusers.UNet2DModel.from_pretrained(str(unet_cfg.parent), local_files_only=True, low_cpu_mem_usage=False)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        weights = sorted(p for p in unet_cfg.parent.glob("diffusion_pytorch_model*") if p.suffix in (".safetensors", ".bin"))
+        what = weights[0] if weights else unet_cfg.parent / "diffusion_pytorch_model.safetensors"
+        raise CheckpointError(f"{what}: cannot load the diffusers UNet weights: missing, truncated or corrupt ({type(e).__name__})") from None
+    return Teacher(UNetAdapter(unet.to(dtype).eval()), schedule, kind, time_map=schedule.t_to_timestep)
 
 
 def ddim_scheduler_config(teacher_cfg: dict[str, Any], boundaries: Tensor) -> dict[str, Any] | None:

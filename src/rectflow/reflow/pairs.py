@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from rectflow.engine import distributed
-from rectflow.engine.io import LOCK_FILE, exclusive_lock, load_json, load_tensors, save_json, save_tensors, sha256_file
+from rectflow.engine.io import LOCK_FILE, check_writable, exclusive_lock, load_json, load_tensors, save_json, save_tensors, sha256_file
 from rectflow.engine.trainer import step_generator
 from rectflow.errors import CheckpointError, ConfigError, DataError
 from rectflow.flow.sampling import parse_solver_spec, sample_model
@@ -544,6 +544,7 @@ def _check_target(root: Path, settings: PairSettings) -> bool:
             raise ConfigError(f"{root} exists and is not a directory")
         if any(p for p in root.iterdir() if p.name != LOCK_FILE and not (p.name.startswith(".") and p.name.endswith(".tmp"))):
             raise ConfigError(f"{root} is not empty and holds no pair store ({MANIFEST} missing); nothing was written: use an empty or new directory")
+    check_writable(root, directory=True)
     return False
 
 

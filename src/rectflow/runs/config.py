@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -179,7 +180,9 @@ def _from_dict(cls: type, data: Any, prefix: str) -> Any:
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            raise ConfigError(f"unknown config key {full!r}; allowed keys here: {sorted(names)}")
+            close = difflib.get_close_matches(str(key), sorted(names), n=1)
+            hint = f"did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else f"allowed keys here: {sorted(names)}"
+            raise ConfigError(f"unknown config key {full!r}; {hint}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _from_dict(tp, value, full)
@@ -328,6 +331,8 @@ def _validate_reflow(cfg: ExperimentConfig) -> None:
         )
     if not r.huber_c >= 0:
         raise ConfigError(f"config key 'reflow.huber_c': must be >= 0, got {r.huber_c}")
+    if c.kind == "ot" and c.method == "sinkhorn" and not c.reg > 0:
+        raise ConfigError(f"config key 'coupling.reg': the Sinkhorn regulariser must be > 0, got {c.reg}")
 
 
 def _validate_images(cfg: ExperimentConfig) -> None:

@@ -15,7 +15,7 @@ from rectflow.flow.metrics import energy_distance, wasserstein2
 from rectflow.flow.sampling import parse_solver_spec, sample_model, solver_label
 from rectflow.runs.experiment import Run
 
-__all__ = ["evaluate_solvers", "format_table", "heldout_samples", "evaluate_run"]
+__all__ = ["evaluate_solvers", "format_table", "heldout_samples", "evaluate_run", "save_evaluation"]
 
 
 def evaluate_solvers(
@@ -77,13 +77,18 @@ def heldout_samples(run: Run, n: int | None = None, seed: int | None = None) -> 
 
 
 def evaluate_run(run: Run, *, n: int | None = None, solvers: list[str] | None = None, write: bool = True) -> list[dict[str, Any]]:
-    """W2 / energy distance vs NFE for each solver; writes eval.json and eval.md into the run."""
+    """W2 / energy distance vs NFE for each solver; ``write``: also :func:`save_evaluation`."""
     x0, x1 = heldout_samples(run, n)
     dev = next(run.model.parameters()).device
     rows = evaluate_solvers(run.model, x0.to(dev), x1, solvers or run.config.eval.solvers, rtol=run.config.eval.rtol, atol=run.config.eval.atol)
     if write:
-        save_json(run.path / "eval.json", {"step": run.step, "n_samples": x0.shape[0], "rows": rows})
-
-        with atomic_path(run.path / "eval.md") as tmp:
-            tmp.write_text(format_table(rows, ["solver", "nfe", "w2", "energy"]) + "\n")
+        save_evaluation(run, rows, x0.shape[0])
     return rows
+
+
+def save_evaluation(run: Run, rows: list[dict[str, Any]], n_samples: int) -> None:
+    """Write the rows of :func:`evaluate_run` (from ``n_samples`` held-out points per side) into the
+    run as eval.json and eval.md; OutputError naming the file when the run cannot be written."""
+    save_json(run.path / "eval.json", {"step": run.step, "n_samples": n_samples, "rows": rows})
+    with atomic_path(run.path / "eval.md") as tmp:
+        tmp.write_text(format_table(rows, ["solver", "nfe", "w2", "energy"]) + "\n")

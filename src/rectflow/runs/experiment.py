@@ -21,7 +21,7 @@ from torch import nn
 
 from rectflow.data import make_distribution
 from rectflow.engine.checkpoint import latest_checkpoint, list_checkpoints, load_weights, read_checkpoint
-from rectflow.engine.io import load_json, remove_stale_temporaries, save_json
+from rectflow.engine.io import load_json, make_dirs, remove_stale_temporaries, save_json
 from rectflow.engine.trainer import Trainer, resolve_device
 from rectflow.errors import CheckpointError, ConfigError, DataError
 from rectflow.flow.couplings import IndependentCoupling, MinibatchOTCoupling
@@ -153,7 +153,7 @@ def train_run(
         if prepare is not None:  # after every check that needs no pairs: a refusal costs no pair generation
             prepare()
         objective = build_objective(cfg, source, target)  # before writing: a bad pair store leaves nothing behind
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(run_dir)
         save_json(run_dir / "config.json", new)
         save_json(run_dir / "machine.json", machine_info())
         if cfg.train.sample_every > 0 and len(sample_shape(source)) == 3:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from rectflow.data.images import ImageGaussian
-from rectflow.engine.io import load_json, load_tensors, remove_stale_temporaries, save_json, save_tensors
+from rectflow.engine.io import load_json, load_tensors, make_dirs, remove_stale_temporaries, save_json, save_tensors
 from rectflow.engine.trainer import TrainConfig, Trainer, resolve_device
 from rectflow.errors import CheckpointError, ConfigError
 from rectflow.flow.paths import LinearPath
@@ -168,7 +168,7 @@ def train_perflow(
         student = PeRFlowStudent.from_teacher(teacher, boundaries)
         objective = PeRFlowObjective(teacher, data, boundaries, solver_steps=settings.solver_steps, loss_space=settings.loss_space,
                                      start_fraction=settings.start_fraction)
-        out.mkdir(parents=True, exist_ok=True)
+        make_dirs(out)
         save_json(job, record)
         mcfg = {"perflow": record["settings"], "teacher": desc["path"], "windows": record["windows"]}
         trainer = Trainer(student, objective, train, out, model_config=mcfg, run_record={k: record[k] for k in keys}).fit(resume=True)

@@ -11,12 +11,14 @@ import base64
 import html
 import io
 import json
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rectflow.engine.io import atomic_path, read_jsonl
+from rectflow.engine.io import atomic_path, check_writable, scan_jsonl
+from rectflow.errors import DataError
 from rectflow.runs.config import config_from_dict
 from rectflow.runs.machine import describe, machine_info
 from rectflow.runs.plots import subplots
@@ -48,15 +50,51 @@ class RunSummary:
     problems: list[str] = field(default_factory=list)
 
 
-def _read_json(path: Path, problems: list[str], hint: str) -> Any:
+def _read_json(path: Path, problems: list[str], hint: str | None, kind: type = dict) -> Any:
+    """The JSON value in ``path`` if it is a ``kind``; else None, with a line in ``problems``
+    (a missing file only when ``hint`` says why it matters)."""
     if not path.is_file():
-        problems.append(f"missing {path.name} ({hint})")
+        if hint is not None:
+            problems.append(f"missing {path.name} ({hint})")
         return None
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        problems.append(f"{path.name} is not UTF-8 text")
+        return None
+    except json.JSONDecodeError as e:
         problems.append(f"{path.name} is not valid JSON ({e})")
         return None
+    except OSError as e:
+        problems.append(f"{path.name} cannot be read ({e.strerror or e})")
+        return None
+    if not isinstance(value, kind):
+        problems.append(f"{path.name} is not a JSON {'object' if kind is dict else 'list'} (found {type(value).__name__})")
+        return None
+    return value
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _good_metric(row: dict[str, Any]) -> bool:
+    """A training-log row the charts can use: an integer step, and numbers where numbers belong."""
+    step = row.get("step")
+    return isinstance(step, int) and not isinstance(step, bool) and all(_is_number(row[k]) for k in ("loss", "lr", "ms_per_step", "steps") if k in row)
+
+
+def _good_eval_row(row: Any) -> bool:
+    """An evaluation row of ``rectflow eval``: a solver name, an integer NFE, numbers for the metrics."""
+    return (isinstance(row, dict) and isinstance(row.get("solver"), str) and isinstance(row.get("nfe"), int)
+            and all(_is_number(row[k]) for k in ("w2", "energy", "sample_s") if k in row))
+
+
+def _filtered(name: str, rows: list[Any], keep, problems: list[str], what: str) -> list[Any]:
+    good = [r for r in rows if keep(r)]
+    if len(good) < len(rows):
+        problems.append(f"{name}: {len(rows) - len(good)} of {len(rows)} {what} have fields of the wrong type (left out)")
+    return good
 
 
 def collect_run(path: str | Path) -> RunSummary:
@@ -74,18 +112,23 @@ def collect_run(path: str | Path) -> RunSummary:
         except Exception as e:  # a run from another version: show it, say why
             s.problems.append(f"config.json does not validate with this rectflow version: {e}")
     if (path / "metrics.jsonl").is_file():
-        s.metrics = read_jsonl(path / "metrics.jsonl")
+        rows, unreadable = scan_jsonl(path / "metrics.jsonl")
+        s.problems += [f"metrics.jsonl: {q}" for q in unreadable[:3]] + ([f"metrics.jsonl: {len(unreadable) - 3} more unreadable lines"] if len(unreadable) > 3 else [])
+        s.metrics = _filtered("metrics.jsonl", rows, _good_metric, s.problems, "rows")
     else:
         s.problems.append("missing metrics.jsonl (no training log)")
     ev = _read_json(path / "eval.json", s.problems, "run `rectflow eval` on it")
-    if isinstance(ev, dict):
-        s.eval_rows = list(ev.get("rows", []))
-    s.machine = json.loads((path / "machine.json").read_text()) if (path / "machine.json").is_file() else None
+    if ev is not None:
+        rows = ev.get("rows", [])
+        if isinstance(rows, list):
+            s.eval_rows = _filtered("eval.json", rows, _good_eval_row, s.problems, "rows")
+        else:
+            s.problems.append(f"eval.json: 'rows' is not a list (found {type(rows).__name__})")
+    s.machine = _read_json(path / "machine.json", s.problems, None)
     for extra in sorted(path.glob("*.table.json")):
-        try:
-            s.extra_tables[extra.name.removesuffix(".table.json")] = json.loads(extra.read_text())
-        except json.JSONDecodeError:
-            s.problems.append(f"{extra.name} is not valid JSON")
+        table = _read_json(extra, s.problems, None, kind=list)
+        if table is not None:
+            s.extra_tables[extra.name.removesuffix(".table.json")] = _filtered(extra.name, table, lambda r: isinstance(r, dict), s.problems, "rows")
     plots = path / "plots"
     if plots.is_dir():
         s.figures = {p.stem: p for p in sorted(plots.glob("*.png"))}
@@ -155,8 +198,8 @@ def _timings(r: RunSummary) -> dict[str, Any]:
     row: dict[str, Any] = {"run": r.name, "steps": r.metrics[-1].get("step") if r.metrics else None}
     if timed:
         row["median ms/step"] = statistics.median(m["ms_per_step"] for m in timed)
-        steps = [0] + [m["step"] for m in timed]
-        row["train time (s)"] = sum(m["ms_per_step"] * (b - a) for m, a, b in zip(timed, steps, steps[1:])) / 1e3
+        steps = [0] + [m["step"] for m in timed]  # rows written before "steps" existed cover the gap to the previous row
+        row["train time (s)"] = sum(m["ms_per_step"] * m.get("steps", b - a) for m, a, b in zip(timed, steps, steps[1:])) / 1e3
     if r.eval_rows:
         row["eval sampling (s)"] = sum(e.get("sample_s", 0.0) for e in r.eval_rows)
     if r.machine:
@@ -164,9 +207,18 @@ def _timings(r: RunSummary) -> dict[str, Any]:
     return row
 
 
-def build_report(run_dirs: list[str | Path], out: str | Path, title: str = "rectflow report") -> Path:
-    """Write one self-contained HTML page comparing ``run_dirs``; returns its path."""
-    runs = [collect_run(p) for p in run_dirs]
+def _renderable(r: RunSummary) -> bool:
+    return bool(r.config or r.metrics or r.eval_rows or r.figures or r.extra_tables)
+
+
+def build_report(run_dirs: list[str | Path | RunSummary], out: str | Path, title: str = "rectflow report") -> Path:
+    """Write one self-contained HTML page comparing ``run_dirs`` (paths, or summaries from
+    :func:`collect_run`); returns its path.  Unreadable files are listed on the page and the rest
+    renders; :class:`DataError` when no run has anything to show."""
+    check_writable(out)  # before reading every run
+    runs = [p if isinstance(p, RunSummary) else collect_run(p) for p in run_dirs]
+    if not any(_renderable(r) for r in runs):
+        raise DataError("nothing to report: " + "; ".join(f"{r.name}: {r.problems[0] if r.problems else 'empty'}" for r in runs[:3]) + (" ..." if len(runs) > 3 else ""))
     parts = [f"<h1>{html.escape(title)}</h1>", f'<p class="muted">runs: {", ".join(html.escape(r.name) for r in runs)} &middot; report made on {html.escape(describe(machine_info()))}</p>']
     for r in runs:
         for p in r.problems:

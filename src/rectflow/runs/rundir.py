@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rectflow.engine.checkpoint import diff_keys
-from rectflow.engine.io import LOCK_FILE, exclusive_lock, load_json
+from rectflow.engine.io import LOCK_FILE, check_writable, exclusive_lock, load_json
 from rectflow.errors import ConfigError
 
 __all__ = ["RESUMABLE_TRAIN_KEYS", "semantic_config", "guard_run_dir", "lock_run_dir"]
@@ -46,9 +46,10 @@ def guard_run_dir(
     Returns True when ``run_dir/record_name`` holds the same job (a resumption), False when the
     directory holds no job of this kind.  Raises ConfigError (naming the directory and the keys
     that differ) when it holds another job, or, with ``foreign_ok=False``, when it is a non-empty
-    directory that is not a job of this kind.
+    directory that is not a job of this kind; OutputError when ``run_dir`` is a file or cannot be
+    created or written (:func:`~rectflow.engine.io.check_writable`).
     """
-    run_dir = Path(run_dir)
+    run_dir = check_writable(run_dir, directory=True)
     path = run_dir / record_name
     if path.exists():
         old, new = normalise(load_json(path)), normalise(record)

@@ -1,0 +1,172 @@
+"""Every subcommand of ``rectflow`` with bad input: exit code 2 and one short line on stderr that
+names the offending file or config key, never a traceback (issue 13: "the CLI exits 2 with one
+line naming the file or key for every input above").
+
+The command line is called in-process (``main(argv)``); one tiny run is trained for the module.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rectflow import cli
+from rectflow.cli import main
+
+TINY = ["model.width=16", "model.depth=2", "train.steps=6", "train.batch_size=16", "train.ckpt_every=3", "train.log_every=2",
+        "eval.n_samples=64", "eval.solvers=[euler:1,euler:2]"]
+MAX_LINE = 300
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("bad_input") / "moons"
+    assert main(["train", "--run", str(path), "--quiet", "--no-eval", *TINY]) == 0
+    return path
+
+
+def _png_claiming(side: int) -> bytes:
+    """A PNG whose header claims side x side pixels (its pixel data is a few bytes)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def _diffusers_teacher(folder: Path) -> Path:
+    """A tiny local diffusers folder (UNet2DModel + DDPM scheduler) whose weights file is garbage."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    unet.save_pretrained(str(folder / "unet"))
+    diffusers.DDPMScheduler(num_train_timesteps=1000).save_pretrained(str(folder / "scheduler"))
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])  # truncated: the header promises more
+    return folder
+
+
+def _setup(tmp: Path, run: Path, argv: list[str]) -> None:
+    """Create only the bad inputs a row refers to."""
+    text = " ".join(argv)
+    (tmp / "afile").write_text("a file, not a directory")
+    np.save(tmp / "complex.npy", np.array([[1 + 2j, 0], [1, 3j]]))
+    (tmp / "dup.yaml").write_text("train: {lr: 0.05}\nmodel: {width: 16}\ntrain: {steps: 7}\n")
+    if "{corrupt}" in text:
+        shutil.copytree(run, tmp / "corrupt")
+        with open(tmp / "corrupt" / "metrics.jsonl", "ab") as f:
+            f.write(b"\xff\xfe garbled\n[1, 2]\n")
+    if "{evaldir}" in text:
+        shutil.copytree(run, tmp / "evaldir")
+        (tmp / "evaldir" / "eval.json").mkdir()  # eval.json cannot be written, portably (also as root)
+    if "{teacher}" in text:
+        _diffusers_teacher(tmp / "teacher")
+    if "{bomb}" in text:
+        with zipfile.ZipFile(tmp / "bomb.zip", "w") as zf:
+            zf.writestr("huge.png", _png_claiming(20000))
+
+
+# (argv, what the line must name)
+CASES = [
+    # train
+    (["train", "--run", "{run}/config.json", *TINY], "config.json"),
+    (["train", "--run", "{tmp}/afile/run", *TINY], "afile"),
+    (["train", "--run", "{tmp}/r", "target={tmp}/complex.npy"], "complex.npy"),
+    (["train", "--run", "{tmp}/r", "coupling.kind=ot", "coupling.method=sinkhorn", "coupling.reg=0"], "coupling.reg"),
+    (["train", "--run", "{tmp}/r", "train.lr=inf"], "train.lr"),
+    (["train", "--run", "{tmp}/r", "--config", "{tmp}/dup.yaml"], "train"),
+    (["train", "--run", "{tmp}/r", "--config", "{tmp}/missing.yaml"], "missing.yaml"),
+    (["train", "--run", "{tmp}/r", "train.device=banana"], "banana"),
+    (["train", "--run", "{corrupt}", "--quiet", *TINY, "train.steps=9"], "metrics.jsonl"),
+    # sample
+    (["sample", "{run}", "--out", "{tmp}/afile/x.npy"], "afile"),
+    (["sample", "{run}", "--out", "{tmp}"], "is a directory"),
+    (["sample", "{run}", "--out", "{tmp}/x.npy", "--trajectory", "{tmp}/afile/t.npy"], "afile"),
+    (["sample", "{tmp}/missing", "--out", "{tmp}/x.npy"], "missing"),
+    (["sample", "{run}", "--n", "0", "--out", "{tmp}/x.npy"], "--n"),
+    # eval
+    (["eval", "{evaldir}"], "eval.json"),
+    (["eval", "{run}", "--n", "1"], "--n"),
+    (["eval", "{run}", "--solvers", "rk9:2"], "rk9"),
+    (["eval", "{tmp}/missing"], "missing"),
+    # report
+    (["report", "{run}", "--out", "{tmp}/afile/r.html"], "afile"),
+    (["report", "{run}", "--out", "{tmp}"], "is a directory"),
+    (["report", "{tmp}/nope", "{tmp}/nada", "--out", "{tmp}/r.html"], "nope"),
+    # pairs
+    (["pairs", "{run}", "--n", "10", "--out", "{tmp}/afile/p"], "afile"),
+    (["pairs", "{run}", "--n", "10", "--out", "{tmp}/afile"], "afile"),
+    (["pairs", "{run}", "--n", "0"], "--n"),
+    (["pairs", "{run}", "--n", "10", "--solver", "euler:0", "--out", "{tmp}/p"], "euler:0"),
+    # reflow
+    (["reflow", "{run}", "--pairs", "10", "--out", "{tmp}/afile/x", "--steps", "2"], "afile"),
+    (["reflow", "{run}", "--pairs", "0"], "--pairs"),
+    (["reflow", "{run}", "--pairs", "10", "--pairs-dir", "{tmp}/nostore", "--out", "{tmp}/x"], "nostore"),
+    # distill
+    (["distill", "{run}", "--random", "--out", "{tmp}/afile/d", "--steps", "2"], "afile"),
+    (["distill", "{run}", "--pairs-dir", "{tmp}/nostore", "--out", "{tmp}/d"], "nostore"),
+    (["distill", "{run}", "--random", "--out", "{tmp}/d", "train.stpes=3"], "train.stpes"),
+    # diagnose
+    (["diagnose", "{run}", "--out", "{tmp}/afile/diag"], "afile"),
+    (["diagnose", "{tmp}/missing"], "missing"),
+    # pipeline and demo
+    (["pipeline", "--out", "{tmp}/afile/p", "--steps", "2"], "afile"),
+    (["pipeline", "--out", "{tmp}/p", "--target", "{tmp}/complex.npy", "--steps", "2"], "complex.npy"),
+    (["demo", "--out", "{tmp}/afile/d", "--steps", "2"], "afile"),
+    # perflow
+    (["perflow", "{tmp}/missing", "--out", "{tmp}/pf"], "missing"),
+    (["perflow", "{run}", "--out", "{tmp}/pf"], "moons"),
+    (["perflow", "{teacher}", "--out", "{tmp}/pf", "--data", "digits", "--device", "cpu"], "diffusion_pytorch_model.safetensors"),
+    (["perflow", "{run}", "--out", "{tmp}/pf", "--data", "{bomb}"], "huge.png"),
+]
+
+
+@pytest.mark.parametrize("argv, names", CASES, ids=[f"{a[0]}-{i}" for i, (a, _) in enumerate(CASES)])
+def test_every_subcommand_refuses_bad_input_in_one_line(argv, names, run, tmp_path, capsys):
+    _setup(tmp_path, run, argv)
+    places = {"run": run, "tmp": tmp_path, "corrupt": tmp_path / "corrupt", "evaldir": tmp_path / "evaldir",
+              "teacher": tmp_path / "teacher", "bomb": tmp_path / "bomb.zip"}
+    code = main([a.format(**places) for a in argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    assert code == 2, err
+    line = err.strip()
+    assert err.endswith("\n") and "\n" not in line, f"more than one line on stderr:\n{err}"
+    assert line.startswith(f"rectflow {argv[0]}: error: ") and len(line) <= MAX_LINE + len(str(tmp_path)), line
+    assert names in line, line
+    assert (tmp_path / "afile").read_text() == "a file, not a directory"
+
+
+def test_the_table_covers_every_subcommand():
+    assert set(cli._COMMANDS) == {argv[0] for argv, _ in CASES}
+
+
+def test_eval_prints_its_table_before_failing_to_save_it(run, tmp_path, capsys):
+    """issue 13 item 9: eval on a run that cannot be written used to fail before printing anything."""
+    _setup(tmp_path, run, ["{evaldir}"])
+    code = main(["eval", str(tmp_path / "evaldir"), "--solvers", "euler:1"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "| euler:1 |" in out
+    assert "eval.json" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_eval_on_a_read_only_run_directory(run, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    shutil.copytree(run, ro)
+    (ro / "eval.json").unlink(missing_ok=True)
+    ro.chmod(0o555)
+    try:
+        code = main(["eval", str(ro), "--solvers", "euler:1"])
+    finally:
+        ro.chmod(0o755)
+    out, err = capsys.readouterr()
+    assert code == 2 and "| euler:1 |" in out and str(ro) in err and len(err.strip().splitlines()) == 1
