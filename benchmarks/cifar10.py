@@ -35,134 +35,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cifar10 import FeatureStats, evaluate_model, train_classifier  # noqa: E402
 from _machine import machine_info, machine_line, write_results  # noqa: E402
-
-from rectflow.runs.config import load_config  # noqa: E402
-from rectflow.data.images import ImageArray, load_images, to_unit_range  # noqa: E402
-from rectflow.runs.experiment import load_run, train_run  # noqa: E402
-from rectflow.images.metrics import extract_features, feature_statistics, frechet_distance, inception_network  # noqa: E402
-from rectflow.images.sampling import sample_images, save_image_grid  # noqa: E402
+from rectflow.data.images import load_images, to_unit_range  # noqa: E402
 from rectflow.engine.trainer import TimeBudget  # noqa: E402
+from rectflow.images.metrics import inception_network  # noqa: E402
+from rectflow.runs.config import load_config  # noqa: E402
+from rectflow.runs.experiment import load_run, train_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
 
 
-# ----- the FD feature network: a small classifier trained here -------------------------------
+# ----- sampling and FD (the classifier and the FD rows live in _cifar10.py) ----------------------
 
 
-class SmallClassifier(nn.Module):
-    """A VGG-style CIFAR-10 classifier; ``forward`` returns the 4w-d penultimate features of images
-    in [-1, 1] (the FD feature map), ``logits`` the class scores."""
-
-    def __init__(self, width: int = 64) -> None:
-        super().__init__()
-
-        def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-        w = width
-        self.features = nn.Sequential(
-            block(3, w), block(w, w), nn.MaxPool2d(2),
-            block(w, 2 * w), block(2 * w, 2 * w), nn.MaxPool2d(2),
-            block(2 * w, 4 * w), block(4 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )
-        self.head = nn.Linear(4 * w, 10)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.features(x)
-
-    def logits(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
-
-
-def _augment(x: Tensor, g: torch.Generator) -> Tensor:
-    """Random crops (pad 4) and horizontal flips of a batch (N, C, H, W), on its device."""
-    n, _, h, w = x.shape
-    pad = F.pad(x, (4, 4, 4, 4), mode="reflect")
-    dy = torch.randint(0, 9, (n,), generator=g, device=g.device).to(x.device)
-    dx = torch.randint(0, 9, (n,), generator=g, device=g.device).to(x.device)
-    rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])[:, None, :, None].expand(n, x.shape[1], h, w + 8)
-    x = pad.gather(2, rows)
-    cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])[:, None, None, :].expand(n, x.shape[1], h, w)
-    x = x.gather(3, cols)
-    flip = (torch.rand(n, generator=g, device=g.device) < 0.5).to(x.device)
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
-
-
-def train_classifier(train: ImageArray, test: ImageArray, seconds: float, device: torch.device, batch: int, width: int = 64) -> tuple[SmallClassifier, dict]:
-    torch.manual_seed(0)
-    net = SmallClassifier(width).to(device)
-    cuda = device.type == "cuda"
-    if cuda:
-        net = net.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=5e-4, **({"fused": True} if cuda else {}))
-    xs, ys = train.images.to(device), train.labels.to(device)
-    g = torch.Generator().manual_seed(0)
-    t0, steps = time.perf_counter(), 0
-    net.train()
-    while time.perf_counter() - t0 < seconds:
-        idx = torch.randint(len(xs), (batch,), generator=g).to(device)
-        x = _augment(to_unit_range(xs[idx]), g)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = F.cross_entropy(net.logits(x), ys[idx], label_smoothing=0.1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        steps += 1
-    net.eval()
-    correct = 0
-    with torch.no_grad():
-        for xb, yb in zip(test.images.split(1000), test.labels.split(1000)):
-            correct += int((net.logits(to_unit_range(xb.to(device))).argmax(1) == yb.to(device)).sum())
-    return net, {"steps": steps, "seconds": time.perf_counter() - t0, "test_accuracy": correct / len(test.labels)}
-
-
-# ----- sampling and FD -------------------------------------------------------------------------
-
-
-class Bf16(nn.Module):
-    """Runs a velocity model under bf16 autocast and returns float32 (fixed-step sampling on GPU)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor, t: Tensor, **kw: Any) -> Tensor:
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-            return self.model(x, t, **kw).float()
-
-
-def evaluate(run_dir: Path, solvers: list[str], args, device: torch.device, feats: dict, grid_dir: Path) -> list[dict]:
+def evaluate(run_dir: Path, solvers: list[str], args, device: torch.device, feats: list[FeatureStats], grid_dir: Path) -> list[dict]:
     """FD (and FID) of ``args.n_fd`` samples of a run for each solver spec."""
-    from rectflow.flow.sampling import parse_solver_spec
-
     run = load_run(run_dir, device=str(device))
-    model = run.model
-    fast = Bf16(torch.compile(model) if device.type == "cuda" and not args.no_compile else model)
-    rows = []
-    for spec in solvers:
-        method, steps = parse_solver_spec(spec)
-        m = fast if method != "dopri5" else model  # adaptive steps want fp32 (TF32) velocities
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        with _tf32(device):
-            images, summary = sample_images(m, run.source, args.n_fd, method=method, steps=steps or 1, batch_size=args.sample_batch,
-                                            seed=12345, device=device, rtol=args.rtol, atol=args.rtol)
-        secs = time.perf_counter() - t0
-        save_image_grid(images[:64], grid_dir / f"{run_dir.name}_{spec.replace(':', '')}.png")
-        row = {"stage": run_dir.name, "solver": spec, "nfe": summary["nfe"], "sample_s": secs, "img_per_s": args.n_fd / secs}
-        for name, (net, mu, sigma) in feats.items():
-            f = extract_features(net, images, batch_size=500, device=device)
-            row[name] = frechet_distance(*feature_statistics(f), mu, sigma)
-        rows.append(row)
-        print(f"  {run_dir.name} {spec}: NFE {row['nfe']}, FD {row['fd']:.3f} ({secs:.0f} s)", flush=True)
-    return rows
+    fast = torch.compile(run.model, dynamic=False) if device.type == "cuda" and not args.no_compile else run.model
+    with _tf32(device):
+        return evaluate_model(run.model, run.source, solvers, stage=run_dir.name, n=args.n_fd, feats=feats, device=device, grid_dir=grid_dir,
+                              grid_specs=tuple(solvers), bf16=device.type == "cuda", fast_model=fast, batch_size=args.sample_batch, rtol=args.rtol)
 
 
 class _tf32:
@@ -312,16 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     train, test = load_images(args.train_zip), load_images(args.test_zip)
     print(f"training the FD feature classifier ({args.clf_seconds:.0f} s) ...", flush=True)
     clf, clf_info = train_classifier(train, test, args.clf_seconds, device, batch=512 if device.type == "cuda" else 32, width=16 if args.cpu_smoke else 64)
-    feats: dict[str, tuple] = {}
     ref = to_unit_range(train.images)
-    mu, sigma = feature_statistics(extract_features(clf, ref, batch_size=1000, device=device))
-    feats["fd"] = (clf, mu, sigma)
-    floor = {"n_ref": len(ref), "fd": frechet_distance(*feature_statistics(extract_features(clf, to_unit_range(test.images), device=device)), mu, sigma)}
+    feats = [FeatureStats("fd", clf, ref, device)]
+    floor = {"n_ref": len(ref), "fd": feats[0].fd(to_unit_range(test.images))}
     if args.inception:
-        inc = inception_network(args.inception, device)
-        imu, isig = feature_statistics(extract_features(inc, ref, batch_size=250, device=device))
-        feats["fid"] = (inc, imu, isig)
-        floor["fid"] = frechet_distance(*feature_statistics(extract_features(inc, to_unit_range(test.images), batch_size=250, device=device)), imu, isig)
+        feats.append(FeatureStats("fid", inception_network(args.inception, device), ref, device, batch_size=250))
+        floor["fid"] = feats[1].fd(to_unit_range(test.images))
     del ref
 
     from rectflow.runs.lineage import child_config

@@ -175,7 +175,7 @@ def bench_sampling(args, device: torch.device) -> dict:
     model = make_model(args).to(device).eval()
     if cuda:
         model = model.to(memory_format=torch.channels_last)
-    fast = torch.compile(model) if cuda and not args.no_compile else model
+    fast = torch.compile(model, dynamic=False) if cuda and not args.no_compile else model
     n = args.sample_batch
     x = torch.randn(n, 3, 32, 32, device=device)
     if cuda:
@@ -195,7 +195,7 @@ def bench_sampling(args, device: torch.device) -> dict:
     row = {"batch": n, "img_nfe_per_s": n / fwd_s, "goal_img_nfe_per_s": SAMPLING_GOAL, "ms_per_forward": 1e3 * fwd_s}
 
     sampler = FixedStepSampler(model, "euler", args.euler_steps)
-    run = torch.compile(sampler) if cuda and not args.no_compile else sampler
+    run = torch.compile(sampler, dynamic=False) if cuda and not args.no_compile else sampler
 
     def euler():
         if ctx is None:

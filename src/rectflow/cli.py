@@ -121,7 +121,8 @@ def _add_pair_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rtol", type=float, help="dopri5 relative tolerance of the pairs (default: the run's eval.rtol)")
     p.add_argument("--atol", type=float, help="dopri5 absolute tolerance of the pairs (default: the run's eval.atol)")
     p.add_argument("--pair-seed", type=int, default=0, help="seed of Z0: shard s draws from (seed, s)")
-    p.add_argument("--shard-size", type=int, default=65536, help="pairs per shard (memory bound and unit of resumption)")
+    p.add_argument("--shard-size", type=int, default=65536, help="pairs per shard (the unit of resumption)")
+    p.add_argument("--solve-batch", type=int, default=None, help="pairs integrated together inside a shard (default: 2^22 numbers' worth, e.g. 1365 images of 3x32x32)")
     p.add_argument("--device", default="auto", help="device for pair generation: auto | cpu | cuda[:N]")
 
 
@@ -285,7 +286,10 @@ def _pair_kwargs(args: argparse.Namespace) -> dict:
     parse_solver_spec(args.solver)
     if args.shard_size < 1:
         raise ConfigError(f"--shard-size must be >= 1, got {args.shard_size}")
-    return {"options": PairOptions(seed=args.pair_seed, solver=args.solver, rtol=args.rtol, atol=args.atol, shard_size=args.shard_size, device=args.device)}
+    if args.solve_batch is not None and args.solve_batch < 1:
+        raise ConfigError(f"--solve-batch must be >= 1, got {args.solve_batch}")
+    return {"options": PairOptions(seed=args.pair_seed, solver=args.solver, rtol=args.rtol, atol=args.atol, shard_size=args.shard_size,
+                                   device=args.device, solve_batch=args.solve_batch)}
 
 
 def _eval_and_plot(run_dir) -> None:

@@ -13,6 +13,7 @@ from PIL import Image
 
 from rectflow.data import make_distribution
 from rectflow.data.images import (
+    resize_images,
     ImageArray,
     ImageDataset,
     ImageGaussian,
@@ -95,6 +96,8 @@ def test_uint8_round_trip():
     x = to_unit_range(u)
     assert float(x.min()) == -1.0 and float(x.max()) == 1.0
     assert torch.equal(to_uint8(x), u)
+    # one float32 multiply (rounded alike on CPU and CUDA, which divides by multiplying by the reciprocal)
+    assert torch.equal(x, u.float() * torch.tensor(1 / 127.5, dtype=torch.float32) - 1)
 
 
 def test_folder_and_zip_give_the_same_labelled_images(tmp_path):
@@ -268,3 +271,28 @@ def test_uint8_images_on_the_gpu_match_the_cpu():
     a = cpu.sample(256, generator=gen(5))
     b = gpu.sample(256, generator=gen(5))
     assert b.is_cuda and torch.equal(a, b.cpu())
+
+
+def test_resize_halving_is_the_exact_2x2_mean_and_keeps_labels():
+    g = gen(3)
+    x = torch.randint(0, 256, (5, 3, 8, 8), generator=g, dtype=torch.uint8)
+    data = ImageArray(x, torch.arange(5), [str(i) for i in range(5)], "x")
+    small = resize_images(data, 4)
+    want = x.float().reshape(5, 3, 4, 2, 4, 2).mean(dim=(3, 5)).round().to(torch.uint8)
+    assert small.images.shape == (5, 3, 4, 4) and small.images.dtype == torch.uint8
+    assert torch.equal(small.images, want)
+    assert torch.equal(small.labels, data.labels) and small.class_names == data.class_names
+    assert resize_images(data, [8, 8]) is data  # already that size: unchanged
+    assert resize_images(data, [16, 12]).images.shape == (5, 3, 16, 12)  # enlarging (bilinear)
+
+
+@pytest.mark.parametrize("size", [0, -4, 2.5, "16", [16], True])
+def test_resize_refuses_sizes_that_are_not_positive_integers(size):
+    data = ImageArray(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), source="x")
+    with pytest.raises(DataError, match="resize"):
+        resize_images(data, size)
+
+
+def test_resize_through_the_registry_changes_the_sample_shape():
+    ds = make_distribution({"name": "digits", "resize": 4})
+    assert ds.sample(3, generator=gen()).shape == (3, 1, 4, 4)

@@ -120,3 +120,26 @@ def test_foreign_format_refused(tmp_path, meta):
     save_tensors(p, {"model.w": torch.zeros(2)}, meta)
     with pytest.raises(CheckpointError, match="not a rectflow checkpoint"):
         read_checkpoint(p)
+
+
+def test_optimizer_state_comes_back_in_each_parameters_layout(tmp_path):
+    # fused AdamW (CUDA) needs params, grads and moments of one layout: a channels-last conv weight's
+    # moments must come back channels-last although the file stores contiguous tensors
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 1)).to(memory_format=torch.channels_last)
+
+    model = make()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(2, 3, 6, 6)).square().mean().backward()
+    opt.step()
+    save_checkpoint(tmp_path / "c.safetensors", model=model, step=1, model_config={}, optimizer=opt)
+    model2 = make()
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
+    load_optimizer_state(opt2, read_checkpoint(tmp_path / "c.safetensors"))
+    for p, p_old in zip(model2.parameters(), model.parameters()):
+        for name in ("exp_avg", "exp_avg_sq"):
+            v = opt2.state[p][name]
+            assert v.stride() == p.stride(), (name, tuple(p.shape))
+            assert torch.equal(v, opt.state[p_old][name])
+    assert model2[0].weight.stride() != torch.empty(model2[0].weight.shape).stride()  # the layouts really differ

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 
 from rectflow.flow.couplings import MinibatchOTCoupling
 from rectflow.data import Gaussian, Moons, make_distribution
+from rectflow.engine import distributed
 from rectflow.engine.distributed import check_divisible, rank_shards, rank_slice, slice_batch
 from rectflow.errors import ConfigError
 from rectflow.images.guidance import ConditionalFlowMatchingObjective, LabelledCoupling
@@ -141,3 +142,22 @@ def test_sharded_pair_generation_equals_one_process(tmp_path):
     z0b, z1b = two.load()
     assert torch.equal(z0a, z0b) and torch.equal(z1a, z1b)
     assert not list((tmp_path / "two").glob("*.nfe.json"))  # side files are cleaned up
+
+
+def test_process_group_waits_long_enough_for_uneven_pair_shards(monkeypatch):
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(distributed, "info", lambda: distributed.DistInfo())
+    distributed.init_from_env(device="cpu")
+    assert seen["backend"] == "gloo" and seen["timeout"] == distributed.PROCESS_GROUP_TIMEOUT
+    assert distributed.PROCESS_GROUP_TIMEOUT.total_seconds() >= 3600  # NCCL's default is 10 minutes
+
+
+def test_an_explicit_gpu_index_under_torchrun_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    with pytest.raises(ConfigError, match="every rank on one GPU"):
+        distributed.init_from_env(device="cuda:0")

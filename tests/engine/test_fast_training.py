@@ -8,6 +8,8 @@ from rectflow.data import make_distribution
 from rectflow.errors import ConfigError
 from rectflow.flow.losses import FlowMatchingObjective
 from rectflow.models import UNetVelocity
+from rectflow.engine import trainer as trainer_module
+from rectflow.engine.io import load_tensors
 from rectflow.engine.trainer import EMA, TrainConfig, Trainer
 
 
@@ -74,14 +76,14 @@ def test_compile_is_wired_and_checkpoints_keep_plain_keys(tmp_path, monkeypatch)
     real = torch.compile
 
     def eager_compile(model, **kw):
-        calls.append(model)
-        return real(model, backend="eager")
+        calls.append(kw)
+        return real(model, backend="eager", dynamic=kw.get("dynamic"))
 
     monkeypatch.setattr(torch, "compile", eager_compile)
     torch._dynamo.reset()
     tr = image_trainer(tmp_path, compile=True, steps=3).fit()
     assert len(calls) == 1
-    from rectflow.engine.io import load_tensors
+    assert calls[0].get("dynamic") is False  # a symbolic batch dimension (after one shape change) only costs speed
 
     tensors, _ = load_tensors(tr.checkpoints()[-1])
     assert not any("_orig_mod" in k for k in tensors)
@@ -131,3 +133,19 @@ def test_gpu_benchmarks_explain_themselves_without_cuda(tmp_path):
                        capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "throughput_cpu_smoke.md").is_file()
+
+
+@pytest.mark.parametrize("allowed", [True, False])
+def test_the_tf32_setting_sets_both_cuda_flags_and_restores_them(allowed):
+    # tf32: false must switch cuDNN's TF32 off as well (PyTorch's default lets cuDNN use it)
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # noqa: E731
+    old = flags()
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = (not allowed, not allowed)
+    try:
+        with trainer_module._tf32(allowed):
+            assert flags() == (allowed, allowed)
+        assert flags() == (not allowed, not allowed)
+        with trainer_module._tf32(None):  # the CPU: untouched
+            assert flags() == (not allowed, not allowed)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old

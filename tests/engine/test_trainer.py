@@ -1,14 +1,16 @@
 
+import os
+
 import pytest
 import torch
 
-from rectflow.flow.couplings import IndependentCoupling, MinibatchOTCoupling
 from rectflow.data import EightGaussians, Gaussian, Moons
-from rectflow.errors import CheckpointError, ConfigError, DataError
 from rectflow.engine.io import read_jsonl
+from rectflow.engine.trainer import EMA, TrainConfig, Trainer, lr_at, step_generator
+from rectflow.errors import CheckpointError, ConfigError, DataError
+from rectflow.flow.couplings import IndependentCoupling, MinibatchOTCoupling
 from rectflow.flow.losses import FlowMatchingObjective
 from rectflow.models import MLPVelocity
-from rectflow.engine.trainer import EMA, TrainConfig, Trainer, lr_at, step_generator
 
 
 def make(run_dir=None, steps=60, coupling="ind", width=32, **kw):
@@ -85,6 +87,14 @@ def test_worker_processes_draw_the_same_batches(tmp_path):
     a = weights(make(steps=15, coupling="ot", workers=0).fit())
     b = weights(make(steps=15, coupling="ot", workers=1).fit())
     assert_same(a, b)
+
+
+def test_heavy_couplings_draw_in_process_on_cuda():
+    # forked DataLoader workers cannot touch CUDA (images kept on the GPU): auto workers is 0 there
+    tr = make(steps=2, coupling="ot")
+    assert tr._num_workers() == (1 if (os.cpu_count() or 1) >= 2 else 0)
+    tr.device = torch.device("cuda")  # only the choice is checked: nothing runs on the device
+    assert tr._num_workers() == 0
 
 
 class _BrokenCoupling(IndependentCoupling):

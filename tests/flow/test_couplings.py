@@ -3,9 +3,8 @@ import itertools
 import pytest
 import torch
 
-from rectflow.flow.couplings import IndependentCoupling, MinibatchOTCoupling, ot_pairing, squared_cost
 from rectflow.data import EightGaussians, Gaussian
-
+from rectflow.flow.couplings import IndependentCoupling, MinibatchOTCoupling, ot_pairing, squared_cost
 from tests.conftest import gen
 
 
@@ -74,3 +73,21 @@ def test_ot_on_gpu_tensors():
     for method in ("exact", "sinkhorn"):
         i, j = ot_pairing(x0, x1, method=method, generator=torch.Generator(device="cuda").manual_seed(0))
         assert j.device.type == "cuda"
+
+
+def test_the_ot_cost_matrix_is_computed_without_tf32(monkeypatch):
+    # on CUDA, cdist multiplies matrices; under TF32 the "exact" plan would solve perturbed costs
+    seen, real = [], torch.cdist
+
+    def spy(a, b, *args, **kw):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return real(a, b, *args, **kw)
+
+    monkeypatch.setattr(torch, "cdist", spy)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        ot_pairing(torch.randn(8, 2, generator=gen()), torch.randn(8, 2, generator=gen(1)))
+        assert seen == [False] and torch.backends.cuda.matmul.allow_tf32 is True  # restored afterwards
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old

@@ -69,6 +69,16 @@ def test_guided_velocity_is_the_cfg_combination():
     assert m.calls == [8]  # cond and uncond batched into ONE call of 2B rows
 
 
+def test_guided_forward_changes_no_attribute():
+    # a counter mutated inside forward is a torch.compile guard: every call would recompile
+    m = ToyConditional()
+    g = GuidedVelocity(m, torch.tensor([0, 1, 2, 0]), 2.0)
+    before = {k: v for k, v in vars(g).items() if not k.startswith("_")}
+    for _ in range(3):
+        g(torch.randn(4, 2), torch.rand(4))
+    assert {k: v for k, v in vars(g).items() if not k.startswith("_")} == before
+
+
 def test_guidance_on_an_unconditional_model_is_refused():
     with pytest.raises(ConfigError, match="unconditional"):
         GuidedVelocity(ToyUnconditional(), torch.tensor([0, 1]), 2.0)

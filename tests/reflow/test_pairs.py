@@ -16,7 +16,7 @@ from torch import nn
 from rectflow.data import Gaussian
 from rectflow.errors import CheckpointError, ConfigError, DataError
 from rectflow.flow.losses import FlowMatchingObjective
-from rectflow.reflow.pairs import PairCoupling, PairStore, generate_pairs, shard_name, state_dict_sha256
+from rectflow.reflow.pairs import PairCoupling, PairStore, default_solve_batch, generate_pairs, shard_name, state_dict_sha256
 from rectflow.engine.trainer import step_generator
 
 from tests.conftest import gen
@@ -284,3 +284,48 @@ def test_many_shards_through_memory_maps(tmp_path):
     assert len(store._maps) <= PairStore._MAX_OPEN_MAPS
     a0, _ = store.load()
     assert torch.equal(store.get(torch.arange(150))[0], a0)
+
+
+class Nonlinear(nn.Module):
+    """A velocity field that depends on x and t, so dopri5 needs several adaptive steps."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(1.5))
+        self.dim = 2
+
+    def forward(self, x, t):
+        return torch.sin(self.w * x.flip(-1)) * (1 + t.reshape(-1, 1))
+
+
+def test_shards_are_solved_in_bounded_batches_recorded_in_the_settings(tmp_path):
+    # a shard of 300 solved 64 at a time: fixed-step results equal the whole-shard solve, and the
+    # solve batch is part of the settings (dopri5 picks one step size per batch)
+    whole = make(tmp_path, "whole", model=Nonlinear(), solver="rk4:8", solve_batch=300)
+    parts = make(tmp_path, "parts", model=Nonlinear(), solver="rk4:8", solve_batch=64)
+    torch.testing.assert_close(parts.load()[1], whole.load()[1])
+    man = json.loads((parts.path / "manifest.json").read_text())
+    assert man["settings"]["solve_batch"] == 64
+    with pytest.raises(ConfigError, match="solve_batch"):
+        make(tmp_path, "parts", model=Nonlinear(), solver="rk4:8", solve_batch=32)
+    adaptive = make(tmp_path, "adaptive", model=Nonlinear(), solver="dopri5", rtol=1e-5, atol=1e-5, solve_batch=50)
+    nfe = [e["nfe"] for e in json.loads((adaptive.path / "manifest.json").read_text())["shards"]]
+    assert all(n > 6 for n in nfe)  # the mean NFE per pair over the shard's solves
+    with pytest.raises(ConfigError, match="solve batch"):
+        make(tmp_path, "bad", solve_batch=0)
+
+
+def test_default_solve_batch_bounds_memory_and_keeps_low_dimensional_shards_whole(tmp_path):
+    assert default_solve_batch((3, 32, 32)) == 1365 and default_solve_batch((2,)) == 2**21
+    store = make(tmp_path)  # 2-D: one solve per shard, as before solve batches existed
+    assert json.loads((store.path / "manifest.json").read_text())["settings"]["solve_batch"] == 300
+
+
+def test_a_store_written_before_solve_batches_still_opens_and_resumes(tmp_path):
+    store = make(tmp_path, n=600)
+    path = store.path / "manifest.json"
+    man = json.loads(path.read_text())
+    del man["settings"]["solve_batch"]  # the older manifest layout: whole shards
+    path.write_text(json.dumps(man))
+    assert len(PairStore(store.path)) == 600
+    assert len(make(tmp_path, n=600)) == 600  # same settings: reused, not refused

@@ -33,6 +33,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
@@ -53,6 +54,7 @@ __all__ = [
     "to_unit_range",
     "to_uint8",
     "require_real",
+    "resize_images",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -325,6 +327,26 @@ def load_images(path: str | Path, *, mode: str | None = None, classes: Sequence[
     raise DataError(f"{p}: unsupported image source; use a folder, a .zip of one, or a .npy/.npz array")
 
 
+def resize_images(data: ImageArray, size: int | Sequence[int]) -> ImageArray:
+    """Resize every image to ``size`` (an int for square images, or ``[H, W]``), once, kept uint8.
+
+    Shrinking averages the source pixels each output pixel covers (area interpolation: an exact
+    2x2 mean for a halving, no aliasing); enlarging is bilinear.  Labels and names are kept.
+    Shapes: images (N, C, H, W) uint8 -> (N, C, size_h, size_w) uint8.
+    """
+    hw = (size, size) if isinstance(size, int) and not isinstance(size, bool) else tuple(size) if isinstance(size, Sequence) else None
+    if hw is None or len(hw) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in hw):
+        raise DataError(f"{data.source}: resize must be a positive integer or [height, width], got {size!r}")
+    if tuple(data.images.shape[-2:]) == hw:
+        return data
+    chunks = []
+    shrink = hw[0] <= data.images.shape[-2] and hw[1] <= data.images.shape[-1]
+    for x in data.images.split(4096):
+        y = F.interpolate(x.float(), size=hw, mode="area") if shrink else F.interpolate(x.float(), size=hw, mode="bilinear", align_corners=False)
+        chunks.append(y.round_().clamp_(0, 255).to(torch.uint8))
+    return ImageArray(torch.cat(chunks), data.labels, data.class_names, f"{data.source} (resized to {hw[0]}x{hw[1]})")
+
+
 def _select_classes(data: ImageArray, classes: Sequence[Any] | None) -> ImageArray:
     if classes is None:
         return data
@@ -346,8 +368,11 @@ def _select_classes(data: ImageArray, classes: Sequence[Any] | None) -> ImageArr
 
 
 def to_unit_range(x: Tensor) -> Tensor:
-    """uint8 0..255 -> float32 in [-1, 1] (x / 127.5 - 1)."""
-    return x.float().div_(127.5).sub_(1.0)
+    """uint8 0..255 -> float32 in [-1, 1] (x * (1 / 127.5) - 1).
+
+    One multiply, not a division: CUDA divides by multiplying by the reciprocal, so a division
+    would give values 1 ulp apart on the two devices; a multiply is rounded alike everywhere."""
+    return x.float().mul_(1 / 127.5).sub_(1.0)
 
 
 def to_uint8(x: Tensor) -> Tensor:
@@ -461,9 +486,9 @@ IMAGE_DISTRIBUTIONS = ("images", "digits")
 def make_image_distribution(spec: dict[str, Any]) -> Any:
     """Build an image sampler from a spec:
 
-    * ``{"name": "images", "path": ..., "flip": false, "classes": [...], "mode": null, "device": "cpu"}``
-      (a folder, a .zip of one, or .npy/.npz);
-    * ``{"name": "digits", "flip": false, "classes": [...], "device": "cpu"}`` (scikit-learn's 8x8 digits);
+    * ``{"name": "images", "path": ..., "flip": false, "classes": [...], "mode": null, "device": "cpu", "resize": null}``
+      (a folder, a .zip of one, or .npy/.npz; ``resize: 16`` downsamples to 16x16 once, see :func:`resize_images`);
+    * ``{"name": "digits", "flip": false, "classes": [...], "device": "cpu", "resize": null}`` (scikit-learn's 8x8 digits);
     * ``{"name": "gaussian", "shape": [C, H, W], "std": 1.0}`` (an image-shaped N(0, I)).
     """
     params = dict(spec)
@@ -471,9 +496,9 @@ def make_image_distribution(spec: dict[str, Any]) -> Any:
     if name == "gaussian":
         allowed = {"shape", "std"}
     elif name == "images":
-        allowed = {"path", "flip", "classes", "mode", "device"}
+        allowed = {"path", "flip", "classes", "mode", "device", "resize"}
     elif name == "digits":
-        allowed = {"flip", "classes", "device"}
+        allowed = {"flip", "classes", "device", "resize"}
     else:
         raise DataError(f"unknown image distribution {name!r}; choose one of {list(IMAGE_DISTRIBUTIONS)} or gaussian with a shape")
     unknown = sorted(set(params) - allowed)
@@ -490,4 +515,6 @@ def make_image_distribution(spec: dict[str, Any]) -> Any:
         data = load_images(params["path"], mode=params.get("mode"), classes=[str(c) for c in classes] if classes is not None else None)
     else:
         data = _select_classes(load_digits_images(), classes)
+    if params.get("resize") is not None:
+        data = resize_images(data, params["resize"])
     return ImageDataset(data, flip=bool(params.get("flip", False)), storage_device=params.get("device", "cpu"))

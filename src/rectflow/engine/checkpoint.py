@@ -225,6 +225,20 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, checkpoint: Checkpoin
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{checkpoint.path}: optimizer state does not match this model ({str(e).splitlines()[0]})") from None
+    _match_parameter_layouts(optimizer)
+
+
+def _match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each per-parameter state tensor (Adam's moments, ...) its parameter's memory layout.
+
+    Checkpoints store contiguous tensors, so after a resume the moments of a channels-last conv
+    weight would come back NCHW; fused optimizers (CUDA's fused AdamW) require params, grads and
+    states of one layout."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, v in optimizer.state.get(p, {}).items():
+                if isinstance(v, Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    optimizer.state[p][name] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
 def check_run_record(checkpoint: Checkpoint, run_record: dict[str, Any] | None) -> None:

@@ -16,6 +16,7 @@ only when the torchrun environment says WORLD_SIZE > 1.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,7 @@ __all__ = [
     "rank_shards",
     "all_reduce_mean",
     "destroy",
+    "PROCESS_GROUP_TIMEOUT",
 ]
 
 
@@ -88,6 +90,11 @@ def is_main_process() -> bool:
     return info().is_main
 
 
+# How long a collective waits for the slowest rank.  NCCL's default (10 minutes) is shorter than a
+# pair-generation barrier can be: ranks with unequal shard counts finish minutes apart.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=2)
+
+
 def init_from_env(backend: str | None = None, device: str | torch.device | None = None) -> DistInfo:
     """Start the default process group from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR, MASTER_PORT) when WORLD_SIZE > 1; otherwise do nothing.  Already initialised: no-op.
@@ -104,8 +111,11 @@ def init_from_env(backend: str | None = None, device: str | torch.device | None 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cuda":
+        if dev.index is not None:
+            raise ConfigError(f"device {dev} under torchrun with {env_world_size()} ranks would put every rank on one GPU; "
+                              "use 'cuda' or 'auto' (rank r takes cuda:LOCAL_RANK)")
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend=backend or ("nccl" if dev.type == "cuda" else "gloo"))
+    dist.init_process_group(backend=backend or ("nccl" if dev.type == "cuda" else "gloo"), timeout=PROCESS_GROUP_TIMEOUT)
     return info()
 
 

@@ -302,6 +302,8 @@ class Trainer:
     def _num_workers(self) -> int:
         if self.cfg.workers is not None:
             return self.cfg.workers
+        if self.device.type == "cuda":  # forked workers cannot touch CUDA (images kept on the GPU); draw in-process
+            return 0
         heavy = self.objective.heavy_draw
         return 1 if heavy and (os.cpu_count() or 1) >= 2 else 0
 
@@ -337,9 +339,12 @@ class Trainer:
             m: nn.Module = self.model
             if self.dist.world_size > 1:
                 ids = [self.device.index] if self.device.type == "cuda" else None
-                m = DistributedDataParallel(m, device_ids=ids)
+                # buffers are broadcast from rank 0 before every forward only when some can change (BatchNorm
+                # statistics); the library's networks hold only constant buffers
+                changing = any(getattr(mod, "track_running_stats", False) for mod in m.modules())
+                m = DistributedDataParallel(m, device_ids=ids, broadcast_buffers=changing)
             if self.cfg.compile:
-                m = torch.compile(m)
+                m = torch.compile(m, dynamic=False)  # a fixed batch: a symbolic batch dimension only costs speed
             self._train_model = m
         return self._train_model
 
@@ -386,7 +391,7 @@ class Trainer:
         n_in_window, t_window, saved = 0, time.perf_counter(), self.step
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.dist.is_main) or None, desc="train", unit="step", dynamic_ncols=True)
         batches = self._batches(self.step)
-        with _SigintLatch() as interrupt, _tf32(cfg.tf32 and self.device.type == "cuda"):
+        with _SigintLatch() as interrupt, _tf32(cfg.tf32 if self.device.type == "cuda" else None):
             try:
                 for batch in batches:
                     loss_sum += self._step(batch, train_model, params)
@@ -519,13 +524,15 @@ class _FailedDraw:
 
 
 @contextlib.contextmanager
-def _tf32(enabled: bool) -> Iterator[None]:
-    """Allow TF32 matmuls and cuDNN convolutions inside the block (restores the previous flags)."""
-    if not enabled:
+def _tf32(allowed: bool | None) -> Iterator[None]:
+    """Set CUDA's TF32 flags (matmuls and cuDNN convolutions) to ``allowed`` inside the block and
+    restore them after; None leaves them alone (CPU).  False matters too: PyTorch's default lets
+    cuDNN use TF32."""
+    if allowed is None:
         yield
         return
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(allowed)
     try:
         yield
     finally:

@@ -13,8 +13,9 @@ coupling (theory §4).  This module holds
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Iterator, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -68,7 +69,8 @@ def ot_pairing(
     n, m = x0.shape[0], x1.shape[0]
     if n == 0 or m == 0:
         raise ValueError("ot_pairing: empty batch")
-    cost = squared_cost(x0.detach().float(), x1.detach().float())
+    with _full_fp32_matmul():  # cdist multiplies matrices: under TF32 the "exact" plan would be exact for perturbed costs
+        cost = squared_cost(x0.detach().float(), x1.detach().float())
     device = x0.device
     if method == "exact":
         c = cost.double().cpu().numpy()
@@ -86,6 +88,17 @@ def ot_pairing(
         plan = ot.sinkhorn(a, b, c, reg * float(c.mean()), method="sinkhorn_log", numItermax=1000)
         return _draw_from_plan(plan, generator)
     raise ValueError(f"ot_pairing: unknown method {method!r}; choose 'exact' or 'sinkhorn'")
+
+
+@contextlib.contextmanager
+def _full_fp32_matmul() -> Iterator[None]:
+    """Turn CUDA's TF32 matrix products off for the block (no effect on the CPU)."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def _draw_from_plan(plan: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:

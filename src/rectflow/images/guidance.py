@@ -18,8 +18,9 @@ x0, v).  The two branches are evaluated in ONE network call on a batch of 2B (co
 NFE rule: NFE counts network evaluations per sample.  A guided velocity evaluation (w not in
 {0, 1}) costs 2 NFE -- even though it is one batched call -- and an unguided one 1 NFE.  The
 solvers report velocity evaluations; :func:`sample_guided` multiplies by
-:attr:`GuidedVelocity.nfe_per_eval`, and :attr:`GuidedVelocity.rows` counts the rows actually fed
-to the network (rows / batch = NFE per sample), so the rule is checked, not assumed.
+:attr:`GuidedVelocity.nfe_per_eval`.  ``forward`` mutates no state (a counter inside it would be a
+guard of ``torch.compile`` and recompile the sampler on every call); the tests check the rule by
+counting the rows that reach the network from outside.
 """
 
 from __future__ import annotations
@@ -164,13 +165,11 @@ class GuidedVelocity(nn.Module):
         self.register_buffer("y", y.long(), persistent=False)
         # w in {0, 1} needs one branch only: 1 network evaluation instead of 2
         self.nfe_per_eval = 1 if self.scale in (0.0, 1.0) else 2
-        self.rows = 0  # rows fed to the network so far (rows / batch = NFE per sample)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         b = x.shape[0]
         if b != self.y.shape[0]:
             raise ValueError(f"GuidedVelocity was built for {self.y.shape[0]} labels but got a batch of {b}")
-        self.rows += b * self.nfe_per_eval
         if self.scale == 1.0:
             return self.model(x, t, y=self.y)
         null = torch.full_like(self.y, NULL_LABEL)

@@ -63,7 +63,8 @@ def default_pairs_dir(run_dir: str | Path, n: int, solver: str = "dopri5", seed:
 class PairOptions:
     """How the pairs (Z0 ~ pi0, Z1 = Flow_k(Z0)) of a run's flow are generated: the ``solver``
     (dopri5: ``rtol``/``atol``, default the run's eval tolerances), the ``seed`` of the Z0 draws,
-    pairs per ``shard_size`` shard, and the ``device`` of the solve."""
+    pairs per ``shard_size`` shard, ``solve_batch`` pairs integrated together (None: a memory-bounded
+    default, see :func:`rectflow.reflow.pairs.default_solve_batch`), and the ``device`` of the solve."""
 
     seed: int = 0
     solver: str = "dopri5"
@@ -71,6 +72,7 @@ class PairOptions:
     atol: float | None = None
     shard_size: int = 65536
     device: str = "auto"
+    solve_batch: int | None = None
 
 
 def generate_run_pairs(
@@ -105,6 +107,7 @@ def generate_run_pairs(
         solver=o.solver,
         rtol=run.config.eval.rtol if o.rtol is None else o.rtol,
         atol=run.config.eval.atol if o.atol is None else o.atol,
+        solve_batch=o.solve_batch,
         device=dev,
         model_sha256=run_checksum(run),
         source_spec=run.config.source,
