@@ -1,5 +1,11 @@
 """Trainer speed knobs: power-function EMA, bf16 autocast, channels-last, torch.compile wiring."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -121,18 +127,30 @@ def test_time_budget_stops_with_a_checkpoint(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour of the GPU benchmarks")
 def test_gpu_benchmarks_explain_themselves_without_cuda(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[2]
     for script in ("throughput.py", "cifar10.py"):
         r = subprocess.run([sys.executable, str(root / "benchmarks" / script), "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and "needs a CUDA device" in r.stderr and "--cpu-smoke" in r.stderr
     r = subprocess.run([sys.executable, str(root / "benchmarks" / "throughput.py"), "--cpu-smoke", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "throughput_cpu_smoke.md").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour of the GPU check")
+def test_the_gpu_check_runs_its_device_checks_in_smoke_mode_on_the_cpu(tmp_path):
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
+    r = subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "needs a CUDA device" in r.stderr and "--smoke" in r.stderr
+    checks = ["resume_layout", "syncs", "recompiles", "attention", "parity", "pair_batch", "dopri5"]
+    r = subprocess.run([sys.executable, str(script), "--smoke", "--only", ",".join(checks), "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert all(res[c]["ok"] for c in checks), {c: res[c] for c in checks if not res[c]["ok"]}
+    assert res["recompiles"]["guided_3_calls"]["unique_graphs"] == 1  # the guided sampler compiles once, not per call
+    assert res["attention"]["q_stride"][-1] == 1
 
 
 @pytest.mark.parametrize("allowed", [True, False])

@@ -98,6 +98,20 @@ def test_channels_last_and_bf16_give_the_same_velocity():
     assert torch.allclose(ref, low.float(), atol=0.05 * float(ref.abs().max()) + 1e-3)
 
 
+def test_unet_attention_gives_the_fused_kernels_unit_stride_inputs(monkeypatch):
+    # flash / memory-efficient attention refuse q, k, v whose last dimension is strided
+    seen, real = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *a, **kw):
+        seen.append((q.stride(-1), k.stride(-1), v.stride(-1)))
+        return real(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    model = UNetVelocity(3, 8, channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), head_channels=8)
+    model(torch.randn(2, 3, 8, 8), torch.rand(2))
+    assert seen and all(s == (1, 1, 1) for s in seen)
+
+
 def test_unpatchify_inverts_patchify_and_sincos():
     x = torch.randn(2, 3, 8, 8)
     p = 2
