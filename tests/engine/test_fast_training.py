@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from rectflow.flow.couplings import IndependentCoupling
 from rectflow.data import make_distribution
-from rectflow.errors import ConfigError
-from rectflow.flow.losses import FlowMatchingObjective
-from rectflow.models import UNetVelocity
 from rectflow.engine import trainer as trainer_module
 from rectflow.engine.io import load_tensors
 from rectflow.engine.trainer import EMA, TrainConfig, Trainer
+from rectflow.errors import ConfigError
+from rectflow.flow.couplings import IndependentCoupling
+from rectflow.flow.losses import FlowMatchingObjective
+from rectflow.models import UNetVelocity
 
 
 def image_trainer(run_dir=None, **kw):

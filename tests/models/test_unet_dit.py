@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from rectflow.runs.config import load_config
 from rectflow.errors import ConfigError
-from rectflow.runs.experiment import build_model, model_config
 from rectflow.models import NULL_LABEL, DiTVelocity, UNetVelocity
 from rectflow.models.dit import sincos_2d, unpatchify
+from rectflow.runs.config import load_config
+from rectflow.runs.experiment import build_model, model_config
 
 
 def tiny_unet(**kw):
