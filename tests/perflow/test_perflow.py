@@ -8,6 +8,7 @@ from rectflow.errors import ConfigError
 from rectflow.models.unet import UNetVelocity
 from rectflow.diffusion.parameterizations import ConvertedModel
 from rectflow.flow.paths import PathCoefficients
+from rectflow.diffusion.samplers import ddim
 from rectflow.diffusion.schedules import DDPMSchedule, FlowMatchingSchedule, VPCosineSchedule, log_snr
 from rectflow.engine.trainer import TrainConfig, Trainer
 
@@ -93,6 +94,31 @@ def test_student_from_teacher_is_teacher_ddim_at_k_steps():
     assert torch.allclose(s.x, t.x, atol=1e-4)
     with torch.no_grad():
         assert perflow.sample_perflow(student, x, b, steps_per_window=3).nfe == 12
+
+
+@pytest.mark.parametrize("spacing", ["time", "log_snr"])
+def test_fresh_student_is_the_teachers_ddim_on_its_windows_for_every_k(spacing):
+    # float32 times that round just below a window boundary must still use the window they start
+    teacher = _eps_teacher()
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    worst = {}
+    for k in range(1, 17):
+        b = perflow.make_windows(k, spacing=spacing, path=teacher.path)
+        student = perflow.PeRFlowStudent.from_teacher(teacher, b)
+        with torch.no_grad():
+            s = perflow.sample_perflow(student, x, b)
+            t = ddim(teacher.raw, x, b, path=teacher.path, parameterization=teacher.parameterization)
+        worst[k] = float((s.x - t.x).abs().max() / t.x.abs().max())  # float32 rounding: ~1e-6 of the scale
+    assert max(worst.values()) < 1e-5, worst
+
+
+def test_window_index_snaps_float32_times_at_boundaries():
+    b = perflow.make_windows(6)
+    t32 = b.float()  # 1/6, 1/3, 2/3, 5/6 round below or above in float32
+    assert perflow.window_index(b, t32).tolist() == [0, 1, 2, 3, 4, 5, 5]
+    assert perflow.window_index(b, b).tolist() == [0, 1, 2, 3, 4, 5, 5]
+    inside = ((b[:-1] + b[1:]) / 2).float()
+    assert perflow.window_index(b, inside).tolist() == [0, 1, 2, 3, 4, 5]
 
 
 def test_teacher_from_library_model_in_any_parameterisation():
