@@ -476,6 +476,11 @@ class ImageGaussian:
         x = torch.randn((n, *self.shape), generator=generator, device=device)
         return x * self.std if self.std != 1.0 else x
 
+    def log_prob(self, x: Tensor) -> Tensor:
+        """log N(x; 0, std^2 I) of images (B, *shape) -> (B,) (theory §3.4 needs it for likelihoods)."""
+        z = x.reshape(x.shape[0], -1) / self.std
+        return -0.5 * z.square().sum(-1) - self.dim * (math.log(self.std) + 0.5 * math.log(2 * math.pi))
+
 
 # ----- registry (used by rectflow.data.make_distribution) --------------------------------------
 

@@ -61,6 +61,11 @@ class Gaussian:
     def sample(self, n: int, *, generator=None, device=None) -> Tensor:
         return self.mean + self.std * _randn(n, self.dim, generator=generator, device=device)
 
+    def log_prob(self, x: Tensor) -> Tensor:
+        """log N(x; mean, std^2 I) of points (B, dim) -> (B,) (theory §3.4 needs it for likelihoods)."""
+        z = (x - self.mean) / self.std
+        return -0.5 * z.square().sum(-1) - self.dim * (math.log(self.std) + 0.5 * math.log(2 * math.pi))
+
 
 @dataclass
 class EightGaussians:
