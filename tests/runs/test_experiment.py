@@ -1,12 +1,16 @@
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from rectflow.cli import main
 from rectflow.engine.checkpoint import checkpoint_path, list_checkpoints
 from rectflow.engine.io import load_json
 from rectflow.errors import CheckpointError, ConfigError, DataError
 from rectflow.models import MLPVelocity, UNetVelocity
+from rectflow.runs import experiment
 from rectflow.runs.config import config_from_dict, config_to_dict
 from rectflow.runs.experiment import build_distributions, build_model, load_run, model_config, sample_shape, train_run
 from tests.conftest import gen
@@ -143,3 +147,59 @@ def test_resume_with_larger_budget(tmp_path):
     trainer = train_run(tiny(train__steps=20), run_dir, prepare=lambda: calls.append(1))  # steps is resumable
     assert calls == [1] and trainer.step == 20
     assert load_run(run_dir).step == 20
+
+
+def write_cloud(path, n=400, seed=0):
+    """An (n, 2) point cloud in a .npy file (a shape the registry does not have)."""
+    rng = np.random.default_rng(seed)
+    np.save(path, (rng.normal(size=(n, 2)) * [2.0, 0.5] + [1.0, 0.0]).astype(np.float32))
+    return path
+
+
+def test_data_paths_are_recorded_absolute_and_sampling_opens_no_target(tmp_path, monkeypatch):
+    """Issue 16 trap 4: a run made with relative data paths samples from any directory, and
+    sampling (which needs no target) works with the target file gone."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_cloud(data / "noise.npy", seed=1)
+    write_cloud(data / "pinwheel.npy")
+    monkeypatch.chdir(data)
+    cfg = tiny(train__steps=5, train__ckpt_every=5)
+    cfg.source, cfg.target = "noise.npy", {"name": "file", "path": "pinwheel.npy"}
+    train_run(cfg, tmp_path / "run")
+    stored = load_json(tmp_path / "run" / "config.json")
+    assert stored["source"] == str(data.resolve() / "noise.npy")
+    assert stored["target"] == {"name": "file", "path": str(data.resolve() / "pinwheel.npy")}
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    (data / "pinwheel.npy").rename(tmp_path / "moved.npy")
+    assert main(["sample", str(tmp_path / "run"), "--n", "7", "--out", "s.npy"]) == 0
+    assert np.load(elsewhere / "s.npy").shape == (7, 2)
+    run = load_run(tmp_path / "run")
+    with pytest.raises(DataError, match="pinwheel.npy: no such file"):
+        run.target.sample(3)
+
+
+def test_run_recorded_with_a_relative_path_still_resumes(tmp_path, monkeypatch):
+    """A run made before data paths were recorded absolute (config.json and checkpoints hold the
+    path as typed) resumes from its directory, with the path given relative or absolute."""
+    write_cloud(tmp_path / "pts.npy")
+    monkeypatch.chdir(tmp_path)
+
+    def cfg(steps, target):
+        c = tiny(train__steps=steps, train__ckpt_every=5)
+        c.target = target
+        return c
+
+    with monkeypatch.context() as m:
+        m.setattr(experiment, "absolute_spec", lambda spec: spec)  # the code before: paths as typed
+        train_run(cfg(5, "pts.npy"), "run")
+    assert load_json(Path("run/config.json"))["target"] == "pts.npy"
+    assert train_run(cfg(10, "pts.npy"), "run").step == 10
+    assert train_run(cfg(15, str(tmp_path / "pts.npy")), "run").step == 15
+    assert load_run("run").step == 15
+    write_cloud(tmp_path / "other.npy")
+    with pytest.raises(ConfigError, match="target"):
+        train_run(cfg(20, "other.npy"), "run")

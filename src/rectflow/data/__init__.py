@@ -5,7 +5,7 @@ any of them can be the source pi0 or the target pi1 (domain transfer, theory §1
 """
 
 from rectflow.data.images import ImageArray, ImageDataset, ImageGaussian, load_digits_images, load_images
-from rectflow.data.toy2d import Checkerboard, Circle, EightGaussians, Gaussian, Moons, PointCloud, Spirals, TOY_DISTRIBUTIONS, make_distribution
+from rectflow.data.toy2d import TOY_DISTRIBUTIONS, Checkerboard, Circle, EightGaussians, Gaussian, Moons, PointCloud, Spirals, absolute_spec, make_distribution
 
 __all__ = [
     "ImageArray",
@@ -22,4 +22,5 @@ __all__ = [
     "PointCloud",
     "TOY_DISTRIBUTIONS",
     "make_distribution",
+    "absolute_spec",
 ]

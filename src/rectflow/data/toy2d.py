@@ -28,6 +28,7 @@ __all__ = [
     "PointCloud",
     "TOY_DISTRIBUTIONS",
     "make_distribution",
+    "absolute_spec",
 ]
 
 
@@ -241,3 +242,23 @@ def make_distribution(spec: str | dict[str, Any]) -> Any:
         return TOY_DISTRIBUTIONS[name](**params)
     except TypeError as e:
         raise DataError(f"distribution {name!r}: {e}") from None
+
+
+def _is_point_file(name: Any) -> bool:
+    return isinstance(name, (str, Path)) and str(name).endswith((".npy", ".csv"))
+
+
+def absolute_spec(spec: Any) -> Any:
+    """``spec`` (as :func:`make_distribution` takes it) with the path of a data file or image set
+    made absolute, resolved against the working directory; any other spec is returned as it is.
+
+    A run records its data this way, so it can be used from any directory."""
+    if _is_point_file(spec):
+        return str(Path(spec).resolve())
+    if not isinstance(spec, dict):
+        return spec
+    if _is_point_file(spec.get("name")):
+        return {**spec, "name": str(Path(spec["name"]).resolve())}
+    if spec.get("name") in ("file", "images") and isinstance(spec.get("path"), (str, Path)):
+        return {**spec, "path": str(Path(spec["path"]).resolve())}
+    return spec

@@ -12,14 +12,14 @@ A run directory holds::
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from rectflow.data import make_distribution
+from rectflow.data import absolute_spec, make_distribution
 from rectflow.engine.checkpoint import latest_checkpoint, list_checkpoints, load_weights, read_checkpoint
 from rectflow.engine.io import load_json, make_dirs, remove_stale_temporaries, save_json
 from rectflow.engine.trainer import Trainer, resolve_device
@@ -136,6 +136,7 @@ def train_run(
     its parent's pairs there (:func:`rectflow.runs.lineage.train_child`).
     """
     run_dir = Path(run_dir)
+    cfg = _as_recorded(cfg, run_dir)
     source, target = build_distributions(cfg)
     new = config_to_dict(cfg)
     _guard(run_dir, new, resume)  # read-only, so a refused directory is left untouched
@@ -163,9 +164,44 @@ def train_run(
         return trainer.fit(resume=resume)
 
 
+def _as_recorded(cfg: ExperimentConfig, run_dir: Path) -> ExperimentConfig:
+    """``cfg`` as the run records it: data paths absolute (the run can be used from any directory).
+    A run in ``run_dir`` that recorded a path as typed (made before paths were recorded absolute)
+    keeps it when it names the same file: its checkpoints record the path so."""
+    new = replace(cfg, source=absolute_spec(cfg.source), target=absolute_spec(cfg.target))
+    if not (run_dir / "config.json").is_file():
+        return new
+    old = load_json(run_dir / "config.json")
+    keep = {k: old[k] for k in ("source", "target") if isinstance(old, dict) and k in old and old[k] != getattr(new, k) and absolute_spec(old[k]) == getattr(new, k)}
+    return replace(new, **keep)
+
+
+def _run_record(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """What two runs are compared by: :func:`semantic_config` with data paths resolved."""
+    return semantic_config({**cfg_dict, **{k: absolute_spec(cfg_dict[k]) for k in ("source", "target") if k in cfg_dict}})
+
+
 def _guard(run_dir: Path, cfg_dict: dict[str, Any], resume: bool) -> None:
-    if guard_run_dir(run_dir, "config.json", cfg_dict, normalise=semantic_config) and not resume and list_checkpoints(run_dir):
+    if guard_run_dir(run_dir, "config.json", cfg_dict, normalise=_run_record) and not resume and list_checkpoints(run_dir):
         raise ConfigError(f"{run_dir} already holds checkpoints; resume it or choose a new run directory")
+
+
+class _Lazy:
+    """A distribution built on first use: a loaded run's target, so commands that do not compare
+    with the data (``sample``) never open it."""
+
+    def __init__(self, build: Callable[[], Any]) -> None:
+        self._build, self._value = build, None
+
+    def __getattr__(self, name: str) -> Any:  # only for attributes this wrapper does not have
+        if name.startswith("_"):  # also before __init__ ran (copy, pickle): no recursion
+            raise AttributeError(name)
+        if self._value is None:
+            self._value = self._build()
+        return getattr(self._value, name)
+
+    def __repr__(self) -> str:
+        return repr(self._value) if self._value is not None else "<not loaded yet>"
 
 
 @dataclass
@@ -185,12 +221,13 @@ class Run:
 
 
 def load_run(run_dir: str | Path, *, checkpoint: str | Path | None = None, ema: bool = True, device: str = "cpu") -> Run:
-    """Load a run directory's config and newest (or given) checkpoint; the EMA weights by default."""
+    """Load a run directory's config and newest (or given) checkpoint; the EMA weights by default.
+    The target distribution is opened on first use (sampling a run never reads its data)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: no such run directory")
     cfg = config_from_dict(load_json(run_dir / "config.json"))
-    source, target = build_distributions(cfg)
+    source, target = make_distribution(cfg.source), _Lazy(lambda: make_distribution(cfg.target))  # the target only when used
     mcfg = model_config(cfg, source.dim, sample_shape(source))
     ckpt = read_checkpoint(checkpoint if checkpoint is not None else latest_checkpoint(run_dir), model_config=mcfg)
     model = load_weights(build_model(mcfg), ckpt, ema=ema).to(resolve_device(device)).eval()
