@@ -20,7 +20,7 @@ x0 -> eps at the data end (sigma = 0).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,9 @@ __all__ = [
     "convert",
     "error_ratio",
     "ConvertedModel",
+    "EDMCoefficients",
+    "edm_coefficients",
+    "EDMPreconditioned",
 ]
 
 Parameterization = Literal["eps", "x0", "v", "velocity", "u"]
@@ -169,3 +172,47 @@ class ConvertedModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"src={self.src!r}, dst={self.dst!r}, path={self.path!r}"
+
+
+class EDMCoefficients(NamedTuple):
+    """EDM's preconditioning (Karras et al. 2022, Table 1) at noise level sigma: D = c_skip x + c_out F(c_in x, c_noise)."""
+
+    c_skip: Tensor
+    c_out: Tensor
+    c_in: Tensor
+    c_noise: Tensor
+
+
+def edm_coefficients(sigma: Tensor, sigma_data: float = 0.5) -> EDMCoefficients:
+    """c_skip = s_d^2 / (s^2 + s_d^2), c_out = s s_d / sqrt(s^2 + s_d^2), c_in = 1 / sqrt(s^2 + s_d^2),
+    c_noise = ln(s) / 4 (theory §6.9): unit-variance network input and target at every sigma."""
+    total = sigma.square() + sigma_data**2
+    return EDMCoefficients(sigma_data**2 / total, sigma * sigma_data / total.sqrt(), total.rsqrt(), sigma.log() / 4)
+
+
+class EDMPreconditioned(nn.Module):
+    """A raw network ``net(x_in, c_noise)`` wrapped with EDM's preconditioning, as a model of our
+    affine path predicting ``"x0"`` (use it with any sampler or :class:`ConvertedModel`).
+
+    On the path z = a x + b eps, EDM's variables are x = z / a and sigma = b / a (theory §6.9), so
+    forward(z, t) = c_skip(sigma) z / a + c_out(sigma) net(c_in(sigma) z / a, c_noise(sigma)).
+    Shapes: z (B, ...), t (B,) -> (B, ...).  Undefined where a = 0 (pure noise: sigma infinite).
+    """
+
+    def __init__(self, net: Callable[..., Tensor], path: AffinePath, sigma_data: float = 0.5) -> None:
+        super().__init__()
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
+        self.net, self.path, self.sigma_data = net, path, float(sigma_data)
+
+    def forward(self, z: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
+        c = self.path.coefficients(t.double())
+        _require(c.a, torch.ones_like(c.a), t, "EDM preconditioning needs alpha > 0 (sigma = b / a is infinite at pure noise)")
+        sigma = (c.b / c.a).to(z.dtype)
+        k = edm_coefficients(sigma, self.sigma_data)
+        x = z / expand_like(c.a.to(z.dtype), z)
+        f = self.net(expand_like(k.c_in, z) * x, k.c_noise, **kwargs)
+        return expand_like(k.c_skip, z) * x + expand_like(k.c_out, z) * f
+
+    def extra_repr(self) -> str:
+        return f"sigma_data={self.sigma_data}, path={self.path!r}"
