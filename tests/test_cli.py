@@ -41,7 +41,7 @@ def test_sample_and_eval(trained, tmp_path, capsys):
     assert code == 0 and "NFE 4" in stdout
     assert np.load(out).shape == (50, 2) and np.load(traj).shape == (5, 50, 2)
     code, stdout, _ = run_cli(["eval", trained, "--solvers", "euler:2,heun:2", "--n", 200, "--json"], capsys)
-    rows = json.loads(stdout)
+    rows = json.loads(stdout)["rows"]
     assert code == 0 and [(r["solver"], r["nfe"]) for r in rows] == [("euler:2", 2), ("heun:2", 4)]
 
 

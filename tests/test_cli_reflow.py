@@ -48,7 +48,7 @@ def test_chain_distill_and_diagnose(base, capsys):
     assert code == 0, err and (base.parent / "moons-distill-independent").is_dir()
 
     code, out, err = run_cli(["eval", three, "--solvers", "euler:1,euler:2", "--n", 100, "--json"], capsys)
-    assert code == 0 and [r["nfe"] for r in json.loads(out)] == [1, 2]
+    assert code == 0 and [r["nfe"] for r in json.loads(out)["rows"]] == [1, 2]
 
     diag = base.parent / "diag"
     code, out, err = run_cli(["diagnose", base, two, three, d, "--n", 150, "--solvers", "euler:1,euler:4", "--out", diag], capsys)

@@ -26,7 +26,7 @@ from rectflow.runs.config import load_config
 from rectflow.runs.demo import run_demo, run_pipeline
 from rectflow.runs.diagnose import diagnose_runs, format_stage_table
 from rectflow.runs.distill import train_distill
-from rectflow.runs.evaluation import evaluate_run, format_table, save_evaluation
+from rectflow.runs.evaluation import evaluate_run, evaluation_record, evaluation_reference, format_reference, format_table, save_evaluation
 from rectflow.runs.experiment import load_run, train_run
 from rectflow.runs.lineage import PairOptions, generate_run_pairs
 from rectflow.runs.perflow import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, PeRFlowSettings, train_perflow
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory")
     p.add_argument("--solvers", help="comma-separated solver specs, e.g. euler:1,euler:8,heun:4,dopri5 (default: the run's eval.solvers)")
     p.add_argument("--n", type=int, help="held-out samples per side (default: the run's eval.n_samples)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--json", action="store_true", help="print eval.json's content (reference, finite-sample floor and rows) instead of a table")
 
     p = sub.add_parser("report", help="one self-contained HTML page comparing run directories", formatter_class=fmt)
     p.add_argument("runs", nargs="+", help="run directories (e.g. 1-RF, 2-RF and distilled runs, or two recipes)")
@@ -202,9 +202,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if not main_process:
         return 0
     if not args.no_eval:
-        run = load_run(args.run)
-        print(format_table(evaluate_run(run), ["solver", "nfe", "w2", "energy"]))
-        plot_run(run)
+        _eval_and_plot(args.run)
     print(f"run saved in {args.run}")
     return 0
 
@@ -257,8 +255,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         for s in solvers:
             parse_solver_spec(s)
     rows = evaluate_run(run, n=args.n, solvers=solvers, write=False)
-    print(json.dumps(rows, indent=2) if args.json else format_table(rows, ["solver", "nfe", "w2", "energy"]), flush=True)
-    save_evaluation(run, rows, run.config.eval.n_samples if args.n is None else args.n)  # after printing: a read-only run still shows its table
+    ref = evaluation_reference(run, args.n)
+    if args.json:
+        print(json.dumps(evaluation_record(run, rows, ref["n_samples"], ref), indent=2), flush=True)
+    else:
+        print(format_table(rows, ["solver", "nfe", "w2", "energy"]) + "\n" + format_reference(ref), flush=True)
+    save_evaluation(run, rows, ref["n_samples"], ref)  # after printing: a read-only run still shows its table
     return 0
 
 
@@ -293,8 +295,12 @@ def _pair_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _eval_and_plot(run_dir) -> None:
+    """The evaluation table (with what it was measured against, and the floor) and the plots of a new run."""
     run = load_run(run_dir)
-    print(format_table(evaluate_run(run), ["solver", "nfe", "w2", "energy"]))
+    rows = evaluate_run(run, write=False)
+    ref = evaluation_reference(run)
+    print(format_table(rows, ["solver", "nfe", "w2", "energy"]) + "\n" + format_reference(ref), flush=True)
+    save_evaluation(run, rows, ref["n_samples"], ref)
     plot_run(run, steps=1 if run.config.reflow.distill else 100)  # a distilled model is a one-step map
 
 

@@ -6,7 +6,6 @@ import torch
 
 from rectflow.data import TOY_DISTRIBUTIONS, Checkerboard, Circle, EightGaussians, Moons, PointCloud, make_distribution
 from rectflow.errors import DataError
-
 from tests.conftest import gen
 
 
@@ -98,3 +97,16 @@ def test_complex_and_non_numeric_arrays_are_refused_naming_the_file(tmp_path, na
     with pytest.raises(DataError, match=msg) as e:
         make_distribution(str(tmp_path / name))
     assert name in str(e.value) and "\n" not in str(e.value)
+
+
+def test_point_cloud_split_is_disjoint_seeded_and_checked():
+    pts = torch.arange(40, dtype=torch.float32).reshape(20, 2)
+    train, held = PointCloud(pts).split(0.25, seed=3)
+    assert len(train) == 15 and len(held) == 5
+    assert sorted(torch.cat([train.points, held.points])[:, 0].tolist()) == pts[:, 0].tolist()  # disjoint, complete
+    assert train.points[:, 0].tolist() == sorted(train.points[:, 0].tolist())  # file order kept
+    again, other = PointCloud(pts).split(0.25, seed=3)[1], PointCloud(pts).split(0.25, seed=4)[1]
+    assert torch.equal(again.points, held.points) and not torch.equal(other.points, held.points)
+    for fraction in (0.0, 1.0, 0.05, 0.99):  # nothing held out, nothing to train on, < 2 rows, < 1 row
+        with pytest.raises(DataError, match="cannot hold out"):
+            PointCloud(pts).split(fraction, seed=0)

@@ -1,7 +1,7 @@
 import pytest
 
-from rectflow.runs.config import apply_overrides, config_from_dict, config_to_dict, load_config
 from rectflow.errors import ConfigError
+from rectflow.runs.config import apply_overrides, config_from_dict, config_to_dict, load_config
 
 
 def test_defaults_round_trip():
@@ -30,6 +30,8 @@ def test_yaml_and_overrides(tmp_path):
         ({"eval": {"solvers": ["euler:0"]}}, "must be >= 1"),
         ({"eval": {"solvers": ["rk45"]}}, "unknown method"),
         ({"eval": {"rtol": 0.0}}, "rtol"),
+        ({"eval": {"holdout": 1.0}}, "eval.holdout"),
+        ({"eval": {"holdout": -0.1}}, "eval.holdout"),
         ({"train": 5}, "must be a mapping"),
     ],
 )

@@ -1,10 +1,13 @@
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from rectflow.cli import main
 from rectflow.engine.io import load_json
+from rectflow.flow.metrics import wasserstein2
 from rectflow.runs.config import config_from_dict
-from rectflow.runs.evaluation import evaluate_run, evaluate_solvers, format_table, heldout_samples
+from rectflow.runs.evaluation import evaluate_run, evaluate_solvers, evaluation_reference, format_table, heldout_samples
 from rectflow.runs.experiment import Run, build_distributions, load_run, train_run
 from tests.conftest import gen
 
@@ -83,6 +86,9 @@ def test_heldout_samples_deterministic_per_seed():
     c0, c1 = heldout_samples(r, n=100, seed=8)
     assert not torch.equal(a0, c0) and not torch.equal(a1, c1)
     assert heldout_samples(r, n=30)[0].shape == (30, 2)
+    g = gen(7)  # fresh draws of a registered target: source first, then target, from eval.seed
+    x0, x1 = src.sample(100, generator=g), tgt.sample(100, generator=g)
+    assert torch.equal(a0, x0) and torch.equal(a1, x1)
 
 
 def test_evaluate_run_writes_files(run):
@@ -93,7 +99,8 @@ def test_evaluate_run_writes_files(run):
     assert [r["solver"] for r in data["rows"]] == ["euler:2", "heun:1"]
     assert data["rows"][0]["w2"] == pytest.approx(rows[0]["w2"])
     md = (run.path / "eval.md").read_text().splitlines()
-    assert md[0] == "| solver | nfe | w2 | energy |" and md[2].startswith("| euler:2 | 2 |") and len(md) == 4
+    assert md[0] == "| solver | nfe | w2 | energy |" and md[2].startswith("| euler:2 | 2 |") and len(md) == 6
+    assert md[5].startswith("measured against fresh draws of moons (50 points, seed 7); finite-sample floor W2 ")
 
 
 def test_evaluate_run_write_false(run, tmp_path):
@@ -101,3 +108,45 @@ def test_evaluate_run_write_false(run, tmp_path):
     rows = evaluate_run(r, n=40, solvers=["euler:1"], write=False)
     assert [row["solver"] for row in rows] == ["euler:1"] and rows[0]["nfe"] == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_file_target_is_evaluated_on_held_out_rows_it_never_trained_on(tmp_path, capsys):
+    """Issue 16 trap 1: a .npy target keeps eval.holdout of its rows (0.1 by default, split by
+    eval.seed) out of training; evaluation compares with those rows only and says so, with the
+    finite-sample floor beside W2."""
+    rows = np.random.default_rng(0).normal(size=(1000, 2)).astype(np.float32) * [2.0, 0.5]
+    np.save(tmp_path / "cloud.npy", rows)
+    d = cfg_dict()
+    d["target"] = str(tmp_path / "cloud.npy")
+    train_run(config_from_dict(d), tmp_path / "run")
+    assert load_json(tmp_path / "run" / "config.json")["eval"]["holdout"] == 0.1  # recorded in the run
+    run = load_run(tmp_path / "run")
+    train_rows, held = run.target.points, run.heldout.points
+    assert train_rows.shape == (900, 2) and held.shape == (100, 2)
+    assert sorted(map(tuple, torch.cat([train_rows, held]).tolist())) == sorted(map(tuple, torch.as_tensor(rows).tolist()))
+    held_set = set(map(tuple, held.tolist()))
+    trained_on = build_distributions(run.config)[1]  # what the training objective draws from
+    assert not held_set & set(map(tuple, trained_on.points.tolist()))
+
+    x0, x1 = heldout_samples(run, n=500)  # more than there are: all 100 held-out rows, each once
+    assert x0.shape == x1.shape == (100, 2) and set(map(tuple, x1.tolist())) == held_set
+
+    ref = evaluation_reference(run)
+    assert ref["n_samples"] == 100 and "held-out" in ref["against"] and "cloud.npy" in ref["against"]
+    assert 0 < ref["floor_w2"] < 1 and ref["floor_energy"] >= 0
+    assert main(["eval", str(tmp_path / "run"), "--solvers", "euler:2"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out" in out and "cloud.npy" in out and f"{ref['floor_w2']:.4f}" in out
+    data = load_json(tmp_path / "run" / "eval.json")
+    assert data["n_samples"] == 100 and data["reference"] == ref
+
+
+def test_registered_target_is_measured_against_fresh_draws_with_its_floor(run):
+    ref = evaluation_reference(run, n=60)
+    assert ref["n_samples"] == 60 and "fresh draws" in ref["against"] and "moons" in ref["against"]
+    g = gen(7)
+    run.source.sample(60, generator=g)
+    x1, x1b = run.target.sample(60, generator=g), run.target.sample(60, generator=g)  # an independent second sample
+    assert ref["floor_w2"] == pytest.approx(wasserstein2(x1, x1b))
+    evaluate_run(run, n=60)
+    assert load_json(run.path / "eval.json")["reference"] == ref

@@ -12,6 +12,7 @@ from rectflow.errors import CheckpointError, ConfigError, DataError
 from rectflow.models import MLPVelocity, UNetVelocity
 from rectflow.runs import experiment
 from rectflow.runs.config import config_from_dict, config_to_dict
+from rectflow.runs.evaluation import evaluation_reference
 from rectflow.runs.experiment import build_distributions, build_model, load_run, model_config, sample_shape, train_run
 from tests.conftest import gen
 
@@ -203,3 +204,30 @@ def test_run_recorded_with_a_relative_path_still_resumes(tmp_path, monkeypatch):
     write_cloud(tmp_path / "other.npy")
     with pytest.raises(ConfigError, match="target"):
         train_run(cfg(20, "other.npy"), "run")
+
+
+def test_held_out_split_is_part_of_a_file_run(tmp_path, monkeypatch):
+    """eval.holdout chooses a file target's training rows, so it is compared on resumption; unset,
+    it is what the run recorded (0.1 for a new run, no split for a run made before splits existed)."""
+    write_cloud(tmp_path / "pts.npy")
+    monkeypatch.chdir(tmp_path)
+
+    def cfg(steps, holdout=None):
+        c = tiny(train__steps=steps, train__ckpt_every=5, eval__holdout=holdout)
+        c.target = "pts.npy"
+        return c
+
+    train_run(cfg(5), "new")
+    assert load_json(Path("new/config.json"))["eval"]["holdout"] == 0.1 and len(load_run("new").heldout.points) == 40
+    assert train_run(cfg(10), "new").step == 10  # unset: the recorded split
+    with pytest.raises(ConfigError, match="eval.holdout"):
+        train_run(cfg(15, holdout=0.2), "new")
+
+    train_run(cfg(5, holdout=0.0), "old")  # no split: what a run made before splits trained on
+    stored = load_json(Path("old/config.json"))
+    del stored["eval"]["holdout"]  # ... and how it recorded its config
+    Path("old/config.json").write_text(json.dumps(stored))
+    assert train_run(cfg(10), "old").step == 10
+    run = load_run("old")
+    assert run.heldout is None and len(run.target.points) == 400
+    assert "with replacement from the training file" in evaluation_reference(run, n=20)["against"]

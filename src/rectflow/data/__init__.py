@@ -5,7 +5,7 @@ any of them can be the source pi0 or the target pi1 (domain transfer, theory §1
 """
 
 from rectflow.data.images import ImageArray, ImageDataset, ImageGaussian, load_digits_images, load_images
-from rectflow.data.toy2d import TOY_DISTRIBUTIONS, Checkerboard, Circle, EightGaussians, Gaussian, Moons, PointCloud, Spirals, absolute_spec, make_distribution
+from rectflow.data.toy2d import TOY_DISTRIBUTIONS, Checkerboard, Circle, EightGaussians, Gaussian, Moons, PointCloud, Spirals, absolute_spec, make_distribution, point_file_path
 
 __all__ = [
     "ImageArray",
@@ -23,4 +23,5 @@ __all__ = [
     "TOY_DISTRIBUTIONS",
     "make_distribution",
     "absolute_spec",
+    "point_file_path",
 ]

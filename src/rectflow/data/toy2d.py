@@ -29,6 +29,7 @@ __all__ = [
     "TOY_DISTRIBUTIONS",
     "make_distribution",
     "absolute_spec",
+    "point_file_path",
 ]
 
 
@@ -196,6 +197,21 @@ class PointCloud:
         idx = _randint(self.points.shape[0], n, generator, None)
         return self.points[idx.cpu()].to(device)
 
+    def __len__(self) -> int:
+        return self.points.shape[0]
+
+    def split(self, fraction: float, seed: int) -> tuple["PointCloud", "PointCloud"]:
+        """Two disjoint clouds of these rows: the rest for training and a random ``fraction`` held
+        out (``round(fraction * N)`` rows, chosen by a permutation seeded by ``seed``); each keeps
+        the file's row order.  DataError unless both parts keep enough rows (1 and 2)."""
+        n = len(self)
+        k = round(fraction * n)
+        if not 0 < fraction < 1 or k < 2 or n - k < 1:
+            raise DataError(f"{self.name}: cannot hold out a fraction {fraction} of {n} rows (need 0 < fraction < 1, >= 2 rows held out and >= 1 to train on)")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        held, kept = perm[:k].sort().values, perm[k:].sort().values
+        return PointCloud(self.points[kept], name=self.name), PointCloud(self.points[held], name=f"{self.name} (held out)")
+
     def __repr__(self) -> str:
         return f"PointCloud({self.name!r}, n={self.points.shape[0]}, dim={self.dim})"
 
@@ -246,6 +262,18 @@ def make_distribution(spec: str | dict[str, Any]) -> Any:
 
 def _is_point_file(name: Any) -> bool:
     return isinstance(name, (str, Path)) and str(name).endswith((".npy", ".csv"))
+
+
+def point_file_path(spec: Any) -> str | None:
+    """The file of a point-cloud spec (``"x.npy"``, ``{"name": "file", "path": ...}``), else None."""
+    if _is_point_file(spec):
+        return str(spec)
+    if isinstance(spec, dict):
+        if _is_point_file(spec.get("name")):
+            return str(spec["name"])
+        if spec.get("name") == "file" and isinstance(spec.get("path"), (str, Path)):
+            return str(spec["path"])
+    return None
 
 
 def absolute_spec(spec: Any) -> Any:

@@ -78,7 +78,8 @@ class TimeConfig:
 @dataclass
 class EvalConfig:
     n_samples: int = 5000  # held-out points on each side
-    seed: int = 12345
+    seed: int = 12345  # held-out draws; for a file target also which rows are held out
+    holdout: float | None = None  # file (.npy/.csv) targets: fraction of rows never trained on; None: 0.1 for a new run, as recorded for an existing one
     solvers: list[str] = field(default_factory=lambda: ["euler:1", "euler:2", "euler:4", "euler:8", "euler:100", "dopri5"])
     rtol: float = 1e-5
     atol: float = 1e-5
@@ -300,6 +301,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _validate_images(cfg)
     if cfg.eval.n_samples < 2:
         raise ConfigError(f"config key 'eval.n_samples': must be >= 2, got {cfg.eval.n_samples}")
+    if cfg.eval.holdout is not None and not 0 <= cfg.eval.holdout < 1:
+        raise ConfigError(f"config key 'eval.holdout': the fraction of a file target's rows held out must lie in [0, 1), got {cfg.eval.holdout}")
     if not cfg.eval.rtol > 0:
         raise ConfigError(f"config key 'eval.rtol': must be > 0, got {cfg.eval.rtol}")
 

@@ -9,13 +9,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from rectflow.data import point_file_path
 from rectflow.engine.io import atomic_path, save_json
 from rectflow.errors import ConfigError
 from rectflow.flow.metrics import energy_distance, wasserstein2
 from rectflow.flow.sampling import parse_solver_spec, sample_model, solver_label
 from rectflow.runs.experiment import Run
 
-__all__ = ["evaluate_solvers", "format_table", "heldout_samples", "evaluate_run", "save_evaluation"]
+__all__ = ["evaluate_solvers", "format_table", "heldout_samples", "evaluation_reference", "format_reference", "evaluate_run", "evaluation_record", "save_evaluation"]
 
 
 def evaluate_solvers(
@@ -64,16 +65,72 @@ def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None, f
     return "\n".join(lines)
 
 
-def heldout_samples(run: Run, n: int | None = None, seed: int | None = None) -> tuple[Tensor, Tensor]:
-    """Held-out source and target samples for evaluation (streams disjoint from training's)."""
+def _sample_count(run: Run, n: int | None) -> int:
     n = run.config.eval.n_samples if n is None else n
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ConfigError(f"number of held-out samples (--n) must be an integer >= 2 (a distance between one-point sets means nothing), got {n!r}")
-    seed = run.config.eval.seed if seed is None else seed
-    g = torch.Generator().manual_seed(seed)
+    return n
+
+
+def _rows(cloud: Any, n: int, g: torch.Generator) -> Tensor:
+    """n distinct rows of a point cloud (all of them when it has fewer), in a seeded random order."""
+    return cloud.points[torch.randperm(cloud.points.shape[0], generator=g)[:n]]
+
+
+def _draws(run: Run, n: int | None, seed: int | None, floor: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Source points, reference target points and (``floor``) a second target sample independent
+    of the reference and of the same size (file targets: training rows)."""
+    n = _sample_count(run, n)
+    g = torch.Generator().manual_seed(run.config.eval.seed if seed is None else seed)
+    if run.heldout is not None:  # a file target: its held-out rows, each at most once
+        n = min(n, run.heldout.points.shape[0])
+        x0 = run.source.sample(n, generator=g)
+        x1 = _rows(run.heldout, n, g)
+        return x0, x1, _rows(run.target, n, g) if floor else None
     x0 = run.source.sample(n, generator=g)
     x1 = run.target.sample(n, generator=g)
+    return x0, x1, run.target.sample(n, generator=g) if floor else None
+
+
+def heldout_samples(run: Run, n: int | None = None, seed: int | None = None) -> tuple[Tensor, Tensor]:
+    """Source and reference target samples for evaluation, from streams disjoint from training's
+    (seed ``eval.seed``).  A registered target: ``n`` fresh draws.  A file target: its held-out rows
+    (``eval.holdout``), each at most once, so at most that many points on each side."""
+    x0, x1, _ = _draws(run, n, seed, floor=False)
     return x0, x1
+
+
+def _spec_label(spec: Any) -> str:
+    return str(spec.get("path", spec.get("name", spec))) if isinstance(spec, dict) else str(spec)
+
+
+def _against(run: Run, n: int, seed: int) -> str:
+    """What :func:`heldout_samples` compares with, in words."""
+    cfg = run.config
+    if run.heldout is not None:
+        return (f"held-out rows of {point_file_path(cfg.target)}: {n:,} of the {run.heldout.points.shape[0]:,} rows never trained on "
+                f"(eval.holdout {cfg.eval.holdout}, seed {seed})")
+    if point_file_path(cfg.target) is not None:
+        return f"{n:,} rows drawn with replacement from the training file {point_file_path(cfg.target)} (not held out: eval.holdout is {cfg.eval.holdout or 0})"
+    if isinstance(cfg.target, dict) and cfg.target.get("name") in ("images", "digits"):
+        return f"{n:,} draws of the training images {_spec_label(cfg.target)} (not held out)"
+    return f"fresh draws of {_spec_label(cfg.target)} ({n:,} points, seed {seed})"
+
+
+def evaluation_reference(run: Run, n: int | None = None, seed: int | None = None) -> dict[str, Any]:
+    """What evaluation measures against: ``against`` (in words), ``n_samples`` (points per side)
+    and the finite-sample floor ``floor_w2`` / ``floor_energy``: the distances between the reference
+    points and an independent sample of the same distribution and size (a fresh draw; for a file
+    target, training rows), which is what a perfect model scores."""
+    seed = run.config.eval.seed if seed is None else seed
+    _, x1, x1b = _draws(run, n, seed, floor=True)
+    return {"against": _against(run, x1.shape[0], seed), "n_samples": x1.shape[0], "floor_w2": wasserstein2(x1b, x1), "floor_energy": energy_distance(x1b, x1)}
+
+
+def format_reference(reference: dict[str, Any]) -> str:
+    """One line for under a table: what it was measured against and the finite-sample floor."""
+    return (f"measured against {reference['against']}; finite-sample floor W2 {reference['floor_w2']:.4f}, "
+            f"energy {reference['floor_energy']:.4f} (an independent sample of the same size against the same points)")
 
 
 def evaluate_run(run: Run, *, n: int | None = None, solvers: list[str] | None = None, write: bool = True) -> list[dict[str, Any]]:
@@ -82,13 +139,19 @@ def evaluate_run(run: Run, *, n: int | None = None, solvers: list[str] | None = 
     dev = next(run.model.parameters()).device
     rows = evaluate_solvers(run.model, x0.to(dev), x1, solvers or run.config.eval.solvers, rtol=run.config.eval.rtol, atol=run.config.eval.atol)
     if write:
-        save_evaluation(run, rows, x0.shape[0])
+        save_evaluation(run, rows, x0.shape[0], evaluation_reference(run, n))
     return rows
 
 
-def save_evaluation(run: Run, rows: list[dict[str, Any]], n_samples: int) -> None:
-    """Write the rows of :func:`evaluate_run` (from ``n_samples`` held-out points per side) into the
-    run as eval.json and eval.md; OutputError naming the file when the run cannot be written."""
-    save_json(run.path / "eval.json", {"step": run.step, "n_samples": n_samples, "rows": rows})
+def evaluation_record(run: Run, rows: list[dict[str, Any]], n_samples: int, reference: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The content of eval.json: step, points per side, ``reference`` (:func:`evaluation_reference`) and rows."""
+    return {"step": run.step, "n_samples": n_samples, **({"reference": reference} if reference is not None else {}), "rows": rows}
+
+
+def save_evaluation(run: Run, rows: list[dict[str, Any]], n_samples: int, reference: dict[str, Any] | None = None) -> None:
+    """Write the rows of :func:`evaluate_run` (from ``n_samples`` held-out points per side; what they
+    were measured against: ``reference``) into the run as eval.json and eval.md; OutputError naming
+    the file when the run cannot be written."""
+    save_json(run.path / "eval.json", evaluation_record(run, rows, n_samples, reference))
     with atomic_path(run.path / "eval.md") as tmp:
-        tmp.write_text(format_table(rows, ["solver", "nfe", "w2", "energy"]) + "\n")
+        tmp.write_text(format_table(rows, ["solver", "nfe", "w2", "energy"]) + "\n" + (f"\n{format_reference(reference)}\n" if reference is not None else ""))

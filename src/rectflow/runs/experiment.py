@@ -12,6 +12,7 @@ A run directory holds::
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -19,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from rectflow.data import absolute_spec, make_distribution
+from rectflow.data import absolute_spec, make_distribution, point_file_path
 from rectflow.engine.checkpoint import latest_checkpoint, list_checkpoints, load_weights, read_checkpoint
 from rectflow.engine.io import load_json, make_dirs, remove_stale_temporaries, save_json
 from rectflow.engine.trainer import Trainer, resolve_device
@@ -36,12 +37,33 @@ from rectflow.runs.config import ExperimentConfig, config_from_dict, config_to_d
 from rectflow.runs.machine import machine_info
 from rectflow.runs.rundir import guard_run_dir, lock_run_dir, semantic_config
 
-__all__ = ['Run', 'build_distributions', 'build_model', 'build_objective', 'model_config', 'train_run', 'load_run', 'sample_shape']
+__all__ = ['Run', 'build_distributions', 'build_model', 'build_objective', 'model_config', 'train_run', 'load_run', 'sample_shape', 'split_target', 'holds_out',
+           'DEFAULT_HOLDOUT']
+
+DEFAULT_HOLDOUT = 0.1
+"""Fraction of a file target's rows a new run holds out for evaluation (``eval.holdout`` unset)."""
+
+
+def holds_out(cfg: ExperimentConfig) -> bool:
+    """Whether the run holds rows of its target out of training: a .npy/.csv target with
+    ``eval.holdout`` > 0 (other targets are compared with fresh draws)."""
+    return point_file_path(cfg.target) is not None and bool(cfg.eval.holdout)
+
+
+def split_target(cfg: ExperimentConfig) -> tuple[Any, Any | None]:
+    """The target's training part and its held-out part: for a file target with ``eval.holdout``
+    > 0, the rows split by ``eval.seed`` (:meth:`~rectflow.data.PointCloud.split`); else the whole
+    target and None."""
+    target = make_distribution(cfg.target)
+    if holds_out(cfg):
+        return target.split(cfg.eval.holdout, cfg.eval.seed)
+    return target, None
 
 
 def build_distributions(cfg: ExperimentConfig) -> tuple[Any, Any]:
-    """Source pi0 and target pi1 samplers; their dimensions must agree."""
-    source, target = make_distribution(cfg.source), make_distribution(cfg.target)
+    """Source pi0 and target pi1 samplers as training sees them (a file target without its
+    held-out rows, :func:`split_target`); their dimensions must agree."""
+    source, target = make_distribution(cfg.source), split_target(cfg)[0]
     if source.dim != target.dim:
         raise DataError(f"source has dimension {source.dim} but target has dimension {target.dim}; they must match")
     if sample_shape(source) != sample_shape(target):
@@ -160,7 +182,7 @@ def train_run(
         if cfg.train.sample_every > 0 and len(sample_shape(source)) == 3:
             labels = torch.arange(64) % cfg.model.num_classes if cfg.model.num_classes > 0 else None
             callbacks = [*(callbacks or []), SampleGridCallback(source, cfg.train.sample_every, labels=labels, guidance=cfg.guidance.scale)]
-        trainer = Trainer(model, objective, cfg.train, run_dir, model_config=mcfg, run_record=semantic_config(new), callbacks=callbacks)
+        trainer = Trainer(model, objective, cfg.train, run_dir, model_config=mcfg, run_record=_record(new), callbacks=callbacks)
         return trainer.fit(resume=resume)
 
 
@@ -169,20 +191,35 @@ def _as_recorded(cfg: ExperimentConfig, run_dir: Path) -> ExperimentConfig:
     A run in ``run_dir`` that recorded a path as typed (made before paths were recorded absolute)
     keeps it when it names the same file: its checkpoints record the path so."""
     new = replace(cfg, source=absolute_spec(cfg.source), target=absolute_spec(cfg.target))
-    if not (run_dir / "config.json").is_file():
+    old = load_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else None
+    if not isinstance(old, dict):  # a new run (a damaged record is the guard's to report)
+        if cfg.eval.holdout is None and point_file_path(new.target) is not None:
+            new = replace(new, eval=replace(new.eval, holdout=DEFAULT_HOLDOUT))
         return new
-    old = load_json(run_dir / "config.json")
-    keep = {k: old[k] for k in ("source", "target") if isinstance(old, dict) and k in old and old[k] != getattr(new, k) and absolute_spec(old[k]) == getattr(new, k)}
+    keep = {k: old[k] for k in ("source", "target") if k in old and old[k] != getattr(new, k) and absolute_spec(old[k]) == getattr(new, k)}
+    if cfg.eval.holdout is None:  # unset: the split the run recorded (none for a run made before splits)
+        recorded = old.get("eval", {}).get("holdout") if isinstance(old.get("eval"), dict) else None
+        keep["eval"] = replace(new.eval, holdout=recorded)
     return replace(new, **keep)
 
 
-def _run_record(cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    """What two runs are compared by: :func:`semantic_config` with data paths resolved."""
-    return semantic_config({**cfg_dict, **{k: absolute_spec(cfg_dict[k]) for k in ("source", "target") if k in cfg_dict}})
+def _record(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """What defines a run's result (stored in its checkpoints): :func:`semantic_config`, plus the
+    held-out split of a file target (``eval.holdout`` and ``eval.seed`` choose the training rows)."""
+    d = semantic_config(cfg_dict)
+    ev = cfg_dict.get("eval") if isinstance(cfg_dict.get("eval"), dict) else {}
+    if point_file_path(cfg_dict.get("target")) is not None and ev.get("holdout"):
+        d["eval"] = {"holdout": ev["holdout"], "seed": ev.get("seed")}
+    return d
+
+
+def _resolved_record(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """What two runs are compared by: :func:`_record` with data paths resolved."""
+    return _record({**cfg_dict, **{k: absolute_spec(cfg_dict[k]) for k in ("source", "target") if k in cfg_dict}})
 
 
 def _guard(run_dir: Path, cfg_dict: dict[str, Any], resume: bool) -> None:
-    if guard_run_dir(run_dir, "config.json", cfg_dict, normalise=_run_record) and not resume and list_checkpoints(run_dir):
+    if guard_run_dir(run_dir, "config.json", cfg_dict, normalise=_resolved_record) and not resume and list_checkpoints(run_dir):
         raise ConfigError(f"{run_dir} already holds checkpoints; resume it or choose a new run directory")
 
 
@@ -206,7 +243,8 @@ class _Lazy:
 
 @dataclass
 class Run:
-    """A trained run loaded from disk: its config, distributions and (EMA) model."""
+    """A trained run loaded from disk: its config, distributions and (EMA) model.  ``target`` is
+    what training drew from; ``heldout`` the rows of a file target kept out of it (:func:`split_target`)."""
     path: Path
     config: ExperimentConfig
     model: nn.Module
@@ -214,6 +252,7 @@ class Run:
     target: Any
     step: int
     checkpoint: Path | None = None  # the checkpoint file the weights came from
+    heldout: Any = None  # the held-out rows of a file target (a PointCloud), when the run has them
 
     @property
     def dim(self) -> int:
@@ -227,8 +266,10 @@ def load_run(run_dir: str | Path, *, checkpoint: str | Path | None = None, ema: 
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: no such run directory")
     cfg = config_from_dict(load_json(run_dir / "config.json"))
-    source, target = make_distribution(cfg.source), _Lazy(lambda: make_distribution(cfg.target))  # the target only when used
+    source = make_distribution(cfg.source)
+    parts = functools.cache(lambda: split_target(cfg))  # the target only when used, split once
+    target, heldout = _Lazy(lambda: parts()[0]), _Lazy(lambda: parts()[1]) if holds_out(cfg) else None
     mcfg = model_config(cfg, source.dim, sample_shape(source))
     ckpt = read_checkpoint(checkpoint if checkpoint is not None else latest_checkpoint(run_dir), model_config=mcfg)
     model = load_weights(build_model(mcfg), ckpt, ema=ema).to(resolve_device(device)).eval()
-    return Run(run_dir, cfg, model, source, target, ckpt.step, ckpt.path)
+    return Run(run_dir, cfg, model, source, target, ckpt.step, ckpt.path, heldout)
