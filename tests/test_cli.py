@@ -137,3 +137,20 @@ def test_eval_bad_numbers_and_devices_are_one_line_errors(tmp_path, capsys, args
         code = main(["eval", str(run), *args])
     err = capsys.readouterr().err
     assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_sample_and_eval_of_a_one_step_map_default_to_one_step(tmp_path, capsys):
+    """Issue 16 trap 2: a distilled run is a one-step map; `sample` integrates it with the one step
+    it was trained for unless told otherwise, and says so (one stderr line) when told more."""
+    run = tmp_path / "distilled"
+    assert main(["train", "--run", str(run), "--quiet", "--no-eval", "reflow.distill=true", "reflow.stage=0", *TINY]) == 0
+    capsys.readouterr()
+    code, out, err = run_cli(["sample", run, "--n", 20, "--out", tmp_path / "a.npy"], capsys)
+    assert code == 0 and "NFE 1)" in out and err == ""
+    code, out, err = run_cli(["sample", run, "--n", 20, "--steps", 8, "--out", tmp_path / "b.npy"], capsys)
+    assert code == 0 and "NFE 8)" in out
+    assert err.count("\n") == 1 and err.startswith("rectflow sample: warning: ") and "one-step map" in err
+    code, out, err = run_cli(["eval", run, "--solvers", "euler:1,euler:4", "--n", 50], capsys)
+    assert code == 0 and err.count("\n") == 1 and err.startswith("rectflow eval: warning: ") and "euler:4" in err
+    code, out, err = run_cli(["eval", run, "--solvers", "euler:1", "--n", 50], capsys)
+    assert code == 0 and err == ""

@@ -20,14 +20,14 @@ from rectflow.engine.distributed import destroy, init_from_env, is_main_process,
 from rectflow.engine.io import atomic_path, check_writable, save_json
 from rectflow.engine.trainer import TrainConfig, resolve_device
 from rectflow.errors import ConfigError, RectflowError
-from rectflow.flow.sampling import parse_solver_spec, sample_model
+from rectflow.flow.sampling import parse_solver_spec, sample_model, solver_label
 from rectflow.images.sampling import sample_images
 from rectflow.runs.config import load_config
 from rectflow.runs.demo import run_demo, run_pipeline
 from rectflow.runs.diagnose import diagnose_runs, format_stage_table
 from rectflow.runs.distill import train_distill
 from rectflow.runs.evaluation import evaluate_run, evaluation_record, evaluation_reference, format_reference, format_table, save_evaluation
-from rectflow.runs.experiment import load_run, train_run
+from rectflow.runs.experiment import load_run, one_step_warning, sampling_steps, train_run
 from rectflow.runs.lineage import PairOptions, generate_run_pairs
 from rectflow.runs.perflow import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, PeRFlowSettings, train_perflow
 from rectflow.runs.plots import plot_run
@@ -40,7 +40,7 @@ __all__ = ["main", "build_parser"]
 
 def _add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--solver", default="euler", help="euler | midpoint | heun | rk4 | dopri5 (default: %(default)s)")
-    p.add_argument("--steps", "--nfe", dest="steps", type=int, default=100, help="steps of a fixed-step solver; Euler NFE = steps (default: %(default)s)")
+    p.add_argument("--steps", "--nfe", dest="steps", type=int, help="steps of a fixed-step solver; Euler NFE = steps (default: what the run was trained for: 1 for a distilled one-step map, else 100)")
     p.add_argument("--rtol", type=float, default=1e-5, help="dopri5 relative tolerance (default: %(default)s)")
     p.add_argument("--atol", type=float, default=1e-5, help="dopri5 absolute tolerance (default: %(default)s)")
 
@@ -202,7 +202,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if not main_process:
         return 0
     if not args.no_eval:
-        _eval_and_plot(args.run)
+        _eval_and_plot(args.run, "train")
     print(f"run saved in {args.run}")
     return 0
 
@@ -210,9 +210,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_sample(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise ConfigError(f"--n must be >= 1, got {args.n}")
-    if args.solver != "dopri5" and args.steps < 1:
+    if args.solver != "dopri5" and args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps (NFE) must be >= 1, got {args.steps}")
     run = load_run(args.run, ema=not args.raw)
+    args.steps = sampling_steps(run.config) if args.steps is None else args.steps
+    _warn("sample", one_step_warning(run.config, [solver_label(args.solver, None if args.solver == "dopri5" else args.steps)]))
     if len(getattr(run.source, "shape", ())) == 3 or args.guidance is not None or args.label is not None:
         check_writable(args.out, directory=True)  # before sampling, not after
         run.model.to(resolve_device("auto"))  # images: sample on the GPU when there is one
@@ -254,6 +256,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if solvers is not None:
         for s in solvers:
             parse_solver_spec(s)
+    _warn("eval", one_step_warning(run.config, solvers or run.config.eval.solvers))
     rows = evaluate_run(run, n=args.n, solvers=solvers, write=False)
     ref = evaluation_reference(run, args.n)
     if args.json:
@@ -294,14 +297,15 @@ def _pair_kwargs(args: argparse.Namespace) -> dict:
                                    device=args.device, solve_batch=args.solve_batch)}
 
 
-def _eval_and_plot(run_dir) -> None:
+def _eval_and_plot(run_dir, command: str) -> None:
     """The evaluation table (with what it was measured against, and the floor) and the plots of a new run."""
     run = load_run(run_dir)
+    _warn(command, one_step_warning(run.config, run.config.eval.solvers))
     rows = evaluate_run(run, write=False)
     ref = evaluation_reference(run)
     print(format_table(rows, ["solver", "nfe", "w2", "energy"]) + "\n" + format_reference(ref), flush=True)
     save_evaluation(run, rows, ref["n_samples"], ref)
-    plot_run(run, steps=1 if run.config.reflow.distill else 100)  # a distilled model is a one-step map
+    plot_run(run)
 
 
 def _cmd_pairs(args: argparse.Namespace) -> int:
@@ -337,7 +341,7 @@ def _cmd_reflow(args: argparse.Namespace) -> int:
     for out in outs:
         if not args.no_eval:
             print(f"== {out}")
-            _eval_and_plot(out)
+            _eval_and_plot(out, "reflow")
     print("runs saved in " + ", ".join(str(o) for o in outs))
     return 0
 
@@ -358,7 +362,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         **_pair_kwargs(args),
     )
     if not args.no_eval:
-        _eval_and_plot(out)
+        _eval_and_plot(out, "distill")
     print(f"run saved in {out}")
     return 0
 
@@ -441,6 +445,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a path that cannot be read or written, not caught where it was used
         _error(args.command, f"{e.filename}: {e.strerror or e}" if e.filename else str(e))
         return 2
+
+
+def _warn(command: str, message: str | None) -> None:
+    """Print ``message`` (when there is one) as the one line ``rectflow COMMAND: warning: ...`` on stderr."""
+    if message:
+        print(f"rectflow {command}: warning: {message}", file=sys.stderr)
 
 
 def _error(command: str, message: str) -> None:

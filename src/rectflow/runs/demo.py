@@ -138,7 +138,7 @@ def run_pipeline(
     t = time.perf_counter()
     for run_dir in runs[1:]:  # samples and trajectories of each new run, in its plots/ (as `rectflow train` does)
         run = load_run(run_dir)
-        plot_run(run, steps=1 if run.config.reflow.distill else 100)
+        plot_run(run)
     pdir = out / "pipeline"
     rows = diagnose_runs(runs, plots_dir=pdir, echo=echo)
     timings["diagnostics"] = time.perf_counter() - t
@@ -152,6 +152,6 @@ def run_pipeline(
     with atomic_path(pdir / "table.md") as tmp:
         tmp.write_text(table + "\n")
     echo(table)
-    echo(f"times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    echo("times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     echo(f"table, rows and plots (quality_vs_nfe.png, stages.png, crossings_*.png): {pdir}\n")
     return {"rows": rows, "table": table, "runs": runs, "dir": pdir, "timings": timings}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ from rectflow.engine.trainer import Trainer, resolve_device
 from rectflow.errors import CheckpointError, ConfigError, DataError
 from rectflow.flow.couplings import IndependentCoupling, MinibatchOTCoupling
 from rectflow.flow.losses import FlowMatchingObjective
+from rectflow.flow.sampling import parse_solver_spec
 from rectflow.flow.time_sampling import make_time_sampler
 from rectflow.images.guidance import ConditionalFlowMatchingObjective, LabelledCoupling
 from rectflow.images.sampling import SampleGridCallback
@@ -38,10 +39,30 @@ from rectflow.runs.machine import machine_info
 from rectflow.runs.rundir import guard_run_dir, lock_run_dir, semantic_config
 
 __all__ = ['Run', 'build_distributions', 'build_model', 'build_objective', 'model_config', 'train_run', 'load_run', 'sample_shape', 'split_target', 'holds_out',
-           'DEFAULT_HOLDOUT']
+           'DEFAULT_HOLDOUT', 'DEFAULT_SAMPLING_STEPS', 'sampling_steps', 'one_step_warning']
 
 DEFAULT_HOLDOUT = 0.1
 """Fraction of a file target's rows a new run holds out for evaluation (``eval.holdout`` unset)."""
+
+
+DEFAULT_SAMPLING_STEPS = 100
+"""Euler steps a flow is sampled (and plotted) with when none are asked for."""
+
+
+def sampling_steps(cfg: ExperimentConfig) -> int:
+    """Euler steps a run is sampled with by default: the one step a distilled run (a one-step map,
+    reflow.distill) was trained for, :data:`DEFAULT_SAMPLING_STEPS` for a flow."""
+    return 1 if cfg.reflow.distill else DEFAULT_SAMPLING_STEPS
+
+
+def one_step_warning(cfg: ExperimentConfig, solvers: Iterable[str]) -> str | None:
+    """For a one-step map asked to be sampled with solver specs (``"euler:4"``, ``"dopri5"``) of
+    more than one Euler step: the one-line warning; else None."""
+    more = [s for s in solvers if cfg.reflow.distill and parse_solver_spec(s) != ("euler", 1)]
+    if not more:
+        return None
+    return (f"this run is a one-step map (distilled: trained on v(x, 0) only), so {', '.join(more)} integrates it at times it never saw; "
+            "it was trained for one Euler step (euler:1)")
 
 
 def holds_out(cfg: ExperimentConfig) -> bool:

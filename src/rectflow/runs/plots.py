@@ -18,7 +18,7 @@ from rectflow.flow.sampling import sample_model
 from rectflow.images.guidance import sample_guided
 from rectflow.images.sampling import save_image_grid, save_pair_grid
 from rectflow.runs.evaluation import heldout_samples
-from rectflow.runs.experiment import Run, sample_shape
+from rectflow.runs.experiment import Run, sample_shape, sampling_steps
 
 __all__ = ["plot_loss", "plot_samples", "plot_trajectories", "plot_quality_vs_nfe", "save_figure", "subplots", "plot_run"]
 
@@ -184,9 +184,12 @@ def plot_stages(panels: Sequence[dict[str, Any]], path: str | Path, max_paths: i
     return save_figure(fig, path)
 
 
-def plot_run(run: Run, *, n: int = 2000, steps: int = 100) -> list[Path]:
-    """Write the run's loss curve, samples-vs-data scatter and trajectory plot into run/plots."""
+def plot_run(run: Run, *, n: int = 2000, steps: int | None = None) -> list[Path]:
+    """Write the run's loss curve, samples-vs-data scatter and trajectory plot into run/plots;
+    sampled with ``steps`` Euler steps (default :func:`~rectflow.runs.experiment.sampling_steps`:
+    1 for a one-step map)."""
     out = run.path / "plots"
+    steps = sampling_steps(run.config) if steps is None else steps
     if len(sample_shape(run.source)) == 3:
         return _plot_image_run(run, out, steps)
     x0, x1 = heldout_samples(run, n)
