@@ -4,7 +4,7 @@ the image models also take optional class labels y (B,)."""
 from rectflow.models.class_embedding import NULL_LABEL, ClassEmbedding
 from rectflow.models.dit import DiTVelocity
 from rectflow.models.embeddings import SinusoidalTimeEmbedding
-from rectflow.models.mlp import MLPVelocity
+from rectflow.models.mlp import MLPAverageVelocity, MLPVelocity
 from rectflow.models.unet import UNetVelocity
 
-__all__ = ["SinusoidalTimeEmbedding", "MLPVelocity", "UNetVelocity", "DiTVelocity", "ClassEmbedding", "NULL_LABEL"]
+__all__ = ["SinusoidalTimeEmbedding", "MLPVelocity", "MLPAverageVelocity", "UNetVelocity", "DiTVelocity", "ClassEmbedding", "NULL_LABEL"]

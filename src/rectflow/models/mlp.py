@@ -42,3 +42,34 @@ class MLPVelocity(nn.Module):
             raise ValueError(f"MLPVelocity expects x of shape (B, {self.dim}), got {tuple(x.shape)}")
         return self.net(torch.cat([x, self.time_embed(t).to(x.dtype)], dim=1))
 
+
+
+class MLPAverageVelocity(nn.Module):
+    """u(x, s, t) = MLP([x, emb(s), emb(t - s)]): an average velocity over [s, t] for MeanFlow-style
+    one-step models (see :mod:`rectflow.flow.meanflow`).  Same options as :class:`MLPVelocity`, plus
+    ``time_scale``, the highest angular frequency of the time features: MeanFlow differentiates the
+    network in time, and with the diffusion-style 1000 training diverged on a 2-D Gaussian task
+    (10 and 1 both trained; measured in tests/flow/test_meanflow.py's slow test).
+    Shapes: x (B, d), s (B,), t (B,) -> (B, d).
+    """
+
+    def __init__(self, dim: int, width: int = 256, depth: int = 3, time_dim: int = 64, activation: str = "silu", time_scale: float = 10.0):
+        super().__init__()
+        if dim < 1 or width < 1 or depth < 1:
+            raise ValueError(f"MLPAverageVelocity: dim, width and depth must be >= 1, got {dim}, {width}, {depth}")
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"MLPAverageVelocity: unknown activation {activation!r}; choose one of {sorted(_ACTIVATIONS)}")
+        act = _ACTIVATIONS[activation]
+        self.dim = dim
+        self.time_embed = SinusoidalTimeEmbedding(time_dim, scale=time_scale)
+        self.gap_embed = SinusoidalTimeEmbedding(time_dim, scale=time_scale)
+        layers: list[nn.Module] = [nn.Linear(dim + 2 * time_dim, width), act()]
+        for _ in range(depth - 1):
+            layers += [nn.Linear(width, width), act()]
+        layers.append(nn.Linear(width, dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor, s: Tensor, t: Tensor) -> Tensor:
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"MLPAverageVelocity expects x of shape (B, {self.dim}), got {tuple(x.shape)}")
+        return self.net(torch.cat([x, self.time_embed(s).to(x.dtype), self.gap_embed(t - s).to(x.dtype)], dim=1))

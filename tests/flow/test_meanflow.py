@@ -1,0 +1,91 @@
+"""MeanFlow (theory §2.6): s = t is flow matching; on a Gaussian -> Gaussian flow the closed-form
+average velocity satisfies the MeanFlow identity and maps the source in one exact step; a short
+training run learns a usable one-step map."""
+
+import pytest
+import torch
+
+from rectflow.data import Gaussian
+from rectflow.engine.trainer import TrainConfig, Trainer
+from rectflow.errors import ConfigError
+from rectflow.flow.couplings import IndependentCoupling
+from rectflow.flow.losses import flow_matching_loss
+from rectflow.flow.meanflow import MeanFlowBatch, MeanFlowObjective, meanflow_target, sample_mean_flow
+from rectflow.models import MLPAverageVelocity
+
+from tests.conftest import gen
+
+MU, S = torch.tensor([2.0, -1.0], dtype=torch.float64), 0.5  # N(0, I) -> N(MU, S^2 I), independent pairs
+
+
+def scale(t):  # std of x_t = (1 - t) x0 + t x1
+    return torch.sqrt((1 - t) ** 2 + t**2 * S**2)
+
+
+def flow_map(z, s, t):
+    """Phi_{s -> t}: the marginal flow keeps each point's standardised coordinate."""
+    s, t = s.reshape(-1, 1), t.reshape(-1, 1)
+    return t * MU + scale(t) / scale(s) * (z - s * MU)
+
+
+def average_velocity(z, s, t):
+    gap = (t - s).reshape(-1, 1)
+    exact = (flow_map(z, s, t) - z) / torch.where(gap == 0, torch.ones_like(gap), gap)
+    return torch.where(gap == 0, marginal_velocity(z, s), exact)
+
+
+def marginal_velocity(z, s):
+    s = s.reshape(-1, 1)
+    ds2 = -2 * (1 - s) + 2 * s * S**2
+    return MU + 0.5 * ds2 / scale(s) ** 2 * (z - s * MU)
+
+
+def test_the_closed_form_average_velocity_satisfies_the_meanflow_identity():
+    g = gen()
+    z = torch.randn(50, 2, generator=g, dtype=torch.float64)
+    s = torch.rand(50, generator=g, dtype=torch.float64) * 0.5
+    t = s + torch.rand(50, generator=g, dtype=torch.float64) * 0.5
+    u, target = meanflow_target(average_velocity, z, s, t, marginal_velocity(z, s))
+    torch.testing.assert_close(target, u, atol=1e-9, rtol=0)
+    wrong = lambda z, s, t: average_velocity(z, s, t) * 1.1  # noqa: E731  a field that is not an average velocity
+    u, target = meanflow_target(wrong, z, s, t, marginal_velocity(z, s))
+    assert float((u - target).abs().max()) > 0.05
+
+
+def test_one_step_with_the_exact_average_velocity_is_the_flow_map():
+    x0 = torch.randn(100, 2, generator=gen(1), dtype=torch.float64)
+    res = sample_mean_flow(average_velocity, x0, steps=1)
+    torch.testing.assert_close(res.x, MU + S * x0)
+    assert res.nfe == 1
+    torch.testing.assert_close(sample_mean_flow(average_velocity, x0, steps=3).x, MU + S * x0)
+
+
+def test_equal_times_reduce_to_flow_matching():
+    torch.manual_seed(0)
+    net = MLPAverageVelocity(2, width=32, depth=2)
+    g = gen(2)
+    x0, x1, t = torch.randn(16, 2, generator=g), torch.randn(16, 2, generator=g), torch.rand(16, generator=g)
+    mf = MeanFlowObjective(IndependentCoupling(Gaussian(2), Gaussian(2)), adaptive_power=0.0).loss(net, MeanFlowBatch(x0, x1, t, t))
+    fm = flow_matching_loss(lambda x, tt: net(x, tt, tt), x0, x1, t)
+    torch.testing.assert_close(mf.loss, fm.loss)
+
+
+def test_draws_are_ordered_and_seeded_with_the_asked_share_of_equal_times():
+    obj = MeanFlowObjective(IndependentCoupling(Gaussian(2), Gaussian(2)), equal_fraction=0.5)
+    a, b = obj.draw(4000, gen(3), torch.device("cpu")), obj.draw(4000, gen(3), torch.device("cpu"))
+    assert torch.equal(a.s, b.s) and torch.equal(a.t, b.t)
+    assert bool((a.s <= a.t).all()) and abs(float((a.s == a.t).double().mean()) - 0.5) < 0.04
+    with pytest.raises(ConfigError, match="equal_fraction"):
+        MeanFlowObjective(IndependentCoupling(Gaussian(2), Gaussian(2)), equal_fraction=1.5)
+
+
+@pytest.mark.slow
+def test_a_short_meanflow_run_learns_a_one_step_map():
+    target = Gaussian(2, mean=2.0, std=0.5)
+    torch.manual_seed(0)
+    net = MLPAverageVelocity(2, width=64, depth=2)
+    cfg = TrainConfig(steps=600, batch_size=256, lr=3e-3, ema_decay=0.0, progress=False, log_every=100, ckpt_every=10**6, seed=0)
+    Trainer(net, MeanFlowObjective(IndependentCoupling(Gaussian(2), target)), cfg).fit()
+    x = sample_mean_flow(net.eval(), torch.randn(4000, 2, generator=gen(4)), steps=1).x
+    assert torch.allclose(x.mean(0), torch.full((2,), 2.0), atol=0.15)  # N(0, I) -> N(2, 0.5^2) in one step
+    assert torch.allclose(x.std(0), torch.full((2,), 0.5), atol=0.15)
