@@ -12,7 +12,6 @@ from rectflow.flow.couplings import IndependentCoupling
 from rectflow.flow.losses import flow_matching_loss
 from rectflow.flow.meanflow import MeanFlowBatch, MeanFlowObjective, meanflow_target, sample_mean_flow
 from rectflow.models import MLPAverageVelocity
-
 from tests.conftest import gen
 
 MU, S = torch.tensor([2.0, -1.0], dtype=torch.float64), 0.5  # N(0, I) -> N(MU, S^2 I), independent pairs
