@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from rectflow.data import EightGaussians, Gaussian, Moons
+from rectflow.engine import trainer as trainer_module
 from rectflow.engine.io import read_jsonl
 from rectflow.engine.trainer import EMA, TrainConfig, Trainer, lr_at, step_generator
 from rectflow.errors import CheckpointError, ConfigError, DataError
@@ -46,7 +47,7 @@ def crash_at(step):
 
 
 def test_training_lowers_the_loss(tmp_path):
-    tr = make(tmp_path, steps=200).fit()
+    make(tmp_path, steps=200).fit()
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(10, 201, 10))
     assert rows[-1]["loss"] < rows[0]["loss"]
@@ -184,3 +185,29 @@ def test_divergence_is_reported(tmp_path):
     obj = FlowMatchingObjective(IndependentCoupling(Gaussian(2), EightGaussians()))
     with pytest.raises(FloatingPointError, match="diverged"):
         Trainer(Exploding(), obj, cfg).fit()
+
+
+def test_log_rows_and_bar_give_the_loss_per_coordinate_too(tmp_path, monkeypatch):
+    """Issue 16 trap 7: ``loss`` is the per-sample sum of squares over the d coordinates (the paper's
+    ||.||^2, twice the per-coordinate MSE in 2-D); ``loss_per_dim`` is the mean per coordinate."""
+    postfixes = []
+
+    class Bar:  # records what the progress bar would show
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def update(self, n):
+            pass
+
+        def set_postfix(self, **kwargs):
+            postfixes.append(kwargs)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(trainer_module, "tqdm", Bar)
+    make(tmp_path, steps=20).fit()
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert rows and all(r["loss_per_dim"] == pytest.approx(r["loss"] / 2) for r in rows)
+    assert list(rows[0])[:4] == ["step", "steps", "loss", "loss_per_dim"]
+    assert [float(p["loss_per_dim"]) for p in postfixes] == pytest.approx([r["loss_per_dim"] for r in rows], rel=1e-3)

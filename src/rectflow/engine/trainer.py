@@ -9,7 +9,10 @@ CPU-heavy couplings such as exact minibatch OT behind the training step.
 
 Checkpoints are single safetensors files (model, EMA, optimizer state) with JSON metadata;
 ``metrics.jsonl`` gets one row per ``log_every`` steps: the mean loss and time per step over the
-``steps`` steps the row covers (fewer than ``log_every`` after a resume mid-window).
+``steps`` steps the row covers (fewer than ``log_every`` after a resume mid-window).  ``loss`` is
+the objective's value, for the library's objectives the per-sample sum of squares over the d
+values of a sample (the paper's ||.||^2); ``loss_per_dim`` is it divided by d (the per-coordinate
+mean squared error other libraries log), d read off the batch (:func:`values_per_sample`).
 
 Speed knobs (all off by default, all keep the resume design): bf16 autocast (``precision``),
 TF32 matmuls/convolutions on CUDA (``tf32``, set only while ``fit`` runs), channels-last memory
@@ -50,7 +53,7 @@ from rectflow.engine.io import append_jsonl, atomic_path, make_dirs, read_jsonl
 from rectflow.errors import CheckpointError, ConfigError
 from rectflow.flow.losses import Objective
 
-__all__ = ["TrainConfig", "EMA", "Trainer", "TimeBudget", "step_generator", "resolve_device", "lr_at"]
+__all__ = ["TrainConfig", "EMA", "Trainer", "TimeBudget", "step_generator", "resolve_device", "lr_at", "values_per_sample"]
 
 @dataclass
 class TrainConfig:
@@ -232,6 +235,7 @@ class Trainer:
         self._train_model: nn.Module | None = None  # the model the loss sees (DDP / compiled wrapper)
         self.stop_requested = False  # set by a callback to end fit() after this step (with a checkpoint)
         self._in_step = False  # inside _step: the state may be half-updated
+        self._per_sample: int | None = None  # values per sample d (loss_per_dim = loss / d), read off the first batch
 
     # ----- checkpoints ---------------------------------------------------------------
     def checkpoints(self) -> list[Path]:
@@ -389,11 +393,14 @@ class Trainer:
         train_model = self._model_for_loss()
         loss_sum = torch.zeros((), device=self.device)
         n_in_window, t_window, saved = 0, time.perf_counter(), self.step
+        self._per_sample = None  # values per sample d, from the first batch
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.dist.is_main) or None, desc="train", unit="step", dynamic_ncols=True)
         batches = self._batches(self.step)
         with _SigintLatch() as interrupt, _tf32(cfg.tf32 if self.device.type == "cuda" else None):
             try:
                 for batch in batches:
+                    if self._per_sample is None:
+                        self._per_sample = values_per_sample(batch)
                     loss_sum += self._step(batch, train_model, params)
                     n_in_window += 1
                     bar.update(1)
@@ -433,8 +440,11 @@ class Trainer:
             )
         # "steps": how many steps the row averages, (step - steps, step]; fewer than log_every after a
         # resume mid-window or a stop, so a reader never takes a partial window for a whole one
-        row = {"step": self.step, "steps": n, "loss": mean_loss, "lr": lr_at(self.cfg, self.step - 1), "ms_per_step": 1e3 * (time.perf_counter() - t_window) / n}
-        bar.set_postfix(loss=f"{mean_loss:.4f}")
+        row = {"step": self.step, "steps": n, "loss": mean_loss}
+        if self._per_sample:
+            row["loss_per_dim"] = mean_loss / self._per_sample
+        row.update({"lr": lr_at(self.cfg, self.step - 1), "ms_per_step": 1e3 * (time.perf_counter() - t_window) / n})
+        bar.set_postfix(loss=f"{mean_loss:.4f}", **({"loss_per_dim": f"{row['loss_per_dim']:.4g}"} if "loss_per_dim" in row else {}))
         if self.run_dir is not None and self.dist.is_main:
             append_jsonl(self.run_dir / "metrics.jsonl", row)
 
@@ -502,6 +512,20 @@ class _StepDraws(Dataset):
         except Exception as e:  # any error: carried to the main process and raised there (see _FailedDraw)
             return _FailedDraw(e)
         return dist_utils.slice_batch(batch, self.rank, self.world_size)
+
+
+def values_per_sample(batch: Any) -> int | None:
+    """d, the values in one sample of a batch: of its first tensor with a batch dimension and more,
+    (B, ...) -> prod(...), looking into tuples (a NamedTuple batch such as FlowBatch(x0, x1, t));
+    None when it has none."""
+    if isinstance(batch, Tensor):
+        return batch[0].numel() if batch.dim() >= 2 and batch.shape[0] > 0 else None
+    if isinstance(batch, (tuple, list)):
+        for part in batch:
+            d = values_per_sample(part)
+            if d is not None:
+                return d
+    return None
 
 
 def _log_row_problem(row: dict[str, Any]) -> str | None:

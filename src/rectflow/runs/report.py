@@ -81,7 +81,7 @@ def _is_number(v: Any) -> bool:
 def _good_metric(row: dict[str, Any]) -> bool:
     """A training-log row the charts can use: an integer step, and numbers where numbers belong."""
     step = row.get("step")
-    return isinstance(step, int) and not isinstance(step, bool) and all(_is_number(row[k]) for k in ("loss", "lr", "ms_per_step", "steps") if k in row)
+    return isinstance(step, int) and not isinstance(step, bool) and all(_is_number(row[k]) for k in ("loss", "loss_per_dim", "lr", "ms_per_step", "steps") if k in row)
 
 
 def _good_eval_row(row: Any) -> bool:
