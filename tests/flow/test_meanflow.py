@@ -10,7 +10,7 @@ from rectflow.engine.trainer import TrainConfig, Trainer
 from rectflow.errors import ConfigError
 from rectflow.flow.couplings import IndependentCoupling
 from rectflow.flow.losses import flow_matching_loss
-from rectflow.flow.meanflow import MeanFlowBatch, MeanFlowObjective, meanflow_target, sample_mean_flow
+from rectflow.flow.meanflow import MeanFlowBatch, MeanFlowObjective, ShortcutObjective, meanflow_target, sample_mean_flow, shortcut_target
 from rectflow.models import MLPAverageVelocity
 from tests.conftest import gen
 
@@ -88,3 +88,41 @@ def test_a_short_meanflow_run_learns_a_one_step_map():
     x = sample_mean_flow(net.eval(), torch.randn(4000, 2, generator=gen(4)), steps=1).x
     assert torch.allclose(x.mean(0), torch.full((2,), 2.0), atol=0.15)  # N(0, I) -> N(2, 0.5^2) in one step
     assert torch.allclose(x.std(0), torch.full((2,), 0.5), atol=0.15)
+
+
+def test_the_closed_form_average_velocity_is_self_consistent_across_halved_steps():
+    g = gen(5)
+    z = torch.randn(40, 2, generator=g, dtype=torch.float64)
+    d = 2.0 ** -torch.randint(1, 6, (40,), generator=g).double()
+    t = torch.rand(40, generator=g, dtype=torch.float64) * (1 - 2 * d)
+    torch.testing.assert_close(shortcut_target(average_velocity, z, t, d), average_velocity(z, t, t + 2 * d))
+
+
+def test_shortcut_draws_live_on_the_dyadic_grid_and_d_zero_is_flow_matching():
+    obj = ShortcutObjective(IndependentCoupling(Gaussian(2), Gaussian(2)), levels=5, consistency_fraction=0.5)
+    b = obj.draw(2000, gen(6), torch.device("cpu"))
+    d = (b.t - b.s).double()
+    jumps = d[d > 0]
+    assert abs(float((d == 0).double().mean()) - 0.5) < 0.05
+    k = -torch.log2(jumps)
+    assert torch.allclose(k, k.round(), atol=1e-5) and int(k.round().min()) >= 1 and int(k.round().max()) <= 5
+    slots = b.s.double()[d > 0] / (2 * jumps)
+    assert torch.allclose(slots, slots.round(), atol=1e-4) and bool((b.s.double()[d > 0] + 2 * jumps <= 1 + 1e-6).all())
+    torch.manual_seed(0)
+    net = MLPAverageVelocity(2, width=32, depth=2)
+    x0, x1, t = torch.randn(16, 2, generator=gen(7)), torch.randn(16, 2, generator=gen(8)), torch.rand(16, generator=gen(9))
+    sc = ShortcutObjective(IndependentCoupling(Gaussian(2), Gaussian(2))).loss(net, MeanFlowBatch(x0, x1, t, t))
+    torch.testing.assert_close(sc.loss, flow_matching_loss(lambda x, tt: net(x, tt, tt), x0, x1, t).loss)
+
+
+@pytest.mark.slow
+def test_a_short_shortcut_run_learns_a_one_step_map():
+    target = Gaussian(2, mean=2.0, std=0.5)
+    torch.manual_seed(0)
+    net = MLPAverageVelocity(2, width=64, depth=2)
+    cfg = TrainConfig(steps=600, batch_size=256, lr=3e-3, ema_decay=0.0, progress=False, log_every=100, ckpt_every=10**6, seed=0)
+    Trainer(net, ShortcutObjective(IndependentCoupling(Gaussian(2), target)), cfg).fit()
+    for steps in (1, 4):
+        x = sample_mean_flow(net.eval(), torch.randn(4000, 2, generator=gen(4)), steps=steps).x
+        assert torch.allclose(x.mean(0), torch.full((2,), 2.0), atol=0.15), steps
+        assert torch.allclose(x.std(0), torch.full((2,), 0.5), atol=0.15), steps

@@ -1,4 +1,5 @@
-"""MeanFlow: one-step generation by learning the average velocity over an interval (theory §2.6).
+"""One-step models beyond reflow: MeanFlow and shortcut models, which learn the average velocity over
+an interval (theory §2.6).
 
 On the straight path x_t = (1 - t) x0 + t x1 the average velocity of the flow from time s to time t
 is u(z, s, t) = (Phi_{s->t}(z) - z) / (t - s) for z = x_s, so one step z_t = z_s + (t - s) u(z_s, s, t)
@@ -8,8 +9,12 @@ the MeanFlow identity
     u(z_s, s, t) = v(z_s, s) + (t - s) d/ds u(z_s, s, t),   d/ds = partial_s + v . grad_z,
 
 whose right side is the regression target (its derivative by one forward-mode Jacobian-vector
-product in the direction (v, 1, 0), under stop-gradient).  With s = t it is flow matching.  The
-network takes both times: ``model(z, s, t) -> (B, ...)``.
+product in the direction (v, 1, 0), under stop-gradient).  With s = t it is flow matching.
+
+Shortcut models learn the same quantity on dyadic step sizes d without derivatives: flow matching at
+d = 0, and self-consistency u(z, t, t + 2d) = (u(z, t, t + d) + u(z', t + d, t + 2d)) / 2 with
+z' = z + d u(z, t, t + d) (two half jumps make one full jump).  Both use a network of the two times,
+``model(z, s, t) -> (B, ...)``: the jump from time s to time t divided by t - s.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from rectflow.flow.losses import LossOutput, check_coupling, per_sample_mse
 from rectflow.flow.solvers import SolveResult, check_grid, time_grid
 from rectflow.flow.time_sampling import UniformTime
 
-__all__ = ["MeanFlowBatch", "MeanFlowObjective", "meanflow_target", "sample_mean_flow"]
+__all__ = ["MeanFlowBatch", "MeanFlowObjective", "meanflow_target", "ShortcutObjective", "shortcut_target", "sample_mean_flow"]
 
 AverageVelocity = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -94,6 +99,63 @@ class MeanFlowObjective:
         err = per_sample_mse(u, target)
         weighted = err / (err.detach() + self.adaptive_c) ** self.adaptive_power if self.adaptive_power else err
         return LossOutput(weighted.mean(), err.detach())
+
+
+@torch.no_grad()
+def shortcut_target(model: AverageVelocity, z: Tensor, t: Tensor, d: Tensor) -> Tensor:
+    """(u(z, t, t + d) + u(z', t + d, t + 2d)) / 2 with z' = z + d u(z, t, t + d): the target of the jump
+    of size 2d (no gradient)."""
+    first = model(z, t, t + d)
+    z_mid = z + _col(d, z) * first
+    return 0.5 * (first + model(z_mid, t + d, t + 2 * d))
+
+
+class ShortcutObjective:
+    """Shortcut models (Frans et al. 2025) as a trainer objective.
+
+    A share ``1 - consistency_fraction`` of each batch is flow matching (d = 0: u(z_t, t, t) against
+    X1 - X0); the rest draws d = 2^-k (k uniform in 1 .. ``levels``) and a start t on the grid of
+    multiples of 2d below 1 - 2d, and regresses the jump of size 2d on :func:`shortcut_target`.
+    The smallest jump is 2^-levels; sample with ``sample_mean_flow(model, x, steps)`` for any steps
+    that are powers of two up to 2^levels.
+    """
+
+    def __init__(self, coupling: Coupling, levels: int = 7, consistency_fraction: float = 0.25) -> None:
+        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
+            raise ConfigError(f"shortcut: levels must be an integer >= 1, got {levels!r}")
+        if not 0.0 <= consistency_fraction <= 1.0:
+            raise ConfigError(f"shortcut: consistency_fraction must lie in [0, 1], got {consistency_fraction}")
+        self.coupling = check_coupling(coupling)
+        self.levels, self.consistency_fraction = levels, float(consistency_fraction)
+
+    @property
+    def heavy_draw(self) -> bool:
+        return self.coupling.heavy
+
+    def draw(self, n: int, generator: torch.Generator, device: Any) -> MeanFlowBatch:
+        """``s`` holds the start time and ``t`` the start plus d (d = 0: the flow-matching rows)."""
+        x0, x1 = self.coupling.sample(n, generator=generator, device=device)
+        gdev = generator.device if generator is not None else x0.device
+        u = torch.rand(n, generator=generator, device=gdev, dtype=torch.float64)
+        k = torch.randint(1, self.levels + 1, (n,), generator=generator, device=gdev)
+        d = torch.pow(2.0, -k.double())
+        slots = torch.floor(u * (1 / (2 * d))).clamp_max(1 / (2 * d) - 1)  # t on the grid of multiples of 2d in [0, 1 - 2d]
+        start = slots * 2 * d
+        fm = torch.rand(n, generator=generator, device=gdev) >= self.consistency_fraction
+        start = torch.where(fm, u, start)
+        d = torch.where(fm, torch.zeros_like(d), d)
+        return MeanFlowBatch(x0, x1, start.to(x0.dtype).to(x0.device), (start + d).to(x0.dtype).to(x0.device))
+
+    def loss(self, model: nn.Module, batch: MeanFlowBatch) -> LossOutput:
+        x0, x1, s, t = batch
+        d = t - s
+        z = x0 + _col(s, x0) * (x1 - x0)
+        fm = d == 0
+        target = (x1 - x0).clone()
+        if bool((~fm).any()):
+            target[~fm] = shortcut_target(model, z[~fm], s[~fm], d[~fm])
+        err = per_sample_mse(model(z, s, torch.where(fm, t, s + 2 * d)), target)
+        return LossOutput(err.mean(), err.detach())
 
 
 @torch.no_grad()
