@@ -11,7 +11,7 @@ from rectflow.errors import ConfigError
 from rectflow.flow.couplings import IndependentCoupling
 from rectflow.flow.losses import flow_matching_loss
 from rectflow.flow.meanflow import MeanFlowBatch, MeanFlowObjective, ShortcutObjective, meanflow_target, sample_mean_flow, shortcut_target
-from rectflow.models import MLPAverageVelocity
+from rectflow.models import MLPAverageVelocity, UNetAverageVelocity, UNetVelocity
 from tests.conftest import gen
 
 MU, S = torch.tensor([2.0, -1.0], dtype=torch.float64), 0.5  # N(0, I) -> N(MU, S^2 I), independent pairs
@@ -126,3 +126,18 @@ def test_a_short_shortcut_run_learns_a_one_step_map():
         x = sample_mean_flow(net.eval(), torch.randn(4000, 2, generator=gen(4)), steps=steps).x
         assert torch.allclose(x.mean(0), torch.full((2,), 2.0), atol=0.15), steps
         assert torch.allclose(x.std(0), torch.full((2,), 0.5), atol=0.15), steps
+
+
+def test_the_image_unet_takes_two_times_and_starts_as_the_plain_unet():
+    torch.manual_seed(0)
+    net = UNetAverageVelocity(1, 8, channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(), head_channels=8, dropout=0.0)
+    with torch.no_grad():  # a non-zero output layer, so the comparison means something
+        net.conv_out.weight.normal_(0, 0.1)
+    plain = UNetVelocity(1, 8, channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(), head_channels=8, dropout=0.0)
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("gap_embed.")})
+    x, s, t = torch.randn(3, 1, 8, 8, generator=gen()), torch.rand(3, generator=gen(1)) * 0.5, torch.rand(3, generator=gen(2)) * 0.5 + 0.5
+    torch.testing.assert_close(net(x, s, t), plain(x, s))  # the gap embedding starts at zero
+    x0, x1 = torch.randn(3, 1, 8, 8, generator=gen(3)), torch.randn(3, 1, 8, 8, generator=gen(4))
+    out = MeanFlowObjective(IndependentCoupling(Gaussian(2), Gaussian(2))).loss(net, MeanFlowBatch(x0, x1, s, t))  # jvp through the UNet
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and net.gap_embed[-1].weight.grad is not None

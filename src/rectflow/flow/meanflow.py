@@ -23,6 +23,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rectflow.errors import ConfigError
 from rectflow.flow.couplings import Coupling
@@ -50,8 +51,10 @@ def _col(t: Tensor, like: Tensor) -> Tensor:
 
 def meanflow_target(model: AverageVelocity, z: Tensor, s: Tensor, t: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """(u, target): the model's u(z, s, t) (with its graph) and the MeanFlow target
-    v + (t - s) d/ds u(z, s, t) (detached), the derivative taken along the direction (v, 1, 0)."""
-    u, du_ds = torch.func.jvp(model, (z, s, t), (v, torch.ones_like(s), torch.zeros_like(t)))
+    v + (t - s) d/ds u(z, s, t) (detached), the derivative taken along the direction (v, 1, 0).
+    Attention runs on PyTorch's math kernel here: the fused kernels have no forward-mode derivative."""
+    with sdpa_kernel(SDPBackend.MATH):
+        u, du_ds = torch.func.jvp(model, (z, s, t), (v, torch.ones_like(s), torch.zeros_like(t)))
     return u, (v + _col(t - s, z) * du_ds).detach()
 
 

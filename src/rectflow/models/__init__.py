@@ -5,6 +5,6 @@ from rectflow.models.class_embedding import NULL_LABEL, ClassEmbedding
 from rectflow.models.dit import DiTVelocity
 from rectflow.models.embeddings import SinusoidalTimeEmbedding
 from rectflow.models.mlp import MLPAverageVelocity, MLPVelocity
-from rectflow.models.unet import UNetVelocity
+from rectflow.models.unet import UNetAverageVelocity, UNetVelocity
 
-__all__ = ["SinusoidalTimeEmbedding", "MLPVelocity", "MLPAverageVelocity", "UNetVelocity", "DiTVelocity", "ClassEmbedding", "NULL_LABEL"]
+__all__ = ["SinusoidalTimeEmbedding", "MLPVelocity", "MLPAverageVelocity", "UNetVelocity", "UNetAverageVelocity", "DiTVelocity", "ClassEmbedding", "NULL_LABEL"]

@@ -15,7 +15,7 @@ Time convention (theory §1): t in [0, 1], t = 0 the source (noise), t = 1 the d
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from rectflow.models.class_embedding import ClassEmbedding
 from rectflow.models.embeddings import SinusoidalTimeEmbedding
 
-__all__ = ["UNetVelocity"]
+__all__ = ["UNetVelocity", "UNetAverageVelocity"]
 
 _SKIP_SCALE = 1 / math.sqrt(2)
 
@@ -187,13 +187,21 @@ class UNetVelocity(nn.Module):
         self.conv_out = _zero(nn.Conv2d(c, in_channels, 3, padding=1))
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        return self.body(x, self.embed(x, t, y))
+
+    def embed(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """The conditioning vector (B, 4 * channels) of times t (B,) (or one time) and labels y."""
         if x.dim() != 4 or tuple(x.shape[1:]) != self.shape:
-            raise ValueError(f"UNetVelocity expects x of shape (B, {', '.join(map(str, self.shape))}), got {tuple(x.shape)}")
+            raise ValueError(f"{type(self).__name__} expects x of shape (B, {', '.join(map(str, self.shape))}), got {tuple(x.shape)}")
         emb = self.time_embed(t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t).to(x.dtype)
         if self.class_embed is not None:
             emb = emb + self.class_embed(y, x.shape[0], x.device).to(emb.dtype)
         elif y is not None:
             raise ValueError("this model is unconditional (num_classes = 0) but labels y were given")
+        return emb
+
+    def body(self, x: Tensor, emb: Tensor) -> Tensor:
+        """The network on images x (B, C, H, W) given the conditioning vector ``emb`` from :meth:`embed`."""
         h = self.conv_in(x)
         hs = [h]
         for block in self.down:
@@ -204,3 +212,23 @@ class UNetVelocity(nn.Module):
         for block in self.up:
             h = block(torch.cat([h, hs.pop()], dim=1), emb) if isinstance(block, _Level) else block(h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class UNetAverageVelocity(UNetVelocity):
+    """u(x, s, t[, y]): :class:`UNetVelocity` with a second time embedding, of the gap t - s, added to
+    the first (of s): the two-time network of MeanFlow and shortcut models (see
+    :mod:`rectflow.flow.meanflow`).  The gap embedding's output layer starts at zero, so a fresh
+    model is the plain UNet at time s.  ``gap_scale``: the highest angular frequency of the gap's
+    features.  Shapes: x (B, C, H, W), s (B,), t (B,), y (B,) or None -> (B, C, H, W).
+    """
+
+    def __init__(self, *args: Any, gap_scale: float = 10.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        c = self.time_embed[1].in_features
+        emb_dim = self.time_embed[-1].out_features
+        self.gap_embed = nn.Sequential(SinusoidalTimeEmbedding(c, scale=gap_scale), nn.Linear(c, emb_dim), nn.SiLU(), _zero(nn.Linear(emb_dim, emb_dim)))
+
+    def forward(self, x: Tensor, s: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        gap = t - s
+        emb = self.embed(x, s, y) + self.gap_embed(gap.reshape(-1).expand(x.shape[0]) if gap.numel() == 1 else gap).to(x.dtype)
+        return self.body(x, emb)
