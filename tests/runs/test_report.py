@@ -4,6 +4,10 @@ import shutil
 import pytest
 
 from rectflow.cli import main
+from rectflow.runs import plots, report
+from rectflow.runs.demo import run_pipeline, task_config
+from rectflow.runs.evaluation import evaluate_run
+from rectflow.runs.experiment import load_run, train_run
 from rectflow.runs.report import build_report, collect_run
 
 TINY = ["model.width=32", "model.depth=2", "train.steps=40", "train.ckpt_every=20", "train.log_every=10", "eval.n_samples=200", "eval.solvers=[euler:1,euler:4]"]
@@ -87,3 +91,54 @@ def test_report_with_nothing_to_render_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "nope" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r.html").exists()
+
+
+def recording(make, figures):
+    """``make`` (a figure factory or saver) that also keeps every figure it sees in ``figures``."""
+    def wrapped(*args, **kwargs):
+        out = make(*args, **kwargs)
+        figures.append(out[0] if isinstance(out, tuple) else args[0])
+        return out
+    return wrapped
+
+
+def lines_of(figures, title):
+    return [line.get_label() for fig in figures for ax in fig.axes if title in ax.get_title() for line in ax.get_lines()]
+
+
+@pytest.mark.slow
+def test_report_of_a_demo_chain_shows_every_stage_and_the_floor(tmp_path, monkeypatch):
+    """Issue 16 trap 8, on a tiny demo-like chain (1-RF evaluated, then the pipeline): the report
+    draws quality vs NFE for all three stages, the one-step map gets no t-coloured trajectories,
+    and the W2-vs-NFE charts have the finite-sample floor."""
+    pipeline_figs, report_figs = [], []
+    monkeypatch.setattr(plots, "save_figure", recording(plots.save_figure, pipeline_figs))
+    base = tmp_path / "moons"
+    train_run(task_config("gaussian", "moons", steps=30, n_eval=100, progress=False), base)
+    evaluate_run(load_run(base))
+    first_eval = json.loads((base / "eval.json").read_text())
+    res = run_pipeline(tmp_path, target="moons", base_run=base, steps=30, n_pairs=200, n_eval=100, progress=False, echo=lambda s: None)
+    runs = [str(r) for r in res["runs"]]
+    assert [p.rsplit("/", 1)[-1] for p in runs] == ["moons", "moons-2rf", "moons-2rf-distill"]
+    assert any("floor" in label for label in lines_of(pipeline_figs, "W2 vs NFE"))  # pipeline/quality_vs_nfe.png
+
+    summaries = [collect_run(r) for r in runs]
+    for s in summaries:
+        assert s.eval_rows and not any("eval.json" in p for p in s.problems), (s.name, s.problems)
+        assert s.reference and s.reference["floor_w2"] > 0
+    assert json.loads((base / "eval.json").read_text()) == first_eval  # the 1-RF keeps its own evaluation
+    assert [r["solver"] for r in summaries[2].eval_rows] == ["euler:1"]
+    w2 = {s.name: {r["solver"]: r["w2"] for r in s.eval_rows} for s in summaries}
+    rows = {r["stage"]: r for r in res["rows"]}
+    assert w2["moons-2rf"]["euler:8"] == pytest.approx(rows["2-RF"]["w2@euler:8"])  # the numbers the table printed
+
+    distilled = tmp_path / "moons-2rf-distill" / "plots"
+    assert (distilled / "map.png").is_file() and not (distilled / "trajectories.png").exists()
+
+    monkeypatch.setattr(report, "subplots", recording(report.subplots, report_figs))
+    page = build_report(summaries, tmp_path / "r.html").read_text()
+    labels = lines_of(report_figs, "W2 vs NFE")
+    for name in ("moons", "moons-2rf", "moons-2rf-distill"):
+        assert any(label.startswith(f"{name} (") for label in labels), (name, labels)
+    assert any("floor" in label for label in labels)
+    assert "finite-sample floor" in page and "missing eval.json" not in page

@@ -89,7 +89,8 @@ def run_pipeline(
 
     Runs go to ``out/<target>`` (the 1-RF, or ``base_run`` when given), ``out/<target>-<k>rf``
     and ``out/<target>-<k>rf-distill``; the table to ``out/pipeline/table.md`` (and ``rows.json``),
-    the quality-vs-NFE, per-stage trajectory and crossing plots to ``out/pipeline``.
+    the quality-vs-NFE, per-stage trajectory and crossing plots to ``out/pipeline``; each stage
+    without an evaluation of its step gets its row of the table as ``eval.json``.
 
     Args:
         steps: 1-RF training steps; ``reflow_steps`` (default ``steps``) per reflow and
@@ -140,7 +141,7 @@ def run_pipeline(
         run = load_run(run_dir)
         plot_run(run)
     pdir = out / "pipeline"
-    rows = diagnose_runs(runs, plots_dir=pdir, echo=echo)
+    rows = diagnose_runs(runs, plots_dir=pdir, write_eval=True, echo=echo)  # eval.json for each stage that has none: `rectflow report` charts them
     timings["diagnostics"] = time.perf_counter() - t
     table = format_stage_table(rows)
     stats = {}

@@ -17,11 +17,12 @@ from typing import Any, Callable, Sequence
 
 from torch import Tensor
 
-from rectflow.errors import DataError
+from rectflow.engine.io import load_json
+from rectflow.errors import CheckpointError, DataError
 from rectflow.flow.metrics import wasserstein2
 from rectflow.flow.sampling import parse_solver_spec, sample_model
 from rectflow.reflow.diagnostics import diagnose_coupling, straightness
-from rectflow.runs.evaluation import format_table, heldout_samples
+from rectflow.runs.evaluation import evaluation_reference, format_table, heldout_samples, save_evaluation
 from rectflow.runs.lineage import as_run, stage_label
 from rectflow.runs.plots import plot_crossings, plot_quality_vs_nfe, plot_stages
 
@@ -48,6 +49,7 @@ def diagnose_runs(
     include_independent: bool = True,
     exact_ot: bool = True,
     plots_dir: str | Path | None = None,
+    write_eval: bool = False,
     echo: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per stage of a reflow chain, all on the same held-out points (those of the first run).
@@ -59,8 +61,10 @@ def diagnose_runs(
         coupling_solver: the solver whose samples define each flow's coupling (Z0, Z1); reused
             from the W2 pass when it is one of ``solvers``.
         include_independent: a first row for the independent (random) coupling of pi0 and pi1.
-        plots_dir: when given, writes ``quality_vs_nfe.png``, ``stages.png`` (trajectories and
-            crossings per stage) and ``crossings_<stage>.png`` there.
+        plots_dir: when given, writes ``quality_vs_nfe.png`` (with the finite-sample floor),
+            ``stages.png`` (trajectories and crossings per stage) and ``crossings_<stage>.png`` there.
+        write_eval: also give each run that has no ``eval.json`` for its current step one with its
+            W2 row of this table (what ``rectflow report`` charts), measured against the same points.
     Returns:
         rows with ``stage``, ``run``, ``w2@<solver>`` and ``nfe@<solver>`` per solver,
         ``straightness``, ``transport_cost``, ``ot_cost``, ``transport_excess``, ``crossing``.
@@ -76,6 +80,7 @@ def diagnose_runs(
         if r.dim != first.dim:
             raise DataError(f"{r.path} has dimension {r.dim} but {first.path} has dimension {first.dim}; compare runs of one task")
     x0, x1_ref = heldout_samples(first, n, seed)
+    reference = evaluation_reference(first, n, seed) if plots_dir is not None or write_eval else None
     say = echo or (lambda s: None)
     rows: list[dict[str, Any]] = []
     panels: list[dict[str, Any]] = []
@@ -119,15 +124,26 @@ def diagnose_runs(
             traj, times = res.trajectory[::2].cpu(), res.times[::2]
         add_coupling(row, label, x0, coupling_x1, traj, times)
         rows.append(row)
+        if write_eval and not _evaluated(run):
+            save_evaluation(run, [{"solver": s, "nfe": row[f"nfe@{s}"], "w2": row[f"w2@{s}"]} for s in solvers if row[f"w2@{s}"] is not None], x0.shape[0], reference)
     if plots_dir is not None:
         out = Path(plots_dir)
         if series:
-            plot_quality_vs_nfe(series, out / "quality_vs_nfe.png")
+            plot_quality_vs_nfe(series, out / "quality_vs_nfe.png", floor=reference["floor_w2"])
         if panels:
             plot_stages(panels, out / "stages.png")
             for p in panels:
                 plot_crossings(p["x0"], p["x1"], p["points"], out / f"crossings_{_slug(p['label'])}.png", title=f"{p['label']}: crossing p = {p['crossing']:.4f}")
     return rows
+
+
+def _evaluated(run: Any) -> bool:
+    """Whether the run holds an eval.json of its current step (made by ``rectflow eval``: kept)."""
+    try:
+        ev = load_json(Path(run.path) / "eval.json")
+    except CheckpointError:  # none, or unreadable: write one
+        return False
+    return isinstance(ev, dict) and ev.get("step") == run.step
 
 
 def format_stage_table(rows: Sequence[dict[str, Any]], solvers: Sequence[str] = STAGE_SOLVERS) -> str:

@@ -1,5 +1,6 @@
 """The seed example's three figures (matplotlib, written atomically as PNG):
-loss curve, generated vs real samples, and trajectories coloured by t."""
+loss curve, generated vs real samples, and trajectories coloured by t (for a one-step map, its
+arrows source -> sample)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from rectflow.images.sampling import save_image_grid, save_pair_grid
 from rectflow.runs.evaluation import heldout_samples
 from rectflow.runs.experiment import Run, sample_shape, sampling_steps
 
-__all__ = ["plot_loss", "plot_samples", "plot_trajectories", "plot_quality_vs_nfe", "save_figure", "subplots", "plot_run"]
+__all__ = ["plot_loss", "plot_samples", "plot_trajectories", "plot_quality_vs_nfe", "draw_floor", "plot_map", "save_figure", "subplots", "plot_run"]
 
 
 def subplots(*args: Any, figsize: tuple[float, float], layout: str | None = None, **kw: Any) -> tuple[Figure, Any]:
@@ -96,15 +97,37 @@ def plot_trajectories(
     return save_figure(fig, path)
 
 
-def plot_quality_vs_nfe(series: dict[str, Sequence[tuple[int, float]]], path: str | Path, metric: str = "W2") -> Path:
-    """One line per label: (NFE, metric) points on a log-NFE axis."""
+def plot_quality_vs_nfe(series: dict[str, Sequence[tuple[int, float]]], path: str | Path, metric: str = "W2", floor: float | None = None) -> Path:
+    """One line per label: (NFE, metric) points on a log-NFE axis; ``floor``: the finite-sample
+    floor of the metric (what a perfect model scores on these reference points), a dashed line."""
     fig, ax = subplots(figsize=(5, 3.5))
     for label, pts in series.items():
         pts = sorted(pts)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    if floor is not None:
+        draw_floor(ax, floor, f"finite-sample floor ({floor:.3g})")
     ax.set(xscale="log", xlabel="NFE", ylabel=metric, title=f"{metric} vs NFE")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def draw_floor(ax: Any, value: float, label: str, color: Any = "0.25") -> None:
+    """A finite-sample floor on a metric-vs-NFE chart: a dashed horizontal line."""
+    ax.axhline(value, ls="--", lw=1.0, color=color, label=label)
+
+
+def plot_map(x0: Tensor | np.ndarray, x1: Tensor | np.ndarray, path: str | Path, title: str = "one-step map", max_arrows: int = 300) -> Path:
+    """A one-step map x0 -> x1 (B, 2) as arrows from each source point (grey) to its sample (blue):
+    a one-step sample has no path in t to colour."""
+    a, b = _np(x0)[:max_arrows, :2], _np(x1)[:max_arrows, :2]
+    fig, ax = subplots(figsize=(4.5, 4.5))
+    d = b - a
+    ax.quiver(a[:, 0], a[:, 1], d[:, 0], d[:, 1], angles="xy", scale_units="xy", scale=1, width=0.002, color="0.5", alpha=0.6)
+    ax.scatter(a[:, 0], a[:, 1], s=3, c="tab:gray", label="$Z_0$")
+    ax.scatter(b[:, 0], b[:, 1], s=3, c="tab:blue", label="$Z_1 = Z_0 + v(Z_0, 0)$")
+    ax.set(title=title, aspect="equal")
+    ax.legend(markerscale=3, fontsize=7, loc="upper right")
     return save_figure(fig, path)
 
 
@@ -187,7 +210,7 @@ def plot_stages(panels: Sequence[dict[str, Any]], path: str | Path, max_paths: i
 def plot_run(run: Run, *, n: int = 2000, steps: int | None = None) -> list[Path]:
     """Write the run's loss curve, samples-vs-data scatter and trajectory plot into run/plots;
     sampled with ``steps`` Euler steps (default :func:`~rectflow.runs.experiment.sampling_steps`:
-    1 for a one-step map)."""
+    1 for a one-step map, whose map is drawn as arrows in ``map.png`` instead of trajectories)."""
     out = run.path / "plots"
     steps = sampling_steps(run.config) if steps is None else steps
     if len(sample_shape(run.source)) == 3:
@@ -195,10 +218,11 @@ def plot_run(run: Run, *, n: int = 2000, steps: int | None = None) -> list[Path]
     x0, x1 = heldout_samples(run, n)
     res = sample_model(run.model, x0, method="euler", steps=steps, return_trajectory=True)
     name = f"{_label(run.config.source)} -> {_label(run.config.target)}"
-    paths = [
-        plot_samples(res.x, x1, out / "samples.png", title=f"{name}: Euler {steps} steps"),
-        plot_trajectories(res.trajectory[:: max(1, steps // 50)], out / "trajectories.png", res.times[:: max(1, steps // 50)], title=f"{name}: trajectories"),
-    ]
+    paths = [plot_samples(res.x, x1, out / "samples.png", title=f"{name}: Euler {steps} steps")]
+    if steps == 1:  # a one-step map (a distilled run): its arrows, no path in t
+        paths.append(plot_map(x0, res.x, out / "map.png", title=f"{name}: one-step map"))
+    else:
+        paths.append(plot_trajectories(res.trajectory[:: max(1, steps // 50)], out / "trajectories.png", res.times[:: max(1, steps // 50)], title=f"{name}: trajectories"))
     rows = read_jsonl(run.path / "metrics.jsonl")
     if rows:
         paths.append(plot_loss(rows, out / "loss.png", title=f"{name}: loss"))

@@ -20,8 +20,9 @@ from typing import Any
 from rectflow.engine.io import atomic_path, check_writable, scan_jsonl
 from rectflow.errors import DataError
 from rectflow.runs.config import config_from_dict
+from rectflow.runs.evaluation import format_reference
 from rectflow.runs.machine import describe, machine_info
-from rectflow.runs.plots import subplots
+from rectflow.runs.plots import draw_floor, subplots
 
 __all__ = ["RunSummary", "collect_run", "build_report"]
 
@@ -44,6 +45,7 @@ class RunSummary:
     config: dict[str, Any] | None = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
     eval_rows: list[dict[str, Any]] = field(default_factory=list)
+    reference: dict[str, Any] | None = None  # eval.json's "reference": what it was measured against, the finite-sample floor
     figures: dict[str, Path] = field(default_factory=dict)
     machine: dict[str, Any] | None = None
     extra_tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
@@ -90,6 +92,11 @@ def _good_eval_row(row: Any) -> bool:
             and all(_is_number(row[k]) for k in ("w2", "energy", "sample_s") if k in row))
 
 
+def _good_reference(ref: Any) -> bool:
+    """eval.json's "reference" as :func:`~rectflow.runs.evaluation.evaluation_reference` writes it."""
+    return isinstance(ref, dict) and isinstance(ref.get("against"), str) and all(_is_number(ref.get(k)) for k in ("floor_w2", "floor_energy"))
+
+
 def _filtered(name: str, rows: list[Any], keep, problems: list[str], what: str) -> list[Any]:
     good = [r for r in rows if keep(r)]
     if len(good) < len(rows):
@@ -124,6 +131,11 @@ def collect_run(path: str | Path) -> RunSummary:
             s.eval_rows = _filtered("eval.json", rows, _good_eval_row, s.problems, "rows")
         else:
             s.problems.append(f"eval.json: 'rows' is not a list (found {type(rows).__name__})")
+        ref = ev.get("reference")
+        if _good_reference(ref):
+            s.reference = ref
+        elif ref is not None:
+            s.problems.append("eval.json: 'reference' is not a description with numeric floor_w2 and floor_energy (left out)")
     s.machine = _read_json(path / "machine.json", s.problems, None)
     for extra in sorted(path.glob("*.table.json")):
         table = _read_json(extra, s.problems, None, kind=list)
@@ -178,15 +190,25 @@ def _loss_chart(runs: list[RunSummary]) -> bytes | None:
 
 
 def _quality_chart(runs: list[RunSummary], metric: str = "w2") -> bytes | None:
+    """Metric vs NFE, one line per run and solver family, with the finite-sample floor of each
+    run's reference points (one line when the runs share it)."""
     fig, ax = subplots(figsize=(6, 3.5))
-    drawn = False
+    drawn, floors = False, {}
     for r in runs:
         for family in dict.fromkeys(row["solver"].split(":")[0] for row in r.eval_rows if metric in row):
             pts = sorted((row["nfe"], row[metric]) for row in r.eval_rows if metric in row and row["solver"].split(":")[0] == family)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{r.name} ({family})")
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{r.name} ({family})")
             drawn = True
+            if r.reference is not None and r.name not in floors:
+                floors[r.name] = (r.reference[f"floor_{metric}"], line.get_color())
     if not drawn:
         return None
+    if len({round(v, 9) for v, _ in floors.values()}) == 1:
+        v = next(iter(floors.values()))[0]
+        draw_floor(ax, v, f"finite-sample floor ({v:.3g})")
+    else:
+        for name, (v, color) in floors.items():
+            draw_floor(ax, v, f"{name}: finite-sample floor ({v:.3g})", color=color)
     ax.set(xscale="log", xlabel="NFE", ylabel=metric.upper(), title=f"{metric.upper()} vs NFE (lower is better)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
@@ -230,6 +252,8 @@ def build_report(run_dirs: list[str | Path | RunSummary], out: str | Path, title
     for r in runs:
         if r.eval_rows:
             parts.append(f"<h3>{html.escape(r.name)}</h3>" + _table(r.eval_rows, ["solver", "nfe", "w2", "energy", "sample_s"]))
+            if r.reference is not None:
+                parts.append(f'<p class="muted">{html.escape(format_reference(r.reference))}</p>')
         for name, rows in r.extra_tables.items():
             parts.append(f"<h3>{html.escape(r.name)}: {html.escape(name)}</h3>" + _table(rows))
 
