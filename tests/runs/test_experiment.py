@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from rectflow.cli import main
 from rectflow.engine.checkpoint import checkpoint_path, list_checkpoints
@@ -231,3 +232,76 @@ def test_held_out_split_is_part_of_a_file_run(tmp_path, monkeypatch):
     run = load_run("old")
     assert run.heldout is None and len(run.target.points) == 400
     assert "with replacement from the training file" in evaluation_reference(run, n=20)["against"]
+
+
+class Ring:
+    """A user's distribution: only sample(n, generator=, device=) (no dim, no shape)."""
+
+    def sample(self, n, generator=None, device=None):
+        angle = 2 * torch.pi * torch.rand(n, generator=generator)
+        return 3 * torch.stack([angle.cos(), angle.sin()], dim=1).to(device)
+
+
+class Net(nn.Module):
+    """A user's network with a config (its constructor's arguments)."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        self.config = {"width": width}
+        self.net = nn.Sequential(nn.Linear(3, width), nn.SiLU(), nn.Linear(width, 2))
+
+    def forward(self, x, t):
+        return self.net(torch.cat([x, t[:, None].to(x.dtype)], dim=1))
+
+
+class Bare(Net):
+    """A user's network without a config."""
+
+    def __init__(self):
+        super().__init__(8)
+        del self.config
+
+
+def test_train_run_takes_any_sampler_and_any_network(tmp_path):
+    """Issue 16 trap 5: train_run / load_run take an object with sample(n, generator=, device=) as
+    a distribution and any nn.Module as the network; the run records their types (and the
+    network's config), and a run of them cannot be resumed or loaded without them."""
+    run_dir = tmp_path / "ring"
+    train_run(tiny(train__steps=10, train__ckpt_every=5), run_dir, target=Ring(), model=Net(width=16))
+    stored = load_json(run_dir / "config.json")
+    assert stored["target"] == {"name": "object", "type": f"{__name__}.Ring"} and stored["source"] == "gaussian"
+    assert stored["model"]["kind"] == "custom"
+    run = load_run(run_dir, target=Ring(), model=Net)  # the class: rebuilt with the recorded config
+    assert isinstance(run.model, Net) and run.model.config == {"width": 16} and run.step == 10 and run.dim == 2
+    assert run.target.sample(5).shape == (5, 2)
+    assert train_run(tiny(train__steps=15, train__ckpt_every=5), run_dir, target=Ring(), model=Net()).step == 15  # resumes
+
+    without_target = load_run(run_dir, model=Net)  # sampling needs no target ...
+    with pytest.raises(DataError, match=r"target is a Python object \(.*Ring\).*target="):
+        without_target.target.sample(3)  # ... comparing with it does
+    with pytest.raises(ConfigError, match=r"network is a Python nn.Module \(.*Net\).*model="):
+        load_run(run_dir, target=Ring())
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_run(run_dir, target=Ring(), model=lambda: Net(width=8))
+    with pytest.raises(DataError, match=r"target is a Python object"):
+        train_run(tiny(train__steps=20), run_dir, model=Net())
+    with pytest.raises(ConfigError, match=r"network is a Python nn.Module"):
+        train_run(tiny(train__steps=20), run_dir, target=Ring())
+    assert load_run(run_dir, target=Ring(), model=Net).step == 15  # nothing was written
+
+
+def test_a_network_without_config_is_loaded_from_its_constructor(tmp_path):
+    train_run(tiny(train__steps=5, train__ckpt_every=5), tmp_path / "bare", model=Bare())
+    assert isinstance(load_run(tmp_path / "bare", model=Bare).model, Bare)
+    assert isinstance(load_run(tmp_path / "bare", model=lambda: Bare()).model, Bare)
+    train_run(tiny(train__steps=5, train__ckpt_every=5), tmp_path / "plain")
+    with pytest.raises(ConfigError, match="built from its config"):
+        load_run(tmp_path / "plain", model=Bare)
+
+
+def test_objects_that_are_not_distributions_or_networks_are_refused(tmp_path):
+    with pytest.raises(DataError, match="not a distribution"):
+        train_run(tiny(), tmp_path / "r", target=object())
+    with pytest.raises(ConfigError, match="nn.Module"):
+        train_run(tiny(), tmp_path / "r", model=lambda: Net())
+    assert not (tmp_path / "r").exists()

@@ -8,25 +8,25 @@ import pytest
 import torch
 from scipy.stats import kendalltau
 
-from rectflow.runs.config import config_from_dict, config_to_dict
 from rectflow.data import Gaussian, PointCloud
-from rectflow.runs.diagnose import diagnose_runs, format_stage_table
+from rectflow.engine.checkpoint import load_weights, read_checkpoint
+from rectflow.engine.trainer import TrainConfig, Trainer
 from rectflow.errors import CheckpointError, ConfigError, DataError
-from rectflow.runs.experiment import build_model, load_run, model_config, train_run
-from rectflow.runs.evaluation import evaluate_run
+from rectflow.flow.couplings import IndependentCoupling
 from rectflow.flow.losses import FlowMatchingObjective
 from rectflow.flow.metrics import wasserstein2
 from rectflow.models import MLPVelocity
-from rectflow.flow.couplings import IndependentCoupling
-from rectflow.reflow.pairs import PairCoupling, generate_pairs
-from rectflow.runs.lineage import PairOptions, default_pairs_dir, stage_label
-from rectflow.engine.checkpoint import load_weights, read_checkpoint
-from rectflow.runs.reflow import default_reflow_dir, train_reflow
 from rectflow.reflow.distill import one_step
+from rectflow.reflow.pairs import PairCoupling, generate_pairs
+from rectflow.runs.config import config_from_dict, config_to_dict
+from rectflow.runs.diagnose import diagnose_runs, format_stage_table
 from rectflow.runs.distill import train_distill
-from rectflow.engine.trainer import TrainConfig, Trainer
-
+from rectflow.runs.evaluation import evaluate_run
+from rectflow.runs.experiment import build_model, load_run, model_config, train_run
+from rectflow.runs.lineage import PairOptions, default_pairs_dir, stage_label
+from rectflow.runs.reflow import default_reflow_dir, train_reflow
 from tests.conftest import gen
+from tests.runs.test_experiment import Net, Ring, tiny
 
 TINY = {
     "target": "moons",
@@ -178,3 +178,18 @@ def test_one_dimensional_reflow_gives_a_monotone_coupling():
     assert kendalltau(x0.squeeze(1), x_one.squeeze(1)).statistic < tau_two
     ref = target.sample(2000, generator=gen(6))
     assert wasserstein2(x_two, ref) < 0.5 * wasserstein2(x_one, ref)  # and one step now lands on pi1
+
+
+def test_reflow_and_distill_take_the_users_objects(tmp_path):
+    """Issue 16 trap 5: a run of a user's distribution and network reflows and distils from Python;
+    the child gets the same objects (a fresh network: a copy of the parent's, or from ``model``)."""
+    train_run(tiny(train__steps=10, train__ckpt_every=10), tmp_path / "ring", target=Ring(), model=Net())
+    quick = {"n_pairs": 64, "options": PairOptions(solver="euler:4", device="cpu"), "progress": False, "steps": 5}
+    two = train_reflow(tmp_path / "ring", tmp_path / "ring-2rf", target=Ring(), model=Net, **quick)
+    run = load_run(two, target=Ring(), model=Net)
+    assert stage_label(run.config) == "2-RF" and isinstance(run.model, Net) and run.step == 5
+    d = train_distill(run, tmp_path / "ring-2rf-distill", **quick)  # a loaded run carries its objects
+    assert load_run(d, target=Ring(), model=Net).config.reflow.distill
+    with pytest.raises(ConfigError, match="scratch.*model="):
+        train_distill(run, tmp_path / "scratch", init="scratch", **quick)
+    assert evaluate_run(load_run(d, target=Ring(), model=Net), n=40, write=False)[0]["nfe"] == 1

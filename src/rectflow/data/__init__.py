@@ -5,7 +5,21 @@ any of them can be the source pi0 or the target pi1 (domain transfer, theory §1
 """
 
 from rectflow.data.images import ImageArray, ImageDataset, ImageGaussian, load_digits_images, load_images
-from rectflow.data.toy2d import TOY_DISTRIBUTIONS, Checkerboard, Circle, EightGaussians, Gaussian, Moons, PointCloud, Spirals, absolute_spec, make_distribution, point_file_path
+from rectflow.data.toy2d import (
+    TOY_DISTRIBUTIONS,
+    Checkerboard,
+    Circle,
+    EightGaussians,
+    Gaussian,
+    Moons,
+    ObjectDistribution,
+    PointCloud,
+    Spirals,
+    absolute_spec,
+    as_distribution,
+    make_distribution,
+    point_file_path,
+)
 
 __all__ = [
     "ImageArray",
@@ -24,4 +38,6 @@ __all__ = [
     "make_distribution",
     "absolute_spec",
     "point_file_path",
+    "ObjectDistribution",
+    "as_distribution",
 ]

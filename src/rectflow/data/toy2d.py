@@ -30,6 +30,8 @@ __all__ = [
     "make_distribution",
     "absolute_spec",
     "point_file_path",
+    "ObjectDistribution",
+    "as_distribution",
 ]
 
 
@@ -290,3 +292,41 @@ def absolute_spec(spec: Any) -> Any:
     if spec.get("name") in ("file", "images") and isinstance(spec.get("path"), (str, Path)):
         return {**spec, "path": str(Path(spec["path"]).resolve())}
     return spec
+
+
+class ObjectDistribution:
+    """A user's sampler that has ``sample(n, generator=, device=)`` but no ``dim``/``shape``: the
+    shape of one sample is read off one draw (from a generator of its own).  ``distribution`` is
+    the user's object; attributes it has are reached through this wrapper."""
+
+    def __init__(self, distribution: Any, name: str = "distribution") -> None:
+        self.distribution = distribution
+        try:
+            x = distribution.sample(2, generator=torch.Generator().manual_seed(0))
+        except TypeError as e:
+            raise DataError(f"{name}: {type(distribution).__name__}.sample must take (n, generator=None, device=None): {e}") from None
+        if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] != 2:
+            raise DataError(f"{name}: {type(distribution).__name__}.sample(2) must return a tensor of shape (2, ...), got {type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
+        self.shape = tuple(x.shape[1:]) if x.dim() > 2 else None
+        self.dim = int(x[0].numel())
+
+    def sample(self, n: int, *, generator=None, device=None) -> Tensor:
+        return self.distribution.sample(n, generator=generator, device=device)
+
+    def __getattr__(self, name: str) -> Any:  # the user's own attributes (sample_labelled, ...)
+        if name.startswith("_") or name == "distribution":
+            raise AttributeError(name)
+        return getattr(self.distribution, name)
+
+    def __repr__(self) -> str:
+        return f"ObjectDistribution({self.distribution!r})"
+
+
+def as_distribution(obj: Any, name: str = "distribution") -> Any:
+    """``obj`` as a sampler of the library: any object with ``sample(n, generator=, device=)``;
+    one without ``dim``/``shape`` is wrapped in :class:`ObjectDistribution`.  DataError otherwise."""
+    if not callable(getattr(obj, "sample", None)):
+        raise DataError(f"{name}: a {type(obj).__name__} is not a distribution: it needs sample(n, generator=None, device=None) -> (n, ...)")
+    if getattr(obj, "shape", None) or getattr(obj, "dim", None):
+        return obj
+    return ObjectDistribution(obj, name)

@@ -44,6 +44,7 @@ __all__ = [
     "load_weights",
     "load_optimizer_state",
     "check_run_record",
+    "check_model_config",
 ]
 
 CHECKPOINT_FORMAT = "rectflow-checkpoint/2"
@@ -188,9 +189,16 @@ def read_checkpoint(path: str | Path, *, model_config: dict[str, Any] | None = N
         raise CheckpointError(f"{p}: not a rectflow checkpoint (format {meta.get('format')!r})")
     if meta.get("format") == CHECKPOINT_FORMAT and meta.get("tensors_sha256") != tensors_sha256(tensors):
         raise CheckpointError(f"{p}: checksum mismatch: the file was changed or corrupted after it was written")
-    if model_config is not None and meta.get("model_config") != model_config:
-        raise CheckpointError(f"{p}: checkpoint model config {meta.get('model_config')} does not match this model's {model_config}")
-    return Checkpoint(p, tensors, meta)
+    ckpt = Checkpoint(p, tensors, meta)
+    if model_config is not None:
+        check_model_config(ckpt, model_config)
+    return ckpt
+
+
+def check_model_config(checkpoint: Checkpoint, model_config: dict[str, Any]) -> None:
+    """CheckpointError (naming the file) when the checkpoint was made for another architecture."""
+    if checkpoint.model_config != model_config:
+        raise CheckpointError(f"{checkpoint.path}: checkpoint model config {checkpoint.model_config} does not match this model's {model_config}")
 
 
 def load_weights(model: nn.Module, checkpoint: Checkpoint, *, ema: bool = True) -> nn.Module:

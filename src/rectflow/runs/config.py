@@ -39,7 +39,7 @@ __all__ = [
 
 @dataclass
 class ModelConfig:
-    kind: str = "mlp"  # mlp | unet | dit (unet/dit: images, see rectflow.models)
+    kind: str = "mlp"  # mlp | unet | dit (unet/dit: images, see rectflow.models) | custom (an nn.Module passed as model= to train_run / load_run)
     width: int = 256  # mlp: hidden units; dit: token width
     depth: int = 3  # mlp: hidden layers; dit: transformer blocks
     time_dim: int = 64  # mlp: time-embedding size
@@ -276,7 +276,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 _CHOICES = {
-    "model.kind": ("mlp", "unet", "dit"),
+    "model.kind": ("mlp", "unet", "dit", "custom"),
     "model.activation": ("silu", "gelu", "relu", "tanh"),
     "coupling.kind": ("independent", "ot", "pairs"),
     "coupling.method": ("exact", "sinkhorn"),

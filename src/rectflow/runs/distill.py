@@ -4,7 +4,7 @@ t = 0 (the maths is :mod:`rectflow.reflow.distill`; theory §4)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from rectflow.errors import ConfigError
 from rectflow.reflow.distill import make_distill_loss
@@ -28,6 +28,9 @@ def train_distill(
     pairs: str | Path | None = None,
     options: PairOptions = PairOptions(),
     progress: bool | None = True,
+    source: Any = None,
+    target: Any = None,
+    model: Any = None,
 ) -> Path:
     """Distill the flow of ``run`` (a k-RF run directory or loaded Run) into a one-step map; returns
     the new run directory (default ``RUN-distill``, or ``RUN-distill-independent``).
@@ -37,9 +40,10 @@ def train_distill(
     the random coupling of pi0 and pi1, which can only give E[X1 | X0] (the failure theory §4
     describes).  ``init``: ``"previous"`` starts from the run's weights, ``"scratch"`` from a
     fresh network.  ``loss``: ``l2`` or ``pseudo_huber`` (scale ``huber_c``).  The pair
-    arguments are those of :func:`rectflow.runs.reflow.train_reflow` (:class:`~rectflow.runs.lineage.PairOptions`).
+    arguments are those of :func:`rectflow.runs.reflow.train_reflow` (:class:`~rectflow.runs.lineage.PairOptions`),
+    and so are ``source`` / ``target`` / ``model`` (a teacher made of Python objects).
     """
-    teacher = as_run(run)
+    teacher = as_run(run, source=source, target=target, model=model)
     if teacher.config.reflow.distill:
         raise ConfigError(f"{teacher.path} is already a distillation run; distill a k-RF flow")
     make_distill_loss(loss, c=huber_c)  # validate the name early
@@ -61,4 +65,4 @@ def train_distill(
         overrides=[*progress_overrides(progress), *overrides],
     )
     out = Path(out) if out is not None else Path(teacher.path).parent / f"{Path(teacher.path).name}-{suffix}"
-    return train_child(cfg, out, teacher, n_pairs=None if pairs is not None else n_pairs, options=options, progress=progress)
+    return train_child(cfg, out, teacher, n_pairs=None if pairs is not None else n_pairs, options=options, progress=progress, model=model)

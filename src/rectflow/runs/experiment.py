@@ -12,7 +12,9 @@ A run directory holds::
 
 from __future__ import annotations
 
+import copy
 import functools
+import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -20,8 +22,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from rectflow.data import absolute_spec, make_distribution, point_file_path
-from rectflow.engine.checkpoint import latest_checkpoint, list_checkpoints, load_weights, read_checkpoint
+from rectflow.data import ObjectDistribution, absolute_spec, as_distribution, make_distribution, point_file_path
+from rectflow.engine.checkpoint import check_model_config, latest_checkpoint, list_checkpoints, load_weights, read_checkpoint
 from rectflow.engine.io import load_json, make_dirs, remove_stale_temporaries, save_json
 from rectflow.engine.trainer import Trainer, resolve_device
 from rectflow.errors import CheckpointError, ConfigError, DataError
@@ -39,7 +41,7 @@ from rectflow.runs.machine import machine_info
 from rectflow.runs.rundir import guard_run_dir, lock_run_dir, semantic_config
 
 __all__ = ['Run', 'build_distributions', 'build_model', 'build_objective', 'model_config', 'train_run', 'load_run', 'sample_shape', 'split_target', 'holds_out',
-           'DEFAULT_HOLDOUT', 'DEFAULT_SAMPLING_STEPS', 'sampling_steps', 'one_step_warning']
+           'DEFAULT_HOLDOUT', 'DEFAULT_SAMPLING_STEPS', 'sampling_steps', 'one_step_warning', 'object_spec', 'is_object_spec', 'network', 'run_objects']
 
 DEFAULT_HOLDOUT = 0.1
 """Fraction of a file target's rows a new run holds out for evaluation (``eval.holdout`` unset)."""
@@ -71,20 +73,50 @@ def holds_out(cfg: ExperimentConfig) -> bool:
     return point_file_path(cfg.target) is not None and bool(cfg.eval.holdout)
 
 
-def split_target(cfg: ExperimentConfig) -> tuple[Any, Any | None]:
+def object_spec(obj: Any) -> dict[str, str]:
+    """How a run records a distribution given as a Python object: ``{"name": "object", "type":
+    "module.Class"}`` (by type only: such a run needs the object again to be resumed or loaded)."""
+    return {"name": "object", "type": _qualified(obj.distribution if isinstance(obj, ObjectDistribution) else obj)}
+
+
+def is_object_spec(spec: Any) -> bool:
+    """Whether a recorded distribution was a Python object (:func:`object_spec`)."""
+    return isinstance(spec, dict) and spec.get("name") == "object"
+
+
+def _qualified(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _distribution(spec: Any, given: Any, role: str) -> Any:
+    """The ``role`` distribution: the object ``given``, else the one ``spec`` describes."""
+    if given is not None:
+        return as_distribution(given, role)
+    if is_object_spec(spec):
+        raise DataError(_missing_object(role, spec))
+    return make_distribution(spec)
+
+
+def _missing_object(role: str, spec: dict[str, Any]) -> str:
+    return (f"this run's {role} is a Python object ({spec.get('type')}), recorded by its type only; pass it again as {role}= "
+            "(train_run, load_run, train_reflow, train_distill)")
+
+
+def split_target(cfg: ExperimentConfig, target: Any = None) -> tuple[Any, Any | None]:
     """The target's training part and its held-out part: for a file target with ``eval.holdout``
     > 0, the rows split by ``eval.seed`` (:meth:`~rectflow.data.PointCloud.split`); else the whole
-    target and None."""
-    target = make_distribution(cfg.target)
-    if holds_out(cfg):
-        return target.split(cfg.eval.holdout, cfg.eval.seed)
-    return target, None
+    target (the object ``target`` when given) and None."""
+    dist = _distribution(cfg.target, target, "target")
+    if target is None and holds_out(cfg):
+        return dist.split(cfg.eval.holdout, cfg.eval.seed)
+    return dist, None
 
 
-def build_distributions(cfg: ExperimentConfig) -> tuple[Any, Any]:
+def build_distributions(cfg: ExperimentConfig, *, source: Any = None, target: Any = None) -> tuple[Any, Any]:
     """Source pi0 and target pi1 samplers as training sees them (a file target without its
-    held-out rows, :func:`split_target`); their dimensions must agree."""
-    source, target = make_distribution(cfg.source), split_target(cfg)[0]
+    held-out rows, :func:`split_target`); their dimensions must agree.  ``source`` / ``target``:
+    objects with ``sample(n, generator=, device=)`` used instead of the config's (:func:`object_spec`)."""
+    source, target = _distribution(cfg.source, source, "source"), split_target(cfg, target)[0]
     if source.dim != target.dim:
         raise DataError(f"source has dimension {source.dim} but target has dimension {target.dim}; they must match")
     if sample_shape(source) != sample_shape(target):
@@ -106,9 +138,22 @@ _IMAGE_MODEL_KEYS = {
 }
 
 
-def model_config(cfg: ExperimentConfig, dim: int, shape: tuple[int, ...] | None = None) -> dict[str, Any]:
+def model_config(cfg: ExperimentConfig, dim: int, shape: tuple[int, ...] | None = None, model: nn.Module | None = None) -> dict[str, Any]:
     """The architecture description stored in checkpoints (and compared on load): the keys of
-    ``cfg.model`` that the model kind uses, plus ``dim`` (and ``shape`` (C, H, W) for unet/dit)."""
+    ``cfg.model`` that the model kind uses, plus ``dim`` (and ``shape`` (C, H, W) for unet/dit).
+    For a user's network ``model`` (model.kind custom): its class, its ``config`` attribute (a dict
+    of JSON values, the constructor's arguments) when it has one, ``dim`` and ``shape``."""
+    if model is not None:
+        config = getattr(model, "config", None)
+        try:
+            config = json.loads(json.dumps(config)) if config is not None else None  # as the checkpoint will hold it
+        except (TypeError, ValueError):
+            config = "not JSON"
+        if config is not None and not isinstance(config, dict):
+            raise ConfigError(f"{_qualified(model)}.config must be a dict of JSON values (the constructor's arguments), got {getattr(model, 'config')!r}")
+        return {"kind": "custom", "class": _qualified(model), "config": config, "dim": dim, "shape": list(shape or (dim,))}
+    if cfg.model.kind == "custom":
+        raise ConfigError(_missing_network(None))
     m = asdict(cfg.model)
     if m["kind"] in _IMAGE_MODEL_KEYS:
         if shape is None or len(shape) != 3 or shape[1] != shape[2]:
@@ -117,8 +162,34 @@ def model_config(cfg: ExperimentConfig, dim: int, shape: tuple[int, ...] | None 
     return {**{k: m[k] for k in _MLP_KEYS}, "dim": dim}
 
 
+def _missing_network(mcfg: dict[str, Any] | None) -> str:
+    cls = (mcfg or {}).get("class", "a user's class")
+    return (f"this run's network is a Python nn.Module ({cls}), recorded by its class and config only; pass it as model=: the class "
+            "(rebuilt with the recorded config), a constructor (lambda: MyNet(...)) or an instance")
+
+
+def network(model: Any, config: dict[str, Any] | None = None) -> nn.Module:
+    """A user's network from what was passed as ``model=``: an ``nn.Module`` itself; its class,
+    called with the recorded ``config`` as keyword arguments (none: no arguments); or a
+    constructor called with no arguments."""
+    if isinstance(model, nn.Module):
+        return model
+    if isinstance(model, type) and issubclass(model, nn.Module):
+        net = model(**(config or {}))
+    elif callable(model):
+        net = model()
+    else:
+        net = model
+    if not isinstance(net, nn.Module):
+        raise ConfigError(f"model= must be an nn.Module, its class or a constructor returning one; got {net!r}")
+    return net
+
+
 def build_model(mcfg: dict[str, Any]) -> nn.Module:
-    """Instantiate the velocity network from :func:`model_config` output."""
+    """Instantiate the velocity network from :func:`model_config` output (not a user's network,
+    model.kind custom, which is passed as ``model=``)."""
+    if mcfg.get("kind") == "custom":
+        raise ConfigError(_missing_network(mcfg))
     if mcfg.get("kind") in ("unet", "dit"):
         c, h, _ = mcfg["shape"]
         try:
@@ -170,6 +241,9 @@ def train_run(
     resume: bool = True,
     callbacks: list[Callable[[Trainer, int], None]] | None = None,
     prepare: Callable[[], Any] | None = None,
+    source: Any = None,
+    target: Any = None,
+    model: nn.Module | None = None,
 ) -> Trainer:
     """Train (or resume) the run in ``run_dir``.
 
@@ -177,18 +251,26 @@ def train_run(
     step budget and logging settings may change on resumption) so nothing is overwritten.
     ``prepare`` runs after that check and before the objective is built: a child run generates
     its parent's pairs there (:func:`rectflow.runs.lineage.train_child`).
+
+    ``source`` / ``target``: any objects with ``sample(n, generator=, device=)`` instead of the
+    config's distributions; ``model``: any ``nn.Module`` v(x, t) -> (B, ...) instead of the
+    config's network.  The run records them by type (and the network's ``config`` attribute, see
+    :func:`model_config`), so resuming or loading it needs them again (``load_run(..., model=)``).
     """
     run_dir = Path(run_dir)
-    cfg = _as_recorded(cfg, run_dir)
-    source, target = build_distributions(cfg)
+    if model is not None and not isinstance(model, nn.Module):
+        raise ConfigError(f"model= must be an nn.Module (the network to train), got {model!r}")
+    _require_objects(run_dir, source, target, model)
+    cfg = _as_recorded(_with_objects(cfg, source, target, model), run_dir)
+    source, target = build_distributions(cfg, source=source, target=target)
     new = config_to_dict(cfg)
     _guard(run_dir, new, resume)  # read-only, so a refused directory is left untouched
     with lock_run_dir(run_dir):
         _guard(run_dir, new, resume)  # again: another process may have started meanwhile
         remove_stale_temporaries(run_dir, run_dir / "checkpoints", run_dir / "plots")  # left by a kill mid-write
-        mcfg = model_config(cfg, source.dim, sample_shape(source))
+        mcfg = model_config(cfg, source.dim, sample_shape(source), model)
         torch.manual_seed(cfg.train.seed)  # parameter initialisation
-        model = build_model(mcfg)
+        model = model if model is not None else build_model(mcfg)
         if cfg.reflow.init and not list_checkpoints(run_dir):  # theory §4: initialise the (k+1)-RF from the k-RF
             try:
                 load_weights(model, read_checkpoint(cfg.reflow.init, model_config=mcfg))
@@ -205,6 +287,31 @@ def train_run(
             callbacks = [*(callbacks or []), SampleGridCallback(source, cfg.train.sample_every, labels=labels, guidance=cfg.guidance.scale)]
         trainer = Trainer(model, objective, cfg.train, run_dir, model_config=mcfg, run_record=_record(new), callbacks=callbacks)
         return trainer.fit(resume=resume)
+
+
+def _with_objects(cfg: ExperimentConfig, source: Any, target: Any, model: nn.Module | None) -> ExperimentConfig:
+    """``cfg`` recording the objects given to :func:`train_run` in place of its own."""
+    changes: dict[str, Any] = {}
+    if source is not None:
+        changes["source"] = object_spec(source)
+    if target is not None:
+        changes["target"] = object_spec(target)
+    if model is not None:
+        changes["model"] = replace(cfg.model, kind="custom")
+    return replace(cfg, **changes)
+
+
+def _require_objects(run_dir: Path, source: Any, target: Any, model: nn.Module | None) -> None:
+    """A run in ``run_dir`` made of Python objects is resumed only with them (a clear error, not a
+    config difference)."""
+    old = load_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else None
+    if not isinstance(old, dict):
+        return
+    for role, given in (("source", source), ("target", target)):
+        if given is None and is_object_spec(old.get(role)):
+            raise DataError(_missing_object(role, old[role]))
+    if model is None and isinstance(old.get("model"), dict) and old["model"].get("kind") == "custom":
+        raise ConfigError(_missing_network(None))
 
 
 def _as_recorded(cfg: ExperimentConfig, run_dir: Path) -> ExperimentConfig:
@@ -280,17 +387,52 @@ class Run:
         return self.source.dim
 
 
-def load_run(run_dir: str | Path, *, checkpoint: str | Path | None = None, ema: bool = True, device: str = "cpu") -> Run:
+def load_run(
+    run_dir: str | Path,
+    *,
+    checkpoint: str | Path | None = None,
+    ema: bool = True,
+    device: str = "cpu",
+    source: Any = None,
+    target: Any = None,
+    model: Any = None,
+) -> Run:
     """Load a run directory's config and newest (or given) checkpoint; the EMA weights by default.
-    The target distribution is opened on first use (sampling a run never reads its data)."""
+    The target distribution is opened on first use (sampling a run never reads its data).
+
+    A run trained on Python objects (:func:`train_run`'s ``source`` / ``target`` / ``model``) needs
+    them again: the distributions as objects, the network as an ``nn.Module``, its class (rebuilt
+    with the recorded ``config``) or a constructor (:func:`network`); the checkpoint is checked to
+    be of that network (class, config and shapes)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: no such run directory")
     cfg = config_from_dict(load_json(run_dir / "config.json"))
-    source = make_distribution(cfg.source)
-    parts = functools.cache(lambda: split_target(cfg))  # the target only when used, split once
-    target, heldout = _Lazy(lambda: parts()[0]), _Lazy(lambda: parts()[1]) if holds_out(cfg) else None
-    mcfg = model_config(cfg, source.dim, sample_shape(source))
-    ckpt = read_checkpoint(checkpoint if checkpoint is not None else latest_checkpoint(run_dir), model_config=mcfg)
-    model = load_weights(build_model(mcfg), ckpt, ema=ema).to(resolve_device(device)).eval()
-    return Run(run_dir, cfg, model, source, target, ckpt.step, ckpt.path, heldout)
+    src = _distribution(cfg.source, source, "source")
+    parts = functools.cache(lambda: split_target(cfg, target))  # the target only when used, split once
+    tgt, heldout = _Lazy(lambda: parts()[0]), _Lazy(lambda: parts()[1]) if target is None and holds_out(cfg) else None
+    path = checkpoint if checkpoint is not None else latest_checkpoint(run_dir)
+    if cfg.model.kind == "custom":
+        ckpt = read_checkpoint(path)
+        if model is None:
+            raise ConfigError(_missing_network(ckpt.model_config))
+        net = network(model, (ckpt.model_config or {}).get("config"))
+        check_model_config(ckpt, model_config(cfg, src.dim, sample_shape(src), net))
+    else:
+        if model is not None:
+            raise ConfigError(f"this run's network is built from its config (model.kind {cfg.model.kind!r}); load it without model=")
+        mcfg = model_config(cfg, src.dim, sample_shape(src))
+        ckpt = read_checkpoint(path, model_config=mcfg)
+        net = build_model(mcfg)
+    net = load_weights(net, ckpt, ema=ema).to(resolve_device(device)).eval()
+    return Run(run_dir, cfg, net, src, tgt, ckpt.step, ckpt.path, heldout)
+
+
+def run_objects(run: Run) -> dict[str, Any]:
+    """The Python objects a run was made of, as keyword arguments for :func:`load_run` /
+    :func:`train_run` of a related run (its child): ``source`` / ``target`` (the objects) and
+    ``model`` (a copy of its network), each only when the run has one."""
+    out: dict[str, Any] = {role: getattr(run, role) for role in ("source", "target") if is_object_spec(getattr(run.config, role))}
+    if run.config.model.kind == "custom":
+        out["model"] = copy.deepcopy(run.model)
+    return out

@@ -10,16 +10,19 @@ then :func:`~rectflow.runs.experiment.train_run`, which guards the directory, ha
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
+
+from torch import nn
 
 from rectflow.engine.io import sha256_file
 from rectflow.engine.trainer import resolve_device
 from rectflow.errors import ConfigError
 from rectflow.reflow.pairs import PairStore, generate_pairs, state_dict_sha256
 from rectflow.runs.config import ExperimentConfig, apply_overrides, config_from_dict, config_to_dict
-from rectflow.runs.experiment import Run, load_run, train_run
+from rectflow.runs.experiment import Run, load_run, network, run_objects, train_run
 
 __all__ = [
     "PairOptions",
@@ -31,14 +34,16 @@ __all__ = [
     "generate_run_pairs",
     "init_checkpoint",
     "child_config",
+    "child_objects",
     "train_child",
     "progress_overrides",
 ]
 
 
-def as_run(run: Run | str | Path, device: str = "cpu") -> Run:
-    """A loaded run: ``run`` itself, or the run directory it names loaded on ``device``."""
-    return run if isinstance(run, Run) else load_run(run, device=device)
+def as_run(run: Run | str | Path, device: str = "cpu", *, source: Any = None, target: Any = None, model: Any = None) -> Run:
+    """A loaded run: ``run`` itself, or the run directory it names loaded on ``device`` (with the
+    Python objects it was made of, :func:`~rectflow.runs.experiment.load_run`)."""
+    return run if isinstance(run, Run) else load_run(run, device=device, source=source, target=target, model=model)
 
 
 def run_checksum(run: Run) -> str:
@@ -166,14 +171,33 @@ def child_config(
     return config_from_dict(apply_overrides(d, list(overrides)))
 
 
+def child_objects(parent: Run, cfg: ExperimentConfig, model: Any = None) -> dict[str, Any]:
+    """The Python objects the child ``cfg`` of ``parent`` trains with (keyword arguments of
+    :func:`~rectflow.runs.experiment.train_run`): the parent's distributions, and for a user's
+    network a fresh one, from ``model`` (an instance is copied; a class is rebuilt with the parent's
+    network config, :func:`~rectflow.runs.experiment.network`) or, when the child starts from the
+    parent's weights, a copy of the parent's."""
+    objects = run_objects(parent)
+    if model is None:
+        if "model" in objects and cfg.reflow.init is None:
+            raise ConfigError(f"init='scratch' with a user's network ({type(parent.model).__name__}) needs model= (its class or a constructor) to build a fresh one")
+        return objects
+    if "model" not in objects:
+        raise ConfigError(f"{parent.path}'s network is built from its config (model.kind {parent.config.model.kind!r}); its children take no model=")
+    objects["model"] = copy.deepcopy(model) if isinstance(model, nn.Module) else network(model, getattr(parent.model, "config", None))
+    return objects
+
+
 def train_child(cfg: ExperimentConfig, out: str | Path, parent: Run, *, n_pairs: int | None = None, options: PairOptions = PairOptions(),
-                progress: bool | None = True) -> Path:
-    """Make (or resume) the child run ``out`` of ``parent`` from its config (:func:`child_config`).
+                progress: bool | None = True, model: Any = None) -> Path:
+    """Make (or resume) the child run ``out`` of ``parent`` from its config (:func:`child_config`),
+    with the Python objects of :func:`child_objects` when the parent was made of some.
 
     :func:`~rectflow.runs.experiment.train_run` checks the directory first; then, when the coupling
     is the parent's pairs, the store ``cfg.coupling.pairs`` is opened (``n_pairs`` None) or
     generated with ``options`` (so a refused directory costs no pair generation); then it trains.
     Returns ``out``."""
+    objects = child_objects(parent, cfg, model)  # first: a missing network fails before any pair is generated
 
     def prepare() -> None:
         if n_pairs is None:
@@ -181,7 +205,7 @@ def train_child(cfg: ExperimentConfig, out: str | Path, parent: Run, *, n_pairs:
         else:
             generate_run_pairs(parent, n_pairs, cfg.coupling.pairs, options=options, progress=progress)
 
-    train_run(cfg, out, prepare=prepare if cfg.coupling.kind == "pairs" else None)
+    train_run(cfg, out, prepare=prepare if cfg.coupling.kind == "pairs" else None, **objects)
     return Path(out)
 
 

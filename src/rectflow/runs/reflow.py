@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from rectflow.errors import ConfigError
-from rectflow.runs.experiment import Run
+from rectflow.runs.experiment import Run, run_objects
 from rectflow.runs.lineage import PairOptions, as_run, child_config, init_checkpoint, pairs_dir, progress_overrides, train_child
 
 __all__ = ["default_reflow_dir", "train_reflow", "reflow_chain"]
@@ -41,6 +41,9 @@ def train_reflow(
     steps: int | None = None,
     overrides: Sequence[str] = (),
     progress: bool | None = True,
+    source: Any = None,
+    target: Any = None,
+    model: Any = None,
 ) -> Path:
     """Train the (k+1)-RF on pairs of the k-RF ``run`` (theory §4); returns its run directory.
 
@@ -53,8 +56,11 @@ def train_reflow(
         pairs: an existing pair-store directory to train on instead (no generation).
         init: ``"previous"`` (start from the k-RF's EMA weights) or ``"scratch"``.
         steps: training steps (default: the parent's); ``overrides``: ``key=value`` config edits.
+        source, target, model: for a run made of Python objects
+            (:func:`~rectflow.runs.experiment.train_run`): the objects to load it with, and
+            ``model`` also builds the new stage's network (:func:`~rectflow.runs.lineage.child_objects`).
     """
-    parent = as_run(run)
+    parent = as_run(run, source=source, target=target, model=model)
     if parent.config.reflow.distill:
         raise ConfigError(f"{parent.path} is a distillation run (a one-step map); reflow needs a k-RF flow")
     k = parent.config.reflow.stage
@@ -67,7 +73,7 @@ def train_reflow(
         overrides=[*progress_overrides(progress), *overrides],
     )
     out = out if out is not None else default_reflow_dir(parent.path, k + 1)
-    return train_child(cfg, out, parent, n_pairs=None if pairs is not None else n_pairs, options=options, progress=progress)
+    return train_child(cfg, out, parent, n_pairs=None if pairs is not None else n_pairs, options=options, progress=progress, model=model)
 
 
 def reflow_chain(run: Run | str | Path, stages: int = 1, *, prefix: str | Path | None = None, **kwargs) -> list[Path]:
@@ -78,7 +84,7 @@ def reflow_chain(run: Run | str | Path, stages: int = 1, *, prefix: str | Path |
     """
     if not isinstance(stages, int) or stages < 1:
         raise ConfigError(f"stages must be an integer >= 1, got {stages!r}")
-    current = as_run(run)
+    current = as_run(run, **{k: kwargs[k] for k in ("source", "target", "model") if k in kwargs})
     k = current.config.reflow.stage
     base = Path(prefix) if prefix is not None else current.path.parent / _chain_base(Path(current.path))
     outs = []
@@ -86,5 +92,5 @@ def reflow_chain(run: Run | str | Path, stages: int = 1, *, prefix: str | Path |
         out = base.parent / f"{base.name}-{k + j}rf"
         train_reflow(current, out, **kwargs)
         outs.append(out)
-        current = as_run(out)
+        current = as_run(out, **run_objects(current))
     return outs
