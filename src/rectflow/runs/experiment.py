@@ -358,15 +358,25 @@ class _Lazy:
     def __init__(self, build: Callable[[], Any]) -> None:
         self._build, self._value = build, None
 
+    def _get(self) -> Any:
+        if self._value is None:
+            self._value = self._build()
+        return self._value
+
     def __getattr__(self, name: str) -> Any:  # only for attributes this wrapper does not have
         if name.startswith("_"):  # also before __init__ ran (copy, pickle): no recursion
             raise AttributeError(name)
-        if self._value is None:
-            self._value = self._build()
-        return getattr(self._value, name)
+        return getattr(self._get(), name)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled or copied (a spawned worker process) as the distribution itself
+        return (_loaded, (self._get(),))
 
     def __repr__(self) -> str:
         return repr(self._value) if self._value is not None else "<not loaded yet>"
+
+
+def _loaded(value: Any) -> Any:
+    return value
 
 
 @dataclass
