@@ -26,20 +26,21 @@ from rectflow.runs.config import load_config
 from rectflow.runs.demo import run_demo, run_pipeline
 from rectflow.runs.diagnose import diagnose_runs, format_stage_table
 from rectflow.runs.distill import train_distill
-from rectflow.runs.evaluation import evaluate_run, evaluation_record, evaluation_reference, format_reference, format_table, save_evaluation
+from rectflow.runs.evaluation import evaluate_nll, evaluate_run, evaluation_record, evaluation_reference, format_reference, format_table, save_evaluation
 from rectflow.runs.experiment import load_run, one_step_warning, sampling_steps, train_run
 from rectflow.runs.lineage import PairOptions, generate_run_pairs
 from rectflow.runs.perflow import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, PeRFlowSettings, train_perflow
 from rectflow.runs.plots import plot_run
 from rectflow.runs.reflow import reflow_chain, train_reflow
 from rectflow.runs.report import build_report, collect_run
+from rectflow.runs.solvers import DIFFUSION_SOLVERS, check_solver, solve_spec
 from rectflow.version import __version__
 
 __all__ = ["main", "build_parser"]
 
 
 def _add_sample_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--solver", default="euler", help="euler | midpoint | heun | rk4 | dopri5 (default: %(default)s)")
+    p.add_argument("--solver", default="euler", help="euler | midpoint | heun | rk4 | dopri5 | dpm++2m | edm (default: %(default)s)")
     p.add_argument("--steps", "--nfe", dest="steps", type=int, help="steps of a fixed-step solver; Euler NFE = steps (default: what the run was trained for: 1 for a distilled one-step map, else 100)")
     p.add_argument("--rtol", type=float, default=1e-5, help="dopri5 relative tolerance (default: %(default)s)")
     p.add_argument("--atol", type=float, default=1e-5, help="dopri5 absolute tolerance (default: %(default)s)")
@@ -73,9 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="W2 / energy distance vs NFE table for a run", formatter_class=fmt)
     p.add_argument("run", help="run directory")
-    p.add_argument("--solvers", help="comma-separated solver specs, e.g. euler:1,euler:8,heun:4,dopri5 (default: the run's eval.solvers)")
+    p.add_argument("--solvers", help="comma-separated solver specs, e.g. euler:1,euler:8,heun:4,dopri5,dpm++2m:8,edm:4 (default: the run's eval.solvers)")
     p.add_argument("--n", type=int, help="held-out samples per side (default: the run's eval.n_samples)")
     p.add_argument("--json", action="store_true", help="print eval.json's content (reference, finite-sample floor and rows) instead of a table")
+    p.add_argument("--nll", action="store_true", help="also the negative log-likelihood of the held-out points (nats; bits/dim for images), by the change of variables")
+    p.add_argument("--nll-estimator", choices=["exact", "hutchinson"], help="divergence: exact (default up to 16 dimensions) or Hutchinson")
+    p.add_argument("--probes", type=int, default=1, help="Hutchinson probes per sample (default 1)")
 
     p = sub.add_parser("report", help="one self-contained HTML page comparing run directories", formatter_class=fmt)
     p.add_argument("runs", nargs="+", help="run directories (e.g. 1-RF, 2-RF and distilled runs, or two recipes)")
@@ -223,7 +227,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         if path:
             check_writable(path)
     x0 = run.source.sample(args.n, generator=torch.Generator().manual_seed(args.seed))
-    res = sample_model(run.model, x0, method=args.solver, steps=args.steps, rtol=args.rtol, atol=args.atol, return_trajectory=bool(args.trajectory))
+    if args.solver in DIFFUSION_SOLVERS:
+        if args.trajectory:
+            raise ConfigError(f"--trajectory is not available with the diffusion sampler {args.solver}; use a flow solver")
+        res = solve_spec(run.model, x0, f"{args.solver}:{args.steps}")
+    else:
+        res = sample_model(run.model, x0, method=args.solver, steps=args.steps, rtol=args.rtol, atol=args.atol, return_trajectory=bool(args.trajectory))
     for path, arr in [(args.out, res.x), (args.trajectory, res.trajectory)]:
         if path:
             with atomic_path(path) as tmp:
@@ -255,7 +264,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     solvers = [s.strip() for s in args.solvers.split(",") if s.strip()] if args.solvers else None
     if solvers is not None:
         for s in solvers:
-            parse_solver_spec(s)
+            check_solver(s)
     _warn("eval", one_step_warning(run.config, solvers or run.config.eval.solvers))
     rows = evaluate_run(run, n=args.n, solvers=solvers, write=False)
     ref = evaluation_reference(run, args.n)
@@ -264,6 +273,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     else:
         print(format_table(rows, ["solver", "nfe", "w2", "energy"]) + "\n" + format_reference(ref), flush=True)
     save_evaluation(run, rows, ref["n_samples"], ref)  # after printing: a read-only run still shows its table
+    if args.nll:
+        if args.probes < 1:
+            raise ConfigError(f"--probes must be >= 1, got {args.probes}")
+        nll = evaluate_nll(run, n=args.n, estimator=args.nll_estimator, probes=args.probes, rtol=run.config.eval.rtol, atol=run.config.eval.atol)
+        line = f"NLL {nll['nll_nats']:.4f} nats" + (f" ± {nll['nll_se']:.4f}" if nll["nll_se"] is not None else "")
+        if "bits_per_dim" in nll:
+            line += f", {nll['bits_per_dim']:.4f} bits/dim"
+        print(json.dumps(nll) if args.json else f"{line} ({nll['n']} held-out points, {nll['estimator']} divergence, NFE {nll['nfe']})", flush=True)
+        save_json(run.path / "nll.json", {"step": run.step, **nll})
     return 0
 
 

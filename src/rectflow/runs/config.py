@@ -20,7 +20,7 @@ import yaml
 
 from rectflow.engine.trainer import TrainConfig
 from rectflow.errors import ConfigError
-from rectflow.flow.sampling import parse_solver_spec
+from rectflow.runs.solvers import check_solver
 
 __all__ = [
     "ModelConfig",
@@ -307,7 +307,7 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"config key 'eval.rtol': must be > 0, got {cfg.eval.rtol}")
 
     for spec in cfg.eval.solvers:
-        parse_solver_spec(spec)
+        check_solver(spec)
     _validate_reflow(cfg)
     cfg.train.validate()
 

@@ -25,6 +25,7 @@ from rectflow.reflow.diagnostics import diagnose_coupling, straightness
 from rectflow.runs.evaluation import evaluation_reference, format_table, heldout_samples, save_evaluation
 from rectflow.runs.lineage import as_run, stage_label
 from rectflow.runs.plots import plot_crossings, plot_quality_vs_nfe, plot_stages
+from rectflow.runs.solvers import check_solver, solve_spec
 
 __all__ = ['STAGE_SOLVERS', 'diagnose_runs', 'format_stage_table']
 
@@ -74,7 +75,7 @@ def diagnose_runs(
     if not loaded:
         raise ValueError("diagnose_runs: no runs given")
     for spec in (*solvers, coupling_solver):
-        parse_solver_spec(spec)
+        check_solver(spec)
     first = loaded[0]
     for r in loaded[1:]:
         if r.dim != first.dim:
@@ -108,8 +109,7 @@ def diagnose_runs(
             if one_step and spec != "euler:1":
                 row[f"w2@{spec}"], row[f"nfe@{spec}"] = None, None
                 continue
-            method, steps = parse_solver_spec(spec)
-            res = sample_model(model, z0, method=method, steps=steps, rtol=run.config.eval.rtol, atol=run.config.eval.atol)
+            res = solve_spec(model, z0, spec, rtol=run.config.eval.rtol, atol=run.config.eval.atol)
             row[f"w2@{spec}"], row[f"nfe@{spec}"] = wasserstein2(res.x.cpu(), x1_ref), res.nfe
             series.setdefault(label, []).append((res.nfe, row[f"w2@{spec}"]))
             if spec == ("euler:1" if one_step else coupling_solver):

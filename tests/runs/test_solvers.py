@@ -1,0 +1,76 @@
+"""Solver specs by one name (runs/solvers.py): the diffusion samplers on a velocity model, checked
+against the flow solvers they approximate; and the NLL evaluation of a run (theory §3.4, §6.9)."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from rectflow.cli import main
+from rectflow.errors import ConfigError
+from rectflow.flow.sampling import sample_model
+from rectflow.runs.config import config_from_dict
+from rectflow.runs.evaluation import evaluate_nll, evaluate_solvers
+from rectflow.runs.experiment import load_run, train_run
+from rectflow.runs.solvers import check_solver, solve_spec
+from tests.conftest import gen
+
+
+class GaussianFlow(nn.Module):
+    """The exact marginal velocity from N(0, I) to N(MU, S^2 I) on the straight path (independent pairs)."""
+
+    def __init__(self, mu=(1.0, -2.0), s=0.5):
+        super().__init__()
+        self.register_buffer("mu", torch.tensor(mu))
+        self.s = s
+        self.dummy = nn.Parameter(torch.zeros(()))  # a parameter, so evaluation finds the device
+
+    def forward(self, x, t):
+        t = t.reshape(-1, 1).to(x.dtype)
+        s2 = (1 - t) ** 2 + t**2 * self.s**2
+        return self.mu + 0.5 * (-2 * (1 - t) + 2 * t * self.s**2) / s2 * (x - t * self.mu)
+
+
+def test_diffusion_samplers_on_a_velocity_model_reach_the_exact_flow_map():
+    model = GaussianFlow()
+    x0 = torch.randn(256, 2, generator=gen(), dtype=torch.float64)
+    exact = model.mu.double() + model.s * x0  # the flow keeps each point's standardised coordinate
+
+    def err(spec):
+        res = solve_spec(model, x0, spec)
+        return float((res.x - exact).abs().max()), res.nfe
+
+    dpm, nfe = err("dpm++2m:10")
+    euler = float((sample_model(model, x0, method="euler", steps=10).x - exact).abs().max())
+    assert nfe == 10 and dpm < 0.5 * euler, (dpm, euler)  # more accurate than Euler at the same NFE
+    (e12, n12), (e24, n24) = err("edm:12"), err("edm:24")
+    assert (n12, n24) == (23, 47) and e12 / e24 > 3  # second order on Karras sigmas
+    assert e24 < 0.1  # EDM starts at sigma = 80 and drops the data's 1/81 share of the state there
+
+
+def test_solver_specs_are_checked_with_the_diffusion_names_in_the_message():
+    assert check_solver("dpm++2m:4") == ("dpm++2m", 4) and check_solver("euler:3") == ("euler", 3) and check_solver("dopri5") == ("dopri5", None)
+    for bad, msg in [("dpm++2m", "integer"), ("edm:1", "at least 2"), ("magic:3", "dpm\\+\\+2m")]:
+        with pytest.raises(ConfigError, match=msg):
+            check_solver(bad)
+    rows = evaluate_solvers(GaussianFlow(), torch.randn(64, 2, generator=gen(1)), torch.randn(64, 2, generator=gen(2)), ["dpm++2m:4", "edm:3"], progress=False)
+    assert [r["solver"] for r in rows] == ["dpm++2m:4", "edm:3"] and [r["nfe"] for r in rows] == [4, 5]
+
+
+def test_eval_nll_of_a_run_on_the_cli(tmp_path, capsys):
+    cfg = {"source": "gaussian", "target": "moons", "model": {"width": 16, "depth": 2, "time_dim": 8},
+           "train": {"steps": 30, "batch_size": 32, "progress": False, "log_every": 10, "ckpt_every": 30, "device": "cpu"},
+           "eval": {"n_samples": 64, "seed": 7, "solvers": ["euler:2", "dpm++2m:4"], "rtol": 1e-4, "atol": 1e-4}}
+    train_run(config_from_dict(cfg), tmp_path / "r")
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "r"), "--nll", "--n", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "dpm++2m:4" in out and "NLL" in out and "exact divergence" in out
+    saved = json.loads((tmp_path / "r" / "nll.json").read_text())
+    direct = evaluate_nll(load_run(tmp_path / "r"), n=64, rtol=1e-4, atol=1e-4)
+    assert saved["nll_nats"] == pytest.approx(direct["nll_nats"]) and math.isfinite(saved["nll_nats"]) and saved["n"] == 64
+    hutch = evaluate_nll(load_run(tmp_path / "r"), n=64, estimator="hutchinson", probes=8, rtol=1e-4, atol=1e-4)
+    assert abs(hutch["nll_nats"] - direct["nll_nats"]) < 4 * hutch["nll_se"] + 0.05
+    assert main(["eval", str(tmp_path / "r"), "--nll", "--probes", "0", "--nll-estimator", "hutchinson"]) == 2
