@@ -12,6 +12,8 @@ diffusers = pytest.importorskip("diffusers")
 
 from rectflow import perflow  # noqa: E402
 from rectflow.perflow.diffusers_io import export_student, load_student, load_teacher, schedule_from_config  # noqa: E402
+from rectflow.perflow.diffusers_scheduler import PeRFlowScheduler, step_grid  # noqa: E402
+from rectflow.flow.solvers import euler  # noqa: E402
 from rectflow.engine.trainer import TrainConfig, Trainer  # noqa: E402
 
 torch.set_num_threads(1)
@@ -107,7 +109,7 @@ def test_train_export_import_identical_samples(tmp_path, k):
         again = perflow.sample_perflow(loaded, x, loaded.boundaries)
         # stock diffusers: DDIMScheduler from the exported config + the exported UNet
         unet = diffusers.UNet2DModel.from_pretrained(str(out / "unet"))
-        sched = diffusers.DDIMScheduler.from_pretrained(str(out / "scheduler"))
+        sched = diffusers.DDIMScheduler.from_pretrained(str(out / "scheduler_ddim"))
         sched.set_timesteps(k)
         z = x.clone()
         for ts in sched.timesteps:
@@ -122,7 +124,34 @@ def test_non_uniform_windows_export_without_stock_scheduler(tmp_path):
     teacher = load_teacher(folder)
     student = perflow.PeRFlowStudent.from_teacher(teacher, perflow.make_windows(boundaries=[0, 0.3, 1]))
     out = export_student(student, tmp_path / "s", folder)
-    assert not (out / "scheduler").exists()
+    assert not (out / "scheduler_ddim").exists() and (out / "scheduler" / "scheduler_config.json").is_file()
     assert not json.loads((out / "perflow.json").read_text())["stock_scheduler_exact"]
     loaded = load_student(out)
     assert torch.equal(loaded.boundaries, student.boundaries)
+
+
+@pytest.mark.parametrize("n", [4, 8, 7, 13])  # K = 4 windows: any n >= K, the remainder spread over the first windows
+def test_exported_scheduler_reproduces_our_sampler_at_any_step_count(tmp_path, n):
+    folder = _teacher_folder(tmp_path)
+    teacher = load_teacher(folder)
+    windows = perflow.make_windows(4)
+    student = perflow.PeRFlowStudent.from_teacher(teacher, windows)
+    with torch.no_grad():  # move the student off the teacher so the comparison is not DDIM against DDIM
+        for p in student.net.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    out = export_student(student, tmp_path / "student", folder)
+    sched = PeRFlowScheduler.from_pretrained(str(out / "scheduler"))
+    unet = diffusers.UNet2DModel.from_pretrained(str(out / "unet"))
+    sched.set_timesteps(n)
+    assert len(sched.timesteps) == n
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        z = x.clone()
+        for ts in sched.timesteps:
+            z = sched.step(unet(z, ts.float()).sample, ts, z).prev_sample
+        ours = euler(student, x, step_grid(windows, n))
+    assert torch.allclose(z, ours.x, atol=1e-4), (z - ours.x).abs().max()
+    if n % 4 == 0:
+        torch.testing.assert_close(ours.x, perflow.sample_perflow(student, x, windows, steps_per_window=n // 4).x)
+    with pytest.raises(ConfigError, match="fewer than the 4 windows"):
+        sched.set_timesteps(3)

@@ -7,8 +7,10 @@ In: :func:`load_teacher` reads a LOCAL folder (never downloads) holding a ``UNet
 sample maps to eps / v / x0, and rectflow time t maps to the UNet's timestep n = N (1 - t) - 1.
 
 Out: :func:`export_student` writes ``unet/`` (``save_pretrained``), ``perflow.json`` (window
-boundaries, kind, number of training steps) and, when it reproduces our K-step sampler exactly,
-``scheduler/scheduler_config.json`` for a stock ``DDIMScheduler``.  Why DDIM is exact: at a window
+boundaries, kind, number of training steps), ``scheduler/scheduler_config.json`` for
+:class:`rectflow.perflow.diffusers_scheduler.PeRFlowScheduler` (right at any number of steps >= K;
+one extra import) and, when it reproduces our K-step sampler exactly,
+``scheduler_ddim/scheduler_config.json`` for a stock ``DDIMScheduler`` (right at exactly K steps only).  Why DDIM is exact: at a window
 start the student's prediction lives on the teacher's path, and one Euler step of the window path
 from t_{k-1} to t_k is z' = a_k x-hat + b_k eps-hat, i.e. a DDIM step between the two boundaries.
 DDIMScheduler with ``timestep_spacing="trailing"``, ``set_alpha_to_one=True`` and K inference steps
@@ -164,11 +166,19 @@ def export_student(student: PeRFlowStudent, folder: str | Path, teacher_folder: 
     net.save_pretrained(str(folder / "unet"))
     ddim_cfg = ddim_scheduler_config(teacher_cfg, student.boundaries)
     if ddim_cfg is not None:
-        (folder / "scheduler").mkdir(exist_ok=True)
-        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(ddim_cfg, indent=2))
+        (folder / "scheduler_ddim").mkdir(exist_ok=True)
+        (folder / "scheduler_ddim" / "scheduler_config.json").write_text(json.dumps(ddim_cfg, indent=2))
+    knots = student.window_path
+    ours = {"_class_name": "PeRFlowScheduler", "windows": [float(v) for v in knots.boundaries], "alphas": [float(v) for v in knots.a_knots],
+            "sigmas": [float(v) for v in knots.b_knots], "num_train_timesteps": int(teacher_cfg.get("num_train_timesteps", 1000)),
+            "prediction_type": teacher_cfg.get("prediction_type", "epsilon")}
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(ours, indent=2))
     meta = {"format": "rectflow.perflow", "windows": [float(v) for v in student.boundaries],
             "parameterization": student.parameterization, "teacher_scheduler": teacher_cfg,
             "stock_scheduler_exact": ddim_cfg is not None,
+            "scheduler": "scheduler/: PeRFlowScheduler (import rectflow.perflow.diffusers_scheduler), any steps >= K; "
+                         "scheduler_ddim/ (when present): a stock DDIMScheduler, exact at K steps only",
             "sampler": "one Euler step per window on the window path (== DDIM between window boundaries)"}
     (folder / "perflow.json").write_text(json.dumps(meta, indent=2))
     return folder

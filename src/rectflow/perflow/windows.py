@@ -90,6 +90,19 @@ class WindowPath(AffinePath):
         c = teacher_path.coefficients(self.boundaries)
         self.a_knots, self.b_knots = c.a.double(), c.b.double()
 
+    @classmethod
+    def from_knots(cls, boundaries: Tensor | Sequence[float], a_knots: Tensor | Sequence[float], b_knots: Tensor | Sequence[float]) -> "WindowPath":
+        """The window path from its knots alone (the teacher's a, b at the boundaries): what an
+        exported scheduler stores instead of the teacher's whole schedule."""
+        path = cls.__new__(cls)
+        path.teacher_path = None
+        path.boundaries = validate_windows(boundaries)
+        path.a_knots = torch.as_tensor(a_knots, dtype=torch.float64).flatten()
+        path.b_knots = torch.as_tensor(b_knots, dtype=torch.float64).flatten()
+        if path.a_knots.shape != path.boundaries.shape or path.b_knots.shape != path.boundaries.shape:
+            raise ConfigError(f"perflow: {path.boundaries.numel()} boundaries need as many a and b knots, got {path.a_knots.numel()} and {path.b_knots.numel()}")
+        return path
+
     def coefficients(self, t: Tensor) -> PathCoefficients:
         k = window_index(self.boundaries, t)
         dev = t.device
