@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -365,11 +366,30 @@ class Bench:
         md = render(machine, d, speed, a)
         payload = {"machine": machine, "phases": d, "speed": speed, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}}
         js, mdp = write_results(a.out, a.name, np_json(payload), md)
+        side_by_side(self.grids, [("1rf_euler1.png", "1-RF, 1 step"), ("2rf_euler1.png", "2-RF, 1 step"), ("distill_euler1.png", "distilled, 1 step"),
+                                  ("1rf_euler100.png", "1-RF, 100 steps")], self.grids / "one_step_side_by_side.png")
         runs = [self.run_dir(s) for s in ("1rf", "2rf", "distill") if (self.run_dir(s) / "config.json").is_file()]
         if runs:
             build_report(runs, a.out / f"{a.name}_report.html", title="CIFAR-10 16x16 on a CPU: 1-RF -> 2-RF -> distilled")
         print(md)
         log(f"wrote {js} and {mdp}")
+
+
+def side_by_side(folder: Path, panels: list[tuple[str, str]], out: Path) -> Path | None:
+    """The named grids of ``folder`` in one row with a caption over each (None if any is missing)."""
+    paths = [folder / name for name, _ in panels]
+    if not all(p.is_file() for p in paths):
+        return None
+    images = [Image.open(p).convert("RGB") for p in paths]
+    gap, top = 12, 18
+    canvas = Image.new("RGB", (sum(im.width for im in images) + gap * (len(images) - 1), max(im.height for im in images) + top), "white")
+    draw, x = ImageDraw.Draw(canvas), 0
+    for im, (_, caption) in zip(images, panels):
+        canvas.paste(im, (x, top))
+        draw.text((x + 2, 3), caption, fill="black")
+        x += im.width + gap
+    canvas.save(out)
+    return out
 
 
 def best_speed(speed: list[dict | None], impl: str, mode: str) -> dict | None:
