@@ -10,6 +10,20 @@ from rectflow.models.embeddings import SinusoidalTimeEmbedding
 _ACTIVATIONS = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh}
 
 
+def _mlp(name: str, dim: int, in_features: int, width: int, depth: int, activation: str) -> nn.Sequential:
+    """Checked ``depth`` hidden layers of ``width`` units from ``in_features`` inputs to ``dim`` outputs."""
+    if dim < 1 or width < 1 or depth < 1:
+        raise ValueError(f"{name}: dim, width and depth must be >= 1, got {dim}, {width}, {depth}")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"{name}: unknown activation {activation!r}; choose one of {sorted(_ACTIVATIONS)}")
+    act = _ACTIVATIONS[activation]
+    layers: list[nn.Module] = [nn.Linear(in_features, width), act()]
+    for _ in range(depth - 1):
+        layers += [nn.Linear(width, width), act()]
+    layers.append(nn.Linear(width, dim))
+    return nn.Sequential(*layers)
+
+
 class MLPVelocity(nn.Module):
     """v(x, t) = MLP([x, emb(t)]) with ``depth`` hidden layers of ``width`` units.
 
@@ -24,18 +38,9 @@ class MLPVelocity(nn.Module):
 
     def __init__(self, dim: int, width: int = 256, depth: int = 3, time_dim: int = 64, activation: str = "silu"):
         super().__init__()
-        if dim < 1 or width < 1 or depth < 1:
-            raise ValueError(f"MLPVelocity: dim, width and depth must be >= 1, got {dim}, {width}, {depth}")
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"MLPVelocity: unknown activation {activation!r}; choose one of {sorted(_ACTIVATIONS)}")
-        act = _ACTIVATIONS[activation]
+        self.net = _mlp("MLPVelocity", dim, dim + time_dim, width, depth, activation)
         self.dim = dim
         self.time_embed = SinusoidalTimeEmbedding(time_dim)
-        layers: list[nn.Module] = [nn.Linear(dim + time_dim, width), act()]
-        for _ in range(depth - 1):
-            layers += [nn.Linear(width, width), act()]
-        layers.append(nn.Linear(width, dim))
-        self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         if x.dim() != 2 or x.shape[1] != self.dim:
@@ -55,19 +60,10 @@ class MLPAverageVelocity(nn.Module):
 
     def __init__(self, dim: int, width: int = 256, depth: int = 3, time_dim: int = 64, activation: str = "silu", time_scale: float = 10.0):
         super().__init__()
-        if dim < 1 or width < 1 or depth < 1:
-            raise ValueError(f"MLPAverageVelocity: dim, width and depth must be >= 1, got {dim}, {width}, {depth}")
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"MLPAverageVelocity: unknown activation {activation!r}; choose one of {sorted(_ACTIVATIONS)}")
-        act = _ACTIVATIONS[activation]
+        self.net = _mlp("MLPAverageVelocity", dim, dim + 2 * time_dim, width, depth, activation)
         self.dim = dim
         self.time_embed = SinusoidalTimeEmbedding(time_dim, scale=time_scale)
         self.gap_embed = SinusoidalTimeEmbedding(time_dim, scale=time_scale)
-        layers: list[nn.Module] = [nn.Linear(dim + 2 * time_dim, width), act()]
-        for _ in range(depth - 1):
-            layers += [nn.Linear(width, width), act()]
-        layers.append(nn.Linear(width, dim))
-        self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor, s: Tensor, t: Tensor) -> Tensor:
         if x.dim() != 2 or x.shape[1] != self.dim:
