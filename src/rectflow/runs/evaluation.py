@@ -164,7 +164,8 @@ def evaluate_nll(run: Run, *, n: int | None = None, estimator: str | None = None
     images = x1.dim() == 4
     g = torch.Generator().manual_seed(seed)
     data = dequantize(to_uint8(x1), generator=g) if images else x1
-    res = log_likelihood(run.model, data.to(dev), run.source, method=check_solver(solver)[0], steps=check_solver(solver)[1], rtol=rtol, atol=atol,
+    method, steps = check_solver(solver)
+    res = log_likelihood(run.model, data.to(dev), run.source, method=method, steps=steps, rtol=rtol, atol=atol,
                          estimator=estimator, probes=probes, generator=g)
     nll = -res.log_prob.double().cpu()
     out: dict[str, Any] = {"n": int(nll.numel()), "nll_nats": float(nll.mean()), "nll_se": float(nll.std() / nll.numel() ** 0.5) if nll.numel() > 1 else None,
