@@ -7,11 +7,16 @@ integer steps), so its fastest feature turns 1000 radians over the unit interval
 built on it can wiggle in t, and an adaptive solver pays for every wiggle.
 
     .venv/bin/python benchmarks/mlp_time_features.py --tasks gauss-moons,gauss-8gauss --steps 3000
+
+Rows are appended to ``results/tmp/<name>_partial.jsonl`` as they finish; a rerun with the same
+arguments skips them (resumable after a kill).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,7 +33,6 @@ from rectflow.flow.losses import FlowMatchingObjective  # noqa: E402
 from rectflow.flow.metrics import wasserstein2  # noqa: E402
 from rectflow.flow.sampling import sample_model  # noqa: E402
 from rectflow.models import MLPVelocity  # noqa: E402
-from rectflow.models.embeddings import SinusoidalTimeEmbedding  # noqa: E402
 from toy2d import RECIPE, TASKS  # noqa: E402
 
 
@@ -49,9 +53,7 @@ class PlainMLP(nn.Module):
 def make(kind: str) -> nn.Module:
     if kind == "plain":
         return PlainMLP()
-    net = MLPVelocity(2)
-    net.time_embed = SinusoidalTimeEmbedding(64, scale=float(kind.split("=")[1]))
-    return net
+    return MLPVelocity(2, time_scale=float(kind.split("=")[1]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,19 +61,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", default="gauss-moons,gauss-8gauss")
     ap.add_argument("--models", default="scale=1000,scale=100,scale=10,plain", help="time-feature scales of MLPVelocity, and the plain [x, t] MLP")
     ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--seeds", default="0", help="training seeds, comma-separated (the evaluation points are the same for all)")
     ap.add_argument("--pairs", type=int, default=2000, help="dopri5 solves (rtol = atol = 1e-5) per model")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--name", default="mlp_time_features")
     args = ap.parse_args(argv)
-    rows = []
+    partial = args.out / "tmp" / f"{args.name}_partial.jsonl"
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()] if partial.is_file() else []
+    done = {(r["task"], r["model"], r.get("seed", 0), r.get("steps")) for r in rows}
+    seeds = [int(s) for s in args.seeds.split(",")]
     for task in args.tasks.split(","):
         src, tgt = make_distribution(TASKS[task]["source"]), make_distribution(TASKS[task]["target"])
         g = torch.Generator().manual_seed(12345)
         x0, ref = src.sample(args.pairs, generator=g), tgt.sample(args.pairs, generator=g)
-        for kind in args.models.split(","):
-            torch.manual_seed(0)
+        for kind, seed in [(k, sd) for sd in seeds for k in args.models.split(",")]:
+            if (task, kind, seed, args.steps) in done:
+                continue
+            torch.manual_seed(seed)
             model = make(kind)
-            cfg = TrainConfig(**{**RECIPE["train"], "steps": args.steps, "seed": 0, "progress": False, "log_every": 500, "ckpt_every": 10**9, "device": "cpu"})
+            cfg = TrainConfig(**{**RECIPE["train"], "steps": args.steps, "seed": seed, "progress": False, "log_every": 500, "ckpt_every": 10**9, "device": "cpu"})
             t0 = time.perf_counter()
             tr = Trainer(model, FlowMatchingObjective(IndependentCoupling(src, tgt)), cfg).fit()
             train_s = time.perf_counter() - t0
@@ -81,16 +90,32 @@ def main(argv: list[str] | None = None) -> int:
                 res = sample_model(m, x0, method="dopri5", rtol=1e-5, atol=1e-5)
                 secs = time.perf_counter() - t0
                 e100 = sample_model(m, x0, method="euler", steps=100).x
-            row = {"task": task, "model": kind, "dopri5_nfe": res.nfe, "pairs_per_s": args.pairs / secs, "w2_dopri5": wasserstein2(res.x, ref),
+            row = {"task": task, "model": kind, "seed": seed, "steps": args.steps, "dopri5_nfe": res.nfe, "pairs_per_s": args.pairs / secs, "w2_dopri5": wasserstein2(res.x, ref),
                    "w2_euler100": wasserstein2(e100, ref), "train_s": train_s}
             rows.append(row)
+            with partial.open("a") as f:
+                f.write(json.dumps(row) + "\n")
             print(row, flush=True)
+    rows = [r for r in rows if r.get("steps") == args.steps and r.get("seed", 0) in seeds and r["task"] in args.tasks.split(",")]
     machine = machine_info()
     md = ["# dopri5 cost of the MLP's time features", "", machine_line(machine), "",
-          f"{args.steps} training steps (toy2d recipe, independent coupling, seed 0); {args.pairs} dopri5 solves at rtol = atol = 1e-5 in one batch; "
+          f"{args.steps} training steps (toy2d recipe, independent coupling, seeds {args.seeds}); {args.pairs} dopri5 solves at rtol = atol = 1e-5 in one batch; "
           f"W2 against {args.pairs} fresh target points.", "",
           "| task | model | dopri5 NFE | pairs/s | W2 dopri5 | W2 Euler 100 |", "|---|---|---|---|---|---|"]
     md += [f"| {r['task']} | {r['model']} | {r['dopri5_nfe']} | {r['pairs_per_s']:.0f} | {r['w2_dopri5']:.3f} | {r['w2_euler100']:.3f} |" for r in rows]
+    if len(seeds) > 1:
+        md += ["", f"Mean ± standard deviation over the {len(seeds)} seeds:", "",
+               "| task | model | dopri5 NFE | pairs/s | W2 dopri5 | W2 Euler 100 |", "|---|---|---|---|---|---|"]
+        groups: dict[tuple[str, str], list[dict]] = {}
+        for r in rows:
+            groups.setdefault((r["task"], r["model"]), []).append(r)
+
+        def ms(rs: list[dict], key: str, fmt: str) -> str:
+            v = [r[key] for r in rs]
+            return f"{statistics.fmean(v):{fmt}} ± {statistics.stdev(v):{fmt}}" if len(v) > 1 else f"{v[0]:{fmt}}"
+
+        md += [f"| {t} | {k} | {ms(rs, 'dopri5_nfe', '.0f')} | {ms(rs, 'pairs_per_s', '.0f')} | {ms(rs, 'w2_dopri5', '.3f')} | {ms(rs, 'w2_euler100', '.3f')} |"
+               for (t, k), rs in groups.items()]
     text = "\n".join(md)
     write_results(args.out, args.name, {"machine": machine, "rows": rows, "args": {k: str(v) for k, v in vars(args).items()}}, text)
     print(text)

@@ -53,6 +53,7 @@ from rectflow.runs.config import apply_overrides, config_from_dict  # noqa: E402
 from rectflow.data import make_distribution  # noqa: E402
 from rectflow.runs.evaluation import evaluate_run
 from rectflow.runs.experiment import load_run, train_run  # noqa: E402
+from rectflow.runs.recipes import RECIPES  # noqa: E402
 from rectflow.engine.io import read_jsonl  # noqa: E402
 from rectflow.flow.metrics import wasserstein2  # noqa: E402
 
@@ -70,19 +71,18 @@ COUPLINGS: dict[str, dict[str, Any]] = {
 DIAG_COLUMNS = ["straightness", "transport_cost", "transport_excess", "crossing", "train_coupling_cost", "train_coupling_crossing", "pairs_per_s", "pair_nfe"]
 DEFAULT_SOLVERS = ["euler:1", "euler:2", "euler:4", "euler:8", "euler:100", "dopri5"]
 
-# Training recipe applied to every run before --variants / --set overrides: the result of the
-# recipe study (benchmarks/README.md, "Recipe"; evidence in results/recipe.md).  Library defaults
-# except lr 5e-3 with cosine decay to 0 after a 200-step warmup (lr 1e-3 constant was clearly worse).
-# For a reflow teacher use --steps 10000 (the study's best; 5000 is the benchmark's standard budget).
-RECIPE: dict[str, Any] = {
-    "train": {"lr": 5e-3, "lr_schedule": "cosine", "warmup_steps": 200, "lr_min": 0.0, "ema_decay": 0.999, "batch_size": 256, "grad_clip": 1.0},
-    "time": {"kind": "uniform"},
-}
-# Reflow / distillation stages (the CLI defaults; evidence in results/moons_study.md): 2rf/3rf train
+# Training recipe applied to every run before --variants / --set overrides: the library's measured
+# recipe "2d" (rectflow.runs.recipes; evidence in results/recipe.md): library defaults except lr 5e-3
+# with cosine decay to 0 after a 200-step warmup (lr 1e-3 constant was clearly worse).  For a reflow
+# teacher use --steps 10000 (the study's best; 5000 is the benchmark's standard budget).
+_R = RECIPES["2d"]
+RECIPE: dict[str, Any] = {"train": dict(_R.train), "time": dict(_R.time)}
+# Reflow / distillation stages (the recipe's; evidence in results/moons_study.md): 2rf/3rf train
 # 5k steps on 20k dopri5 pairs of their parent; distill/distill1 train 80k steps with the pseudo-Huber
 # loss (c = 0.05).  One-step W2 on gauss-moons falls with distillation steps (0.164 at 5k, 0.148 at
 # 40k, 0.146 at 80k, seed 0) and pseudo-Huber beats L2 slightly; more pairs (100k) did not help.
-REFLOW_RECIPE: dict[str, Any] = {"pairs": 20_000, "reflow_steps": 5000, "distill_steps": 80_000, "distill_loss": "pseudo_huber", "huber_c": 0.05}
+REFLOW_RECIPE: dict[str, Any] = {"pairs": _R.n_pairs, "reflow_steps": _R.reflow_steps, "distill_steps": _R.distill_steps,
+                                 "distill_loss": _R.distill_loss, "huber_c": _R.huber_c}
 
 # Goals from the issues, checked and reported (never asserted): (task, coupling, stage, solver) -> max W2.
 GOALS: dict[tuple[str, str, str, str], float] = {

@@ -109,6 +109,7 @@ CASES = [
     # reflow
     (["reflow", "{run}", "--pairs", "10", "--out", "{tmp}/afile/x", "--steps", "2"], "afile"),
     (["reflow", "{run}", "--pairs", "0"], "--pairs"),
+    (["reflow", "{run}"], "--pairs"),
     (["reflow", "{run}", "--pairs", "10", "--pairs-dir", "{tmp}/nostore", "--out", "{tmp}/x"], "nostore"),
     # distill
     (["distill", "{run}", "--random", "--out", "{tmp}/afile/d", "--steps", "2"], "afile"),

@@ -111,3 +111,34 @@ def test_bad_input_is_one_clear_line(args, msg, base, tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before  # nothing written or overwritten
     assert sorted(p.name for p in base.rglob("*")) == base_before
     assert not (tmp_path / "x").exists()
+
+
+def test_recipe_fills_what_the_user_did_not_say(tmp_path, capsys, monkeypatch):
+    """--recipe 2d (issue 16, trap 3): the measured teacher settings go under the config file and
+    the overrides; reflow and distill take the recipe's steps, pairs and loss unless given."""
+    from rectflow import cli
+    from rectflow.runs.recipes import RECIPES
+
+    r = RECIPES["2d"]
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("train:\n  batch_size: 64\n")
+    run = tmp_path / "teacher"
+    code, _, err = run_cli(["train", "--recipe", "2d", "--config", cfg_file, "--run", run, "--quiet", "--no-eval", *TINY, "train.steps=20"], capsys)
+    assert code == 0, err
+    c = load_run(run).config
+    assert (c.train.lr, c.train.lr_schedule, c.train.warmup_steps, c.coupling.kind) == (r.train["lr"], "cosine", 200, "ot")
+    assert c.train.batch_size == 64 and c.train.steps == 20  # the file and the overrides win
+
+    seen = {}
+    monkeypatch.setattr(cli, "reflow_chain", lambda run, stages, **kw: seen.setdefault("reflow", kw) and [])
+    monkeypatch.setattr(cli, "train_distill", lambda run, out, **kw: seen.setdefault("distill", kw) and tmp_path)
+    assert run_cli(["reflow", run, "--recipe", "2d", "--no-eval"], capsys)[0] == 0
+    assert (seen["reflow"]["n_pairs"], seen["reflow"]["steps"]) == (r.n_pairs, r.reflow_steps)
+    assert run_cli(["distill", run, "--pairs", 50, "--recipe", "2d", "--no-eval"], capsys)[0] == 0
+    assert (seen["distill"]["steps"], seen["distill"]["loss"], seen["distill"]["huber_c"]) == (r.distill_steps, "pseudo_huber", r.huber_c)
+    seen.clear()
+    assert run_cli(["distill", run, "--pairs", 50, "--recipe", "2d", "--steps", 7, "--loss", "l2", "--no-eval"], capsys)[0] == 0
+    assert (seen["distill"]["steps"], seen["distill"]["loss"]) == (7, "l2")
+    seen.clear()
+    assert run_cli(["distill", run, "--pairs", 50, "--no-eval"], capsys)[0] == 0  # no recipe: the generic defaults
+    assert (seen["distill"]["steps"], seen["distill"]["loss"], seen["distill"]["huber_c"]) == (None, "l2", 0.0)

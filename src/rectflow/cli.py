@@ -31,6 +31,7 @@ from rectflow.runs.experiment import load_run, one_step_warning, sampling_steps,
 from rectflow.runs.lineage import PairOptions, generate_run_pairs
 from rectflow.runs.perflow import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, PeRFlowSettings, train_perflow
 from rectflow.runs.plots import plot_run
+from rectflow.runs.recipes import RECIPES, get_recipe
 from rectflow.runs.reflow import reflow_chain, train_reflow
 from rectflow.runs.report import build_report, collect_run
 from rectflow.runs.solvers import DIFFUSION_SOLVERS, check_solver, solve_spec
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", help="YAML config file (defaults apply to missing keys)")
     p.add_argument("--run", "-r", required=True, help="run directory (created, or resumed if it holds the same run)")
     p.add_argument("--fresh", action="store_true", help="refuse to resume: fail if the run directory already has checkpoints")
+    _add_recipe_arg(p, "its teacher settings go under the config file and overrides")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation table and plots after training")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
@@ -130,10 +132,15 @@ def _add_pair_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="device for pair generation: auto | cpu | cuda[:N]")
 
 
+def _add_recipe_arg(p: argparse.ArgumentParser, what: str) -> None:
+    names = ", ".join(f"{r.name}: {r.summary}" for r in RECIPES.values())
+    p.add_argument("--recipe", choices=sorted(RECIPES), help=f"a measured recipe ({names}); {what}")
+
+
 def _add_stage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides of the new run(s), e.g. train.lr=3e-4")
     p.add_argument("--init", default="previous", choices=["previous", "scratch"], help="start from the parent's (EMA) weights or from scratch")
-    p.add_argument("--steps", type=int, help="training steps (default: the parent's train.steps)")
+    p.add_argument("--steps", type=int, help="training steps (default: the recipe's with --recipe, else the parent's train.steps)")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation table and plots after training")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
@@ -149,11 +156,12 @@ def _add_reflow_parsers(sub, fmt) -> None:
 
     p = sub.add_parser("reflow", help="train the (k+1)-RF (and further stages) on pairs of a k-RF run", formatter_class=fmt)
     p.add_argument("run", help="run directory of the k-RF")
-    p.add_argument("--pairs", type=int, required=True, help="pairs generated from each stage")
+    p.add_argument("--pairs", type=int, help="pairs generated from each stage (required without --recipe)")
     p.add_argument("--stages", type=int, default=1, help="number of reflows: 2 runs 1-RF -> 2-RF -> 3-RF")
     p.add_argument("--out", "-o", help="run directory of the new flow (one stage only; default RUN-<k+1>rf)")
     p.add_argument("--prefix", help="stage j goes to PREFIX-<k+j>rf (default: RUN without a -<n>rf suffix)")
     p.add_argument("--pairs-dir", help="use this existing pair store instead of generating (one stage only)")
+    _add_recipe_arg(p, "its reflow steps and pair count apply where --steps / --pairs are not given")
     _add_stage_args(p)
     _add_pair_args(p)
 
@@ -163,8 +171,9 @@ def _add_reflow_parsers(sub, fmt) -> None:
     src.add_argument("--pairs", type=int, help="generate (or reuse) this many pairs of the flow")
     src.add_argument("--pairs-dir", help="use this existing pair store")
     src.add_argument("--random", action="store_true", help="distill the independent coupling instead (learns E[X1|X0]: the failure case)")
-    p.add_argument("--loss", default="l2", choices=["l2", "pseudo_huber"], help="distillation loss")
-    p.add_argument("--huber-c", type=float, default=0.0, help="pseudo-Huber scale c (0: 0.00054 sqrt(d))")
+    p.add_argument("--loss", choices=["l2", "pseudo_huber"], help="distillation loss (default: the recipe's with --recipe, else l2)")
+    p.add_argument("--huber-c", type=float, help="pseudo-Huber scale c (default: the recipe's with --recipe, else 0 = 0.00054 sqrt(D), D values per sample)")
+    _add_recipe_arg(p, "its distillation steps, loss and Huber scale apply where --steps / --loss / --huber-c are not given")
     p.add_argument("--out", "-o", help="run directory of the one-step model (default RUN-distill)")
     _add_stage_args(p)
     _add_pair_args(p)
@@ -198,7 +207,7 @@ def _version() -> str:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + (["train.progress=false"] if args.quiet else [])
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides, defaults=get_recipe(args.recipe).teacher_sections() if args.recipe else None)
     train_run(cfg, args.run, resume=not args.fresh)
 
     main_process = is_main_process()
@@ -345,7 +354,13 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
 
 
 def _cmd_reflow(args: argparse.Namespace) -> int:
-    if args.pairs < 1:
+    if args.recipe:
+        recipe = get_recipe(args.recipe)
+        args.pairs = recipe.n_pairs if args.pairs is None and not args.pairs_dir else args.pairs
+        args.steps = recipe.reflow_steps if args.steps is None else args.steps
+    if args.pairs is None and not args.pairs_dir:
+        raise ConfigError("--pairs is required (or --pairs-dir, or --recipe for its pair count)")
+    if args.pairs is not None and args.pairs < 1:
         raise ConfigError(f"--pairs must be >= 1, got {args.pairs}")
     if args.stages < 1:
         raise ConfigError(f"--stages must be >= 1, got {args.stages}")
@@ -365,6 +380,12 @@ def _cmd_reflow(args: argparse.Namespace) -> int:
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
+    recipe = get_recipe(args.recipe) if args.recipe else None
+    if recipe is not None:
+        args.steps = recipe.distill_steps if args.steps is None else args.steps
+        args.loss = args.loss or recipe.distill_loss
+        args.huber_c = recipe.huber_c if args.huber_c is None else args.huber_c
+    args.loss, args.huber_c = args.loss or "l2", args.huber_c or 0.0
     out = train_distill(
         args.run,
         args.out,

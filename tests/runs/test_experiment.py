@@ -305,3 +305,34 @@ def test_objects_that_are_not_distributions_or_networks_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="nn.Module"):
         train_run(tiny(), tmp_path / "r", model=lambda: Net())
     assert not (tmp_path / "r").exists()
+
+
+def test_time_scale_is_recorded_and_runs_made_before_the_key_load_and_resume(tmp_path):
+    """model.time_scale (the MLP's top time frequency, issue 16 item 6) is part of a run; a run
+    recorded before the key existed (its time features then fixed at 1000) loads and resumes as it was."""
+    from rectflow.engine.checkpoint import latest_checkpoint, read_checkpoint
+    from rectflow.engine.io import save_json
+
+    new = tmp_path / "new"
+    train_run(tiny(model__time_scale=10.0, train__steps=10), new)
+    assert load_run(new).model.time_embed.freqs.max().item() == pytest.approx(10.0)
+    assert read_checkpoint(latest_checkpoint(new)).model_config["time_scale"] == 10.0
+    with pytest.raises(ConfigError, match="time_scale"):
+        train_run(tiny(model__time_scale=30.0, train__steps=20), new)
+
+    old = tmp_path / "old"
+    train_run(tiny(model__time_scale=1000.0, train__steps=10), old)
+    record = load_json(old / "config.json")
+    del record["model"]["time_scale"]
+    save_json(old / "config.json", record)  # as a run made before the key
+    ckpt = read_checkpoint(latest_checkpoint(old))
+    assert "time_scale" not in ckpt.model_config and "time_scale" not in ckpt.meta["run_record"]["model"]
+    assert load_run(old).model.time_embed.freqs.max().item() == pytest.approx(1000.0)
+    assert train_run(tiny(model__time_scale=1000.0, train__steps=20), old).step == 20
+    with pytest.raises(ConfigError, match="time_scale"):
+        train_run(tiny(model__time_scale=10.0, train__steps=30), old)
+
+
+def test_time_scale_must_be_positive():
+    with pytest.raises(ConfigError, match="model.time_scale"):
+        tiny(model__time_scale=0.0)

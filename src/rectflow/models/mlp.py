@@ -33,14 +33,16 @@ class MLPVelocity(nn.Module):
         depth: number of hidden layers (>= 1).
         time_dim: size of the sinusoidal time embedding.
         activation: one of silu, gelu, relu, tanh.
+        time_scale: the highest angular frequency of the time features (t in [0, 1] is multiplied
+            by it; see :class:`SinusoidalTimeEmbedding`).
     Shapes: x (B, d), t (B,) -> (B, d).
     """
 
-    def __init__(self, dim: int, width: int = 256, depth: int = 3, time_dim: int = 64, activation: str = "silu"):
+    def __init__(self, dim: int, width: int = 256, depth: int = 3, time_dim: int = 64, activation: str = "silu", time_scale: float = 1000.0):
         super().__init__()
         self.net = _mlp("MLPVelocity", dim, dim + time_dim, width, depth, activation)
         self.dim = dim
-        self.time_embed = SinusoidalTimeEmbedding(time_dim)
+        self.time_embed = SinusoidalTimeEmbedding(time_dim, scale=time_scale)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         if x.dim() != 2 or x.shape[1] != self.dim:

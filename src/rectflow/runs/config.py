@@ -43,6 +43,7 @@ class ModelConfig:
     width: int = 256  # mlp: hidden units; dit: token width
     depth: int = 3  # mlp: hidden layers; dit: transformer blocks
     time_dim: int = 64  # mlp: time-embedding size
+    time_scale: float = 1000.0  # mlp: top angular frequency of the time features (runs made before this key: 1000)
     activation: str = "silu"  # mlp
     channels: int = 128  # unet: base channels
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 2])  # unet: per-level multipliers
@@ -211,8 +212,10 @@ def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     return plain(asdict(cfg))
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read a YAML (or JSON) config file, apply ``key.sub=value`` overrides, validate."""
+def load_config(path: str | Path | None, overrides: list[str] | None = None, defaults: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read a YAML (or JSON) config file, apply ``key.sub=value`` overrides, validate.
+    ``defaults``: config sections under the file's (a recipe, :mod:`rectflow.runs.recipes`):
+    a key the file or an override sets wins."""
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -226,8 +229,16 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: top level must be a mapping of config sections")
-    data = apply_overrides(data, overrides or [])
+    data = apply_overrides(_merged(defaults or {}, data), overrides or [])
     return config_from_dict(data)
+
+
+def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, section by section (a section of ``top`` that is not a mapping replaces)."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else copy.deepcopy(value)
+    return out
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -298,6 +309,8 @@ def validate(cfg: ExperimentConfig) -> None:
     m = cfg.model
     if m.width < 1 or m.depth < 1 or m.time_dim < 2 or m.time_dim % 2:
         raise ConfigError("model: width and depth must be >= 1 and time_dim an even number >= 2")
+    if not m.time_scale > 0:
+        raise ConfigError(f"config key 'model.time_scale': must be > 0, got {m.time_scale}")
     _validate_images(cfg)
     if cfg.eval.n_samples < 2:
         raise ConfigError(f"config key 'eval.n_samples': must be >= 2, got {cfg.eval.n_samples}")

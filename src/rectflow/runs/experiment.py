@@ -130,6 +130,10 @@ def sample_shape(sampler: Any) -> tuple[int, ...]:
 
 
 _MLP_KEYS = ("kind", "width", "depth", "time_dim", "activation")
+LEGACY_TIME_SCALE = 1000.0
+"""``model.time_scale`` of every MLP run recorded before it was a config key (the time features'
+fixed top frequency then).  :func:`model_config` records the key only when it differs, so the
+checkpoints of those runs keep matching, and :func:`load_run` reads a record without it as this."""
 
 
 _IMAGE_MODEL_KEYS = {
@@ -159,7 +163,8 @@ def model_config(cfg: ExperimentConfig, dim: int, shape: tuple[int, ...] | None 
         if shape is None or len(shape) != 3 or shape[1] != shape[2]:
             raise DataError(f"model.kind {m['kind']!r} needs square images (C, H, W), but the data have shape {list(shape or (dim,))}")
         return {**{k: m[k] for k in _IMAGE_MODEL_KEYS[m["kind"]]}, "dim": dim, "shape": list(shape)}
-    return {**{k: m[k] for k in _MLP_KEYS}, "dim": dim}
+    scale = {} if m["time_scale"] == LEGACY_TIME_SCALE else {"time_scale": m["time_scale"]}
+    return {**{k: m[k] for k in _MLP_KEYS}, **scale, "dim": dim}
 
 
 def _missing_network(mcfg: dict[str, Any] | None) -> str:
@@ -204,7 +209,8 @@ def build_model(mcfg: dict[str, Any]) -> nn.Module:
             raise ConfigError(f"model: {e}") from None
     if mcfg.get("kind") != "mlp":
         raise ConfigError(f"model.kind: {mcfg.get('kind')!r} is not one of ['mlp', 'unet', 'dit']")
-    return MLPVelocity(mcfg["dim"], width=mcfg["width"], depth=mcfg["depth"], time_dim=mcfg["time_dim"], activation=mcfg["activation"])
+    return MLPVelocity(mcfg["dim"], width=mcfg["width"], depth=mcfg["depth"], time_dim=mcfg["time_dim"], activation=mcfg["activation"],
+                       time_scale=mcfg.get("time_scale", LEGACY_TIME_SCALE))
 
 
 def build_objective(cfg: ExperimentConfig, source: Any, target: Any) -> Any:
@@ -335,6 +341,8 @@ def _record(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     """What defines a run's result (stored in its checkpoints): :func:`semantic_config`, plus the
     held-out split of a file target (``eval.holdout`` and ``eval.seed`` choose the training rows)."""
     d = semantic_config(cfg_dict)
+    if isinstance(d.get("model"), dict) and d["model"].get("time_scale") == LEGACY_TIME_SCALE:  # as runs before the key recorded it
+        d["model"] = {k: v for k, v in d["model"].items() if k != "time_scale"}
     ev = cfg_dict.get("eval") if isinstance(cfg_dict.get("eval"), dict) else {}
     if point_file_path(cfg_dict.get("target")) is not None and ev.get("holdout"):
         d["eval"] = {"holdout": ev["holdout"], "seed": ev.get("seed")}
@@ -417,7 +425,7 @@ def load_run(
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: no such run directory")
-    cfg = config_from_dict(load_json(run_dir / "config.json"))
+    cfg = config_from_dict(_upgraded(load_json(run_dir / "config.json")))
     src = _distribution(cfg.source, source, "source")
     parts = functools.cache(lambda: split_target(cfg, target))  # the target only when used, split once
     tgt, heldout = _Lazy(lambda: parts()[0]), _Lazy(lambda: parts()[1]) if target is None and holds_out(cfg) else None
@@ -436,6 +444,15 @@ def load_run(
         net = build_model(mcfg)
     net = load_weights(net, ckpt, ema=ema).to(resolve_device(device)).eval()
     return Run(run_dir, cfg, net, src, tgt, ckpt.step, ckpt.path, heldout)
+
+
+def _upgraded(record: Any) -> Any:
+    """A run's recorded config with the keys added since it was written set to what they meant
+    then (an MLP's ``model.time_scale``: :data:`LEGACY_TIME_SCALE`)."""
+    model = record.get("model") if isinstance(record, dict) else None
+    if isinstance(model, dict) and model.get("kind", "mlp") == "mlp" and "time_scale" not in model:
+        return {**record, "model": {**model, "time_scale": LEGACY_TIME_SCALE}}
+    return record
 
 
 def run_objects(run: Run) -> dict[str, Any]:
