@@ -220,3 +220,43 @@ def test_bad_objective_config():
         perflow.window_grid(perflow.make_windows(2), 0)
 
 
+
+
+def _conditional_eps_teacher(seed=0):
+    torch.manual_seed(seed)
+    net = UNetVelocity(in_channels=1, image_size=8, channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                       attention_resolutions=(), dropout=0.0, head_channels=8, num_classes=3)
+    with torch.no_grad():
+        for q in net.parameters():
+            q.add_(0.05 * torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + q.numel())))
+    sch = DDPMSchedule()
+    return perflow.Teacher(net, sch, "eps", time_map=sch.t_to_timestep)
+
+
+class _LabelledData:
+    def sample(self, n, generator=None, device=None):
+        return torch.rand(n, 1, 8, 8, generator=generator) * 2 - 1, torch.randint(0, 3, (n,), generator=generator)
+
+
+def test_a_conditional_teacher_and_student_see_each_examples_condition():
+    """The condition reaches the teacher's window solve and the student (issue 15, item 2): a fresh
+    student is the teacher's K-step DDIM under the same labels, and the targets are per-label solves."""
+    teacher, b = _conditional_eps_teacher(), perflow.make_windows(3)
+    student = perflow.PeRFlowStudent.from_teacher(teacher, b)
+    x, y = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 1])
+    with torch.no_grad():
+        s = perflow.sample_perflow(student, x, b, cond=y)
+        t = ddim(lambda z, tt: teacher.raw(z, tt, y), x, b, path=teacher.path, parameterization="eps")
+        other = perflow.sample_perflow(student, x, b, cond=(y + 1) % 3)
+    assert torch.allclose(s.x, t.x, atol=1e-4) and not torch.allclose(s.x, other.x, atol=1e-3)
+
+    obj = perflow.PeRFlowObjective(teacher, _LabelledData(), b, solver_steps=2)
+    batch = obj.draw(5, torch.Generator().manual_seed(3), "cpu")
+    assert batch.cond.shape == (5,)
+    k = perflow.window_index(b, batch.t)
+    for i in range(5):
+        t0, t1 = b[k[i]], b[k[i] + 1]
+        z_start = batch.z[i:i + 1] - (batch.t[i] - t0).float() * batch.target[i:i + 1]
+        z_end = teacher.ddim(z_start, t0.reshape(1), t1.reshape(1), 2, batch.cond[i:i + 1])
+        assert torch.allclose((z_end - z_start) / float(t1 - t0), batch.target[i:i + 1], atol=1e-3)
+    assert torch.isfinite(obj.loss(student, batch).loss)

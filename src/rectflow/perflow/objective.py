@@ -21,11 +21,13 @@ __all__ = ['PeRFlowBatch', 'PeRFlowObjective', 'PairsObjective', 'straight_loss'
 
 # ----------------------------------------------------------------------------------------- training
 class PeRFlowBatch(NamedTuple):
-    """``z``: points on the windows' straight lines; ``t`` (B,); ``target``: velocity (B, ...)."""
+    """``z``: points on the windows' straight lines; ``t`` (B,); ``target``: velocity (B, ...);
+    ``cond``: the examples' conditions (None: unconditional)."""
 
     z: Tensor
     t: Tensor
     target: Tensor
+    cond: Any = None
 
 
 class PeRFlowObjective:
@@ -33,7 +35,9 @@ class PeRFlowObjective:
 
     Args:
         teacher: the frozen :class:`Teacher`.
-        data: ``sample(n, generator=, device=) -> x`` of real data (e.g. :class:`ImageDataset`).
+        data: ``sample(n, generator=, device=) -> x`` of real data (e.g. :class:`ImageDataset`), or
+            ``-> (x, cond)`` for a conditional teacher (labels, text embeddings: batch dimension first),
+            whose window solve and student then see each example's condition.
         boundaries: window boundaries (from :func:`make_windows`).
         solver_steps: DDIM steps of the teacher across one window (its NFE per example).
         loss_space: "native" (MSE of the student's own output, e.g. eps, against the target converted
@@ -64,6 +68,7 @@ class PeRFlowObjective:
     @torch.no_grad()
     def draw(self, n: int, generator: torch.Generator, device) -> PeRFlowBatch:
         x = self.data.sample(n, generator=generator, device=device)
+        x, cond = x if isinstance(x, tuple) else (x, None)
         gdev = generator.device
         eps = torch.randn(x.shape, generator=generator, device=gdev, dtype=x.dtype).to(x.device)
         k = torch.randint(0, self.boundaries.numel() - 1, (n,), generator=generator, device=gdev).to(x.device)
@@ -72,7 +77,7 @@ class PeRFlowObjective:
         t0, t1 = b[k], b[k + 1]
         c0 = self.teacher.path.coefficients(t0.to(x.dtype))
         z0 = expand_like(c0.a, x) * x + expand_like(c0.b, x) * eps  # forward process to the window start
-        z1 = self.teacher.ddim(z0, t0, t1, self.solver_steps)  # teacher ODE across this one window
+        z1 = self.teacher.ddim(z0, t0, t1, self.solver_steps, cond)  # teacher ODE across this one window
         self.teacher_nfe += self.solver_steps * n
         dt = t1 - t0
         v = (z1 - z0) / expand_like(dt.to(x.dtype), x)
@@ -81,7 +86,7 @@ class PeRFlowObjective:
             at_start = torch.rand(n, generator=generator, device=gdev).to(x.device) < self.start_fraction
             tau = torch.where(at_start, torch.zeros_like(tau), tau)
         z = z0 + expand_like(tau.to(x.dtype), x) * v
-        return PeRFlowBatch(z, (t0 + tau).to(x.dtype), v)
+        return PeRFlowBatch(z, (t0 + tau).to(x.dtype), v, cond)
 
     def loss(self, model: nn.Module, batch: PeRFlowBatch) -> LossOutput:
         return straight_loss(model, batch, self.loss_space)
@@ -104,11 +109,12 @@ def straight_loss(model: nn.Module, batch: PeRFlowBatch, loss_space: str = "nati
     _check_loss_space(loss_space)
     if isinstance(model, PeRFlowStudent) and loss_space != "velocity":
         dst = model.parameterization if loss_space == "native" else loss_space
-        raw = model.raw(batch.z, batch.t)
+        raw = model.raw(batch.z, batch.t, batch.cond)
         pred = raw if dst == model.parameterization else convert(raw, src=model.parameterization, dst=dst, z=batch.z, path=model.window_path, t=batch.t)
         target = convert(batch.target, src="velocity", dst=dst, z=batch.z, path=model.window_path, t=batch.t)
     else:
-        pred, target = model(batch.z, batch.t), batch.target
+        pred = model(batch.z, batch.t) if batch.cond is None else model(batch.z, batch.t, batch.cond)
+        target = batch.target
     err = per_sample_mse(pred, target)
     return LossOutput(err.mean(), err.detach())
 

@@ -4,7 +4,7 @@ window path, so a fresh copy reproduces the teacher's K-step DDIM; and its K-win
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from typing import Any, Callable
 
 from torch import Tensor, nn
 
@@ -21,7 +21,8 @@ __all__ = ['PeRFlowStudent', 'sample_perflow']
 # ----------------------------------------------------------------------------------------- student
 class PeRFlowStudent(nn.Module):
     """The student: ``net`` (initialised from the teacher's weights) predicting the teacher's kind on
-    the :class:`WindowPath`; ``forward(z, t)`` returns the piecewise-straight velocity dz/dt."""
+    the :class:`WindowPath`; ``forward(z, t)`` returns the piecewise-straight velocity dz/dt.
+    ``cond`` as for :class:`Teacher` (None: ``net`` is called with two arguments)."""
 
     def __init__(self, net: nn.Module, teacher_path: AffinePath, boundaries: Tensor, parameterization: str,
                  *, time_map: Callable[[Tensor], Tensor] | None = None) -> None:
@@ -34,11 +35,12 @@ class PeRFlowStudent(nn.Module):
     def boundaries(self) -> Tensor:
         return self.window_path.boundaries
 
-    def raw(self, z: Tensor, t: Tensor) -> Tensor:
-        return self.net(z, self.time_map(t) if self.time_map is not None else t)
+    def raw(self, z: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        tau = self.time_map(t) if self.time_map is not None else t
+        return self.net(z, tau) if cond is None else self.net(z, tau, cond)
 
-    def forward(self, z: Tensor, t: Tensor) -> Tensor:
-        return convert(self.raw(z, t), src=self.parameterization, dst="velocity", z=z, path=self.window_path, t=t)
+    def forward(self, z: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        return convert(self.raw(z, t, cond), src=self.parameterization, dst="velocity", z=z, path=self.window_path, t=t)
 
     @classmethod
     def from_teacher(cls, teacher: Teacher, boundaries: Tensor, net: nn.Module | None = None) -> "PeRFlowStudent":
@@ -52,8 +54,10 @@ class PeRFlowStudent(nn.Module):
         return cls(net, teacher.path, boundaries, teacher.parameterization, time_map=teacher.time_map)
 
 
-def sample_perflow(student: Callable[[Tensor, Tensor], Tensor], x: Tensor, boundaries: Tensor, steps_per_window: int = 1,
-           *, return_trajectory: bool = False) -> SolveResult:
+def sample_perflow(student: Callable[..., Tensor], x: Tensor, boundaries: Tensor, steps_per_window: int = 1,
+           *, cond: Any = None, return_trajectory: bool = False) -> SolveResult:
     """Euler with ``steps_per_window`` steps per window from noise x at t = 0; NFE = K * steps_per_window.
-    With m = 1 and a :class:`PeRFlowStudent` this is one straight step per window (K-step generation)."""
-    return euler(student, x, window_grid(boundaries, steps_per_window), return_trajectory=return_trajectory)
+    With m = 1 and a :class:`PeRFlowStudent` this is one straight step per window (K-step generation).
+    ``cond``: the condition of every row of x (None: ``student(z, t)``, else ``student(z, t, cond)``)."""
+    f = student if cond is None else (lambda z, t: student(z, t, cond))
+    return euler(f, x, window_grid(boundaries, steps_per_window), return_trajectory=return_trajectory)

@@ -3,7 +3,7 @@ and its batched DDIM solve across one window per example."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -24,6 +24,10 @@ class Teacher:
     ``model(z, time_map(t))`` with z (B, ...), t (B,) rectflow time; ``time_map`` converts t into the
     model's own time input (e.g. ``DDPMSchedule.t_to_timestep``).  For a diffusers UNet use
     :func:`rectflow.perflow.diffusers_io.load_teacher`.
+
+    Conditioning: every method takes ``cond`` (None: an unconditional model, called with two
+    arguments); otherwise the model is called as ``model(z, time_map(t), cond)``, ``cond`` anything
+    whose first dimension is the batch (class labels (B,), text embeddings (B, L, D), ...).
     """
 
     def __init__(self, model: Callable[..., Tensor], path: AffinePath, parameterization: str = "velocity",
@@ -33,24 +37,25 @@ class Teacher:
             raise ConfigError(f"perflow.Teacher: path must be an AffinePath (got {type(path).__name__})")
         self.model, self.path, self.parameterization, self.time_map = model, path, parameterization, time_map
 
-    def raw(self, z: Tensor, t: Tensor) -> Tensor:
-        """The model's own output at (z, t)."""
-        return self.model(z, self.time_map(t) if self.time_map is not None else t)
+    def raw(self, z: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        """The model's own output at (z, t) (given ``cond``)."""
+        tau = self.time_map(t) if self.time_map is not None else t
+        return self.model(z, tau) if cond is None else self.model(z, tau, cond)
 
-    def x0_eps(self, z: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        return to_x0_eps(self.raw(z, t), self.parameterization, z, self.path, t)
+    def x0_eps(self, z: Tensor, t: Tensor, cond: Any = None) -> tuple[Tensor, Tensor]:
+        return to_x0_eps(self.raw(z, t, cond), self.parameterization, z, self.path, t)
 
-    def velocity(self, z: Tensor, t: Tensor) -> Tensor:
+    def velocity(self, z: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         """dz/dt of the teacher's probability-flow ODE (a velocity field for the solvers)."""
-        return convert(self.raw(z, t), src=self.parameterization, dst="velocity", z=z, path=self.path, t=t)
+        return convert(self.raw(z, t, cond), src=self.parameterization, dst="velocity", z=z, path=self.path, t=t)
 
     @torch.no_grad()
-    def ddim(self, z: Tensor, t_from: Tensor, t_to: Tensor, steps: int) -> Tensor:
+    def ddim(self, z: Tensor, t_from: Tensor, t_to: Tensor, steps: int, cond: Any = None) -> Tensor:
         """Batched DDIM from per-example times t_from (B,) to t_to (B,) in ``steps`` equal steps."""
         for j in range(steps):
             t = t_from + (t_to - t_from) * (j / steps)
             t_next = t_from + (t_to - t_from) * ((j + 1) / steps)
-            x0, eps = self.x0_eps(z, t.to(z.dtype))
+            x0, eps = self.x0_eps(z, t.to(z.dtype), cond)
             c = self.path.coefficients(t_next.to(z.dtype))
             z = expand_like(c.a, z) * x0 + expand_like(c.b, z) * eps  # theory §6: z' = alpha' x-hat + sigma' eps-hat
         return z
