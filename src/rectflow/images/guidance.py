@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from rectflow.errors import ConfigError, DataError
+from rectflow.flow.guidance import drop_conditions, guidance_nfe, guided_call
 from rectflow.flow.losses import FlowMatchingObjective, LossOutput, flow_matching_loss
 from rectflow.flow.paths import AffinePath
 from rectflow.flow.sampling import sample_model
@@ -56,9 +57,7 @@ def drop_labels(y: Tensor, p_uncond: float, generator: torch.Generator | None = 
     from ``generator``, always made so the stream does not depend on p).  y (B,) -> (B,)."""
     if not 0.0 <= p_uncond <= 1.0:
         raise ConfigError(f"label dropout p_uncond must lie in [0, 1], got {p_uncond}")
-    gdev = generator.device if generator is not None else y.device
-    u = torch.rand(y.shape[0], generator=generator, device=gdev).to(y.device)
-    return torch.where(u < p_uncond, torch.full_like(y, NULL_LABEL), y)
+    return drop_conditions(y, NULL_LABEL, p_uncond, generator)
 
 
 def num_classes_of(model: nn.Module) -> int:
@@ -164,20 +163,16 @@ class GuidedVelocity(nn.Module):
             raise ConfigError(f"guidance scale must be a finite number, got {scale}")
         self.register_buffer("y", y.long(), persistent=False)
         # w in {0, 1} needs one branch only: 1 network evaluation instead of 2
-        self.nfe_per_eval = 1 if self.scale in (0.0, 1.0) else 2
+        self.nfe_per_eval = guidance_nfe(self.scale)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         b = x.shape[0]
         if b != self.y.shape[0]:
             raise ValueError(f"GuidedVelocity was built for {self.y.shape[0]} labels but got a batch of {b}")
-        if self.scale == 1.0:
-            return self.model(x, t, y=self.y)
-        null = torch.full_like(self.y, NULL_LABEL)
-        if self.scale == 0.0:
-            return self.model(x, t, y=null)
-        out = self.model(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([self.y, null]))
-        cond, uncond = out.chunk(2)
-        return torch.lerp(uncond, cond, self.scale)  # uncond + w (cond - uncond)
+        return guided_call(self._labelled, x, t, self.y, NULL_LABEL, self.scale)  # the library's one CFG combination
+
+    def _labelled(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        return self.model(x, t, y=y)
 
 
 def sample_guided(

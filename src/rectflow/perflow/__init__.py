@@ -31,5 +31,6 @@ from rectflow.perflow.student import *  # noqa: F403 (re-exports student.__all__
 from rectflow.perflow.objective import *  # noqa: F403 (re-exports objective.__all__)
 from rectflow.perflow.delta import *  # noqa: F403 (re-exports delta.__all__)
 from rectflow.perflow.diffusers_io import *  # noqa: F403 (re-exports diffusers_io.__all__)
+from rectflow.perflow.guidance import GUIDANCE_MODES, Guidance, LabelledData, guidance_plan  # noqa: F401 (classifier-free guidance, theory §5.5)
 
 __all__ = [*windows.__all__, *teacher.__all__, *student.__all__, *objective.__all__, *delta.__all__, *diffusers_io.__all__]

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from rectflow.diffusion.parameterizations import convert
 from rectflow.errors import ConfigError
+from rectflow.flow.guidance import NULL_LABEL, drop_conditions
 from rectflow.flow.losses import LossOutput, per_sample_mse
 from rectflow.flow.paths import expand_like
 from rectflow.perflow.student import PeRFlowStudent
@@ -48,18 +49,26 @@ class PeRFlowObjective:
             the interior of a window asks for E[z_end - z_start | z_t], which a small network learns
             slowly and at the expense of the start, so K-step students train faster with a share
             here (0 = the paper's uniform t; use 0 when sampling with several steps per window).
-    Each draw costs ``solver_steps`` teacher calls on the whole batch (``teacher_nfe`` counts them).
+        p_uncond: condition dropout (theory §5.5): each example's condition is replaced by
+            ``null_cond`` with this probability before the teacher's solve, so the null rows carry
+            the teacher's unconditional flow and the student keeps a branch for guidance.
+        null_cond: the null condition (NULL_LABEL for labels; the empty prompt's embedding, (L, D), for text).
+    Each draw costs ``solver_steps`` teacher calls on the whole batch; ``teacher_nfe`` counts network
+    evaluations per example (a guided teacher's call counts 2).
     """
 
     heavy_draw = False
 
     def __init__(self, teacher: Teacher, data: Any, boundaries: Tensor, *, solver_steps: int = 4,
-                 loss_space: str = "native", t_margin: float = 1e-4, start_fraction: float = 0.0) -> None:
+                 loss_space: str = "native", t_margin: float = 1e-4, start_fraction: float = 0.0,
+                 p_uncond: float = 0.0, null_cond: Any = NULL_LABEL) -> None:
         if solver_steps < 1:
             raise ConfigError(f"perflow.solver_steps must be >= 1, got {solver_steps}")
         if not 0.0 <= start_fraction <= 1.0:
             raise ConfigError(f"perflow.start_fraction must lie in [0, 1], got {start_fraction}")
-        self.start_fraction = float(start_fraction)
+        if not 0.0 <= p_uncond <= 1.0:
+            raise ConfigError(f"perflow.p_uncond must lie in [0, 1], got {p_uncond}")
+        self.start_fraction, self.p_uncond, self.null_cond = float(start_fraction), float(p_uncond), null_cond
         _check_loss_space(loss_space)
         self.teacher, self.data, self.solver_steps = teacher, data, int(solver_steps)
         self.boundaries, self.loss_space, self.t_margin = validate_windows(boundaries), loss_space, float(t_margin)
@@ -73,12 +82,16 @@ class PeRFlowObjective:
         eps = torch.randn(x.shape, generator=generator, device=gdev, dtype=x.dtype).to(x.device)
         k = torch.randint(0, self.boundaries.numel() - 1, (n,), generator=generator, device=gdev).to(x.device)
         u = torch.rand(n, generator=generator, device=gdev, dtype=torch.float64).to(x.device)
+        if self.p_uncond > 0:  # before the teacher's solve: a dropped row follows the unconditional flow
+            if cond is None:
+                raise ConfigError("perflow.p_uncond > 0 needs conditional data (sample(n) -> (x, cond))")
+            cond = drop_conditions(cond, self.null_cond, self.p_uncond, generator)
         b = self.boundaries.to(x.device)
         t0, t1 = b[k], b[k + 1]
         c0 = self.teacher.path.coefficients(t0.to(x.dtype))
         z0 = expand_like(c0.a, x) * x + expand_like(c0.b, x) * eps  # forward process to the window start
         z1 = self.teacher.ddim(z0, t0, t1, self.solver_steps, cond)  # teacher ODE across this one window
-        self.teacher_nfe += self.solver_steps * n
+        self.teacher_nfe += self.solver_steps * n * (1 if cond is None else self.teacher.nfe_per_eval)
         dt = t1 - t0
         v = (z1 - z0) / expand_like(dt.to(x.dtype), x)
         tau = (self.t_margin + u * (1 - 2 * self.t_margin)) * dt

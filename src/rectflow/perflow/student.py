@@ -10,8 +10,10 @@ from torch import Tensor, nn
 
 from rectflow.diffusion.parameterizations import check_parameterization, convert
 from rectflow.errors import ConfigError
+from rectflow.flow.guidance import NULL_LABEL
 from rectflow.flow.paths import AffinePath
 from rectflow.flow.solvers import SolveResult, euler
+from rectflow.perflow.guidance import Guidance, as_guidance
 from rectflow.perflow.teacher import Teacher
 from rectflow.perflow.windows import WindowPath, window_grid
 
@@ -22,7 +24,9 @@ __all__ = ['PeRFlowStudent', 'sample_perflow']
 class PeRFlowStudent(nn.Module):
     """The student: ``net`` (initialised from the teacher's weights) predicting the teacher's kind on
     the :class:`WindowPath`; ``forward(z, t)`` returns the piecewise-straight velocity dz/dt.
-    ``cond`` as for :class:`Teacher` (None: ``net`` is called with two arguments)."""
+    ``cond`` as for :class:`Teacher` (None: ``net`` is called with two arguments); ``guidance`` (a
+    :class:`~rectflow.perflow.guidance.Guidance`, given with a condition) guides ``net``'s own
+    output before it is read on the window path (theory §5.5)."""
 
     def __init__(self, net: nn.Module, teacher_path: AffinePath, boundaries: Tensor, parameterization: str,
                  *, time_map: Callable[[Tensor], Tensor] | None = None) -> None:
@@ -35,12 +39,14 @@ class PeRFlowStudent(nn.Module):
     def boundaries(self) -> Tensor:
         return self.window_path.boundaries
 
-    def raw(self, z: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+    def raw(self, z: Tensor, t: Tensor, cond: Any = None, guidance: Guidance | None = None) -> Tensor:
         tau = self.time_map(t) if self.time_map is not None else t
-        return self.net(z, tau) if cond is None else self.net(z, tau, cond)
+        if cond is None:
+            return self.net(z, tau)
+        return self.net(z, tau, cond) if guidance is None else guidance(self.net, z, tau, cond)
 
-    def forward(self, z: Tensor, t: Tensor, cond: Any = None) -> Tensor:
-        return convert(self.raw(z, t, cond), src=self.parameterization, dst="velocity", z=z, path=self.window_path, t=t)
+    def forward(self, z: Tensor, t: Tensor, cond: Any = None, guidance: Guidance | None = None) -> Tensor:
+        return convert(self.raw(z, t, cond, guidance), src=self.parameterization, dst="velocity", z=z, path=self.window_path, t=t)
 
     @classmethod
     def from_teacher(cls, teacher: Teacher, boundaries: Tensor, net: nn.Module | None = None) -> "PeRFlowStudent":
@@ -55,9 +61,25 @@ class PeRFlowStudent(nn.Module):
 
 
 def sample_perflow(student: Callable[..., Tensor], x: Tensor, boundaries: Tensor, steps_per_window: int = 1,
-           *, cond: Any = None, return_trajectory: bool = False) -> SolveResult:
+           *, cond: Any = None, guidance: Guidance | float | None = None, null_cond: Any = NULL_LABEL,
+           return_trajectory: bool = False) -> SolveResult:
     """Euler with ``steps_per_window`` steps per window from noise x at t = 0; NFE = K * steps_per_window.
     With m = 1 and a :class:`PeRFlowStudent` this is one straight step per window (K-step generation).
-    ``cond``: the condition of every row of x (None: ``student(z, t)``, else ``student(z, t, cond)``)."""
-    f = student if cond is None else (lambda z, t: student(z, t, cond))
-    return euler(f, x, window_grid(boundaries, steps_per_window), return_trajectory=return_trajectory)
+    ``cond``: the condition of every row of x (None: ``student(z, t)``, else ``student(z, t, cond)``).
+    ``guidance``: classifier-free guidance at that scale with ``null_cond`` as the unconditional input
+    (NULL_LABEL for labels; the empty prompt's embedding for text), in a :class:`PeRFlowStudent`'s own
+    output space (any other callable: in what it returns); a guided evaluation counts 2 NFE."""
+    g = as_guidance(guidance, null_cond)
+    if g is not None and cond is None:
+        raise ConfigError("perflow: sampling with guidance needs the samples' condition (cond)")
+    if cond is None:
+        f = student
+    elif g is None or g.scale == 1.0:
+        f = lambda z, t: student(z, t, cond)
+    elif isinstance(student, PeRFlowStudent):
+        f = lambda z, t: student(z, t, cond, guidance=g)
+    else:
+        f = lambda z, t: g(student, z, t, cond)
+    res = euler(f, x, window_grid(boundaries, steps_per_window), return_trajectory=return_trajectory)
+    per = 1 if g is None else g.nfe_per_eval
+    return SolveResult(res.x, res.nfe * per, res.trajectory, res.times)

@@ -11,8 +11,10 @@ from torch import Tensor
 from rectflow.diffusion.parameterizations import check_parameterization, convert, to_x0_eps
 from rectflow.diffusion.samplers import ddim
 from rectflow.errors import ConfigError
+from rectflow.flow.guidance import NULL_LABEL
 from rectflow.flow.paths import AffinePath, expand_like
 from rectflow.flow.solvers import SolveResult, time_grid
+from rectflow.perflow.guidance import Guidance, as_guidance
 
 __all__ = ['Teacher', 'teacher_ddim_sample']
 
@@ -28,19 +30,33 @@ class Teacher:
     Conditioning: every method takes ``cond`` (None: an unconditional model, called with two
     arguments); otherwise the model is called as ``model(z, time_map(t), cond)``, ``cond`` anything
     whose first dimension is the batch (class labels (B,), text embeddings (B, L, D), ...).
+
+    Guidance (theory §5.5): ``guidance`` (a scale w, or a :class:`~rectflow.perflow.guidance.Guidance`
+    with the null condition; ``null_cond`` goes with a plain scale) makes every conditional call
+    classifier-free guided, combined in the model's own output space in one batched call of 2B
+    rows; ``nfe_per_eval`` is then 2.  Unconditional calls (``cond`` None) are never guided.
     """
 
     def __init__(self, model: Callable[..., Tensor], path: AffinePath, parameterization: str = "velocity",
-                 *, time_map: Callable[[Tensor], Tensor] | None = None) -> None:
+                 *, time_map: Callable[[Tensor], Tensor] | None = None, guidance: Guidance | float | None = None,
+                 null_cond: Any = NULL_LABEL) -> None:
         check_parameterization(parameterization)
         if not isinstance(path, AffinePath):
             raise ConfigError(f"perflow.Teacher: path must be an AffinePath (got {type(path).__name__})")
         self.model, self.path, self.parameterization, self.time_map = model, path, parameterization, time_map
+        self.guidance = as_guidance(guidance, null_cond)
+
+    @property
+    def nfe_per_eval(self) -> int:
+        """Network evaluations per sample of one conditional call (2 when guided, else 1)."""
+        return 1 if self.guidance is None else self.guidance.nfe_per_eval
 
     def raw(self, z: Tensor, t: Tensor, cond: Any = None) -> Tensor:
-        """The model's own output at (z, t) (given ``cond``)."""
+        """The model's own output at (z, t) (given ``cond``; guided when the teacher is)."""
         tau = self.time_map(t) if self.time_map is not None else t
-        return self.model(z, tau) if cond is None else self.model(z, tau, cond)
+        if cond is None:
+            return self.model(z, tau)
+        return self.model(z, tau, cond) if self.guidance is None else self.guidance(self.model, z, tau, cond)
 
     def x0_eps(self, z: Tensor, t: Tensor, cond: Any = None) -> tuple[Tensor, Tensor]:
         return to_x0_eps(self.raw(z, t, cond), self.parameterization, z, self.path, t)
@@ -61,6 +77,10 @@ class Teacher:
         return z
 
 
-def teacher_ddim_sample(teacher: Teacher, x: Tensor, steps: int) -> SolveResult:
-    """The teacher's own DDIM from t = 0 to 1 in ``steps`` uniform steps (the baseline; NFE = steps)."""
-    return ddim(teacher.raw, x, time_grid(steps), path=teacher.path, parameterization=teacher.parameterization)
+def teacher_ddim_sample(teacher: Teacher, x: Tensor, steps: int, cond: Any = None) -> SolveResult:
+    """The teacher's own DDIM from t = 0 to 1 in ``steps`` uniform steps (the baseline), given
+    ``cond`` (guided when the teacher is); NFE = steps x network evaluations per step (1 or 2)."""
+    f = teacher.raw if cond is None else (lambda z, t: teacher.raw(z, t, cond))
+    res = ddim(f, x, time_grid(steps), path=teacher.path, parameterization=teacher.parameterization)
+    per = 1 if cond is None else teacher.nfe_per_eval
+    return SolveResult(res.x, res.nfe * per, res.trajectory, res.times)
