@@ -23,12 +23,8 @@ backed by memory maps, so stores larger than RAM are read page by page;
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import math
-import struct
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -40,7 +36,9 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from rectflow.engine import distributed
-from rectflow.engine.io import LOCK_FILE, check_writable, exclusive_lock, load_json, load_tensors, save_json, save_tensors, sha256_file
+from rectflow.engine import shards as _shards
+from rectflow.engine.io import load_tensors, save_json, save_tensors, sha256_file
+from rectflow.engine.shards import MANIFEST, ShardLayout, StoreKind, state_dict_sha256
 from rectflow.engine.trainer import step_generator
 from rectflow.errors import CheckpointError, ConfigError, DataError
 from rectflow.flow.sampling import parse_solver_spec, sample_model
@@ -57,23 +55,12 @@ __all__ = [
 ]
 
 PAIRS_FORMAT = "rectflow-pairs/1"
-MANIFEST = "manifest.json"
 _SHARD_KEYS = ("z0", "z1")
 
 
 def shard_name(index: int) -> str:
     """File name of shard ``index``: ``pairs_00000.safetensors``."""
     return f"pairs_{index:05d}.safetensors"
-
-
-def state_dict_sha256(model: nn.Module) -> str:
-    """Hex sha256 over a model's state dict (names, dtypes, shapes and raw bytes, in key order)."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -138,76 +125,28 @@ class PairSettings:
         return s
 
 
-# ----- manifest and shard checks -----------------------------------------------------------
+# ----- manifest and shard checks (the shared shard-store mechanism, rectflow.engine.shards) ----
+
+
+def _layout(settings: PairSettings) -> ShardLayout:
+    return ShardLayout("pairs", settings.n_pairs, settings.shard_size, tuple((k, "F32", settings.shape) for k in _SHARD_KEYS))
+
+
+PAIR_STORE = StoreKind(PAIRS_FORMAT, "pair store", "pairs", PairSettings.from_dict, PairSettings.to_dict, _layout, "pair")
 
 
 def _read_manifest(root: Path) -> tuple[PairSettings, dict[str, Any]]:
-    path = root / MANIFEST
-    man = load_json(path)
-    if not isinstance(man, dict) or man.get("format") != PAIRS_FORMAT:
-        fmt = man.get("format") if isinstance(man, dict) else None
-        raise CheckpointError(f"{path}: not a rectflow pair store (format {fmt!r}, expected {PAIRS_FORMAT!r})")
-    settings = PairSettings.from_dict(man.get("settings"), str(path))
-    shards = man.get("shards")
-    if not isinstance(shards, list) or len(shards) > settings.n_shards:
-        raise CheckpointError(f"{path}: malformed pair-store manifest (shards must be a list of at most {settings.n_shards} entries)")
-    for i, e in enumerate(shards):
-        ok = isinstance(e, dict) and e.get("file") == shard_name(i) and e.get("n") == settings.shard_count(i)
-        ok = ok and isinstance(e.get("sha256"), str) and isinstance(e.get("bytes"), int)
-        if not ok:
-            raise CheckpointError(
-                f"{path}: manifest disagrees with its layout at shard {i} (expected file {shard_name(i)} with "
-                f"n = {settings.shard_count(i)}, got {e!r:.120})"
-            )
-    if man.get("complete") and len(shards) != settings.n_shards:
-        raise CheckpointError(f"{path}: manifest says complete but lists {len(shards)} of {settings.n_shards} shards")
+    settings, _, man = _shards.read_manifest(root, PAIR_STORE)
     return settings, man
-
-
-def _safetensors_layout(path: Path) -> tuple[int, dict[str, dict[str, Any]]]:
-    """(offset of the data section, header entries) of a safetensors file, read without loading it."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise ValueError("file shorter than its header")
-            (n,) = struct.unpack("<Q", raw)
-            if n > 100_000_000:
-                raise ValueError(f"header length {n} is implausible")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt or truncated shard ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt shard (header is not a mapping)")
-    return 8 + n, {k: v for k, v in header.items() if k != "__metadata__"}
 
 
 def _check_shard(root: Path, settings: PairSettings, index: int, entry: dict[str, Any], *, full: bool) -> tuple[int, dict]:
     """Verify shard ``index`` against its manifest entry; returns its safetensors layout."""
-    path = root / entry["file"]
-    if not path.is_file():
-        raise CheckpointError(f"{path}: shard listed in the manifest is missing")
-    size = path.stat().st_size
-    if size != entry["bytes"]:
-        raise CheckpointError(f"{path}: shard is truncated or was changed on disk ({size} bytes, manifest records {entry['bytes']})")
-    if full and sha256_file(path) != entry["sha256"]:
-        raise CheckpointError(f"{path}: shard was changed on disk (sha256 differs from the manifest)")
-    start, header = _safetensors_layout(path)
-    want = [settings.shard_count(index), *settings.shape]
-    for key in _SHARD_KEYS:
-        h = header.get(key)
-        if not isinstance(h, dict) or h.get("dtype") != "F32" or h.get("shape") != want:
-            got = {k: (v.get("dtype"), v.get("shape")) for k, v in header.items() if isinstance(v, dict)}
-            raise CheckpointError(f"{path}: shard disagrees with the manifest (expected {key} float32 of shape {want}, found {got})")
-        lo, hi = h.get("data_offsets", [0, -1])
-        if hi - lo != 4 * math.prod(want) or start + hi > size:
-            raise CheckpointError(f"{path}: corrupt shard (tensor {key} does not fit the file)")
-    return start, header
+    return _shards.check_shard(root, _layout(settings), index, entry, full=full)
 
 
 def _settings_diff(a: PairSettings, b: PairSettings) -> list[str]:
-    da, db = a.to_dict(), b.to_dict()
-    return [k for k in da if da[k] != db[k]]
+    return _shards.settings_diff(PAIR_STORE, a, b)
 
 
 # ----- reading -----------------------------------------------------------------------------
@@ -271,12 +210,9 @@ class PairStore(Dataset):
             if len(self._maps) >= self._MAX_OPEN_MAPS:
                 self._maps.pop(next(iter(self._maps)))  # the oldest opened
             entry = self.manifest["shards"][index]
-            start, header = _safetensors_layout(self.path / entry["file"])
-            shape = (self.settings.shard_count(index), *self.settings.shape)
-            self._maps[index] = tuple(  # type: ignore[assignment]
-                np.memmap(self.path / entry["file"], dtype="<f4", mode="r", offset=start + header[k]["data_offsets"][0], shape=shape)
-                for k in _SHARD_KEYS
-            )
+            path = self.path / entry["file"]
+            start, header = _shards.safetensors_layout(path)
+            self._maps[index] = tuple(_shards.shard_memmap(path, start, header, k) for k in _SHARD_KEYS)  # type: ignore[assignment]
         return self._maps[index]
 
     def get(self, idx: Tensor | Sequence[int]) -> tuple[Tensor, Tensor]:
@@ -453,38 +389,20 @@ def generate_pairs(
         raise ConfigError(f"rank must lie in [0, world_size), got rank {rank}, world_size {world_size}")
     if world_size > 1:
         return _generate_sharded(model, source, root, settings, provenance, rank, world_size, device, method, steps, rtol, atol, progress)
-    complete = _check_target(root, settings)  # read-only: a refused directory is left untouched
-    with contextlib.nullcontext() if complete else exclusive_lock(root, "pair store"):  # a complete store is only read
-        man = _open_for_writing(root, settings, provenance)
-        done = len(man["shards"])
-        if not man["complete"]:
-            bar = tqdm(total=n, initial=sum(e["n"] for e in man["shards"]), disable=not progress or None, desc="pairs", unit="pair", unit_scale=True, dynamic_ncols=True)
-            t_start, made = time.perf_counter(), 0
-            try:
-                for s in range(done, settings.n_shards):
-                    m = settings.shard_count(s)
-                    z0, z1, nfe = _make_shard(model, source, settings, s, device, method, steps, rtol, atol)
-                    path = root / shard_name(s)
-                    save_tensors(path, {"z0": z0, "z1": z1}, {"format": PAIRS_FORMAT})  # one key: safetensors orders metadata at random
-                    man["shards"].append({"file": path.name, "n": m, "bytes": path.stat().st_size, "sha256": sha256_file(path), "nfe": nfe})
-                    made += m
-                    man["complete"] = len(man["shards"]) == settings.n_shards
-                    if man["complete"]:
-                        nfes = [e["nfe"] for e in man["shards"]]
-                        elapsed = time.perf_counter() - t_start
-                        man["stats"] = {
-                            "nfe_mean": sum(e["nfe"] * e["n"] for e in man["shards"]) / n,
-                            "nfe_max": max(nfes),
-                            "last_session_pairs_per_s": made / elapsed if elapsed > 0 else None,
-                            "device": str(device),
-                            "torch": torch.__version__,
-                        }
-                    save_json(root / MANIFEST, man)
-                    bar.update(m)
-                    if on_shard is not None:
-                        on_shard(s)
-            finally:
-                bar.close()
+    def make(s: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        z0, z1, nfe = _make_shard(model, source, settings, s, device, method, steps, rtol, atol)
+        return {"z0": z0, "z1": z1}, {"nfe": nfe}
+
+    def finish(man: dict[str, Any], made: int, elapsed: float) -> dict[str, Any]:
+        return {
+            "nfe_mean": sum(e["nfe"] * e["n"] for e in man["shards"]) / n,
+            "nfe_max": max(e["nfe"] for e in man["shards"]),
+            "last_session_pairs_per_s": made / elapsed if elapsed > 0 else None,
+            "device": str(device),
+            "torch": torch.__version__,
+        }
+
+    _shards.write_shards(root, PAIR_STORE, settings, make, provenance=provenance, progress=progress, on_shard=on_shard, finish=finish)
     return PairStore(root, verify=False)  # every shard was hashed when written or when the store was reopened
 
 
@@ -561,32 +479,10 @@ def _generate_sharded(model, source, root: Path, settings: PairSettings, provena
 def _check_target(root: Path, settings: PairSettings) -> bool:
     """Refuse (ConfigError) a directory that holds pairs of other settings or something else,
     without writing anything; True when it holds a complete store of these settings."""
-    if (root / MANIFEST).is_file():
-        old, man = _read_manifest(root)
-        diff = _settings_diff(old, settings)
-        if diff:
-            raise ConfigError(f"{root} holds pairs with other settings (differs in {', '.join(diff)}); nothing was written: use another directory")
-        return bool(man.get("complete"))
-    if root.exists():
-        if not root.is_dir():
-            raise ConfigError(f"{root} exists and is not a directory")
-        if any(p for p in root.iterdir() if p.name != LOCK_FILE and not (p.name.startswith(".") and p.name.endswith(".tmp"))):
-            raise ConfigError(f"{root} is not empty and holds no pair store ({MANIFEST} missing); nothing was written: use an empty or new directory")
-    check_writable(root, directory=True)
-    return False
+    return _shards.check_target(root, PAIR_STORE, settings)
 
 
 def _open_for_writing(root: Path, settings: PairSettings, provenance: dict[str, Any] | None) -> dict[str, Any]:
     """Create the store's manifest, or check that ``root`` holds a store of the same settings whose
     recorded shards are intact; returns the manifest (stale temporary files are removed)."""
-    _check_target(root, settings)
-    if (root / MANIFEST).is_file():
-        _, man = _read_manifest(root)
-        for i, e in enumerate(man["shards"]):
-            _check_shard(root, settings, i, e, full=True)
-        for tmp in root.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
-        return man
-    man = {"format": PAIRS_FORMAT, "settings": settings.to_dict(), "provenance": provenance or {}, "shards": [], "complete": False}
-    save_json(root / MANIFEST, man)
-    return man
+    return _shards.open_for_writing(root, PAIR_STORE, settings, provenance)
