@@ -227,7 +227,8 @@ def ddim_scheduler_config(teacher_cfg: dict[str, Any], boundaries: Tensor) -> di
     if n % k or not torch.allclose(b, torch.linspace(0, 1, k + 1, dtype=torch.float64), atol=1e-9):
         return None
     keep = {key: v for key, v in teacher_cfg.items() if key in _SCHEDULE_KEYS}
-    keep.update(_class_name="DDIMScheduler", timestep_spacing="trailing", set_alpha_to_one=True, steps_offset=0,
+    # steps_offset: unused by trailing spacing; 1 keeps StableDiffusionPipeline from flagging the config as outdated
+    keep.update(_class_name="DDIMScheduler", timestep_spacing="trailing", set_alpha_to_one=True, steps_offset=1,
                 clip_sample=False, thresholding=False, rescale_betas_zero_snr=False)
     return keep
 
