@@ -127,6 +127,11 @@ CASES = [
     (["perflow", "{run}", "--out", "{tmp}/pf"], "moons"),
     (["perflow", "{teacher}", "--out", "{tmp}/pf", "--data", "digits", "--device", "cpu"], "diffusion_pytorch_model.safetensors"),
     (["perflow", "{run}", "--out", "{tmp}/pf", "--data", "{bomb}"], "huge.png"),
+    (["perflow", "{run}", "--out", "{tmp}/pf", "--guidance", "nan"], "--guidance"),
+    (["perflow", "{run}", "--out", "{tmp}/pf", "--guidance-mode", "both"], "--guidance-mode"),
+    (["perflow", "{run}", "--out", "{tmp}/pf", "--p-uncond", "1.5"], "--p-uncond"),
+    (["perflow", "{run}", "--out", "{tmp}/pf", "--guidance-mode", "student", "--guidance", "3", "--p-uncond", "0"], "--p-uncond"),
+    (["perflow", "{run}", "--out", "{tmp}/pf", "--guidance", "2"], "moons"),
 ]
 
 

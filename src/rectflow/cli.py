@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from rectflow.engine.trainer import TrainConfig, resolve_device
 from rectflow.errors import ConfigError, RectflowError
 from rectflow.flow.sampling import parse_solver_spec, sample_model, solver_label
 from rectflow.images.sampling import sample_images
+from rectflow.perflow.guidance import GUIDANCE_MODES
 from rectflow.runs.config import load_config
 from rectflow.runs.demo import run_demo, run_pipeline
 from rectflow.runs.diagnose import diagnose_runs, format_stage_table
@@ -112,6 +114,11 @@ def _add_perflow_parser(sub, fmt) -> None:
     p.add_argument("--solver-steps", type=int, default=d.solver_steps, help="teacher DDIM steps across one window per training example")
     p.add_argument("--start-fraction", type=float, default=d.start_fraction, help="share of training points at window starts, where K-step sampling reads the student (0 = the paper's uniform t)")
     p.add_argument("--loss-space", default=d.loss_space, choices=["native", "velocity", "x0", "eps", "v"], help="space of the student's MSE (native = the teacher's output kind)")
+    p.add_argument("--guidance", type=float, default=d.guidance, help="class-conditional teachers: classifier-free guidance scale w")
+    p.add_argument("--guidance-mode", default=d.guidance_mode, metavar="{teacher,student}",
+                   help="teacher: guide the teacher's window solve, the student samples at w = 1 (K NFE); student: teacher at w = 1, the student samples with CFG at w (2K NFE)")
+    p.add_argument("--p-uncond", type=float, default=None,  # '%(default).0s' prints nothing: keeps the formatter from adding "(default: None)"
+                   help="class-conditional teachers: condition dropout of the student's training (default: 0.1 with --guidance-mode student, else 0)%(default).0s")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="training batch size")
     p.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak learning rate (cosine decay after 100 warmup steps)")
@@ -450,15 +457,33 @@ def _perflow_data(spec: str | None):
     return make_image_distribution({"name": "images", "path": spec}), str(Path(spec).resolve())
 
 
+def _perflow_guidance_flags(args: argparse.Namespace) -> float:
+    """Check --guidance, --guidance-mode and --p-uncond (one line naming the flag); returns p_uncond."""
+    if not math.isfinite(args.guidance):
+        raise ConfigError(f"--guidance must be a finite number, got {args.guidance}")
+    if args.guidance_mode not in GUIDANCE_MODES:
+        raise ConfigError(f"--guidance-mode must be one of {', '.join(GUIDANCE_MODES)}, got {args.guidance_mode!r}")
+    p = args.p_uncond if args.p_uncond is not None else (0.1 if args.guidance_mode == "student" else 0.0)
+    if not 0.0 <= p <= 1.0:
+        raise ConfigError(f"--p-uncond must lie in [0, 1], got {p}")
+    if args.guidance_mode == "student" and args.guidance != 1.0 and p == 0.0:
+        raise ConfigError("--p-uncond must be > 0 with --guidance-mode student (condition dropout keeps the student's unconditional branch for guidance)")
+    return p
+
+
 def _cmd_perflow(args: argparse.Namespace) -> int:
+    p_uncond = _perflow_guidance_flags(args)
     data, data_name = _perflow_data(args.data)
     settings = PeRFlowSettings(windows=args.windows, spacing=args.spacing, solver_steps=args.solver_steps,
-                               start_fraction=args.start_fraction, loss_space=args.loss_space)
+                               start_fraction=args.start_fraction, loss_space=args.loss_space,
+                               guidance=args.guidance, p_uncond=p_uncond, guidance_mode=args.guidance_mode)
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_schedule="cosine", warmup_steps=min(100, args.steps // 10),
                         ema_decay=args.ema, seed=args.seed, device=args.device, progress=not args.quiet, workers=0,
                         log_every=max(1, min(100, args.steps // 10)), ckpt_every=max(1, min(500, args.steps)))
     out = train_perflow(args.teacher, args.out, settings=settings, train=train, data=data, data_name=data_name, export=args.export_diffusers)
-    print(f"PeRFlow student ({args.windows} windows, {args.windows}-step sampling) saved in {out}: student.safetensors, delta.safetensors, samples.png")
+    guided = settings.guidance_mode == "student" and settings.guidance != 1.0
+    nfe = f" with guidance {settings.guidance:g}: {2 * args.windows} NFE" if guided else ""
+    print(f"PeRFlow student ({args.windows} windows, {args.windows}-step sampling{nfe}) saved in {out}: student.safetensors, delta.safetensors, samples.png")
     return 0
 
 

@@ -131,3 +131,84 @@ def test_on_disk_format_names_never_change():
 
     assert job.PERFLOW_JOB_FORMAT == "rectflow.perflow.job"
     assert '"format": "rectflow.perflow"' in Path(diffusers_io.__file__).read_text()
+
+
+# ----------------------------------------------------------------------------------------- guidance (theory §5.5)
+@pytest.fixture(scope="module")
+def labelled_run(tmp_path_factory):
+    """A tiny class-conditional rectified-flow run on the digits (10 labels, label dropout 0.1)."""
+    run = tmp_path_factory.mktemp("runs") / "digits-cond"
+    cfg = config_from_dict({
+        "source": {"name": "gaussian", "shape": [1, 8, 8]}, "target": {"name": "digits"}, "model": {**TINY_UNET, "num_classes": 10},
+        "train": {"steps": 20, "batch_size": 16, "device": "cpu", "progress": False, "ckpt_every": 20, "log_every": 10},
+    })
+    train_run(cfg, run)
+    return run
+
+
+def test_conditional_run_with_guidance_in_the_teachers_solve(labelled_run, tmp_path):
+    """Option (a): the teacher's window solve is guided (2 NFE per step), the student samples at w = 1."""
+    s = PeRFlowSettings(windows=2, solver_steps=2, guidance=3.0)
+    out = train_perflow(labelled_run, tmp_path / "a", settings=s, train=_train(4))
+    rec = json.loads((out / "perflow.json").read_text())
+    assert rec["settings"]["guidance"] == 3.0 and rec["settings"]["guidance_mode"] == "teacher" and rec["settings"]["p_uncond"] == 0.0
+    assert rec["teacher"]["num_classes"] == 10
+    assert rec["teacher_nfe_per_example"] == 4 and rec["teacher_nfe_this_session"] == 4 * 8 * 2 * 2  # steps x batch x solver steps x 2
+    job = load_perflow(out)
+    assert job.num_classes == 10 and job.guidance == 1.0
+    x = job.sample(5, labels=torch.tensor([0, 1, 2, 3, 4]), seed=1)
+    assert x.shape == (5, 1, 8, 8) and torch.isfinite(x).all()
+    assert not torch.allclose(x, job.sample(5, labels=torch.tensor([5, 6, 7, 8, 9]), seed=1))  # the labels matter
+    with pytest.raises(ConfigError, match="label"):
+        job.sample(3, labels=torch.tensor([0, 1, 10]))
+    before = (out / "student.safetensors").read_bytes()
+    for other in (PeRFlowSettings(windows=2, solver_steps=2, guidance=2.0),
+                  PeRFlowSettings(windows=2, solver_steps=2, guidance=3.0, p_uncond=0.1, guidance_mode="student")):
+        with pytest.raises(ConfigError, match="settings"):  # a resume with other guidance settings is refused
+            train_perflow(labelled_run, out, settings=other, train=_train(4))
+    assert (out / "student.safetensors").read_bytes() == before
+    train_perflow(labelled_run, out, settings=s, train=_train(4))  # the same settings resume (nothing left to do)
+
+
+def test_conditional_run_with_guidance_at_student_sampling(labelled_run, tmp_path):
+    """Option (b): teacher at w = 1 on dropped labels; the job samples the student with CFG at w."""
+    s = PeRFlowSettings(windows=2, solver_steps=1, guidance=2.0, p_uncond=0.25, guidance_mode="student")
+    out = train_perflow(labelled_run, tmp_path / "b", settings=s, train=_train(3))
+    rec = json.loads((out / "perflow.json").read_text())
+    assert rec["teacher_nfe_per_example"] == 1 and rec["teacher_nfe_this_session"] == 3 * 8 * 1
+    job = load_perflow(out)
+    assert job.guidance == 2.0
+    y = torch.arange(4)
+    guided, plain = job.sample(4, labels=y), job.sample(4, labels=y, guidance=1.0)
+    assert not torch.allclose(guided, plain, atol=1e-4)
+    with torch.no_grad():
+        noise = torch.randn((4, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+        res = sample_perflow(job.student, noise, job.boundaries, cond=y, guidance=2.0)
+    assert res.nfe == 4 and torch.allclose(res.x, guided, atol=1e-6)  # 2K NFE
+
+
+def test_guidance_settings_are_checked(image_run, tmp_path):
+    with pytest.raises(ConfigError, match="p_uncond"):
+        PeRFlowSettings(guidance=2.0, guidance_mode="student").validate()
+    with pytest.raises(ConfigError, match="guidance_mode"):
+        PeRFlowSettings(guidance_mode="both").validate()
+    with pytest.raises(ConfigError, match="p_uncond"):
+        PeRFlowSettings(p_uncond=2.0).validate()
+    with pytest.raises(ConfigError, match="class-conditional"):
+        train_perflow(image_run, tmp_path / "u", settings=PeRFlowSettings(windows=2, solver_steps=1, guidance=2.0), train=_train(1))
+    out = train_perflow(image_run, tmp_path / "plain", settings=PeRFlowSettings(windows=2, solver_steps=1), train=_train(1))
+    rec = json.loads((out / "perflow.json").read_text())
+    assert not {"guidance", "p_uncond", "guidance_mode"} & set(rec["settings"])  # unconditional records stay as before
+    with pytest.raises(ConfigError, match="unconditional"):
+        load_perflow(out).sample(2, guidance=2.0)
+
+
+def test_cli_perflow_with_guidance(labelled_run, tmp_path, capsys):
+    out = tmp_path / "cli-b"
+    code = main(["perflow", str(labelled_run), "--out", str(out), "-K", "2", "--steps", "2", "--batch-size", "4", "--solver-steps", "1",
+                 "--device", "cpu", "-q", "--guidance", "2", "--guidance-mode", "student"])
+    assert code == 0 and "with guidance 2: 4 NFE" in capsys.readouterr().out
+    rec = json.loads((out / "perflow.json").read_text())
+    assert rec["settings"]["p_uncond"] == 0.1 and rec["settings"]["guidance_mode"] == "student"  # the mode's default dropout
+    assert main(["perflow", str(labelled_run), "--out", str(tmp_path / "x"), "--guidance-mode", "student", "--guidance", "3", "--p-uncond", "0"]) == 2
+    assert "--p-uncond" in capsys.readouterr().err
