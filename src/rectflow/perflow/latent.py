@@ -136,9 +136,12 @@ class LatentPipeline:
 
     # ----- VAE
     @torch.no_grad()
-    def encode_images(self, images: Tensor, *, mode: str = "mean", generator: torch.Generator | None = None) -> Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, h, w): ``mode`` "mean" (the posterior mean,
-        deterministic) or "sample" (mean + std * noise drawn from ``generator``)."""
+    def encode_images(self, images: Tensor, *, mode: str = "mean", generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, h, w).
+
+        ``mode`` "mean": the VAE posterior's mean (deterministic); "sample": mean + std * noise, the
+        standard normal ``noise`` (B, C, h, w) given, or drawn from ``generator``.
+        """
         if images.dim() != 4 or tuple(images.shape[-2:]) != self.resolution:
             raise DataError(f"LatentPipeline.encode_images: expected images (B, 3, {self.resolution[0]}, {self.resolution[1]}), got {tuple(images.shape)}")
         if mode not in ("mean", "sample"):
@@ -146,8 +149,10 @@ class LatentPipeline:
         dist = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
         z = dist.mean
         if mode == "sample":
-            gdev = generator.device if generator is not None else z.device
-            z = z + dist.std * torch.randn(z.shape, generator=generator, device=gdev, dtype=z.dtype).to(z.device)
+            if noise is None:
+                gdev = generator.device if generator is not None else z.device
+                noise = torch.randn(z.shape, generator=generator, device=gdev, dtype=z.dtype)
+            z = z + dist.std * noise.to(z.device, z.dtype)
         return (z - self.shift_factor) * self.scaling_factor
 
     @torch.no_grad()

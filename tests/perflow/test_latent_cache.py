@@ -1,0 +1,194 @@
+"""The latent cache: a captioned image folder encoded once through the VAE and the text encoder,
+resumable, checksummed and tied to its pipeline; training reads it and never runs the VAE."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rectflow.errors import CheckpointError, ConfigError, DataError
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from rectflow import perflow
+from rectflow.engine.trainer import TrainConfig, Trainer
+from rectflow.perflow.latent import load_pipeline
+from rectflow.perflow.latent_cache import LatentCache, LatentCacheData, build_latent_cache, load_caption_image, read_captions
+from tests.perflow.conftest import build_tiny_sd
+
+torch.set_num_threads(1)
+SIZES = [(20, 16), (16, 24), (16, 16), (32, 32), (17, 19)]  # (width, height): crops of both orientations
+CAPTIONS = ["a red cat", "two dogs", "", "a tree by the lake", "blue sky"]
+
+
+def _images(folder, layout="metadata"):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, ((w, h), text) in enumerate(zip(SIZES, CAPTIONS)):
+        name = f"img_{i}.png" if i != 3 else "sub/img_3.jpg"
+        (folder / name).parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / name)
+        rows.append({"file_name": name, "text": text})
+        if layout == "txt":
+            (folder / name).with_suffix(".txt").write_text(text + "\n")
+    if layout == "metadata":
+        (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in reversed(rows)) + "\n")
+    return folder
+
+
+def _build(pipe, images, out, **kw):
+    kw.setdefault("shard_size", 2)
+    kw.setdefault("encode_batch", 2)
+    kw.setdefault("progress", False)
+    return build_latent_cache(pipe, images, out, **kw)
+
+
+def _digests(cache):
+    return [(e["file"], e["sha256"]) for e in json.loads((cache.path / "manifest.json").read_text())["shards"]]
+
+
+def test_cache_holds_the_encoded_images_and_captions(tmp_path, tiny_pipeline):
+    images = _images(tmp_path / "imgs")
+    cache = _build(tiny_pipeline, images, tmp_path / "cache")
+    assert len(cache) == 5 and [e["n"] for e in cache.manifest["shards"]] == [2, 2, 1]
+    items = read_captions(images)
+    assert [n for n, _ in items] == ["img_0.png", "img_1.png", "img_2.png", "img_4.png", "sub/img_3.jpg"]
+    x = torch.stack([load_caption_image((images / n).read_bytes(), n, (16, 16)) for n, _ in items])
+    lat, txt = cache.load()
+    torch.testing.assert_close(lat, tiny_pipeline.encode_images(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(txt, tiny_pipeline.encode_text([t for _, t in items]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache.null_text(), tiny_pipeline.null_embedding())
+    # the .txt layout gives the same cache
+    other = _build(tiny_pipeline, _images(tmp_path / "txt", layout="txt"), tmp_path / "cache_txt")
+    assert _digests(other) == _digests(cache)
+    # the data object: (latents, text) pairs of one image each, by generator; memory maps agree
+    ram, mapped = LatentCacheData(cache, pipeline=tiny_pipeline), LatentCacheData(cache.path, in_memory=False)
+    a, b = ram.sample(7, generator=torch.Generator().manual_seed(3)), mapped.sample(7, generator=torch.Generator().manual_seed(3))
+    assert a[0].shape == (7, 4, 8, 8) and a[1].shape == (7, 16, 32) and ram.null_cond.shape == (1, 16, 32)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    i = torch.randint(5, (7,), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a[0], lat[i]) and torch.equal(a[1], txt[i])
+
+
+def test_centre_crop_keeps_the_middle():
+    img = np.zeros((16, 32, 3), dtype=np.uint8)
+    img[:, 8:24] = 255  # a white middle half between black quarters
+    import io
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    x = load_caption_image(buf.getvalue(), "wide.png", (8, 8))
+    assert x.shape == (3, 8, 8) and torch.equal(x, torch.ones_like(x))
+
+
+def test_kill_and_resume_equals_an_uninterrupted_build(tmp_path, tiny_pipeline):
+    images = _images(tmp_path / "imgs")
+    whole = _build(tiny_pipeline, images, tmp_path / "whole", latent_mode="sample", seed=4)
+
+    class Kill(Exception):
+        pass
+
+    def kill_after_first(s):
+        if s == 0:
+            raise Kill
+
+    with pytest.raises(Kill):
+        _build(tiny_pipeline, images, tmp_path / "resumed", latent_mode="sample", seed=4, on_shard=kill_after_first)
+    with pytest.raises(CheckpointError, match="incomplete latent cache"):
+        LatentCache(tmp_path / "resumed")
+    (tmp_path / "resumed" / ".latents_00001.safetensors.123.tmp").write_bytes(b"half")  # a write torn by kill -9
+    resumed = _build(tiny_pipeline, images, tmp_path / "resumed", latent_mode="sample", seed=4)
+    assert _digests(resumed) == _digests(whole)
+    assert not list((tmp_path / "resumed").glob(".*.tmp"))
+    again = _build(tiny_pipeline, images, tmp_path / "resumed", latent_mode="sample", seed=4)  # complete: only checked
+    assert _digests(again) == _digests(whole)
+    mean = _build(tiny_pipeline, images, tmp_path / "mean")
+    assert _digests(mean) != _digests(whole)  # the posterior draws differ from its mean
+
+
+def _flip(path, offset=10):
+    data = bytearray(path.read_bytes())
+    data[-offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name, msg", [("latents_00001.safetensors", "latents_00001.*changed on disk"),
+                                       ("null_text.safetensors", "null_text.*changed on disk")])
+def test_tampering_is_detected(tmp_path, tiny_pipeline, name, msg):
+    cache = _build(tiny_pipeline, _images(tmp_path / "imgs"), tmp_path / "cache")
+    _flip(cache.path / name)
+    with pytest.raises(CheckpointError, match=msg) as e:
+        LatentCache(cache.path)
+    assert "\n" not in str(e.value)
+    with pytest.raises(CheckpointError, match="changed on disk"):  # a rebuild refuses to continue on a changed file
+        _build(tiny_pipeline, tmp_path / "imgs", cache.path)
+    (cache.path / name).write_bytes((cache.path / name).read_bytes()[:-5])
+    with pytest.raises(CheckpointError, match="truncated"):
+        LatentCache(cache.path, verify=False)
+
+
+def test_a_cache_of_another_pipeline_or_images_is_refused(tmp_path, tiny_pipeline):
+    images = _images(tmp_path / "imgs")
+    cache = _build(tiny_pipeline, images, tmp_path / "cache")
+    other = load_pipeline(build_tiny_sd(tmp_path / "other-sd", seed=1))
+    with pytest.raises(ConfigError, match="another pipeline.*vae_sha256.*text_encoder_sha256") as e:
+        LatentCache(cache.path, pipeline=other)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="another pipeline.*resolution"):
+        LatentCacheData(cache, pipeline={**tiny_pipeline.fingerprint(), "resolution": [32, 32]})
+    before = sorted(p.name for p in cache.path.iterdir())
+    with pytest.raises(ConfigError, match="other settings.*vae_sha256"):
+        _build(other, images, cache.path)
+    with pytest.raises(ConfigError, match="other settings.*images_sha256"):  # a caption changed
+        meta = images / "metadata.jsonl"
+        meta.write_text(meta.read_text().replace("two dogs", "three dogs"))
+        _build(tiny_pipeline, images, cache.path)
+    assert sorted(p.name for p in cache.path.iterdir()) == before
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("x")
+    with pytest.raises(ConfigError, match="not empty and holds no latent cache"):
+        _build(tiny_pipeline, images, tmp_path / "busy")
+
+
+def test_missing_or_bad_captions_are_named(tmp_path):
+    txt = _images(tmp_path / "txt", layout="txt")
+    (txt / "img_1.txt").unlink()
+    with pytest.raises(DataError, match=r"img_1\.png: no caption \(expected img_1\.txt") as e:
+        read_captions(txt)
+    assert "\n" not in str(e.value)
+    meta = _images(tmp_path / "meta")
+    rows = (meta / "metadata.jsonl").read_text().splitlines()
+    (meta / "metadata.jsonl").write_text("\n".join(r for r in rows if "img_2" not in r))
+    with pytest.raises(DataError, match=r"img_2\.png: no caption \(metadata\.jsonl has no row"):
+        read_captions(meta)
+    (meta / "metadata.jsonl").write_text(json.dumps({"file_name": "gone.png", "text": "x"}) + "\n")
+    with pytest.raises(DataError, match="line 1 names gone.png"):
+        read_captions(meta)
+    (meta / "metadata.jsonl").write_text("{broken\n")
+    with pytest.raises(DataError, match="line 1 is not JSON"):
+        read_captions(meta)
+    shutil.rmtree(meta)
+    meta.mkdir()
+    with pytest.raises(DataError, match="no images found"):
+        read_captions(meta)
+
+
+def test_training_reads_the_cache_never_the_vae(tmp_path, tiny_sd):
+    pipe = load_pipeline(tiny_sd)  # our own copy: its VAE and text encoder are disabled below
+    cache = _build(pipe, _images(tmp_path / "imgs"), tmp_path / "cache", dtype="float16")
+    assert cache.load()[0].dtype == torch.float16
+
+    def refuse(*a, **k):
+        raise AssertionError("training ran the VAE or the text encoder")
+
+    pipe.vae.encode = pipe.vae.decode = pipe.text_encoder.forward = refuse
+    data = LatentCacheData(cache.path, pipeline=pipe.fingerprint())
+    windows = perflow.make_windows(2)
+    student = pipe.student(windows)
+    obj = perflow.PeRFlowObjective(pipe.teacher, data, windows, solver_steps=1)
+    Trainer(student, obj, TrainConfig(steps=2, batch_size=3, ema_decay=0.0, device="cpu", progress=False)).fit(resume=False)
+    assert obj.teacher_nfe == 6
