@@ -8,7 +8,7 @@ import torch
 
 from rectflow.cli import main
 from rectflow.runs.config import config_from_dict
-from rectflow.errors import CheckpointError, ConfigError
+from rectflow.errors import CheckpointError, ConfigError, DataError
 from rectflow.runs.experiment import load_run, train_run
 from rectflow.engine.io import load_tensors
 from rectflow.perflow.student import PeRFlowStudent, sample_perflow
@@ -185,6 +185,13 @@ def test_conditional_run_with_guidance_at_student_sampling(labelled_run, tmp_pat
         noise = torch.randn((4, 1, 8, 8), generator=torch.Generator().manual_seed(0))
         res = sample_perflow(job.student, noise, job.boundaries, cond=y, guidance=2.0)
     assert res.nfe == 4 and torch.allclose(res.x, guided, atol=1e-6)  # 2K NFE
+
+    class Unlabelled:
+        def sample(self, n, generator=None, device=None):
+            return torch.rand(n, 1, 8, 8, generator=generator)
+
+    with pytest.raises(DataError, match="labelled"):
+        train_perflow(labelled_run, tmp_path / "c", settings=s, train=_train(1), data=Unlabelled())
 
 
 def test_guidance_settings_are_checked(image_run, tmp_path):

@@ -106,8 +106,8 @@ def default_train_config(steps: int = DEFAULT_STEPS) -> TrainConfig:
 def load_perflow_teacher(path: str | Path, device: str = "cpu") -> tuple[Teacher, Any | None, dict[str, Any]]:
     """(teacher, its data sampler or None, description) from a run directory or a diffusers folder.
 
-    A run's data are its target images (with their labels for a class-conditional run, whose
-    description then has ``num_classes``); a diffusers folder has none (give ``data`` to
+    A run's data are its target images (labelled for a class-conditional run, whose description
+    then has ``num_classes``); a diffusers folder has none (give ``data`` to
     :func:`train_perflow`)."""
     p = Path(path)
     if not p.is_dir():
@@ -130,8 +130,7 @@ def load_perflow_teacher(path: str | Path, device: str = "cpu") -> tuple[Teacher
     n_classes = int(run.config.model.num_classes)
     if n_classes > 0:  # only then: records of unconditional jobs stay as they were
         desc["num_classes"] = n_classes
-        return teacher, LabelledData(run.target), desc
-    return teacher, run.target, desc
+    return teacher, run.target, desc  # lazy: loading a job to sample never opens the images
 
 
 def _job_record(settings: PeRFlowSettings, train: TrainConfig, teacher: dict[str, Any], data: str, boundaries: Tensor, shape: tuple[int, ...]) -> dict[str, Any]:
@@ -187,8 +186,8 @@ def train_perflow(
         if run_data is None:
             raise ConfigError("perflow: a diffusers teacher needs real training images (give data, e.g. --data PATH)")
         data, data_name = run_data, data_name or "run target"
-    elif conditional and not isinstance(data, LabelledData):
-        data = LabelledData(data)
+    if conditional and not isinstance(data, LabelledData):
+        data = LabelledData(data)  # sample(n) -> (images, labels)
     teacher_w, _ = settings.scales()
     teacher.guidance = as_guidance(teacher_w) if conditional and teacher_w != 1.0 else None
     boundaries = make_windows(settings.windows, spacing=settings.spacing, path=teacher.path)
