@@ -32,7 +32,7 @@ __all__ = ["GUIDANCE_MODES", "NULL_LABEL", "Guidance", "LabelledData", "as_guida
 GUIDANCE_MODES = ("teacher", "student")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # null_cond may be a tensor: no field-wise ==
 class Guidance:
     """Classifier-free guidance at ``scale`` w with ``null_cond`` as the unconditional input
     (NULL_LABEL for class labels; the empty prompt's embedding, shape (L, D) or (1, L, D), for text).
