@@ -236,3 +236,21 @@ def test_a_latent_student_trains_on_text_conditions(tiny_pipeline):
     Trainer(student, obj, TrainConfig(steps=1, batch_size=2, ema_decay=0.0, device="cpu", progress=False)).fit(resume=False)
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
     assert not any(p.requires_grad for p in tiny_pipeline.unet.parameters())  # the teacher stays frozen
+
+
+def test_a_v_prediction_pipeline_with_an_euler_config_exports_too(tmp_path):
+    """SD 2.x style: v_prediction, an EulerDiscreteScheduler config (its sampling keys are read past)."""
+    pipe = load_pipeline(build_tiny_sd(tmp_path / "sd2", prediction_type="v_prediction", scheduler="EulerDiscreteScheduler", seed=3))
+    assert pipe.parameterization == "v"
+    windows = perflow.make_windows(boundaries=[0, 0.4, 0.7, 1])  # no stock scheduler is exact here
+    student = _perturbed_student(pipe, windows, seed=4)
+    out = export_pipeline(student, pipe, tmp_path / "student")
+    assert not (out / "scheduler_ddim").exists()
+    stock = _stock(out)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    cond, null = pipe.encode_text(PROMPTS), pipe.null_embedding().expand(2, -1, -1)
+    with torch.no_grad():
+        theirs = stock(PROMPTS, height=16, width=16, num_inference_steps=3, guidance_scale=2.0, latents=x.clone(), output_type="latent").images
+        ours = _ours(student, x, windows, cond, null, 2.0)
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+    assert load_pipeline(out).parameterization == "v"  # an export reads back as a pipeline (the teacher's schedule)
