@@ -192,3 +192,11 @@ def test_training_reads_the_cache_never_the_vae(tmp_path, tiny_sd):
     obj = perflow.PeRFlowObjective(pipe.teacher, data, windows, solver_steps=1)
     Trainer(student, obj, TrainConfig(steps=2, batch_size=3, ema_decay=0.0, device="cpu", progress=False)).fit(resume=False)
     assert obj.teacher_nfe == 6
+
+
+def test_an_unreadable_image_is_named(tmp_path, tiny_pipeline):
+    images = _images(tmp_path / "imgs")
+    (images / "img_1.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"img_1\.png: cannot decode image") as e:
+        _build(tiny_pipeline, images, tmp_path / "cache")
+    assert "\n" not in str(e.value)

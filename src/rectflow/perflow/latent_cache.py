@@ -30,7 +30,9 @@ is a :class:`~rectflow.errors.CheckpointError` naming the file.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
@@ -38,9 +40,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from rectflow.data.images import IMAGE_SUFFIXES, ImageArray, _decode, resize_images, to_unit_range
+from rectflow.data.images import IMAGE_SUFFIXES, ImageArray, resize_images, to_unit_range
 from rectflow.engine import shards
 from rectflow.engine.io import load_tensors, save_tensors, sha256_file
 from rectflow.engine.shards import ShardLayout, StoreKind
@@ -181,10 +184,23 @@ def read_captions(folder: str | Path, *, caption_column: str = "text") -> list[t
     return out
 
 
+def _decode_rgb(data: bytes, name: str) -> np.ndarray:
+    """An image file's bytes -> uint8 (h, w, 3) RGB; a corrupt file or a decompression bomb is a DataError naming it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse before decoding, not after
+            with Image.open(io.BytesIO(data)) as im:
+                return np.array(im.convert("RGB"), dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"{name}: refused as a possible decompression bomb ({e})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt'})") from None
+
+
 def load_caption_image(data: bytes, name: str, resolution: tuple[int, int]) -> Tensor:
     """One image file's bytes -> float32 (3, H, W) in [-1, 1]: RGB, centre-cropped to the aspect ratio
     H : W, resized to ``resolution`` (:func:`rectflow.data.images.resize_images`)."""
-    arr = _decode(data, name, "RGB")  # (h, w, 3) uint8
+    arr = _decode_rgb(data, name)  # (h, w, 3) uint8
     h, w = arr.shape[:2]
     th, tw = resolution
     if h * tw > w * th:  # too tall: keep the full width
