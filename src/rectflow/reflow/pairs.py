@@ -15,6 +15,9 @@ unrecorded shard with no pair lost or duplicated.  A store is never overwritten 
 settings, and a shard that is missing, truncated or changed on disk is reported with a
 :class:`~rectflow.errors.CheckpointError`.
 
+The shard mechanism (manifest, atomic shards, checks, resumption) is :mod:`rectflow.engine.shards`,
+shared with the PeRFlow latent cache.
+
 Reading: :class:`PairStore` is a map-style dataset (``store[i] -> (z0, z1)``, ``store.get(idx)``)
 backed by memory maps, so stores larger than RAM are read page by page;
 :class:`PairCoupling` draws random pairs from it and is a coupling in the sense of
