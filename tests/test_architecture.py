@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "rectflow"
 # Imported inside functions on purpose: slow to import or optional.  Each such import carries a
 # comment saying why (checked below).
-LAZY_OK = {"ot", "diffusers", "sklearn.datasets"}
+LAZY_OK = {"ot", "diffusers", "transformers", "sklearn.datasets"}
 CITATION = re.compile(r"theory §(\d+(?:\.\d+)?)(?:-(\d+(?:\.\d+)?))?")
 
 

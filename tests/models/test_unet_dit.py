@@ -140,7 +140,7 @@ def test_models_from_config():
     m = build_model(model_config(cfg, 64, (1, 8, 8)))
     assert isinstance(m, DiTVelocity) and m.grid == 2 and m.blocks[0].heads == 4
     # the MLP's stored model config is unchanged by the image keys
-    assert set(model_config(load_config(None, []), 2)) == {"kind", "width", "depth", "time_dim", "activation", "dim"}
+    assert set(model_config(load_config(None, []), 2)) == {"kind", "width", "depth", "time_dim", "activation", "time_scale", "dim"}
     with pytest.raises(ConfigError, match="unet or dit"):
         load_config(None, ["model.num_classes=3"])
     with pytest.raises(ConfigError, match="dit"):

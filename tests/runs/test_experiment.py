@@ -58,11 +58,11 @@ def test_build_distributions_ok_and_mismatches():
 def test_mlp_model_config_round_trip():
     cfg = tiny()
     mcfg = model_config(cfg, 2)
-    assert mcfg == {"kind": "mlp", "width": 16, "depth": 2, "time_dim": 8, "activation": "silu", "dim": 2}
+    assert mcfg == {"kind": "mlp", "width": 16, "depth": 2, "time_dim": 8, "activation": "silu", "time_scale": 10.0, "dim": 2}
     assert json.loads(json.dumps(mcfg)) == mcfg  # what checkpoints store and compare
     model = build_model(mcfg)
     ref = MLPVelocity(2, width=16, depth=2, time_dim=8)
-    assert isinstance(model, MLPVelocity)
+    assert isinstance(model, MLPVelocity) and torch.equal(model.time_embed.freqs, ref.time_embed.freqs)
     assert [p.shape for p in model.parameters()] == [p.shape for p in ref.parameters()]
     assert model(torch.randn(5, 2, generator=gen()), torch.rand(5, generator=gen())).shape == (5, 2)
     # unet-only keys do not enter an MLP's config

@@ -43,7 +43,7 @@ class ModelConfig:
     width: int = 256  # mlp: hidden units; dit: token width
     depth: int = 3  # mlp: hidden layers; dit: transformer blocks
     time_dim: int = 64  # mlp: time-embedding size
-    time_scale: float = 1000.0  # mlp: top angular frequency of the time features (runs made before this key: 1000)
+    time_scale: float = 10.0  # mlp: top angular frequency of the time features (runs made before this key: 1000)
     activation: str = "silu"  # mlp
     channels: int = 128  # unet: base channels
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 2])  # unet: per-level multipliers
