@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", type=int, default=2000, help="dopri5 solves (rtol = atol = 1e-5) per model")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--name", default="mlp_time_features")
+    ap.add_argument("--note", default="", help="a paragraph added under the tables (e.g. what else ran on the machine)")
     args = ap.parse_args(argv)
     partial = args.out / "tmp" / f"{args.name}_partial.jsonl"
     partial.parent.mkdir(parents=True, exist_ok=True)
@@ -116,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
         md += [f"| {t} | {k} | {ms(rs, 'dopri5_nfe', '.0f')} | {ms(rs, 'pairs_per_s', '.0f')} | {ms(rs, 'w2_dopri5', '.3f')} | {ms(rs, 'w2_euler100', '.3f')} |"
                for (t, k), rs in groups.items()]
+    if args.note:
+        md += ["", args.note]
     text = "\n".join(md)
     write_results(args.out, args.name, {"machine": machine, "rows": rows, "args": {k: str(v) for k, v in vars(args).items()}}, text)
     print(text)
