@@ -175,3 +175,14 @@ def test_cifar10_recipe_config():
     stage2 = load_config(root / "configs" / "cifar10.yaml", ["time.kind=u_shaped", "time.a=4.0", "train.ema_kind=power", "coupling.kind=pairs",
                                                               "coupling.pairs=runs/p", "reflow.stage=2", "reflow.init=runs/c/ckpt.safetensors"])
     assert stage2.time.kind == "u_shaped" and stage2.train.ema_kind == "power"
+
+
+def test_the_default_mlp_time_features_are_slow_enough_for_adaptive_solvers():
+    """Issue 16 trap 6: with the diffusion models' top frequency 1000 the MLP's velocity wiggles in t
+    and dopri5 took 4-7x more steps for no better W2 (benchmarks/results/mlp_time_scale.md); the
+    library's MLP and the config default agree on 10."""
+    from rectflow.models import MLPVelocity
+    from rectflow.runs.config import ModelConfig
+
+    assert MLPVelocity(2).time_embed.freqs.max().item() == pytest.approx(10.0)
+    assert ModelConfig().time_scale == 10.0
