@@ -54,6 +54,32 @@ def _diffusers_teacher(folder: Path) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory) -> Path:
+    """A tiny Stable-Diffusion-layout pipeline folder (tests/perflow/conftest.py), built once for the module."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from tests.perflow.conftest import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("bad_input_sd") / "tiny-sd")
+
+
+@pytest.fixture(scope="module")
+def export(sd, tmp_path_factory) -> Path:
+    """An exported PeRFlow pipeline folder of the untrained K = 4 student of ``sd``."""
+    from rectflow.perflow.latent import export_pipeline, load_pipeline
+    from rectflow.perflow.windows import make_windows
+
+    pipe = load_pipeline(sd)
+    return export_pipeline(pipe.student(make_windows(4)), pipe, tmp_path_factory.mktemp("bad_input_export") / "k4")
+
+
+def _image_png(path: Path, side: int = 16) -> None:
+    from PIL import Image
+
+    Image.fromarray(np.full((side, side, 3), 128, dtype=np.uint8)).save(path)
+
+
 def _setup(tmp: Path, run: Path, argv: list[str]) -> None:
     """Create only the bad inputs a row refers to."""
     text = " ".join(argv)
@@ -69,6 +95,16 @@ def _setup(tmp: Path, run: Path, argv: list[str]) -> None:
         (tmp / "evaldir" / "eval.json").mkdir()  # eval.json cannot be written, portably (also as root)
     if "{teacher}" in text:
         _diffusers_teacher(tmp / "teacher")
+    if "{captions}" in text:
+        (tmp / "captions").mkdir()
+        _image_png(tmp / "captions" / "cat.png")
+        (tmp / "captions" / "cat.txt").write_text("a cat")
+    if "{nocaps}" in text:
+        (tmp / "nocaps").mkdir()
+        _image_png(tmp / "nocaps" / "cat.png")  # no cat.txt, no metadata.jsonl
+    if "{notapipe}" in text:
+        (tmp / "notapipe" / "text_encoder").mkdir(parents=True)
+        (tmp / "notapipe" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     if "{bomb}" in text:
         with zipfile.ZipFile(tmp / "bomb.zip", "w") as zf:
             zf.writestr("huge.png", _png_claiming(20000))
@@ -92,6 +128,11 @@ CASES = [
     (["sample", "{run}", "--out", "{tmp}/x.npy", "--trajectory", "{tmp}/afile/t.npy"], "afile"),
     (["sample", "{tmp}/missing", "--out", "{tmp}/x.npy"], "missing"),
     (["sample", "{run}", "--n", "0", "--out", "{tmp}/x.npy"], "--n"),
+    (["sample", "{run}", "--prompt", "a cat", "--out", "{tmp}/x.npy"], "--prompt"),
+    (["sample", "{export}", "--prompt", "a cat", "--steps", "1", "--out", "{tmp}/s"], "--steps"),
+    (["sample", "{export}", "--out", "{tmp}/s"], "--prompt"),
+    (["sample", "{export}", "--prompt", "a cat", "--out", "{tmp}/afile"], "afile"),
+    (["sample", "{sd}", "--prompt", "a cat", "--out", "{tmp}/s"], "tiny-sd"),
     # eval
     (["eval", "{evaldir}"], "eval.json"),
     (["eval", "{run}", "--n", "1"], "--n"),
@@ -132,14 +173,25 @@ CASES = [
     (["perflow", "{run}", "--out", "{tmp}/pf", "--p-uncond", "1.5"], "--p-uncond"),
     (["perflow", "{run}", "--out", "{tmp}/pf", "--guidance-mode", "student", "--guidance", "3", "--p-uncond", "0"], "--p-uncond"),
     (["perflow", "{run}", "--out", "{tmp}/pf", "--guidance", "2"], "moons"),
+    (["perflow", "{run}", "--out", "{tmp}/pf", "--prompt", "a cat"], "--prompt"),
+    (["perflow", "{notapipe}", "--data", "{captions}", "--out", "{tmp}/pf", "--device", "cpu"], "notapipe"),
+    (["perflow", "{sd}", "--out", "{tmp}/pf", "--device", "cpu"], "--data"),
+    (["perflow", "{sd}", "--data", "{nocaps}", "--out", "{tmp}/pf", "--device", "cpu"], "nocaps"),
+    (["perflow", "{sd}", "--data", "{captions}", "--out", "{tmp}/pf", "--lora-rank", "-1"], "--lora-rank"),
+    (["perflow", "{sd}", "--data", "{captions}", "--out", "{tmp}/pf", "--latent-mode", "median"], "--latent-mode"),
 ]
 
 
 @pytest.mark.parametrize("argv, names", CASES, ids=[f"{a[0]}-{i}" for i, (a, _) in enumerate(CASES)])
-def test_every_subcommand_refuses_bad_input_in_one_line(argv, names, run, tmp_path, capsys):
+def test_every_subcommand_refuses_bad_input_in_one_line(argv, names, run, tmp_path, capsys, request):
     _setup(tmp_path, run, argv)
     places = {"run": run, "tmp": tmp_path, "corrupt": tmp_path / "corrupt", "evaldir": tmp_path / "evaldir",
-              "teacher": tmp_path / "teacher", "bomb": tmp_path / "bomb.zip"}
+              "teacher": tmp_path / "teacher", "bomb": tmp_path / "bomb.zip", "captions": tmp_path / "captions",
+              "nocaps": tmp_path / "nocaps", "notapipe": tmp_path / "notapipe"}
+    for name in ("sd", "export"):  # built once per module, only when a row needs them
+        if "{" + name + "}" in " ".join(argv):
+            places[name] = request.getfixturevalue(name)
+    capsys.readouterr()  # what building a fixture printed is not the command's output
     code = main([a.format(**places) for a in argv])
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err

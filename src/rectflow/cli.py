@@ -31,7 +31,22 @@ from rectflow.runs.distill import train_distill
 from rectflow.runs.evaluation import evaluate_nll, evaluate_run, evaluation_record, evaluation_reference, format_reference, format_table, save_evaluation
 from rectflow.runs.experiment import load_run, one_step_warning, sampling_steps, train_run
 from rectflow.runs.lineage import PairOptions, generate_run_pairs
-from rectflow.runs.perflow import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, PeRFlowSettings, train_perflow
+from rectflow.runs.perflow import (
+    DEFAULT_BATCH,
+    DEFAULT_LORA_RANK,
+    DEFAULT_LR,
+    DEFAULT_PIPELINE_BATCH,
+    DEFAULT_PIPELINE_LR,
+    DEFAULT_PROMPTS,
+    DEFAULT_STEPS,
+    LatentDataOptions,
+    PeRFlowSettings,
+    exported_windows,
+    is_latent_pipeline,
+    is_pipeline_job,
+    sample_exported_pipeline,
+    train_perflow,
+)
 from rectflow.runs.plots import plot_run
 from rectflow.runs.recipes import RECIPES, get_recipe
 from rectflow.runs.reflow import reflow_chain, train_reflow
@@ -39,12 +54,12 @@ from rectflow.runs.report import build_report, collect_run
 from rectflow.runs.solvers import DIFFUSION_SOLVERS, check_solver, solve_spec
 from rectflow.version import __version__
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 
 def _add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--solver", default="euler", help="euler | midpoint | heun | rk4 | dopri5 | dpm++2m | edm (default: %(default)s)")
-    p.add_argument("--steps", "--nfe", dest="steps", type=int, help="steps of a fixed-step solver; Euler NFE = steps (default: what the run was trained for: 1 for a distilled one-step map, else 100)")
+    p.add_argument("--steps", "--nfe", dest="steps", type=int, help="steps of a fixed-step solver; Euler NFE = steps (default: what the run was trained for: 1 for a distilled one-step map, else 100; an exported PeRFlow pipeline: its K windows, any steps >= K)")
     p.add_argument("--rtol", type=float, default=1e-5, help="dopri5 relative tolerance (default: %(default)s)")
     p.add_argument("--atol", type=float, default=1e-5, help="dopri5 absolute tolerance (default: %(default)s)")
 
@@ -64,16 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation table and plots after training")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("sample", help="sample a trained run to a .npy file", formatter_class=fmt)
-    p.add_argument("run", help="run directory")
-    p.add_argument("--n", type=int, default=1000, help="number of samples")
+    p = sub.add_parser("sample", help="sample a trained run to a .npy file, or an exported PeRFlow text-to-image pipeline to PNGs", formatter_class=fmt)
+    p.add_argument("run", help="run directory, or an exported PeRFlow text-to-image pipeline folder (OUT/diffusers of rectflow perflow, or OUT itself)")
+    p.add_argument("--n", type=int, default=None, help="number of samples (default: 1000; an exported pipeline: one per --prompt)%(default).0s")
     p.add_argument("--seed", type=int, default=0, help="seed of the source samples")
-    p.add_argument("--out", "-o", required=True, help="output .npy file (N x d); for image runs a directory that gets samples.npz (uint8) and grid.png")
+    p.add_argument("--out", "-o", required=True, help="output .npy file (N x d); for image runs a directory that gets samples.npz (uint8) and grid.png; "
+                                                       "for an exported pipeline a directory that gets sample_*.png, grid.png and samples.json")
     p.add_argument("--trajectory", help="also save the trajectory (K x N x d) to this .npy file")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale w (class-conditional runs; default: the run's guidance.scale)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale w (class-conditional runs: default the run's guidance.scale; "
+                                                  "an exported pipeline: default the scale its student was trained to sample with)")
     p.add_argument("--label", type=int, help="class of every sample (class-conditional runs; default: the classes in turn)")
-    p.add_argument("--batch-size", type=int, default=1000, help="samples per batch (image runs)")
+    p.add_argument("--prompt", action="append", metavar="TEXT", help="an exported pipeline: a prompt (repeat for several; used in turn)")
+    p.add_argument("--batch-size", type=int, default=None, help="samples per batch (default: 1000 for image runs, 4 for an exported pipeline)%(default).0s")
     _add_sample_args(p)
 
     p = sub.add_parser("eval", help="W2 / energy distance vs NFE table for a run", formatter_class=fmt)
@@ -106,26 +124,40 @@ def _add_perflow_parser(sub, fmt) -> None:
     """theory §5: piecewise reflow of a pretrained run or diffusers folder."""
     d = PeRFlowSettings()  # one source of defaults: the library's
     p = sub.add_parser("perflow", help="accelerate a trained image flow or a local diffusers model with PeRFlow (K-step student)", formatter_class=fmt)
-    p.add_argument("teacher", help="a rectflow image run directory, or a local diffusers folder (unet/ + scheduler/)")
+    p.add_argument("teacher", help="a rectflow image run directory, a local diffusers folder (unet/ + scheduler/), or a local text-to-image "
+                                   "pipeline folder (Stable Diffusion 1.x / 2.x: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
     p.add_argument("--out", "-o", required=True, help="output directory (created, or resumed if it holds the same job)")
-    p.add_argument("--data", help="real training images: 'digits', an image folder, a .zip of one, or .npy/.npz (default: the run's target; required for diffusers teachers)")
+    p.add_argument("--data", help="real training images: 'digits', an image folder, a .zip of one, or .npy/.npz (default: the run's target; required for diffusers teachers); "
+                                  "a text-to-image pipeline: a folder of captioned images (metadata.jsonl with file_name and text, or a .txt beside each image)")
     p.add_argument("--windows", "-K", type=int, default=d.windows, help="number of time windows K (= sampling steps)")
     p.add_argument("--spacing", default=d.spacing, choices=["time", "log_snr"], help="window boundaries uniform in time or in the teacher's log-SNR")
     p.add_argument("--solver-steps", type=int, default=d.solver_steps, help="teacher DDIM steps across one window per training example")
     p.add_argument("--start-fraction", type=float, default=d.start_fraction, help="share of training points at window starts, where K-step sampling reads the student (0 = the paper's uniform t)")
     p.add_argument("--loss-space", default=d.loss_space, choices=["native", "velocity", "x0", "eps", "v"], help="space of the student's MSE (native = the teacher's output kind)")
-    p.add_argument("--guidance", type=float, default=d.guidance, help="class-conditional teachers: classifier-free guidance scale w")
+    p.add_argument("--guidance", type=float, default=d.guidance, help="class-conditional and text-to-image teachers: classifier-free guidance scale w")
     p.add_argument("--guidance-mode", default=d.guidance_mode, metavar="{teacher,student}",
                    help="teacher: guide the teacher's window solve, the student samples at w = 1 (K NFE); student: teacher at w = 1, the student samples with CFG at w (2K NFE)")
     p.add_argument("--p-uncond", type=float, default=None,  # '%(default).0s' prints nothing: keeps the formatter from adding "(default: None)"
-                   help="class-conditional teachers: condition dropout of the student's training (default: 0.1 with --guidance-mode student, else 0)%(default).0s")
+                   help="class-conditional and text-to-image teachers: condition dropout of the student's training (default: 0.1 with --guidance-mode student, else 0)%(default).0s")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="training batch size")
-    p.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak learning rate (cosine decay after 100 warmup steps)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"training batch size (default: {DEFAULT_BATCH}; text-to-image pipelines: {DEFAULT_PIPELINE_BATCH})%(default).0s")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"peak learning rate, cosine decay after min(100, steps/10) warmup steps (default: {DEFAULT_LR:g}; "
+                        f"text-to-image pipelines: {DEFAULT_PIPELINE_LR:g}, not tuned here)%(default).0s")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the student weights (0 disables)")
     p.add_argument("--seed", type=int, default=0, help="seed of the training draws")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    p.add_argument("--export-diffusers", action="store_true", help="diffusers teachers: also write OUT/diffusers (a diffusers folder of the student)")
+    p.add_argument("--export-diffusers", action="store_true", help="diffusers teachers: also write OUT/diffusers (a diffusers folder of the student; "
+                                                                     "text-to-image pipelines always write it)")
+    p.add_argument("--lora-rank", type=int, default=None,
+                   help=f"text-to-image pipelines: rank of the LoRA written to OUT/lora beside the full delta (default: {DEFAULT_LORA_RANK}; 0: none)%(default).0s")
+    p.add_argument("--prompt", action="append", metavar="TEXT",
+                   help=f"text-to-image pipelines: a prompt of the K-step sample grid OUT/samples.png (repeat for several; default: the first {DEFAULT_PROMPTS} distinct captions)")
+    p.add_argument("--caption-column", default=None,
+                   help="text-to-image pipelines: the caption key of metadata.jsonl (default: text)%(default).0s")
+    p.add_argument("--latent-mode", default=None, metavar="{mean,sample}",
+                   help="text-to-image pipelines: cache the VAE posterior mean or one seeded draw per image (default: mean)%(default).0s")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
@@ -228,6 +260,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
+    if Path(args.run).is_dir() and (is_latent_pipeline(args.run) or is_pipeline_job(args.run)):
+        return _sample_pipeline(args)
+    if args.prompt:
+        raise ConfigError(f"--prompt needs an exported PeRFlow text-to-image pipeline folder (OUT/diffusers of rectflow perflow); {args.run} is not one")
+    args.n = 1000 if args.n is None else args.n
+    args.batch_size = 1000 if args.batch_size is None else args.batch_size
     if args.n < 1:
         raise ConfigError(f"--n must be >= 1, got {args.n}")
     if args.solver != "dopri5" and args.steps is not None and args.steps < 1:
@@ -251,9 +289,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         res = sample_model(run.model, x0, method=args.solver, steps=args.steps, rtol=args.rtol, atol=args.atol, return_trajectory=bool(args.trajectory))
     for path, arr in [(args.out, res.x), (args.trajectory, res.trajectory)]:
         if path:
-            with atomic_path(path) as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, arr.numpy())
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.save(f, arr.numpy())
     print(f"wrote {args.n} samples to {args.out} ({args.solver}, NFE {res.nfe})")
     return 0
 
@@ -272,6 +309,31 @@ def _sample_images(args: argparse.Namespace, run) -> int:
     _, summary = sample_images(run.model, run.source, args.n, args.out, method=args.solver, steps=args.steps, labels=labels, guidance=w,
                                batch_size=args.batch_size, seed=args.seed, rtol=args.rtol, atol=args.atol)
     print(f"wrote {args.n} samples to {args.out}/samples.npz and grid.png ({args.solver}, NFE {summary['nfe']})")
+    return 0
+
+
+def _sample_pipeline(args: argparse.Namespace) -> int:
+    """An exported PeRFlow text-to-image pipeline (or its job directory): K-step (or more) samples as PNGs."""
+    for flag, given in (("--trajectory", args.trajectory), ("--label", args.label is not None), ("--raw", args.raw)):
+        if given:
+            raise ConfigError(f"{flag} does not apply to a text-to-image pipeline ({args.run})")
+    if args.solver != "euler":
+        raise ConfigError(f"--solver {args.solver}: an exported PeRFlow pipeline samples with Euler steps on its windows; leave --solver at euler")
+    if not args.prompt:
+        raise ConfigError(f"--prompt is required to sample the text-to-image pipeline {args.run} (repeat it for several prompts)")
+    n = len(args.prompt) if args.n is None else args.n
+    if n < 1:
+        raise ConfigError(f"--n must be >= 1, got {n}")
+    batch = 4 if args.batch_size is None else args.batch_size
+    if batch < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch}")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise ConfigError(f"--guidance must be a finite number >= 0, got {args.guidance}")
+    k = exported_windows(args.run)
+    if args.steps is not None and args.steps < k:
+        raise ConfigError(f"--steps {args.steps} is fewer than the {k} windows of {args.run}: an exported PeRFlow pipeline samples in at least K = {k} steps")
+    s = sample_exported_pipeline(args.run, args.prompt, args.out, n=n, steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=batch)
+    print(f"wrote {n} images to {args.out}: sample_*.png, grid.png, samples.json ({s['steps']} steps, guidance {s['guidance']:g}, NFE {s['nfe']})")
     return 0
 
 
@@ -448,9 +510,9 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
-def _perflow_data(spec: str | None):
-    if spec is None:
-        return None, None
+def _perflow_data(spec: str | None, pipeline: bool = False):
+    if spec is None or pipeline:  # a text-to-image pipeline takes the caption folder itself (train_perflow caches it)
+        return spec, None
 
     if spec == "digits":
         return make_image_distribution({"name": "digits"}), "digits"
@@ -471,19 +533,49 @@ def _perflow_guidance_flags(args: argparse.Namespace) -> float:
     return p
 
 
+def _perflow_pipeline_flags(args: argparse.Namespace, pipeline: bool) -> dict:
+    """Check the text-to-image flags (one line naming the flag); returns train_perflow's keyword arguments for them."""
+    flags = {"--lora-rank": args.lora_rank, "--prompt": args.prompt, "--caption-column": args.caption_column, "--latent-mode": args.latent_mode}
+    if not pipeline:
+        given = [f for f, v in flags.items() if v is not None]
+        if given:
+            raise ConfigError(f"{given[0]} needs a text-to-image pipeline teacher (model_index.json and text_encoder/); {args.teacher} is not one")
+        return {}
+    if args.lora_rank is not None and args.lora_rank < 0:
+        raise ConfigError(f"--lora-rank must be >= 0 (0: no LoRA), got {args.lora_rank}")
+    if args.latent_mode is not None and args.latent_mode not in ("mean", "sample"):
+        raise ConfigError(f"--latent-mode must be mean or sample, got {args.latent_mode!r}")
+    if args.caption_column is not None and not args.caption_column:
+        raise ConfigError("--caption-column must not be empty")
+    if args.data is None:
+        raise ConfigError(f"--data is required for the text-to-image pipeline {args.teacher}: a folder of captioned images "
+                          "(metadata.jsonl with file_name and text, or a .txt beside each image)")
+    opts = LatentDataOptions(caption_column=args.caption_column or "text", latent_mode=args.latent_mode or "mean")
+    return {"latent": opts, "lora_rank": args.lora_rank, "prompts": args.prompt}
+
+
 def _cmd_perflow(args: argparse.Namespace) -> int:
     p_uncond = _perflow_guidance_flags(args)
-    data, data_name = _perflow_data(args.data)
+    pipeline = Path(args.teacher).is_dir() and is_latent_pipeline(args.teacher)
+    extra = _perflow_pipeline_flags(args, pipeline)
+    batch = args.batch_size if args.batch_size is not None else (DEFAULT_PIPELINE_BATCH if pipeline else DEFAULT_BATCH)
+    lr = args.lr if args.lr is not None else (DEFAULT_PIPELINE_LR if pipeline else DEFAULT_LR)
+    data, data_name = _perflow_data(args.data, pipeline)
     settings = PeRFlowSettings(windows=args.windows, spacing=args.spacing, solver_steps=args.solver_steps,
                                start_fraction=args.start_fraction, loss_space=args.loss_space,
                                guidance=args.guidance, p_uncond=p_uncond, guidance_mode=args.guidance_mode)
-    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_schedule="cosine", warmup_steps=min(100, args.steps // 10),
+    train = TrainConfig(steps=args.steps, batch_size=batch, lr=lr, lr_schedule="cosine", warmup_steps=min(100, args.steps // 10),
                         ema_decay=args.ema, seed=args.seed, device=args.device, progress=not args.quiet, workers=0,
                         log_every=max(1, min(100, args.steps // 10)), ckpt_every=max(1, min(500, args.steps)))
-    out = train_perflow(args.teacher, args.out, settings=settings, train=train, data=data, data_name=data_name, export=args.export_diffusers)
+    out = train_perflow(args.teacher, args.out, settings=settings, train=train, data=data, data_name=data_name, export=args.export_diffusers, **extra)
     guided = settings.guidance_mode == "student" and settings.guidance != 1.0
     nfe = f" with guidance {settings.guidance:g}: {2 * args.windows} NFE" if guided else ""
-    print(f"PeRFlow student ({args.windows} windows, {args.windows}-step sampling{nfe}) saved in {out}: student.safetensors, delta.safetensors, samples.png")
+    if pipeline:
+        lora = "" if args.lora_rank == 0 else ", lora/"
+        files = f"diffusers/ (the pipeline; rectflow sample {out}/diffusers --prompt ...), delta.safetensors{lora}, samples.png"
+    else:
+        files = "student.safetensors, delta.safetensors, samples.png"
+    print(f"PeRFlow student ({args.windows} windows, {args.windows}-step sampling{nfe}) saved in {out}: {files}")
     return 0
 
 

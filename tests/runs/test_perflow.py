@@ -1,20 +1,21 @@
 """rectflow.runs.perflow and `rectflow perflow`: the PeRFlow job (teacher in, student directory out)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from rectflow.cli import main
-from rectflow.runs.config import config_from_dict
-from rectflow.errors import CheckpointError, ConfigError, DataError
-from rectflow.runs.experiment import load_run, train_run
 from rectflow.engine.io import load_tensors
+from rectflow.engine.trainer import TrainConfig
+from rectflow.errors import CheckpointError, ConfigError, DataError
 from rectflow.perflow.student import PeRFlowStudent, sample_perflow
 from rectflow.perflow.windows import make_windows
+from rectflow.runs.config import config_from_dict
+from rectflow.runs.experiment import load_run, train_run
 from rectflow.runs.perflow import PeRFlowSettings, load_perflow, load_perflow_teacher, train_perflow
-from rectflow.engine.trainer import TrainConfig
 
 torch.set_num_threads(1)
 
@@ -219,3 +220,194 @@ def test_cli_perflow_with_guidance(labelled_run, tmp_path, capsys):
     assert rec["settings"]["p_uncond"] == 0.1 and rec["settings"]["guidance_mode"] == "student"  # the mode's default dropout
     assert main(["perflow", str(labelled_run), "--out", str(tmp_path / "x"), "--guidance-mode", "student", "--guidance", "3", "--p-uncond", "0"]) == 2
     assert "--p-uncond" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------- latent text-to-image pipelines (issue 15)
+CAPTIONS = ["a red cat", "two dogs", "a blue car", "the sea", "a green tree", "an owl"]
+
+
+def write_caption_folder(folder: Path, captions=CAPTIONS, *, seed: int = 0) -> Path:
+    """Small RGB PNGs (mixed sizes: the cache crops and resizes) with a .txt caption beside each."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    for i, text in enumerate(captions):
+        h, w = (16, 16) if i % 2 == 0 else (20, 24)
+        arr = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(arr).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(text)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from tests.perflow.conftest import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd")
+
+
+@pytest.fixture(scope="module")
+def captions(tmp_path_factory):
+    return write_caption_folder(tmp_path_factory.mktemp("captions") / "images")
+
+
+def _latent_train(steps):
+    return TrainConfig(steps=steps, batch_size=2, lr=1e-3, ema_decay=0.0, device="cpu", progress=False, workers=0, ckpt_every=2, log_every=2)
+
+
+@pytest.fixture(scope="module")
+def pipeline_job(sd_folder, captions, tmp_path_factory):
+    """`rectflow perflow` on the tiny SD folder: 2 windows, 3 steps, LoRA rank 2, two prompts."""
+    out = tmp_path_factory.mktemp("jobs") / "sd-perflow"
+    code = main(["perflow", str(sd_folder), "--data", str(captions), "--out", str(out), "-K", "2", "--steps", "3", "--batch-size", "2",
+                 "--solver-steps", "1", "--lora-rank", "2", "--prompt", "a red cat", "--prompt", "an owl", "--device", "cpu", "-q"])
+    assert code == 0
+    return out
+
+
+def test_pipeline_job_writes_export_delta_lora_and_grid(pipeline_job, sd_folder, captions, capsys):
+    from rectflow.perflow.latent import load_pipeline
+    from rectflow.perflow.lora import load_lora
+
+    out = pipeline_job
+    for name in ("perflow.json", "delta.safetensors", "samples.png", "metrics.jsonl", "diffusers/model_index.json",
+                 "diffusers/unet/config.json", "diffusers/scheduler/scheduler_config.json", "lora/pytorch_lora_weights.safetensors",
+                 "latents/manifest.json"):
+        assert (out / name).is_file(), name
+    rec = json.loads((out / "perflow.json").read_text())
+    assert rec["teacher"]["kind"] == "pipeline" and rec["teacher"]["path"] == str(sd_folder.resolve())
+    assert rec["data"]["images"] == str(captions.resolve()) and rec["data"]["latent_mode"] == "mean"
+    assert rec["cache"]["path"] == str((out / "latents").resolve()) and rec["cache"]["settings"]["n_images"] == len(CAPTIONS)
+    assert rec["windows"] == [0.0, 0.5, 1.0] and rec["shape"] == [4, 8, 8] and rec["steps_done"] == 3
+    assert rec["settings"]["guidance_mode"] == "teacher"  # a text-conditional teacher records its guidance keys
+    assert rec["prompts"] == ["a red cat", "an owl"] and rec["lora"]["rank"] == 2
+    assert rec["teacher_nfe_this_session"] == 3 * 2 * 1
+    # the exported UNet = teacher UNet + delta; the LoRA is the rank-2 form of that delta
+    teacher = load_pipeline(sd_folder)
+    student = load_pipeline(out / "diffusers")
+    delta, meta = load_tensors(out / "delta.safetensors")
+    assert meta["windows"] == [0.0, 0.5, 1.0] or json.loads(meta["windows"]) == [0.0, 0.5, 1.0]
+    t_sd = teacher.unet.state_dict()
+    for name, w in student.unet.state_dict().items():
+        torch.testing.assert_close(w, t_sd[name] + delta[name])
+    assert any(float(d.abs().max()) > 0 for d in delta.values())
+    lora, _ = load_lora(out / "lora")
+    assert all(v.shape[0] <= 2 or k.endswith("lora_B.weight") for k, v in lora.items() if k.endswith("lora_A.weight"))
+    # the grid: one row per prompt
+    from PIL import Image
+
+    with Image.open(out / "samples.png") as im:
+        assert im.width > im.height > 0
+
+
+def test_exported_pipeline_loads_in_the_stock_pipeline_and_matches_our_sampler(pipeline_job):
+    diffusers = pytest.importorskip("diffusers")
+    import rectflow.perflow.diffusers_scheduler  # noqa: F401 (registers PeRFlowScheduler for from_pretrained)
+    from rectflow.runs.perflow import sample_pipeline_latents
+
+    job = load_perflow(pipeline_job)
+    assert job.pipeline is not None and job.shape == (4, 8, 8)
+    stock = diffusers.StableDiffusionPipeline.from_pretrained(str(pipeline_job / "diffusers"), local_files_only=True).to("cpu")
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    prompts = ["a red cat", "two dogs"]
+    with torch.no_grad():
+        for steps, w in ((2, 1.0), (3, 2.5)):
+            theirs = stock(prompts, height=16, width=16, num_inference_steps=steps, guidance_scale=w, latents=noise.clone(), output_type="latent").images
+            ours = sample_pipeline_latents(job.student, job.pipeline, prompts, noise, steps=steps, guidance=w)
+            torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+    images = job.sample(3, prompts=prompts, seed=2)
+    assert images.shape == (3, 3, 16, 16) and torch.isfinite(images).all()
+    torch.testing.assert_close(job.sample(3, prompts=prompts, seed=2), images)
+    with pytest.raises(ConfigError, match="prompts"):
+        job.sample(2)
+
+
+def test_killed_pipeline_job_resumes_to_the_same_student(sd_folder, captions, tmp_path, monkeypatch):
+    """A kill inside the cache build, then one after 2 of 4 steps: the same student as one uninterrupted run,
+    and the resumed run reads the finished cache without running the VAE encoder."""
+    from rectflow.perflow.latent import LatentPipeline
+    from rectflow.runs import perflow as job_mod
+    from rectflow.runs.perflow import LatentDataOptions
+
+    s, opts = PeRFlowSettings(windows=2, solver_steps=1), LatentDataOptions(shard_size=2)
+    kw = {"settings": s, "data": captions, "latent": opts, "lora_rank": 0, "prompts": ["an owl"]}
+    whole = train_perflow(sd_folder, tmp_path / "whole", train=_latent_train(4), **kw)
+
+    real = job_mod.build_latent_cache
+
+    def killed(*a, **k):
+        def stop(shard):
+            if shard == 0:
+                raise KeyboardInterrupt
+
+        return real(*a, **k, on_shard=stop)
+
+    monkeypatch.setattr(job_mod, "build_latent_cache", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_perflow(sd_folder, tmp_path / "part", train=_latent_train(4), **kw)
+    monkeypatch.setattr(job_mod, "build_latent_cache", real)
+    assert not json.loads((tmp_path / "part" / "latents" / "manifest.json").read_text())["complete"]
+    train_perflow(sd_folder, tmp_path / "part", train=_latent_train(2), **kw)  # finishes the cache, stops after 2 steps
+
+    def no_vae(*a, **k):
+        raise AssertionError("the VAE encoder ran on a resumed job")
+
+    monkeypatch.setattr(LatentPipeline, "encode_images", no_vae)
+    part = train_perflow(sd_folder, tmp_path / "part", train=_latent_train(4), **kw)
+    assert not (part / "lora").exists()  # lora_rank 0: no LoRA
+    a, _ = load_tensors(whole / "delta.safetensors")
+    b, _ = load_tensors(part / "delta.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    ca = json.loads((whole / "latents" / "manifest.json").read_text())["shards"]
+    cb = json.loads((part / "latents" / "manifest.json").read_text())["shards"]
+    assert [e["sha256"] for e in ca] == [e["sha256"] for e in cb]
+
+
+def test_pipeline_job_refuses_bad_input(pipeline_job, sd_folder, captions, image_run, tmp_path):
+    from rectflow.runs.perflow import LatentDataOptions
+
+    rec = (pipeline_job / "perflow.json").read_bytes()
+    train = _latent_train(3)
+    with pytest.raises(ConfigError, match="settings"):  # a resume with other settings
+        train_perflow(sd_folder, pipeline_job, settings=PeRFlowSettings(windows=3, solver_steps=1), train=train, data=captions)
+    with pytest.raises(ConfigError, match="data"):  # ... or other cache options
+        train_perflow(sd_folder, pipeline_job, settings=PeRFlowSettings(windows=2, solver_steps=1), train=train, data=captions,
+                      latent=LatentDataOptions(latent_mode="sample"))
+    assert (pipeline_job / "perflow.json").read_bytes() == rec
+    with pytest.raises(ConfigError, match="captioned images"):
+        train_perflow(sd_folder, tmp_path / "a", train=train)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(captions / "img0.png", bare / "img0.png")
+    with pytest.raises(DataError, match="no caption"):
+        train_perflow(sd_folder, tmp_path / "b", train=train, data=bare)
+    assert not (tmp_path / "b").exists()  # refused before anything is written
+    with pytest.raises(ConfigError, match="lora_rank"):
+        train_perflow(sd_folder, tmp_path / "c", train=train, data=captions, lora_rank=-1)
+    with pytest.raises(ConfigError, match="text-to-image pipeline"):
+        train_perflow(image_run, tmp_path / "d", train=_train(1), prompts=["a cat"])
+    with pytest.raises(ConfigError, match="text-to-image pipeline"):
+        train_perflow(image_run, tmp_path / "e", train=_train(1), lora_rank=4)
+
+
+def test_cli_sample_of_an_exported_pipeline(pipeline_job, tmp_path, capsys):
+    out = tmp_path / "s"
+    code = main(["sample", str(pipeline_job / "diffusers"), "--prompt", "a red cat", "--prompt", "two dogs", "--n", "3", "--steps", "3",
+                 "--guidance", "2", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "sample_00000.png", "sample_00001.png", "sample_00002.png", "samples.json"]
+    meta = json.loads((out / "samples.json").read_text())
+    assert meta["steps"] == 3 and meta["guidance"] == 2.0 and [s["prompt"] for s in meta["samples"]] == ["a red cat", "two dogs", "a red cat"]
+    assert "3 images" in capsys.readouterr().out
+    # the job directory samples its export; K steps by default
+    assert main(["sample", str(pipeline_job), "--prompt", "an owl", "--n", "1", "--out", str(tmp_path / "s2")]) == 0
+    assert json.loads((tmp_path / "s2" / "samples.json").read_text())["steps"] == 2
+    capsys.readouterr()
+    assert main(["sample", str(pipeline_job / "diffusers"), "--prompt", "an owl", "--steps", "1", "--out", str(tmp_path / "s3")]) == 2
+    err = capsys.readouterr().err
+    assert "--steps" in err and "2 windows" in err and not (tmp_path / "s3").exists()

@@ -1,8 +1,10 @@
 """PeRFlow as a resumable job: teacher in, student directory out (the API under ``rectflow perflow``).
 
-A teacher is either a rectflow run directory (a flow from N(0, I) to images; a velocity on the
-straight path, theory §2) or a LOCAL diffusers folder (``unet/`` + ``scheduler/``; see
-:mod:`rectflow.perflow.diffusers_io`).  A class-conditional run (``model.num_classes`` > 0) is a
+A teacher is a rectflow run directory (a flow from N(0, I) to images; a velocity on the
+straight path, theory §2), a LOCAL diffusers folder (``unet/`` + ``scheduler/``; see
+:mod:`rectflow.perflow.diffusers_io`), or a LOCAL latent text-to-image pipeline folder
+(``model_index.json`` + ``text_encoder/``, Stable Diffusion 1.x / 2.x; see :mod:`rectflow.perflow.latent`)
+trained on a folder of captioned images.  A class-conditional run (``model.num_classes`` > 0) is a
 conditional teacher: the student learns on the run's labelled images (or ``data`` with labels) and
 classifier-free guidance is used as :class:`PeRFlowSettings` says (theory §5.5).  :func:`train_perflow` writes into its output directory:
 
@@ -14,36 +16,63 @@ classifier-free guidance is used as :class:`PeRFlowSettings` says (theory §5.5)
     samples.png            a grid of K-step samples
     diffusers/             (diffusers teachers, ``export=True``) a diffusers folder of the student
 
-:func:`load_perflow` reads it back as a :class:`~rectflow.perflow.student.PeRFlowStudent`.
+A text-to-image pipeline job writes instead of ``student.safetensors``:
+
+    latents/               the latent cache of the captioned images (built once, resumed after a kill)
+    diffusers/             the student as a complete pipeline folder (StableDiffusionPipeline.from_pretrained)
+    delta.safetensors      student - teacher UNet weights (diffusers parameter names)
+    lora/                  the delta as a LoRA (``pipe.load_lora_weights``), unless ``lora_rank=0``
+    samples.png            K-step samples, one row per prompt
+
+:func:`load_perflow` reads it back as a :class:`PeRFlowJob`.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import Tensor
 
-from rectflow.data.images import ImageGaussian
-from rectflow.engine.io import load_json, load_tensors, make_dirs, remove_stale_temporaries, save_json, save_tensors
+from rectflow.data.images import ImageGaussian, to_uint8
+from rectflow.engine.io import atomic_path, check_writable, load_json, load_tensors, make_dirs, remove_stale_temporaries, save_json, save_tensors
 from rectflow.engine.trainer import TrainConfig, Trainer, resolve_device
 from rectflow.errors import CheckpointError, ConfigError
 from rectflow.flow.paths import LinearPath
+from rectflow.flow.solvers import euler
 from rectflow.images.sampling import save_image_grid
 from rectflow.perflow.delta import save_delta
-from rectflow.perflow.diffusers_io import export_student, load_teacher
+from rectflow.perflow.diffusers_io import export_student, load_teacher, unwrap_unet
 from rectflow.perflow.guidance import LabelledData, as_guidance, guidance_plan
+from rectflow.perflow.latent import LatentPipeline, export_pipeline, load_pipeline
+from rectflow.perflow.latent_cache import LatentCacheData, build_latent_cache, read_captions
+from rectflow.perflow.lora import save_lora
 from rectflow.perflow.objective import LOSS_SPACES, PeRFlowObjective
 from rectflow.perflow.student import PeRFlowStudent, sample_perflow
 from rectflow.perflow.teacher import Teacher
-from rectflow.perflow.windows import make_windows
+from rectflow.perflow.windows import make_windows, window_grid
 from rectflow.runs.experiment import load_run
 from rectflow.runs.rundir import RESUMABLE_TRAIN_KEYS, guard_run_dir, lock_run_dir
 
-__all__ = ["PeRFlowSettings", "PeRFlowJob", "load_perflow_teacher", "train_perflow", "load_perflow"]
+__all__ = [
+    "LatentDataOptions",
+    "PeRFlowJob",
+    "PeRFlowSettings",
+    "exported_windows",
+    "is_latent_pipeline",
+    "is_pipeline_job",
+    "load_perflow",
+    "load_perflow_teacher",
+    "sample_exported_pipeline",
+    "sample_pipeline_latents",
+    "train_perflow",
+]
 
 PERFLOW_JOB_FORMAT = "rectflow.perflow.job"
 
@@ -89,13 +118,67 @@ class PeRFlowSettings:
 GUIDANCE_KEYS = ("guidance", "p_uncond", "guidance_mode")
 
 
+@dataclass
+class LatentDataOptions:
+    """How a folder of captioned images becomes the latent cache of a text-to-image job
+    (:func:`~rectflow.perflow.latent_cache.build_latent_cache`).  Recorded under ``data`` in
+    ``perflow.json``: a resumed job must agree on all of it."""
+
+    caption_column: str = "text"  # metadata.jsonl key of the captions (without metadata.jsonl: a .txt beside each image)
+    latent_mode: str = "mean"  # mean: the VAE posterior mean | sample: one seeded posterior draw per image
+    dtype: str = "float32"  # stored dtype: float32 | float16 | bfloat16
+    shard_size: int = 256  # images per cache shard (the unit in which a killed build resumes)
+    encode_batch: int = 8  # images per VAE / text-encoder call
+    seed: int = 0  # seed of the posterior draws (latent_mode "sample")
+
+    def validate(self) -> None:
+        """The checks of ``build_latent_cache``, made before anything is written."""
+        for key in ("shard_size", "encode_batch", "seed"):
+            v, low = getattr(self, key), 0 if key == "seed" else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ConfigError(f"perflow latent cache: {key} must be an integer >= {low}, got {v!r}")
+        if self.latent_mode not in ("mean", "sample"):
+            raise ConfigError(f"perflow latent cache: latent_mode must be 'mean' or 'sample', got {self.latent_mode!r}")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ConfigError(f"perflow latent cache: dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if not isinstance(self.caption_column, str) or not self.caption_column:
+            raise ConfigError(f"perflow latent cache: caption_column must be a non-empty string, got {self.caption_column!r}")
+
+
+DEFAULT_LORA_RANK = 16  # text-to-image jobs: rank of the LoRA written beside the full delta (0: none)
+DEFAULT_PROMPTS = 4  # text-to-image jobs: the sample grid's prompts default to this many first distinct captions
+PIPELINE_JOB_KIND = "pipeline"
+
+
 def _is_diffusers_folder(p: Path) -> bool:
     return (p / "scheduler" / "scheduler_config.json").is_file() or (p / "scheduler_config.json").is_file()
+
+
+def is_latent_pipeline(path: str | Path) -> bool:
+    """Whether ``path`` is a latent text-to-image pipeline folder (``model_index.json`` and ``text_encoder/``)
+    rather than a pixel-space diffusers folder or a rectflow run.  Whether it is a supported one,
+    :func:`~rectflow.perflow.latent.load_pipeline` says."""
+    p = Path(path)
+    return (p / "model_index.json").is_file() and (p / "text_encoder").is_dir()
+
+
+def is_pipeline_job(path: str | Path) -> bool:
+    """Whether ``path`` is a :func:`train_perflow` directory of a text-to-image pipeline teacher."""
+    job = Path(path) / "perflow.json"
+    if not job.is_file():
+        return False
+    try:
+        rec = load_json(job)
+    except CheckpointError:
+        return False
+    return isinstance(rec, dict) and rec.get("format") == PERFLOW_JOB_FORMAT and (rec.get("teacher") or {}).get("kind") == PIPELINE_JOB_KIND
 
 
 # The student's training defaults measured on digits (benchmarks/results/perflow_study.md: lr 2e-4 -> 1e-3
 # took K = 4 FD from 5.6 to 3.6); the CLI reads them from here.
 DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_LR = 3000, 128, 1e-3
+# Text-to-image pipelines (a full UNet fine-tune): the usual fine-tuning batch and learning rate, NOT measured here.
+DEFAULT_PIPELINE_BATCH, DEFAULT_PIPELINE_LR = 16, 1e-5
 
 
 def default_train_config(steps: int = DEFAULT_STEPS) -> TrainConfig:
@@ -104,18 +187,29 @@ def default_train_config(steps: int = DEFAULT_STEPS) -> TrainConfig:
 
 
 def load_perflow_teacher(path: str | Path, device: str = "cpu") -> tuple[Teacher, Any | None, dict[str, Any]]:
-    """(teacher, its data sampler or None, description) from a run directory or a diffusers folder.
+    """(teacher, its data sampler or None, description) from a run directory, a diffusers folder or a
+    latent text-to-image pipeline folder.
 
     A run's data are its target images (labelled for a class-conditional run, whose description
-    then has ``num_classes``); a diffusers folder has none (give ``data`` to
-    :func:`train_perflow`)."""
+    then has ``num_classes``); a diffusers or pipeline folder has none (give ``data`` to
+    :func:`train_perflow`).  A pipeline's teacher is text-conditional (``cond``: text embeddings)."""
+    teacher, data, desc, _ = _load_teacher(path, device)
+    return teacher, data, desc
+
+
+def _load_teacher(path: str | Path, device: str) -> tuple[Teacher, Any | None, dict[str, Any], LatentPipeline | None]:
+    """:func:`load_perflow_teacher` plus the :class:`LatentPipeline` of a pipeline folder (else None)."""
     p = Path(path)
     if not p.is_dir():
         raise ConfigError(f"perflow teacher {str(p)!r}: no such directory (a rectflow run or a local diffusers folder)")
+    if is_latent_pipeline(p):
+        pipe = load_pipeline(p, device=resolve_device(device))
+        desc = {"kind": PIPELINE_JOB_KIND, "path": str(p.resolve()), "parameterization": pipe.parameterization, "condition": "text"}
+        return pipe.teacher, None, desc, pipe
     if _is_diffusers_folder(p):
         teacher = load_teacher(p)
         teacher.model.to(resolve_device(device))
-        return teacher, None, {"kind": "diffusers", "path": str(p.resolve()), "parameterization": teacher.parameterization}
+        return teacher, None, {"kind": "diffusers", "path": str(p.resolve()), "parameterization": teacher.parameterization}, None
     if not (p / "config.json").is_file():
         raise ConfigError(f"perflow teacher {str(p)!r}: neither a rectflow run (config.json) nor a diffusers folder (scheduler/scheduler_config.json)")
 
@@ -130,12 +224,12 @@ def load_perflow_teacher(path: str | Path, device: str = "cpu") -> tuple[Teacher
     n_classes = int(run.config.model.num_classes)
     if n_classes > 0:  # only then: records of unconditional jobs stay as they were
         desc["num_classes"] = n_classes
-    return teacher, run.target, desc  # lazy: loading a job to sample never opens the images
+    return teacher, run.target, desc, None  # lazy: loading a job to sample never opens the images
 
 
-def _job_record(settings: PeRFlowSettings, train: TrainConfig, teacher: dict[str, Any], data: str, boundaries: Tensor, shape: tuple[int, ...]) -> dict[str, Any]:
+def _job_record(settings: PeRFlowSettings, train: TrainConfig, teacher: dict[str, Any], data: Any, boundaries: Tensor, shape: tuple[int, ...]) -> dict[str, Any]:
     kept = asdict(settings)
-    if not teacher.get("num_classes"):  # unconditional: the guidance keys are at their defaults and left out (records of earlier jobs match)
+    if not (teacher.get("num_classes") or teacher.get("kind") == PIPELINE_JOB_KIND):  # unconditional: the guidance keys are at their defaults and left out (records of earlier jobs match)
         kept = {k: v for k, v in kept.items() if k not in GUIDANCE_KEYS}
     return json.loads(json.dumps({  # JSON round trip: compared with the record read back on resumption
         "format": PERFLOW_JOB_FORMAT,
@@ -157,6 +251,10 @@ def train_perflow(
     data: Any | None = None,
     data_name: str | None = None,
     export: bool = False,
+    latent: LatentDataOptions | None = None,
+    lora_rank: int | None = None,
+    prompts: Sequence[str] | None = None,
+    samples_per_prompt: int = 4,
 ) -> Path:
     """Train (or resume) a PeRFlow student of the teacher at ``teacher_path`` into ``out``.
 
@@ -170,6 +268,16 @@ def train_perflow(
             needs labelled images (``sample_labelled``, e.g. digits or class folders).
         data_name: how ``data`` is named in ``perflow.json`` (compared on resumption).
         export: for diffusers teachers, also write ``out/diffusers`` (a diffusers folder).
+
+    Latent text-to-image pipeline teachers (:func:`is_latent_pipeline`) take instead:
+        data: the folder of captioned images (``metadata.jsonl`` or a ``.txt`` per image), encoded
+            once into ``out/latents`` (a killed build resumes; training reads the cache only).
+        latent: how the cache is made (:class:`LatentDataOptions`).
+        lora_rank: rank of the LoRA written to ``out/lora`` (default 16; 0: none).
+        prompts: the prompts of ``samples.png`` (default: the first 4 distinct captions), each
+            sampled ``samples_per_prompt`` times in K steps (with guidance in mode "student").
+    and always write ``out/diffusers`` (a complete pipeline folder), ``delta.safetensors`` (UNet
+    parameter names) and ``samples.png``.
     A directory holding a job of other settings, teacher or data is refused; nothing is overwritten.
     """
     settings = settings or PeRFlowSettings()
@@ -177,6 +285,12 @@ def train_perflow(
     train = train or default_train_config()
     train.validate()
     out = Path(out)
+    if Path(teacher_path).is_dir() and is_latent_pipeline(teacher_path):
+        return _train_pipeline_job(Path(teacher_path), out, settings, train, data, latent or LatentDataOptions(), lora_rank, prompts, samples_per_prompt)
+    extras = [name for name, v in (("latent", latent), ("lora_rank", lora_rank), ("prompts", prompts)) if v is not None]
+    if extras:
+        raise ConfigError(f"perflow: {', '.join(extras)} apply to a text-to-image pipeline teacher (model_index.json and text_encoder/); "
+                          f"{teacher_path} is not one")
     device = resolve_device(train.device)
     teacher, run_data, desc = load_perflow_teacher(teacher_path, str(device))
     conditional = bool(desc.get("num_classes"))
@@ -223,12 +337,190 @@ def train_perflow(
     return out
 
 
+_JOB_KEYS = ("format", "settings", "train", "teacher", "data", "windows", "shape")
+
+
+def _train_pipeline_job(folder: Path, out: Path, settings: PeRFlowSettings, train: TrainConfig, data: Any, opts: LatentDataOptions,
+                        lora_rank: int | None, prompts: Sequence[str] | None, per_prompt: int) -> Path:
+    """:func:`train_perflow` for a latent text-to-image pipeline teacher (see there)."""
+    opts.validate()
+    rank = DEFAULT_LORA_RANK if lora_rank is None else lora_rank
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise ConfigError(f"perflow: lora_rank must be an integer >= 0 (0: no LoRA), got {rank!r}")
+    if isinstance(per_prompt, bool) or not isinstance(per_prompt, int) or per_prompt < 1:
+        raise ConfigError(f"perflow: samples_per_prompt must be an integer >= 1, got {per_prompt!r}")
+    if not isinstance(data, (str, Path)):
+        raise ConfigError(f"perflow: the text-to-image pipeline {folder} needs a folder of captioned images as data "
+                          "(--data PATH: a metadata.jsonl with file_name and text, or a .txt beside each image)")
+    images = Path(data)
+    items = read_captions(images, caption_column=opts.caption_column)  # no captions: refused before anything is loaded or written
+    if prompts is None:
+        prompts = list(dict.fromkeys(text for _, text in items))[:DEFAULT_PROMPTS]
+    elif isinstance(prompts, str) or not all(isinstance(q, str) for q in prompts) or not prompts:
+        raise ConfigError(f"perflow: prompts must be a non-empty list of strings, got {prompts!r}")
+    prompts = list(prompts)
+    teacher, _, desc, pipe = _load_teacher(folder, str(resolve_device(train.device)))
+    boundaries = make_windows(settings.windows, spacing=settings.spacing, path=teacher.path)
+    record = _job_record(settings, train, desc, {"images": str(images.resolve()), **asdict(opts)}, boundaries, pipe.latent_shape)
+    job = out / "perflow.json"
+
+    def normalise(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: d.get(k) for k in _JOB_KEYS}
+
+    guard_run_dir(out, "perflow.json", record, what="PeRFlow job", normalise=normalise, foreign_ok=False)
+    with lock_run_dir(out, "PeRFlow job directory"):
+        guard_run_dir(out, "perflow.json", record, what="PeRFlow job", normalise=normalise, foreign_ok=False)
+        for stale in (out / ".diffusers.export.tmp", out / ".diffusers.old.tmp"):  # export_pipeline's staging, left by a kill
+            if stale.is_dir():
+                shutil.rmtree(stale)
+        remove_stale_temporaries(out, out / "checkpoints", out / "lora")
+        make_dirs(out)
+        save_json(job, record)  # before the cache: a kill during the build leaves this job's directory, which resumes
+        cache = build_latent_cache(pipe, images, out / "latents", shard_size=opts.shard_size, encode_batch=opts.encode_batch, dtype=opts.dtype,
+                                   latent_mode=opts.latent_mode, seed=opts.seed, caption_column=opts.caption_column, progress=train.progress)
+        data = LatentCacheData(cache, pipeline=pipe)  # training reads latents and text embeddings; the VAE and text encoder stay idle
+        teacher_w, student_w = settings.scales()
+        teacher.guidance = as_guidance(teacher_w, data.null_cond) if teacher_w != 1.0 else None
+        student = pipe.student(boundaries)
+        objective = PeRFlowObjective(teacher, data, boundaries, solver_steps=settings.solver_steps, loss_space=settings.loss_space,
+                                     start_fraction=settings.start_fraction, p_uncond=settings.p_uncond, null_cond=data.null_cond)
+        record["cache"] = {"path": str(cache.path.resolve()), "settings": cache.settings.to_dict()}
+        save_json(job, record)
+        mcfg = {"perflow": record["settings"], "teacher": desc["path"], "windows": record["windows"]}
+        trainer = Trainer(student, objective, train, out, model_config=mcfg, run_record=normalise(record)).fit(resume=True)
+        final = (trainer.ema.model if trainer.ema is not None else trainer.model).eval()
+
+        export_pipeline(final, pipe, out / "diffusers")
+        exported = load_json(out / "diffusers" / "perflow.json")  # + the student's guidance, the default of `rectflow sample`
+        exported.update(guidance_scale=student_w, guidance_mode=settings.guidance_mode)
+        save_json(out / "diffusers" / "perflow.json", exported)
+        net = unwrap_unet(final.net)
+        save_delta(out / "delta.safetensors", net, pipe.unet, boundaries, {"teacher": desc["path"]})
+        lora = None
+        if rank > 0:
+            lora = save_lora(out / "lora", net, pipe.unet, rank=rank, bias=False, boundaries=boundaries, metadata={"teacher": desc["path"]}).to_dict()
+        elif (out / "lora").is_dir():
+            shutil.rmtree(out / "lora")  # a LoRA of an earlier run of this job would no longer match the student
+        rows = [q for q in prompts for _ in range(per_prompt)]
+        noise = torch.randn((len(rows), *pipe.latent_shape), generator=torch.Generator().manual_seed(0))
+        grid = _decode_in_batches(final, pipe, rows, noise, steps=None, guidance=student_w, batch_size=8)
+        save_image_grid(grid, out / "samples.png", nrow=per_prompt, scale=max(1, 64 // grid.shape[-1]))
+        record.update(teacher_nfe_per_example=settings.solver_steps * teacher.nfe_per_eval, teacher_nfe_this_session=objective.teacher_nfe,
+                      steps_done=trainer.step, prompts=prompts, lora=lora,
+                      outputs={"pipeline": "diffusers", "delta": "delta.safetensors", "lora": "lora" if lora else None, "samples": "samples.png"})
+        save_json(job, record)  # last: its steps_done marks a finished job
+    return out
+
+
+@torch.no_grad()
+def sample_pipeline_latents(student: PeRFlowStudent, pipe: LatentPipeline, prompts: Sequence[str], noise: Tensor, *, steps: int | None = None,
+                            guidance: float = 1.0) -> Tensor:
+    """Latents (n, C, h, w) of a text-to-image PeRFlow student from ``noise`` (n, C, h, w), one prompt per row:
+    Euler on the window path in ``steps`` steps (default K; any steps >= K, spread over the windows as
+    :class:`~rectflow.perflow.diffusers_scheduler.PeRFlowScheduler` spreads them), with classifier-free
+    guidance at ``guidance`` against the empty prompt (2 network evaluations per step when it is not 1).
+    The stock ``StableDiffusionPipeline`` on the exported folder computes the same."""
+    prompts = list(prompts)
+    if len(prompts) != noise.shape[0]:
+        raise ConfigError(f"perflow: give one prompt per sample ({noise.shape[0]}), got {len(prompts)}")
+    if steps is None:
+        grid = window_grid(student.boundaries)
+    else:
+        from rectflow.perflow.diffusers_scheduler import step_grid  # imports diffusers: pipelines only
+
+        grid = step_grid(student.boundaries, int(steps))
+    dev = next(student.parameters()).device
+    cond = pipe.encode_text(prompts).to(dev)
+    g = as_guidance(guidance, pipe.null_embedding().to(dev)) if guidance != 1.0 else None
+    return euler(lambda z, t: student(z, t, cond, guidance=g), noise.to(dev), grid).x
+
+
+def _decode_in_batches(student: PeRFlowStudent, pipe: LatentPipeline, prompts: Sequence[str], noise: Tensor, *, steps: int | None,
+                       guidance: float, batch_size: int) -> Tensor:
+    """Images (n, 3, H, W) in [-1, 1] on the CPU: :func:`sample_pipeline_latents` decoded by the VAE, ``batch_size`` at a time."""
+    out = []
+    for i in range(0, noise.shape[0], batch_size):
+        z = sample_pipeline_latents(student, pipe, prompts[i:i + batch_size], noise[i:i + batch_size], steps=steps, guidance=guidance)
+        out.append(pipe.decode_latents(z).float().clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
+def exported_windows(folder: str | Path) -> int:
+    """K of an exported PeRFlow pipeline folder (or of a pipeline job directory: its ``diffusers/``)."""
+    folder = _exported_folder(folder)
+    meta = load_json(folder / "perflow.json")
+    windows = meta.get("windows") if isinstance(meta, dict) else None
+    if not isinstance(windows, list) or len(windows) < 2:
+        raise CheckpointError(f"{folder / 'perflow.json'}: no window boundaries (not a PeRFlow export)")
+    return len(windows) - 1
+
+
+def _exported_folder(folder: str | Path) -> Path:
+    folder = Path(folder)
+    if is_pipeline_job(folder):
+        folder = folder / "diffusers"
+    if not (folder / "perflow.json").is_file() or not (folder / "model_index.json").is_file():
+        raise ConfigError(f"{folder}: not an exported PeRFlow pipeline folder (needs model_index.json and perflow.json)")
+    return folder
+
+
+def sample_exported_pipeline(folder: str | Path, prompts: Sequence[str], out: str | Path, *, n: int | None = None, steps: int | None = None,
+                             guidance: float | None = None, seed: int = 0, batch_size: int = 4, device: str = "auto") -> dict[str, Any]:
+    """Sample an exported PeRFlow text-to-image pipeline folder (or a pipeline job directory) into ``out``:
+    ``sample_00000.png`` ..., ``grid.png`` and ``samples.json`` (prompt of every file, steps, guidance, seed).
+
+    Args:
+        prompts: the prompts, used in turn (sample i has prompt i mod len(prompts)).
+        n: number of images (default: one per prompt).
+        steps: Euler steps (default K, the number of windows; fewer are refused).
+        guidance: classifier-free guidance scale (default: the one the student was trained to sample
+            with, 1 unless its guidance mode was "student").
+        seed: seed of the initial noise (all n drawn at once: the images do not depend on ``batch_size``).
+    Returns:
+        the content of ``samples.json``.
+    """
+    folder = _exported_folder(folder)
+    k = exported_windows(folder)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(q, str) for q in prompts):
+        raise ConfigError("perflow sample: give at least one prompt (a string) to sample a text-to-image pipeline")
+    steps = k if steps is None else int(steps)
+    if steps < k:
+        raise ConfigError(f"perflow sample: {steps} steps are fewer than the {k} windows of {folder}; use at least {k}")
+    n = len(prompts) if n is None else int(n)
+    if n < 1 or batch_size < 1:
+        raise ConfigError(f"perflow sample: n and batch_size must be >= 1, got {n} and {batch_size}")
+    out = check_writable(out, directory=True)
+    meta = load_json(folder / "perflow.json")
+    w = float(meta.get("guidance_scale", 1.0)) if guidance is None else float(guidance)
+    pipe = load_pipeline(folder, device=resolve_device(device))  # its UNet is the student's
+    student = PeRFlowStudent.from_teacher(pipe.teacher, torch.tensor(meta["windows"], dtype=torch.float64), net=pipe.teacher.model).eval()
+    rows = [prompts[i % len(prompts)] for i in range(n)]
+    noise = torch.randn((n, *pipe.latent_shape), generator=torch.Generator().manual_seed(seed))
+    images = _decode_in_batches(student, pipe, rows, noise, steps=steps, guidance=w, batch_size=batch_size)
+    make_dirs(out)
+    files = []
+    for i, img in enumerate(to_uint8(images)):
+        name = f"sample_{i:05d}.png"
+        arr = img.permute(1, 2, 0).numpy()
+        with atomic_path(out / name) as tmp:
+            Image.fromarray(arr).save(tmp, format="PNG")
+        files.append({"file": name, "prompt": rows[i]})
+    save_image_grid(images, out / "grid.png", nrow=min(n, len(prompts)), scale=max(1, 64 // images.shape[-1]))
+    summary = {"folder": str(folder.resolve()), "windows": k, "steps": steps, "guidance": w, "nfe": steps * (1 if w == 1.0 else 2),
+               "seed": seed, "samples": files}
+    save_json(out / "samples.json", summary)
+    return summary
+
+
 @dataclass
 class PeRFlowJob:
-    """A finished PeRFlow job: the student, the image shape (C, H, W) and the job record."""
+    """A finished PeRFlow job: the student, the image shape (C, H, W) (a pipeline job: the latent shape),
+    the job record, and for a text-to-image job the exported :class:`LatentPipeline` (VAE, text encoder)."""
     student: PeRFlowStudent
     shape: tuple[int, ...]
     record: dict[str, Any]
+    pipeline: LatentPipeline | None = None
 
     @property
     def boundaries(self) -> Tensor:
@@ -245,13 +537,27 @@ class PeRFlowJob:
         s = {**asdict(PeRFlowSettings()), **self.record["settings"]}
         return guidance_plan(s["guidance_mode"], s["guidance"], s["p_uncond"])[1]
 
-    def sample(self, n: int, *, steps_per_window: int = 1, seed: int = 0, labels: Tensor | None = None, guidance: float | None = None) -> Tensor:
+    def sample(self, n: int, *, steps_per_window: int = 1, seed: int = 0, labels: Tensor | None = None, guidance: float | None = None,
+               prompts: Sequence[str] | None = None) -> Tensor:
         """n images (n, C, H, W) on the CPU: K * ``steps_per_window`` Euler steps from seeded noise.
 
         Class-conditional jobs: ``labels`` (n,) (default 0, 1, ..., num_classes - 1 in turn) and the
-        guidance scale (default :attr:`guidance`; NFE doubles when it is not 1)."""
+        guidance scale (default :attr:`guidance`; NFE doubles when it is not 1).  Text-to-image jobs:
+        ``prompts`` (used in turn) and the guidance scale; the latents are decoded by the VAE
+        (images (n, 3, H, W) in [-1, 1])."""
         dev = next(self.student.parameters()).device
         noise = torch.randn((n, *self.shape), generator=torch.Generator().manual_seed(seed)).to(dev)
+        if self.pipeline is not None:
+            if labels is not None:
+                raise ConfigError("perflow: a text-to-image job samples from prompts, not labels")
+            if not prompts or isinstance(prompts, str):
+                raise ConfigError("perflow: a text-to-image job needs prompts (a list of strings, used in turn)")
+            rows = [list(prompts)[i % len(prompts)] for i in range(n)]
+            steps = (self.boundaries.numel() - 1) * steps_per_window
+            w = self.guidance if guidance is None else guidance
+            return _decode_in_batches(self.student, self.pipeline, rows, noise, steps=steps, guidance=w, batch_size=8)
+        if prompts is not None:
+            raise ConfigError("perflow: prompts need a text-to-image pipeline job")
         if not self.num_classes:
             if labels is not None or guidance is not None:
                 raise ConfigError("perflow: labels and guidance need a class-conditional job; this student is unconditional")
@@ -269,6 +575,14 @@ def load_perflow(out: str | Path, device: str = "cpu") -> PeRFlowJob:
     """The trained student of a :func:`train_perflow` directory (teacher architecture + student weights)."""
     out = Path(out)
     job, weights = out / "perflow.json", out / "student.safetensors"
+    if is_pipeline_job(out):  # text-to-image: the student is the exported pipeline's UNet
+        record = load_json(job)
+        if "steps_done" not in record or not (out / "diffusers" / "perflow.json").is_file():
+            raise CheckpointError(f"{out}: not a finished PeRFlow job (its pipeline export diffusers/ is not written yet; run the job again to finish it)")
+        pipe = load_pipeline(out / "diffusers", device=resolve_device(device))
+        windows = torch.tensor(record["windows"], dtype=torch.float64)
+        student = PeRFlowStudent.from_teacher(pipe.teacher, windows, net=pipe.teacher.model)
+        return PeRFlowJob(student.eval(), tuple(record["shape"]), record, pipeline=pipe)
     if not job.is_file() or not weights.is_file():
         raise CheckpointError(f"{out}: not a finished PeRFlow job (needs perflow.json and student.safetensors)")
     record = load_json(job)
