@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rectflow.flow.paths import LinearPath
-from rectflow.diffusion.schedules import CustomSchedule, DDPMSchedule, FlowMatchingSchedule, RescaledSchedule, VPCosineSchedule, VPLinearSchedule, diffusion_time, karras_sigmas, log_snr, log_snr_derivative, log_snr_grid, shift_time, time_from_log_snr, times_from_sigmas, variance_preserving
+from rectflow.diffusion.schedules import CustomSchedule, DDPMSchedule, DiscreteFlowMatchingSchedule, FlowMatchingSchedule, RescaledSchedule, VPCosineSchedule, VPLinearSchedule, diffusion_time, flow_match_grid, karras_sigmas, log_snr, log_snr_derivative, log_snr_grid, shift_time, time_from_log_snr, times_from_sigmas, variance_preserving
 
 F64 = torch.float64
 
@@ -162,6 +162,30 @@ def test_sd3_time_shift():
     assert bool((shifted[inner] < t[inner]).all())  # shift > 1: more time at high noise
     with pytest.raises(ValueError):
         shift_time(t, 0.0)
+
+
+def test_flow_match_shift_round_trips_and_warps_only_the_grid():
+    """theory §6.10: the shift by s is undone by the shift by 1/s; the path is the straight line at every shift."""
+    t = torch.linspace(0, 1, 101, dtype=F64)
+    for shift in (3.0, 0.5, 7.0):
+        torch.testing.assert_close(shift_time(shift_time(t, shift), 1 / shift), t, rtol=0, atol=1e-12)
+        sigma = 1 - shift_time(t, shift)  # closed form both ways: sigma' = s u / (1 + (s - 1) u), u = sigma' / (s - (s - 1) sigma')
+        torch.testing.assert_close(sigma / (shift - (shift - 1) * sigma), 1 - t, rtol=0, atol=1e-12)
+        sch = DiscreteFlowMatchingSchedule(1000, shift)
+        for got, want in zip(sch.coefficients(t), FlowMatchingSchedule().coefficients(t)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(sch.t_to_timestep(t), (1 - t) * 1000, rtol=0, atol=1e-12)
+        torch.testing.assert_close(sch.timestep_to_t(sch.t_to_timestep(t)), t, rtol=0, atol=1e-12)
+    for k in (1, 2, 5, 28):
+        g = flow_match_grid(k, 3.0, 1000)
+        assert g.dtype == F64 and g.shape == (k + 1,) and g[0] == 0 and g[-1] == 1 and bool((g[1:] > g[:-1]).all())
+        u = torch.linspace(1, 1 - float(shift_time(torch.tensor([1 - 1e-3], dtype=F64), 3.0)[0]), k, dtype=F64)
+        torch.testing.assert_close(1 - g[:-1], 3 * u / (1 + 2 * u), rtol=0, atol=1e-12)  # the stock scheduler's levels
+    torch.testing.assert_close(flow_match_grid(3, 1.0, 10), torch.tensor([0, 0.45, 0.9, 1], dtype=F64), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError):
+        flow_match_grid(0)
+    with pytest.raises(ValueError):
+        DiscreteFlowMatchingSchedule(1000, 0.0)
 
 
 def test_sampler_grids():

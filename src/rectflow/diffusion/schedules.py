@@ -33,6 +33,7 @@ __all__ = [
     "diffusion_time",
     "NoiseSchedule",
     "FlowMatchingSchedule",
+    "DiscreteFlowMatchingSchedule",
     "VPCosineSchedule",
     "VPLinearSchedule",
     "DDPMSchedule",
@@ -43,6 +44,7 @@ __all__ = [
     "log_snr_derivative",
     "time_from_log_snr",
     "shift_time",
+    "flow_match_grid",
     "log_snr_grid",
     "karras_sigmas",
     "times_from_sigmas",
@@ -141,6 +143,38 @@ class FlowMatchingSchedule(NoiseSchedule):
 
     def t_from_log_snr(self, lam: Tensor) -> Tensor:
         return torch.sigmoid(lam / 2)
+
+
+class DiscreteFlowMatchingSchedule(FlowMatchingSchedule):
+    """The flow-matching line of a model trained the way diffusers' ``FlowMatchEulerDiscreteScheduler``
+    describes it (Stable Diffusion 3): z_sigma = (1 - sigma) x + sigma eps with sigma = s = 1 - t, the
+    network's output u = eps - x (``"u"``), its time input sigma N (theory §6.10).
+
+    The path IS :class:`FlowMatchingSchedule`'s: ``num_train_timesteps`` N and ``shift`` change no
+    coefficient.  N fixes the network's time input (:meth:`t_to_timestep`); ``shift`` only says which
+    times the stock K-step sampler visits (:meth:`sampling_grid`), a warp of the sampling grid and
+    not of the path.
+    """
+
+    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0) -> None:
+        if int(num_train_timesteps) < 1 or not float(shift) > 0:
+            raise ValueError(f"DiscreteFlowMatchingSchedule: need num_train_timesteps >= 1 and shift > 0, got {num_train_timesteps}, {shift}")
+        self.num_steps, self.shift = int(num_train_timesteps), float(shift)
+
+    def t_to_timestep(self, t: Tensor) -> Tensor:
+        """The network's time input sigma N at rectflow time t (sigma = 1 - t; diffusers passes ``timestep = sigma * N``)."""
+        return diffusion_time(t) * self.num_steps
+
+    def timestep_to_t(self, timestep: Tensor) -> Tensor:
+        """Rectflow time of a time input sigma N: t = 1 - timestep / N."""
+        return diffusion_time(timestep / self.num_steps)
+
+    def sampling_grid(self, steps: int) -> Tensor:
+        """The stock scheduler's ``steps``-step grid in rectflow time: :func:`flow_match_grid` with this shift and N."""
+        return flow_match_grid(steps, self.shift, self.num_steps)
+
+    def __repr__(self) -> str:
+        return f"DiscreteFlowMatchingSchedule(num_train_timesteps={self.num_steps}, shift={self.shift:g})"
 
 
 class VPCosineSchedule(NoiseSchedule):
@@ -390,6 +424,24 @@ def shift_time(t: Tensor, shift: float, path: AffinePath | None = None) -> Tenso
     path = path if path is not None else FlowMatchingSchedule()
     t = torch.as_tensor(t)
     return time_from_log_snr(path, log_snr(path, t) - 2 * math.log(shift))
+
+
+def flow_match_grid(steps: int, shift: float = 1.0, num_train_timesteps: int = 1000) -> Tensor:
+    """The times diffusers' ``FlowMatchEulerDiscreteScheduler`` (static ``shift``) visits in ``steps``
+    steps, as an increasing float64 grid of ``steps`` + 1 rectflow times from 0 to 1 (theory §6.10).
+
+    Unshifted noise levels u_j run linearly from 1 to sigma_min, j = 0 .. steps - 1, where sigma_min
+    is the scheduler's smallest training level 1 / N already shifted; each is shifted
+    (:func:`shift_time`: sigma' = shift u / (1 + (shift - 1) u)) and the data end sigma = 0 is
+    appended.  So the smallest level is shifted twice, as the stock scheduler does it.
+    """
+    if steps < 1:
+        raise ValueError(f"flow_match_grid: need steps >= 1, got {steps}")
+    sigma_min = diffusion_time(shift_time(torch.tensor([1 - 1 / num_train_timesteps], dtype=torch.float64), shift))
+    u = torch.linspace(1.0, float(sigma_min[0]), steps, dtype=torch.float64)  # unshifted sigmas, noise end first
+    t = shift_time(diffusion_time(u), shift)
+    t[0] = 0.0  # u = 1 is pure noise at any shift
+    return torch.cat([t, torch.ones(1, dtype=torch.float64)])
 
 
 def log_snr_grid(path: AffinePath, steps: int, lam_min: float, lam_max: float) -> Tensor:

@@ -6,6 +6,16 @@ In: :func:`load_teacher` reads a LOCAL folder (never downloads) holding a ``UNet
 :class:`~rectflow.diffusion.schedules.DDPMSchedule` (an affine path), ``prediction_type`` epsilon / v_prediction /
 sample maps to eps / v / x0, and rectflow time t maps to the UNet's timestep n = N (1 - t) - 1.
 
+Flow-matching transformers (Stable Diffusion 3 layout, theory §6.10): a folder with
+``transformer/`` (``SD3Transformer2DModel``) and a ``FlowMatchEulerDiscreteScheduler`` config is a
+conditional teacher on the straight line (:class:`~rectflow.diffusion.schedules.DiscreteFlowMatchingSchedule`),
+output kind ``u`` = noise - x0, time input sigma N with sigma = 1 - t.  The scheduler's ``shift``
+is not part of the path: it only picks the stock sampler's grid
+(``DiscreteFlowMatchingSchedule.sampling_grid``), which is where PeRFlow windows should sit for a
+stock ``FlowMatchEulerDiscreteScheduler`` to reproduce the K-step student.  The text encoders (two
+CLIP, one T5) are not loaded: the condition is the precomputed pair (encoder_hidden_states
+(B, L, D), pooled_projections (B, P)) and text prompts are refused.
+
 Out: :func:`export_student` writes ``unet/`` (``save_pretrained``), ``perflow.json`` (window
 boundaries, kind, number of training steps), ``scheduler/scheduler_config.json`` for
 :class:`rectflow.perflow.diffusers_scheduler.PeRFlowScheduler` (right at any number of steps >= K;
@@ -23,30 +33,39 @@ steps-per-window sampler is never reproduced by a stock scheduler.
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from rectflow.diffusion.schedules import DDPMSchedule
+from rectflow.diffusion.schedules import DDPMSchedule, DiscreteFlowMatchingSchedule
 from rectflow.engine.io import load_json, make_dirs, save_json
 from rectflow.errors import CheckpointError, ConfigError
+from rectflow.flow.guidance import NULL_LABEL
+from rectflow.perflow.guidance import Guidance
 from rectflow.perflow.student import PeRFlowStudent
 from rectflow.perflow.teacher import Teacher
 from rectflow.perflow.windows import validate_windows
 
 __all__ = [
+    "SD3TransformerAdapter",
     "TextUNetAdapter",
     "UNetAdapter",
+    "adapt_model",
     "adapt_unet",
+    "cfg_is_flow",
     "ddim_scheduler_config",
     "export_student",
+    "flow_match_scheduler_config",
     "load_diffusers_model",
     "load_student",
     "load_teacher",
     "perflow_scheduler_config",
     "schedule_from_config",
+    "sd3_condition",
+    "stock_scheduler_config",
     "unwrap_unet",
     "write_student_parts",
 ]
@@ -71,6 +90,24 @@ _SAMPLER_KEYS = {"timestep_spacing", "steps_offset", "clip_sample", "clip_sample
 # Keys that change the model's meaning away from their default: accepted only at these values.
 _MUST_BE = {"rescale_betas_zero_snr": (False,), "timestep_type": ("discrete",), "use_flow_sigmas": (False,), "use_dynamic_shifting": (False,),
             "shift_terminal": (None,), "variance_type": (None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")}
+# Flow-matching schedulers (theory §6.10): z = (1 - sigma) x0 + sigma noise, the network's output u = noise - x0.
+_FLOW_SCHEDULERS = {"FlowMatchEulerDiscreteScheduler"}
+_FLOW_SCHEDULE_KEYS = {"num_train_timesteps", "shift"}
+# Read past: another sampler on the same model and grid, or settings used only with dynamic shifting.
+_FLOW_SAMPLER_KEYS = {"stochastic_sampling", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len", "time_shift_type"}
+# Keys that move the sampling grid or the network's time input away from the static shift: accepted only at these values.
+_FLOW_MUST_BE = {"use_dynamic_shifting": (False,), "invert_sigmas": (False,), "shift_terminal": (None, 0.0), "use_karras_sigmas": (False,),
+                 "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,)}
+_FLOW_WHY = {"use_dynamic_shifting": "the shift then depends on the image resolution (mu, chosen by the pipeline); give a static shift",
+             "invert_sigmas": "inverted sigmas feed the network 1 - sigma and run the grid the other way",
+             "shift_terminal": "a grid stretched to end at shift_terminal is not reproduced here",
+             "use_karras_sigmas": "a Karras sigma grid replaces the shifted grid, which the windows and the stock sampler follow here",
+             "use_exponential_sigmas": "an exponential sigma grid replaces the shifted grid, which the windows and the stock sampler follow here",
+             "use_beta_sigmas": "a beta sigma grid replaces the shifted grid, which the windows and the stock sampler follow here"}
+# Transformers we drive, each with its adapter (filled in below the adapter classes).
+_TRANSFORMERS: dict[str, type[nn.Module]] = {}
+# model_index.json entry of our scheduler (diffusers imports the module by this name).
+_PERFLOW_ENTRY = ["rectflow.perflow.diffusers_scheduler", "PeRFlowScheduler"]
 _WHY = {"rescale_betas_zero_snr": "zero terminal SNR gives alpha = 0 at the noise end, which DDPMSchedule cannot hold",
         "timestep_type": "continuous timesteps feed the network log-sigma, not the discrete step index",
         "use_flow_sigmas": "a flow-matching model, not a discrete beta schedule",
@@ -113,14 +150,62 @@ class TextUNetAdapter(nn.Module):
         return self.unet(z, timestep, encoder_hidden_states=cond).sample
 
 
+def sd3_condition(cond: Any) -> tuple[Tensor, Tensor]:
+    """(encoder_hidden_states (B, L, D), pooled_projections (B, P)) from an SD3 condition: that pair as a
+    tuple / list, or a dict with those two keys.  Text prompts and anything else are refused in one line
+    (the text encoders are not loaded here)."""
+    if isinstance(cond, str) or (isinstance(cond, (list, tuple)) and cond and all(isinstance(c, str) for c in cond)):
+        raise ConfigError("SD3 teacher: text prompts need SD3's three text encoders, which rectflow does not load; "
+                          "pass the precomputed pair (encoder_hidden_states (B, L, D), pooled_projections (B, P))")
+    if isinstance(cond, dict) and set(cond) == {"encoder_hidden_states", "pooled_projections"}:
+        cond = (cond["encoder_hidden_states"], cond["pooled_projections"])
+    if (isinstance(cond, (list, tuple)) and len(cond) == 2 and all(isinstance(c, Tensor) for c in cond)
+            and cond[0].dim() == 3 and cond[1].dim() == 2 and cond[0].shape[0] == cond[1].shape[0]):
+        return cond[0], cond[1]
+    got = "None" if cond is None else type(cond).__name__
+    raise ConfigError(f"SD3 teacher: the condition must be the pair (encoder_hidden_states (B, L, D), pooled_projections (B, P)), got {got} "
+                      "(unconditional: the empty prompt's pair)")
+
+
+class SD3TransformerAdapter(nn.Module):
+    """Wrap a diffusers ``SD3Transformer2DModel`` as ``f(z, timestep, cond) -> u``: z (B, C, h, w)
+    latents, timestep (B,) the transformer's time input sigma N (sigma = 1 - t), cond the pair
+    (encoder_hidden_states (B, L, D), pooled_projections (B, P)) (:func:`sd3_condition`); returns
+    the transformer's output u = noise - x0 (B, C, h, w), the ``"u"`` kind."""
+
+    def __init__(self, transformer: nn.Module) -> None:
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, z: Tensor, timestep: Tensor, cond: Any = None) -> Tensor:
+        hidden, pooled = sd3_condition(cond)
+        return self.transformer(hidden_states=z, timestep=timestep, encoder_hidden_states=hidden, pooled_projections=pooled).sample
+
+
+_TRANSFORMERS["SD3Transformer2DModel"] = SD3TransformerAdapter
+
+
 def unwrap_unet(net: nn.Module) -> nn.Module:
     """The diffusers model inside one of our adapters (or ``net`` itself)."""
+    if isinstance(net, SD3TransformerAdapter):
+        return net.transformer
     return net.unet if isinstance(net, (UNetAdapter, TextUNetAdapter)) else net
 
 
 def adapt_unet(unet: nn.Module) -> nn.Module:
     """The adapter for a diffusers UNet: :class:`TextUNetAdapter` for a ``UNet2DConditionModel``, else :class:`UNetAdapter`."""
     return TextUNetAdapter(unet) if type(unet).__name__ == "UNet2DConditionModel" else UNetAdapter(unet)
+
+
+def adapt_model(model: nn.Module) -> nn.Module:
+    """The adapter for a diffusers model: a transformer's (e.g. :class:`SD3TransformerAdapter`), else :func:`adapt_unet`'s."""
+    cls = _TRANSFORMERS.get(type(model).__name__)
+    return cls(model) if cls is not None else adapt_unet(model)
+
+
+def _subfolder(net: nn.Module) -> str:
+    """Where a diffusers model goes in a pipeline folder: ``transformer`` or ``unet``."""
+    return "transformer" if type(net).__name__ in _TRANSFORMERS else "unet"
 
 
 def load_diffusers_model(cls_name: str, folder: Path, *, dtype: torch.dtype = torch.float32, what: str = "model") -> nn.Module:
@@ -136,7 +221,9 @@ def load_diffusers_model(cls_name: str, folder: Path, *, dtype: torch.dtype = to
         weights = sorted(p for p in folder.glob("diffusion_pytorch_model*") if p.suffix in (".safetensors", ".bin"))
         file = weights[0] if weights else folder / "diffusion_pytorch_model.safetensors"
         raise CheckpointError(f"{file}: cannot load the diffusers {what} weights: missing, truncated or corrupt ({type(e).__name__})") from None
-    return model.to(dtype).eval()
+    if any(p.dtype != dtype for p in model.parameters()):  # a no-op .to() makes diffusers log about fp32 modules
+        model = model.to(dtype)
+    return model.eval()
 
 
 def _cosine_betas(n: int, max_beta: float = 0.999) -> Tensor:
@@ -147,9 +234,28 @@ def _cosine_betas(n: int, max_beta: float = 0.999) -> Tensor:
     return torch.tensor([min(1 - abar((i + 1) / n) / abar(i / n), max_beta) for i in range(n)], dtype=torch.float64)
 
 
-def schedule_from_config(cfg: dict[str, Any]) -> tuple[DDPMSchedule, str]:
-    """(DDPMSchedule, our parameterisation) from a diffusers scheduler config: the ONE place where a
-    diffusers scheduler becomes an affine path.
+def _flow_schedule_from_config(cfg: dict[str, Any]) -> tuple[DiscreteFlowMatchingSchedule, str]:
+    """The flow-matching half of :func:`schedule_from_config` (theory §6.10)."""
+    for key, value in cfg.items():
+        if key.startswith("_") or key in _FLOW_SCHEDULE_KEYS or key in _FLOW_SAMPLER_KEYS:
+            continue
+        if key not in _FLOW_MUST_BE:
+            raise ConfigError(f"diffusers scheduler: key {key!r} (= {value!r}) of {cfg.get('_class_name')} is not understood here; "
+                              "remove it if it only affects sampling")
+        if value not in _FLOW_MUST_BE[key]:
+            raise ConfigError(f"diffusers scheduler: {key}={value!r} is not supported ({_FLOW_WHY[key]})")
+    n, shift = cfg.get("num_train_timesteps", 1000), cfg.get("shift", 1.0)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"diffusers scheduler: num_train_timesteps must be an integer >= 1, got {n!r}")
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) or not shift > 0:
+        raise ConfigError(f"diffusers scheduler: shift must be a finite number > 0, got {shift!r}")
+    return DiscreteFlowMatchingSchedule(n, float(shift)), "u"
+
+
+def schedule_from_config(cfg: dict[str, Any], *, allow_flow: bool = False) -> tuple[DDPMSchedule | DiscreteFlowMatchingSchedule, str]:
+    """(schedule, our parameterisation) from a diffusers scheduler config: the ONE place where a
+    diffusers scheduler becomes an affine path.  The schedule's ``t_to_timestep`` is the network's
+    time input at rectflow time t.
 
     Accepted: the discrete beta schedulers (DDPM, DDIM, PNDM, Euler, Euler ancestral,
     DPM-Solver(++) multistep and single-step, LMS, Heun, UniPC, DEIS, KDPM2): ``beta_schedule``
@@ -159,11 +265,24 @@ def schedule_from_config(cfg: dict[str, Any]) -> tuple[DDPMSchedule, str]:
     Raises :class:`ConfigError` naming the key for anything else: another scheduler class, an unknown
     key, or a key that changes the model (``rescale_betas_zero_snr``, ``timestep_type``, flow sigmas,
     learned ``variance_type``, an unknown ``beta_schedule`` or ``prediction_type``).
+
+    With ``allow_flow=True`` (the transformer loaders; the SD 1.x / 2.x latent pipeline keeps the
+    default and refuses it) also ``FlowMatchEulerDiscreteScheduler`` (SD3; theory §6.10): the straight line
+    :class:`DiscreteFlowMatchingSchedule` (``num_train_timesteps`` N, time input sigma N) with kind
+    ``u`` (the network outputs noise - x0, i.e. dz/dsigma = -dz/dt).  The static ``shift`` is kept on
+    the schedule; it moves no coefficient, only ``sampling_grid``.  Refused, naming the key:
+    ``use_dynamic_shifting``, ``invert_sigmas``, ``shift_terminal``, Karras / exponential / beta
+    sigmas (each replaces the shifted grid), an unknown key, ``shift <= 0``.
     """
     cls = cfg.get("_class_name", "DDPMScheduler")
+    if cls in _FLOW_SCHEDULERS:
+        if not allow_flow:
+            raise ConfigError(f"diffusers scheduler {cls!r} is a flow-matching scheduler, read here only with a transformer teacher "
+                              "(an SD3-layout folder with transformer/, perflow.load_teacher)")
+        return _flow_schedule_from_config(cfg)
     if cls not in _AFFINE_SCHEDULERS:
         raise ConfigError(f"diffusers scheduler {cls!r} is not supported as an affine path; use a discrete beta scheduler config "
-                          f"({', '.join(sorted(_AFFINE_SCHEDULERS))})")
+                          f"({', '.join(sorted(_AFFINE_SCHEDULERS))}) or {', '.join(sorted(_FLOW_SCHEDULERS))}")
     for key, value in cfg.items():
         if key.startswith("_") or key in _SCHEDULE_KEYS or key in _SAMPLER_KEYS:
             continue
@@ -203,20 +322,50 @@ def _find(folder: Path, sub: str, name: str) -> Path | None:
     return None
 
 
-def load_teacher(folder: str | Path, *, dtype: torch.dtype = torch.float32) -> Teacher:
-    """A :class:`Teacher` from a local diffusers folder (UNet2DModel + DDPM/DDIM scheduler config)."""
+def _model_folder(folder: Path) -> tuple[str, Path]:
+    """("unet" | "transformer", the model's folder) of a diffusers folder; one line if it has neither or both."""
+    unet_cfg = _find(folder, "unet", "config.json")
+    tr_cfg = folder / "transformer" / "config.json"
+    if unet_cfg is None and not tr_cfg.is_file():
+        raise ConfigError(f"diffusers folder {str(folder)!r} has neither unet/config.json nor transformer/config.json")
+    if unet_cfg is not None and tr_cfg.is_file():
+        raise ConfigError(f"diffusers folder {str(folder)!r} holds both a UNet and transformer/; keep one")
+    return ("unet", unet_cfg.parent) if unet_cfg is not None else ("transformer", tr_cfg.parent)
+
+
+def _load_transformer(folder: Path, schedule: Any, dtype: torch.dtype) -> nn.Module:
+    """The adapter around ``folder``'s transformer; the schedule must be flow matching (theory §6.10)."""
+    cfg_path = folder / "config.json"
+    cls = load_json(cfg_path).get("_class_name")
+    if cls not in _TRANSFORMERS:
+        raise ConfigError(f"{cfg_path}: _class_name {cls!r} is not a supported transformer ({', '.join(sorted(_TRANSFORMERS))})")
+    if not isinstance(schedule, DiscreteFlowMatchingSchedule):
+        raise ConfigError(f"{cfg_path.parent}: a {cls} needs a flow-matching scheduler config ({', '.join(sorted(_FLOW_SCHEDULERS))}), "
+                          f"got the affine path {schedule!r}")
+    return _TRANSFORMERS[cls](load_diffusers_model(cls, folder, dtype=dtype, what="transformer"))
+
+
+def load_teacher(folder: str | Path, *, dtype: torch.dtype = torch.float32, guidance: Guidance | float | None = None,
+                 null_cond: Any = NULL_LABEL) -> Teacher:
+    """A :class:`Teacher` from a local diffusers folder: a ``UNet2DModel`` + DDPM-family scheduler config,
+    or an SD3-layout ``transformer/`` (``SD3Transformer2DModel``) + ``FlowMatchEulerDiscreteScheduler``
+    config (theory §6.10), a conditional teacher of kind ``u`` on the straight line whose condition is
+    the pair (encoder_hidden_states (B, L, D), pooled_projections (B, P)) (text encoders are not
+    loaded).  ``guidance`` / ``null_cond`` as for :class:`Teacher` (for SD3 the null condition is the
+    empty prompt's pair, (L, D) and (P,) or with a batch of 1)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"diffusers folder {str(folder)!r} does not exist (only local folders are read)")
     sched_path = _find(folder, "scheduler", "scheduler_config.json")
     if sched_path is None:
         raise ConfigError(f"diffusers folder {str(folder)!r} has no scheduler/scheduler_config.json")
-    unet_cfg = _find(folder, "unet", "config.json")
-    if unet_cfg is None:
-        raise ConfigError(f"diffusers folder {str(folder)!r} has no unet/config.json")
-    schedule, kind = schedule_from_config(load_json(sched_path))
-    unet = load_diffusers_model("UNet2DModel", unet_cfg.parent, dtype=dtype, what="UNet")
-    return Teacher(UNetAdapter(unet), schedule, kind, time_map=schedule.t_to_timestep)
+    part, model_folder = _model_folder(folder)
+    schedule, kind = schedule_from_config(load_json(sched_path), allow_flow=True)
+    if part == "transformer":
+        net = _load_transformer(model_folder, schedule, dtype)
+    else:
+        net = UNetAdapter(load_diffusers_model("UNet2DModel", model_folder, dtype=dtype, what="UNet"))
+    return Teacher(net, schedule, kind, time_map=schedule.t_to_timestep, guidance=guidance, null_cond=null_cond)
 
 
 def ddim_scheduler_config(teacher_cfg: dict[str, Any], boundaries: Tensor) -> dict[str, Any] | None:
@@ -233,79 +382,156 @@ def ddim_scheduler_config(teacher_cfg: dict[str, Any], boundaries: Tensor) -> di
     return keep
 
 
+def flow_match_scheduler_config(teacher_cfg: dict[str, Any], boundaries: Tensor) -> dict[str, Any] | None:
+    """A stock ``FlowMatchEulerDiscreteScheduler`` config whose K-step sampling equals our K-step sampler,
+    or None: exact when the K windows are the teacher scheduler's own K-step grid
+    (``DiscreteFlowMatchingSchedule.sampling_grid(K)``, to 1e-6, the scheduler's float32 rounding).
+    Why exact (theory §6.10): on the straight line the window path is the teacher's path, a
+    ``u`` output converts to the velocity -u at any t, and the stock step z + (sigma' - sigma) u is
+    our Euler step between the two window boundaries."""
+    schedule, _ = schedule_from_config(teacher_cfg, allow_flow=True)
+    if not isinstance(schedule, DiscreteFlowMatchingSchedule):
+        return None
+    b = validate_windows(boundaries)
+    grid = schedule.sampling_grid(b.numel() - 1)
+    if not torch.allclose(b.cpu(), grid, rtol=0, atol=1e-6):
+        return None
+    return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": schedule.num_steps, "shift": schedule.shift,
+            "use_dynamic_shifting": False, "invert_sigmas": False, "shift_terminal": None, "use_karras_sigmas": False,
+            "use_exponential_sigmas": False, "use_beta_sigmas": False, "stochastic_sampling": False}
+
+
+def stock_scheduler_config(teacher_cfg: dict[str, Any], boundaries: Tensor) -> tuple[str, dict[str, Any]] | None:
+    """(subfolder, config) of the stock diffusers scheduler that reproduces our K-step sampler exactly at
+    K steps, or None: ``scheduler_ddim`` (:func:`ddim_scheduler_config`) for a DDPM-family teacher,
+    ``scheduler_flowmatch`` (:func:`flow_match_scheduler_config`) for a flow-matching one."""
+    if cfg_is_flow(teacher_cfg):
+        cfg = flow_match_scheduler_config(teacher_cfg, boundaries)
+        return None if cfg is None else ("scheduler_flowmatch", cfg)
+    cfg = ddim_scheduler_config(teacher_cfg, boundaries)
+    return None if cfg is None else ("scheduler_ddim", cfg)
+
+
+def cfg_is_flow(cfg: dict[str, Any]) -> bool:
+    """Whether a diffusers scheduler config is a flow-matching one (theory §6.10)."""
+    return cfg.get("_class_name") in _FLOW_SCHEDULERS
+
+
 def perflow_scheduler_config(student: PeRFlowStudent, teacher_cfg: dict[str, Any]) -> dict[str, Any]:
     """The :class:`~rectflow.perflow.diffusers_scheduler.PeRFlowScheduler` config of a student (its window knots)."""
     knots = student.window_path
-    return {"_class_name": "PeRFlowScheduler", "windows": [float(v) for v in knots.boundaries], "alphas": [float(v) for v in knots.a_knots],
-            "sigmas": [float(v) for v in knots.b_knots], "num_train_timesteps": int(teacher_cfg.get("num_train_timesteps", 1000)),
-            "prediction_type": teacher_cfg.get("prediction_type", "epsilon")}
+    cfg = {"_class_name": "PeRFlowScheduler", "windows": [float(v) for v in knots.boundaries], "alphas": [float(v) for v in knots.a_knots],
+           "sigmas": [float(v) for v in knots.b_knots], "num_train_timesteps": int(teacher_cfg.get("num_train_timesteps", 1000)),
+           "prediction_type": teacher_cfg.get("prediction_type", "epsilon")}
+    if cfg_is_flow(teacher_cfg):  # the network outputs u = noise - x0 and reads sigma N (theory §6.10)
+        cfg.update(prediction_type="flow_prediction", time_input="sigma")
+    return cfg
 
 
 def write_student_parts(student: PeRFlowStudent, folder: Path, teacher_cfg: dict[str, Any], *, stock_scheduler: bool = False,
                         extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write the student's ``unet/``, its schedulers and ``perflow.json`` into ``folder``; returns perflow.json's content.
+    """Write the student's ``unet/`` (or ``transformer/``), its schedulers and ``perflow.json`` into ``folder``;
+    returns perflow.json's content.
 
-    ``scheduler/`` is the :class:`PeRFlowScheduler` (any steps >= K) and ``scheduler_ddim/`` the stock
-    DDIM config when it is exact; with ``stock_scheduler=True`` (exact DDIM required) the two swap:
-    ``scheduler/`` is the stock DDIM and ``scheduler_perflow/`` ours.
+    ``scheduler/`` is the :class:`PeRFlowScheduler` (any steps >= K) and the stock scheduler that is
+    exact at K steps, when there is one (:func:`stock_scheduler_config`: ``scheduler_ddim/`` or
+    ``scheduler_flowmatch/``), beside it; with ``stock_scheduler=True`` (an exact stock scheduler
+    required) the two swap: ``scheduler/`` is the stock one and ``scheduler_perflow/`` ours.
     """
     net = unwrap_unet(student.net)
     if not hasattr(net, "save_pretrained"):
         raise ConfigError("perflow export: the student's network is not a diffusers model")
-    ddim_cfg = ddim_scheduler_config(teacher_cfg, student.boundaries)
-    if stock_scheduler and ddim_cfg is None:
-        raise ConfigError("perflow export: stock_scheduler=True needs windows uniform in t with K dividing num_train_timesteps "
-                          "(no stock scheduler reproduces these windows); export with PeRFlowScheduler instead")
+    stock = stock_scheduler_config(teacher_cfg, student.boundaries)
+    if stock_scheduler and stock is None:
+        need = ("windows on the teacher scheduler's own K-step shifted grid (DiscreteFlowMatchingSchedule.sampling_grid(K))"
+                if cfg_is_flow(teacher_cfg) else "windows uniform in t with K dividing num_train_timesteps")
+        raise ConfigError(f"perflow export: stock_scheduler=True needs {need} (no stock scheduler reproduces these windows); "
+                          "export with PeRFlowScheduler instead")
     make_dirs(folder)
-    net.save_pretrained(str(folder / "unet"))
+    part = _subfolder(net)
+    net.save_pretrained(str(folder / part))
     ours = perflow_scheduler_config(student, teacher_cfg)
+    stock_name = stock[1]["_class_name"] if stock is not None else None
     if stock_scheduler:
-        save_json(folder / "scheduler" / "scheduler_config.json", ddim_cfg)
+        save_json(folder / "scheduler" / "scheduler_config.json", stock[1])
         save_json(folder / "scheduler_perflow" / "scheduler_config.json", ours)
-        where = ("scheduler/: a stock DDIMScheduler, exact at K steps only; scheduler_perflow/: PeRFlowScheduler "
+        where = (f"scheduler/: a stock {stock_name}, exact at K steps only; scheduler_perflow/: PeRFlowScheduler "
                  "(import rectflow.perflow.diffusers_scheduler), any steps >= K")
     else:
-        if ddim_cfg is not None:
-            save_json(folder / "scheduler_ddim" / "scheduler_config.json", ddim_cfg)
+        if stock is not None:
+            save_json(folder / stock[0] / "scheduler_config.json", stock[1])
         save_json(folder / "scheduler" / "scheduler_config.json", ours)
+        stock_dir = "scheduler_flowmatch/" if cfg_is_flow(teacher_cfg) else "scheduler_ddim/"
+        stock_cls = "FlowMatchEulerDiscreteScheduler" if cfg_is_flow(teacher_cfg) else "DDIMScheduler"
         where = ("scheduler/: PeRFlowScheduler (import rectflow.perflow.diffusers_scheduler), any steps >= K; "
-                 "scheduler_ddim/ (when present): a stock DDIMScheduler, exact at K steps only")
+                 f"{stock_dir} (when present): a stock {stock_cls}, exact at K steps only")
+    sampler = ("one Euler step per window on the straight line (== the stock flow-matching Euler step between window boundaries)"
+               if cfg_is_flow(teacher_cfg) else "one Euler step per window on the window path (== DDIM between window boundaries)")
     meta = {"format": "rectflow.perflow", "windows": [float(v) for v in student.boundaries],
             "parameterization": student.parameterization, "teacher_scheduler": teacher_cfg,
-            "stock_scheduler_exact": ddim_cfg is not None, "scheduler": where,
-            "sampler": "one Euler step per window on the window path (== DDIM between window boundaries)", **(extra or {})}
+            "stock_scheduler_exact": stock is not None, "scheduler": where, "model": part, "sampler": sampler, **(extra or {})}
     save_json(folder / "perflow.json", meta)
     return meta
 
 
-def export_student(student: PeRFlowStudent, folder: str | Path, teacher_folder: str | Path) -> Path:
-    """Write ``unet/`` + ``perflow.json`` + ``scheduler/scheduler_config.json`` (our :class:`PeRFlowScheduler`)
-    (+ ``scheduler_ddim/scheduler_config.json`` when a stock DDIMScheduler reproduces the K-step sampler
-    exactly; ``perflow.json["stock_scheduler_exact"]`` says which).  A complete text-to-image pipeline
-    folder: :func:`rectflow.perflow.latent.export_pipeline`."""
+def _write_transformer_pipeline_index(folder: Path, teacher_folder: Path, *, stock_scheduler: bool, stock_class: str | None) -> None:
+    """Copy the teacher's other pipeline parts (VAE, text encoders, tokenizers: whatever it has) byte for byte
+    and write ``model_index.json`` naming the student's transformer and scheduler; absent parts are
+    ``[null, null]`` (load those with ``StableDiffusion3Pipeline.from_pretrained(folder, text_encoder=None, ...)``)."""
+    index = load_json(teacher_folder / "model_index.json")
+    new_index = {k: v for k, v in index.items() if k.startswith("_")}
+    for key, value in index.items():
+        if key.startswith("_") or key in ("transformer", "scheduler"):
+            continue
+        present = isinstance(value, list) and len(value) == 2 and value[0] is not None and (teacher_folder / key).is_dir()
+        if present:
+            shutil.copytree(teacher_folder / key, folder / key, dirs_exist_ok=True)
+        new_index[key] = value if present else [None, None]
+    new_index["transformer"] = index.get("transformer", ["diffusers", "SD3Transformer2DModel"])
+    new_index["scheduler"] = ["diffusers", stock_class] if stock_scheduler else _PERFLOW_ENTRY
+    save_json(folder / "model_index.json", new_index)
+
+
+def export_student(student: PeRFlowStudent, folder: str | Path, teacher_folder: str | Path, *, stock_scheduler: bool = False) -> Path:
+    """Write ``unet/`` (or ``transformer/``) + ``perflow.json`` + ``scheduler/scheduler_config.json`` (our
+    :class:`PeRFlowScheduler`) (+ ``scheduler_ddim/`` or ``scheduler_flowmatch/`` when a stock scheduler
+    reproduces the K-step sampler exactly; ``perflow.json["stock_scheduler_exact"]`` says which;
+    ``stock_scheduler=True`` puts that stock one in ``scheduler/``).  A transformer student of a teacher
+    folder with ``model_index.json`` (SD3 layout) also gets the teacher's other parts copied and a
+    ``model_index.json``, so ``StableDiffusion3Pipeline.from_pretrained`` loads it (absent text encoders
+    passed as None).  A complete text-to-image UNet pipeline folder: :func:`rectflow.perflow.latent.export_pipeline`."""
     folder, teacher_folder = Path(folder), Path(teacher_folder)
     sched_path = _find(teacher_folder, "scheduler", "scheduler_config.json")
     if sched_path is None:
         raise ConfigError(f"diffusers folder {str(teacher_folder)!r} has no scheduler/scheduler_config.json")
-    write_student_parts(student, folder, load_json(sched_path))
+    teacher_cfg = load_json(sched_path)
+    meta = write_student_parts(student, folder, teacher_cfg, stock_scheduler=stock_scheduler)
+    if meta["model"] == "transformer" and (teacher_folder / "model_index.json").is_file():
+        stock = stock_scheduler_config(teacher_cfg, student.boundaries)
+        _write_transformer_pipeline_index(folder, teacher_folder, stock_scheduler=stock_scheduler, stock_class=stock[1]["_class_name"] if stock else None)
     return folder
 
 
 def load_student(folder: str | Path, *, dtype: torch.dtype = torch.float32) -> PeRFlowStudent:
     """Our loader for an :func:`export_student` or :func:`~rectflow.perflow.latent.export_pipeline` folder
     (whether or not a stock scheduler is exact): the student on its windows, with the teacher's
-    schedule and parameterisation (a ``UNet2DConditionModel`` gets :class:`TextUNetAdapter`)."""
+    schedule and parameterisation (a ``UNet2DConditionModel`` gets :class:`TextUNetAdapter`, an
+    ``SD3Transformer2DModel`` :class:`SD3TransformerAdapter`)."""
     folder = Path(folder)
     meta_path = folder / "perflow.json"
     if not meta_path.is_file():
         raise ConfigError(f"{str(folder)!r} has no perflow.json (not a PeRFlow export)")
-    if not (folder / "unet" / "config.json").is_file():
-        raise ConfigError(f"{str(folder)!r} has no unet/config.json")
+    has_unet, has_tr = (folder / "unet" / "config.json").is_file(), (folder / "transformer" / "config.json").is_file()
+    if not has_unet and not has_tr:
+        raise ConfigError(f"{str(folder)!r} has neither unet/config.json nor transformer/config.json")
     meta = load_json(meta_path)
-    schedule, kind = schedule_from_config(meta["teacher_scheduler"])
+    schedule, kind = schedule_from_config(meta["teacher_scheduler"], allow_flow=True)
+    windows = torch.tensor(meta["windows"], dtype=torch.float64)
+    if meta.get("model") == "transformer" or not has_unet:
+        net = _load_transformer(folder / "transformer", schedule, dtype)
+        return PeRFlowStudent(net, schedule, windows, kind, time_map=schedule.t_to_timestep)
     cls = load_json(folder / "unet" / "config.json").get("_class_name", "UNet2DModel")
     if cls not in ("UNet2DModel", "UNet2DConditionModel"):
         raise ConfigError(f"{folder / 'unet' / 'config.json'}: _class_name {cls!r} is not a UNet2DModel or UNet2DConditionModel")
     unet = load_diffusers_model(cls, folder / "unet", dtype=dtype, what="UNet")
-    return PeRFlowStudent(adapt_unet(unet), schedule, torch.tensor(meta["windows"], dtype=torch.float64), kind,
-                          time_map=schedule.t_to_timestep)
+    return PeRFlowStudent(adapt_unet(unet), schedule, windows, kind, time_map=schedule.t_to_timestep)

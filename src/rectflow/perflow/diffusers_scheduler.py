@@ -8,6 +8,11 @@ parameterisation) converted to a velocity there.  Unlike a stock DDIM config it 
 first ``n mod K`` windows get one more), and fewer than K steps are refused.  ``step`` finds its
 place from the timestep itself, so it keeps no step counter.
 
+A flow-matching teacher (SD3, theory §6.10) gives ``prediction_type="flow_prediction"`` (the
+network outputs u = noise - x0, our ``"u"``) and ``time_input="sigma"`` (it reads sigma N, sigma =
+1 - t, as diffusers' ``FlowMatchEulerDiscreteScheduler`` passes it); the step is then the stock
+flow-matching Euler step z + (sigma' - sigma) u between grid points.
+
     from rectflow.perflow.diffusers_scheduler import PeRFlowScheduler   # the one extra import
     scheduler = PeRFlowScheduler.from_pretrained("student/scheduler")
 """
@@ -27,7 +32,9 @@ from rectflow.perflow.windows import WindowPath, window_index
 
 __all__ = ["PeRFlowScheduler", "step_grid"]
 
-_KINDS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+_KINDS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "u"}
+# The network's time input at rectflow time t: DDPM's step index N (1 - t) - 1, or flow matching's sigma N.
+_TIME_INPUTS = {"step_index": -1.0, "sigma": 0.0}
 
 
 def step_grid(boundaries: Tensor, n: int) -> Tensor:
@@ -46,8 +53,11 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
     Args (stored in ``scheduler_config.json``):
         windows: the K + 1 window boundaries in rectflow time (0 = noise, 1 = data).
         alphas, sigmas: the teacher's a(t_k), b(t_k) at the boundaries.
-        num_train_timesteps: N of the teacher; the UNet sees timestep N (1 - t) - 1.
-        prediction_type: the network's output, ``epsilon`` / ``v_prediction`` / ``sample``.
+        num_train_timesteps: N of the teacher.
+        prediction_type: the network's output, ``epsilon`` / ``v_prediction`` / ``sample`` /
+            ``flow_prediction`` (u = noise - x0, a flow-matching transformer's).
+        time_input: ``step_index`` (the UNet sees timestep N (1 - t) - 1) or ``sigma`` (a flow-matching
+            network sees sigma N = N (1 - t)).
     """
 
     config_name = "scheduler_config.json"
@@ -55,9 +65,11 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, windows: list[float], alphas: list[float], sigmas: list[float], num_train_timesteps: int = 1000,
-                 prediction_type: str = "epsilon") -> None:
+                 prediction_type: str = "epsilon", time_input: str = "step_index") -> None:
         if prediction_type not in _KINDS:
             raise ConfigError(f"PeRFlowScheduler: prediction_type must be one of {sorted(_KINDS)}, got {prediction_type!r}")
+        if time_input not in _TIME_INPUTS:
+            raise ConfigError(f"PeRFlowScheduler: time_input must be one of {sorted(_TIME_INPUTS)}, got {time_input!r}")
         self.path = WindowPath.from_knots(windows, alphas, sigmas)
         self.kind = _KINDS[prediction_type]
         self.init_noise_sigma = 1.0
@@ -67,7 +79,8 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         self.grid = step_grid(self.path.boundaries, int(num_inference_steps))
         self.num_inference_steps = int(num_inference_steps)
         n = self.config.num_train_timesteps
-        self.timesteps = ((1 - self.grid[:-1]) * n - 1).to(device=device)  # the teacher's continuous timestep of each step's start
+        offset = _TIME_INPUTS[self.config.time_input]
+        self.timesteps = ((1 - self.grid[:-1]) * n + offset).to(device=device)  # the teacher's continuous time input at each step's start
 
     def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
         return sample
