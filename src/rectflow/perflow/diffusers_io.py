@@ -65,6 +65,7 @@ __all__ = [
     "perflow_scheduler_config",
     "schedule_from_config",
     "sd3_condition",
+    "step_grid",
     "stock_scheduler_config",
     "unwrap_unet",
     "write_student_parts",
@@ -206,6 +207,16 @@ def adapt_model(model: nn.Module) -> nn.Module:
 def _subfolder(net: nn.Module) -> str:
     """Where a diffusers model goes in a pipeline folder: ``transformer`` or ``unet``."""
     return "transformer" if type(net).__name__ in _TRANSFORMERS else "unet"
+
+
+def step_grid(boundaries: Tensor, n: int) -> Tensor:
+    """n Euler steps over K windows (n >= K): window k gets n // K steps, plus one for k < n mod K (float64, n + 1 times)."""
+    k = boundaries.numel() - 1
+    if n < k:
+        raise ConfigError(f"perflow: {n} inference steps are fewer than the {k} windows; use at least {k}")
+    per = [n // k + (1 if i < n % k else 0) for i in range(k)]
+    parts = [boundaries[i] + (boundaries[i + 1] - boundaries[i]) * torch.arange(m, dtype=torch.float64) / m for i, m in enumerate(per)]
+    return torch.cat([*parts, boundaries[-1:].double()])
 
 
 def load_diffusers_model(cls_name: str, folder: Path, *, dtype: torch.dtype = torch.float32, what: str = "model") -> nn.Module:

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from rectflow.diffusion.parameterizations import convert
 from rectflow.errors import ConfigError
+from rectflow.perflow.diffusers_io import step_grid  # re-exported: defined where no diffusers import is needed
 from rectflow.perflow.windows import WindowPath, window_index
 
 __all__ = ["PeRFlowScheduler", "step_grid"]
@@ -35,16 +36,6 @@ __all__ = ["PeRFlowScheduler", "step_grid"]
 _KINDS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "u"}
 # The network's time input at rectflow time t: DDPM's step index N (1 - t) - 1, or flow matching's sigma N.
 _TIME_INPUTS = {"step_index": -1.0, "sigma": 0.0}
-
-
-def step_grid(boundaries: Tensor, n: int) -> Tensor:
-    """n Euler steps over K windows (n >= K): window k gets n // K steps, plus one for k < n mod K (float64, n + 1 times)."""
-    k = boundaries.numel() - 1
-    if n < k:
-        raise ConfigError(f"perflow: {n} inference steps are fewer than the {k} windows; use at least {k}")
-    per = [n // k + (1 if i < n % k else 0) for i in range(k)]
-    parts = [boundaries[i] + (boundaries[i + 1] - boundaries[i]) * torch.arange(m, dtype=torch.float64) / m for i, m in enumerate(per)]
-    return torch.cat([*parts, boundaries[-1:].double()])
 
 
 class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
