@@ -411,3 +411,24 @@ def test_cli_sample_of_an_exported_pipeline(pipeline_job, tmp_path, capsys):
     assert main(["sample", str(pipeline_job / "diffusers"), "--prompt", "an owl", "--steps", "1", "--out", str(tmp_path / "s3")]) == 2
     err = capsys.readouterr().err
     assert "--steps" in err and "2 windows" in err and not (tmp_path / "s3").exists()
+
+
+def test_pipeline_job_with_guidance_in_either_mode(sd_folder, captions, tmp_path, capsys):
+    """Mode "teacher": the window solve is guided against the empty prompt (2 NFE per step); mode "student":
+    caption dropout, and the export records the student's scale, the default of `rectflow sample`."""
+    a = train_perflow(sd_folder, tmp_path / "a", settings=PeRFlowSettings(windows=2, solver_steps=2, guidance=3.0), train=_latent_train(1),
+                      data=captions, lora_rank=0, prompts=["an owl"], samples_per_prompt=1)
+    rec = json.loads((a / "perflow.json").read_text())
+    assert rec["teacher_nfe_per_example"] == 4 and rec["teacher_nfe_this_session"] == 1 * 2 * 4
+    assert json.loads((a / "diffusers" / "perflow.json").read_text())["guidance_scale"] == 1.0 and load_perflow(a).guidance == 1.0
+    s = PeRFlowSettings(windows=2, solver_steps=1, guidance=2.0, p_uncond=0.5, guidance_mode="student")
+    b = train_perflow(sd_folder, tmp_path / "b", settings=s, train=_latent_train(1), data=captions, lora_rank=0, prompts=["an owl"], samples_per_prompt=1)
+    rec = json.loads((b / "perflow.json").read_text())
+    assert rec["teacher_nfe_per_example"] == 1 and rec["settings"]["p_uncond"] == 0.5
+    assert json.loads((b / "diffusers" / "perflow.json").read_text())["guidance_scale"] == 2.0
+    job = load_perflow(b)
+    assert job.guidance == 2.0
+    assert not torch.allclose(job.sample(1, prompts=["an owl"]), job.sample(1, prompts=["an owl"], guidance=1.0), atol=1e-5)
+    assert main(["sample", str(b), "--prompt", "an owl", "--out", str(tmp_path / "s")]) == 0
+    meta = json.loads((tmp_path / "s" / "samples.json").read_text())
+    assert meta["guidance"] == 2.0 and meta["nfe"] == 4 and "NFE 4" in capsys.readouterr().out

@@ -87,7 +87,7 @@ class PeRFlowSettings:
     loss_space: str = "x0"  # native (the teacher's output kind on the window path) | velocity | x0 | eps | v
     start_fraction: float = 0.8  # share of training points at window starts (0 = the paper's uniform t), see PeRFlowObjective
     # (defaults: the best of benchmarks/results/perflow_study.md)
-    # Class-conditional teachers only (theory §5.5); recorded for them, left out of unconditional jobs' records:
+    # Conditional teachers only (class labels, or text for a pipeline; theory §5.5); recorded for them, left out of unconditional jobs' records:
     guidance: float = 1.0  # classifier-free guidance scale w
     p_uncond: float = 0.0  # condition dropout of the student's training (keeps its unconditional branch for CFG)
     guidance_mode: str = "teacher"  # teacher: w in the teacher's window solve, student sampled at w = 1 (K NFE) | student: teacher at w = 1, student sampled with CFG at w (2K NFE)
@@ -259,7 +259,7 @@ def train_perflow(
     """Train (or resume) a PeRFlow student of the teacher at ``teacher_path`` into ``out``.
 
     Args:
-        settings: windows, spacing, window solver steps, and for a class-conditional teacher the
+        settings: windows, spacing, window solver steps, and for a conditional (class or text) teacher the
             guidance scale, condition dropout and guidance mode (:class:`PeRFlowSettings`).
         train: the Trainer settings (steps, batch, lr, EMA, device, seed...); default
             :func:`default_train_config`.
