@@ -176,6 +176,23 @@ def test_teacher_euler_on_the_shifted_grid_is_the_stock_scheduler_loop(sd3, k):
     torch.testing.assert_close(as_ddim.x, stock, rtol=0, atol=1e-4)
 
 
+def test_guided_teacher_on_the_shifted_grid_is_the_stock_pipeline_with_cfg(sd3):
+    """load_teacher(guidance=w, null_cond=the empty prompt's pair): CFG in the transformer's output space, as the stock pipeline does it."""
+    hidden0, pooled0 = _cond(1, seed=9)
+    null = (hidden0[0], pooled0[0])  # one example's shapes (L, D) and (P,), broadcast over the batch
+    teacher = load_teacher(sd3, guidance=4.0, null_cond=null)
+    cond, x = _cond(), _noise()
+    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(str(sd3), **NO_TEXT)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ours = euler(lambda z, t: teacher.velocity(z, t, cond), x, teacher.path.sampling_grid(3))
+        piped = pipe(prompt_embeds=cond[0], pooled_prompt_embeds=cond[1], negative_prompt_embeds=hidden0.expand(2, L, D),
+                     negative_pooled_prompt_embeds=pooled0.expand(2, P), latents=x, num_inference_steps=3, guidance_scale=4.0,
+                     output_type="latent", height=16, width=16).images
+    assert teacher.nfe_per_eval == 2
+    torch.testing.assert_close(ours.x, piped, rtol=0, atol=1e-4)
+
+
 def test_fresh_student_on_the_shifted_windows_is_the_teachers_k_step_sampler(sd3):
     teacher = load_teacher(sd3)
     cond, x = _cond(), _noise()
