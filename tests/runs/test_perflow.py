@@ -389,6 +389,12 @@ def test_pipeline_job_refuses_bad_input(pipeline_job, sd_folder, captions, image
     assert not (tmp_path / "b").exists()  # refused before anything is written
     with pytest.raises(ConfigError, match="lora_rank"):
         train_perflow(sd_folder, tmp_path / "c", train=train, data=captions, lora_rank=-1)
+    sd3 = tmp_path / "sd3"
+    for part in ("transformer", "text_encoder", "vae", "scheduler"):
+        (sd3 / part).mkdir(parents=True)
+    (sd3 / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
+    with pytest.raises(ConfigError, match="SD3 layout"):
+        train_perflow(sd3, tmp_path / "f", train=train, data=captions)
     with pytest.raises(ConfigError, match="text-to-image pipeline"):
         train_perflow(image_run, tmp_path / "d", train=_train(1), prompts=["a cat"])
     with pytest.raises(ConfigError, match="text-to-image pipeline"):

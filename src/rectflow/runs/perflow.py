@@ -48,7 +48,7 @@ from rectflow.flow.paths import LinearPath
 from rectflow.flow.solvers import euler
 from rectflow.images.sampling import save_image_grid
 from rectflow.perflow.delta import save_delta
-from rectflow.perflow.diffusers_io import export_student, load_teacher, unwrap_unet
+from rectflow.perflow.diffusers_io import export_student, load_teacher, step_grid, unwrap_unet
 from rectflow.perflow.guidance import LabelledData, as_guidance, guidance_plan
 from rectflow.perflow.latent import LatentPipeline, export_pipeline, load_pipeline
 from rectflow.perflow.latent_cache import LatentCacheData, build_latent_cache, read_captions
@@ -203,6 +203,9 @@ def _load_teacher(path: str | Path, device: str) -> tuple[Teacher, Any | None, d
     if not p.is_dir():
         raise ConfigError(f"perflow teacher {str(p)!r}: no such directory (a rectflow run or a local diffusers folder)")
     if is_latent_pipeline(p):
+        if (p / "transformer").is_dir():
+            raise ConfigError(f"{p}: a flow-matching transformer pipeline (SD3 layout) is not a teacher of the PeRFlow job yet (it takes "
+                              "precomputed text conditions, no caption cache); train it from Python with perflow.load_teacher and PeRFlowObjective")
         pipe = load_pipeline(p, device=resolve_device(device))
         desc = {"kind": PIPELINE_JOB_KIND, "path": str(p.resolve()), "parameterization": pipe.parameterization, "condition": "text"}
         return pipe.teacher, None, desc, pipe
@@ -423,12 +426,7 @@ def sample_pipeline_latents(student: PeRFlowStudent, pipe: LatentPipeline, promp
     prompts = list(prompts)
     if len(prompts) != noise.shape[0]:
         raise ConfigError(f"perflow: give one prompt per sample ({noise.shape[0]}), got {len(prompts)}")
-    if steps is None:
-        grid = window_grid(student.boundaries)
-    else:
-        from rectflow.perflow.diffusers_scheduler import step_grid  # imports diffusers: pipelines only
-
-        grid = step_grid(student.boundaries, int(steps))
+    grid = window_grid(student.boundaries) if steps is None else step_grid(student.boundaries, int(steps))
     dev = next(student.parameters()).device
     cond = pipe.encode_text(prompts).to(dev)
     g = as_guidance(guidance, pipe.null_embedding().to(dev)) if guidance != 1.0 else None
