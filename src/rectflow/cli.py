@@ -58,7 +58,7 @@ __all__ = ["build_parser", "main"]
 
 
 def _add_sample_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--solver", default="euler", help="euler | midpoint | heun | rk4 | dopri5 | dpm++2m | edm (default: %(default)s)")
+    p.add_argument("--solver", default="euler", help="euler | midpoint | heun | rk4 | dopri5 | dpm++2m | dpm++3m | edm (default: %(default)s)")
     p.add_argument("--steps", "--nfe", dest="steps", type=int, help="steps of a fixed-step solver; Euler NFE = steps (default: what the run was trained for: 1 for a distilled one-step map, else 100; an exported PeRFlow pipeline: its K windows, any steps >= K)")
     p.add_argument("--rtol", type=float, default=1e-5, help="dopri5 relative tolerance (default: %(default)s)")
     p.add_argument("--atol", type=float, default=1e-5, help="dopri5 absolute tolerance (default: %(default)s)")

@@ -253,7 +253,7 @@ def test_train_eps_on_vp_cosine_sample_with_flow_euler_and_ddim():
     wrapper) and through DDIM with the same result (theory §6, issue item 5)."""
     path = VPCosineSchedule()
     torch.manual_seed(0)
-    net = MLPVelocity(2, width=64, depth=2)
+    net = MLPVelocity(2, width=64, depth=2, time_scale=1000.0)  # the diffusion models' time features, as this check was tuned with
     obj = DiffusionObjective(IndependentCoupling(Gaussian(2), make_distribution("moons")), path, "eps")
     cfg = TrainConfig(steps=400, batch_size=256, lr=2e-3, ema_decay=0.0, progress=False, device="cpu", seed=1)
     model = Trainer(net, obj, cfg).fit().eval_model.double()

@@ -45,13 +45,15 @@ def test_diffusion_samplers_on_a_velocity_model_reach_the_exact_flow_map():
     dpm, nfe = err("dpm++2m:10")
     euler = float((sample_model(model, x0, method="euler", steps=10).x - exact).abs().max())
     assert nfe == 10 and dpm < 0.5 * euler, (dpm, euler)  # more accurate than Euler at the same NFE
+    dpm3, nfe3 = err("dpm++3m:10")
+    assert nfe3 == 10 and dpm3 < euler, (dpm3, euler)  # from pure noise on uniform t: the first steps stay low order
     (e12, n12), (e24, n24) = err("edm:12"), err("edm:24")
     assert (n12, n24) == (23, 47) and e12 / e24 > 3  # second order on Karras sigmas
     assert e24 < 0.1  # EDM starts at sigma = 80 and drops the data's 1/81 share of the state there
 
 
 def test_solver_specs_are_checked_with_the_diffusion_names_in_the_message():
-    assert check_solver("dpm++2m:4") == ("dpm++2m", 4) and check_solver("euler:3") == ("euler", 3) and check_solver("dopri5") == ("dopri5", None)
+    assert check_solver("dpm++3m:4") == ("dpm++3m", 4) and check_solver("dpm++2m:4") == ("dpm++2m", 4) and check_solver("euler:3") == ("euler", 3) and check_solver("dopri5") == ("dopri5", None)
     for bad, msg in [("dpm++2m", "integer"), ("edm:1", "at least 2"), ("magic:3", "dpm\\+\\+2m")]:
         with pytest.raises(ConfigError, match=msg):
             check_solver(bad)

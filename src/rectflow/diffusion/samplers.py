@@ -17,8 +17,8 @@ the trajectory.  Stochastic samplers draw all their noise from the explicit ``ge
   re-noising back; churn = 0 is DDIM, churn = 1 is DDPM (theory §6).
 * :func:`flow_sde`: Euler-Maruyama on dZ = [v + e(t) score] dt + sqrt(2 e(t)) dW, the score coming from
   the velocity (Gaussian source), with a noise-level schedule e(t) >= 0; e = 0 is the flow ODE.
-* :func:`dpm_solver_pp_2m`: DPM-Solver++(2M), the second-order multistep data-prediction solver, one
-  model call per step (theory §6.9).
+* :func:`dpm_solver_pp_2m`, :func:`dpm_solver_pp_3m`: DPM-Solver++(2M) / (3M), the multistep
+  data-prediction solvers, one model call per step (theory §6.9).
 * :func:`edm_heun`: EDM's Heun sampler in sigma = b / a with its optional stochastic churn; use it on
   Karras sigmas (:func:`~rectflow.diffusion.schedules.karras_sigmas` + ``times_from_sigmas``); NFE = 2 N - 1.
 """
@@ -51,6 +51,7 @@ __all__ = [
     "natural_noise_level",
     "sigma_noise_level",
     "dpm_solver_pp_2m",
+    "dpm_solver_pp_3m",
     "edm_heun",
 ]
 
@@ -250,21 +251,60 @@ def dpm_solver_pp_2m(model: Model, x: Tensor, grid, *, path: AffinePath, paramet
     on the last step into b = 0 and wherever a step size is infinite (then the step is DDIM), and
     otherwise D_i = (1 + 1 / (2 r)) x-hat_{i-1} - 1 / (2 r) x-hat_{i-2} with r = h_{i-1} / h_i.
     """
-    g = check_grid(grid, name="dpm_solver_pp_2m: the time grid", increasing=True, unit_interval=True)
+    return _dpm_solver_pp(model, x, grid, path, parameterization, 2, return_trajectory)
+
+
+def dpm_solver_pp_3m(model: Model, x: Tensor, grid, *, path: AffinePath, parameterization: str = "velocity",
+                     return_trajectory: bool = False) -> SolveResult:
+    """DPM-Solver++(3M) along an increasing ``grid`` (theory §6.9).  NFE = steps.
+
+    The exact integral of the data prediction over one step, with x-hat(lambda) replaced by the
+    quadratic through the last three predictions (in lambda):
+    z_i = (b_i / b_{i-1}) z_{i-1} + a_i [phi_1 x-hat + phi_2 x-hat' + phi_3 x-hat''],
+    phi_1 = 1 - e^{-h}, phi_2 = h - 1 + e^{-h}, phi_3 = h^2 / 2 - h + 1 - e^{-h}.  The second step
+    uses the line through two predictions, the first step, the last step into b = 0 and steps of
+    infinite size are DDIM.
+    """
+    return _dpm_solver_pp(model, x, grid, path, parameterization, 3, return_trajectory)
+
+
+def _dpm_solver_pp(model: Model, x: Tensor, grid, path: AffinePath, parameterization: str, order: int,
+                   return_trajectory: bool) -> SolveResult:
+    """The multistep loop of DPM-Solver++(2M) and (3M): the step of ``order`` from the last predictions."""
+    name = f"dpm_solver_pp_{order}m"
+    g = check_grid(grid, name=f"{name}: the time grid", increasing=True, unit_interval=True)
     traj = [x] if return_trajectory else None
-    prev_x0, prev_h = None, None
+    preds: list[Tensor] = []  # the last x-hats, newest first, at half log-SNRs lams
+    lams: list[float] = []
     for t, t_next in zip(g, g[1:]):
         x0, _ = predict_x0_eps(model, x, t, path, parameterization)
         a, b, _, _ = _coef(path, t)
         a_n, b_n, _, _ = _coef(path, t_next)
-        h = 0.5 * (_lam(path, t_next) - _lam(path, t))  # half log-SNR step (inf from pure noise or into data)
-        d = x0
-        if prev_x0 is not None and math.isfinite(h) and prev_h is not None and math.isfinite(prev_h) and b_n > 0:
-            r = prev_h / h
-            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
+        lam = 0.5 * _lam(path, t)
+        h = 0.5 * _lam(path, t_next) - lam  # half log-SNR step (inf from pure noise or into data)
+        preds, lams = [x0, *preds[: order - 1]], [lam, *lams[: order - 1]]
+        k = 1  # the order of this step: as many past predictions as have finite log-SNRs, up to order
+        if math.isfinite(h) and b_n > 0:
+            while k < len(lams) and math.isfinite(lams[k]) and math.isfinite(lams[k - 1]):
+                k += 1
+        steps = [lams[j] - lams[j + 1] for j in range(k - 1)]
+        usable = preds
         decay = (a * b_n) / (a_n * b) if a > 0 and b > 0 else 0.0  # e^{-h}, finite at both ends
+        if k == 1:
+            d = x0
+        elif order == 2:
+            r = steps[0] / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * usable[1]
+        else:
+            d1_0 = (usable[0] - usable[1]) / steps[0]
+            if k == 2:  # the line through two predictions
+                slope, curve = d1_0, torch.zeros_like(x0)
+            else:
+                second = (d1_0 - (usable[1] - usable[2]) / steps[1]) / (steps[0] + steps[1])
+                slope, curve = d1_0 + steps[0] * second, 2 * second
+            phi1, phi2, phi3 = 1 - decay, h - 1 + decay, h * h / 2 - h + 1 - decay
+            d = x0 + (phi2 / phi1) * slope + (phi3 / phi1) * curve
         x = (b_n / b) * x + a_n * (1 - decay) * d if b > 0 else a_n * d
-        prev_x0, prev_h = x0, h
         if traj is not None:
             traj.append(x)
     return SolveResult(x, len(g) - 1, torch.stack(traj) if traj is not None else None, torch.tensor(g, dtype=torch.float64))

@@ -6,7 +6,7 @@ A velocity model v on the straight path x_t = (1 - t) x0 + t x1 is a model of th
 schedule (a = t, b = 1 - t) with the ``velocity`` parameterisation, so the diffusion samplers apply to
 it unchanged (theory §6.4, §6.9):
 
-* ``dpm++2m:N``: DPM-Solver++(2M) on N uniform steps (NFE N);
+* ``dpm++2m:N`` / ``dpm++3m:N``: DPM-Solver++(2M) / (3M) on N uniform steps (NFE N);
 * ``edm:N``: EDM's deterministic Heun on N - 1 Karras sigmas (0.002 .. 80) plus the step into
   sigma = 0 (NFE 2N - 1); it starts at sigma_max, where the state is taken as b(t_0) x0 (the
   data's share a(t_0) = 1/81 is dropped, as EDM does).
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from rectflow.diffusion.samplers import dpm_solver_pp_2m, edm_heun
+from rectflow.diffusion.samplers import dpm_solver_pp_2m, dpm_solver_pp_3m, edm_heun
 from rectflow.diffusion.schedules import FlowMatchingSchedule, karras_sigmas, times_from_sigmas
 from rectflow.errors import ConfigError
 from rectflow.flow.sampling import parse_solver_spec, sample_model
@@ -24,7 +24,7 @@ from rectflow.flow.solvers import SolveResult, time_grid
 
 __all__ = ["DIFFUSION_SOLVERS", "check_solver", "solve_spec"]
 
-DIFFUSION_SOLVERS = ("dpm++2m", "edm")
+DIFFUSION_SOLVERS = ("dpm++2m", "dpm++3m", "edm")
 
 
 def check_solver(spec: str) -> tuple[str, int | None]:
@@ -48,8 +48,9 @@ def check_solver(spec: str) -> tuple[str, int | None]:
 def solve_spec(model: nn.Module, x0: Tensor, spec: str, *, rtol: float = 1e-5, atol: float = 1e-5) -> SolveResult:
     """Integrate the velocity model from source samples x0 (B, ...) with the solver ``spec``."""
     method, steps = check_solver(spec)
-    if method == "dpm++2m":
-        return dpm_solver_pp_2m(model, x0, time_grid(steps), path=FlowMatchingSchedule(), parameterization="velocity")
+    if method in ("dpm++2m", "dpm++3m"):
+        solver = dpm_solver_pp_2m if method == "dpm++2m" else dpm_solver_pp_3m
+        return solver(model, x0, time_grid(steps), path=FlowMatchingSchedule(), parameterization="velocity")
     if method == "edm":
         path = FlowMatchingSchedule()
         grid = times_from_sigmas(path, karras_sigmas(steps - 1), append_data_end=True)
