@@ -175,3 +175,18 @@ def test_jsonl_with_garbled_lines_is_read_and_the_problems_are_named(tmp_path):
     for content in (b"", b"\x00" * 64):  # empty, and a zero-filled file left by a crash
         p.write_bytes(content)
         assert read_jsonl(p, strict=True) == []
+
+
+def test_stale_temporaries_of_files_and_of_staged_directories_are_removed(tmp_path):
+    """A kill can leave a half-written file (.x.<rand>.tmp) or a half-built folder staged beside its
+    target (.diffusers.export.tmp, by the pipeline export); both go, the rest stays."""
+    from rectflow.engine.io import remove_stale_temporaries
+
+    (tmp_path / ".a.json.123.tmp").write_text("{")
+    staged = tmp_path / ".diffusers.export.tmp"
+    (staged / "unet").mkdir(parents=True)
+    (staged / "unet" / "config.json").write_text("{}")
+    (tmp_path / "keep.json").write_text("{}")
+    removed = remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == [".a.json.123.tmp", ".diffusers.export.tmp"]
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.json"]

@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -230,14 +231,18 @@ def exclusive_lock(directory: str | Path, what: str = "directory") -> Iterator[P
 
 
 def remove_stale_temporaries(*directories: str | Path) -> list[Path]:
-    """Delete the temporary files :func:`atomic_path` leaves when a process is killed mid-write
-    (``.<name>.<random>.tmp``) in ``directories`` (not recursive); returns what was removed.
-    Call it only while holding the directory's :func:`exclusive_lock`: another writer's
-    temporaries would otherwise be in use."""
+    """Delete the temporaries a process killed mid-write leaves in ``directories`` (not recursive):
+    files of :func:`atomic_path` (``.<name>.<random>.tmp``) and folders staged beside their target
+    (``.<name>.<what>.tmp``, e.g. a pipeline export); returns what was removed.  Call it only while
+    holding the directory's :func:`exclusive_lock`: another writer's temporaries would otherwise be
+    in use."""
     removed = []
     for d in map(Path, directories):
         if d.is_dir():
             for tmp in d.glob(".*.tmp"):
-                tmp.unlink(missing_ok=True)
+                if tmp.is_dir() and not tmp.is_symlink():
+                    shutil.rmtree(tmp)
+                else:
+                    tmp.unlink(missing_ok=True)
                 removed.append(tmp)
     return removed

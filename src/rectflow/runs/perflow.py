@@ -373,10 +373,7 @@ def _train_pipeline_job(folder: Path, out: Path, settings: PeRFlowSettings, trai
     guard_run_dir(out, "perflow.json", record, what="PeRFlow job", normalise=normalise, foreign_ok=False)
     with lock_run_dir(out, "PeRFlow job directory"):
         guard_run_dir(out, "perflow.json", record, what="PeRFlow job", normalise=normalise, foreign_ok=False)
-        for stale in (out / ".diffusers.export.tmp", out / ".diffusers.old.tmp"):  # export_pipeline's staging, left by a kill
-            if stale.is_dir():
-                shutil.rmtree(stale)
-        remove_stale_temporaries(out, out / "checkpoints", out / "lora")
+        remove_stale_temporaries(out, out / "checkpoints", out / "lora")  # files and export_pipeline's staged folders, left by a kill
         make_dirs(out)
         save_json(job, record)  # before the cache: a kill during the build leaves this job's directory, which resumes
         cache = build_latent_cache(pipe, images, out / "latents", shard_size=opts.shard_size, encode_batch=opts.encode_batch, dtype=opts.dtype,
