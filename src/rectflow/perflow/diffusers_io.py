@@ -50,6 +50,8 @@ from rectflow.perflow.teacher import Teacher
 from rectflow.perflow.windows import validate_windows
 
 __all__ = [
+    "PERFLOW_SCHEDULER_ENTRY",
+    "optional_transformers",
     "SD3TransformerAdapter",
     "TextUNetAdapter",
     "UNetAdapter",
@@ -107,8 +109,9 @@ _FLOW_WHY = {"use_dynamic_shifting": "the shift then depends on the image resolu
              "use_beta_sigmas": "a beta sigma grid replaces the shifted grid, which the windows and the stock sampler follow here"}
 # Transformers we drive, each with its adapter (filled in below the adapter classes).
 _TRANSFORMERS: dict[str, type[nn.Module]] = {}
-# model_index.json entry of our scheduler (diffusers imports the module by this name).
-_PERFLOW_ENTRY = ["rectflow.perflow.diffusers_scheduler", "PeRFlowScheduler"]
+# model_index.json entry of our scheduler: diffusers resolves it from sys.modules, so a folder naming it
+# loads once ``rectflow.perflow.diffusers_scheduler`` is imported.
+PERFLOW_SCHEDULER_ENTRY = ["rectflow.perflow.diffusers_scheduler", "PeRFlowScheduler"]
 _WHY = {"rescale_betas_zero_snr": "zero terminal SNR gives alpha = 0 at the noise end, which DDPMSchedule cannot hold",
         "timestep_type": "continuous timesteps feed the network log-sigma, not the discrete step index",
         "use_flow_sigmas": "a flow-matching model, not a discrete beta schedule",
@@ -123,6 +126,15 @@ def _diffusers():
     except ImportError as e:  # pragma: no cover - exercised only without the extra
         raise ConfigError("diffusers is not installed; pip install 'rectflow[perflow]'") from e
     return diffusers
+
+
+def optional_transformers():
+    """The ``transformers`` module, or a one-line ConfigError naming the extra to install."""
+    try:
+        import transformers  # optional extra (.[perflow]); only text-to-image teachers need it
+    except ImportError as e:  # pragma: no cover - exercised only without the extra
+        raise ConfigError("transformers is not installed; pip install 'rectflow[perflow]'") from e
+    return transformers
 
 
 class UNetAdapter(nn.Module):
@@ -499,7 +511,7 @@ def _write_transformer_pipeline_index(folder: Path, teacher_folder: Path, *, sto
             shutil.copytree(teacher_folder / key, folder / key, dirs_exist_ok=True)
         new_index[key] = value if present else [None, None]
     new_index["transformer"] = index.get("transformer", ["diffusers", "SD3Transformer2DModel"])
-    new_index["scheduler"] = ["diffusers", stock_class] if stock_scheduler else _PERFLOW_ENTRY
+    new_index["scheduler"] = ["diffusers", stock_class] if stock_scheduler else PERFLOW_SCHEDULER_ENTRY
     save_json(folder / "model_index.json", new_index)
 
 

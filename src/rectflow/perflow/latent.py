@@ -40,15 +40,13 @@ from torch import Tensor, nn
 from rectflow.engine.io import check_writable, load_json, save_json
 from rectflow.engine.shards import state_dict_sha256
 from rectflow.errors import CheckpointError, ConfigError, DataError
-from rectflow.perflow.diffusers_io import TextUNetAdapter, load_diffusers_model, schedule_from_config, write_student_parts
+from rectflow.perflow.diffusers_io import (PERFLOW_SCHEDULER_ENTRY, TextUNetAdapter, optional_transformers, load_diffusers_model, schedule_from_config,
+                                           write_student_parts)
 from rectflow.perflow.student import PeRFlowStudent
 from rectflow.perflow.teacher import Teacher
 
-__all__ = ["PERFLOW_SCHEDULER_ENTRY", "LatentPipeline", "export_pipeline", "load_pipeline"]
+__all__ = ["LatentPipeline", "export_pipeline", "load_pipeline"]
 
-# model_index.json entry of our scheduler: diffusers resolves it from sys.modules, so the folder
-# loads once ``rectflow.perflow.diffusers_scheduler`` is imported.
-PERFLOW_SCHEDULER_ENTRY = ["rectflow.perflow.diffusers_scheduler", "PeRFlowScheduler"]
 _PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _DEFAULT_CLASSES = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel", "tokenizer": "CLIPTokenizer"}
 # UNet config keys that add inputs beyond (z, t, text): each belongs to a pipeline we do not drive.
@@ -56,14 +54,6 @@ _UNET_EXTRAS = {"addition_embed_type": "SDXL-style added conditioning (pooled te
                 "class_embed_type": "a class / noise-level embedding (upscalers, unCLIP)",
                 "time_cond_proj_dim": "a guidance-scale embedding (LCM)",
                 "encoder_hid_dim_type": "a projected image/text condition (IP-Adapter, Kandinsky)"}
-
-
-def _transformers():
-    try:
-        import transformers  # optional extra (.[perflow]); only text-to-image teachers need it
-    except ImportError as e:  # pragma: no cover - exercised only without the extra
-        raise ConfigError("transformers is not installed; pip install 'rectflow[perflow]'") from e
-    return transformers
 
 
 def _folder_sha256(folder: Path) -> str:
@@ -260,7 +250,7 @@ def load_pipeline(folder: str | Path, *, dtype: torch.dtype = torch.float32, dev
                           f"differ from the VAE's latent_channels={vae_cfg.get('latent_channels')} (inpainting / depth UNets are not supported)")
     unet = load_diffusers_model(unet_cls, folder / "unet", dtype=dtype, what="UNet").to(device)
     vae = load_diffusers_model(_class_of(index, "vae"), folder / "vae", dtype=dtype, what="VAE").to(device)
-    transformers = _transformers()
+    transformers = optional_transformers()
     te_cls, tok_cls = _class_of(index, "text_encoder"), _class_of(index, "tokenizer")
     load_json(folder / "text_encoder" / "config.json")
     try:
