@@ -260,3 +260,42 @@ def test_a_conditional_teacher_and_student_see_each_examples_condition():
         z_end = teacher.ddim(z_start, t0.reshape(1), t1.reshape(1), 2, batch.cond[i:i + 1])
         assert torch.allclose((z_end - z_start) / float(t1 - t0), batch.target[i:i + 1], atol=1e-3)
     assert torch.isfinite(obj.loss(student, batch).loss)
+
+
+def test_teacher_free_targets_are_the_window_path_between_noised_data():
+    """Fine-tuning without a teacher (issue 15, item 6): each window's line joins the forward process of
+    the same data and noise at its two ends, so no network is called and the target is exact."""
+    teacher, b = _eps_teacher(), perflow.make_windows(3)
+    obj = perflow.PeRFlowObjective(teacher, _Data(), b, target="data")
+    g = torch.Generator().manual_seed(3)
+    batch = obj.draw(6, g, "cpu")
+    assert obj.teacher_nfe == 0
+    # replay the draw's random stream: x, then eps, then the windows
+    g = torch.Generator().manual_seed(3)
+    x = _Data().sample(6, generator=g)
+    eps = torch.randn(x.shape, generator=g)
+    k = torch.randint(0, 3, (6,), generator=g)
+    for i in range(6):
+        t0, t1 = b[k[i]], b[k[i] + 1]
+        c0, c1 = teacher.path.coefficients(t0.reshape(1).float()), teacher.path.coefficients(t1.reshape(1).float())
+        z_start, z_end = c0.a * x[i] + c0.b * eps[i], c1.a * x[i] + c1.b * eps[i]
+        torch.testing.assert_close(batch.target[i], (z_end - z_start) / float(t1 - t0), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="target"):
+        perflow.PeRFlowObjective(teacher, _Data(), b, target="oracle")
+
+
+def test_window_weights_reweight_the_loss_per_window():
+    teacher, b = _eps_teacher(), perflow.make_windows(2)
+    student = perflow.PeRFlowStudent.from_teacher(teacher, b)
+    plain = perflow.PeRFlowObjective(teacher, _Data(), b, target="data")
+    weighted = perflow.PeRFlowObjective(teacher, _Data(), b, target="data", window_weights=[3.0, 1.0])
+    batch = plain.draw(8, torch.Generator().manual_seed(0), "cpu")
+    per = plain.loss(student, batch).per_sample
+    k = perflow.window_index(b, batch.t)
+    w = torch.tensor([3.0, 1.0])[k] / 2.0  # normalised to mean 1 over the windows
+    out = weighted.loss(student, batch)
+    torch.testing.assert_close(out.loss, (w * per).mean(), rtol=1e-5, atol=1e-6)
+    assert out.loss.requires_grad and torch.equal(out.per_sample, per)
+    for bad in ([1.0], [1.0, -1.0], [0.0, 0.0]):
+        with pytest.raises(ConfigError, match="window_weights"):
+            perflow.PeRFlowObjective(teacher, _Data(), b, window_weights=bad)

@@ -3,6 +3,7 @@ solve across the window, and the straight-line regression inside it (Trainer-com
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -15,7 +16,7 @@ from rectflow.flow.losses import LossOutput, per_sample_mse
 from rectflow.flow.paths import expand_like
 from rectflow.perflow.student import PeRFlowStudent
 from rectflow.perflow.teacher import Teacher
-from rectflow.perflow.windows import validate_windows
+from rectflow.perflow.windows import validate_windows, window_index
 
 __all__ = ['PeRFlowBatch', 'PeRFlowObjective', 'PairsObjective', 'straight_loss']
 
@@ -53,6 +54,12 @@ class PeRFlowObjective:
             ``null_cond`` with this probability before the teacher's solve, so the null rows carry
             the teacher's unconditional flow and the student keeps a branch for guidance.
         null_cond: the null condition (NULL_LABEL for labels; the empty prompt's embedding, (L, D), for text).
+        target: "teacher" (the paper's: z_end is the teacher's solve across the window) or "data"
+            (fine-tuning without a teacher, e.g. on a new data domain: z_end = a(t_k) x + b(t_k) eps,
+            the forward process of the same data and noise at the window's end, so each window's line
+            is the window path between two noised copies of x and no network is called).
+        window_weights: optional loss weight per window (K non-negative numbers, not all 0),
+            normalised to mean 1, so the loss scale does not change; None weighs windows equally.
     Each draw costs ``solver_steps`` teacher calls on the whole batch; ``teacher_nfe`` counts network
     evaluations per example (a guided teacher's call counts 2).
     """
@@ -61,17 +68,21 @@ class PeRFlowObjective:
 
     def __init__(self, teacher: Teacher, data: Any, boundaries: Tensor, *, solver_steps: int = 4,
                  loss_space: str = "native", t_margin: float = 1e-4, start_fraction: float = 0.0,
-                 p_uncond: float = 0.0, null_cond: Any = NULL_LABEL) -> None:
+                 p_uncond: float = 0.0, null_cond: Any = NULL_LABEL, target: str = "teacher",
+                 window_weights: Sequence[float] | None = None) -> None:
         if solver_steps < 1:
             raise ConfigError(f"perflow.solver_steps must be >= 1, got {solver_steps}")
         if not 0.0 <= start_fraction <= 1.0:
             raise ConfigError(f"perflow.start_fraction must lie in [0, 1], got {start_fraction}")
         if not 0.0 <= p_uncond <= 1.0:
             raise ConfigError(f"perflow.p_uncond must lie in [0, 1], got {p_uncond}")
-        self.start_fraction, self.p_uncond, self.null_cond = float(start_fraction), float(p_uncond), null_cond
+        if target not in ("teacher", "data"):
+            raise ConfigError(f"perflow.target must be 'teacher' (the teacher's window solve) or 'data' (no teacher), got {target!r}")
+        self.start_fraction, self.p_uncond, self.null_cond, self.target = float(start_fraction), float(p_uncond), null_cond, target
         _check_loss_space(loss_space)
         self.teacher, self.data, self.solver_steps = teacher, data, int(solver_steps)
         self.boundaries, self.loss_space, self.t_margin = validate_windows(boundaries), loss_space, float(t_margin)
+        self.window_weights = _check_window_weights(window_weights, self.boundaries.numel() - 1)
         self.teacher_nfe = 0  # teacher evaluations per example, summed over draws
 
     @torch.no_grad()
@@ -90,8 +101,12 @@ class PeRFlowObjective:
         t0, t1 = b[k], b[k + 1]
         c0 = self.teacher.path.coefficients(t0.to(x.dtype))
         z0 = expand_like(c0.a, x) * x + expand_like(c0.b, x) * eps  # forward process to the window start
-        z1 = self.teacher.ddim(z0, t0, t1, self.solver_steps, cond)  # teacher ODE across this one window
-        self.teacher_nfe += self.solver_steps * n * (1 if cond is None else self.teacher.nfe_per_eval)
+        if self.target == "data":  # no teacher: the same data and noise, forward-processed to the window's end
+            c1 = self.teacher.path.coefficients(t1.to(x.dtype))
+            z1 = expand_like(c1.a, x) * x + expand_like(c1.b, x) * eps
+        else:
+            z1 = self.teacher.ddim(z0, t0, t1, self.solver_steps, cond)  # teacher ODE across this one window
+            self.teacher_nfe += self.solver_steps * n * (1 if cond is None else self.teacher.nfe_per_eval)
         dt = t1 - t0
         v = (z1 - z0) / expand_like(dt.to(x.dtype), x)
         tau = (self.t_margin + u * (1 - 2 * self.t_margin)) * dt
@@ -102,7 +117,20 @@ class PeRFlowObjective:
         return PeRFlowBatch(z, (t0 + tau).to(x.dtype), v, cond)
 
     def loss(self, model: nn.Module, batch: PeRFlowBatch) -> LossOutput:
-        return straight_loss(model, batch, self.loss_space)
+        if self.window_weights is None:
+            return straight_loss(model, batch, self.loss_space)
+        w = self.window_weights.to(batch.t.device)[window_index(self.boundaries.to(batch.t.device), batch.t)]
+        return straight_loss(model, batch, self.loss_space, weights=w)
+
+
+def _check_window_weights(weights: Sequence[float] | None, k: int) -> Tensor | None:
+    """K non-negative finite weights, not all 0, as a tensor of mean 1 (None stays None)."""
+    if weights is None:
+        return None
+    w = torch.as_tensor(list(weights), dtype=torch.float64)
+    if w.numel() != k or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ConfigError(f"perflow.window_weights must be {k} finite non-negative numbers (one per window), not all 0; got {list(weights)}")
+    return w / w.mean()
 
 
 LOSS_SPACES = ("native", "velocity", "x0", "eps", "v")
@@ -113,12 +141,13 @@ def _check_loss_space(loss_space: str) -> None:
         raise ConfigError(f"perflow.loss_space must be one of {list(LOSS_SPACES)}, got {loss_space!r}")
 
 
-def straight_loss(model: nn.Module, batch: PeRFlowBatch, loss_space: str = "native") -> LossOutput:
+def straight_loss(model: nn.Module, batch: PeRFlowBatch, loss_space: str = "native", weights: Tensor | None = None) -> LossOutput:
     """MSE of a :class:`PeRFlowStudent` against straight-line velocity targets, compared in
     ``loss_space``: "native" (the student's own output kind), "velocity", or a kind ("x0", "eps",
     "v") that both sides are converted to on the window path.  The space is the loss weighting
     over t: "x0" keeps the window ends as easy as the teacher's denoising, while eps / v / velocity
-    ask for the noise near the clean end of the last window, where it is hardly predictable."""
+    ask for the noise near the clean end of the last window, where it is hardly predictable.
+    ``weights`` (B,): per-example loss weights (the logged per-sample errors stay unweighted)."""
     _check_loss_space(loss_space)
     if isinstance(model, PeRFlowStudent) and loss_space != "velocity":
         dst = model.parameterization if loss_space == "native" else loss_space
@@ -129,7 +158,8 @@ def straight_loss(model: nn.Module, batch: PeRFlowBatch, loss_space: str = "nati
         pred = model(batch.z, batch.t) if batch.cond is None else model(batch.z, batch.t, batch.cond)
         target = batch.target
     err = per_sample_mse(pred, target)
-    return LossOutput(err.mean(), err.detach())
+    loss = err.mean() if weights is None else (weights.to(err.dtype) * err).mean()
+    return LossOutput(loss, err.detach())
 
 
 class PairsObjective:
