@@ -87,3 +87,21 @@ def test_a_source_without_a_density_is_refused():
         log_likelihood(gaussian_flow, torch.zeros(2, 2), Gaussian(2), estimator="magic")
     with pytest.raises(ConfigError, match="probes"):
         log_likelihood(gaussian_flow, torch.zeros(2, 2), Gaussian(2), estimator="hutchinson", probes=0)
+
+
+@pytest.mark.parametrize("estimator", ["exact", "hutchinson"])
+def test_a_field_that_ignores_x_has_zero_divergence(estimator):
+    """A translation v = c (no graph to x at all) moves the density without changing it."""
+    from rectflow.data import make_distribution
+
+    source = make_distribution("gaussian")
+    shift = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    x1 = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    res = log_likelihood(lambda x, t: shift.expand_as(x), x1, source, method="rk4", steps=3, estimator=estimator,
+                         generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(res.log_prob, source.log_prob(x1 - shift))
+    assert torch.equal(res.divergence, torch.zeros(6, dtype=torch.float64))
+    # half of it ignores x: v = (-x_0, 1) has divergence -1
+    half = log_likelihood(lambda x, t: torch.stack([-x[:, 0], torch.ones_like(x[:, 1])], 1), x1, source, method="rk4", steps=3,
+                          estimator=estimator, probes=64, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(half.divergence, torch.full((6,), -1.0, dtype=torch.float64), atol=1e-9 if estimator == "exact" else 0.5)

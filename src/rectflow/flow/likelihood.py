@@ -48,9 +48,12 @@ def divergence_exact(f: Velocity, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]
         v = f(x, t)
         flat = v.reshape(v.shape[0], -1)
         div = torch.zeros(v.shape[0], dtype=v.dtype, device=v.device)
+        if not v.requires_grad:  # a field with no graph to x (a translation): divergence 0
+            return v.detach(), div
         for i in range(flat.shape[1]):
-            (g,) = torch.autograd.grad(flat[:, i].sum(), x, retain_graph=i + 1 < flat.shape[1])
-            div = div + g.reshape(g.shape[0], -1)[:, i]
+            (g,) = torch.autograd.grad(flat[:, i].sum(), x, retain_graph=i + 1 < flat.shape[1], allow_unused=True)
+            if g is not None:  # None: this output does not depend on x
+                div = div + g.reshape(g.shape[0], -1)[:, i]
     return v.detach(), div.detach()
 
 
@@ -61,9 +64,12 @@ def divergence_hutchinson(f: Velocity, x: Tensor, t: Tensor, probes: Tensor) -> 
         x = x.detach().requires_grad_(True)
         v = f(x, t)
         est = torch.zeros(v.shape[0], dtype=v.dtype, device=v.device)
+        if not v.requires_grad:  # a field with no graph to x (a translation): divergence 0
+            return v.detach(), est
         for p in range(probes.shape[0]):
-            (g,) = torch.autograd.grad(v, x, grad_outputs=probes[p], retain_graph=p + 1 < probes.shape[0])
-            est = est + (g * probes[p]).reshape(v.shape[0], -1).sum(1)
+            (g,) = torch.autograd.grad(v, x, grad_outputs=probes[p], retain_graph=p + 1 < probes.shape[0], allow_unused=True)
+            if g is not None:
+                est = est + (g * probes[p]).reshape(v.shape[0], -1).sum(1)
     return v.detach(), (est / probes.shape[0]).detach()
 
 
