@@ -76,3 +76,21 @@ def test_eval_nll_of_a_run_on_the_cli(tmp_path, capsys):
     hutch = evaluate_nll(load_run(tmp_path / "r"), n=64, estimator="hutchinson", probes=8, rtol=1e-4, atol=1e-4)
     assert abs(hutch["nll_nats"] - direct["nll_nats"]) < 4 * hutch["nll_se"] + 0.05
     assert main(["eval", str(tmp_path / "r"), "--nll", "--probes", "0", "--nll-estimator", "hutchinson"]) == 2
+
+
+def test_eval_nll_of_an_image_run_gives_bits_per_dim(tmp_path, capsys):
+    """Images (issue 17, item 1): 8-bit data dequantized, the Hutchinson estimator by default above 16
+    dimensions, and bits per dimension = NLL / (D log 2) + log2(127.5) for data scaled to [-1, 1]."""
+    from rectflow.runs.config import load_config
+
+    cfg = load_config(None, ["source={name: gaussian, shape: [1, 8, 8]}", "target={name: digits}", "model.kind=unet", "model.channels=8",
+                             "model.channel_mult=[1,2]", "model.num_res_blocks=1", "model.attention_resolutions=[]", "model.head_channels=8",
+                             "model.dropout=0.0", "train.steps=10", "train.batch_size=16", "train.log_every=5", "train.ckpt_every=10",
+                             "train.progress=false", "train.device=cpu"])
+    train_run(cfg, tmp_path / "img")
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "img"), "--nll", "--n", "8", "--probes", "2", "--solvers", "euler:4"]) == 0
+    saved = json.loads((tmp_path / "img" / "nll.json").read_text())
+    assert saved["estimator"] == "hutchinson" and saved["probes"] == 2 and saved["dim"] == 64 and saved["n"] == 8
+    assert saved["bits_per_dim"] == pytest.approx(saved["nll_nats"] / (64 * math.log(2)) + math.log2(127.5), rel=1e-6)
+    assert f"{saved['bits_per_dim']:.4f} bits/dim" in capsys.readouterr().out
