@@ -88,7 +88,8 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         i = self._index(timestep)
         t, t_next = float(self.grid[i]), float(self.grid[i + 1])
         k = int(window_index(self.path.boundaries, torch.tensor([t], dtype=torch.float64))[0])
-        assert float(self.path.boundaries[k]) <= t_next <= float(self.path.boundaries[k + 1]) + 1e-12  # a step never crosses a boundary
+        if not float(self.path.boundaries[k]) <= t_next <= float(self.path.boundaries[k + 1]) + 1e-12:  # step_grid keeps every boundary
+            raise RuntimeError(f"PeRFlowScheduler: the step {t} -> {t_next} crosses a window boundary (a bug in step_grid)")
         tv = torch.full((sample.shape[0],), t, dtype=sample.dtype, device=sample.device)
         v = convert(model_output, src=self.kind, dst="velocity", z=sample, path=self.path, t=tv)
         prev = sample + (t_next - t) * v
