@@ -194,7 +194,8 @@ def _logged_train_s(run_dir: Path) -> float | None:
     total, prev = 0.0, 0
     for r in read_jsonl(run_dir / "metrics.jsonl"):
         if "ms_per_step" in r and "step" in r:
-            total += r["ms_per_step"] * (r["step"] - prev) / 1000.0
+            steps = r.get("steps", r["step"] - prev)  # rows say how many steps they average (older logs: the gap)
+            total += r["ms_per_step"] * steps / 1000.0
             prev = r["step"]
     return total if prev else None
 
