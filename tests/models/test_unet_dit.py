@@ -6,7 +6,7 @@ import torch
 from rectflow.errors import ConfigError
 from rectflow.models import NULL_LABEL, DiTVelocity, UNetVelocity
 from rectflow.models.dit import sincos_2d, unpatchify
-from rectflow.runs.config import load_config
+from rectflow.runs.config import config_from_dict, load_config
 from rectflow.runs.experiment import build_model, model_config
 
 
@@ -185,4 +185,6 @@ def test_the_default_mlp_time_features_are_slow_enough_for_adaptive_solvers():
     from rectflow.runs.config import ModelConfig
 
     assert MLPVelocity(2).time_embed.freqs.max().item() == pytest.approx(10.0)
-    assert ModelConfig().time_scale == 10.0
+    from rectflow.runs.experiment import model_config
+
+    assert model_config(config_from_dict({}), 2)["time_scale"] == 10.0 and ModelConfig().time_scale is None  # None: 10 for a new run

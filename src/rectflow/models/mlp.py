@@ -8,6 +8,8 @@ from torch import Tensor, nn
 from rectflow.models.embeddings import SinusoidalTimeEmbedding
 
 _ACTIVATIONS = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh}
+DEFAULT_TIME_SCALE = 10.0
+"""The MLPs' default top frequency of the time features (since 0.2; before: 1000)."""
 
 
 def _mlp(name: str, dim: int, in_features: int, width: int, depth: int, activation: str) -> nn.Sequential:
@@ -41,7 +43,7 @@ class MLPVelocity(nn.Module):
     Shapes: x (B, d), t (B,) -> (B, d).
     """
 
-    def __init__(self, dim: int, width: int = 256, depth: int = 3, time_dim: int = 64, activation: str = "silu", time_scale: float = 10.0):
+    def __init__(self, dim: int, width: int = 256, depth: int = 3, time_dim: int = 64, activation: str = "silu", time_scale: float = DEFAULT_TIME_SCALE):
         super().__init__()
         self.net = _mlp("MLPVelocity", dim, dim + time_dim, width, depth, activation)
         self.dim = dim
@@ -63,7 +65,7 @@ class MLPAverageVelocity(nn.Module):
     Shapes: x (B, d), s (B,), t (B,) -> (B, d).
     """
 
-    def __init__(self, dim: int, width: int = 256, depth: int = 3, time_dim: int = 64, activation: str = "silu", time_scale: float = 10.0):
+    def __init__(self, dim: int, width: int = 256, depth: int = 3, time_dim: int = 64, activation: str = "silu", time_scale: float = DEFAULT_TIME_SCALE):
         super().__init__()
         self.net = _mlp("MLPAverageVelocity", dim, dim + 2 * time_dim, width, depth, activation)
         self.dim = dim

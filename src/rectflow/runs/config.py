@@ -43,7 +43,7 @@ class ModelConfig:
     width: int = 256  # mlp: hidden units; dit: token width
     depth: int = 3  # mlp: hidden layers; dit: transformer blocks
     time_dim: int = 64  # mlp: time-embedding size
-    time_scale: float = 10.0  # mlp: top angular frequency of the time features (runs made before this key: 1000)
+    time_scale: float | None = None  # mlp: top angular frequency of the time features; None: 10 for a new run, as recorded for an existing one (1000 before this key)
     activation: str = "silu"  # mlp
     channels: int = 128  # unet: base channels
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 2])  # unet: per-level multipliers
@@ -309,7 +309,7 @@ def validate(cfg: ExperimentConfig) -> None:
     m = cfg.model
     if m.width < 1 or m.depth < 1 or m.time_dim < 2 or m.time_dim % 2:
         raise ConfigError("model: width and depth must be >= 1 and time_dim an even number >= 2")
-    if not m.time_scale > 0:
+    if m.time_scale is not None and not m.time_scale > 0:
         raise ConfigError(f"config key 'model.time_scale': must be > 0, got {m.time_scale}")
     _validate_images(cfg)
     if cfg.eval.n_samples < 2:

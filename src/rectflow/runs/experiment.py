@@ -34,6 +34,7 @@ from rectflow.flow.time_sampling import make_time_sampler
 from rectflow.images.guidance import ConditionalFlowMatchingObjective, LabelledCoupling
 from rectflow.images.sampling import SampleGridCallback
 from rectflow.models import DiTVelocity, MLPVelocity, UNetVelocity
+from rectflow.models.mlp import DEFAULT_TIME_SCALE
 from rectflow.reflow.distill import DistillationObjective, make_distill_loss
 from rectflow.reflow.pairs import PairCoupling
 from rectflow.runs.config import ExperimentConfig, config_from_dict, config_to_dict
@@ -163,7 +164,8 @@ def model_config(cfg: ExperimentConfig, dim: int, shape: tuple[int, ...] | None 
         if shape is None or len(shape) != 3 or shape[1] != shape[2]:
             raise DataError(f"model.kind {m['kind']!r} needs square images (C, H, W), but the data have shape {list(shape or (dim,))}")
         return {**{k: m[k] for k in _IMAGE_MODEL_KEYS[m["kind"]]}, "dim": dim, "shape": list(shape)}
-    scale = {} if m["time_scale"] == LEGACY_TIME_SCALE else {"time_scale": m["time_scale"]}
+    ts = DEFAULT_TIME_SCALE if m["time_scale"] is None else m["time_scale"]
+    scale = {} if ts == LEGACY_TIME_SCALE else {"time_scale": ts}
     return {**{k: m[k] for k in _MLP_KEYS}, **scale, "dim": dim}
 
 
@@ -327,10 +329,15 @@ def _as_recorded(cfg: ExperimentConfig, run_dir: Path) -> ExperimentConfig:
     new = replace(cfg, source=absolute_spec(cfg.source), target=absolute_spec(cfg.target))
     old = load_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else None
     if not isinstance(old, dict):  # a new run (a damaged record is the guard's to report)
+        if cfg.model.time_scale is None:
+            new = replace(new, model=replace(new.model, time_scale=DEFAULT_TIME_SCALE))
         if cfg.eval.holdout is None and point_file_path(new.target) is not None:
             new = replace(new, eval=replace(new.eval, holdout=DEFAULT_HOLDOUT))
         return new
     keep = {k: old[k] for k in ("source", "target") if k in old and old[k] != getattr(new, k) and absolute_spec(old[k]) == getattr(new, k)}
+    if cfg.model.time_scale is None:  # unset: the scale the run recorded (1000 for an MLP run made before the key)
+        recorded = _upgraded(old).get("model", {}).get("time_scale") if isinstance(old.get("model"), dict) else None
+        keep["model"] = replace(new.model, time_scale=recorded if recorded is not None else DEFAULT_TIME_SCALE)
     if cfg.eval.holdout is None:  # unset: the split the run recorded (none for a run made before splits)
         recorded = old.get("eval", {}).get("holdout") if isinstance(old.get("eval"), dict) else None
         keep["eval"] = replace(new.eval, holdout=recorded)
@@ -341,8 +348,9 @@ def _record(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     """What defines a run's result (stored in its checkpoints): :func:`semantic_config`, plus the
     held-out split of a file target (``eval.holdout`` and ``eval.seed`` choose the training rows)."""
     d = semantic_config(cfg_dict)
-    if isinstance(d.get("model"), dict) and d["model"].get("time_scale") == LEGACY_TIME_SCALE:  # as runs before the key recorded it
-        d["model"] = {k: v for k, v in d["model"].items() if k != "time_scale"}
+    model = d.get("model") if isinstance(d.get("model"), dict) else {}
+    if "time_scale" in model and (model.get("kind", "mlp") != "mlp" or model["time_scale"] == LEGACY_TIME_SCALE):
+        d["model"] = {k: v for k, v in model.items() if k != "time_scale"}  # only an MLP has it; 1000 as runs before the key recorded it
     ev = cfg_dict.get("eval") if isinstance(cfg_dict.get("eval"), dict) else {}
     if point_file_path(cfg_dict.get("target")) is not None and ev.get("holdout"):
         d["eval"] = {"holdout": ev["holdout"], "seed": ev.get("seed")}
