@@ -138,7 +138,7 @@ def test_recipe_fills_what_the_user_did_not_say(tmp_path, capsys, monkeypatch):
     assert (seen["distill"]["steps"], seen["distill"]["loss"], seen["distill"]["huber_c"]) == (r.distill_steps, "pseudo_huber", r.huber_c)
     seen.clear()
     assert run_cli(["distill", run, "--pairs", 50, "--recipe", "2d", "--steps", 7, "--loss", "l2", "--no-eval"], capsys)[0] == 0
-    assert (seen["distill"]["steps"], seen["distill"]["loss"]) == (7, "l2")
+    assert (seen["distill"]["steps"], seen["distill"]["loss"], seen["distill"]["huber_c"]) == (7, "l2", 0.0)  # no Huber scale for L2
     seen.clear()
     assert run_cli(["distill", run, "--pairs", 50, "--no-eval"], capsys)[0] == 0  # no recipe: the generic defaults
     assert (seen["distill"]["steps"], seen["distill"]["loss"], seen["distill"]["huber_c"]) == (None, "l2", 0.0)

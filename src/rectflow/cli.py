@@ -21,6 +21,7 @@ from rectflow.engine.distributed import destroy, init_from_env, is_main_process,
 from rectflow.engine.io import atomic_path, check_writable, save_json
 from rectflow.engine.trainer import TrainConfig, resolve_device
 from rectflow.errors import ConfigError, RectflowError
+from rectflow.flow.guidance import guidance_nfe
 from rectflow.flow.sampling import parse_solver_spec, sample_model, solver_label
 from rectflow.images.sampling import sample_images
 from rectflow.perflow.guidance import GUIDANCE_MODES
@@ -453,7 +454,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     if recipe is not None:
         args.steps = recipe.distill_steps if args.steps is None else args.steps
         args.loss = args.loss or recipe.distill_loss
-        args.huber_c = recipe.huber_c if args.huber_c is None else args.huber_c
+        if args.huber_c is None and args.loss == "pseudo_huber":  # the recipe's scale belongs to its loss
+            args.huber_c = recipe.huber_c
     args.loss, args.huber_c = args.loss or "l2", args.huber_c or 0.0
     out = train_distill(
         args.run,
@@ -569,7 +571,7 @@ def _cmd_perflow(args: argparse.Namespace) -> int:
                         log_every=max(1, min(100, args.steps // 10)), ckpt_every=max(1, min(500, args.steps)))
     out = train_perflow(args.teacher, args.out, settings=settings, train=train, data=data, data_name=data_name, export=args.export_diffusers, **extra)
     guided = settings.guidance_mode == "student" and settings.guidance != 1.0
-    nfe = f" with guidance {settings.guidance:g}: {2 * args.windows} NFE" if guided else ""
+    nfe = f" with guidance {settings.guidance:g}: {guidance_nfe(settings.guidance) * args.windows} NFE" if guided else ""
     if pipeline:
         lora = "" if args.lora_rank == 0 else ", lora/"
         files = f"diffusers/ (the pipeline; rectflow sample {out}/diffusers --prompt ...), delta.safetensors{lora}, samples.png"

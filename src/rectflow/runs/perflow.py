@@ -44,6 +44,7 @@ from rectflow.data.images import ImageGaussian, to_uint8
 from rectflow.engine.io import atomic_path, check_writable, load_json, load_tensors, make_dirs, remove_stale_temporaries, save_json, save_tensors
 from rectflow.engine.trainer import TrainConfig, Trainer, resolve_device
 from rectflow.errors import CheckpointError, ConfigError
+from rectflow.flow.guidance import guidance_nfe
 from rectflow.flow.paths import LinearPath
 from rectflow.flow.solvers import euler
 from rectflow.images.sampling import save_image_grid
@@ -502,7 +503,7 @@ def sample_exported_pipeline(folder: str | Path, prompts: Sequence[str], out: st
             Image.fromarray(arr).save(tmp, format="PNG")
         files.append({"file": name, "prompt": rows[i]})
     save_image_grid(images, out / "grid.png", nrow=min(n, len(prompts)), scale=max(1, 64 // images.shape[-1]))
-    summary = {"folder": str(folder.resolve()), "windows": k, "steps": steps, "guidance": w, "nfe": steps * (1 if w == 1.0 else 2),
+    summary = {"folder": str(folder.resolve()), "windows": k, "steps": steps, "guidance": w, "nfe": steps * guidance_nfe(w),
                "seed": seed, "samples": files}
     save_json(out / "samples.json", summary)
     return summary
