@@ -438,3 +438,14 @@ def test_pipeline_job_with_guidance_in_either_mode(sd_folder, captions, tmp_path
     assert main(["sample", str(b), "--prompt", "an owl", "--out", str(tmp_path / "s")]) == 0
     meta = json.loads((tmp_path / "s" / "samples.json").read_text())
     assert meta["guidance"] == 2.0 and meta["nfe"] == 4 and "NFE 4" in capsys.readouterr().out
+
+
+def test_pipeline_job_whose_images_changed_says_so(sd_folder, tmp_path):
+    """Review finding: when the captioned images change after the job cached them, the refusal names the
+    cause and the way out (a new job), not a directory the user never chose."""
+    images = write_caption_folder(tmp_path / "images")
+    kw = {"settings": PeRFlowSettings(windows=2, solver_steps=1), "data": images, "lora_rank": 0, "prompts": ["an owl"]}
+    train_perflow(sd_folder, tmp_path / "job", train=_latent_train(2), **kw)
+    write_caption_folder(images, seed=1)  # same names and captions, other pixels
+    with pytest.raises(ConfigError, match="changed since the job cached them: start a new job"):
+        train_perflow(sd_folder, tmp_path / "job", train=_latent_train(4), **kw)

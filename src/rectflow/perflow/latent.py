@@ -267,7 +267,8 @@ def load_pipeline(folder: str | Path, *, dtype: torch.dtype = torch.float32, dev
     return LatentPipeline(folder, unet, vae, text_encoder.to(device=device, dtype=dtype), tokenizer, sched_cfg, index)
 
 
-def export_pipeline(student: PeRFlowStudent, teacher: LatentPipeline | str | Path, folder: str | Path, *, stock_scheduler: bool = False) -> Path:
+def export_pipeline(student: PeRFlowStudent, teacher: LatentPipeline | str | Path, folder: str | Path, *, stock_scheduler: bool = False,
+                    extra: dict[str, Any] | None = None) -> Path:
     """Write a complete pipeline folder: the student's UNet, the teacher's VAE, text encoder and tokenizer
     (copied byte for byte), no safety checker / feature extractor, and a scheduler.
 
@@ -277,7 +278,8 @@ def export_pipeline(student: PeRFlowStudent, teacher: LatentPipeline | str | Pat
     (exact windows only) names the stock DDIM in ``model_index.json`` instead (the folder then loads in
     any diffusers install; ours moves to ``scheduler_perflow/``).  The folder is built next to ``folder``
     and renamed into place, so a killed export leaves no half-written pipeline; a previous export there
-    is replaced, anything else is refused.
+    is replaced, anything else is refused.  ``extra``: more entries of the folder's ``perflow.json``
+    (e.g. the guidance scale the student samples at), written before the rename like the rest.
     """
     src = teacher.folder if isinstance(teacher, LatentPipeline) else Path(teacher)
     index = _check_folder(src)
@@ -296,7 +298,7 @@ def export_pipeline(student: PeRFlowStudent, teacher: LatentPipeline | str | Pat
     for part in ("vae", "text_encoder", "tokenizer"):
         shutil.copytree(src / part, stage / part)
     write_student_parts(student, stage, teacher_cfg, stock_scheduler=stock_scheduler,
-                        extra={"pipeline": index.get("_class_name", "StableDiffusionPipeline"), "teacher_folder": str(src)})
+                        extra={"pipeline": index.get("_class_name", "StableDiffusionPipeline"), "teacher_folder": str(src), **(extra or {})})
     new_index = {k: v for k, v in index.items() if k.startswith("_") or k in _PARTS or k == "requires_safety_checker"}
     new_index.setdefault("_class_name", "StableDiffusionPipeline")
     new_index.update({part: index.get(part, ["diffusers" if part in ("unet", "vae") else "transformers", _DEFAULT_CLASSES[part]])

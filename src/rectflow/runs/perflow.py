@@ -377,8 +377,14 @@ def _train_pipeline_job(folder: Path, out: Path, settings: PeRFlowSettings, trai
         remove_stale_temporaries(out, out / "checkpoints", out / "lora")  # files and export_pipeline's staged folders, left by a kill
         make_dirs(out)
         save_json(job, record)  # before the cache: a kill during the build leaves this job's directory, which resumes
-        cache = build_latent_cache(pipe, images, out / "latents", shard_size=opts.shard_size, encode_batch=opts.encode_batch, dtype=opts.dtype,
-                                   latent_mode=opts.latent_mode, seed=opts.seed, caption_column=opts.caption_column, progress=train.progress)
+        try:
+            cache = build_latent_cache(pipe, images, out / "latents", shard_size=opts.shard_size, encode_batch=opts.encode_batch, dtype=opts.dtype,
+                                       latent_mode=opts.latent_mode, seed=opts.seed, caption_column=opts.caption_column, progress=train.progress)
+        except ConfigError as e:  # the cache is the job's own: say what changed and what to do, not which directory to pick
+            if "with other settings" not in str(e):
+                raise
+            raise ConfigError(f"PeRFlow job {out}: its latent cache no longer matches the data ({e}); the images or captions in "
+                              f"{images} changed since the job cached them: start a new job (another --out)") from None
         data = LatentCacheData(cache, pipeline=pipe)  # training reads latents and text embeddings; the VAE and text encoder stay idle
         teacher_w, student_w = settings.scales()
         teacher.guidance = as_guidance(teacher_w, data.null_cond) if teacher_w != 1.0 else None
@@ -391,10 +397,8 @@ def _train_pipeline_job(folder: Path, out: Path, settings: PeRFlowSettings, trai
         trainer = Trainer(student, objective, train, out, model_config=mcfg, run_record=normalise(record)).fit(resume=True)
         final = (trainer.ema.model if trainer.ema is not None else trainer.model).eval()
 
-        export_pipeline(final, pipe, out / "diffusers")
-        exported = load_json(out / "diffusers" / "perflow.json")  # + the student's guidance, the default of `rectflow sample`
-        exported.update(guidance_scale=student_w, guidance_mode=settings.guidance_mode)
-        save_json(out / "diffusers" / "perflow.json", exported)
+        # the student's guidance (the default of `rectflow sample`) goes in before the folder is renamed into place
+        export_pipeline(final, pipe, out / "diffusers", extra={"guidance_scale": student_w, "guidance_mode": settings.guidance_mode})
         net = unwrap_unet(final.net)
         save_delta(out / "delta.safetensors", net, pipe.unet, boundaries, {"teacher": desc["path"]})
         lora = None
