@@ -363,3 +363,14 @@ def test_a_run_made_before_time_scale_resumes_with_its_own_config(tmp_path, kind
     if kind == "mlp":
         assert load_run(run).model.time_embed.freqs.max().item() == pytest.approx(1000.0)
         assert load_json(run / "config.json")["model"]["time_scale"] == 1000.0
+
+
+def test_an_mlp_passed_as_an_object_is_reloaded_with_the_time_scale_it_was_trained_with(tmp_path):
+    """Review finding: the time frequencies are not in the state dict, so the run records the MLP's
+    constructor arguments and loading with the class rebuilds the same network."""
+    run = tmp_path / "obj"
+    train_run(tiny(train__steps=5, model__kind="custom"), run, model=MLPVelocity(2, width=16, depth=2, time_dim=8, time_scale=1000.0))
+    loaded = load_run(run, model=MLPVelocity)
+    assert loaded.model.time_embed.freqs.max().item() == pytest.approx(1000.0)
+    with pytest.raises(CheckpointError, match="time_scale"):
+        load_run(run, model=MLPVelocity(2, width=16, depth=2, time_dim=8))  # another scale: refused, not silently loaded

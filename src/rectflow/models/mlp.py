@@ -47,6 +47,9 @@ class MLPVelocity(nn.Module):
         super().__init__()
         self.net = _mlp("MLPVelocity", dim, dim + time_dim, width, depth, activation)
         self.dim = dim
+        # the constructor's arguments: a run trained on this network as a user's object records them, so the
+        # time frequencies (not in the state dict) are rebuilt as trained, whatever the defaults become
+        self.config = {"dim": dim, "width": width, "depth": depth, "time_dim": time_dim, "activation": activation, "time_scale": float(time_scale)}
         self.time_embed = SinusoidalTimeEmbedding(time_dim, scale=time_scale)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
@@ -69,6 +72,7 @@ class MLPAverageVelocity(nn.Module):
         super().__init__()
         self.net = _mlp("MLPAverageVelocity", dim, dim + 2 * time_dim, width, depth, activation)
         self.dim = dim
+        self.config = {"dim": dim, "width": width, "depth": depth, "time_dim": time_dim, "activation": activation, "time_scale": float(time_scale)}
         self.time_embed = SinusoidalTimeEmbedding(time_dim, scale=time_scale)
         self.gap_embed = SinusoidalTimeEmbedding(time_dim, scale=time_scale)
 
