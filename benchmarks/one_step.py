@@ -205,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown task(s) {bad}; choose from {list(TASKS)}")
     partial = args.out / "tmp" / f"{args.name}_partial.jsonl"  # resumable: finished (task, seed) rows are kept
     partial.parent.mkdir(parents=True, exist_ok=True)
+    if not partial.is_file() and (args.out / f"{args.name}.json").is_file():  # a fresh clone: resume from the committed rows
+        with atomic_text(partial) as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in json.loads((args.out / f"{args.name}.json").read_text())["rows"])
     rows = [json.loads(line) for line in partial.read_text().splitlines()] if partial.is_file() else []
     done = {(r["task"], r["seed"]) for r in rows}
     if not args.report_only:
