@@ -271,8 +271,7 @@ def dpm_solver_pp_3m(model: Model, x: Tensor, grid, *, path: AffinePath, paramet
 def _dpm_solver_pp(model: Model, x: Tensor, grid, path: AffinePath, parameterization: str, order: int,
                    return_trajectory: bool) -> SolveResult:
     """The multistep loop of DPM-Solver++(2M) and (3M): the step of ``order`` from the last predictions."""
-    name = f"dpm_solver_pp_{order}m"
-    g = check_grid(grid, name=f"{name}: the time grid", increasing=True, unit_interval=True)
+    g = check_grid(grid, name=f"dpm_solver_pp_{order}m: the time grid", increasing=True, unit_interval=True)
     traj = [x] if return_trajectory else None
     preds: list[Tensor] = []  # the last x-hats, newest first, at half log-SNRs lams
     lams: list[float] = []
@@ -288,19 +287,18 @@ def _dpm_solver_pp(model: Model, x: Tensor, grid, path: AffinePath, parameteriza
             while k < len(lams) and math.isfinite(lams[k]) and math.isfinite(lams[k - 1]):
                 k += 1
         steps = [lams[j] - lams[j + 1] for j in range(k - 1)]
-        usable = preds
         decay = (a * b_n) / (a_n * b) if a > 0 and b > 0 else 0.0  # e^{-h}, finite at both ends
         if k == 1:
             d = x0
         elif order == 2:
             r = steps[0] / h
-            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * usable[1]
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * preds[1]
         else:
-            d1_0 = (usable[0] - usable[1]) / steps[0]
+            d1_0 = (preds[0] - preds[1]) / steps[0]
             if k == 2:  # the line through two predictions
                 slope, curve = d1_0, torch.zeros_like(x0)
             else:
-                second = (d1_0 - (usable[1] - usable[2]) / steps[1]) / (steps[0] + steps[1])
+                second = (d1_0 - (preds[1] - preds[2]) / steps[1]) / (steps[0] + steps[1])
                 slope, curve = d1_0 + steps[0] * second, 2 * second
             phi1, phi2, phi3 = 1 - decay, h - 1 + decay, h * h / 2 - h + 1 - decay
             d = x0 + (phi2 / phi1) * slope + (phi3 / phi1) * curve
