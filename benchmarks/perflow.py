@@ -71,6 +71,17 @@ def fit(model: torch.nn.Module, objective, cfg: TrainConfig) -> torch.nn.Module:
     return model.eval()
 
 
+def squeezed_time(windows: torch.Tensor, gap: float):
+    """Time input t -> t_k + (1 - gap)(t - t_k) in window k: equal at window starts (so a fresh student
+    still reproduces the teacher's K-step DDIM), and the end of window k stays gap * dt below the start of
+    window k + 1, which has another target (issue 15, item 6: one time, two targets)."""
+    def tau(t: torch.Tensor) -> torch.Tensor:
+        b = windows.to(t.device, torch.float64)
+        t0 = b[perflow.window_index(b, t)]
+        return (t0 + (1 - gap) * (t.double() - t0)).to(t.dtype)
+    return tau
+
+
 def teacher_net(args, data) -> tuple[torch.nn.Module, float, bool]:
     """The teacher's network, trained or read from the cache (keyed by its settings)."""
     key = dict(steps=args.teacher_steps, lr=args.teacher_lr, batch=args.batch, channels=args.channels,
@@ -104,6 +115,10 @@ def main() -> None:
     ap.add_argument("--window-spacing", choices=["time", "log_snr"], default="time")
     ap.add_argument("--window-solver-steps", type=int, default=12, help="teacher DDIM steps across one window")
     ap.add_argument("--start-fraction", type=float, default=0.8, help="share of training points at a window's start (0 = the paper's uniform t)")
+    ap.add_argument("--interior-gap", type=float, default=0.0,
+                    help="window-aware time input: the student's network sees t_k + (1 - gap)(t - t_k) inside window k, so a window's "
+                         "interior never reaches the next window's start time (0 = today's input; starts are unchanged either way)")
+    ap.add_argument("--seed", type=int, default=1, help="seed of the PeRFlow students (2-RF students use seed + 1)")
     ap.add_argument("--loss-space", default="x0", choices=["native", "velocity", "x0", "eps", "v"], help="space of the student's MSE")
     ap.add_argument("--ref-steps", type=int, default=50, help="teacher DDIM steps of the reference quality")
     ap.add_argument("--full-ode-steps", type=int, default=50, help="teacher DDIM steps per 2-RF pair")
@@ -164,9 +179,11 @@ def main() -> None:
         t0 = time.time()
         windows = perflow.make_windows(k, spacing=args.window_spacing, path=sch)
         student = perflow.PeRFlowStudent.from_teacher(teacher, windows)
+        if args.interior_gap > 0:
+            student.time_map = squeezed_time(windows, args.interior_gap)
         pobj = perflow.PeRFlowObjective(teacher, data, windows, solver_steps=args.window_solver_steps,
                                         start_fraction=args.start_fraction, loss_space=args.loss_space)
-        student = fit(student, pobj, train_cfg(args.student_steps, args.batch, args.student_lr, 1, args.student_ema))
+        student = fit(student, pobj, train_cfg(args.student_steps, args.batch, args.student_lr, args.seed, args.student_ema))
         with torch.no_grad():
             x = perflow.sample_perflow(student, noise, windows).x
         add(f"PeRFlow K={k}", x, k, pobj.teacher_nfe, time.time() - t0, windows=k)
@@ -180,7 +197,7 @@ def main() -> None:
         with torch.no_grad():
             z1 = torch.cat([perflow.teacher_ddim_sample(teacher, c, args.full_ode_steps).x for c in z0.split(1000)])
         rf2 = perflow.PeRFlowStudent.from_teacher(teacher, one)
-        rf2 = fit(rf2, perflow.PairsObjective(z0, z1, loss_space=args.loss_space), train_cfg(args.student_steps, args.batch, args.student_lr, 2, args.student_ema))
+        rf2 = fit(rf2, perflow.PairsObjective(z0, z1, loss_space=args.loss_space), train_cfg(args.student_steps, args.batch, args.student_lr, args.seed + 1, args.student_ema))
         train_s = time.time() - t0
         with torch.no_grad():
             for n in args.windows:
@@ -200,7 +217,8 @@ def main() -> None:
              f"Teacher: {args.parameterization}-prediction UNet ({args.channels} channels) on DDPM's linear schedule, {args.teacher_steps} steps, "
              f"batch {args.batch}, EMA {args.teacher_ema}.  Students: {args.student_steps} steps, lr {args.student_lr}, EMA {args.student_ema}; "
              f"PeRFlow windows uniform in {args.window_spacing}, {args.window_solver_steps} teacher DDIM steps per window solve, "
-             f"{args.start_fraction:g} of the training points at window starts, loss in {args.loss_space} space; "
+             f"{args.start_fraction:g} of the training points at window starts, loss in {args.loss_space} space, "
+             f"interior gap {args.interior_gap:g}, student seed {args.seed}; "
              f"2-RF pairs: {args.full_ode_steps}-step DDIM.  Cost: teacher NFE per example, summed over training data.  "
              f"Total {result['total_s']:.0f} s.", "",
              "| method | NFE | FD | pixel FD | ODE error | teacher NFE spent | train s |", "|---|---:|---:|---:|---:|---:|---:|"]
