@@ -51,6 +51,7 @@ from rectflow.runs.experiment import load_run, train_run
 
 OUT = Path(__file__).parent / "results"
 NAME = "perflow_guidance"
+TEACHER_STEPS = (4, 8, 16, 50)  # the guided teacher baselines the issue names, besides the students' NFE
 
 
 def teacher_run(args) -> Path:
@@ -182,16 +183,16 @@ def main() -> None:
         return {"fd": frechet_distance(*st, *real_stats), "fd_ref": frechet_distance(*st, *ref_stats), "acc": acc,
                 "err": float((x - x_ref.clamp(-1, 1)).square().flatten(1).sum(1).mean())}
 
-    # the teacher: reference and the same NFE as the students
+    # the teacher: reference, the students' NFE, and the guided sampler at 4 / 8 / 16 / 50 steps
     for w in args.guidance:
-        unit = f"teacher-w{w:g}"
+        unit = f"teacher-w{w:g}-4-8-16-50"
         if unit in have:
             continue
         g = perflow.Teacher(net, path, "velocity", guidance=w)
         new = [dict(w=w, method=f"teacher, {args.ref_steps} guided Euler steps (reference)", option="reference", seed=None,
                     nfe=args.ref_steps * g.nfe_per_eval, teacher_nfe_per_example=0, train_s=0.0, **quality(refs[w][0], w))]
         with torch.no_grad():
-            for steps in sorted({k // g.nfe_per_eval, k}):
+            for steps in sorted({k // g.nfe_per_eval, k, *TEACHER_STEPS}):
                 res = perflow.teacher_ddim_sample(g, noise, steps, cond=labels)
                 new.append(dict(w=w, method=f"teacher, {steps} guided Euler steps", option="teacher", seed=None, nfe=res.nfe,
                                 teacher_nfe_per_example=0, train_s=0.0, **quality(res.x, w)))
