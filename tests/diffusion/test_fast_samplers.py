@@ -116,6 +116,36 @@ def test_edm_heun_into_sigma_zero_and_churn_on_a_point_mass():
         edm_heun(const, z0, time_grid(4), path=path, parameterization="x0")
 
 
+def test_edm_churn_keeps_the_gaussian_marginal():
+    """The size of the churn noise: with the exact denoiser of Gaussian data, a heavily churned run
+    still ends on the data's mean and spread (too little or too much noise moves the spread)."""
+    path = FlowMatchingSchedule()
+    grid = times_from_sigmas(path, karras_sigmas(39), append_data_end=True)
+    z0 = on_marginal(path, grid[0], torch.randn(20000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    x = edm_heun(denoiser(path), z0, grid, path=path, parameterization="x0", s_churn=40.0, generator=torch.Generator().manual_seed(1)).x
+    assert abs(float(x.std()) - S) < 0.04 and abs(float(x.mean()) - MU) < 0.02, (float(x.mean()), float(x.std()))
+
+
+def test_edm_churn_never_raises_the_noise_above_what_the_schedule_expresses():
+    """On DDPM's schedule sigma tops out at t = 0 (about 157); churn there would need a noise level the
+    model cannot be told, so sigma-hat is capped at the schedule's largest sigma."""
+    from rectflow.diffusion.schedules import DDPMSchedule
+    path, told = DDPMSchedule(), []
+
+    def spy(z, t):
+        told.append(float(t[0]))
+        return torch.zeros_like(z)
+
+    z0 = 150 * torch.randn(4, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grid = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    calm = edm_heun(spy, z0, grid, path=path, parameterization="x0", return_trajectory=True)
+    churned = edm_heun(spy, z0, grid, path=path, parameterization="x0", s_churn=100.0, generator=torch.Generator().manual_seed(1),
+                       return_trajectory=True)
+    torch.testing.assert_close(churned.trajectory[1], calm.trajectory[1])  # the first step: no room to churn at sigma_max
+    assert not torch.equal(churned.x, calm.x)  # the second step churns
+    assert told[len(told) // 2] == 0.0
+
+
 def test_edm_table_gives_unit_variance_input_and_target():
     sigma_data = 0.5
     for sigma in (0.01, 0.5, 3.0, 50.0):

@@ -54,7 +54,8 @@ def test_divergence_estimators_on_an_affine_map():
     f = lambda x, t: x @ a.T  # noqa: E731  div = trace(a) = 1.7 everywhere
     x = torch.randn(4, 3, generator=gen())
     v, div = divergence_exact(f, x, torch.zeros(4))
-    torch.testing.assert_close(v, x @ a.T) and torch.testing.assert_close(div, torch.full((4,), 1.7))
+    torch.testing.assert_close(v, x @ a.T)
+    torch.testing.assert_close(div, torch.full((4,), 1.7))
     probes = torch.randn(20000, 4, 3, generator=gen(3))
     _, est = divergence_hutchinson(f, x, torch.zeros(4), probes)
     assert torch.allclose(est, torch.full((4,), 1.7), atol=0.1)
@@ -105,3 +106,26 @@ def test_a_field_that_ignores_x_has_zero_divergence(estimator):
     half = log_likelihood(lambda x, t: torch.stack([-x[:, 0], torch.ones_like(x[:, 1])], 1), x1, source, method="rk4", steps=3,
                           estimator=estimator, probes=64, generator=torch.Generator().manual_seed(1))
     assert torch.allclose(half.divergence, torch.full((6,), -1.0, dtype=torch.float64), atol=1e-9 if estimator == "exact" else 0.5)
+
+
+def test_a_model_that_hides_its_graph_is_refused_not_read_as_divergence_free():
+    """A field that depends on x but returns no autograd graph (run under no_grad, detached, exported)
+    must not be taken for a translation: its log-density would silently lose the divergence."""
+    def frozen(x, t):
+        with torch.no_grad():
+            return gaussian_flow(x, t)
+    x1 = torch.randn(3, 2, dtype=torch.float64, generator=gen(4))
+    for estimator in ("exact", "hutchinson"):
+        with pytest.raises(ConfigError, match="autograd graph"):
+            log_likelihood(frozen, x1, Gaussian(2), method="rk4", steps=4, estimator=estimator, generator=gen(5))
+
+
+def test_a_source_that_does_not_fit_the_data_is_refused():
+    zero = lambda x, t: 0 * x  # noqa: E731
+    with pytest.raises(ConfigError, match="dimension"):  # 2-D Gaussian for 3-D points: off by log(2 pi) / 2 otherwise
+        log_likelihood(zero, torch.randn(4, 3, dtype=torch.float64), Gaussian(2), method="euler", steps=2)
+    with pytest.raises(ConfigError, match="dimension"):  # and for images
+        log_likelihood(zero, torch.randn(2, 1, 2, 2, dtype=torch.float64), Gaussian(2), method="euler", steps=2)
+    normal = torch.distributions.Normal(torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64))
+    with pytest.raises(ConfigError, match=r"log_prob.*\(2,\)"):  # a per-coordinate log_prob (B, D), not (B,)
+        log_likelihood(zero, torch.randn(2, 2, dtype=torch.float64), normal, method="euler", steps=2)

@@ -78,6 +78,15 @@ def test_draws_are_ordered_and_seeded_with_the_asked_share_of_equal_times():
         MeanFlowObjective(IndependentCoupling(Gaussian(2), Gaussian(2)), equal_fraction=1.5)
 
 
+def test_flow_matching_rows_sit_at_the_noisier_of_the_two_times():
+    """MeanFlow sets r = t on its flow-matching rows with t the noisier draw (the paper's time runs
+    from data to noise); in our time that is the smaller draw s, mean 1/3 under uniform draws."""
+    obj = MeanFlowObjective(IndependentCoupling(Gaussian(2), Gaussian(2)), equal_fraction=1.0)
+    b = obj.draw(100000, gen(11), torch.device("cpu"))
+    assert torch.equal(b.s, b.t)
+    assert abs(float(b.s.double().mean()) - 1 / 3) < 0.01
+
+
 @pytest.mark.slow
 def test_a_short_meanflow_run_learns_a_one_step_map():
     target = Gaussian(2, mean=2.0, std=0.5)
@@ -113,6 +122,24 @@ def test_shortcut_draws_live_on_the_dyadic_grid_and_d_zero_is_flow_matching():
     x0, x1, t = torch.randn(16, 2, generator=gen(7)), torch.randn(16, 2, generator=gen(8)), torch.rand(16, generator=gen(9))
     sc = ShortcutObjective(IndependentCoupling(Gaussian(2), Gaussian(2))).loss(net, MeanFlowBatch(x0, x1, t, t))
     torch.testing.assert_close(sc.loss, flow_matching_loss(lambda x, tt: net(x, tt, tt), x0, x1, t).loss)
+
+
+def test_every_jump_the_shortcut_targets_query_is_itself_trained():
+    """The consistency targets of the smallest level (half jumps of 2^-levels) query the model at gap 0,
+    the flow-matching input, so no query reads an untrained step size."""
+    levels = 3
+    obj = ShortcutObjective(IndependentCoupling(Gaussian(2), Gaussian(2)), levels=levels, consistency_fraction=1.0)
+    b = obj.draw(4000, gen(12), torch.device("cpu"))
+    trained = {0.0} | set((2 * (b.t - b.s)).double().round(decimals=9).tolist())
+    queried: set[float] = set()
+
+    def spy(z, s, t):
+        queried.update((t - s).double().round(decimals=9).tolist())
+        return torch.zeros_like(z)
+
+    shortcut_target(spy, torch.zeros(len(b.s), 2), b.s, b.t - b.s, smallest=2.0**-levels)
+    assert queried <= trained, sorted(queried - trained)
+    assert 0.0 in queried
 
 
 @pytest.mark.slow

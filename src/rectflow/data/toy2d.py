@@ -67,6 +67,8 @@ class Gaussian:
 
     def log_prob(self, x: Tensor) -> Tensor:
         """log N(x; mean, std^2 I) of points (B, dim) -> (B,) (theory §3.4 needs it for likelihoods)."""
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise DataError(f"gaussian: log_prob takes points of shape (B, {self.dim}), got {list(x.shape)}")
         z = (x - self.mean) / self.std
         return -0.5 * z.square().sum(-1) - self.dim * (math.log(self.std) + 0.5 * math.log(2 * math.pi))
 

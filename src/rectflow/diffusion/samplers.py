@@ -317,7 +317,9 @@ def edm_heun(model: Model, x: Tensor, grid, *, path: AffinePath, parameterizatio
     to sigma-hat = sigma_i (1 + gamma) with gamma = min(s_churn / N, sqrt(2) - 1) when s_tmin <=
     sigma_i <= s_tmax (fresh noise of std s_noise sqrt(sigma-hat^2 - sigma_i^2)), then takes a Heun step
     of dy/dsigma = (y - x-hat(y, sigma)) / sigma to sigma_{i+1} (an Euler step when sigma_{i+1} = 0).
-    s_churn = 0 is deterministic.  The grid must start where a > 0 (sigma finite).
+    s_churn = 0 is deterministic.  The grid must start where a > 0 (sigma finite).  sigma-hat is
+    capped at the path's sigma at t = 0 (e.g. about 157 on DDPM's schedule; infinite on the flow
+    path), the largest noise level the model can be told.
     NFE = 2 N - 1 with N steps into sigma = 0 (2 N otherwise).
     """
     if not (s_churn >= 0 and s_noise >= 0):
@@ -328,6 +330,8 @@ def edm_heun(model: Model, x: Tensor, grid, *, path: AffinePath, parameterizatio
     if not a0 > 0:
         raise SingularConversionError(f"edm_heun: the grid starts at t = {g[0]:.6g} where alpha = 0 (sigma = b / a is infinite); start it at t > 0")
     sig = [b / a if a > 0 else math.inf for a, b, _, _ in (_coef(path, t) for t in g)]
+    a_top, b_top, _, _ = _coef(path, 0.0)
+    sig_top = b_top / a_top if a_top > 0 else math.inf  # the largest sigma the path can tell the model (at t = 0)
 
     def t_of(sigma: float) -> float:
         return float(time_from_log_snr(path, torch.tensor([-2 * math.log(sigma)], dtype=torch.float64))[0]) if sigma > 0 else 1.0
@@ -343,8 +347,8 @@ def edm_heun(model: Model, x: Tensor, grid, *, path: AffinePath, parameterizatio
     for i in range(n_steps):
         s_i, s_next = sig[i], sig[i + 1]
         gamma = min(s_churn / n_steps, math.sqrt(2) - 1) if s_tmin <= s_i <= s_tmax else 0.0
-        s_hat = s_i * (1 + gamma)
-        if gamma > 0:
+        s_hat = min(s_i * (1 + gamma), max(sig_top, s_i))
+        if s_hat > s_i:
             y = y + s_noise * math.sqrt(s_hat**2 - s_i**2) * _randn(y, generator)
         d = (y - denoise(y, s_hat)) / s_hat
         nfe += 1

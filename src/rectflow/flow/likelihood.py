@@ -41,6 +41,18 @@ class Likelihood(NamedTuple):
     nfe: int
 
 
+def _without_graph(f: Velocity, x: Tensor, t: Tensor, v: Tensor) -> Tensor:
+    """v of a field that returned no autograd graph, if it truly ignores x (then its divergence is 0);
+    a field that moves with x but hides its graph (run under ``torch.no_grad``, detached, an exported
+    module) is refused: reading it as divergence-free would silently drop the density change."""
+    with torch.no_grad():
+        moved = f(x.detach() + 1e-3 * (1 + x.detach().abs()), t)
+    if not torch.equal(moved, v):
+        raise ConfigError("log-likelihood: the model's output depends on x but carries no autograd graph (is it run under "
+                          "torch.no_grad, detached, or an exported module?); the divergence needs gradients of v with respect to x")
+    return v.detach()
+
+
 def divergence_exact(f: Velocity, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     """v = f(x, t) (B, ...) and its exact divergence sum_i dv_i/dx_i (B,), one backward pass per dimension."""
     with torch.enable_grad():
@@ -48,8 +60,8 @@ def divergence_exact(f: Velocity, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]
         v = f(x, t)
         flat = v.reshape(v.shape[0], -1)
         div = torch.zeros(v.shape[0], dtype=v.dtype, device=v.device)
-        if not v.requires_grad:  # a field with no graph to x (a translation): divergence 0
-            return v.detach(), div
+        if not v.requires_grad:  # no graph to x: a translation (divergence 0), or a model that hides its graph
+            return _without_graph(f, x, t, v), div
         for i in range(flat.shape[1]):
             (g,) = torch.autograd.grad(flat[:, i].sum(), x, retain_graph=i + 1 < flat.shape[1], allow_unused=True)
             if g is not None:  # None: this output does not depend on x
@@ -64,8 +76,8 @@ def divergence_hutchinson(f: Velocity, x: Tensor, t: Tensor, probes: Tensor) -> 
         x = x.detach().requires_grad_(True)
         v = f(x, t)
         est = torch.zeros(v.shape[0], dtype=v.dtype, device=v.device)
-        if not v.requires_grad:  # a field with no graph to x (a translation): divergence 0
-            return v.detach(), est
+        if not v.requires_grad:  # no graph to x: a translation (divergence 0), or a model that hides its graph
+            return _without_graph(f, x, t, v), est
         for p in range(probes.shape[0]):
             (g,) = torch.autograd.grad(v, x, grad_outputs=probes[p], retain_graph=p + 1 < probes.shape[0], allow_unused=True)
             if g is not None:
@@ -115,6 +127,10 @@ def log_likelihood(
             eps = eps.sign() + (eps == 0)  # +-1 with equal probability
     b, shape = x1.shape[0], x1.shape[1:]
     d = math.prod(shape)
+    src_dim = getattr(source, "dim", None)
+    if isinstance(src_dim, int) and src_dim != d:
+        raise ConfigError(f"log-likelihood: the source {type(source).__name__} has dimension {src_dim} but the data have {d} "
+                          f"(shape {list(shape)}); its density would be the wrong one")
 
     def augmented(s: Tensor, t: Tensor) -> Tensor:
         x = s[:, :d].reshape(b, *shape)
@@ -126,6 +142,9 @@ def log_likelihood(
     x0 = res.x[:, :d].reshape(b, *shape)
     divergence = -res.x[:, d]  # theory §3.4: the accumulated column is int_1^0 div = -int_0^1 div
     prior = source.log_prob(x0)
+    if tuple(prior.shape) != (b,):
+        raise ConfigError(f"log-likelihood: the source's log_prob must return one value per sample, shape ({b},), got {tuple(prior.shape)} "
+                          "(a per-coordinate density? sum it over the coordinates)")
     return Likelihood(prior - divergence, prior, divergence, x0, res.nfe)
 
 

@@ -94,7 +94,7 @@ class MeanFlowObjective:
         s, t = torch.minimum(a, b), torch.maximum(a, b)
         gdev = generator.device if generator is not None else x0.device
         equal = (torch.rand(n, generator=generator, device=gdev) < self.equal_fraction).to(x0.device)
-        return MeanFlowBatch(x0, x1, torch.where(equal, t, s), t)
+        return MeanFlowBatch(x0, x1, s, torch.where(equal, s, t))  # s = t rows at the noisier draw, as the paper's r = t
 
     def loss(self, model: nn.Module, batch: MeanFlowBatch) -> LossOutput:
         x0, x1, s, t = batch
@@ -106,12 +106,14 @@ class MeanFlowObjective:
 
 
 @torch.no_grad()
-def shortcut_target(model: AverageVelocity, z: Tensor, t: Tensor, d: Tensor) -> Tensor:
+def shortcut_target(model: AverageVelocity, z: Tensor, t: Tensor, d: Tensor, smallest: float = 0.0) -> Tensor:
     """(u(z, t, t + d) + u(z', t + d, t + 2d)) / 2 with z' = z + d u(z, t, t + d): the target of the jump
-    of size 2d (no gradient)."""
-    first = model(z, t, t + d)
+    of size 2d (no gradient).  Half jumps d <= ``smallest`` (the smallest level's, which no row
+    regresses) query the model at gap 0, the flow-matching input: two Euler steps of the velocity."""
+    gap = torch.where(d <= smallest * (1 + 1e-6), torch.zeros_like(d), d)
+    first = model(z, t, t + gap)
     z_mid = z + _col(d, z) * first
-    return 0.5 * (first + model(z_mid, t + d, t + 2 * d))
+    return 0.5 * (first + model(z_mid, t + d, t + d + gap))
 
 
 class ShortcutObjective:
@@ -120,8 +122,9 @@ class ShortcutObjective:
     A share ``1 - consistency_fraction`` of each batch is flow matching (d = 0: u(z_t, t, t) against
     X1 - X0); the rest draws d = 2^-k (k uniform in 1 .. ``levels``) and a start t on the grid of
     multiples of 2d below 1 - 2d, and regresses the jump of size 2d on :func:`shortcut_target`.
-    The smallest jump is 2^-levels; sample with ``sample_mean_flow(model, x, steps)`` for any steps
-    that are powers of two up to 2^levels.
+    The smallest trained jump is 2^(1 - levels) (the half jumps of 2^-levels query the flow-matching
+    input, gap 0); sample with ``sample_mean_flow(model, x, steps)`` for steps that are powers of two
+    up to 2^(levels - 1).
     """
 
     def __init__(self, coupling: Coupling, levels: int = 7, consistency_fraction: float = 0.25) -> None:
@@ -157,7 +160,7 @@ class ShortcutObjective:
         fm = d == 0
         target = (x1 - x0).clone()
         if bool((~fm).any()):
-            target[~fm] = shortcut_target(model, z[~fm], s[~fm], d[~fm])
+            target[~fm] = shortcut_target(model, z[~fm], s[~fm], d[~fm], smallest=2.0**-self.levels)
         err = per_sample_mse(model(z, s, torch.where(fm, t, s + 2 * d)), target)
         return LossOutput(err.mean(), err.detach())
 
