@@ -59,6 +59,14 @@ UNITS = {"fm": 3.0, "meanflow": 4.0, "shortcut": 3.0 * 0.75 + 5.0 * 0.25}
 SETTINGS = {"MeanFlow": {"adaptive_power": 0.0, "equal_fraction": 0.25}, "shortcut": {"levels": 7, "consistency_fraction": 0.25}}
 AVERAGE = (("meanflow", "MeanFlow"), ("shortcut", "shortcut"))
 LEGACY = {"MeanFlow": {"adaptive_power": 1.0, "equal_fraction": 0.25}, "shortcut": SETTINGS["shortcut"]}  # rows before settings were recorded
+# The objectives' code revision, recorded beside the settings: rows of an older revision are retrained too.
+# 2: MeanFlow's s = t rows at the noisier draw; shortcut's smallest half jumps queried at gap 0 (review of 2026-12-02).
+REVISION = 2
+
+
+def recorded_settings(label: str) -> dict[str, Any]:
+    """What a MeanFlow / shortcut row records: its objective's settings and the code revision."""
+    return {**SETTINGS[label], "revision": REVISION}
 STEPS = (1, 2, 4)
 WIDTH, DEPTH = 256, 3
 
@@ -138,15 +146,16 @@ def run_one(task: str, seed: int, args) -> list[dict[str, Any]]:
 def average_row(task: str, seed: int, kind: str, label: str, budget: float, batch: int, args, x0: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
     """Train the average-velocity method ``kind`` at the chain's ``budget`` and evaluate it."""
     model, steps, secs = train_average_velocity(task, seed, kind, budget, batch, args)
-    return {"task": task, "seed": seed, "compute": UNITS[kind] * batch * steps, "train_steps": steps, "train_s": secs, "settings": SETTINGS[label],
+    return {"task": task, "seed": seed, "compute": UNITS[kind] * batch * steps, "train_steps": steps, "train_s": secs, "settings": recorded_settings(label),
             "compute_ratio": UNITS[kind] * batch * steps / budget, **w2_rows(label, lambda x, k, m=model: sample_mean_flow(m, x, steps=k).x, x0, ref)}
 
 
 def refresh_stale(rows: list[dict[str, Any]], args, partial: Path) -> list[dict[str, Any]]:
-    """Retrain the MeanFlow / shortcut rows made with other settings than :data:`SETTINGS` (from the
-    chain's budget recorded in the same task and seed), rewriting the partial file after each."""
+    """Retrain the MeanFlow / shortcut rows made with other settings than :data:`SETTINGS` or an older
+    :data:`REVISION` (from the chain's budget recorded in the same task and seed), rewriting the
+    partial file after each."""
     for i, r in enumerate(rows):
-        if r["method"] in SETTINGS and r.get("settings", LEGACY[r["method"]]) != SETTINGS[r["method"]]:
+        if r["method"] in SETTINGS and r.get("settings", LEGACY[r["method"]]) != recorded_settings(r["method"]):
             budget = next(c["compute"] for c in rows if c["task"] == r["task"] and c["seed"] == r["seed"] and c["method"] == "2-RF + distill")
             kind = next(k for k, label in AVERAGE if label == r["method"])
             x0, ref = eval_sets(r["task"], args.n_eval, args.eval_seed)

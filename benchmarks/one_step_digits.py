@@ -51,7 +51,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _digits import SHAPE, DigitsFD, fit, make_unet, train_config
 from _machine import machine_info, machine_line, write_results
-from one_step import AVERAGE, SETTINGS, STEPS, UNITS, atomic_text
+from one_step import AVERAGE, SETTINGS, STEPS, UNITS, atomic_text, recorded_settings
 from rectflow.flow.couplings import IndependentCoupling
 from rectflow.flow.losses import FlowMatchingObjective
 from rectflow.flow.meanflow import MeanFlowObjective, ShortcutObjective, sample_mean_flow
@@ -116,7 +116,7 @@ def average_row(seed: int, kind: str, label: str, budget: float, args, fd: Digit
     model = fit(make_unet(args.channels, average=True), objective, train_config(steps, args.batch, args.lr, seed))
     secs = time.perf_counter() - t0
     return {"seed": seed, "method": label, "compute": UNITS[kind] * args.batch * steps, "train_steps": steps, "train_s": secs,
-            "settings": SETTINGS[label], **fds(lambda x, k: sample_mean_flow(model, x, steps=k).x, noise, fd)}
+            "settings": recorded_settings(label), **fds(lambda x, k: sample_mean_flow(model, x, steps=k).x, noise, fd)}
 
 
 def run_seed(seed: int, args, fd: DigitsFD, noise: torch.Tensor) -> list[dict[str, Any]]:
