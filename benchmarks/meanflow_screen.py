@@ -3,8 +3,11 @@ power p, the share of rows with s = t, and the learning rate, each run the toy2d
 
 One-step (and 2- and 4-jump) W2 on 2000 held-out points of N(0, I) -> 8 Gaussians after 3000 steps of
 the 3x256 :class:`~rectflow.models.MLPAverageVelocity`.  Settings are ``name:equal_fraction:lr:p``.
+``--task digits``: the 8x8 digits with the two-time 16-channel UNet of one_step_digits.py (batch 128,
+its training config) and the classifier-feature FD on 2000 samples instead of W2.
 
     .venv/bin/python benchmarks/meanflow_screen.py
+    .venv/bin/python benchmarks/meanflow_screen.py --task digits --steps 2000 --settings p1:0.25:0.002:1,p0:0.25:0.002:0 --name meanflow_screen_digits
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from rectflow.flow.meanflow import MeanFlowObjective, sample_mean_flow  # noqa: 
 from rectflow.flow.metrics import wasserstein2  # noqa: E402
 from rectflow.models import MLPAverageVelocity  # noqa: E402
 from toy2d import RECIPE, TASKS  # noqa: E402
+from _digits import DigitsFD, make_unet, train_config  # noqa: E402
 
 DEFAULT = "paper-p1:0.25:0.005:1,p0.5:0.25:0.005:0.5,p0:0.25:0.005:0,p0-equal50:0.5:0.005:0,p1-lr1e-3:0.25:0.001:1,p0-lr1e-3:0.25:0.001:0"
 
@@ -38,26 +42,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="meanflow_screen")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    src, tgt = make_distribution(TASKS[args.task]["source"]), make_distribution(TASKS[args.task]["target"])
     g = torch.Generator().manual_seed(12345)
-    x0, ref = src.sample(2000, generator=g), tgt.sample(2000, generator=g)
+    if args.task == "digits":
+        fd = DigitsFD(2000)
+        src, tgt = fd.source, fd.data
+        x0 = src.sample(2000, generator=g)
+        metric, what = (lambda x: fd(x)), "FD (classifier features, floor %.3f) on 2000 samples" % fd.floor
+        new_model = lambda: make_unet(16, average=True)  # noqa: E731
+        new_cfg = lambda lr: train_config(args.steps, 128, lr, 0)  # noqa: E731
+    else:
+        src, tgt = make_distribution(TASKS[args.task]["source"]), make_distribution(TASKS[args.task]["target"])
+        x0, ref = src.sample(2000, generator=g), tgt.sample(2000, generator=g)
+        metric, what = (lambda x: wasserstein2(x, ref)), "W2 on 2000 held-out points"
+        new_model = lambda: MLPAverageVelocity(2)  # noqa: E731
+        new_cfg = lambda lr: TrainConfig(**{**RECIPE["train"], "lr": lr, "steps": args.steps, "seed": 0, "progress": False,  # noqa: E731
+                                            "log_every": 500, "ckpt_every": 10**9, "device": "cpu"})
     rows = []
     for item in args.settings.split(","):
         name, ef, lr, p = item.split(":")
         torch.manual_seed(0)
-        cfg = TrainConfig(**{**RECIPE["train"], "lr": float(lr), "steps": args.steps, "seed": 0, "progress": False, "log_every": 500, "ckpt_every": 10**9, "device": "cpu"})
+        cfg = new_cfg(float(lr))
         t0 = time.perf_counter()
         objective = MeanFlowObjective(IndependentCoupling(src, tgt), equal_fraction=float(ef), adaptive_power=float(p))
-        model = Trainer(MLPAverageVelocity(2), objective, cfg).fit().eval_model
-        w2 = [wasserstein2(sample_mean_flow(model, x0, steps=k).x, ref) for k in (1, 2, 4)]
+        model = Trainer(new_model(), objective, cfg).fit().eval_model
+        w2 = [metric(sample_mean_flow(model, x0, steps=k).x) for k in (1, 2, 4)]
         rows.append({"name": name, "equal_fraction": float(ef), "lr": float(lr), "p": float(p), "w2@1": w2[0], "w2@2": w2[1], "w2@4": w2[2],
                      "train_s": time.perf_counter() - t0})
         print(rows[-1], flush=True)
     machine = machine_info()
     md = ["# MeanFlow training options (screen, one seed)", "", machine_line(machine), "",
-          f"{args.task}, {args.steps} steps of the 3x256 MLPAverageVelocity, toy2d recipe otherwise (cosine lr, warmup 200, EMA 0.999, "
-          "batch 256); W2 on 2000 held-out points after 1 / 2 / 4 jumps.", "",
-          "| setting | s = t share | lr | adaptive p | W2 1 jump | W2 2 jumps | W2 4 jumps |", "|---|---|---|---|---|---|---|"]
+          (f"digits, {args.steps} steps of the two-time 16-channel UNet (batch 128, cosine lr, EMA 0.999)" if args.task == "digits" else
+           f"{args.task}, {args.steps} steps of the 3x256 MLPAverageVelocity, toy2d recipe otherwise (cosine lr, warmup 200, EMA 0.999, batch 256)")
+          + f"; {what} after 1 / 2 / 4 jumps (columns named w2 in the JSON).", "",
+          "| setting | s = t share | lr | adaptive p | 1 jump | 2 jumps | 4 jumps |", "|---|---|---|---|---|---|---|"]
     md += [f"| {r['name']} | {r['equal_fraction']} | {r['lr']} | {r['p']} | {r['w2@1']:.3f} | {r['w2@2']:.3f} | {r['w2@4']:.3f} |" for r in rows]
     text = "\n".join(md)
     write_results(args.out, args.name, {"machine": machine, "rows": rows, "args": {k: str(v) for k, v in vars(args).items()}}, text)
