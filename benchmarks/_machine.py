@@ -27,6 +27,21 @@ def write_results(out_dir: Path, name: str, payload: dict[str, Any], markdown: s
     return js, md
 
 
+def resumable_rows(out_dir: Path, name: str) -> tuple[Path, list[dict[str, Any]]]:
+    """The partial JSONL of a resumable benchmark (``out_dir``/tmp/``name``_partial.jsonl) and its rows.
+    On a fresh clone, where only the committed ``name``.json exists, the partial file is seeded from
+    that file's rows, so a rerun continues the committed table instead of starting over."""
+    partial = out_dir / "tmp" / f"{name}_partial.jsonl"
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    committed = out_dir / f"{name}.json"
+    if not partial.is_file() and committed.is_file():
+        tmp = partial.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in json.loads(committed.read_text())["rows"]))
+        tmp.replace(partial)
+    rows = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()] if partial.is_file() else []
+    return partial, rows
+
+
 class LoadMeter:
     """CPU used by *other* processes while a measurement runs, in cores (0 = machine to ourselves).
 

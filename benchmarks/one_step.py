@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine_info, machine_line, write_results  # noqa: E402
+from _machine import machine_info, machine_line, resumable_rows, write_results  # noqa: E402
 from rectflow.data import make_distribution  # noqa: E402
 from rectflow.engine.trainer import TrainConfig, Trainer  # noqa: E402
 from rectflow.flow.couplings import IndependentCoupling  # noqa: E402
@@ -212,12 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = [t for t in tasks if t not in TASKS]
     if bad:
         ap.error(f"unknown task(s) {bad}; choose from {list(TASKS)}")
-    partial = args.out / "tmp" / f"{args.name}_partial.jsonl"  # resumable: finished (task, seed) rows are kept
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    if not partial.is_file() and (args.out / f"{args.name}.json").is_file():  # a fresh clone: resume from the committed rows
-        with atomic_text(partial) as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in json.loads((args.out / f"{args.name}.json").read_text())["rows"])
-    rows = [json.loads(line) for line in partial.read_text().splitlines()] if partial.is_file() else []
+    partial, rows = resumable_rows(args.out, args.name)  # finished rows are kept; a fresh clone resumes from the committed ones
     done = {(r["task"], r["seed"]) for r in rows}
     if not args.report_only:
         rows = refresh_stale(rows, args, partial)

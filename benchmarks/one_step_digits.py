@@ -50,8 +50,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _digits import SHAPE, DigitsFD, fit, make_unet, train_config
-from _machine import machine_info, machine_line, write_results
-from one_step import AVERAGE, SETTINGS, STEPS, UNITS, atomic_text, recorded_settings
+from _machine import machine_info, machine_line, resumable_rows, write_results
+from one_step import AVERAGE, SETTINGS, STEPS, UNITS, recorded_settings
 from rectflow.flow.couplings import IndependentCoupling
 from rectflow.flow.losses import FlowMatchingObjective
 from rectflow.flow.meanflow import MeanFlowObjective, ShortcutObjective, sample_mean_flow
@@ -181,12 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-only", action="store_true", help="train nothing: tabulate the finished seeds of the partial file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    partial = args.out / "tmp" / f"{args.name}_partial.jsonl"
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    if not partial.is_file() and (args.out / f"{args.name}.json").is_file():  # a fresh clone: resume from the committed rows
-        with atomic_text(partial) as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in json.loads((args.out / f"{args.name}.json").read_text())["rows"])
-    rows = [json.loads(line) for line in partial.read_text().splitlines()] if partial.is_file() else []
+    partial, rows = resumable_rows(args.out, args.name)  # finished rows are kept; a fresh clone resumes from the committed ones
     sizes = {k: getattr(args, k) for k in SIZES}
     other = sorted({r["seed"] for r in rows if r["sizes"] != sizes})
     if other:
