@@ -10,7 +10,7 @@ shortcut its two-time variant) through the library's ``Trainer`` and objectives,
 3. 2-RF: flow matching on those pairs, from the 1-RF's EMA weights, ``--reflow-steps`` at ``--student-lr``;
 4. as many pairs of the 2-RF; distillation (``DistillationObjective``, pseudo-Huber) from the 2-RF's
    weights, ``--distill-steps`` steps;
-5. MeanFlow and shortcut (one_step.py's SETTINGS), from scratch at ``--lr``, given as many steps as
+5. MeanFlow and shortcut (one_step.py's SETTINGS, MeanFlow with p = 1: DIGITS_SETTINGS), from scratch at ``--lr``, given as many steps as
    make their compute equal to the whole chain's.
 
 Compute units are one_step.py's UNITS (network passes per sample: flow matching 3 per step, MeanFlow
@@ -51,7 +51,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _digits import SHAPE, DigitsFD, fit, make_unet, train_config
 from _machine import machine_info, machine_line, resumable_rows, write_results
-from one_step import AVERAGE, SETTINGS, STEPS, UNITS, recorded_settings
+from one_step import AVERAGE, REVISION, SETTINGS, STEPS, UNITS
 from rectflow.flow.couplings import IndependentCoupling
 from rectflow.flow.losses import FlowMatchingObjective
 from rectflow.flow.meanflow import MeanFlowObjective, ShortcutObjective, sample_mean_flow
@@ -59,6 +59,9 @@ from rectflow.flow.sampling import sample_model
 from rectflow.reflow.distill import DistillationObjective, make_distill_loss
 from rectflow.reflow.pairs import PairCoupling, generate_pairs
 
+# one_step.py's settings, but MeanFlow with the paper's adaptive weight p = 1, the measured best on images
+# (benchmarks/results/meanflow_screen_digits.md: one-step FD 100 at p = 1 vs 200 at p = 0 after 2000 steps)
+DIGITS_SETTINGS = {"MeanFlow": {**SETTINGS["MeanFlow"], "adaptive_power": 1.0}, "shortcut": SETTINGS["shortcut"]}
 SIZES = ("steps", "reflow_steps", "distill_steps", "pairs", "batch", "channels", "lr", "student_lr", "pair_solver", "pair_tol",
          "huber_c", "n_eval", "eval_seed")
 
@@ -110,13 +113,13 @@ def average_row(seed: int, kind: str, label: str, budget: float, args, fd: Digit
     """Train the average-velocity method ``kind`` (MeanFlow or shortcut) at the chain's ``budget``."""
     steps = max(1, round(budget / (UNITS[kind] * args.batch)))
     coupling = IndependentCoupling(fd.source, fd.data)
-    objective = MeanFlowObjective(coupling, **SETTINGS["MeanFlow"]) if kind == "meanflow" else ShortcutObjective(coupling, **SETTINGS["shortcut"])
+    objective = MeanFlowObjective(coupling, **DIGITS_SETTINGS["MeanFlow"]) if kind == "meanflow" else ShortcutObjective(coupling, **DIGITS_SETTINGS["shortcut"])
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     model = fit(make_unet(args.channels, average=True), objective, train_config(steps, args.batch, args.lr, seed))
     secs = time.perf_counter() - t0
     return {"seed": seed, "method": label, "compute": UNITS[kind] * args.batch * steps, "train_steps": steps, "train_s": secs,
-            "settings": recorded_settings(label), **fds(lambda x, k: sample_mean_flow(model, x, steps=k).x, noise, fd)}
+            "settings": {**DIGITS_SETTINGS[label], "revision": REVISION}, **fds(lambda x, k: sample_mean_flow(model, x, steps=k).x, noise, fd)}
 
 
 def run_seed(seed: int, args, fd: DigitsFD, noise: torch.Tensor) -> list[dict[str, Any]]:
@@ -201,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for r in rows if r["seed"] < args.seeds]
     machine = machine_info()
     md = render(rows, fd.floor, fd.accuracy, machine, args)
-    payload = {"machine": machine, "rows": rows, "floor": fd.floor, "classifier_accuracy": fd.accuracy, "units": UNITS, "settings": SETTINGS,
+    payload = {"machine": machine, "rows": rows, "floor": fd.floor, "classifier_accuracy": fd.accuracy, "units": UNITS, "settings": DIGITS_SETTINGS,
                "args": {k: str(v) for k, v in vars(args).items()}}
     js, mdp = write_results(args.out, args.name, payload, md)
     print(md)

@@ -67,18 +67,22 @@ class MeanFlowObjective:
         equal_fraction: the share of samples with s = t (plain flow matching), which anchors u at
             the instantaneous velocity (the paper uses 25-75 %).
         adaptive_power: p of the paper's adaptive weighting: each squared error e is divided by
-            sg(e + c)^p.  p = 0 (the default) is the plain squared error; the paper's p = 1 (for
-            images) made the 2-D one-step W2 2-3x worse in a screen on N -> 8 Gaussians (2.09 vs 0.65
-            at 3000 steps; p = 0.5: 0.78; benchmarks/results/meanflow_screen.md).
+            sg(e + c)^p (p = 0: the plain squared error).  None (the default) takes the measured best
+            for the data's shape (benchmarks/results/meanflow_screen*.md): p = 0 for points (B, D)
+            (N -> 8 Gaussians, 3000 steps: one-step W2 0.63 at p = 0, 0.74 at 0.5, 1.43 at 1) and the
+            paper's p = 1 for images (B, C, H, W) (8x8 digits, 2000 steps: one-step FD 100 at p = 1,
+            200 at p = 0).
+        adaptive_c: the c of the weighting.
     """
 
-    def __init__(self, coupling: Coupling, time_sampler: Any = None, equal_fraction: float = 0.25, adaptive_power: float = 0.0,
+    def __init__(self, coupling: Coupling, time_sampler: Any = None, equal_fraction: float = 0.25, adaptive_power: float | None = None,
                  adaptive_c: float = 1e-3) -> None:
         if not 0.0 <= equal_fraction <= 1.0:
             raise ConfigError(f"meanflow: equal_fraction must lie in [0, 1], got {equal_fraction}")
-        if not (adaptive_power >= 0 and adaptive_c > 0):
-            raise ConfigError(f"meanflow: adaptive_power must be >= 0 and adaptive_c > 0, got {adaptive_power}, {adaptive_c}")
-        self.adaptive_power, self.adaptive_c = float(adaptive_power), float(adaptive_c)
+        if not ((adaptive_power is None or adaptive_power >= 0) and adaptive_c > 0):
+            raise ConfigError(f"meanflow: adaptive_power must be None or >= 0 and adaptive_c > 0, got {adaptive_power}, {adaptive_c}")
+        self.adaptive_power = None if adaptive_power is None else float(adaptive_power)
+        self.adaptive_c = float(adaptive_c)
         self.coupling = check_coupling(coupling)
         self.time_sampler = time_sampler or UniformTime()
         self.equal_fraction = float(equal_fraction)
@@ -96,12 +100,19 @@ class MeanFlowObjective:
         equal = (torch.rand(n, generator=generator, device=gdev) < self.equal_fraction).to(x0.device)
         return MeanFlowBatch(x0, x1, s, torch.where(equal, s, t))  # s = t rows at the noisier draw, as the paper's r = t
 
+    def power_for(self, x: Tensor) -> float:
+        """The adaptive weight's power for data like ``x``: the given one, else 0 for points, 1 for images."""
+        if self.adaptive_power is not None:
+            return self.adaptive_power
+        return 1.0 if x.dim() > 2 else 0.0
+
     def loss(self, model: nn.Module, batch: MeanFlowBatch) -> LossOutput:
         x0, x1, s, t = batch
         z = x0 + _col(s, x0) * (x1 - x0)  # theory §2.6: the straight path at the start time s
         u, target = meanflow_target(model, z, s, t, x1 - x0)
         err = per_sample_mse(u, target)
-        weighted = err / (err.detach() + self.adaptive_c) ** self.adaptive_power if self.adaptive_power else err
+        p = self.power_for(x0)
+        weighted = err / (err.detach() + self.adaptive_c) ** p if p else err
         return LossOutput(weighted.mean(), err.detach())
 
 
