@@ -449,3 +449,9 @@ def test_pipeline_job_whose_images_changed_says_so(sd_folder, tmp_path):
     write_caption_folder(images, seed=1)  # same names and captions, other pixels
     with pytest.raises(ConfigError, match="changed since the job cached them: start a new job"):
         train_perflow(sd_folder, tmp_path / "job", train=_latent_train(4), **kw)
+
+
+def test_the_default_window_solve_is_the_measured_one():
+    """24 teacher steps per window: 2.19 / 2.25 vs 12 steps' 2.52 / 2.57 FD on digits, two seeds
+    (benchmarks/results/perflow_levers.md); the cap of the target is the teacher's 4 x 24-step solve."""
+    assert PeRFlowSettings().solver_steps == 24

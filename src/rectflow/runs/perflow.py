@@ -84,10 +84,10 @@ class PeRFlowSettings:
 
     windows: int = 4  # K: number of time windows = sampling steps
     spacing: str = "time"  # time | log_snr: how the window boundaries are placed
-    solver_steps: int = 12  # teacher DDIM steps across one window (teacher NFE per training example)
+    solver_steps: int = 24  # teacher DDIM steps across one window (teacher NFE per training example; 24 beat 12 on digits, perflow_levers.md)
     loss_space: str = "x0"  # native (the teacher's output kind on the window path) | velocity | x0 | eps | v
     start_fraction: float = 0.8  # share of training points at window starts (0 = the paper's uniform t), see PeRFlowObjective
-    # (defaults: the best of benchmarks/results/perflow_study.md)
+    # (defaults: the best of benchmarks/results/perflow_study.md and perflow_levers.md)
     # Conditional teachers only (class labels, or text for a pipeline; theory §5.5); recorded for them, left out of unconditional jobs' records:
     guidance: float = 1.0  # classifier-free guidance scale w
     p_uncond: float = 0.0  # condition dropout of the student's training (keeps its unconditional branch for CFG)
