@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _digits import fit, make_unet, train_config  # noqa: E402  (the digits UNet and training config, shared)
 from _machine import machine_info, machine_line  # noqa: E402
 
 from rectflow import perflow  # noqa: E402
@@ -44,31 +45,10 @@ from rectflow.flow.couplings import IndependentCoupling  # noqa: E402
 from rectflow.data.images import ImageDataset, ImageGaussian, load_digits_images  # noqa: E402
 from rectflow.images.metrics import extract_features, feature_statistics, frechet_distance  # noqa: E402
 from rectflow.engine.io import load_tensors, save_json, save_tensors  # noqa: E402
-from rectflow.models.unet import UNetVelocity  # noqa: E402
 from rectflow.diffusion.schedules import DDPMSchedule  # noqa: E402
-from rectflow.engine.trainer import TrainConfig, Trainer  # noqa: E402
 from rectflow.diffusion.weighting import DiffusionObjective  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
-
-
-def make_net(channels: int) -> UNetVelocity:
-    return UNetVelocity(in_channels=1, image_size=8, channels=channels, channel_mult=(1, 2), num_res_blocks=1,
-                        attention_resolutions=(), dropout=0.0, head_channels=16)
-
-
-def train_cfg(steps: int, batch: int, lr: float, seed: int, ema: float) -> TrainConfig:
-    return TrainConfig(steps=steps, batch_size=batch, lr=lr, lr_schedule="cosine", warmup_steps=min(100, steps // 10),
-                       ema_decay=ema, device="cpu", progress=False, ckpt_every=10**9, log_every=max(steps // 4, 1),
-                       seed=seed, grad_clip=1.0, workers=0)
-
-
-def fit(model: torch.nn.Module, objective, cfg: TrainConfig) -> torch.nn.Module:
-    """Train and return the EMA weights (or the raw ones without EMA), in eval mode."""
-    tr = Trainer(model, objective, cfg).fit(resume=False)
-    if tr.ema is not None:
-        model.load_state_dict(tr.ema.model.state_dict())
-    return model.eval()
 
 
 def squeezed_time(windows: torch.Tensor, gap: float):
@@ -88,7 +68,7 @@ def teacher_net(args, data) -> tuple[torch.nn.Module, float, bool]:
                parameterization=args.parameterization, ema=args.teacher_ema, seed=0)
     tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     path = args.cache / f"teacher-{tag}.safetensors"
-    net = make_net(args.channels)
+    net = make_unet(args.channels)
     if path.exists():
         tensors, _ = load_tensors(path)
         net.load_state_dict(tensors)
@@ -96,7 +76,7 @@ def teacher_net(args, data) -> tuple[torch.nn.Module, float, bool]:
     torch.manual_seed(0)
     t0 = time.time()
     obj = DiffusionObjective(IndependentCoupling(ImageGaussian((1, 8, 8)), data), DDPMSchedule(), args.parameterization)
-    net = fit(net, obj, train_cfg(args.teacher_steps, args.batch, args.teacher_lr, 0, args.teacher_ema))
+    net = fit(net, obj, train_config(args.teacher_steps, args.batch, args.teacher_lr, 0, args.teacher_ema))
     save_tensors(path, {k: v.contiguous() for k, v in net.state_dict().items()}, {"settings": json.dumps(key)})
     save_json(path.with_suffix(".json"), key)
     return net, time.time() - t0, False
@@ -183,7 +163,7 @@ def main() -> None:
             student.time_map = squeezed_time(windows, args.interior_gap)
         pobj = perflow.PeRFlowObjective(teacher, data, windows, solver_steps=args.window_solver_steps,
                                         start_fraction=args.start_fraction, loss_space=args.loss_space)
-        student = fit(student, pobj, train_cfg(args.student_steps, args.batch, args.student_lr, args.seed, args.student_ema))
+        student = fit(student, pobj, train_config(args.student_steps, args.batch, args.student_lr, args.seed, args.student_ema))
         with torch.no_grad():
             x = perflow.sample_perflow(student, noise, windows).x
         add(f"PeRFlow K={k}", x, k, pobj.teacher_nfe, time.time() - t0, windows=k)
@@ -197,7 +177,7 @@ def main() -> None:
         with torch.no_grad():
             z1 = torch.cat([perflow.teacher_ddim_sample(teacher, c, args.full_ode_steps).x for c in z0.split(1000)])
         rf2 = perflow.PeRFlowStudent.from_teacher(teacher, one)
-        rf2 = fit(rf2, perflow.PairsObjective(z0, z1, loss_space=args.loss_space), train_cfg(args.student_steps, args.batch, args.student_lr, args.seed + 1, args.student_ema))
+        rf2 = fit(rf2, perflow.PairsObjective(z0, z1, loss_space=args.loss_space), train_config(args.student_steps, args.batch, args.student_lr, args.seed + 1, args.student_ema))
         train_s = time.time() - t0
         with torch.no_grad():
             for n in args.windows:

@@ -25,9 +25,9 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _digits import DigitsFD  # noqa: E402
+from _digits import DigitsFD, train_config  # noqa: E402
 from _machine import machine_info, machine_line, write_results  # noqa: E402
-from perflow import teacher_net, train_cfg  # noqa: E402
+from perflow import teacher_net  # noqa: E402
 
 from rectflow import perflow  # noqa: E402
 from rectflow.diffusion.schedules import DDPMSchedule  # noqa: E402
@@ -96,7 +96,7 @@ def main() -> None:
     windows = perflow.make_windows(4)
     student = perflow.PeRFlowStudent.from_teacher(teacher, windows)
     obj = perflow.PeRFlowObjective(teacher, fd.data, windows, solver_steps=12, start_fraction=0.8, loss_space="x0")
-    cfg = train_cfg(args.steps, TEACHER["batch"], 1e-3, args.seed, 0.999)
+    cfg = train_config(args.steps, TEACHER["batch"], 1e-3, args.seed, 0.999)
     cfg.ckpt_every, cfg.keep_checkpoints = args.ckpt_every, 2
     t0 = time.time()
 
