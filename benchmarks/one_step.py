@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-seed", type=int, default=12345)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--name", default="one_step")
-    ap.add_argument("--report-only", action="store_true", help="train nothing: tabulate the finished (task, seed) rows of the partial file")
+    ap.add_argument("--report-only", action="store_true", help="train nothing: tabulate the finished (task, seed) rows of the partial file (the table always holds them all)")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     tasks = [t for t in args.tasks.split(",") if t]
@@ -224,8 +224,10 @@ def main(argv: list[str] | None = None) -> int:
             with partial.open("a") as fh:
                 fh.writelines(json.dumps(r) + "\n" for r in new)
             rows += new
-    rows = [r for r in rows if r["task"] in tasks and r["seed"] < args.seeds]
-    tasks = [t for t in tasks if any(r["task"] == t for r in rows)]
+    # the table is every finished row of the partial file: --tasks / --seeds choose what to train, so a
+    # run of one task adds to the committed table instead of replacing it
+    tasks = [t for t in TASKS if any(r["task"] == t for r in rows)]
+    rows = sorted(rows, key=lambda r: (tasks.index(r["task"]), r["seed"]))
     floors = {t: noise_floor(t, args.n_eval, 4, args.eval_seed) for t in tasks}
     machine = machine_info()
     md = render(rows, floors, machine, args)

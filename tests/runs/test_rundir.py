@@ -67,6 +67,17 @@ def test_guard_different_record_lists_keys(tmp_path):
     assert "train.steps" not in msg
 
 
+def test_guard_says_what_the_directory_holds_so_the_user_can_resume_it(tmp_path):
+    # a job made with an older default (say 12 solver steps, now 24) is resumed by passing the old value
+    save_json(tmp_path / "config.json", {"settings": {"solver_steps": 12, "windows": 4}})
+    with pytest.raises(ConfigError) as e:
+        guard_run_dir(tmp_path, "config.json", {"settings": {"solver_steps": 24, "windows": 4, "new_key": 1}}, what="perflow job")
+    msg = str(e.value)
+    assert "differs in settings.new_key, settings.solver_steps" in msg
+    assert "there: settings.new_key missing, settings.solver_steps=12" in msg
+    assert "\n" not in msg
+
+
 def test_guard_foreign_directory(tmp_path):
     (tmp_path / "notes.txt").write_text("someone else's")
     rec = cfg_dict()

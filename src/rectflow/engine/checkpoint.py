@@ -66,6 +66,27 @@ def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a is b or a == b else [prefix]
 
 
+def _lookup(d: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return _MISSING
+        d = d[part]
+    return d
+
+
+def describe_diff(stored: Any, asked: Any, limit: int = 6) -> str:
+    """"a, b; there: a=12, b missing": the differing dotted keys and what ``stored`` holds at each, so a
+    user can resume a job by asking for the stored values (values cut at 40 characters, at most
+    ``limit`` keys shown)."""
+    keys = diff_keys(stored, asked)
+    shown = []
+    for k in keys[:limit]:
+        v = _lookup(stored, k)
+        shown.append(f"{k} missing" if v is _MISSING else f"{k}={str(v)[:40]}")
+    more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+    return f"{', '.join(keys)}; there: {', '.join(shown)}{more}"
+
+
 def tensors_sha256(tensors: dict[str, Tensor]) -> str:
     """sha256 over (name, dtype, shape, bytes) of every tensor, in name order."""
     h = hashlib.sha256()
@@ -253,4 +274,4 @@ def check_run_record(checkpoint: Checkpoint, run_record: dict[str, Any] | None) 
     """CheckpointError when the checkpoint was written by a run with another record."""
     stored = checkpoint.meta.get("run_record")
     if run_record is not None and stored is not None and stored != run_record:
-        raise CheckpointError(f"{checkpoint.path}: written by a run of another config (differs in {', '.join(diff_keys(stored, run_record))}); use a new run directory")
+        raise CheckpointError(f"{checkpoint.path}: written by a run of another config (differs in {describe_diff(stored, run_record)}); use a new run directory")

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from rectflow.engine.checkpoint import diff_keys
+from rectflow.engine.checkpoint import describe_diff, diff_keys
 from rectflow.engine.io import LOCK_FILE, check_writable, exclusive_lock, load_json
 from rectflow.errors import ConfigError
 
@@ -54,7 +54,8 @@ def guard_run_dir(
     if path.exists():
         old, new = normalise(load_json(path)), normalise(record)
         if old != new:
-            raise ConfigError(f"{run_dir} holds a {what} with another config (differs in {', '.join(diff_keys(old, new))}); use a new directory")
+            raise ConfigError(f"{run_dir} holds a {what} with another config (differs in {describe_diff(old, new)}); "
+                              "use a new directory, or ask for the values it holds to resume it")
         return True
     if not foreign_ok and run_dir.is_dir() and any(q.name != LOCK_FILE for q in run_dir.iterdir()):
         raise ConfigError(f"{run_dir} exists and is not a {what} directory (no {record_name}); choose a new directory")
