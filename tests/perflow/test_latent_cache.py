@@ -17,35 +17,14 @@ pytest.importorskip("transformers")
 from rectflow import perflow
 from rectflow.engine.trainer import TrainConfig, Trainer
 from rectflow.perflow.latent import load_pipeline
-from rectflow.perflow.latent_cache import LatentCache, LatentCacheData, build_latent_cache, load_caption_image, read_captions
-from tests.perflow.conftest import build_tiny_sd
+from rectflow.perflow.latent_cache import LatentCache, LatentCacheData, load_caption_image, read_captions
+from tests.perflow.conftest import build_cache, build_tiny_sd, caption_images
 
 torch.set_num_threads(1)
-SIZES = [(20, 16), (16, 24), (16, 16), (32, 32), (17, 19)]  # (width, height): crops of both orientations
-CAPTIONS = ["a red cat", "two dogs", "", "a tree by the lake", "blue sky"]
 
 
-def _images(folder, layout="metadata"):
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    rows = []
-    for i, ((w, h), text) in enumerate(zip(SIZES, CAPTIONS)):
-        name = f"img_{i}.png" if i != 3 else "sub/img_3.jpg"
-        (folder / name).parent.mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / name)
-        rows.append({"file_name": name, "text": text})
-        if layout == "txt":
-            (folder / name).with_suffix(".txt").write_text(text + "\n")
-    if layout == "metadata":
-        (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in reversed(rows)) + "\n")
-    return folder
 
 
-def _build(pipe, images, out, **kw):
-    kw.setdefault("shard_size", 2)
-    kw.setdefault("encode_batch", 2)
-    kw.setdefault("progress", False)
-    return build_latent_cache(pipe, images, out, **kw)
 
 
 def _digests(cache):
@@ -53,8 +32,8 @@ def _digests(cache):
 
 
 def test_cache_holds_the_encoded_images_and_captions(tmp_path, tiny_pipeline):
-    images = _images(tmp_path / "imgs")
-    cache = _build(tiny_pipeline, images, tmp_path / "cache")
+    images = caption_images(tmp_path / "imgs")
+    cache = build_cache(tiny_pipeline, images, tmp_path / "cache")
     assert len(cache) == 5 and [e["n"] for e in cache.manifest["shards"]] == [2, 2, 1]
     items = read_captions(images)
     assert [n for n, _ in items] == ["img_0.png", "img_1.png", "img_2.png", "img_4.png", "sub/img_3.jpg"]
@@ -64,7 +43,7 @@ def test_cache_holds_the_encoded_images_and_captions(tmp_path, tiny_pipeline):
     torch.testing.assert_close(txt, tiny_pipeline.encode_text([t for _, t in items]), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cache.null_text(), tiny_pipeline.null_embedding())
     # the .txt layout gives the same cache
-    other = _build(tiny_pipeline, _images(tmp_path / "txt", layout="txt"), tmp_path / "cache_txt")
+    other = build_cache(tiny_pipeline, caption_images(tmp_path / "txt", layout="txt"), tmp_path / "cache_txt")
     assert _digests(other) == _digests(cache)
     # the data object: (latents, text) pairs of one image each, by generator; memory maps agree
     ram, mapped = LatentCacheData(cache, pipeline=tiny_pipeline), LatentCacheData(cache.path, in_memory=False)
@@ -86,8 +65,8 @@ def test_centre_crop_keeps_the_middle():
 
 
 def test_kill_and_resume_equals_an_uninterrupted_build(tmp_path, tiny_pipeline):
-    images = _images(tmp_path / "imgs")
-    whole = _build(tiny_pipeline, images, tmp_path / "whole", latent_mode="sample", seed=4)
+    images = caption_images(tmp_path / "imgs")
+    whole = build_cache(tiny_pipeline, images, tmp_path / "whole", latent_mode="sample", seed=4)
 
     class Kill(Exception):
         pass
@@ -97,16 +76,16 @@ def test_kill_and_resume_equals_an_uninterrupted_build(tmp_path, tiny_pipeline):
             raise Kill
 
     with pytest.raises(Kill):
-        _build(tiny_pipeline, images, tmp_path / "resumed", latent_mode="sample", seed=4, on_shard=kill_after_first)
+        build_cache(tiny_pipeline, images, tmp_path / "resumed", latent_mode="sample", seed=4, on_shard=kill_after_first)
     with pytest.raises(CheckpointError, match="incomplete latent cache"):
         LatentCache(tmp_path / "resumed")
     (tmp_path / "resumed" / ".latents_00001.safetensors.123.tmp").write_bytes(b"half")  # a write torn by kill -9
-    resumed = _build(tiny_pipeline, images, tmp_path / "resumed", latent_mode="sample", seed=4)
+    resumed = build_cache(tiny_pipeline, images, tmp_path / "resumed", latent_mode="sample", seed=4)
     assert _digests(resumed) == _digests(whole)
     assert not list((tmp_path / "resumed").glob(".*.tmp"))
-    again = _build(tiny_pipeline, images, tmp_path / "resumed", latent_mode="sample", seed=4)  # complete: only checked
+    again = build_cache(tiny_pipeline, images, tmp_path / "resumed", latent_mode="sample", seed=4)  # complete: only checked
     assert _digests(again) == _digests(whole)
-    mean = _build(tiny_pipeline, images, tmp_path / "mean")
+    mean = build_cache(tiny_pipeline, images, tmp_path / "mean")
     assert _digests(mean) != _digests(whole)  # the posterior draws differ from its mean
 
 
@@ -119,21 +98,21 @@ def _flip(path, offset=10):
 @pytest.mark.parametrize("name, msg", [("latents_00001.safetensors", "latents_00001.*changed on disk"),
                                        ("null_text.safetensors", "null_text.*changed on disk")])
 def test_tampering_is_detected(tmp_path, tiny_pipeline, name, msg):
-    cache = _build(tiny_pipeline, _images(tmp_path / "imgs"), tmp_path / "cache")
+    cache = build_cache(tiny_pipeline, caption_images(tmp_path / "imgs"), tmp_path / "cache")
     _flip(cache.path / name)
     with pytest.raises(CheckpointError, match=msg) as e:
         LatentCache(cache.path)
     assert "\n" not in str(e.value)
     with pytest.raises(CheckpointError, match="changed on disk"):  # a rebuild refuses to continue on a changed file
-        _build(tiny_pipeline, tmp_path / "imgs", cache.path)
+        build_cache(tiny_pipeline, tmp_path / "imgs", cache.path)
     (cache.path / name).write_bytes((cache.path / name).read_bytes()[:-5])
     with pytest.raises(CheckpointError, match="truncated"):
         LatentCache(cache.path, verify=False)
 
 
 def test_a_cache_of_another_pipeline_or_images_is_refused(tmp_path, tiny_pipeline):
-    images = _images(tmp_path / "imgs")
-    cache = _build(tiny_pipeline, images, tmp_path / "cache")
+    images = caption_images(tmp_path / "imgs")
+    cache = build_cache(tiny_pipeline, images, tmp_path / "cache")
     other = load_pipeline(build_tiny_sd(tmp_path / "other-sd", seed=1))
     with pytest.raises(ConfigError, match="another pipeline.*vae_sha256.*text_encoder_sha256") as e:
         LatentCache(cache.path, pipeline=other)
@@ -142,25 +121,25 @@ def test_a_cache_of_another_pipeline_or_images_is_refused(tmp_path, tiny_pipelin
         LatentCacheData(cache, pipeline={**tiny_pipeline.fingerprint(), "resolution": [32, 32]})
     before = sorted(p.name for p in cache.path.iterdir())
     with pytest.raises(ConfigError, match="other settings.*vae_sha256"):
-        _build(other, images, cache.path)
+        build_cache(other, images, cache.path)
     with pytest.raises(ConfigError, match="other settings.*images_sha256"):  # a caption changed
         meta = images / "metadata.jsonl"
         meta.write_text(meta.read_text().replace("two dogs", "three dogs"))
-        _build(tiny_pipeline, images, cache.path)
+        build_cache(tiny_pipeline, images, cache.path)
     assert sorted(p.name for p in cache.path.iterdir()) == before
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("x")
     with pytest.raises(ConfigError, match="not empty and holds no latent cache"):
-        _build(tiny_pipeline, images, tmp_path / "busy")
+        build_cache(tiny_pipeline, images, tmp_path / "busy")
 
 
 def test_missing_or_bad_captions_are_named(tmp_path):
-    txt = _images(tmp_path / "txt", layout="txt")
+    txt = caption_images(tmp_path / "txt", layout="txt")
     (txt / "img_1.txt").unlink()
     with pytest.raises(DataError, match=r"img_1\.png: no caption \(expected img_1\.txt") as e:
         read_captions(txt)
     assert "\n" not in str(e.value)
-    meta = _images(tmp_path / "meta")
+    meta = caption_images(tmp_path / "meta")
     rows = (meta / "metadata.jsonl").read_text().splitlines()
     (meta / "metadata.jsonl").write_text("\n".join(r for r in rows if "img_2" not in r))
     with pytest.raises(DataError, match=r"img_2\.png: no caption \(metadata\.jsonl has no row"):
@@ -179,7 +158,7 @@ def test_missing_or_bad_captions_are_named(tmp_path):
 
 def test_training_reads_the_cache_never_the_vae(tmp_path, tiny_sd):
     pipe = load_pipeline(tiny_sd)  # our own copy: its VAE and text encoder are disabled below
-    cache = _build(pipe, _images(tmp_path / "imgs"), tmp_path / "cache", dtype="float16")
+    cache = build_cache(pipe, caption_images(tmp_path / "imgs"), tmp_path / "cache", dtype="float16")
     assert cache.load()[0].dtype == torch.float16
 
     def refuse(*a, **k):
@@ -195,8 +174,8 @@ def test_training_reads_the_cache_never_the_vae(tmp_path, tiny_sd):
 
 
 def test_an_unreadable_image_is_named(tmp_path, tiny_pipeline):
-    images = _images(tmp_path / "imgs")
+    images = caption_images(tmp_path / "imgs")
     (images / "img_1.png").write_bytes(b"not an image")
     with pytest.raises(DataError, match=r"img_1\.png: cannot decode image") as e:
-        _build(tiny_pipeline, images, tmp_path / "cache")
+        build_cache(tiny_pipeline, images, tmp_path / "cache")
     assert "\n" not in str(e.value)

@@ -303,21 +303,28 @@ def test_pipeline_job_writes_export_delta_lora_and_grid(pipeline_job, sd_folder,
         assert im.width > im.height > 0
 
 
+def _stock_equals_ours(stock, job, runs, tol):
+    """The stock pipeline's latents from given noise, at each (steps, guidance) of ``runs``, equal our sample_pipeline_latents."""
+    from rectflow.runs.perflow import sample_pipeline_latents
+
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    prompts = ["a red cat", "two dogs"]
+    with torch.no_grad():
+        for steps, w in runs:
+            theirs = stock(prompts, height=16, width=16, num_inference_steps=steps, guidance_scale=w, latents=noise.clone(), output_type="latent").images
+            ours = sample_pipeline_latents(job.student, job.pipeline, prompts, noise, steps=steps, guidance=w)
+            torch.testing.assert_close(theirs, ours, atol=tol, rtol=tol)
+
+
 def test_exported_pipeline_loads_in_the_stock_pipeline_and_matches_our_sampler(pipeline_job):
     diffusers = pytest.importorskip("diffusers")
     import rectflow.perflow.diffusers_scheduler  # noqa: F401 (registers PeRFlowScheduler for from_pretrained)
-    from rectflow.runs.perflow import sample_pipeline_latents
 
     job = load_perflow(pipeline_job)
     assert job.pipeline is not None and job.shape == (4, 8, 8)
     stock = diffusers.StableDiffusionPipeline.from_pretrained(str(pipeline_job / "diffusers"), local_files_only=True).to("cpu")
-    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    _stock_equals_ours(stock, job, ((2, 1.0), (3, 2.5)), 1e-4)
     prompts = ["a red cat", "two dogs"]
-    with torch.no_grad():
-        for steps, w in ((2, 1.0), (3, 2.5)):
-            theirs = stock(prompts, height=16, width=16, num_inference_steps=steps, guidance_scale=w, latents=noise.clone(), output_type="latent").images
-            ours = sample_pipeline_latents(job.student, job.pipeline, prompts, noise, steps=steps, guidance=w)
-            torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
     images = job.sample(3, prompts=prompts, seed=2)
     assert images.shape == (3, 3, 16, 16) and torch.isfinite(images).all()
     torch.testing.assert_close(job.sample(3, prompts=prompts, seed=2), images)
@@ -455,3 +462,29 @@ def test_the_default_window_solve_is_the_measured_one():
     """24 teacher steps per window: 2.19 / 2.25 vs 12 steps' 2.52 / 2.57 FD on digits, two seeds
     (benchmarks/results/perflow_levers.md); the cap of the target is the teacher's 4 x 24-step solve."""
     assert PeRFlowSettings().solver_steps == 24
+
+
+def test_sdxl_pipeline_job_and_cli_sample(captions, tmp_path_factory, tmp_path, capsys):
+    """`rectflow perflow` on a tiny SDXL folder (guidance at the student: condition dropout on the cached
+    (hidden, pooled) pairs), its export in the stock StableDiffusionXLPipeline, and `rectflow sample`."""
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    import rectflow.perflow.diffusers_scheduler  # noqa: F401 (registers PeRFlowScheduler for from_pretrained)
+    from tests.perflow.conftest import SDXL_POOLED, build_tiny_sdxl
+
+    xl = build_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
+    out = tmp_path / "xl-perflow"
+    code = main(["perflow", str(xl), "--data", str(captions), "--out", str(out), "-K", "2", "--steps", "2", "--batch-size", "2", "--solver-steps", "1",
+                 "--guidance", "2", "--guidance-mode", "student", "--lora-rank", "2", "--prompt", "a red cat", "--device", "cpu", "-q"])
+    assert code == 0, capsys.readouterr().err
+    rec = json.loads((out / "perflow.json").read_text())
+    assert rec["teacher"]["kind"] == "pipeline" and rec["steps_done"] == 2 and rec["shape"] == [4, 8, 8]
+    assert rec["cache"]["settings"]["pooled_dim"] == SDXL_POOLED and rec["cache"]["settings"]["null_condition"] == "zeros"
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file() and (out / "samples.png").is_file()
+    job = load_perflow(out)
+    assert job.pipeline.is_sdxl and job.guidance == 2.0
+    stock = diffusers.StableDiffusionXLPipeline.from_pretrained(str(out / "diffusers"), local_files_only=True).to("cpu")
+    _stock_equals_ours(stock, job, ((2, 1.0), (3, 2.0)), 1e-5)
+    assert main(["sample", str(out), "--prompt", "an owl", "--n", "2", "--out", str(tmp_path / "s")]) == 0
+    meta = json.loads((tmp_path / "s" / "samples.json").read_text())
+    assert meta["steps"] == 2 and meta["guidance"] == 2.0 and meta["nfe"] == 4 and len(meta["samples"]) == 2

@@ -31,7 +31,7 @@ from torch import Tensor
 from rectflow.errors import ConfigError
 from rectflow.models.class_embedding import NULL_LABEL
 
-__all__ = ["NULL_LABEL", "check_guidance_scale", "concat_conditions", "drop_conditions", "guidance_nfe", "guided_call", "null_condition"]
+__all__ = ["NULL_LABEL", "check_guidance_scale", "concat_conditions", "drop_conditions", "guidance_nfe", "guided_call", "map_condition", "null_condition"]
 
 
 def check_guidance_scale(scale: float) -> float:
@@ -93,22 +93,24 @@ def null_condition(cond: Any, null_cond: Any) -> Any:
     return torch.full_like(cond, int(null_cond))
 
 
+def map_condition(fn: Callable[..., Tensor], cond: Any, *others: Any) -> Any:
+    """``fn`` applied to every tensor of a condition (a tensor, or a tuple / list / dict of tensors), given the
+    tensors at the same place of ``others`` (conditions of the same structure) as further arguments;
+    returns ``cond``'s structure.  E.g. ``map_condition(lambda c: c[idx], cond)`` takes rows of every part."""
+    if isinstance(cond, dict):
+        return {k: map_condition(fn, v, *(o[k] for o in others)) for k, v in cond.items()}
+    if isinstance(cond, (tuple, list)):
+        return type(cond)(map_condition(fn, *parts) for parts in zip(cond, *others))
+    return fn(cond, *others)
+
+
 def concat_conditions(a: Any, b: Any) -> Any:
     """Two conditions of one structure stacked along the batch (a first)."""
-    if isinstance(a, dict):
-        return {k: concat_conditions(a[k], b[k]) for k in a}
-    if isinstance(a, (tuple, list)):
-        return type(a)(concat_conditions(x, y) for x, y in zip(a, b))
-    return torch.cat([a, b])
+    return map_condition(lambda x, y: torch.cat([x, y]), a, b)
 
 
 def _rows_where(mask: Tensor, null: Any, cond: Any) -> Any:
-    if isinstance(cond, dict):
-        return {k: _rows_where(mask, null[k], v) for k, v in cond.items()}
-    if isinstance(cond, (tuple, list)):
-        return type(cond)(_rows_where(mask, n, c) for n, c in zip(null, cond))
-    m = mask.to(cond.device).reshape(-1, *[1] * (cond.dim() - 1))
-    return torch.where(m, null, cond)
+    return map_condition(lambda c, n: torch.where(mask.to(c.device).reshape(-1, *[1] * (c.dim() - 1)), n, c), cond, null)
 
 
 def drop_conditions(cond: Any, null_cond: Any, p_uncond: float, generator: torch.Generator | None = None) -> Any:

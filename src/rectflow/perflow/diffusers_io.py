@@ -51,7 +51,6 @@ from rectflow.perflow.windows import validate_windows
 
 __all__ = [
     "PERFLOW_SCHEDULER_ENTRY",
-    "optional_transformers",
     "SD3TransformerAdapter",
     "TextUNetAdapter",
     "UNetAdapter",
@@ -64,9 +63,13 @@ __all__ = [
     "load_diffusers_model",
     "load_student",
     "load_teacher",
+    "optional_transformers",
+    "pair_condition",
     "perflow_scheduler_config",
     "schedule_from_config",
     "sd3_condition",
+    "sdxl_condition",
+    "size_time_ids",
     "step_grid",
     "stock_scheduler_config",
     "unwrap_unet",
@@ -148,36 +151,69 @@ class UNetAdapter(nn.Module):
         return self.unet(z, timestep).sample
 
 
-class TextUNetAdapter(nn.Module):
-    """Wrap a diffusers ``UNet2DConditionModel`` as ``f(z, timestep, cond) -> output tensor``: z (B, C, h, w)
-    latents, timestep (B,) the UNet's own step index, cond (B, L, D) the text encoder's last hidden
-    state, passed as ``encoder_hidden_states``."""
-
-    def __init__(self, unet: nn.Module) -> None:
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, z: Tensor, timestep: Tensor, cond: Tensor | None = None) -> Tensor:
-        if cond is None:
-            raise ConfigError("a text-conditional UNet needs a condition (the text embeddings; the empty prompt's for unconditional)")
-        return self.unet(z, timestep, encoder_hidden_states=cond).sample
-
-
-def sd3_condition(cond: Any) -> tuple[Tensor, Tensor]:
-    """(encoder_hidden_states (B, L, D), pooled_projections (B, P)) from an SD3 condition: that pair as a
-    tuple / list, or a dict with those two keys.  Text prompts and anything else are refused in one line
-    (the text encoders are not loaded here)."""
+def pair_condition(cond: Any, *, model: str, names: tuple[str, str], prompts: str) -> tuple[Tensor, Tensor]:
+    """(hidden (B, L, D), pooled (B, P)) from a two-part text condition: that pair as a tuple / list, or a
+    dict with the two keys ``names`` (the model's own argument names).  Text prompts are refused with
+    ``prompts`` (what to do instead), anything else with one line; ``model`` names the caller."""
     if isinstance(cond, str) or (isinstance(cond, (list, tuple)) and cond and all(isinstance(c, str) for c in cond)):
-        raise ConfigError("SD3 teacher: text prompts need SD3's three text encoders, which rectflow does not load; "
-                          "pass the precomputed pair (encoder_hidden_states (B, L, D), pooled_projections (B, P))")
-    if isinstance(cond, dict) and set(cond) == {"encoder_hidden_states", "pooled_projections"}:
-        cond = (cond["encoder_hidden_states"], cond["pooled_projections"])
+        raise ConfigError(f"{model}: {prompts}")
+    if isinstance(cond, dict) and set(cond) == set(names):
+        cond = (cond[names[0]], cond[names[1]])
     if (isinstance(cond, (list, tuple)) and len(cond) == 2 and all(isinstance(c, Tensor) for c in cond)
             and cond[0].dim() == 3 and cond[1].dim() == 2 and cond[0].shape[0] == cond[1].shape[0]):
         return cond[0], cond[1]
     got = "None" if cond is None else type(cond).__name__
-    raise ConfigError(f"SD3 teacher: the condition must be the pair (encoder_hidden_states (B, L, D), pooled_projections (B, P)), got {got} "
+    raise ConfigError(f"{model}: the condition must be the pair ({names[0]} (B, L, D), {names[1]} (B, P)), got {got} "
                       "(unconditional: the empty prompt's pair)")
+
+
+def sd3_condition(cond: Any) -> tuple[Tensor, Tensor]:
+    """(encoder_hidden_states (B, L, D), pooled_projections (B, P)) from an SD3 condition (:func:`pair_condition`);
+    text prompts are refused in one line (the text encoders are not loaded here)."""
+    return pair_condition(cond, model="SD3 teacher", names=("encoder_hidden_states", "pooled_projections"),
+                          prompts="text prompts need SD3's three text encoders, which rectflow does not load; "
+                                  "pass the precomputed pair (encoder_hidden_states (B, L, D), pooled_projections (B, P))")
+
+
+def sdxl_condition(cond: Any) -> tuple[Tensor, Tensor]:
+    """(encoder_hidden_states (B, L, D1 + D2), text_embeds (B, P)) from an SDXL condition (:func:`pair_condition`):
+    both text encoders' penultimate hidden states and text_encoder_2's pooled projection, as
+    :meth:`rectflow.perflow.latent.LatentPipeline.encode_text` makes them."""
+    return pair_condition(cond, model="SDXL UNet", names=("encoder_hidden_states", "text_embeds"),
+                          prompts="encode text prompts first (LatentPipeline.encode_text gives the pair (encoder_hidden_states, text_embeds))")
+
+
+def size_time_ids(z: Tensor, vae_scale_factor: int, dtype: torch.dtype) -> Tensor:
+    """SDXL's added time ids (B, 6) for latents z (B, C, h, w): original size (H, W), crop top-left (0, 0),
+    target size (H, W), with (H, W) = (h, w) x ``vae_scale_factor``: what StableDiffusionXLPipeline uses
+    when it is given ``height`` and ``width`` (or takes its defaults) and no size arguments."""
+    h, w = (int(n) * int(vae_scale_factor) for n in z.shape[-2:])
+    return torch.tensor([h, w, 0, 0, h, w], dtype=dtype, device=z.device).expand(z.shape[0], 6)
+
+
+class TextUNetAdapter(nn.Module):
+    """Wrap a diffusers ``UNet2DConditionModel`` as ``f(z, timestep, cond) -> output tensor``: z (B, C, h, w)
+    latents, timestep (B,) the UNet's own step index.
+
+    SD 1.x / 2.x: cond (B, L, D), the text encoder's last hidden state, passed as ``encoder_hidden_states``.
+    SDXL (``addition_embed_type="text_time"``): cond the pair (hidden (B, L, D), pooled (B, P))
+    (:func:`sdxl_condition`); the UNet also gets ``added_cond_kwargs={"text_embeds": pooled,
+    "time_ids": ids}`` with the size ids (B, 6) made from the latents' size (:func:`size_time_ids`,
+    ``vae_scale_factor``), so a condition never carries them."""
+
+    def __init__(self, unet: nn.Module, vae_scale_factor: int = 8) -> None:
+        super().__init__()
+        self.unet, self.vae_scale_factor = unet, int(vae_scale_factor)
+        self.text_time = getattr(unet.config, "addition_embed_type", None) == "text_time"
+
+    def forward(self, z: Tensor, timestep: Tensor, cond: Any = None) -> Tensor:
+        if cond is None:
+            raise ConfigError("a text-conditional UNet needs a condition (the text embeddings; the empty prompt's for unconditional)")
+        if not self.text_time:
+            return self.unet(z, timestep, encoder_hidden_states=cond).sample
+        hidden, pooled = sdxl_condition(cond)
+        added = {"text_embeds": pooled, "time_ids": size_time_ids(z, self.vae_scale_factor, hidden.dtype)}
+        return self.unet(z, timestep, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
 
 
 class SD3TransformerAdapter(nn.Module):
@@ -205,9 +241,10 @@ def unwrap_unet(net: nn.Module) -> nn.Module:
     return net.unet if isinstance(net, (UNetAdapter, TextUNetAdapter)) else net
 
 
-def adapt_unet(unet: nn.Module) -> nn.Module:
-    """The adapter for a diffusers UNet: :class:`TextUNetAdapter` for a ``UNet2DConditionModel``, else :class:`UNetAdapter`."""
-    return TextUNetAdapter(unet) if type(unet).__name__ == "UNet2DConditionModel" else UNetAdapter(unet)
+def adapt_unet(unet: nn.Module, vae_scale_factor: int = 8) -> nn.Module:
+    """The adapter for a diffusers UNet: :class:`TextUNetAdapter` for a ``UNet2DConditionModel`` (``vae_scale_factor``:
+    latent -> image size, for SDXL's size ids), else :class:`UNetAdapter`."""
+    return TextUNetAdapter(unet, vae_scale_factor) if type(unet).__name__ == "UNet2DConditionModel" else UNetAdapter(unet)
 
 
 def adapt_model(model: nn.Module) -> nn.Module:
@@ -557,4 +594,6 @@ def load_student(folder: str | Path, *, dtype: torch.dtype = torch.float32) -> P
     if cls not in ("UNet2DModel", "UNet2DConditionModel"):
         raise ConfigError(f"{folder / 'unet' / 'config.json'}: _class_name {cls!r} is not a UNet2DModel or UNet2DConditionModel")
     unet = load_diffusers_model(cls, folder / "unet", dtype=dtype, what="UNet")
-    return PeRFlowStudent(adapt_unet(unet), schedule, windows, kind, time_map=schedule.t_to_timestep)
+    vae_cfg = load_json(folder / "vae" / "config.json") if (folder / "vae" / "config.json").is_file() else {}
+    factor = 2 ** (len(vae_cfg.get("block_out_channels", [0] * 4)) - 1)  # without a VAE: 8, diffusers' own default
+    return PeRFlowStudent(adapt_unet(unet, factor), schedule, windows, kind, time_map=schedule.t_to_timestep)

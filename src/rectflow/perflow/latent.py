@@ -1,28 +1,41 @@
-"""Latent text-to-image teachers for PeRFlow: Stable Diffusion 1.x / 2.x pipelines read from LOCAL
-diffusers folders (never downloaded), and the accelerated student exported back as a complete
+"""Latent text-to-image teachers for PeRFlow: Stable Diffusion 1.x / 2.x and SDXL pipelines read from
+LOCAL diffusers folders (never downloaded), and the accelerated student exported back as a complete
 pipeline folder (optional extras: ``pip install 'rectflow[perflow]'`` for diffusers, transformers).
 
 A pipeline folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
-``scheduler/``) becomes a :class:`LatentPipeline`:
+``scheduler/``; SDXL also ``text_encoder_2/``, ``tokenizer_2/``) becomes a :class:`LatentPipeline`:
 
 * the teacher: ``UNet2DConditionModel`` behind :class:`~rectflow.perflow.diffusers_io.TextUNetAdapter`,
   the scheduler config turned into an affine path + parameterisation by
   :func:`~rectflow.perflow.diffusers_io.schedule_from_config` (the one place), and rectflow time t
-  mapped to the UNet's step index n = N (1 - t) - 1; its condition is the text encoder's last
-  hidden state (B, L, D);
+  mapped to the UNet's step index n = N (1 - t) - 1;
 * the VAE: images (B, 3, H, W) in [-1, 1] <-> latents (B, C, H/f, W/f) scaled as the pipeline scales
   them, z = (mean - shift_factor) * scaling_factor (``shift_factor`` 0 when the VAE has none);
-* the text encoder and tokenizer: prompts -> (B, L, D), as the stock pipeline encodes them (padding
-  to ``model_max_length``, truncation); the empty prompt's embedding is the null condition of
-  classifier-free guidance.
+* the text encoder(s) and tokenizer(s): prompts -> the condition, as the stock pipeline encodes them
+  (padding to ``model_max_length``, truncation), and the null condition of classifier-free guidance.
 
-:func:`export_pipeline` writes the student's UNet with the teacher's VAE, text encoder and
-tokenizer, no safety checker or feature extractor, and a scheduler, so that
-``diffusers.StableDiffusionPipeline.from_pretrained(folder)`` samples in K steps.
+The condition.  SD 1.x / 2.x: the text encoder's last hidden state (B, L, D); the null condition is
+the empty prompt's.  SDXL (``StableDiffusionXLPipeline``: ``text_encoder`` a CLIPTextModel,
+``text_encoder_2`` a CLIPTextModelWithProjection, a UNet with ``addition_embed_type="text_time"``):
+the pair (hidden (B, L, D1 + D2), pooled (B, P)), both encoders' penultimate hidden states side by
+side and text_encoder_2's projected ``text_embeds``, as ``StableDiffusionXLPipeline.encode_prompt``
+makes them; the null condition is the stock pipeline's for an empty negative prompt (zeros when the
+folder's ``force_zeros_for_empty_prompt`` is true, its default, else the empty prompt's pair).  SDXL's
+size conditioning (original size, crop (0, 0), target size) is not part of the condition: the
+adapter makes it from the latents' size (:func:`~rectflow.perflow.diffusers_io.size_time_ids`), as
+the stock pipeline does at a given height and width, so a latent cache stores hidden + pooled only.
 
-SDXL (two text encoders, pooled text embeddings and size conditioning), SD3 / Flux (transformers on a
-flow-matching schedule), inpainting, upscaling and LCM UNets are refused with one line naming what
-is not supported.
+:func:`export_pipeline` writes the student's UNet with the teacher's VAE, text encoder(s) and
+tokenizer(s), no safety checker, feature extractor or image encoder, and a scheduler, so that
+``diffusers.StableDiffusionPipeline.from_pretrained(folder)`` (SDXL:
+``StableDiffusionXLPipeline``) samples in K steps.
+
+Refused with one line naming the file or key: SD3 / Flux (transformers on a flow-matching schedule;
+see :func:`~rectflow.perflow.diffusers_io.load_teacher`), inpainting / depth UNets (more input
+channels), upscalers and unCLIP (class embeddings), LCM UNets (a guidance embedding), IP-Adapter /
+Kandinsky conditions, added conditions other than SDXL's in an SDXL folder, an SDXL refiner (no
+``text_encoder``, aesthetic-score conditioning), and an SDXL folder missing ``text_encoder_2/`` or
+``tokenizer_2/``.
 """
 
 from __future__ import annotations
@@ -40,17 +53,18 @@ from torch import Tensor, nn
 from rectflow.engine.io import check_writable, load_json, save_json
 from rectflow.engine.shards import state_dict_sha256
 from rectflow.errors import CheckpointError, ConfigError, DataError
-from rectflow.perflow.diffusers_io import (PERFLOW_SCHEDULER_ENTRY, TextUNetAdapter, optional_transformers, load_diffusers_model, schedule_from_config,
-                                           write_student_parts)
+from rectflow.perflow.diffusers_io import PERFLOW_SCHEDULER_ENTRY, TextUNetAdapter, load_diffusers_model, optional_transformers, schedule_from_config, write_student_parts
 from rectflow.perflow.student import PeRFlowStudent
 from rectflow.perflow.teacher import Teacher
 
 __all__ = ["LatentPipeline", "export_pipeline", "load_pipeline"]
 
 _PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-_DEFAULT_CLASSES = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel", "tokenizer": "CLIPTokenizer"}
-# UNet config keys that add inputs beyond (z, t, text): each belongs to a pipeline we do not drive.
-_UNET_EXTRAS = {"addition_embed_type": "SDXL-style added conditioning (pooled text, sizes)",
+_SDXL_PARTS = (*_PARTS, "text_encoder_2", "tokenizer_2")
+_DEFAULT_CLASSES = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel", "tokenizer": "CLIPTokenizer",
+                    "text_encoder_2": "CLIPTextModelWithProjection", "tokenizer_2": "CLIPTokenizer"}
+# UNet config keys that add inputs beyond (z, t, text): each belongs to a pipeline we do not drive (but SDXL's "text_time").
+_UNET_EXTRAS = {"addition_embed_type": "added conditioning: only SDXL's 'text_time', in an SDXL folder with text_encoder_2/ and tokenizer_2/",
                 "class_embed_type": "a class / noise-level embedding (upscalers, unCLIP)",
                 "time_cond_proj_dim": "a guidance-scale embedding (LCM)",
                 "encoder_hid_dim_type": "a projected image/text condition (IP-Adapter, Kandinsky)"}
@@ -65,24 +79,39 @@ def _folder_sha256(folder: Path) -> str:
     return h.hexdigest()
 
 
+def _joint_sha256(digests: Sequence[str]) -> str:
+    """One hex digest for several parts: the part's own for one (an SD 1.x / 2.x fingerprint is unchanged), else sha256 over them in order."""
+    return digests[0] if len(digests) == 1 else hashlib.sha256(",".join(digests).encode()).hexdigest()
+
+
+def _text_inputs(tokenizer: Any, prompts: list[str]) -> Any:
+    """Token ids (B, L) and attention mask, padded to the tokenizer's max length and truncated, as the stock pipelines do."""
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
+
+
 class LatentPipeline:
     """A latent text-to-image diffusion pipeline as PeRFlow needs it (see the module docstring).
 
     Attributes:
         folder: the pipeline folder it was read from.
-        unet, vae, text_encoder, tokenizer: the diffusers / transformers components (eval mode, frozen).
+        unet, vae, text_encoder, tokenizer: the diffusers / transformers components (eval mode, frozen);
+            ``text_encoder_2``, ``tokenizer_2`` SDXL's second pair (None for SD 1.x / 2.x).
         scheduler_config: the teacher's scheduler config (a dict).
-        teacher: the conditional :class:`Teacher` (``cond`` = text embeddings (B, L, D)).
+        teacher: the conditional :class:`Teacher` (``cond``: text embeddings (B, L, D); SDXL the pair
+            (hidden (B, L, D), pooled (B, P)), see :meth:`encode_text`).
     """
 
     def __init__(self, folder: Path, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer: Any,
-                 scheduler_config: dict[str, Any], model_index: dict[str, Any]) -> None:
+                 scheduler_config: dict[str, Any], model_index: dict[str, Any], *, text_encoder_2: nn.Module | None = None,
+                 tokenizer_2: Any = None) -> None:
         self.folder, self.unet, self.vae, self.text_encoder, self.tokenizer = Path(folder), unet, vae, text_encoder, tokenizer
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.scheduler_config, self.model_index = scheduler_config, model_index
         self.schedule, self.parameterization = schedule_from_config(scheduler_config)
-        for m in (unet, vae, text_encoder):
-            m.eval().requires_grad_(False)
-        self.teacher = Teacher(TextUNetAdapter(unet), self.schedule, self.parameterization, time_map=self.schedule.t_to_timestep)
+        for m in (unet, vae, text_encoder, text_encoder_2):
+            if m is not None:
+                m.eval().requires_grad_(False)
+        self.teacher = Teacher(TextUNetAdapter(unet, self.vae_scale_factor), self.schedule, self.parameterization, time_map=self.schedule.t_to_timestep)
         self._fingerprint: dict[str, Any] | None = None
 
     # ----- shapes and scaling
@@ -120,9 +149,25 @@ class LatentPipeline:
         return h * self.vae_scale_factor, w * self.vae_scale_factor
 
     @property
+    def is_sdxl(self) -> bool:
+        """Whether this is an SDXL pipeline (two text encoders; the condition is the pair (hidden, pooled))."""
+        return self.text_encoder_2 is not None
+
+    @property
     def text_shape(self) -> tuple[int, int]:
-        """(L, D) of one prompt's embedding: the tokenizer's max length, the encoder's width."""
-        return int(self.tokenizer.model_max_length), int(self.text_encoder.config.hidden_size)
+        """(L, D) of one prompt's hidden states: the tokenizer's max length, the encoder's width (SDXL: both widths summed)."""
+        width = sum(int(m.config.hidden_size) for m in (self.text_encoder, self.text_encoder_2) if m is not None)
+        return int(self.tokenizer.model_max_length), width
+
+    @property
+    def pooled_dim(self) -> int:
+        """P of SDXL's pooled text embedding (text_encoder_2's projection); 0 for SD 1.x / 2.x (no pooled part)."""
+        return int(self.text_encoder_2.config.projection_dim) if self.is_sdxl else 0
+
+    @property
+    def null_condition(self) -> str:
+        """How the null condition is made: "zeros" (SDXL with ``force_zeros_for_empty_prompt``, its default) or "empty_prompt"."""
+        return "zeros" if self.is_sdxl and self.model_index.get("force_zeros_for_empty_prompt", True) else "empty_prompt"
 
     # ----- VAE
     @torch.no_grad()
@@ -153,38 +198,58 @@ class LatentPipeline:
 
     # ----- text
     def tokenize(self, prompts: str | Sequence[str]) -> Tensor:
-        """Token ids (B, L), padded to the tokenizer's max length and truncated, as the stock pipeline does."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-        return ids
+        """Token ids (B, L) of the (first) tokenizer, padded to its max length and truncated, as the stock pipeline does."""
+        return _text_inputs(self.tokenizer, [prompts] if isinstance(prompts, str) else list(prompts)).input_ids
 
     @torch.no_grad()
-    def encode_text(self, prompts: str | Sequence[str]) -> Tensor:
-        """Prompts -> the text encoder's last hidden state (B, L, D), the UNet's ``encoder_hidden_states``."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        enc = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt")
-        mask = enc.attention_mask.to(self.device) if getattr(self.text_encoder.config, "use_attention_mask", False) else None
-        return self.text_encoder(enc.input_ids.to(self.device), attention_mask=mask)[0]
+    def encode_text(self, prompts: str | Sequence[str]) -> Tensor | tuple[Tensor, Tensor]:
+        """Prompts -> the UNet's condition, as the stock pipeline encodes them.
 
-    def null_embedding(self) -> Tensor:
-        """The empty prompt's embedding (1, L, D): the unconditional input of classifier-free guidance."""
+        SD 1.x / 2.x: the text encoder's last hidden state (B, L, D), the UNet's ``encoder_hidden_states``.
+        SDXL: the pair (hidden (B, L, D1 + D2), pooled (B, P)): each tokenizer's ids through its encoder,
+        the penultimate hidden states concatenated on the last axis (in text_encoder_2's dtype), and
+        text_encoder_2's projected ``text_embeds`` (``StableDiffusionXLPipeline.encode_prompt`` without
+        clip_skip).
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not self.is_sdxl:
+            enc = _text_inputs(self.tokenizer, prompts)
+            mask = enc.attention_mask.to(self.device) if getattr(self.text_encoder.config, "use_attention_mask", False) else None
+            return self.text_encoder(enc.input_ids.to(self.device), attention_mask=mask)[0]
+        hidden = []
+        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            out = encoder(_text_inputs(tokenizer, prompts).input_ids.to(self.device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+        return torch.cat(hidden, dim=-1).to(self.text_encoder_2.dtype), out.text_embeds
+
+    def null_embedding(self) -> Tensor | tuple[Tensor, Tensor]:
+        """The null condition with a batch of 1, the unconditional input of classifier-free guidance, as the stock
+        pipeline makes it for an empty negative prompt: the empty prompt's embedding (1, L, D); SDXL the pair
+        ((1, L, D), (1, P)), zeros when :attr:`null_condition` is "zeros", else the empty prompt's pair."""
+        if self.null_condition == "zeros":
+            dtype = self.text_encoder_2.dtype
+            return torch.zeros((1, *self.text_shape), dtype=dtype, device=self.device), torch.zeros((1, self.pooled_dim), dtype=dtype, device=self.device)
         return self.encode_text([""])
 
     # ----- identity
     def fingerprint(self) -> dict[str, Any]:
-        """What a latent cache made with this pipeline depends on: hashes of the VAE, the text encoder and
-        the tokenizer, the VAE's scaling, and the shapes (computed once)."""
+        """What a latent cache made with this pipeline depends on: hashes of the VAE, the text encoder(s) and
+        the tokenizer(s) (SDXL: one digest over both of each), the VAE's scaling, the shapes, the pooled
+        width and how the null condition is made (computed once)."""
         if self._fingerprint is None:
-            tok = self.folder / "tokenizer"
+            encoders = [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
+            tokenizers = [self.folder / name for name in ("tokenizer", "tokenizer_2")[:len(encoders)]]
             self._fingerprint = {
                 "vae_sha256": state_dict_sha256(self.vae),
-                "text_encoder_sha256": state_dict_sha256(self.text_encoder),
-                "tokenizer_sha256": _folder_sha256(tok) if tok.is_dir() else "unknown",
+                "text_encoder_sha256": _joint_sha256([state_dict_sha256(m) for m in encoders]),
+                "tokenizer_sha256": _joint_sha256([_folder_sha256(tok) if tok.is_dir() else "unknown" for tok in tokenizers]),
                 "scaling_factor": self.scaling_factor,
                 "shift_factor": self.shift_factor,
                 "resolution": list(self.resolution),
                 "latent_shape": list(self.latent_shape),
                 "text_shape": list(self.text_shape),
+                "pooled_dim": self.pooled_dim,
+                "null_condition": self.null_condition,
             }
         return dict(self._fingerprint)
 
@@ -193,27 +258,35 @@ class LatentPipeline:
         return PeRFlowStudent.from_teacher(self.teacher, boundaries)
 
     def __repr__(self) -> str:
+        sdxl = f", SDXL: pooled {self.pooled_dim}, null {self.null_condition}" if self.is_sdxl else ""
         return (f"LatentPipeline({str(self.folder)!r}, {self.parameterization} on {self.schedule!r}, latents {list(self.latent_shape)}, "
-                f"text {list(self.text_shape)})")
+                f"text {list(self.text_shape)}{sdxl})")
 
 
-def _check_folder(folder: Path) -> dict[str, Any]:
-    """model_index.json (or {}) of a supported SD 1.x / 2.x folder; one-line ConfigError otherwise."""
+def _check_folder(folder: Path) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """(model_index.json or {}, the parts it must hold) of a supported SD 1.x / 2.x or SDXL folder; one-line ConfigError otherwise."""
     if not folder.is_dir():
         raise ConfigError(f"diffusers pipeline folder {str(folder)!r} does not exist (only local folders are read)")
     index = load_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
     if not isinstance(index, dict):
         raise CheckpointError(f"{folder / 'model_index.json'}: not a JSON mapping")
     name = str(index.get("_class_name", ""))
-    if "text_encoder_2" in index or (folder / "text_encoder_2").is_dir() or "XL" in name:
-        raise ConfigError(f"{folder}: SDXL pipelines ({name or 'text_encoder_2'}: two text encoders, pooled text and size conditioning) "
-                          "are not supported; use a Stable Diffusion 1.x / 2.x folder")
     if "transformer" in index or (folder / "transformer").is_dir():
-        raise ConfigError(f"{folder}: a transformer pipeline ({name or 'transformer/'}, e.g. SD3 / Flux) is not supported; use a UNet (SD 1.x / 2.x) folder")
-    for part in _PARTS:
+        raise ConfigError(f"{folder}: a transformer pipeline ({name or 'transformer/'}, e.g. SD3 / Flux) is not supported; use a UNet (SD 1.x / 2.x or SDXL) folder")
+    sdxl = "text_encoder_2" in index or (folder / "text_encoder_2").is_dir() or "XL" in name
+    first = index.get("text_encoder", "")
+    no_first = first is None or (isinstance(first, list) and first[:1] == [None]) or not (folder / "text_encoder").is_dir()
+    if sdxl and (no_first or index.get("requires_aesthetics_score")):
+        raise ConfigError(f"{folder}: an SDXL refiner layout ({name or 'text_encoder_2/ only'}: no text_encoder, aesthetic-score conditioning) "
+                          "is not supported; use an SDXL base folder (text_encoder/ and text_encoder_2/)")
+    parts = _SDXL_PARTS if sdxl else _PARTS
+    for part in parts:
         if not (folder / part).is_dir():
-            raise ConfigError(f"diffusers pipeline folder {str(folder)!r} has no {part}/ (an SD 1.x / 2.x layout needs {', '.join(_PARTS)})")
-    return index
+            raise ConfigError(f"diffusers pipeline folder {str(folder)!r} has no {part}/ (an {'SDXL' if sdxl else 'SD 1.x / 2.x'} layout needs {', '.join(parts)})")
+    if sdxl and _class_of(index, "text_encoder_2") != "CLIPTextModelWithProjection":
+        raise ConfigError(f"{folder / 'model_index.json'}: text_encoder_2 is a {_class_of(index, 'text_encoder_2')}, not the CLIPTextModelWithProjection "
+                          "whose projected text_embeds are SDXL's pooled condition")
+    return index, parts
 
 
 def _class_of(index: dict[str, Any], part: str) -> str:
@@ -223,54 +296,88 @@ def _class_of(index: dict[str, Any], part: str) -> str:
     return _DEFAULT_CLASSES[part]
 
 
+def _teacher_scheduler_config(folder: Path) -> dict[str, Any]:
+    """The teacher's scheduler config of a pipeline folder (an exported student's: the teacher's, from perflow.json), checked."""
+    cfg = load_json(folder / "scheduler" / "scheduler_config.json")
+    if cfg.get("_class_name") == "PeRFlowScheduler" and (folder / "perflow.json").is_file():
+        cfg = load_json(folder / "perflow.json")["teacher_scheduler"]
+    schedule_from_config(cfg)  # refuses an unsupported scheduler before any weights are read
+    return cfg
+
+
+def _check_unet_config(path: Path, cfg: dict[str, Any], vae_cfg: dict[str, Any], pooled_dim: int | None) -> None:
+    """Refuse (one line naming ``path``, the UNet's config.json) a UNet with inputs beyond (z, t, text) or
+    another latent width than the VAE's.  ``pooled_dim``: None for an SD 1.x / 2.x folder; for an SDXL
+    folder text_encoder_2's projection_dim, and the UNet must take SDXL's added conditions of that width."""
+    sdxl = pooled_dim is not None
+    for key, what in _UNET_EXTRAS.items():
+        if cfg.get(key) is not None and not (sdxl and key == "addition_embed_type" and cfg[key] == "text_time"):
+            raise ConfigError(f"{path}: {key}={cfg[key]!r} ({what}) is not supported")
+    if sdxl and cfg.get("addition_embed_type") != "text_time":
+        raise ConfigError(f"{path}: addition_embed_type={cfg.get('addition_embed_type')!r}: the UNet of an SDXL folder must take SDXL's added "
+                          "conditions (addition_embed_type 'text_time': pooled text and size ids)")
+    want = int(cfg.get("addition_time_embed_dim") or 0) * 6 + (pooled_dim or 0)
+    if sdxl and cfg.get("projection_class_embeddings_input_dim") != want:
+        raise ConfigError(f"{path}: projection_class_embeddings_input_dim={cfg.get('projection_class_embeddings_input_dim')} is not "
+                          f"6 size ids x addition_time_embed_dim + text_encoder_2's projection_dim = {want}")
+    if cfg.get("in_channels") != vae_cfg.get("latent_channels") or cfg.get("out_channels") != vae_cfg.get("latent_channels"):
+        raise ConfigError(f"{path}: in_channels={cfg.get('in_channels')} / out_channels={cfg.get('out_channels')} "
+                          f"differ from the VAE's latent_channels={vae_cfg.get('latent_channels')} (inpainting / depth UNets are not supported)")
+
+
+def _load_text_part(folder: Path, index: dict[str, Any], part: str) -> Any:
+    """A text encoder or tokenizer (``part``: its subfolder) with transformers, from the local folder; CheckpointError naming it."""
+    cls, what = _class_of(index, part), "tokenizer" if part.startswith("tokenizer") else "text encoder"
+    if what == "text encoder":
+        load_json(folder / part / "config.json")
+    try:
+        return getattr(optional_transformers(), cls).from_pretrained(str(folder / part), local_files_only=True)
+    except (AttributeError, OSError, ValueError, RuntimeError, KeyError) as e:
+        raise CheckpointError(f"{folder / part}: cannot load the {what} {cls} ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
+
+
 def load_pipeline(folder: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LatentPipeline:
-    """A :class:`LatentPipeline` from a local SD 1.x / 2.x diffusers folder (nothing is downloaded).
+    """A :class:`LatentPipeline` from a local SD 1.x / 2.x or SDXL diffusers folder (nothing is downloaded).
 
     Raises:
-        ConfigError: a missing part, an unsupported pipeline (SDXL, SD3, inpainting, ...) or scheduler
-            (the key is named), or a missing optional extra.
+        ConfigError: a missing part, an unsupported pipeline (SD3, an SDXL refiner, inpainting, LCM, ...),
+            UNet input or scheduler (the file or key is named), widths that do not fit together, or a
+            missing optional extra.
         CheckpointError: a corrupt config or weights file (named).
     """
     folder = Path(folder)
-    index = _check_folder(folder)
-    sched_cfg = load_json(folder / "scheduler" / "scheduler_config.json")
-    if sched_cfg.get("_class_name") == "PeRFlowScheduler" and (folder / "perflow.json").is_file():
-        sched_cfg = load_json(folder / "perflow.json")["teacher_scheduler"]  # an exported student: the teacher's schedule
-    schedule_from_config(sched_cfg)  # refuses an unsupported scheduler before any weights are read
+    index, parts = _check_folder(folder)
+    sdxl = "text_encoder_2" in parts
+    sched_cfg = _teacher_scheduler_config(folder)
     unet_cls = _class_of(index, "unet")
     if unet_cls != "UNet2DConditionModel":
         raise ConfigError(f"{folder}: unet is a {unet_cls}, not a UNet2DConditionModel (text-to-image latent UNet)")
-    unet_cfg = load_json(folder / "unet" / "config.json")
-    for key, what in _UNET_EXTRAS.items():
-        if unet_cfg.get(key) is not None:
-            raise ConfigError(f"{folder / 'unet' / 'config.json'}: {key}={unet_cfg[key]!r} ({what}) is not supported")
-    vae_cfg = load_json(folder / "vae" / "config.json")
-    if unet_cfg.get("in_channels") != vae_cfg.get("latent_channels") or unet_cfg.get("out_channels") != vae_cfg.get("latent_channels"):
-        raise ConfigError(f"{folder / 'unet' / 'config.json'}: in_channels={unet_cfg.get('in_channels')} / out_channels={unet_cfg.get('out_channels')} "
-                          f"differ from the VAE's latent_channels={vae_cfg.get('latent_channels')} (inpainting / depth UNets are not supported)")
+    unet_path = folder / "unet" / "config.json"
+    unet_cfg = load_json(unet_path)
+    pooled_dim = int(load_json(folder / "text_encoder_2" / "config.json").get("projection_dim") or 0) if sdxl else None
+    _check_unet_config(unet_path, unet_cfg, load_json(folder / "vae" / "config.json"), pooled_dim)  # before any weights are read
     unet = load_diffusers_model(unet_cls, folder / "unet", dtype=dtype, what="UNet").to(device)
     vae = load_diffusers_model(_class_of(index, "vae"), folder / "vae", dtype=dtype, what="VAE").to(device)
-    transformers = optional_transformers()
-    te_cls, tok_cls = _class_of(index, "text_encoder"), _class_of(index, "tokenizer")
-    load_json(folder / "text_encoder" / "config.json")
-    try:
-        text_encoder = getattr(transformers, te_cls).from_pretrained(str(folder / "text_encoder"), local_files_only=True)
-    except (AttributeError, OSError, ValueError, RuntimeError, KeyError) as e:
-        raise CheckpointError(f"{folder / 'text_encoder'}: cannot load the text encoder {te_cls} ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
-    try:
-        tokenizer = getattr(transformers, tok_cls).from_pretrained(str(folder / "tokenizer"), local_files_only=True)
-    except (AttributeError, OSError, ValueError, RuntimeError, KeyError) as e:
-        raise CheckpointError(f"{folder / 'tokenizer'}: cannot load the tokenizer {tok_cls} ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
-    if getattr(unet.config, "cross_attention_dim", None) != text_encoder.config.hidden_size:
-        raise ConfigError(f"{folder / 'unet' / 'config.json'}: cross_attention_dim={unet.config.cross_attention_dim} differs from the text "
-                          f"encoder's hidden_size={text_encoder.config.hidden_size}")
-    return LatentPipeline(folder, unet, vae, text_encoder.to(device=device, dtype=dtype), tokenizer, sched_cfg, index)
+    text = {part: _load_text_part(folder, index, part) for part in parts if part.startswith(("text_encoder", "tokenizer"))}
+    encoders = [text[part] for part in ("text_encoder", "text_encoder_2") if part in text]
+    if getattr(unet.config, "cross_attention_dim", None) != sum(int(m.config.hidden_size) for m in encoders):
+        raise ConfigError(f"{unet_path}: cross_attention_dim={unet.config.cross_attention_dim} differs from the text "
+                          f"encoder{'s' if sdxl else ''}' hidden_size={' + '.join(str(m.config.hidden_size) for m in encoders)}")
+    if sdxl and text["tokenizer_2"].model_max_length != text["tokenizer"].model_max_length:
+        raise ConfigError(f"{folder / 'tokenizer_2'}: model_max_length={text['tokenizer_2'].model_max_length} differs from tokenizer/'s "
+                          f"{text['tokenizer'].model_max_length} (the two encoders' hidden states are concatenated token by token)")
+    for part in ("text_encoder", "text_encoder_2"):
+        if part in text:
+            text[part] = text[part].to(device=device, dtype=dtype)
+    return LatentPipeline(folder, unet, vae, text["text_encoder"], text["tokenizer"], sched_cfg, index,
+                          text_encoder_2=text.get("text_encoder_2"), tokenizer_2=text.get("tokenizer_2"))
 
 
 def export_pipeline(student: PeRFlowStudent, teacher: LatentPipeline | str | Path, folder: str | Path, *, stock_scheduler: bool = False,
                     extra: dict[str, Any] | None = None) -> Path:
-    """Write a complete pipeline folder: the student's UNet, the teacher's VAE, text encoder and tokenizer
-    (copied byte for byte), no safety checker / feature extractor, and a scheduler.
+    """Write a complete pipeline folder: the student's UNet, the teacher's VAE, text encoder(s) and tokenizer(s)
+    (copied byte for byte), no safety checker / feature extractor / image encoder, and a scheduler; an SDXL
+    teacher's folder keeps its ``force_zeros_for_empty_prompt`` (``StableDiffusionXLPipeline.from_pretrained`` loads it).
 
     ``scheduler/`` is our :class:`~rectflow.perflow.diffusers_scheduler.PeRFlowScheduler` (any
     ``num_inference_steps >= K``; the folder loads after ``import rectflow.perflow.diffusers_scheduler``),
@@ -282,11 +389,8 @@ def export_pipeline(student: PeRFlowStudent, teacher: LatentPipeline | str | Pat
     (e.g. the guidance scale the student samples at), written before the rename like the rest.
     """
     src = teacher.folder if isinstance(teacher, LatentPipeline) else Path(teacher)
-    index = _check_folder(src)
-    teacher_cfg = load_json(src / "scheduler" / "scheduler_config.json")
-    if teacher_cfg.get("_class_name") == "PeRFlowScheduler" and (src / "perflow.json").is_file():
-        teacher_cfg = load_json(src / "perflow.json")["teacher_scheduler"]
-    schedule_from_config(teacher_cfg)
+    index, parts = _check_folder(src)
+    teacher_cfg = _teacher_scheduler_config(src)
     folder = Path(folder)
     check_writable(folder, directory=True)
     if folder.exists() and any(folder.iterdir()) and not (folder / "perflow.json").is_file():
@@ -295,16 +399,20 @@ def export_pipeline(student: PeRFlowStudent, teacher: LatentPipeline | str | Pat
     for p in (stage, old):
         if p.exists():
             shutil.rmtree(p)
-    for part in ("vae", "text_encoder", "tokenizer"):
+    sdxl = "text_encoder_2" in parts
+    models = [part for part in parts if part != "scheduler"]
+    for part in models[1:]:  # all but the UNet, which is the student's
         shutil.copytree(src / part, stage / part)
+    pipeline_class = index.get("_class_name", "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline")
     write_student_parts(student, stage, teacher_cfg, stock_scheduler=stock_scheduler,
-                        extra={"pipeline": index.get("_class_name", "StableDiffusionPipeline"), "teacher_folder": str(src), **(extra or {})})
-    new_index = {k: v for k, v in index.items() if k.startswith("_") or k in _PARTS or k == "requires_safety_checker"}
-    new_index.setdefault("_class_name", "StableDiffusionPipeline")
-    new_index.update({part: index.get(part, ["diffusers" if part in ("unet", "vae") else "transformers", _DEFAULT_CLASSES[part]])
-                      for part in ("unet", "vae", "text_encoder", "tokenizer")})
-    new_index.update(safety_checker=[None, None], feature_extractor=[None, None], image_encoder=[None, None], requires_safety_checker=False,
-                     scheduler=["diffusers", "DDIMScheduler"] if stock_scheduler else PERFLOW_SCHEDULER_ENTRY)
+                        extra={"pipeline": pipeline_class, "teacher_folder": str(src), **(extra or {})})
+    keep = ("force_zeros_for_empty_prompt",) if sdxl else ("requires_safety_checker",)
+    new_index = {k: v for k, v in index.items() if k.startswith("_") or k in parts or k in keep}
+    new_index["_class_name"] = pipeline_class
+    new_index.update({part: index.get(part, ["diffusers" if part in ("unet", "vae") else "transformers", _DEFAULT_CLASSES[part]]) for part in models})
+    new_index.update(feature_extractor=[None, None], image_encoder=[None, None], scheduler=["diffusers", "DDIMScheduler"] if stock_scheduler else PERFLOW_SCHEDULER_ENTRY)
+    if not sdxl:  # StableDiffusionXLPipeline has no safety checker
+        new_index.update(safety_checker=[None, None], requires_safety_checker=False)
     save_json(stage / "model_index.json", new_index)
     if folder.exists():
         os.replace(folder, old)

@@ -1,6 +1,6 @@
 """A latent cache for PeRFlow on latent text-to-image pipelines: a captioned image folder encoded ONCE
-through the VAE and the text encoder, kept on disk as safetensors shards, so that training reads
-latents and text embeddings and never runs the VAE or the text encoder again.
+through the VAE and the text encoder(s), kept on disk as safetensors shards, so that training reads
+latents and text conditions and never runs the VAE or the text encoders again.
 
 Captions come from a ``metadata.jsonl`` in the folder (one JSON object per line with ``file_name``,
 the image's path relative to the folder, and ``text``, as the diffusers training scripts expect;
@@ -13,16 +13,21 @@ The store is the library's one shard-store mechanism (:mod:`rectflow.engine.shar
 reflow pair store)::
 
     manifest.json                settings (what determines the content), one entry per shard (n, bytes, sha256)
-    null_text.safetensors        the empty prompt's embedding (1, L, D): the null condition for guidance
-    latents_00000.safetensors    latents (m, C, h, w) and text (m, L, D) of images 0 .. m-1 (sorted names)
+    null_text.safetensors        the null condition for guidance: text (1, L, D) (SDXL also pooled (1, P))
+    latents_00000.safetensors    latents (m, C, h, w) and text (m, L, D) (SDXL also pooled (m, P)) of images 0 .. m-1 (sorted names)
     ...
+
+An SDXL pipeline's condition is the pair (hidden, pooled) (:meth:`LatentPipeline.encode_text`): the
+cache stores both (``pooled_dim`` P > 0 in the settings) and gives the pair back wherever an SD 1.x /
+2.x cache gives the text tensor; SDXL's size ids are not stored (the UNet adapter makes them).
 
 Shard s holds images s*m .. (s+1)*m - 1 and, with ``latent_mode="sample"``, posterior noise drawn from
 ``step_generator(seed, s)``: its content is a function of the settings alone.  Writes are atomic and
 each shard is recorded after it is written, so a killed build (even kill -9) reruns from the first
 unrecorded shard and ends byte-identical to an uninterrupted one.  The settings record the sha256 of
-the VAE, the text encoder and the tokenizer, the VAE scaling, the resolution and the images with
-their captions: a build into a cache of other settings is refused, and :class:`LatentCache` refuses a
+the VAE, the text encoder(s) and the tokenizer(s), the VAE scaling, the resolution, the pooled
+width, how the null condition is made (SDXL's zeros or the empty prompt) and the images with their
+captions: a build into a cache of other settings is refused, and :class:`LatentCache` refuses a
 cache made for another pipeline.  A shard or null file that is missing, truncated or changed on disk
 is a :class:`~rectflow.errors.CheckpointError` naming the file.
 """
@@ -49,6 +54,7 @@ from rectflow.engine.io import load_tensors, save_tensors, sha256_file
 from rectflow.engine.shards import ShardLayout, StoreKind
 from rectflow.engine.trainer import step_generator
 from rectflow.errors import CheckpointError, ConfigError, DataError
+from rectflow.flow.guidance import map_condition
 from rectflow.perflow.latent import LatentPipeline
 
 __all__ = [
@@ -64,7 +70,10 @@ __all__ = [
 LATENT_CACHE_FORMAT = "rectflow-latents/1"
 NULL_FILE = "null_text.safetensors"
 _DTYPES = {"float32": ("F32", torch.float32), "float16": ("F16", torch.float16), "bfloat16": ("BF16", torch.bfloat16)}
-_PIPELINE_KEYS = ("vae_sha256", "text_encoder_sha256", "tokenizer_sha256", "scaling_factor", "shift_factor", "latent_shape", "text_shape")
+_PIPELINE_KEYS = ("vae_sha256", "text_encoder_sha256", "tokenizer_sha256", "scaling_factor", "shift_factor", "latent_shape", "text_shape",
+                  "pooled_dim", "null_condition")
+# Settings added with SDXL, at their SD 1.x / 2.x values: left out of the manifest there (older caches read and compare as before).
+_OPTIONAL = {"pooled_dim": 0, "null_condition": "empty_prompt"}
 
 
 @dataclass(frozen=True)
@@ -75,7 +84,9 @@ class LatentCacheSettings:
     ``dtype`` of the stored tensors; ``latent_mode`` "mean" (the VAE posterior mean) or "sample"
     (one posterior draw per image, seeded by ``seed`` and the shard); ``encode_batch`` images per VAE
     call (batching can change the last bits); ``images_sha256`` identifies the images (names, bytes)
-    with their captions in order; the remaining keys identify the pipeline (:meth:`LatentPipeline.fingerprint`).
+    with their captions in order; ``pooled_dim`` P of SDXL's pooled text (0: none stored) and
+    ``null_condition`` ("empty_prompt", or SDXL's "zeros"); the remaining keys identify the pipeline
+    (:meth:`LatentPipeline.fingerprint`).
     """
 
     n_images: int
@@ -93,16 +104,18 @@ class LatentCacheSettings:
     tokenizer_sha256: str
     scaling_factor: float
     shift_factor: float
+    pooled_dim: int = 0
+    null_condition: str = "empty_prompt"
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = {k: v for k, v in asdict(self).items() if not (k in _OPTIONAL and v == _OPTIONAL[k])}
         for k in ("resolution", "latent_shape", "text_shape"):
             d[k] = list(d[k])
         return d
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> LatentCacheSettings:
-        if not isinstance(d, dict) or set(d) != set(cls.__dataclass_fields__):
+        if not isinstance(d, dict) or not set(cls.__dataclass_fields__) - set(_OPTIONAL) <= set(d) <= set(cls.__dataclass_fields__):
             got = sorted(d) if isinstance(d, dict) else type(d).__name__
             raise CheckpointError(f"{where}: malformed latent-cache manifest (settings keys {got}, expected {sorted(cls.__dataclass_fields__)})")
         try:
@@ -110,18 +123,33 @@ class LatentCacheSettings:
                     latent_shape=tuple(int(v) for v in d["latent_shape"]), text_shape=tuple(int(v) for v in d["text_shape"]),
                     dtype=str(d["dtype"]), latent_mode=str(d["latent_mode"]), seed=int(d["seed"]), encode_batch=int(d["encode_batch"]),
                     images_sha256=str(d["images_sha256"]), vae_sha256=str(d["vae_sha256"]), text_encoder_sha256=str(d["text_encoder_sha256"]),
-                    tokenizer_sha256=str(d["tokenizer_sha256"]), scaling_factor=float(d["scaling_factor"]), shift_factor=float(d["shift_factor"]))
+                    tokenizer_sha256=str(d["tokenizer_sha256"]), scaling_factor=float(d["scaling_factor"]), shift_factor=float(d["shift_factor"]),
+                    pooled_dim=int(d.get("pooled_dim", 0)), null_condition=str(d.get("null_condition", "empty_prompt")))
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{where}: malformed latent-cache manifest ({e})") from None
         if (s.n_images < 1 or s.shard_size < 1 or s.encode_batch < 1 or s.dtype not in _DTYPES or len(s.resolution) != 2
-                or len(s.latent_shape) != 3 or len(s.text_shape) != 2):
+                or len(s.latent_shape) != 3 or len(s.text_shape) != 2 or s.pooled_dim < 0 or s.null_condition not in ("empty_prompt", "zeros")):
             raise CheckpointError(f"{where}: malformed latent-cache manifest (n_images {s.n_images}, shard_size {s.shard_size}, dtype {s.dtype!r}, "
                                   f"shapes {list(s.resolution)} {list(s.latent_shape)} {list(s.text_shape)})")
         return s
 
-    def layout(self) -> ShardLayout:
+    def condition_tensors(self) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
+        """(key, safetensors dtype, per-item shape) of the stored condition: text (L, D), and pooled (P,) when P > 0."""
         code = _DTYPES[self.dtype][0]
-        return ShardLayout("latents", self.n_images, self.shard_size, (("latents", code, self.latent_shape), ("text", code, self.text_shape)))
+        return (("text", code, self.text_shape),) + ((("pooled", code, (self.pooled_dim,)),) if self.pooled_dim else ())
+
+    def layout(self) -> ShardLayout:
+        return ShardLayout("latents", self.n_images, self.shard_size, (("latents", _DTYPES[self.dtype][0], self.latent_shape), *self.condition_tensors()))
+
+
+def _parts(cond: Tensor | tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+    """A pipeline's condition as the cache's named tensors: text, and SDXL's pooled."""
+    return dict(zip(("text", "pooled"), cond if isinstance(cond, tuple) else (cond,)))
+
+
+def _condition(parts: dict[str, Tensor]) -> Tensor | tuple[Tensor, Tensor]:
+    """The cache's named tensors as a pipeline's condition: text (B, L, D), or SDXL's pair (text, pooled (B, P))."""
+    return (parts["text"], parts["pooled"]) if "pooled" in parts else parts["text"]
 
 
 LATENT_CACHE = StoreKind(LATENT_CACHE_FORMAT, "latent cache", "latents", LatentCacheSettings.from_dict, LatentCacheSettings.to_dict,
@@ -272,13 +300,14 @@ def build_latent_cache(
     fp = pipeline.fingerprint()
     settings = LatentCacheSettings(
         n_images=len(items), shard_size=shard_size, resolution=tuple(pipeline.resolution), latent_shape=tuple(pipeline.latent_shape),
-        text_shape=tuple(pipeline.text_shape), dtype=dtype, latent_mode=latent_mode, seed=seed, encode_batch=encode_batch,
-        images_sha256=digest, **{k: fp[k] for k in ("vae_sha256", "text_encoder_sha256", "tokenizer_sha256", "scaling_factor", "shift_factor")})
+        text_shape=tuple(pipeline.text_shape), dtype=dtype, latent_mode=latent_mode, seed=seed, encode_batch=encode_batch, images_sha256=digest,
+        **{k: fp[k] for k in ("vae_sha256", "text_encoder_sha256", "tokenizer_sha256", "scaling_factor", "shift_factor", "pooled_dim", "null_condition")})
     layout, store_dtype = settings.layout(), _DTYPES[dtype][1]
 
     def before(man: dict[str, Any]) -> None:  # the null condition, written once, checksummed like a shard
         if "null_text" not in man:
-            save_tensors(out / NULL_FILE, {"text": pipeline.null_embedding().to(store_dtype)}, {"format": LATENT_CACHE_FORMAT})
+            null = {k: v.to(store_dtype) for k, v in _parts(pipeline.null_embedding()).items()}
+            save_tensors(out / NULL_FILE, null, {"format": LATENT_CACHE_FORMAT})
             man["null_text"] = {"file": NULL_FILE, "bytes": (out / NULL_FILE).stat().st_size, "sha256": sha256_file(out / NULL_FILE)}
 
     def make(s: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -286,7 +315,7 @@ def build_latent_cache(
         noise = None
         if latent_mode == "sample":
             noise = torch.randn((m, *settings.latent_shape), generator=step_generator(seed, s))
-        lat, txt = [], []
+        lat, conds = [], []
         for c0 in range(0, m, encode_batch):
             chunk = items[lo + c0: lo + min(m, c0 + encode_batch)]
             batch = []
@@ -298,11 +327,11 @@ def build_latent_cache(
             x = torch.stack(batch)
             nz = noise[c0: c0 + len(chunk)] if noise is not None else None
             lat.append(pipeline.encode_images(x, mode=latent_mode, noise=nz).float().cpu())
-            txt.append(pipeline.encode_text([t for _, t in chunk]).float().cpu())
-        latents, text = torch.cat(lat), torch.cat(txt)
-        if not (torch.isfinite(latents).all() and torch.isfinite(text).all()):
+            conds.append(_parts(pipeline.encode_text([t for _, t in chunk])))
+        tensors = {"latents": torch.cat(lat), **{k: torch.cat([c[k] for c in conds]).float().cpu() for k in conds[0]}}
+        if not all(torch.isfinite(v).all() for v in tensors.values()):
             raise FloatingPointError(f"the VAE or text encoder produced NaN/inf in shard {s}; nothing of it was stored")
-        return {"latents": latents.to(store_dtype), "text": text.to(store_dtype)}, {}
+        return {k: v.to(store_dtype) for k, v in tensors.items()}, {}
 
     def finish(man: dict[str, Any], made: int, elapsed: float) -> dict[str, Any]:
         return {"last_session_images_per_s": made / elapsed if elapsed > 0 else None, "device": str(pipeline.device), "torch": torch.__version__}
@@ -317,7 +346,7 @@ def build_latent_cache(
 
 class LatentCache:
     """A complete latent cache opened for reading: ``len(cache)`` images, their latents (C, h, w) and
-    text embeddings (L, D), and the null (empty-prompt) embedding.
+    conditions (text embeddings (L, D); SDXL the pair (text (L, D), pooled (P,))), and the null condition.
 
     Args:
         path: the cache directory.
@@ -341,16 +370,15 @@ class LatentCache:
         null = self.manifest.get("null_text")
         if not isinstance(null, dict) or null.get("file") != NULL_FILE:
             raise CheckpointError(f"{self.path / shards.MANIFEST}: the latent cache records no {NULL_FILE}")
-        code = _DTYPES[self.settings.dtype][0]
-        shards.check_shard(self.path, ShardLayout("null", 1, 1, (("text", code, self.settings.text_shape),)), 0, null, full=True)  # small: always hashed
+        shards.check_shard(self.path, ShardLayout("null", 1, 1, self.settings.condition_tensors()), 0, null, full=True)  # small: always hashed
         if pipeline is not None:
             self.check_pipeline(pipeline)
 
     def check_pipeline(self, pipeline: LatentPipeline | dict[str, Any]) -> None:
         """Refuse (ConfigError, one line naming what differs) a pipeline other than the cache's."""
         fp = pipeline.fingerprint() if isinstance(pipeline, LatentPipeline) else pipeline
-        mine = self.settings.to_dict()
-        diff = [k for k in _PIPELINE_KEYS if mine[k] != fp.get(k)]
+        mine = {**_OPTIONAL, **self.settings.to_dict()}
+        diff = [k for k in _PIPELINE_KEYS if mine[k] != fp.get(k, _OPTIONAL.get(k))]
         if list(self.settings.resolution) != list(fp.get("resolution", self.settings.resolution)):
             diff.append("resolution")
         if diff:
@@ -361,7 +389,8 @@ class LatentCache:
 
     def __repr__(self) -> str:
         s = self.settings
-        return f"LatentCache({str(self.path)!r}, n={s.n_images}, latents={list(s.latent_shape)}, text={list(s.text_shape)}, {s.dtype})"
+        pooled = f", pooled={s.pooled_dim}" if s.pooled_dim else ""
+        return f"LatentCache({str(self.path)!r}, n={s.n_images}, latents={list(s.latent_shape)}, text={list(s.text_shape)}{pooled}, {s.dtype})"
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -375,28 +404,29 @@ class LatentCache:
     def nbytes(self) -> int:
         return len(self) * self.layout.item_bytes()
 
-    def null_text(self) -> Tensor:
-        """The empty prompt's embedding (1, L, D), float32."""
+    def null_text(self) -> Tensor | tuple[Tensor, Tensor]:
+        """The null condition, float32: the empty prompt's embedding (1, L, D); SDXL the pair ((1, L, D), (1, P))."""
         tensors, _ = load_tensors(self.path / NULL_FILE)
-        return tensors["text"].float()
+        return _condition({k: v.float() for k, v in tensors.items()})
 
-    def iter_shards(self) -> Iterator[tuple[Tensor, Tensor]]:
-        """Stream (latents (m, C, h, w), text (m, L, D)) shard by shard, in the stored dtype."""
+    def iter_shards(self) -> Iterator[tuple[Tensor, Tensor | tuple[Tensor, Tensor]]]:
+        """Stream (latents (m, C, h, w), condition: text (m, L, D) or SDXL's (text, pooled (m, P))) shard by shard, in the stored dtype."""
         for e in self.manifest["shards"]:
             tensors, _ = load_tensors(self.path / e["file"])
-            yield tensors["latents"], tensors["text"]
+            yield tensors.pop("latents"), _condition(tensors)
 
-    def load(self) -> tuple[Tensor, Tensor]:
-        """Everything in memory: latents (N, C, h, w) and text (N, L, D), in the stored dtype."""
+    def load(self) -> tuple[Tensor, Tensor | tuple[Tensor, Tensor]]:
+        """Everything in memory: latents (N, C, h, w) and the conditions (text (N, L, D), or SDXL's (text, pooled (N, P))), in the stored dtype."""
         parts = list(self.iter_shards())
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        conds = [_parts(p[1]) for p in parts]
+        return torch.cat([p[0] for p in parts]), _condition({k: torch.cat([c[k] for c in conds]) for k in conds[0]})
 
-    def get(self, idx: Tensor | Sequence[int]) -> tuple[Tensor, Tensor]:
-        """Items at global indices ``idx`` (k,) gathered from memory maps (float32 / float16 caches)."""
+    def get(self, idx: Tensor | Sequence[int]) -> tuple[Tensor, Tensor | tuple[Tensor, Tensor]]:
+        """Items at global indices ``idx`` (k,) gathered from memory maps (float32 / float16 caches): (latents, condition)."""
         idx = torch.as_tensor(idx, dtype=torch.int64).reshape(-1)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
             raise IndexError(f"latent index out of range [0, {len(self)})")
-        out = {"latents": np.empty((idx.numel(), *self.latent_shape), dtype=np.float32), "text": np.empty((idx.numel(), *self.text_shape), dtype=np.float32)}
+        out = {key: np.empty((idx.numel(), *shape), dtype=np.float32) for key, _, shape in self.layout.tensors}
         shard = (idx // self.settings.shard_size).numpy()
         for s in np.unique(shard).tolist():
             sel = np.flatnonzero(shard == s)
@@ -405,7 +435,8 @@ class LatentCache:
             start, header = self._layouts[s]
             for key, arr in out.items():
                 arr[sel] = shards.shard_memmap(path, start, header, key)[local]
-        return torch.from_numpy(out["latents"]), torch.from_numpy(out["text"])
+        latents = torch.from_numpy(out.pop("latents"))
+        return latents, _condition({k: torch.from_numpy(v) for k, v in out.items()})
 
     def verify(self) -> None:
         """Check every file's size, layout and sha256 against the manifest (raises CheckpointError)."""
@@ -414,8 +445,9 @@ class LatentCache:
 
 class LatentCacheData:
     """Training data from a latent cache: ``sample(n, generator=, device=) -> (latents (n, C, h, w),
-    text embeddings (n, L, D))``, drawn uniformly with replacement (the conditioning contract of
-    :class:`~rectflow.perflow.objective.PeRFlowObjective`).  The VAE and the text encoder are never run.
+    condition)``, the condition text embeddings (n, L, D) or SDXL's pair (text, pooled (n, P)), drawn
+    uniformly with replacement (the conditioning contract of
+    :class:`~rectflow.perflow.objective.PeRFlowObjective`).  The VAE and the text encoders are never run.
 
     Args:
         cache: a :class:`LatentCache` or its directory (opened with ``pipeline`` checked when given).
@@ -423,7 +455,8 @@ class LatentCacheData:
             gathered from memory maps (float32 / float16 caches).
         dtype: dtype of the returned tensors.
     Attributes:
-        null_cond: the empty prompt's embedding (1, L, D), for condition dropout / guidance.
+        null_cond: the null condition (the empty prompt's embedding (1, L, D); SDXL the pair ((1, L, D), (1, P))),
+            for condition dropout / guidance.
         shape: (C, h, w) of one latent.
     """
 
@@ -440,7 +473,7 @@ class LatentCacheData:
             raise ConfigError(f"{self.cache.path}: a bfloat16 latent cache cannot be memory-mapped; use in_memory=True")
         self.dtype = dtype
         self._data = self.cache.load() if in_memory else None
-        self.null_cond = self.cache.null_text().to(dtype)
+        self.null_cond = map_condition(lambda c: c.to(dtype), self.cache.null_text())
         self.shape = self.cache.latent_shape
 
     def __len__(self) -> int:
@@ -449,12 +482,12 @@ class LatentCacheData:
     def __repr__(self) -> str:
         return f"LatentCacheData({self.cache!r})"
 
-    def sample(self, n: int, *, generator: torch.Generator | None = None, device: Any = None) -> tuple[Tensor, Tensor]:
+    def sample(self, n: int, *, generator: torch.Generator | None = None, device: Any = None) -> tuple[Tensor, Tensor | tuple[Tensor, Tensor]]:
         gdev = generator.device if generator is not None else None
         idx = torch.randint(len(self.cache), (n,), generator=generator, device=gdev).cpu()
         if self._data is not None:
-            lat, txt = self._data[0][idx], self._data[1][idx]
+            lat, cond = self._data[0][idx], map_condition(lambda c: c[idx], self._data[1])
         else:
-            lat, txt = self.cache.get(idx)
-        return lat.to(device=device, dtype=self.dtype), txt.to(device=device, dtype=self.dtype)
+            lat, cond = self.cache.get(idx)
+        return lat.to(device=device, dtype=self.dtype), map_condition(lambda c: c.to(device=device, dtype=self.dtype), cond)
 

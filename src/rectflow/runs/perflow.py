@@ -3,7 +3,7 @@
 A teacher is a rectflow run directory (a flow from N(0, I) to images; a velocity on the
 straight path, theory §2), a LOCAL diffusers folder (``unet/`` + ``scheduler/``; see
 :mod:`rectflow.perflow.diffusers_io`), or a LOCAL latent text-to-image pipeline folder
-(``model_index.json`` + ``text_encoder/``, Stable Diffusion 1.x / 2.x; see :mod:`rectflow.perflow.latent`)
+(``model_index.json`` + ``text_encoder/``, Stable Diffusion 1.x / 2.x or SDXL; see :mod:`rectflow.perflow.latent`)
 trained on a folder of captioned images.  A class-conditional run (``model.num_classes`` > 0) is a
 conditional teacher: the student learns on the run's labelled images (or ``data`` with labels) and
 classifier-free guidance is used as :class:`PeRFlowSettings` says (theory §5.5).  :func:`train_perflow` writes into its output directory:
@@ -19,7 +19,7 @@ classifier-free guidance is used as :class:`PeRFlowSettings` says (theory §5.5)
 A text-to-image pipeline job writes instead of ``student.safetensors``:
 
     latents/               the latent cache of the captioned images (built once, resumed after a kill)
-    diffusers/             the student as a complete pipeline folder (StableDiffusionPipeline.from_pretrained)
+    diffusers/             the student as a complete pipeline folder (StableDiffusion[XL]Pipeline.from_pretrained)
     delta.safetensors      student - teacher UNet weights (diffusers parameter names)
     lora/                  the delta as a LoRA (``pipe.load_lora_weights``), unless ``lora_rank=0``
     samples.png            K-step samples, one row per prompt
@@ -44,7 +44,7 @@ from rectflow.data.images import ImageGaussian, to_uint8
 from rectflow.engine.io import atomic_path, check_writable, load_json, load_tensors, make_dirs, remove_stale_temporaries, save_json, save_tensors
 from rectflow.engine.trainer import TrainConfig, Trainer, resolve_device
 from rectflow.errors import CheckpointError, ConfigError
-from rectflow.flow.guidance import guidance_nfe
+from rectflow.flow.guidance import guidance_nfe, map_condition
 from rectflow.flow.paths import LinearPath
 from rectflow.flow.solvers import euler
 from rectflow.images.sampling import save_image_grid
@@ -156,11 +156,11 @@ def _is_diffusers_folder(p: Path) -> bool:
 
 
 def is_latent_pipeline(path: str | Path) -> bool:
-    """Whether ``path`` is a latent text-to-image pipeline folder (``model_index.json`` and ``text_encoder/``)
-    rather than a pixel-space diffusers folder or a rectflow run.  Whether it is a supported one,
-    :func:`~rectflow.perflow.latent.load_pipeline` says."""
+    """Whether ``path`` is a latent text-to-image pipeline folder (``model_index.json`` and ``text_encoder/``, or
+    an SDXL refiner's ``text_encoder_2/``) rather than a pixel-space diffusers folder or a rectflow run.  Whether
+    it is a supported one, :func:`~rectflow.perflow.latent.load_pipeline` says."""
     p = Path(path)
-    return (p / "model_index.json").is_file() and (p / "text_encoder").is_dir()
+    return (p / "model_index.json").is_file() and ((p / "text_encoder").is_dir() or (p / "text_encoder_2").is_dir())
 
 
 def is_pipeline_job(path: str | Path) -> bool:
@@ -424,14 +424,14 @@ def sample_pipeline_latents(student: PeRFlowStudent, pipe: LatentPipeline, promp
     Euler on the window path in ``steps`` steps (default K; any steps >= K, spread over the windows as
     :class:`~rectflow.perflow.diffusers_scheduler.PeRFlowScheduler` spreads them), with classifier-free
     guidance at ``guidance`` against the empty prompt (2 network evaluations per step when it is not 1).
-    The stock ``StableDiffusionPipeline`` on the exported folder computes the same."""
+    The stock ``StableDiffusionPipeline`` (SDXL: ``StableDiffusionXLPipeline``) on the exported folder computes the same."""
     prompts = list(prompts)
     if len(prompts) != noise.shape[0]:
         raise ConfigError(f"perflow: give one prompt per sample ({noise.shape[0]}), got {len(prompts)}")
     grid = window_grid(student.boundaries) if steps is None else step_grid(student.boundaries, int(steps))
     dev = next(student.parameters()).device
-    cond = pipe.encode_text(prompts).to(dev)
-    g = as_guidance(guidance, pipe.null_embedding().to(dev)) if guidance != 1.0 else None
+    cond, null = (map_condition(lambda c: c.to(dev), c) for c in (pipe.encode_text(prompts), pipe.null_embedding()))  # SDXL: (hidden, pooled) pairs
+    g = as_guidance(guidance, null) if guidance != 1.0 else None
     return euler(lambda z, t: student(z, t, cond, guidance=g), noise.to(dev), grid).x
 
 
