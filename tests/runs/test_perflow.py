@@ -488,3 +488,10 @@ def test_sdxl_pipeline_job_and_cli_sample(captions, tmp_path_factory, tmp_path, 
     assert main(["sample", str(out), "--prompt", "an owl", "--n", "2", "--out", str(tmp_path / "s")]) == 0
     meta = json.loads((tmp_path / "s" / "samples.json").read_text())
     assert meta["steps"] == 2 and meta["guidance"] == 2.0 and meta["nfe"] == 4 and len(meta["samples"]) == 2
+    # an SDXL refiner (text_encoder_2/ only) is refused in one line naming the folder, before anything is written
+    refiner = tmp_path / "refiner"
+    shutil.copytree(xl, refiner, ignore=shutil.ignore_patterns("text_encoder", "tokenizer"))
+    capsys.readouterr()
+    assert main(["perflow", str(refiner), "--data", str(captions), "--out", str(tmp_path / "r"), "--steps", "1", "--device", "cpu", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "refiner" in err and str(refiner) in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
