@@ -1,0 +1,85 @@
+"""What one PeRFlow training step costs against the teacher's per-window solve steps (8x8 digits UNet,
+K = 4, batch 128, one CPU thread): the teacher's window solve (``PeRFlowObjective.draw``, no
+gradients) and the student's update (loss, backward, Adam step) timed separately, interleaved over
+``--rounds`` rounds so every setting sees the same machine load; the table gives medians and each
+setting's step time relative to 12 solver steps.  Solver steps 0 is the teacher-free objective
+(``target="data"``): the draw without a network call.
+
+    .venv/bin/python benchmarks/perflow_step_cost.py            # about 2 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _digits import make_unet  # noqa: E402
+from _machine import LoadMeter, machine_info, machine_line, write_results  # noqa: E402
+
+from rectflow import perflow  # noqa: E402
+from rectflow.data.images import ImageDataset, load_digits_images  # noqa: E402
+from rectflow.diffusion.schedules import DDPMSchedule  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--solver-steps", type=int, nargs="+", default=[0, 4, 12, 24])
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps-per-round", type=int, default=10)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    data = ImageDataset(load_digits_images())
+    teacher = perflow.Teacher(make_unet(16).eval(), DDPMSchedule(), "v")  # untrained: the cost does not depend on the weights
+    windows = perflow.make_windows(4)
+    student = perflow.PeRFlowStudent.from_teacher(teacher, windows)
+    opt = torch.optim.Adam(student.parameters(), lr=1e-4)
+    objs = {k: perflow.PeRFlowObjective(teacher, data, windows, solver_steps=max(k, 1), start_fraction=0.8, loss_space="x0",
+                                        target="data" if k == 0 else "teacher") for k in args.solver_steps}
+    times: dict[int, dict[str, list[float]]] = {k: {"draw": [], "update": []} for k in objs}
+    gen = torch.Generator().manual_seed(0)
+    meter = LoadMeter()
+    with meter:
+        for _ in range(args.rounds):
+            for k, obj in objs.items():
+                draw = update = 0.0
+                for _ in range(args.steps_per_round):
+                    t0 = time.perf_counter()
+                    batch = obj.draw(args.batch, gen, "cpu")
+                    t1 = time.perf_counter()
+                    opt.zero_grad(set_to_none=True)
+                    obj.loss(student, batch).loss.backward()
+                    opt.step()
+                    t2 = time.perf_counter()
+                    draw, update = draw + t1 - t0, update + t2 - t1
+                times[k]["draw"].append(1e3 * draw / args.steps_per_round)
+                times[k]["update"].append(1e3 * update / args.steps_per_round)
+    rows = [dict(solver_steps=k, draw_ms=statistics.median(v["draw"]), update_ms=statistics.median(v["update"])) for k, v in times.items()]
+    ref = next((r["draw_ms"] + r["update_ms"] for r in rows if r["solver_steps"] == 12), None)
+    for r in rows:
+        r["step_ms"] = r["draw_ms"] + r["update_ms"]
+        r["vs_12"] = r["step_ms"] / ref if ref else None
+    machine = machine_info()
+    lines = ["# One PeRFlow training step against the teacher's per-window solve steps (8x8 digits, K = 4)", "", machine_line(machine), "",
+             f"Batch {args.batch}, one thread, medians over {args.rounds} interleaved rounds of {args.steps_per_round} steps; "
+             f"other processes used {'n/a' if meter.foreign_cores is None else f'{meter.foreign_cores:.1f}'} cores on average meanwhile "
+             "(ratios within this run are the result, not the milliseconds).", "",
+             "| solver steps per window | teacher solve ms | student update ms | step ms | step / step at 12 |", "|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        vs = f"{r['vs_12']:.2f}" if r["vs_12"] else "-"
+        lines.append(f"| {r['solver_steps'] or '0 (no teacher)'} | {r['draw_ms']:.0f} | {r['update_ms']:.0f} | {r['step_ms']:.0f} | {vs} |")
+    md = "\n".join(lines)
+    write_results(args.out, "perflow_step_cost", {"machine": machine, "rows": rows, "foreign_cores": meter.foreign_cores,
+                                                  "args": {k: str(v) for k, v in vars(args).items()}}, md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
