@@ -29,6 +29,7 @@ tol 1e-4 took ~100 NFE per 1-RF pair and ~70 per 2-RF pair in the smoke run.  Th
 about 40 min per seed on that loaded core (less on a quiet one).
 
     .venv/bin/python benchmarks/one_step_digits.py                       # 2 seeds, about 80 min on one core
+    .venv/bin/python benchmarks/one_step_digits.py --seeds 1 & .venv/bin/python benchmarks/one_step_digits.py --first-seed 1   # one core each
     .venv/bin/python benchmarks/one_step_digits.py --seeds 1 --steps 200 --reflow-steps 100 --distill-steps 100 \\
         --pairs 500 --n-eval 500 --out /tmp/osd --name smoke             # smoke test, ~2 min
 """
@@ -181,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--name", default="one_step_digits")
+    ap.add_argument("--first-seed", type=int, default=0, help="train seeds first-seed .. seeds - 1 only (two processes can split the seeds; "
+                    "then --report-only tabulates them all)")
     ap.add_argument("--report-only", action="store_true", help="train nothing: tabulate the finished seeds of the partial file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -194,14 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"feature classifier: held-out accuracy {fd.accuracy:.3f}; data floor FD {fd.floor:.3f}", flush=True)
     noise = fd.source.sample(args.n_eval, generator=torch.Generator().manual_seed(args.eval_seed))
     done = {r["seed"] for r in rows}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.seeds):
         if seed in done or args.report_only:
             continue
         new = run_seed(seed, args, fd, noise)
         with partial.open("a") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in new)
         rows += new
-    rows = [r for r in rows if r["seed"] < args.seeds]
+    rows = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()]  # with rows another process added meanwhile
+    rows = sorted((r for r in rows if r["seed"] < args.seeds), key=lambda r: r["seed"])
     machine = machine_info()
     md = render(rows, fd.floor, fd.accuracy, machine, args)
     payload = {"machine": machine, "rows": rows, "floor": fd.floor, "classifier_accuracy": fd.accuracy, "units": UNITS, "settings": DIGITS_SETTINGS,
