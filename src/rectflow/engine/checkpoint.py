@@ -82,7 +82,7 @@ def describe_diff(stored: Any, asked: Any, limit: int = 6) -> str:
     shown = []
     for k in keys[:limit]:
         v = _lookup(stored, k)
-        shown.append(f"{k} missing" if v is _MISSING else f"{k}={str(v)[:40]}")
+        shown.append(f"{k} missing" if v is _MISSING else f"{k}={' '.join(str(v).split())[:40]}")  # one line
     more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
     return f"{', '.join(keys)}; there: {', '.join(shown)}{more}"
 
