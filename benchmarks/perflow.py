@@ -167,6 +167,9 @@ def main() -> None:
         with torch.no_grad():
             x = perflow.sample_perflow(student, noise, windows).x
         add(f"PeRFlow K={k}", x, k, pobj.teacher_nfe, time.time() - t0, windows=k)
+        with torch.no_grad():  # two Euler steps per window: does the student still improve with more steps?
+            x2 = perflow.sample_perflow(student, noise, windows, steps_per_window=2).x
+        add(f"PeRFlow K={k}, 2 steps per window", x2, 2 * k, pobj.teacher_nfe, 0.0, windows_2spw=k)
         budget = pobj.teacher_nfe  # the same for every K: steps x batch x window solver steps
 
     one = perflow.make_windows(1)

@@ -61,7 +61,8 @@ def report(out: Path, seeds: list[int]) -> None:
             machine = machine or r["machine"]
             ref = r["rows"][0]["fd"]
             st = next(x for x in r["rows"] if x.get("windows") == 4)
-            per[s] = dict(fd=st["fd"], ratio=st["fd"] / ref, ode_err=st["ode_err"], teacher_nfe=st["teacher_nfe_train"] / (r["config"]["student_steps"] * r["config"]["batch"]),
+            two = next((x for x in r["rows"] if x.get("windows_2spw") == 4), None)  # 2 Euler steps per window (runs since session 9)
+            per[s] = dict(fd=st["fd"], fd_8=two["fd"] if two else None, ratio=st["fd"] / ref, ode_err=st["ode_err"], teacher_nfe=st["teacher_nfe_train"] / (r["config"]["student_steps"] * r["config"]["batch"]),
                           train_s=st["train_s"], ref_fd=ref)
         fds = [v["fd"] for v in per.values()]
         rows.append(dict(arm=arm, flags=" ".join(ARMS[arm]) or "(defaults)", seeds=per, fd_mean=sum(fds) / len(fds),
@@ -78,17 +79,18 @@ def report(out: Path, seeds: list[int]) -> None:
              f"teacher; {cfg['n_eval']} samples). Teacher 50-step DDIM FD: {ref:.3f}, "
              f"goal 1.1x = {1.1 * ref:.3f}. Spread = |seed 1 - seed 2|; a difference between arms smaller than the "
              "spreads is noise. Train s is wall clock with other benchmarks sharing the 2 cores.", "",
-             "| arm | change | FD per seed | mean FD | spread | FD / teacher 50-step | ODE error | teacher NFE / example | train s |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| arm | change | FD per seed | mean FD | spread | FD / teacher 50-step | FD at 8 steps (2 per window) | ODE error | teacher NFE / example | train s |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         per = r["seeds"]
         each = ", ".join(f"s{s}: {v['fd']:.3f}" for s, v in sorted(per.items()))
+        fd8 = ", ".join(f"s{s}: {v['fd_8']:.3f}" for s, v in sorted(per.items()) if v.get("fd_8") is not None) or "-"
         lines.append(f"| {r['arm']} | `{r['flags']}` | {each} | "
-                     f"{r['fd_mean']:.3f} | {r['fd_spread']:.3f} | {r['ratio_mean']:.3f} | "
+                     f"{r['fd_mean']:.3f} | {r['fd_spread']:.3f} | {r['ratio_mean']:.3f} | {fd8} | "
                      f"{sum(v['ode_err'] for v in per.values()) / len(per):.3f} | "
                      f"{next(iter(per.values()))['teacher_nfe']:.0f} | "
                      f"{sum(v['train_s'] for v in per.values()) / len(per):.0f} |")
-    write_results(out.parent, "perflow_levers", dict(machine=machine, rows=rows), "\n".join(lines))
+    write_results(out.parent, out.name, dict(machine=machine, rows=rows), "\n".join(lines))
     print("\n".join(lines))
 
 
