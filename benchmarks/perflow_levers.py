@@ -9,7 +9,8 @@ evaluation noise, FD in the digits classifier's features) with one change from t
 * ``gap05``: window-aware time input (``--interior-gap 0.5``: inside window k the network sees
   t_k + (t - t_k) / 2, so the end of a window never shares a time input with the next window's start);
 * ``sf10``: every training point at a window start (start fraction 1.0: no interior point, so no
-  time is ever asked for two targets).
+  time is ever asked for two targets);
+* ``sf10k24``: both of the last two (start fraction 1.0 with 24 teacher steps per window solve).
 
 Runs are resumable: an arm whose JSON exists in --out is read, not rerun.  ``--seeds`` picks the
 student seeds, so two processes can run different seeds side by side.  Writes perflow_levers.{json,md}
@@ -37,6 +38,7 @@ ARMS: dict[str, list[str]] = {
     "solver24": ["--window-solver-steps", "24"],
     "gap05": ["--interior-gap", "0.5"],
     "sf10": ["--start-fraction", "1.0"],
+    "sf10k24": ["--start-fraction", "1.0", "--window-solver-steps", "24"],
 }
 
 
