@@ -13,9 +13,9 @@ the same command.  The points of one run share its cosine schedule (FD at 10k of
 
 Cost: the teacher's window solve dominates a step (``solver_steps`` no-grad UNet calls on the batch
 against one forward + backward of the student); on one core of the 2-core dev machine a step at 24
-solver steps took about 0.5 s (10k steps in 84 min, evaluations included), so 30k steps (about 4 h)
-are a GPU job (``--device cuda``): run directories do not outlive a session here, and the CPU curve
-stops at 10k.
+solver steps took 0.5-0.65 s (10k steps in 84-110 min, evaluations included), so 30k steps are 4-5 h:
+rerun the same command in later sessions (it resumes from the last checkpoint while ``--runs`` is
+kept) or use a GPU (``--device cuda``).
 
     nohup nice .venv/bin/python benchmarks/perflow_long.py --seed 1 --steps 10000 --eval-at 3000 5000 10000 &
     .venv/bin/python benchmarks/perflow_long.py --seed 1 --device cuda            # 30k steps on a GPU
