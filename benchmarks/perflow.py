@@ -6,7 +6,7 @@
 3. PeRFlow, for each K in --windows: a student with K uniform windows, initialised from the teacher and
    keeping its output kind on the window path, trained --student-steps steps; every training example
    is real data noised to its window's start and carried across the window by --window-solver-steps
-   teacher DDIM steps.  Sampled with one Euler step per window (NFE = K).
+   teacher DDIM steps.  Sampled with one Euler step per window (NFE = K) and with two (NFE = 2K).
 4. 2-RF at a given teacher cost: (noise, --full-ode-steps DDIM sample) pairs, as many as the budget buys,
    budget = --budgets x the teacher NFE PeRFlow spent; a K = 1 student (same init, same steps),
    sampled with N uniform Euler steps.

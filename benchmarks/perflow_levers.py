@@ -13,7 +13,8 @@ evaluation noise, FD in the digits classifier's features) with one change from t
 * ``sf10k24``: both of the last two (start fraction 1.0 with 24 teacher steps per window solve).
 
 Runs are resumable: an arm whose JSON exists in --out is read, not rerun.  ``--seeds`` picks the
-student seeds, so two processes can run different seeds side by side.  Writes perflow_levers.{json,md}
+student seeds, so two processes can run different seeds side by side.  Writes <name of --out>.{json,md}
+next to --out (default perflow_levers.{json,md})
 (per arm: mean FD, the two seeds, their spread, the student/teacher ratio and the teacher NFE spent).
 
     nohup python benchmarks/perflow_levers.py --seeds 1 &      # ~1.5 h on one core
