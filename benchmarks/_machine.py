@@ -22,8 +22,10 @@ def machine_line(m: dict[str, Any]) -> str:
 def write_results(out_dir: Path, name: str, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     js, md = out_dir / f"{name}.json", out_dir / f"{name}.md"
-    js.write_text(json.dumps(payload, indent=1, default=float) + "\n")
-    md.write_text(markdown.rstrip() + "\n")
+    for path, text in ((js, json.dumps(payload, indent=1, default=float) + "\n"), (md, markdown.rstrip() + "\n")):
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # atomic: a reader never sees half a file
+        tmp.write_text(text)
+        tmp.replace(path)
     return js, md
 
 

@@ -25,6 +25,7 @@ kept) or use a GPU (``--device cuda``).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import sys
 import time
@@ -135,9 +136,14 @@ def main() -> None:
         score = fd(x)
         row = dict(seed=args.seed, step=step, run_steps=args.steps, solver_steps=args.solver_steps, device=args.device,
                    fd=score, ratio=score / ref, wall_s_this_process=time.time() - t0)
-        res["rows"].append(row)
+        (args.out / "tmp").mkdir(parents=True, exist_ok=True)
+        with open(args.out / "tmp" / "perflow_long.lock", "a") as lock:  # runs of other seeds append to the same file
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if path.is_file():
+                res["rows"] = json.loads(path.read_text())["rows"]
+            res["rows"].append(row)
+            write_results(args.out, "perflow_long", res, render(res))
         have.add((args.seed, step))
-        write_results(args.out, "perflow_long", res, render(res))
         print(row, flush=True)
 
     run_dir = args.runs / f"s{args.seed}-n{args.steps}-k{args.solver_steps}"
