@@ -15,7 +15,8 @@ Cost: the teacher's window solve dominates a step (``solver_steps`` no-grad UNet
 against one forward + backward of the student); on one core of the 2-core dev machine a step at 24
 solver steps took 0.5-0.65 s (10k steps in 84-110 min, evaluations included), so 30k steps are 4-5 h:
 rerun the same command in later sessions (it resumes from the last checkpoint while ``--runs`` is
-kept) or use a GPU (``--device cuda``).
+kept) or use a GPU (``--device cuda``).  ``--compile`` compiles the teacher (steps about 1.2x faster
+on this CPU); a run may be resumed with or without it (rounding-level differences only).
 
     nohup nice .venv/bin/python benchmarks/perflow_long.py --seed 1 --steps 10000 --eval-at 3000 5000 10000 &
     .venv/bin/python benchmarks/perflow_long.py --seed 1 --device cuda            # 30k steps on a GPU
@@ -92,6 +93,7 @@ def main() -> None:
     ap.add_argument("--ckpt-every", type=int, default=1000)
     ap.add_argument("--n-eval", type=int, default=5000)
     ap.add_argument("--solver-steps", type=int, default=24, help="teacher DDIM steps per window solve")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the teacher's network (window solves 0.80x the eager time, perflow_step_cost.md)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (training and sampling; FD features stay on the CPU)")
     ap.add_argument("--cache", type=Path, default=HERE.parent / ".runs" / "perflow", help="perflow.py's teacher cache")
@@ -122,7 +124,7 @@ def main() -> None:
 
     windows = perflow.make_windows(4)
     student = perflow.PeRFlowStudent.from_teacher(teacher, windows)
-    obj = perflow.PeRFlowObjective(teacher, fd.data, windows, solver_steps=args.solver_steps, start_fraction=0.8, loss_space="x0")
+    obj = perflow.PeRFlowObjective(teacher.compiled() if args.compile else teacher, fd.data, windows, solver_steps=args.solver_steps, start_fraction=0.8, loss_space="x0")
     cfg = train_config(args.steps, TEACHER["batch"], 1e-3, args.seed, 0.999)
     cfg.ckpt_every, cfg.keep_checkpoints, cfg.device = args.ckpt_every, 2, args.device
     t0 = time.time()
@@ -134,7 +136,7 @@ def main() -> None:
             x = perflow.sample_perflow(trainer.eval_model, noise, windows).x.cpu()
         trainer.model.train()
         score = fd(x)
-        row = dict(seed=args.seed, step=step, run_steps=args.steps, solver_steps=args.solver_steps, device=args.device,
+        row = dict(seed=args.seed, step=step, run_steps=args.steps, solver_steps=args.solver_steps, device=args.device, compiled_teacher=args.compile,
                    fd=score, ratio=score / ref, wall_s_this_process=time.time() - t0)
         (args.out / "tmp").mkdir(parents=True, exist_ok=True)
         with open(args.out / "tmp" / "perflow_long.lock", "a") as lock:  # runs of other seeds append to the same file

@@ -3,7 +3,8 @@ K = 4, batch 128, one CPU thread): the teacher's window solve (``PeRFlowObjectiv
 gradients) and the student's update (loss, backward, Adam step) timed separately, interleaved over
 ``--rounds`` rounds so every setting sees the same machine load; the table gives medians and each
 setting's step time relative to 12 solver steps.  Solver steps 0 is the teacher-free objective
-(``target="data"``): the draw without a network call.
+(``target="data"``): the draw without a network call.  ``--compile`` adds arms at ``--compile-steps``
+solver steps whose teacher is ``torch.compile``d in each named mode (compile time reported apart).
 
     .venv/bin/python benchmarks/perflow_step_cost.py            # about 2 minutes
 """
@@ -33,6 +34,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps-per-round", type=int, default=10)
+    ap.add_argument("--compile", nargs="*", default=["default", "max-autotune-no-cudagraphs"],
+                    help="torch.compile modes of the teacher to add as arms (none: no compiled arm)")
+    ap.add_argument("--compile-steps", type=int, default=24, help="solver steps of the compiled arms")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -41,10 +45,17 @@ def main() -> None:
     windows = perflow.make_windows(4)
     student = perflow.PeRFlowStudent.from_teacher(teacher, windows)
     opt = torch.optim.Adam(student.parameters(), lr=1e-4)
-    objs = {k: perflow.PeRFlowObjective(teacher, data, windows, solver_steps=max(k, 1), start_fraction=0.8, loss_space="x0",
-                                        target="data" if k == 0 else "teacher") for k in args.solver_steps}
-    times: dict[int, dict[str, list[float]]] = {k: {"draw": [], "update": []} for k in objs}
+    objs = {(k, "eager"): perflow.PeRFlowObjective(teacher, data, windows, solver_steps=max(k, 1), start_fraction=0.8, loss_space="x0",
+                                                   target="data" if k == 0 else "teacher") for k in args.solver_steps}
     gen = torch.Generator().manual_seed(0)
+    compile_s = {}
+    for mode in [m for m in args.compile if m != "none"]:
+        fast = perflow.Teacher(torch.compile(teacher.model, mode=None if mode == "default" else mode, dynamic=False), DDPMSchedule(), "v")
+        objs[(args.compile_steps, mode)] = obj = perflow.PeRFlowObjective(fast, data, windows, solver_steps=args.compile_steps, start_fraction=0.8, loss_space="x0")
+        t0 = time.perf_counter()
+        obj.draw(args.batch, gen, "cpu")  # compiles
+        compile_s[mode] = time.perf_counter() - t0
+    times: dict[tuple[int, str], dict[str, list[float]]] = {k: {"draw": [], "update": []} for k in objs}
     meter = LoadMeter()
     with meter:
         for _ in range(args.rounds):
@@ -61,8 +72,9 @@ def main() -> None:
                     draw, update = draw + t1 - t0, update + t2 - t1
                 times[k]["draw"].append(1e3 * draw / args.steps_per_round)
                 times[k]["update"].append(1e3 * update / args.steps_per_round)
-    rows = [dict(solver_steps=k, draw_ms=statistics.median(v["draw"]), update_ms=statistics.median(v["update"])) for k, v in times.items()]
-    ref = next((r["draw_ms"] + r["update_ms"] for r in rows if r["solver_steps"] == 12), None)
+    rows = [dict(solver_steps=k, teacher=mode, compile_s=compile_s.get(mode), draw_ms=statistics.median(v["draw"]),
+                 update_ms=statistics.median(v["update"])) for (k, mode), v in times.items()]
+    ref = next((r["draw_ms"] + r["update_ms"] for r in rows if (r["solver_steps"], r["teacher"]) == (12, "eager")), None)
     for r in rows:
         r["step_ms"] = r["draw_ms"] + r["update_ms"]
         r["vs_12"] = r["step_ms"] / ref if ref else None
@@ -71,10 +83,12 @@ def main() -> None:
              f"Batch {args.batch}, one thread, medians over {args.rounds} interleaved rounds of {args.steps_per_round} steps; "
              f"other processes used {'n/a' if meter.foreign_cores is None else f'{meter.foreign_cores:.1f}'} cores on average meanwhile "
              "(ratios within this run are the result, not the milliseconds).", "",
-             "| solver steps per window | teacher solve ms | student update ms | step ms | step / step at 12 |", "|---:|---:|---:|---:|---:|"]
+             "Teacher \"eager\": the plain module; otherwise `torch.compile(teacher, mode=..., dynamic=False)` (its one-off compile time in brackets).", "",
+             "| solver steps per window | teacher | teacher solve ms | student update ms | step ms | step / step at 12 |", "|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         vs = f"{r['vs_12']:.2f}" if r["vs_12"] else "-"
-        lines.append(f"| {r['solver_steps'] or '0 (no teacher)'} | {r['draw_ms']:.0f} | {r['update_ms']:.0f} | {r['step_ms']:.0f} | {vs} |")
+        how = r["teacher"] if r["compile_s"] is None else f"{r['teacher']} ({r['compile_s']:.0f} s)"
+        lines.append(f"| {r['solver_steps'] or '0 (no teacher)'} | {how} | {r['draw_ms']:.0f} | {r['update_ms']:.0f} | {r['step_ms']:.0f} | {vs} |")
     md = "\n".join(lines)
     write_results(args.out, "perflow_step_cost", {"machine": machine, "rows": rows, "foreign_cores": meter.foreign_cores,
                                                   "args": {k: str(v) for k, v in vars(args).items()}}, md)

@@ -150,6 +150,9 @@ def _add_perflow_parser(sub, fmt) -> None:
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the student weights (0 disables)")
     p.add_argument("--seed", type=int, default=0, help="seed of the training draws")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--compile", action="store_true", help="torch.compile the teacher's network (its window solve is most of a step: 0.80x the eager "
+                                                          "time on the digits UNet, benchmarks/results/perflow_step_cost.md) and the student; "
+                                                          "a resumed job takes the same choice")
     p.add_argument("--export-diffusers", action="store_true", help="diffusers teachers: also write OUT/diffusers (a diffusers folder of the student; "
                                                                      "text-to-image pipelines always write it)")
     p.add_argument("--lora-rank", type=int, default=None,
@@ -568,7 +571,7 @@ def _cmd_perflow(args: argparse.Namespace) -> int:
                                start_fraction=args.start_fraction, loss_space=args.loss_space,
                                guidance=args.guidance, p_uncond=p_uncond, guidance_mode=args.guidance_mode)
     train = TrainConfig(steps=args.steps, batch_size=batch, lr=lr, lr_schedule="cosine", warmup_steps=min(100, args.steps // 10),
-                        ema_decay=args.ema, seed=args.seed, device=args.device, progress=not args.quiet, workers=0,
+                        ema_decay=args.ema, seed=args.seed, device=args.device, progress=not args.quiet, workers=0, compile=args.compile,
                         log_every=max(1, min(100, args.steps // 10)), ckpt_every=max(1, min(500, args.steps)))
     out = train_perflow(args.teacher, args.out, settings=settings, train=train, data=data, data_name=data_name, export=args.export_diffusers, **extra)
     guided = settings.guidance_mode == "student" and settings.guidance != 1.0

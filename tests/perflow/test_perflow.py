@@ -299,3 +299,15 @@ def test_window_weights_reweight_the_loss_per_window():
     for bad in ([1.0], [1.0, -1.0], [0.0, 0.0]):
         with pytest.raises(ConfigError, match="window_weights"):
             perflow.PeRFlowObjective(teacher, _Data(), b, window_weights=bad)
+
+
+def test_compiled_teacher_solves_windows_like_the_eager_one():
+    """``Teacher.compiled`` is the same teacher (guidance, path, time map) with a compiled network;
+    the original keeps its plain module (whose weights the delta and the student start from)."""
+    teacher, b = _eps_teacher(), perflow.make_windows(4)
+    teacher.guidance = None
+    fast = teacher.compiled(backend="eager")
+    assert fast is not teacher and fast.model is not teacher.model and isinstance(teacher.model, torch.nn.Module)
+    assert (fast.path, fast.parameterization, fast.time_map) == (teacher.path, teacher.parameterization, teacher.time_map)
+    z, t0, t1 = torch.randn(6, 1, 8, 8), b[:-1].repeat(2)[:6], b[1:].repeat(2)[:6]
+    torch.testing.assert_close(fast.ddim(z, t0, t1, 3), teacher.ddim(z, t0, t1, 3), rtol=1e-5, atol=1e-6)

@@ -66,6 +66,28 @@ def test_job_writes_student_delta_samples_and_reloads(image_run, tmp_path):
     assert any(float(d.abs().max()) > 0 for d in delta.values())  # it trained
 
 
+def test_compile_also_compiles_the_teachers_window_solve(image_run, tmp_path, monkeypatch):
+    """--compile (train.compile) compiles the teacher's network too (its window solve is most of a
+    step); the delta is still taken against the plain teacher's weights."""
+    compiled, real = [], torch.compile
+
+    def eager_compile(model, **kw):
+        compiled.append(model)
+        return real(model, backend="eager", dynamic=kw.get("dynamic"))
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    torch._dynamo.reset()
+    out = tmp_path / "pf"
+    assert main(["perflow", str(image_run), "--out", str(out), "-K", "2", "--steps", "3", "--batch-size", "8",
+                 "--solver-steps", "2", "--device", "cpu", "-q", "--compile"]) == 0
+    assert json.loads((out / "perflow.json").read_text())["train"]["compile"] is True
+    teacher, _, _ = load_perflow_teacher(image_run)
+    assert len(compiled) == 2 and type(compiled[0]) is type(teacher.model)  # the teacher's network, then the student
+    delta, _ = load_tensors(out / "delta.safetensors")
+    assert set(delta) <= set(teacher.model.state_dict()) and not any("_orig_mod" in k for k in delta)
+    assert json.loads((out / "perflow.json").read_text())["teacher_nfe_this_session"] == 3 * 8 * 2
+
+
 def test_untrained_student_is_the_teachers_k_step_solver(image_run, tmp_path):
     """Before training, one Euler step per window of the student = the teacher's K-step Euler (a
     velocity teacher on the straight path: DDIM == Euler, theory §6)."""

@@ -319,7 +319,7 @@ def train_perflow(
         guard_run_dir(out, "perflow.json", record, what="PeRFlow job", normalise=lambda d: {k: d.get(k) for k in keys}, foreign_ok=False)
         remove_stale_temporaries(out, out / "checkpoints", out / "diffusers")  # left by a kill mid-write
         student = PeRFlowStudent.from_teacher(teacher, boundaries)
-        objective = PeRFlowObjective(teacher, data, boundaries, solver_steps=settings.solver_steps, loss_space=settings.loss_space,
+        objective = PeRFlowObjective(_solving(teacher, train), data, boundaries, solver_steps=settings.solver_steps, loss_space=settings.loss_space,
                                      start_fraction=settings.start_fraction, p_uncond=settings.p_uncond if conditional else 0.0)
         make_dirs(out)
         save_json(job, record)
@@ -339,6 +339,12 @@ def train_perflow(
         if export and desc["kind"] == "diffusers":
             export_student(final, out / "diffusers", teacher_path)
     return out
+
+
+def _solving(teacher: Teacher, train: TrainConfig) -> Teacher:
+    """The teacher of the window solves: compiled with the student when ``train.compile`` is set (the
+    solve is most of a training step); the plain teacher stays the student's start and the delta's base."""
+    return teacher.compiled() if train.compile else teacher
 
 
 _JOB_KEYS = ("format", "settings", "train", "teacher", "data", "windows", "shape")
@@ -389,7 +395,7 @@ def _train_pipeline_job(folder: Path, out: Path, settings: PeRFlowSettings, trai
         teacher_w, student_w = settings.scales()
         teacher.guidance = as_guidance(teacher_w, data.null_cond) if teacher_w != 1.0 else None
         student = pipe.student(boundaries)
-        objective = PeRFlowObjective(teacher, data, boundaries, solver_steps=settings.solver_steps, loss_space=settings.loss_space,
+        objective = PeRFlowObjective(_solving(teacher, train), data, boundaries, solver_steps=settings.solver_steps, loss_space=settings.loss_space,
                                      start_fraction=settings.start_fraction, p_uncond=settings.p_uncond, null_cond=data.null_cond)
         record["cache"] = {"path": str(cache.path.resolve()), "settings": cache.settings.to_dict()}
         save_json(job, record)
