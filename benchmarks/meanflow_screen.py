@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _digits import DigitsFD, make_unet, train_config  # noqa: E402
 from _machine import machine_info, machine_line, write_results  # noqa: E402
 from rectflow.data import make_distribution  # noqa: E402
 from rectflow.engine.trainer import TrainConfig, Trainer  # noqa: E402
@@ -28,7 +29,6 @@ from rectflow.flow.meanflow import MeanFlowObjective, sample_mean_flow  # noqa: 
 from rectflow.flow.metrics import wasserstein2  # noqa: E402
 from rectflow.models import MLPAverageVelocity  # noqa: E402
 from toy2d import RECIPE, TASKS  # noqa: E402
-from _digits import DigitsFD, make_unet, train_config  # noqa: E402
 
 DEFAULT = "paper-p1:0.25:0.005:1,p0.5:0.25:0.005:0.5,p0:0.25:0.005:0,p0-equal50:0.5:0.005:0,p1-lr1e-3:0.25:0.001:1,p0-lr1e-3:0.25:0.001:0"
 

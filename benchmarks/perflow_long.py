@@ -39,7 +39,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _digits import DigitsFD, train_config  # noqa: E402
 from _machine import machine_info, machine_line, write_results  # noqa: E402
 from perflow import teacher_net  # noqa: E402
-
 from rectflow import perflow  # noqa: E402
 from rectflow.diffusion.schedules import DDPMSchedule  # noqa: E402
 from rectflow.engine.trainer import Trainer  # noqa: E402

@@ -24,10 +24,10 @@ import torch
 
 from rectflow import FlowMatchingObjective, IndependentCoupling, MLPVelocity, TrainConfig, Trainer, solve, wasserstein2
 from rectflow.data import Gaussian, make_distribution
-from rectflow.runs.machine import describe, machine_info
 from rectflow.diffusion.samplers import churn, ddim, ddpm, flow_sde, sigma_noise_level
 from rectflow.diffusion.schedules import FlowMatchingSchedule
 from rectflow.flow.solvers import SolveResult, time_grid
+from rectflow.runs.machine import describe, machine_info
 
 PATH = FlowMatchingSchedule()  # the 1-RF straight line as a diffusion schedule: alpha_s = 1 - s, sigma_s = s
 

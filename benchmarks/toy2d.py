@@ -48,14 +48,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine_info, machine_line, write_results  # noqa: E402
-
-from rectflow.runs.config import apply_overrides, config_from_dict  # noqa: E402
 from rectflow.data import make_distribution  # noqa: E402
+from rectflow.engine.io import read_jsonl  # noqa: E402
+from rectflow.flow.metrics import wasserstein2  # noqa: E402
+from rectflow.runs.config import apply_overrides, config_from_dict  # noqa: E402
 from rectflow.runs.evaluation import evaluate_run
 from rectflow.runs.experiment import load_run, train_run  # noqa: E402
 from rectflow.runs.recipes import RECIPES  # noqa: E402
-from rectflow.engine.io import read_jsonl  # noqa: E402
-from rectflow.flow.metrics import wasserstein2  # noqa: E402
 
 TASKS: dict[str, dict[str, Any]] = {
     "gauss-8gauss": {"source": "gaussian", "target": "8gaussians"},

@@ -38,12 +38,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import LoadMeter, machine_info, machine_line, wait_quiet, write_results  # noqa: E402
-
-from rectflow.flow.couplings import IndependentCoupling, MinibatchOTCoupling  # noqa: E402
 from rectflow.data import make_distribution  # noqa: E402
+from rectflow.engine.trainer import TrainConfig, Trainer  # noqa: E402
+from rectflow.flow.couplings import IndependentCoupling, MinibatchOTCoupling  # noqa: E402
 from rectflow.flow.losses import FlowMatchingObjective  # noqa: E402
 from rectflow.models import MLPVelocity  # noqa: E402
-from rectflow.engine.trainer import TrainConfig, Trainer  # noqa: E402
 
 BATCH = 256
 LR, CLIP, EMA_DECAY = 1e-3, 1.0, 0.999

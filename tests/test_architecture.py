@@ -37,6 +37,16 @@ def test_import_linter_contracts_hold():
     assert "0 broken" in res.stdout
 
 
+def test_ruff_finds_nothing():
+    """pyflakes (unused or undefined names), syntax errors and import order, as pyproject.toml's
+    [tool.ruff.lint] selects them, over the package, tests, benchmarks and docs scripts."""
+    exe = Path(sys.executable).with_name("ruff")
+    if not exe.exists():
+        pytest.skip("ruff is not installed (pip install -e '.[test]')")
+    res = subprocess.run([str(exe), "check", "--no-cache", "src", "tests", "benchmarks", "docs"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+
+
 def test_no_module_imports_another_modules_private_name():
     bad = []
     for p, tree, _ in _modules():

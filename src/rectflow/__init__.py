@@ -12,10 +12,28 @@ One time convention everywhere: t = 0 is the source pi0 (noise or domain A), t =
 * :mod:`rectflow.runs`: run directories and jobs (the CLI is a thin layer over it).
 """
 
-from rectflow.version import __version__
-from rectflow.errors import CheckpointError, ConfigError, DataError, RectflowError
-from rectflow.models import DiTVelocity, MLPVelocity, UNetVelocity
 from rectflow.data import make_distribution
+from rectflow.diffusion import (
+    ConvertedModel,
+    CustomSchedule,
+    DDPMSchedule,
+    DiffusionObjective,
+    FlowMatchingSchedule,
+    NoiseSchedule,
+    VPCosineSchedule,
+    VPLinearSchedule,
+    churn,
+    convert,
+    ddim,
+    ddpm,
+    diffusion_time,
+    euler_eta,
+    flow_sde,
+    log_snr,
+    make_weighting,
+)
+from rectflow.engine import TrainConfig, Trainer
+from rectflow.errors import CheckpointError, ConfigError, DataError, RectflowError
 from rectflow.flow import (
     AffinePath,
     Coupling,
@@ -42,26 +60,9 @@ from rectflow.flow import (
     solve,
     wasserstein2,
 )
-from rectflow.engine import TrainConfig, Trainer
-from rectflow.diffusion import (
-    ConvertedModel,
-    CustomSchedule,
-    DDPMSchedule,
-    DiffusionObjective,
-    FlowMatchingSchedule,
-    NoiseSchedule,
-    VPCosineSchedule,
-    VPLinearSchedule,
-    churn,
-    convert,
-    ddim,
-    ddpm,
-    diffusion_time,
-    euler_eta,
-    flow_sde,
-    log_snr,
-    make_weighting,
-)
+from rectflow.images import ConditionalFlowMatchingObjective, GuidedVelocity, fd, fid, sample_guided, sample_images
+from rectflow.models import DiTVelocity, MLPVelocity, UNetVelocity
+from rectflow.perflow import PeRFlowObjective, PeRFlowStudent, Teacher, apply_delta, load_delta, make_windows, sample_perflow, save_delta
 from rectflow.reflow import (
     DistillationObjective,
     PairCoupling,
@@ -75,8 +76,6 @@ from rectflow.reflow import (
     straightness,
     transport_cost,
 )
-from rectflow.images import ConditionalFlowMatchingObjective, GuidedVelocity, fd, fid, sample_guided, sample_images
-from rectflow.perflow import PeRFlowObjective, PeRFlowStudent, Teacher, apply_delta, load_delta, make_windows, sample_perflow, save_delta
 from rectflow.runs import (
     ExperimentConfig,
     config_from_dict,
@@ -92,6 +91,7 @@ from rectflow.runs import (
     train_reflow,
     train_run,
 )
+from rectflow.version import __version__
 
 __all__ = [
     "__version__",

@@ -13,7 +13,6 @@ from PIL import Image
 
 from rectflow.data import make_distribution
 from rectflow.data.images import (
-    resize_images,
     ImageArray,
     ImageDataset,
     ImageGaussian,
@@ -22,6 +21,7 @@ from rectflow.data.images import (
     read_image_array,
     read_image_folder,
     read_image_zip,
+    resize_images,
     to_uint8,
     to_unit_range,
 )

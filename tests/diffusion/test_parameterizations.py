@@ -9,15 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from rectflow.flow.couplings import IndependentCoupling
 from rectflow.data import Gaussian, make_distribution
-from rectflow.flow.losses import FlowMatchingObjective
-from rectflow.models import MLPVelocity
 from rectflow.diffusion.parameterizations import PARAMETERIZATIONS, ConvertedModel, SingularConversionError, convert, error_ratio, from_x0_eps, to_x0_eps
-from rectflow.flow.paths import LinearPath
 from rectflow.diffusion.schedules import CustomSchedule, DDPMSchedule, FlowMatchingSchedule, RescaledSchedule, VPCosineSchedule, VPLinearSchedule, diffusion_time, log_snr
-from rectflow.flow.solvers import euler, solve, time_grid
 from rectflow.engine.trainer import TrainConfig, Trainer
+from rectflow.flow.couplings import IndependentCoupling
+from rectflow.flow.losses import FlowMatchingObjective
+from rectflow.flow.paths import LinearPath
+from rectflow.flow.solvers import euler, solve, time_grid
+from rectflow.models import MLPVelocity
 
 F64 = torch.float64
 PATHS = {

@@ -6,21 +6,20 @@ so sampler errors are separated from model errors.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from rectflow.flow.couplings import IndependentCoupling
 from rectflow.data import Gaussian, make_distribution
-from rectflow.flow.metrics import energy_distance
-from rectflow.models import MLPVelocity
 from rectflow.diffusion.parameterizations import PARAMETERIZATIONS, ConvertedModel, SingularConversionError, to_x0_eps
-from rectflow.flow.paths import LinearPath
 from rectflow.diffusion.samplers import churn, ddim, ddim_step, ddpm, euler_eta, flow_sde, natural_noise_level, posterior, renoise, sigma_noise_level
 from rectflow.diffusion.schedules import DDPMSchedule, FlowMatchingSchedule, RescaledSchedule, VPCosineSchedule, VPLinearSchedule, log_snr, shift_time, time_from_log_snr, variance_preserving
-from rectflow.flow.solvers import euler, solve, time_grid
-from rectflow.engine.trainer import TrainConfig, Trainer
 from rectflow.diffusion.weighting import DiffusionObjective
+from rectflow.engine.trainer import TrainConfig, Trainer
+from rectflow.flow.couplings import IndependentCoupling
+from rectflow.flow.metrics import energy_distance
+from rectflow.flow.paths import LinearPath
+from rectflow.flow.solvers import euler, solve, time_grid
+from rectflow.models import MLPVelocity
 
 F64 = torch.float64
 

@@ -7,8 +7,26 @@ import math
 import pytest
 import torch
 
+from rectflow.diffusion.schedules import (
+    CustomSchedule,
+    DDPMSchedule,
+    DiscreteFlowMatchingSchedule,
+    FlowMatchingSchedule,
+    RescaledSchedule,
+    VPCosineSchedule,
+    VPLinearSchedule,
+    diffusion_time,
+    flow_match_grid,
+    karras_sigmas,
+    log_snr,
+    log_snr_derivative,
+    log_snr_grid,
+    shift_time,
+    time_from_log_snr,
+    times_from_sigmas,
+    variance_preserving,
+)
 from rectflow.flow.paths import LinearPath
-from rectflow.diffusion.schedules import CustomSchedule, DDPMSchedule, DiscreteFlowMatchingSchedule, FlowMatchingSchedule, RescaledSchedule, VPCosineSchedule, VPLinearSchedule, diffusion_time, flow_match_grid, karras_sigmas, log_snr, log_snr_derivative, log_snr_grid, shift_time, time_from_log_snr, times_from_sigmas, variance_preserving
 
 F64 = torch.float64
 

@@ -8,14 +8,28 @@ import pytest
 import torch
 from torch import nn
 
-from rectflow.flow.couplings import IndependentCoupling
 from rectflow.data import Gaussian, make_distribution
-from rectflow.flow.losses import FlowBatch, flow_matching_loss
 from rectflow.diffusion.parameterizations import PARAMETERIZATIONS, ConvertedModel
-from rectflow.flow.paths import LinearPath
 from rectflow.diffusion.schedules import FlowMatchingSchedule, VPCosineSchedule, VPLinearSchedule, log_snr, log_snr_derivative
+from rectflow.diffusion.weighting import (
+    DiffusionObjective,
+    EDMWeighting,
+    ELBOWeighting,
+    FlowMatchingWeighting,
+    LogSNRNormalTime,
+    SD3Weighting,
+    SigmoidWeighting,
+    diffusion_loss,
+    implied_weighting,
+    log_snr_density,
+    loss_factor,
+    make_weighting,
+    time_density,
+)
+from rectflow.flow.couplings import IndependentCoupling
+from rectflow.flow.losses import FlowBatch, flow_matching_loss
+from rectflow.flow.paths import LinearPath
 from rectflow.flow.time_sampling import LogitNormalTime, UniformTime, UShapedTime
-from rectflow.diffusion.weighting import DiffusionObjective, EDMWeighting, ELBOWeighting, FlowMatchingWeighting, LogSNRNormalTime, SD3Weighting, SigmoidWeighting, diffusion_loss, implied_weighting, log_snr_density, loss_factor, make_weighting, time_density
 
 F64 = torch.float64
 T = torch.linspace(0.01, 0.99, 99, dtype=F64)

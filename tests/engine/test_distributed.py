@@ -11,16 +11,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rectflow.flow.couplings import MinibatchOTCoupling
 from rectflow.data import Gaussian, Moons, make_distribution
 from rectflow.engine import distributed
 from rectflow.engine.distributed import check_divisible, rank_shards, rank_slice, slice_batch
-from rectflow.errors import ConfigError
-from rectflow.images.guidance import ConditionalFlowMatchingObjective, LabelledCoupling
 from rectflow.engine.io import load_tensors, read_jsonl, save_tensors
-from rectflow.flow.losses import FlowBatch, FlowMatchingObjective
-from rectflow.models import MLPVelocity, UNetVelocity
 from rectflow.engine.trainer import TrainConfig, Trainer
+from rectflow.errors import ConfigError
+from rectflow.flow.couplings import MinibatchOTCoupling
+from rectflow.flow.losses import FlowBatch, FlowMatchingObjective
+from rectflow.images.guidance import ConditionalFlowMatchingObjective, LabelledCoupling
+from rectflow.models import MLPVelocity, UNetVelocity
 
 ROOT = Path(__file__).resolve().parents[2]
 

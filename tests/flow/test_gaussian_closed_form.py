@@ -8,13 +8,12 @@ Its flow is Z_t = t mu + sigma_t Z_0, so Z_1 = mu + s Z_0 (the marginal is prese
 import pytest
 import torch
 
-from rectflow.flow.couplings import IndependentCoupling
 from rectflow.data import Gaussian
-from rectflow.flow.losses import FlowMatchingObjective, flow_matching_loss
-from rectflow.models import MLPVelocity
-from rectflow.flow.solvers import solve
 from rectflow.engine.trainer import TrainConfig, Trainer
-
+from rectflow.flow.couplings import IndependentCoupling
+from rectflow.flow.losses import FlowMatchingObjective, flow_matching_loss
+from rectflow.flow.solvers import solve
+from rectflow.models import MLPVelocity
 from tests.conftest import gen
 
 MU = torch.tensor([2.0, -1.0], dtype=torch.float64)

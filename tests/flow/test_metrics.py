@@ -3,7 +3,6 @@ import torch
 
 from rectflow.errors import DataError
 from rectflow.flow.metrics import energy_distance, wasserstein2
-
 from tests.conftest import gen
 
 

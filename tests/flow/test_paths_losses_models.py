@@ -2,9 +2,8 @@ import pytest
 import torch
 
 from rectflow.flow.losses import flow_matching_loss
-from rectflow.models import MLPVelocity, SinusoidalTimeEmbedding
 from rectflow.flow.paths import AffinePath, LinearPath, PathCoefficients
-
+from rectflow.models import MLPVelocity, SinusoidalTimeEmbedding
 from tests.conftest import gen
 
 

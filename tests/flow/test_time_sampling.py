@@ -3,7 +3,6 @@ import torch
 from scipy import stats
 
 from rectflow.flow.time_sampling import LogitNormalTime, UniformTime, UShapedTime, make_time_sampler
-
 from tests.conftest import gen
 
 

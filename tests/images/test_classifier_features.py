@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from rectflow.images.classifier_features import ClassifierFeatures, train_classifier_features
 from rectflow.data.images import ImageArray, ImageDataset, load_digits_images
 from rectflow.errors import DataError
+from rectflow.images.classifier_features import ClassifierFeatures, train_classifier_features
 from rectflow.images.metrics import fd
 
 

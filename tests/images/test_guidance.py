@@ -6,16 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from rectflow.runs.config import load_config
 from rectflow.data import make_distribution
-from rectflow.errors import ConfigError, DataError
-from rectflow.runs.experiment import build_distributions, build_objective, load_run, train_run
-from rectflow.images.guidance import NULL_LABEL, ConditionalFlowMatchingObjective, GuidedVelocity, LabelledCoupling, drop_labels, sample_guided
-from rectflow.images.sampling import FixedStepSampler, sample_images
-from rectflow.flow.paths import LinearPath
 from rectflow.diffusion.samplers import ddim
+from rectflow.errors import ConfigError, DataError
+from rectflow.flow.paths import LinearPath
 from rectflow.flow.sampling import sample_model
 from rectflow.flow.solvers import solve, time_grid
+from rectflow.images.guidance import NULL_LABEL, ConditionalFlowMatchingObjective, GuidedVelocity, LabelledCoupling, drop_labels, sample_guided
+from rectflow.images.sampling import FixedStepSampler, sample_images
+from rectflow.runs.config import load_config
+from rectflow.runs.experiment import build_distributions, build_objective, load_run, train_run
 
 
 def gen(seed=0):

@@ -5,16 +5,16 @@ import json
 import pytest
 import torch
 
-from rectflow.errors import CheckpointError, ConfigError
 from rectflow.diffusion.schedules import DDPMSchedule
+from rectflow.errors import CheckpointError, ConfigError
 
 diffusers = pytest.importorskip("diffusers")
 
 from rectflow import perflow  # noqa: E402
+from rectflow.engine.trainer import TrainConfig, Trainer  # noqa: E402
+from rectflow.flow.solvers import euler  # noqa: E402
 from rectflow.perflow.diffusers_io import export_student, load_student, load_teacher, schedule_from_config  # noqa: E402
 from rectflow.perflow.diffusers_scheduler import PeRFlowScheduler, step_grid  # noqa: E402
-from rectflow.flow.solvers import euler  # noqa: E402
-from rectflow.engine.trainer import TrainConfig, Trainer  # noqa: E402
 
 torch.set_num_threads(1)
 

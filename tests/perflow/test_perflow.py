@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from rectflow import perflow
-from rectflow.errors import ConfigError
-from rectflow.models.unet import UNetVelocity
 from rectflow.diffusion.parameterizations import ConvertedModel
-from rectflow.flow.paths import PathCoefficients
 from rectflow.diffusion.samplers import ddim
 from rectflow.diffusion.schedules import DDPMSchedule, FlowMatchingSchedule, VPCosineSchedule, log_snr
 from rectflow.engine.trainer import TrainConfig, Trainer
+from rectflow.errors import ConfigError
+from rectflow.flow.paths import PathCoefficients
+from rectflow.models.unet import UNetVelocity
 
 torch.set_num_threads(1)
 

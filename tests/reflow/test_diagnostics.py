@@ -8,9 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from rectflow.reflow.diagnostics import crossing_probability, diagnose_coupling, segment_intersections, straightness, transport_cost
 from rectflow.errors import DataError
-
+from rectflow.reflow.diagnostics import crossing_probability, diagnose_coupling, segment_intersections, straightness, transport_cost
 from tests.conftest import gen
 
 

@@ -7,13 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from rectflow.flow.couplings import IndependentCoupling
 from rectflow.data import PointCloud
-from rectflow.reflow.distill import DistillationObjective, PseudoHuberLoss, distillation_loss, l2_loss, make_distill_loss, one_step
-from rectflow.models import MLPVelocity
-from rectflow.flow.sampling import sample_model
 from rectflow.engine.trainer import TrainConfig, Trainer
-
+from rectflow.flow.couplings import IndependentCoupling
+from rectflow.flow.sampling import sample_model
+from rectflow.models import MLPVelocity
+from rectflow.reflow.distill import DistillationObjective, PseudoHuberLoss, distillation_loss, l2_loss, make_distill_loss, one_step
 from tests.conftest import gen
 
 

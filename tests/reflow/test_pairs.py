@@ -14,11 +14,10 @@ import torch
 from torch import nn
 
 from rectflow.data import Gaussian
+from rectflow.engine.trainer import step_generator
 from rectflow.errors import CheckpointError, ConfigError, DataError
 from rectflow.flow.losses import FlowMatchingObjective
 from rectflow.reflow.pairs import PairCoupling, PairStore, default_solve_batch, generate_pairs, shard_name, state_dict_sha256
-from rectflow.engine.trainer import step_generator
-
 from tests.conftest import gen
 
 

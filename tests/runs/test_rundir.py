@@ -1,9 +1,10 @@
 import pytest
 
+from rectflow.engine.checkpoint import diff_keys
 from rectflow.engine.io import save_json
 from rectflow.errors import ConfigError
 from rectflow.runs.config import config_from_dict, config_to_dict
-from rectflow.runs.rundir import RESUMABLE_TRAIN_KEYS, diff_keys, guard_run_dir, semantic_config
+from rectflow.runs.rundir import RESUMABLE_TRAIN_KEYS, guard_run_dir, semantic_config
 
 
 def cfg_dict(**train):

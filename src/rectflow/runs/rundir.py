@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from rectflow.engine.checkpoint import describe_diff, diff_keys
+from rectflow.engine.checkpoint import describe_diff
 from rectflow.engine.io import LOCK_FILE, check_writable, exclusive_lock, load_json
 from rectflow.errors import ConfigError
 
