@@ -155,3 +155,24 @@ def test_exported_scheduler_reproduces_our_sampler_at_any_step_count(tmp_path, n
         torch.testing.assert_close(ours.x, perflow.sample_perflow(student, x, windows, steps_per_window=n // 4).x)
     with pytest.raises(ConfigError, match="fewer than the 4 windows"):
         sched.set_timesteps(3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_exported_scheduler_steps_a_half_precision_pipeline_as_in_float32(dtype):
+    """A pipeline in fp16 / bf16 hands the scheduler half-precision samples: the step is computed in
+    float32 (as diffusers' schedulers upcast), so it neither refuses SD's small a(0) as singular nor
+    reads a grid point near a boundary on the next window's slopes (fp16's rounding is 1e-3 of t)."""
+    sd = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon"}
+    schedule, _ = schedule_from_config(sd)
+    windows = perflow.make_windows(4)
+    c = schedule.coefficients(windows)
+    sched = PeRFlowScheduler(windows=windows.tolist(), alphas=c.a.tolist(), sigmas=c.b.tolist())
+    gen = torch.Generator().manual_seed(0)
+    for n in (16, 160):
+        sched.set_timesteps(n)
+        for ts in sched.timesteps:
+            z, eps = torch.randn(2, 4, 4, 4, generator=gen).to(dtype), torch.randn(2, 4, 4, 4, generator=gen).to(dtype)
+            low = sched.step(eps, ts, z).prev_sample
+            ref = sched.step(eps.float(), ts, z.float()).prev_sample.to(dtype)  # the same rounded inputs, stepped in float32
+            assert low.dtype == dtype
+            torch.testing.assert_close(low, ref, rtol=0, atol=0)

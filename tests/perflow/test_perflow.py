@@ -311,3 +311,44 @@ def test_compiled_teacher_solves_windows_like_the_eager_one():
     assert (fast.path, fast.parameterization, fast.time_map) == (teacher.path, teacher.parameterization, teacher.time_map)
     z, t0, t1 = torch.randn(6, 1, 8, 8), b[:-1].repeat(2)[:6], b[1:].repeat(2)[:6]
     torch.testing.assert_close(fast.ddim(z, t0, t1, 3), teacher.ddim(z, t0, t1, 3), rtol=1e-5, atol=1e-6)
+
+
+class _Scale(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, z, t):
+        return self.w * z
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 3e-3), (torch.bfloat16, 3e-2)])
+def test_a_half_precision_student_samples_like_the_float64_one(dtype, tol):
+    """A student cast to fp16 / bf16 (as a half-precision pipeline runs it) reads its output on the
+    window path in float32: on SD's schedule (a(0) = 0.068) bf16 would otherwise refuse t = 0 as
+    singular.  The samples then differ from float64 by the dtype's rounding only."""
+    sch = DDPMSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)  # Stable Diffusion's
+    teacher = perflow.Teacher(_Scale(), sch, "eps", time_map=sch.t_to_timestep)
+    for k in (4, 6):
+        w = perflow.make_windows(k)
+        student = perflow.PeRFlowStudent.from_teacher(teacher, w)
+        x = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(k))
+        with torch.no_grad():
+            ref = perflow.sample_perflow(student.double(), x.double(), w, steps_per_window=8).x
+            low = perflow.sample_perflow(student.to(dtype), x.to(dtype), w, steps_per_window=8).x
+        assert low.dtype == dtype
+        assert float((low.double() - ref).norm() / ref.norm()) < tol
+
+
+def test_every_training_point_is_read_on_its_own_window():
+    """A point drawn just below a window's end must not round onto the next window: log-SNR windows on
+    SD's schedule are as narrow as 1.4e-4 at K = 16, where t_margin * dt is below float32's snap
+    tolerance of window_index, so the student would read the point with the next window's slopes."""
+    sch = DDPMSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    teacher = perflow.Teacher(_Scale(), sch, "eps", time_map=sch.t_to_timestep)
+    b = perflow.make_windows(16, spacing="log_snr", path=sch)
+    assert float((b[1:] - b[:-1]).min()) < 1e-3
+    obj = perflow.PeRFlowObjective(teacher, _Data(), b, target="data")  # no network call: a big draw is cheap
+    batch = obj.draw(20000, torch.Generator().manual_seed(0), "cpu")
+    k = perflow.window_index(b, batch.t)
+    assert bool((b[k] < batch.t.double()).all())  # no point sits on (or rounds onto) the start of the window after its own

@@ -90,9 +90,12 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         k = int(window_index(self.path.boundaries, torch.tensor([t], dtype=torch.float64))[0])
         if not float(self.path.boundaries[k]) <= t_next <= float(self.path.boundaries[k + 1]) + 1e-12:  # step_grid keeps every boundary
             raise RuntimeError(f"PeRFlowScheduler: the step {t} -> {t_next} crosses a window boundary (a bug in step_grid)")
-        tv = torch.full((sample.shape[0],), t, dtype=sample.dtype, device=sample.device)
-        v = convert(model_output, src=self.kind, dst="velocity", z=sample, path=self.path, t=tv)
-        prev = sample + (t_next - t) * v
+        # in float32 whatever the pipeline's dtype, as diffusers' schedulers upcast: in fp16 / bf16 the
+        # conversion's divisor a(t) can round to "singular" and a time near a boundary to the next window
+        z = sample.float()
+        tv = torch.full((sample.shape[0],), t, dtype=torch.float32, device=sample.device)
+        v = convert(model_output.float(), src=self.kind, dst="velocity", z=z, path=self.path, t=tv)
+        prev = (z + (t_next - t) * v).to(sample.dtype)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
     def __len__(self) -> int:

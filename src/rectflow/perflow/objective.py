@@ -110,6 +110,9 @@ class PeRFlowObjective:
         dt = t1 - t0
         v = (z1 - z0) / expand_like(dt.to(x.dtype), x)
         tau = (self.t_margin + u * (1 - 2 * self.t_margin)) * dt
+        # keep t = t0 + tau, rounded to x's dtype, clear of window_index's snap to t1: in a window
+        # narrower than about 1e-2, t_margin * dt alone would let it round onto the next window
+        tau = torch.minimum(tau, dt - 16 * torch.finfo(x.dtype).eps * t1.abs().clamp_min(1.0))
         if self.start_fraction > 0:
             at_start = torch.rand(n, generator=generator, device=gdev).to(x.device) < self.start_fraction
             tau = torch.where(at_start, torch.zeros_like(tau), tau)

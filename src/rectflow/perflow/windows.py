@@ -113,7 +113,8 @@ class WindowPath(AffinePath):
         da, db = (a1 - a0) / dt, (b1 - b0) / dt
         tau = t.double() - t0
         out = (a0 + tau * da, b0 + tau * db, da, db)
-        return PathCoefficients(*(v.to(t.dtype) for v in out))
+        dtype = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype  # a half t: coefficients still in float32
+        return PathCoefficients(*(v.to(dtype) for v in out))
 
     def __repr__(self) -> str:
         return f"WindowPath(K={self.boundaries.numel() - 1}, teacher={self.teacher_path!r})"
