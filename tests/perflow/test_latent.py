@@ -54,6 +54,8 @@ def test_text_encoding_and_null_condition_match_the_stock_pipeline(tiny_pipeline
     torch.testing.assert_close(tiny_pipeline.encode_text(PROMPTS), cond)
     torch.testing.assert_close(tiny_pipeline.null_embedding().expand(2, -1, -1), uncond)
     assert tiny_pipeline.tokenize("abc").shape == (1, 16)
+    with pytest.raises(DataError, match=r"prompt 'abcdefghijklmnopq' is 19 tokens, more than the 16 of .*tokenizer"):
+        tiny_pipeline.encode_text(["a cat", "abcdefghijklmnopq"])  # the text encoder would cut it silently
 
 
 @pytest.mark.parametrize("shift", [None, 0.1])

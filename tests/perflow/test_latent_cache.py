@@ -179,3 +179,19 @@ def test_an_unreadable_image_is_named(tmp_path, tiny_pipeline):
     with pytest.raises(DataError, match=r"img_1\.png: cannot decode image") as e:
         build_cache(tiny_pipeline, images, tmp_path / "cache")
     assert "\n" not in str(e.value)
+
+
+def test_a_caption_longer_than_the_tokenizer_allows_is_named(tmp_path, tiny_pipeline):
+    """The text encoder would silently cut it (the tiny tokenizer takes 16 tokens): refused, naming the
+    image and its caption file, before anything is written."""
+    txt = caption_images(tmp_path / "txt", layout="txt")
+    (txt / "img_1.txt").write_text("a dog that is far too long to fit\n")
+    with pytest.raises(DataError, match=r"img_1\.png: its caption \(img_1\.txt\) is 27 tokens, more than the 16") as e:
+        build_cache(tiny_pipeline, txt, tmp_path / "cache")
+    assert "\n" not in str(e.value) and not (tmp_path / "cache").exists()
+    meta = caption_images(tmp_path / "meta")
+    rows = [json.loads(r) for r in (meta / "metadata.jsonl").read_text().splitlines()]
+    rows[0]["text"] = "x" * 15
+    (meta / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(DataError, match=r"img_4\.png: its caption \(metadata\.jsonl\) is 17 tokens"):
+        build_cache(tiny_pipeline, meta, tmp_path / "cache")

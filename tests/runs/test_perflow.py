@@ -416,6 +416,9 @@ def test_pipeline_job_refuses_bad_input(pipeline_job, sd_folder, captions, image
     with pytest.raises(DataError, match="no caption"):
         train_perflow(sd_folder, tmp_path / "b", train=train, data=bare)
     assert not (tmp_path / "b").exists()  # refused before anything is written
+    with pytest.raises(DataError, match="prompt 'abcdefghijklmnopq' is 19 tokens"):
+        train_perflow(sd_folder, tmp_path / "b", train=train, data=captions, prompts=["a cat", "abcdefghijklmnopq"])
+    assert not (tmp_path / "b").exists()
     with pytest.raises(ConfigError, match="lora_rank"):
         train_perflow(sd_folder, tmp_path / "c", train=train, data=captions, lora_rank=-1)
     sd3 = tmp_path / "sd3"

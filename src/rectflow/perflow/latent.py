@@ -201,6 +201,21 @@ class LatentPipeline:
         """Token ids (B, L) of the (first) tokenizer, padded to its max length and truncated, as the stock pipeline does."""
         return _text_inputs(self.tokenizer, [prompts] if isinstance(prompts, str) else list(prompts)).input_ids
 
+    def check_prompts(self, prompts: Sequence[str], sources: Sequence[str] | None = None) -> None:
+        """Raise :class:`DataError` for the first prompt longer than a tokenizer of this pipeline takes
+        (its text encoder would silently cut the rest), naming ``sources[i]`` (e.g. the caption's
+        file) or else the prompt itself."""
+        prompts = list(prompts)
+        for tokenizer, part in ((self.tokenizer, "tokenizer"), (self.tokenizer_2, "tokenizer_2")):
+            if tokenizer is None or not prompts:
+                continue
+            limit = int(tokenizer.model_max_length)
+            for i, ids in enumerate(tokenizer(prompts, truncation=False, verbose=False).input_ids):
+                if len(ids) > limit:
+                    what = sources[i] if sources is not None else f"prompt {prompts[i][:60]!r}"
+                    raise DataError(f"{what} is {len(ids)} tokens, more than the {limit} of {self.folder / part} "
+                                    "(the text encoder would cut the rest): shorten it")
+
     @torch.no_grad()
     def encode_text(self, prompts: str | Sequence[str]) -> Tensor | tuple[Tensor, Tensor]:
         """Prompts -> the UNet's condition, as the stock pipeline encodes them.
@@ -209,9 +224,11 @@ class LatentPipeline:
         SDXL: the pair (hidden (B, L, D1 + D2), pooled (B, P)): each tokenizer's ids through its encoder,
         the penultimate hidden states concatenated on the last axis (in text_encoder_2's dtype), and
         text_encoder_2's projected ``text_embeds`` (``StableDiffusionXLPipeline.encode_prompt`` without
-        clip_skip).
+        clip_skip).  A prompt longer than a tokenizer takes is refused (:meth:`check_prompts`), where
+        the stock pipeline cuts it with a warning.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        self.check_prompts(prompts)
         if not self.is_sdxl:
             enc = _text_inputs(self.tokenizer, prompts)
             mask = enc.attention_mask.to(self.device) if getattr(self.text_encoder.config, "use_attention_mask", False) else None

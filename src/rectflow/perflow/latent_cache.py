@@ -63,6 +63,7 @@ __all__ = [
     "LatentCacheData",
     "LatentCacheSettings",
     "build_latent_cache",
+    "check_caption_lengths",
     "load_caption_image",
     "read_captions",
 ]
@@ -212,6 +213,14 @@ def read_captions(folder: str | Path, *, caption_column: str = "text") -> list[t
     return out
 
 
+def check_caption_lengths(pipeline: LatentPipeline, folder: Path, items: Sequence[tuple[str, str]]) -> None:
+    """:class:`DataError` naming the first image whose caption is longer than the pipeline's tokenizer
+    takes (and the file the caption came from), before anything is encoded or written."""
+    meta = (folder / "metadata.jsonl").is_file()
+    sources = [f"{folder / name}: its caption ({'metadata.jsonl' if meta else PurePosixPath(name).with_suffix('.txt').name})" for name, _ in items]
+    pipeline.check_prompts([text for _, text in items], sources)
+
+
 def _decode_rgb(data: bytes, name: str) -> np.ndarray:
     """An image file's bytes -> uint8 (h, w, 3) RGB; a corrupt file or a decompression bomb is a DataError naming it."""
     try:
@@ -296,6 +305,7 @@ def build_latent_cache(
         raise ConfigError(f"latent cache: latent_mode must be 'mean' or 'sample', got {latent_mode!r}")
     root, out = Path(images), Path(out)
     items = read_captions(root, caption_column=caption_column)
+    check_caption_lengths(pipeline, root, items)
     digest, file_digests = _images_digest(root, items)
     fp = pipeline.fingerprint()
     settings = LatentCacheSettings(

@@ -52,7 +52,7 @@ from rectflow.perflow.delta import save_delta
 from rectflow.perflow.diffusers_io import export_student, load_teacher, step_grid, unwrap_unet
 from rectflow.perflow.guidance import LabelledData, as_guidance, guidance_plan
 from rectflow.perflow.latent import LatentPipeline, export_pipeline, load_pipeline
-from rectflow.perflow.latent_cache import LatentCacheData, build_latent_cache, read_captions
+from rectflow.perflow.latent_cache import LatentCacheData, build_latent_cache, check_caption_lengths, read_captions
 from rectflow.perflow.lora import save_lora
 from rectflow.perflow.objective import LOSS_SPACES, PeRFlowObjective
 from rectflow.perflow.student import PeRFlowStudent, sample_perflow
@@ -370,6 +370,8 @@ def _train_pipeline_job(folder: Path, out: Path, settings: PeRFlowSettings, trai
         raise ConfigError(f"perflow: prompts must be a non-empty list of strings, got {prompts!r}")
     prompts = list(prompts)
     teacher, _, desc, pipe = _load_teacher(folder, str(resolve_device(train.device)))
+    check_caption_lengths(pipe, images, items)  # too long for the tokenizer: refused before anything is written
+    pipe.check_prompts(prompts)
     boundaries = make_windows(settings.windows, spacing=settings.spacing, path=teacher.path)
     record = _job_record(settings, train, desc, {"images": str(images.resolve()), **asdict(opts)}, boundaries, pipe.latent_shape)
     job = out / "perflow.json"
