@@ -147,3 +147,19 @@ def test_derivative_plus_lora_through_the_stock_pipeline(tmp_path, tiny_sd, tiny
     with torch.no_grad():
         low = fresh(PROMPTS, height=16, width=16, num_inference_steps=k, guidance_scale=2.0, latents=x.clone(), output_type="latent").images
     assert low.shape == x.shape and torch.isfinite(low).all()
+
+
+def test_a_lora_of_another_architecture_changes_nothing_and_names_its_file(tmp_path):
+    two = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 3))
+    wide = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 4))
+    moved = copy.deepcopy(wide)
+    with torch.no_grad():
+        for q in moved.parameters():
+            q.add_(torch.randn(q.shape, generator=torch.Generator().manual_seed(q.numel())))
+    save_lora(tmp_path / "lora", moved, wide, rank=2)
+    before = {k: v.clone() for k, v in two.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"lora.pytorch_lora_weights\.safetensors: shape mismatch for 1\.weight: \(3, 2\) in the model, \(4, 2\) in the LoRA"):
+        apply_lora(two, tmp_path / "lora")
+    assert all(torch.equal(before[k], v) for k, v in two.state_dict().items())  # 0.weight did not move either
+    with pytest.raises(ConfigError, match=r"pytorch_lora_weights\.safetensors: the model has no parameter '0\.weight'"):
+        apply_lora(nn.Conv2d(1, 1, 1), tmp_path / "lora")

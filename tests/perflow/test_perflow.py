@@ -1,5 +1,7 @@
 """PeRFlow (theory §5): windows, window path, teacher, piecewise reflow objective, deltas, samplers."""
 
+import copy
+
 import pytest
 import torch
 
@@ -200,6 +202,24 @@ def test_short_training_reduces_loss_and_delta_roundtrip(tmp_path):
         assert torch.allclose(p, q, atol=1e-6)
     with pytest.raises(ConfigError):
         perflow.apply_delta(torch.nn.Linear(2, 2), delta)
+
+
+def test_a_delta_of_another_architecture_changes_nothing_and_names_its_file(tmp_path):
+    """Every name and shape is checked before the first weight moves; a file is named in the error."""
+    two = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 3))
+    wide = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 4))
+    moved = copy.deepcopy(wide)
+    with torch.no_grad():
+        for q in moved.parameters():
+            q.add_(1.0)
+    path = perflow.save_delta(tmp_path / "wide.safetensors", moved, wide)  # 1 everywhere
+    before = {k: v.clone() for k, v in two.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"wide\.safetensors: shape mismatch for 1\.bias: \(3,\) in the model, \(4,\) in the delta"):
+        perflow.apply_delta(two, path)
+    assert all(torch.equal(before[k], v) for k, v in two.state_dict().items())  # 0.weight did not move either
+    with pytest.raises(ConfigError, match=r"wide\.safetensors: the model lacks 4 of its tensors, e\.g\. '0\.bias'"):
+        perflow.apply_delta(torch.nn.Conv2d(1, 1, 1), path)
+    perflow.apply_delta(copy.deepcopy(wide), path, scale=0.5)  # a path loads like load_delta's tensors
 
 
 def test_pairs_objective_2rf_shapes():

@@ -45,15 +45,23 @@ def load_delta(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return load_tensors(path)
 
 
-def apply_delta(model: nn.Module, delta: dict[str, Tensor], scale: float = 1.0) -> nn.Module:
-    """In place: w <- w + scale * delta for every tensor of ``delta`` (names must exist, shapes match)."""
+def apply_delta(model: nn.Module, delta: dict[str, Tensor] | str | Path, scale: float = 1.0) -> nn.Module:
+    """In place: w <- w + scale * delta for every tensor of ``delta`` (a dict or a delta file).
+
+    Every name must exist in ``model`` with the same shape; all are checked before the first weight
+    changes, so a delta of another architecture leaves the model as it was (the error names the file).
+    """
+    source = "perflow.apply_delta"
+    if isinstance(delta, (str, Path)):
+        source, delta = str(delta), load_delta(delta)[0]
     state = model.state_dict()
     missing = [k for k in delta if k not in state]
     if missing:
-        raise ConfigError(f"perflow.apply_delta: the model lacks {len(missing)} delta tensors, e.g. {missing[0]!r}")
+        raise ConfigError(f"{source}: the model lacks {len(missing)} of its tensors, e.g. {missing[0]!r} (a delta of another architecture?)")
+    for name, d in delta.items():
+        if state[name].shape != d.shape:
+            raise ConfigError(f"{source}: shape mismatch for {name}: {tuple(state[name].shape)} in the model, {tuple(d.shape)} in the delta")
     with torch.no_grad():
         for name, d in delta.items():
-            if state[name].shape != d.shape:
-                raise ConfigError(f"perflow.apply_delta: shape mismatch for {name}: {tuple(state[name].shape)} vs {tuple(d.shape)}")
             state[name].add_(d.to(state[name].device, state[name].dtype), alpha=scale)
     return model

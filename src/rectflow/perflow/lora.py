@@ -199,16 +199,25 @@ def lora_to_delta(state: dict[str, Tensor], *, prefix: str = "unet") -> dict[str
 
 def apply_lora(model: nn.Module, lora: dict[str, Tensor] | str | Path, scale: float = 1.0, *, prefix: str = "unet") -> nn.Module:
     """In place: merge a LoRA (state dict, file or folder) into ``model``: W <- W + scale B A (and
-    b <- b + scale bias).  A bias for a layer without one is refused (peft would add the term)."""
-    state = load_lora(lora)[0] if isinstance(lora, (str, Path)) else lora
+    b <- b + scale bias).  A bias for a layer without one is refused (peft would add the term).
+    Every name and shape is checked before the first weight changes, so a LoRA of another
+    architecture leaves the model as it was (the error names the file)."""
+    source = "perflow.apply_lora"
+    if isinstance(lora, (str, Path)):
+        p = Path(lora)
+        source = str(p / LORA_WEIGHT_NAME if p.is_dir() else p)
+        lora = load_lora(p)[0]
     params = dict(model.named_parameters())
+    deltas = {}
+    for name, d in lora_to_delta(lora, prefix=prefix).items():
+        if name not in params and name.endswith(".bias") and not bool(d.any()):
+            continue  # peft gives every module a LoRA bias; zeros where the layer has none
+        if name not in params:
+            raise ConfigError(f"{source}: the model has no parameter {name!r} (a LoRA of another architecture?)")
+        if params[name].shape != d.shape:
+            raise ConfigError(f"{source}: shape mismatch for {name}: {tuple(params[name].shape)} in the model, {tuple(d.shape)} in the LoRA")
+        deltas[name] = d
     with torch.no_grad():
-        for name, d in lora_to_delta(state, prefix=prefix).items():
-            if name not in params and name.endswith(".bias") and not bool(d.any()):
-                continue  # peft gives every module a LoRA bias; zeros where the layer has none
-            if name not in params:
-                raise ConfigError(f"perflow.apply_lora: the model has no parameter {name!r} (a LoRA of another architecture?)")
-            if params[name].shape != d.shape:
-                raise ConfigError(f"perflow.apply_lora: shape mismatch for {name}: {tuple(params[name].shape)} vs {tuple(d.shape)}")
+        for name, d in deltas.items():
             params[name].add_(d.to(params[name].device, params[name].dtype), alpha=scale)
     return model
