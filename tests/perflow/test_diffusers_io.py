@@ -89,6 +89,18 @@ def test_missing_config_and_non_affine_schedule(tmp_path):
         schedule_from_config({"beta_schedule": "sigmoid"})
 
 
+def test_an_unsupported_scheduler_file_is_named_with_the_reason(tmp_path):
+    folder = _teacher_folder(tmp_path)
+    cfg = folder / "scheduler" / "scheduler_config.json"
+    cfg.write_text(json.dumps({"_class_name": "LCMScheduler", "num_train_timesteps": 1000}))
+    with pytest.raises(ConfigError, match=r"scheduler_config\.json: diffusers scheduler 'LCMScheduler' .*consistency") as e:
+        load_teacher(folder)
+    assert str(cfg) in str(e.value) and "\n" not in str(e.value)
+    cfg.write_text(json.dumps({"_class_name": "DDIMScheduler", "rescale_betas_zero_snr": True}))
+    with pytest.raises(ConfigError, match=r"scheduler_config\.json: diffusers scheduler: rescale_betas_zero_snr"):
+        load_teacher(folder)
+
+
 @pytest.mark.parametrize("k", [4, 10])  # K = 10: window starts 0.1, 0.3, ... round below in float32
 def test_train_export_import_identical_samples(tmp_path, k):
     folder = _teacher_folder(tmp_path)

@@ -113,6 +113,13 @@ def test_unsupported_scheduler_configs_are_refused_naming_the_key(cfg, key):
     assert "\n" not in str(e.value)
 
 
+def test_a_pipeline_with_an_unsupported_scheduler_names_the_file(tmp_path, tiny_sd):
+    folder = _copy(tiny_sd, tmp_path / "sd")
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "TCDScheduler"}))
+    with pytest.raises(ConfigError, match=r"scheduler.scheduler_config\.json: diffusers scheduler 'TCDScheduler' .*consistency"):
+        load_pipeline(folder)
+
+
 # ----- folders that are not SD 1.x / 2.x ------------------------------------------------------------
 
 def _copy(src, dst):

@@ -67,6 +67,7 @@ __all__ = [
     "pair_condition",
     "perflow_scheduler_config",
     "schedule_from_config",
+    "schedule_from_file",
     "sd3_condition",
     "sdxl_condition",
     "size_time_ids",
@@ -312,6 +313,26 @@ def _flow_schedule_from_config(cfg: dict[str, Any]) -> tuple[DiscreteFlowMatchin
     return DiscreteFlowMatchingSchedule(n, float(shift)), "u"
 
 
+# why the schedulers users most often bring cannot be a PeRFlow teacher's path
+_NOT_AFFINE_WHY = {
+    "LCMScheduler": "a consistency model's sampler: its network is distilled to jump to x0, not a probability-flow ODE to straighten",
+    "TCDScheduler": "a trajectory-consistency model's sampler: its network is distilled to jump along the trajectory, not a probability-flow ODE",
+    "CMStochasticIterativeScheduler": "a consistency model's sampler, not a probability-flow ODE",
+    "ScoreSdeVeScheduler": "variance exploding: x + sigma eps with sigma up to sigma_max has no bounded a(t), b(t) path from pure noise",
+    "KarrasVeScheduler": "variance exploding: x + sigma eps with sigma up to sigma_max has no bounded a(t), b(t) path from pure noise",
+}
+
+
+def schedule_from_file(path: Path, cfg: dict[str, Any] | None = None, *, allow_flow: bool = False) -> tuple[DDPMSchedule | DiscreteFlowMatchingSchedule, str]:
+    """:func:`schedule_from_config` of the config in ``path`` (or ``cfg``, read from there), its
+    refusals prefixed with the file."""
+    cfg = load_json(path) if cfg is None else cfg
+    try:
+        return schedule_from_config(cfg, allow_flow=allow_flow)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
 def schedule_from_config(cfg: dict[str, Any], *, allow_flow: bool = False) -> tuple[DDPMSchedule | DiscreteFlowMatchingSchedule, str]:
     """(schedule, our parameterisation) from a diffusers scheduler config: the ONE place where a
     diffusers scheduler becomes an affine path.  The schedule's ``t_to_timestep`` is the network's
@@ -341,7 +362,8 @@ def schedule_from_config(cfg: dict[str, Any], *, allow_flow: bool = False) -> tu
                               "(an SD3-layout folder with transformer/, perflow.load_teacher)")
         return _flow_schedule_from_config(cfg)
     if cls not in _AFFINE_SCHEDULERS:
-        raise ConfigError(f"diffusers scheduler {cls!r} is not supported as an affine path; use a discrete beta scheduler config "
+        why = f" ({_NOT_AFFINE_WHY[cls]})" if cls in _NOT_AFFINE_WHY else ""
+        raise ConfigError(f"diffusers scheduler {cls!r} is not supported as an affine path{why}; use a discrete beta scheduler config "
                           f"({', '.join(sorted(_AFFINE_SCHEDULERS))}) or {', '.join(sorted(_FLOW_SCHEDULERS))}")
     for key, value in cfg.items():
         if key.startswith("_") or key in _SCHEDULE_KEYS or key in _SAMPLER_KEYS:
@@ -420,7 +442,7 @@ def load_teacher(folder: str | Path, *, dtype: torch.dtype = torch.float32, guid
     if sched_path is None:
         raise ConfigError(f"diffusers folder {str(folder)!r} has no scheduler/scheduler_config.json")
     part, model_folder = _model_folder(folder)
-    schedule, kind = schedule_from_config(load_json(sched_path), allow_flow=True)
+    schedule, kind = schedule_from_file(sched_path, allow_flow=True)
     if part == "transformer":
         net = _load_transformer(model_folder, schedule, dtype)
     else:

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from rectflow.engine.io import check_writable, load_json, save_json
 from rectflow.engine.shards import state_dict_sha256
 from rectflow.errors import CheckpointError, ConfigError, DataError
-from rectflow.perflow.diffusers_io import PERFLOW_SCHEDULER_ENTRY, TextUNetAdapter, load_diffusers_model, optional_transformers, schedule_from_config, write_student_parts
+from rectflow.perflow.diffusers_io import PERFLOW_SCHEDULER_ENTRY, TextUNetAdapter, load_diffusers_model, optional_transformers, schedule_from_config, schedule_from_file, write_student_parts
 from rectflow.perflow.student import PeRFlowStudent
 from rectflow.perflow.teacher import Teacher
 
@@ -315,10 +315,12 @@ def _class_of(index: dict[str, Any], part: str) -> str:
 
 def _teacher_scheduler_config(folder: Path) -> dict[str, Any]:
     """The teacher's scheduler config of a pipeline folder (an exported student's: the teacher's, from perflow.json), checked."""
-    cfg = load_json(folder / "scheduler" / "scheduler_config.json")
+    path = folder / "scheduler" / "scheduler_config.json"
+    cfg = load_json(path)
     if cfg.get("_class_name") == "PeRFlowScheduler" and (folder / "perflow.json").is_file():
-        cfg = load_json(folder / "perflow.json")["teacher_scheduler"]
-    schedule_from_config(cfg)  # refuses an unsupported scheduler before any weights are read
+        path = folder / "perflow.json"
+        cfg = load_json(path)["teacher_scheduler"]
+    schedule_from_file(path, cfg)  # refuses an unsupported scheduler, naming the file, before any weights are read
     return cfg
 
 
