@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -535,6 +536,9 @@ def write_student_parts(student: PeRFlowStudent, folder: Path, teacher_cfg: dict
     ours = perflow_scheduler_config(student, teacher_cfg)
     stock_name = stock[1]["_class_name"] if stock is not None else None
     if stock_scheduler:
+        k = student.boundaries.numel() - 1
+        warnings.warn(f"perflow export: scheduler/ is a stock {stock_name}, exact at num_inference_steps={k} only; any other count samples "
+                      "wrong without an error (the default export's PeRFlowScheduler takes any count >= K or refuses it)", UserWarning, stacklevel=3)
         save_json(folder / "scheduler" / "scheduler_config.json", stock[1])
         save_json(folder / "scheduler_perflow" / "scheduler_config.json", ours)
         where = (f"scheduler/: a stock {stock_name}, exact at K steps only; scheduler_perflow/: PeRFlowScheduler "
