@@ -188,3 +188,28 @@ def test_exported_scheduler_steps_a_half_precision_pipeline_as_in_float32(dtype)
             ref = sched.step(eps.float(), ts, z.float()).prev_sample.to(dtype)  # the same rounded inputs, stepped in float32
             assert low.dtype == dtype
             torch.testing.assert_close(low, ref, rtol=0, atol=0)
+
+
+def test_export_is_all_or_nothing_and_never_writes_into_a_foreign_folder(tmp_path, monkeypatch):
+    folder = _teacher_folder(tmp_path)
+    student = perflow.PeRFlowStudent.from_teacher(load_teacher(folder), perflow.make_windows(2))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(ConfigError, match="not empty and holds no PeRFlow export"):
+        export_student(student, tmp_path / "mine", folder)
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+    out = export_student(student, tmp_path / "student", folder)
+    before = (out / "perflow.json").read_bytes()
+
+    import rectflow.perflow.diffusers_io as dio
+
+    def dies(*a, **k):
+        raise KeyboardInterrupt  # a Ctrl-C after the UNet is written, before the scheduler
+    monkeypatch.setattr(dio, "perflow_scheduler_config", dies)
+    with pytest.raises(KeyboardInterrupt):
+        export_student(student, out, folder)
+    assert (out / "perflow.json").read_bytes() == before and (out / "unet" / "config.json").is_file()  # the old export, whole
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging folder left
+    monkeypatch.undo()
+    export_student(student, out, folder)  # a previous export is replaced
+    assert json.loads((out / "perflow.json").read_text())["windows"] == [0.0, 0.5, 1.0]

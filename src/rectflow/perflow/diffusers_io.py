@@ -33,8 +33,11 @@ steps-per-window sampler is never reproduced by a stock scheduler.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from rectflow.diffusion.schedules import DDPMSchedule, DiscreteFlowMatchingSchedule
-from rectflow.engine.io import load_json, make_dirs, save_json
+from rectflow.engine.io import check_writable, load_json, make_dirs, save_json
 from rectflow.errors import CheckpointError, ConfigError
 from rectflow.flow.guidance import NULL_LABEL
 from rectflow.perflow.guidance import Guidance
@@ -69,6 +72,7 @@ __all__ = [
     "perflow_scheduler_config",
     "schedule_from_config",
     "schedule_from_file",
+    "staged_export",
     "sd3_condition",
     "sdxl_condition",
     "size_time_ids",
@@ -578,6 +582,29 @@ def _write_transformer_pipeline_index(folder: Path, teacher_folder: Path, *, sto
     save_json(folder / "model_index.json", new_index)
 
 
+@contextmanager
+def staged_export(folder: Path) -> Iterator[Path]:
+    """The one way an export is written: built in a hidden folder beside ``folder`` (yielded) and renamed
+    into place when the block ends, so a kill or an error leaves no half-written export.  A previous
+    export in ``folder`` (it holds ``perflow.json``) is replaced; any other non-empty folder is refused."""
+    check_writable(folder, directory=True)
+    if folder.exists() and any(folder.iterdir()) and not (folder / "perflow.json").is_file():
+        raise ConfigError(f"{folder} is not empty and holds no PeRFlow export (perflow.json missing); nothing was written: use an empty or new directory")
+    stage, old = folder.with_name(f".{folder.name}.export.tmp"), folder.with_name(f".{folder.name}.old.tmp")
+    for p in (stage, old):
+        if p.exists():
+            shutil.rmtree(p)
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(stage, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def export_student(student: PeRFlowStudent, folder: str | Path, teacher_folder: str | Path, *, stock_scheduler: bool = False) -> Path:
     """Write ``unet/`` (or ``transformer/``) + ``perflow.json`` + ``scheduler/scheduler_config.json`` (our
     :class:`PeRFlowScheduler`) (+ ``scheduler_ddim/`` or ``scheduler_flowmatch/`` when a stock scheduler
@@ -591,10 +618,11 @@ def export_student(student: PeRFlowStudent, folder: str | Path, teacher_folder: 
     if sched_path is None:
         raise ConfigError(f"diffusers folder {str(teacher_folder)!r} has no scheduler/scheduler_config.json")
     teacher_cfg = load_json(sched_path)
-    meta = write_student_parts(student, folder, teacher_cfg, stock_scheduler=stock_scheduler)
-    if meta["model"] == "transformer" and (teacher_folder / "model_index.json").is_file():
-        stock = stock_scheduler_config(teacher_cfg, student.boundaries)
-        _write_transformer_pipeline_index(folder, teacher_folder, stock_scheduler=stock_scheduler, stock_class=stock[1]["_class_name"] if stock else None)
+    with staged_export(folder) as stage:
+        meta = write_student_parts(student, stage, teacher_cfg, stock_scheduler=stock_scheduler)
+        if meta["model"] == "transformer" and (teacher_folder / "model_index.json").is_file():
+            stock = stock_scheduler_config(teacher_cfg, student.boundaries)
+            _write_transformer_pipeline_index(stage, teacher_folder, stock_scheduler=stock_scheduler, stock_class=stock[1]["_class_name"] if stock else None)
     return folder
 
 

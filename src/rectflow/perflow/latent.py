@@ -41,7 +41,6 @@ Kandinsky conditions, added conditions other than SDXL's in an SDXL folder, an S
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,10 +49,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rectflow.engine.io import check_writable, load_json, save_json
+from rectflow.engine.io import load_json, save_json
 from rectflow.engine.shards import state_dict_sha256
 from rectflow.errors import CheckpointError, ConfigError, DataError
-from rectflow.perflow.diffusers_io import PERFLOW_SCHEDULER_ENTRY, TextUNetAdapter, load_diffusers_model, optional_transformers, schedule_from_config, schedule_from_file, write_student_parts
+from rectflow.perflow.diffusers_io import (
+    PERFLOW_SCHEDULER_ENTRY,
+    TextUNetAdapter,
+    load_diffusers_model,
+    optional_transformers,
+    schedule_from_config,
+    schedule_from_file,
+    staged_export,
+    write_student_parts,
+)
 from rectflow.perflow.student import PeRFlowStudent
 from rectflow.perflow.teacher import Teacher
 
@@ -411,13 +419,14 @@ def export_pipeline(student: PeRFlowStudent, teacher: LatentPipeline | str | Pat
     index, parts = _check_folder(src)
     teacher_cfg = _teacher_scheduler_config(src)
     folder = Path(folder)
-    check_writable(folder, directory=True)
-    if folder.exists() and any(folder.iterdir()) and not (folder / "perflow.json").is_file():
-        raise ConfigError(f"{folder} is not empty and holds no PeRFlow export (perflow.json missing); nothing was written: use an empty or new directory")
-    stage, old = folder.with_name(f".{folder.name}.export.tmp"), folder.with_name(f".{folder.name}.old.tmp")
-    for p in (stage, old):
-        if p.exists():
-            shutil.rmtree(p)
+    with staged_export(folder) as stage:
+        _write_pipeline(student, src, index, parts, teacher_cfg, stage, stock_scheduler, extra)
+    return folder
+
+
+def _write_pipeline(student: PeRFlowStudent, src: Path, index: dict[str, Any], parts: tuple[str, ...], teacher_cfg: dict[str, Any],
+                    stage: Path, stock_scheduler: bool, extra: dict[str, Any] | None) -> None:
+    """:func:`export_pipeline`'s folder, written into ``stage``."""
     sdxl = "text_encoder_2" in parts
     models = [part for part in parts if part != "scheduler"]
     for part in models[1:]:  # all but the UNet, which is the student's
@@ -433,8 +442,3 @@ def export_pipeline(student: PeRFlowStudent, teacher: LatentPipeline | str | Pat
     if not sdxl:  # StableDiffusionXLPipeline has no safety checker
         new_index.update(safety_checker=[None, None], requires_safety_checker=False)
     save_json(stage / "model_index.json", new_index)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(stage, folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
