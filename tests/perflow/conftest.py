@@ -100,6 +100,28 @@ def build_tiny_sdxl(folder: Path, *, seed: int = 0, force_zeros_for_empty_prompt
     return folder
 
 
+SD3_CLIP, SD3_JOINT, SD3_SHIFT = 8, 24, 3.0  # each CLIP's width and projection; the transformer's joint width (> 2 x 8: the CLIPs are padded)
+
+
+def build_tiny_sd3(folder: Path, *, seed: int = 0) -> Path:
+    """Write a tiny SD3-layout pipeline folder (random weights from ``seed``): an SD3Transformer2DModel (8x8x4 latents, one
+    joint block), the VAE, two CLIPTextModelWithProjection of width 8 (pooled 8 + 8), no T5 (its tokens are zeros, as the
+    stock pipeline makes them without one) and a FlowMatchEulerDiscreteScheduler with shift 3."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(seed)
+    transformer = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                                  num_attention_heads=2, joint_attention_dim=SD3_JOINT, caption_projection_dim=16,
+                                                  pooled_projection_dim=2 * SD3_CLIP, out_channels=4, pos_embed_max_size=8)
+    parts = _tiny_parts(folder, scaling_factor=1.5305, shift_factor=0.0609)
+    clip = lambda: parts["clip"]("CLIPTextModelWithProjection", hidden_size=SD3_CLIP, projection_dim=SD3_CLIP)  # noqa: E731
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=SD3_SHIFT), vae=parts["vae"],
+        text_encoder=clip(), tokenizer=parts["tokenizer"](), text_encoder_2=clip(), tokenizer_2=parts["tokenizer"](pad_token="z</w>"),
+        text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
 def perturbed_student(pipe, windows: torch.Tensor, scale: float = 0.02, seed: int = 0):
     """The teacher-initialised student moved off the teacher (so comparisons are not DDIM against DDIM)."""
     student = pipe.student(windows)
@@ -151,6 +173,21 @@ def tiny_pipeline(tiny_sd):
     from rectflow.perflow.latent import load_pipeline
 
     return load_pipeline(tiny_sd)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> Path:
+    """A tiny SD3-layout folder (see :func:`build_tiny_sd3`), built once per session."""
+    torch.set_num_threads(1)
+    return build_tiny_sd3(tmp_path_factory.mktemp("sd3") / "tiny-sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_pipeline(tiny_sd3):
+    """The :class:`LatentPipeline` of ``tiny_sd3`` (read-only)."""
+    from rectflow.perflow.latent import load_pipeline
+
+    return load_pipeline(tiny_sd3)
 
 
 @pytest.fixture(scope="session")

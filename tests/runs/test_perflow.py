@@ -1,5 +1,6 @@
 """rectflow.runs.perflow and `rectflow perflow`: the PeRFlow job (teacher in, student directory out)."""
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -520,3 +521,46 @@ def test_sdxl_pipeline_job_and_cli_sample(captions, tmp_path_factory, tmp_path, 
     assert main(["perflow", str(refiner), "--data", str(captions), "--out", str(tmp_path / "r"), "--steps", "1", "--device", "cpu", "-q"]) == 2
     err = capsys.readouterr().err
     assert "refiner" in err and str(refiner) in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+def test_sd3_pipeline_job_lora_and_cli_sample(captions, tmp_path_factory, tmp_path, capsys):
+    """`rectflow perflow` on a tiny SD3 folder (flow-matching transformer, two CLIPs, no T5), its export in
+    the stock StableDiffusion3Pipeline (with and without the job's LoRA loaded by diffusers), and
+    `rectflow sample`."""
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    import rectflow.perflow.diffusers_scheduler  # noqa: F401 (registers PeRFlowScheduler for from_pretrained)
+    from rectflow.perflow.lora import apply_lora
+    from tests.perflow.conftest import SD3_CLIP, build_tiny_sd3
+
+    sd3 = build_tiny_sd3(tmp_path_factory.mktemp("sd3") / "tiny-sd3")
+    out = tmp_path / "sd3-perflow"
+    code = main(["perflow", str(sd3), "--data", str(captions), "--out", str(out), "-K", "2", "--steps", "2", "--batch-size", "2", "--solver-steps", "1",
+                 "--guidance", "2", "--guidance-mode", "student", "--lora-rank", "2", "--prompt", "a red cat", "--device", "cpu", "-q"])
+    assert code == 0, capsys.readouterr().err
+    rec = json.loads((out / "perflow.json").read_text())
+    assert rec["teacher"]["kind"] == "pipeline" and rec["teacher"]["parameterization"] == "u" and rec["steps_done"] == 2
+    assert rec["cache"]["settings"]["pooled_dim"] == 2 * SD3_CLIP and (out / "diffusers" / "transformer" / "config.json").is_file()
+    job = load_perflow(out)
+    assert job.pipeline.is_sd3 and job.guidance == 2.0
+    none = dict.fromkeys(("text_encoder_3", "tokenizer_3", "feature_extractor", "image_encoder"))
+    stock = diffusers.StableDiffusion3Pipeline.from_pretrained(str(out / "diffusers"), local_files_only=True, **none).to("cpu")
+    _stock_equals_ours(stock, job, ((2, 1.0), (3, 2.0)), 1e-5)
+    # the LoRA: diffusers loads it into the teacher's transformer as our apply_lora merges it
+    base = diffusers.StableDiffusion3Pipeline.from_pretrained(str(sd3), local_files_only=True, **none).to("cpu")
+    base.scheduler = stock.scheduler
+    merged = apply_lora(copy.deepcopy(base.transformer), out / "lora")
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = base("a red cat", height=16, width=16, num_inference_steps=2, guidance_scale=1.0, latents=noise.clone(), output_type="latent").images
+        base.load_lora_weights(str(out / "lora"))
+        theirs = base("a red cat", height=16, width=16, num_inference_steps=2, guidance_scale=1.0, latents=noise.clone(), output_type="latent").images
+        base.unload_lora_weights()
+        base.transformer = merged
+        ours = base("a red cat", height=16, width=16, num_inference_steps=2, guidance_scale=1.0, latents=noise.clone(), output_type="latent").images
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    assert float((ours - plain).abs().max()) > 1e-4  # the LoRA did change the transformer
+    assert main(["sample", str(out), "--prompt", "an owl", "--n", "2", "--out", str(tmp_path / "s")]) == 0
+    meta = json.loads((tmp_path / "s" / "samples.json").read_text())
+    assert meta["steps"] == 2 and meta["guidance"] == 2.0 and meta["nfe"] == 4 and len(meta["samples"]) == 2

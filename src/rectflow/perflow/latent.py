@@ -54,12 +54,15 @@ from rectflow.engine.shards import state_dict_sha256
 from rectflow.errors import CheckpointError, ConfigError, DataError
 from rectflow.perflow.diffusers_io import (
     PERFLOW_SCHEDULER_ENTRY,
+    SD3TransformerAdapter,
     TextUNetAdapter,
+    cfg_is_flow,
     load_diffusers_model,
     optional_transformers,
     schedule_from_config,
     schedule_from_file,
     staged_export,
+    stock_scheduler_config,
     write_student_parts,
 )
 from rectflow.perflow.student import PeRFlowStudent
@@ -69,8 +72,12 @@ __all__ = ["LatentPipeline", "export_pipeline", "load_pipeline"]
 
 _PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _SDXL_PARTS = (*_PARTS, "text_encoder_2", "tokenizer_2")
+_SD3_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
+_T5_PARTS = ("text_encoder_3", "tokenizer_3")  # optional in SD3: without them the T5 tokens are zeros, as in the stock pipeline
 _DEFAULT_CLASSES = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel", "tokenizer": "CLIPTokenizer",
-                    "text_encoder_2": "CLIPTextModelWithProjection", "tokenizer_2": "CLIPTokenizer"}
+                    "text_encoder_2": "CLIPTextModelWithProjection", "tokenizer_2": "CLIPTokenizer", "transformer": "SD3Transformer2DModel",
+                    "text_encoder_3": "T5EncoderModel", "tokenizer_3": "T5TokenizerFast"}
+T5_MAX_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length: the T5 tokens of an SD3 condition
 # UNet config keys that add inputs beyond (z, t, text): each belongs to a pipeline we do not drive (but SDXL's "text_time").
 _UNET_EXTRAS = {"addition_embed_type": "added conditioning: only SDXL's 'text_time', in an SDXL folder with text_encoder_2/ and tokenizer_2/",
                 "class_embed_type": "a class / noise-level embedding (upscalers, unCLIP)",
@@ -102,34 +109,43 @@ class LatentPipeline:
 
     Attributes:
         folder: the pipeline folder it was read from.
-        unet, vae, text_encoder, tokenizer: the diffusers / transformers components (eval mode, frozen);
-            ``text_encoder_2``, ``tokenizer_2`` SDXL's second pair (None for SD 1.x / 2.x).
+        denoiser: the UNet (SD 1.x / 2.x, SDXL; also ``unet``) or SD3's transformer.
+        vae, text_encoder, tokenizer: the diffusers / transformers components (eval mode, frozen);
+            ``text_encoder_2``, ``tokenizer_2`` the second pair of SDXL and SD3 (None for SD 1.x / 2.x);
+            ``text_encoder_3``, ``tokenizer_3`` SD3's T5 (None without it).
         scheduler_config: the teacher's scheduler config (a dict).
         teacher: the conditional :class:`Teacher` (``cond``: text embeddings (B, L, D); SDXL the pair
             (hidden (B, L, D), pooled (B, P)), see :meth:`encode_text`).
     """
 
-    def __init__(self, folder: Path, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer: Any,
+    def __init__(self, folder: Path, denoiser: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer: Any,
                  scheduler_config: dict[str, Any], model_index: dict[str, Any], *, text_encoder_2: nn.Module | None = None,
-                 tokenizer_2: Any = None) -> None:
-        self.folder, self.unet, self.vae, self.text_encoder, self.tokenizer = Path(folder), unet, vae, text_encoder, tokenizer
-        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+                 tokenizer_2: Any = None, text_encoder_3: nn.Module | None = None, tokenizer_3: Any = None) -> None:
+        self.folder, self.denoiser, self.vae, self.text_encoder, self.tokenizer = Path(folder), denoiser, vae, text_encoder, tokenizer
+        self.text_encoder_2, self.tokenizer_2, self.text_encoder_3, self.tokenizer_3 = text_encoder_2, tokenizer_2, text_encoder_3, tokenizer_3
         self.scheduler_config, self.model_index = scheduler_config, model_index
-        self.schedule, self.parameterization = schedule_from_config(scheduler_config)
-        for m in (unet, vae, text_encoder, text_encoder_2):
+        self.is_sd3 = type(denoiser).__name__ == "SD3Transformer2DModel"
+        self.schedule, self.parameterization = schedule_from_config(scheduler_config, allow_flow=self.is_sd3)
+        for m in (denoiser, vae, text_encoder, text_encoder_2, text_encoder_3):
             if m is not None:
                 m.eval().requires_grad_(False)
-        self.teacher = Teacher(TextUNetAdapter(unet, self.vae_scale_factor), self.schedule, self.parameterization, time_map=self.schedule.t_to_timestep)
+        net = SD3TransformerAdapter(denoiser) if self.is_sd3 else TextUNetAdapter(denoiser, self.vae_scale_factor)
+        self.teacher = Teacher(net, self.schedule, self.parameterization, time_map=self.schedule.t_to_timestep)
         self._fingerprint: dict[str, Any] | None = None
+
+    @property
+    def unet(self) -> nn.Module:
+        """The denoising network (SD3: its transformer; the name is SD 1.x / 2.x's and SDXL's)."""
+        return self.denoiser
 
     # ----- shapes and scaling
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return next(self.denoiser.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        return next(self.denoiser.parameters()).dtype
 
     @property
     def scaling_factor(self) -> float:
@@ -145,10 +161,10 @@ class LatentPipeline:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        """(C, h, w) of one latent: the UNet's channels and sample size."""
-        size = self.unet.config.sample_size
+        """(C, h, w) of one latent: the denoiser's channels and sample size."""
+        size = self.denoiser.config.sample_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
-        return int(self.unet.config.in_channels), int(h), int(w)
+        return int(self.denoiser.config.in_channels), int(h), int(w)
 
     @property
     def resolution(self) -> tuple[int, int]:
@@ -158,18 +174,24 @@ class LatentPipeline:
 
     @property
     def is_sdxl(self) -> bool:
-        """Whether this is an SDXL pipeline (two text encoders; the condition is the pair (hidden, pooled))."""
-        return self.text_encoder_2 is not None
+        """Whether this is an SDXL pipeline (two text encoders and a UNet; the condition is the pair (hidden, pooled))."""
+        return self.text_encoder_2 is not None and not self.is_sd3
 
     @property
     def text_shape(self) -> tuple[int, int]:
-        """(L, D) of one prompt's hidden states: the tokenizer's max length, the encoder's width (SDXL: both widths summed)."""
+        """(L, D) of one prompt's hidden states: the tokenizer's max length, the encoder's width (SDXL: both widths summed;
+        SD3: the CLIP tokens then T5_MAX_LENGTH T5 tokens, at the transformer's joint_attention_dim)."""
+        if self.is_sd3:
+            return int(self.tokenizer.model_max_length) + T5_MAX_LENGTH, int(self.denoiser.config.joint_attention_dim)
         width = sum(int(m.config.hidden_size) for m in (self.text_encoder, self.text_encoder_2) if m is not None)
         return int(self.tokenizer.model_max_length), width
 
     @property
     def pooled_dim(self) -> int:
-        """P of SDXL's pooled text embedding (text_encoder_2's projection); 0 for SD 1.x / 2.x (no pooled part)."""
+        """P of the pooled text embedding: SDXL's text_encoder_2 projection, SD3's two CLIP projections side by side;
+        0 for SD 1.x / 2.x (no pooled part)."""
+        if self.is_sd3:
+            return int(self.text_encoder.config.projection_dim) + int(self.text_encoder_2.config.projection_dim)
         return int(self.text_encoder_2.config.projection_dim) if self.is_sdxl else 0
 
     @property
@@ -214,10 +236,10 @@ class LatentPipeline:
         (its text encoder would silently cut the rest), naming ``sources[i]`` (e.g. the caption's
         file) or else the prompt itself."""
         prompts = list(prompts)
-        for tokenizer, part in ((self.tokenizer, "tokenizer"), (self.tokenizer_2, "tokenizer_2")):
+        for tokenizer, part in ((self.tokenizer, "tokenizer"), (self.tokenizer_2, "tokenizer_2"), (self.tokenizer_3, "tokenizer_3")):
             if tokenizer is None or not prompts:
                 continue
-            limit = int(tokenizer.model_max_length)
+            limit = T5_MAX_LENGTH if part == "tokenizer_3" else int(tokenizer.model_max_length)
             for i, ids in enumerate(tokenizer(prompts, truncation=False, verbose=False).input_ids):
                 if len(ids) > limit:
                     what = sources[i] if sources is not None else f"prompt {prompts[i][:60]!r}"
@@ -232,11 +254,18 @@ class LatentPipeline:
         SDXL: the pair (hidden (B, L, D1 + D2), pooled (B, P)): each tokenizer's ids through its encoder,
         the penultimate hidden states concatenated on the last axis (in text_encoder_2's dtype), and
         text_encoder_2's projected ``text_embeds`` (``StableDiffusionXLPipeline.encode_prompt`` without
-        clip_skip).  A prompt longer than a tokenizer takes is refused (:meth:`check_prompts`), where
-        the stock pipeline cuts it with a warning.
+        clip_skip).
+        SD3: the pair (hidden (B, 77 + 256, D), pooled (B, P1 + P2)) of
+        ``StableDiffusion3Pipeline.encode_prompt``: both CLIPs' penultimate hidden states side by side,
+        zero-padded to the transformer's width D, then the T5's 256 tokens (zeros without a T5); pooled:
+        both CLIPs' projected ``text_embeds``.
+        A prompt longer than a tokenizer takes is refused (:meth:`check_prompts`), where the stock
+        pipeline cuts it with a warning.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         self.check_prompts(prompts)
+        if self.is_sd3:
+            return self._encode_sd3(prompts)
         if not self.is_sdxl:
             enc = _text_inputs(self.tokenizer, prompts)
             mask = enc.attention_mask.to(self.device) if getattr(self.text_encoder.config, "use_attention_mask", False) else None
@@ -246,6 +275,22 @@ class LatentPipeline:
             out = encoder(_text_inputs(tokenizer, prompts).input_ids.to(self.device), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
         return torch.cat(hidden, dim=-1).to(self.text_encoder_2.dtype), out.text_embeds
+
+    def _encode_sd3(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        hidden, pooled = [], []
+        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            out = encoder(_text_inputs(tokenizer, prompts).input_ids.to(self.device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2].to(self.text_encoder.dtype))
+            pooled.append(out.text_embeds)
+        clip = torch.cat(hidden, dim=-1)
+        if self.text_encoder_3 is None:
+            t5 = torch.zeros((len(prompts), T5_MAX_LENGTH, int(self.denoiser.config.joint_attention_dim)), dtype=self.text_encoder.dtype, device=self.device)
+        else:
+            ids = self.tokenizer_3(prompts, padding="max_length", max_length=T5_MAX_LENGTH, truncation=True, add_special_tokens=True,
+                                   return_tensors="pt").input_ids
+            t5 = self.text_encoder_3(ids.to(self.device))[0].to(self.text_encoder_3.dtype)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
 
     def null_embedding(self) -> Tensor | tuple[Tensor, Tensor]:
         """The null condition with a batch of 1, the unconditional input of classifier-free guidance, as the stock
@@ -262,8 +307,8 @@ class LatentPipeline:
         the tokenizer(s) (SDXL: one digest over both of each), the VAE's scaling, the shapes, the pooled
         width and how the null condition is made (computed once)."""
         if self._fingerprint is None:
-            encoders = [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
-            tokenizers = [self.folder / name for name in ("tokenizer", "tokenizer_2")[:len(encoders)]]
+            encoders = [m for m in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if m is not None]
+            tokenizers = [self.folder / name for name in ("tokenizer", "tokenizer_2", "tokenizer_3")[:len(encoders)]]
             self._fingerprint = {
                 "vae_sha256": state_dict_sha256(self.vae),
                 "text_encoder_sha256": _joint_sha256([state_dict_sha256(m) for m in encoders]),
@@ -279,17 +324,17 @@ class LatentPipeline:
         return dict(self._fingerprint)
 
     def student(self, boundaries: Tensor) -> PeRFlowStudent:
-        """A PeRFlow student initialised from the teacher's UNet (a trainable deep copy) on ``boundaries``."""
+        """A PeRFlow student initialised from the teacher's network (a trainable deep copy) on ``boundaries``."""
         return PeRFlowStudent.from_teacher(self.teacher, boundaries)
 
     def __repr__(self) -> str:
-        sdxl = f", SDXL: pooled {self.pooled_dim}, null {self.null_condition}" if self.is_sdxl else ""
+        sdxl = f", {'SD3' if self.is_sd3 else 'SDXL'}: pooled {self.pooled_dim}, null {self.null_condition}" if self.pooled_dim else ""
         return (f"LatentPipeline({str(self.folder)!r}, {self.parameterization} on {self.schedule!r}, latents {list(self.latent_shape)}, "
                 f"text {list(self.text_shape)}{sdxl})")
 
 
 def _check_folder(folder: Path) -> tuple[dict[str, Any], tuple[str, ...]]:
-    """(model_index.json or {}, the parts it must hold) of a supported SD 1.x / 2.x or SDXL folder; one-line ConfigError otherwise."""
+    """(model_index.json or {}, the parts it must hold) of a supported SD 1.x / 2.x, SDXL or SD3 folder; one-line ConfigError otherwise."""
     if not folder.is_dir():
         raise ConfigError(f"diffusers pipeline folder {str(folder)!r} does not exist (only local folders are read)")
     index = load_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
@@ -297,7 +342,14 @@ def _check_folder(folder: Path) -> tuple[dict[str, Any], tuple[str, ...]]:
         raise CheckpointError(f"{folder / 'model_index.json'}: not a JSON mapping")
     name = str(index.get("_class_name", ""))
     if "transformer" in index or (folder / "transformer").is_dir():
-        raise ConfigError(f"{folder}: a transformer pipeline ({name or 'transformer/'}, e.g. SD3 / Flux) is not supported; use a UNet (SD 1.x / 2.x or SDXL) folder")
+        if name != "StableDiffusion3Pipeline":
+            raise ConfigError(f"{folder}: a transformer pipeline ({name or 'transformer/'}, e.g. Flux) is not supported; use SD 1.x / 2.x, SDXL or SD3")
+        for part in _SD3_PARTS:
+            if not (folder / part).is_dir() or index.get(part, [""])[:1] == [None]:
+                raise ConfigError(f"diffusers pipeline folder {str(folder)!r} has no {part}/ (an SD3 layout needs {', '.join(_SD3_PARTS)}; "
+                                  "without its CLIP text encoders it is a teacher for perflow.load_teacher with precomputed conditions)")
+        t5 = all((folder / part).is_dir() and index.get(part, [""])[:1] != [None] for part in _T5_PARTS)
+        return index, _SD3_PARTS + (_T5_PARTS if t5 else ())
     sdxl = "text_encoder_2" in index or (folder / "text_encoder_2").is_dir() or "XL" in name
     first = index.get("text_encoder", "")
     no_first = first is None or (isinstance(first, list) and first[:1] == [None]) or not (folder / "text_encoder").is_dir()
@@ -321,14 +373,16 @@ def _class_of(index: dict[str, Any], part: str) -> str:
     return _DEFAULT_CLASSES[part]
 
 
-def _teacher_scheduler_config(folder: Path) -> dict[str, Any]:
+def _teacher_scheduler_config(folder: Path, sd3: bool = False) -> dict[str, Any]:
     """The teacher's scheduler config of a pipeline folder (an exported student's: the teacher's, from perflow.json), checked."""
     path = folder / "scheduler" / "scheduler_config.json"
     cfg = load_json(path)
     if cfg.get("_class_name") == "PeRFlowScheduler" and (folder / "perflow.json").is_file():
         path = folder / "perflow.json"
         cfg = load_json(path)["teacher_scheduler"]
-    schedule_from_file(path, cfg)  # refuses an unsupported scheduler, naming the file, before any weights are read
+    schedule_from_file(path, cfg, allow_flow=sd3)  # refuses an unsupported scheduler, naming the file, before any weights are read
+    if sd3 and not cfg_is_flow(cfg):
+        raise ConfigError(f"{path}: {cfg.get('_class_name')} is not a flow-matching scheduler; an SD3 transformer needs its FlowMatchEulerDiscreteScheduler")
     return cfg
 
 
@@ -364,16 +418,18 @@ def _load_text_part(folder: Path, index: dict[str, Any], part: str) -> Any:
 
 
 def load_pipeline(folder: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LatentPipeline:
-    """A :class:`LatentPipeline` from a local SD 1.x / 2.x or SDXL diffusers folder (nothing is downloaded).
+    """A :class:`LatentPipeline` from a local SD 1.x / 2.x, SDXL or SD3 diffusers folder (nothing is downloaded).
 
     Raises:
-        ConfigError: a missing part, an unsupported pipeline (SD3, an SDXL refiner, inpainting, LCM, ...),
+        ConfigError: a missing part, an unsupported pipeline (Flux, an SDXL refiner, inpainting, LCM, ...),
             UNet input or scheduler (the file or key is named), widths that do not fit together, or a
             missing optional extra.
         CheckpointError: a corrupt config or weights file (named).
     """
     folder = Path(folder)
     index, parts = _check_folder(folder)
+    if "transformer" in parts:
+        return _load_sd3(folder, index, parts, dtype, device)
     sdxl = "text_encoder_2" in parts
     sched_cfg = _teacher_scheduler_config(folder)
     unet_cls = _class_of(index, "unet")
@@ -400,16 +456,51 @@ def load_pipeline(folder: str | Path, *, dtype: torch.dtype = torch.float32, dev
                           text_encoder_2=text.get("text_encoder_2"), tokenizer_2=text.get("tokenizer_2"))
 
 
+def _load_sd3(folder: Path, index: dict[str, Any], parts: tuple[str, ...], dtype: torch.dtype, device: str | torch.device) -> LatentPipeline:
+    """:func:`load_pipeline` of an SD3 folder: the widths are checked before any weights are read."""
+    sched_cfg = _teacher_scheduler_config(folder, sd3=True)
+    cls = _class_of(index, "transformer")
+    if cls != "SD3Transformer2DModel":
+        raise ConfigError(f"{folder / 'model_index.json'}: transformer is a {cls}, not an SD3Transformer2DModel")
+    tr_path = folder / "transformer" / "config.json"
+    tr_cfg, vae_cfg = load_json(tr_path), load_json(folder / "vae" / "config.json")
+    clips = [load_json(folder / part / "config.json") for part in ("text_encoder", "text_encoder_2")]
+    widths, pooled = [int(c.get("hidden_size", 0)) for c in clips], sum(int(c.get("projection_dim") or 0) for c in clips)
+    if tr_cfg.get("in_channels") != vae_cfg.get("latent_channels"):
+        raise ConfigError(f"{tr_path}: in_channels={tr_cfg.get('in_channels')} differs from the VAE's latent_channels={vae_cfg.get('latent_channels')}")
+    if tr_cfg.get("pooled_projection_dim") != pooled:
+        raise ConfigError(f"{tr_path}: pooled_projection_dim={tr_cfg.get('pooled_projection_dim')} is not the two CLIP projections' "
+                          f"{' + '.join(str(int(c.get('projection_dim') or 0)) for c in clips)} = {pooled}")
+    if int(tr_cfg.get("joint_attention_dim") or 0) < sum(widths):
+        raise ConfigError(f"{tr_path}: joint_attention_dim={tr_cfg.get('joint_attention_dim')} is narrower than the two CLIPs' hidden states "
+                          f"{' + '.join(map(str, widths))} (they are padded to it)")
+    denoiser = load_diffusers_model(cls, folder / "transformer", dtype=dtype, what="transformer").to(device)
+    vae = load_diffusers_model(_class_of(index, "vae"), folder / "vae", dtype=dtype, what="VAE").to(device)
+    text = {part: _load_text_part(folder, index, part) for part in parts if part.startswith(("text_encoder", "tokenizer"))}
+    t5 = text.get("text_encoder_3")
+    if t5 is not None and int(t5.config.d_model) != int(tr_cfg["joint_attention_dim"]):
+        raise ConfigError(f"{tr_path}: joint_attention_dim={tr_cfg['joint_attention_dim']} differs from the T5's d_model={t5.config.d_model}")
+    if text["tokenizer_2"].model_max_length != text["tokenizer"].model_max_length:
+        raise ConfigError(f"{folder / 'tokenizer_2'}: model_max_length={text['tokenizer_2'].model_max_length} differs from tokenizer/'s "
+                          f"{text['tokenizer'].model_max_length} (the two encoders' hidden states are concatenated token by token)")
+    for part in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        if part in text:
+            text[part] = text[part].to(device=device, dtype=dtype)
+    return LatentPipeline(folder, denoiser, vae, text["text_encoder"], text["tokenizer"], sched_cfg, index, text_encoder_2=text["text_encoder_2"],
+                          tokenizer_2=text["tokenizer_2"], text_encoder_3=text.get("text_encoder_3"), tokenizer_3=text.get("tokenizer_3"))
+
+
 def export_pipeline(student: PeRFlowStudent, teacher: LatentPipeline | str | Path, folder: str | Path, *, stock_scheduler: bool = False,
                     extra: dict[str, Any] | None = None) -> Path:
-    """Write a complete pipeline folder: the student's UNet, the teacher's VAE, text encoder(s) and tokenizer(s)
-    (copied byte for byte), no safety checker / feature extractor / image encoder, and a scheduler; an SDXL
-    teacher's folder keeps its ``force_zeros_for_empty_prompt`` (``StableDiffusionXLPipeline.from_pretrained`` loads it).
+    """Write a complete pipeline folder: the student's UNet (SD3: transformer), the teacher's VAE, text encoder(s) and
+    tokenizer(s) (copied byte for byte), no safety checker / feature extractor / image encoder, and a scheduler; an SDXL
+    teacher's folder keeps its ``force_zeros_for_empty_prompt`` (``StableDiffusionXLPipeline.from_pretrained`` loads it;
+    SD3: ``StableDiffusion3Pipeline``, a missing T5 kept as ``[null, null]``).
 
     ``scheduler/`` is our :class:`~rectflow.perflow.diffusers_scheduler.PeRFlowScheduler` (any
     ``num_inference_steps >= K``; the folder loads after ``import rectflow.perflow.diffusers_scheduler``),
-    plus ``scheduler_ddim/`` when a stock DDIMScheduler is exact at K steps.  ``stock_scheduler=True``
-    (exact windows only) names the stock DDIM in ``model_index.json`` instead (the folder then loads in
+    plus ``scheduler_ddim/`` (SD3: ``scheduler_flowmatch/``) when a stock scheduler is exact at K steps.  ``stock_scheduler=True``
+    (exact windows only) names that stock scheduler in ``model_index.json`` instead (the folder then loads in
     any diffusers install; ours moves to ``scheduler_perflow/``).  The folder is built next to ``folder``
     and renamed into place, so a killed export leaves no half-written pipeline; a previous export there
     is replaced, anything else is refused.  ``extra``: more entries of the folder's ``perflow.json``
@@ -417,7 +508,7 @@ def export_pipeline(student: PeRFlowStudent, teacher: LatentPipeline | str | Pat
     """
     src = teacher.folder if isinstance(teacher, LatentPipeline) else Path(teacher)
     index, parts = _check_folder(src)
-    teacher_cfg = _teacher_scheduler_config(src)
+    teacher_cfg = _teacher_scheduler_config(src, sd3="transformer" in parts)
     folder = Path(folder)
     with staged_export(folder) as stage:
         _write_pipeline(student, src, index, parts, teacher_cfg, stage, stock_scheduler, extra)
@@ -427,18 +518,24 @@ def export_pipeline(student: PeRFlowStudent, teacher: LatentPipeline | str | Pat
 def _write_pipeline(student: PeRFlowStudent, src: Path, index: dict[str, Any], parts: tuple[str, ...], teacher_cfg: dict[str, Any],
                     stage: Path, stock_scheduler: bool, extra: dict[str, Any] | None) -> None:
     """:func:`export_pipeline`'s folder, written into ``stage``."""
-    sdxl = "text_encoder_2" in parts
+    sd3 = "transformer" in parts
+    sdxl = "text_encoder_2" in parts and not sd3
     models = [part for part in parts if part != "scheduler"]
-    for part in models[1:]:  # all but the UNet, which is the student's
+    for part in models[1:]:  # all but the UNet / transformer, which is the student's
         shutil.copytree(src / part, stage / part)
     pipeline_class = index.get("_class_name", "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline")
     write_student_parts(student, stage, teacher_cfg, stock_scheduler=stock_scheduler,
                         extra={"pipeline": pipeline_class, "teacher_folder": str(src), **(extra or {})})
-    keep = ("force_zeros_for_empty_prompt",) if sdxl else ("requires_safety_checker",)
+    keep = ("force_zeros_for_empty_prompt",) if sdxl else () if sd3 else ("requires_safety_checker",)
     new_index = {k: v for k, v in index.items() if k.startswith("_") or k in parts or k in keep}
     new_index["_class_name"] = pipeline_class
-    new_index.update({part: index.get(part, ["diffusers" if part in ("unet", "vae") else "transformers", _DEFAULT_CLASSES[part]]) for part in models})
-    new_index.update(feature_extractor=[None, None], image_encoder=[None, None], scheduler=["diffusers", "DDIMScheduler"] if stock_scheduler else PERFLOW_SCHEDULER_ENTRY)
-    if not sdxl:  # StableDiffusionXLPipeline has no safety checker
+    new_index.update({part: index.get(part, ["diffusers" if part in ("unet", "vae", "transformer") else "transformers", _DEFAULT_CLASSES[part]])
+                      for part in models})
+    stock = stock_scheduler_config(teacher_cfg, student.boundaries)
+    new_index.update(feature_extractor=[None, None], image_encoder=[None, None],
+                     scheduler=["diffusers", stock[1]["_class_name"]] if stock_scheduler and stock else PERFLOW_SCHEDULER_ENTRY)
+    if sd3:  # StableDiffusion3Pipeline takes the T5 pair as None when the folder has none
+        new_index.update({part: [None, None] for part in _T5_PARTS if part not in parts})
+    elif not sdxl:  # StableDiffusionXLPipeline has no safety checker
         new_index.update(safety_checker=[None, None], requires_safety_checker=False)
     save_json(stage / "model_index.json", new_index)

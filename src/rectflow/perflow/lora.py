@@ -162,13 +162,14 @@ def lora_state_dict(student: nn.Module, teacher: nn.Module, rank: int | None = N
 
 
 def save_lora(folder: str | Path, student: nn.Module, teacher: nn.Module, rank: int | None = None, *, bias: bool = False,
-              boundaries: Tensor | None = None, metadata: dict[str, Any] | None = None) -> LoraReport:
+              boundaries: Tensor | None = None, metadata: dict[str, Any] | None = None, prefix: str = "unet") -> LoraReport:
     """Write ``folder/pytorch_lora_weights.safetensors`` (atomic) for ``pipe.load_lora_weights(folder)``;
-    the window boundaries and the report go into the file's metadata.  Returns the :class:`LoraReport`."""
-    sd, report = lora_state_dict(student, teacher, rank, bias=bias)
+    the window boundaries and the report go into the file's metadata.  ``prefix``: the component the
+    pipeline loads it into, "unet" or (SD3) "transformer".  Returns the :class:`LoraReport`."""
+    sd, report = lora_state_dict(student, teacher, rank, bias=bias, prefix=prefix)
     if not sd:
         raise ConfigError("perflow.save_lora: the student's Linear/Conv weights equal the teacher's; there is no delta to store")
-    meta = {**(metadata or {}), "format": _FORMAT, "report": report.to_dict()}
+    meta = {**(metadata or {}), "format": _FORMAT, "prefix": prefix, "report": report.to_dict()}
     if boundaries is not None:
         meta["windows"] = [float(v) for v in boundaries]
     save_tensors(Path(folder) / LORA_WEIGHT_NAME, sd, meta)
@@ -197,16 +198,19 @@ def lora_to_delta(state: dict[str, Tensor], *, prefix: str = "unet") -> dict[str
     return out
 
 
-def apply_lora(model: nn.Module, lora: dict[str, Tensor] | str | Path, scale: float = 1.0, *, prefix: str = "unet") -> nn.Module:
+def apply_lora(model: nn.Module, lora: dict[str, Tensor] | str | Path, scale: float = 1.0, *, prefix: str | None = None) -> nn.Module:
     """In place: merge a LoRA (state dict, file or folder) into ``model``: W <- W + scale B A (and
     b <- b + scale bias).  A bias for a layer without one is refused (peft would add the term).
+    ``prefix``: the keys' component prefix (default: a file's recorded one, else "unet").
     Every name and shape is checked before the first weight changes, so a LoRA of another
     architecture leaves the model as it was (the error names the file)."""
-    source = "perflow.apply_lora"
+    source, recorded = "perflow.apply_lora", "unet"
     if isinstance(lora, (str, Path)):
         p = Path(lora)
         source = str(p / LORA_WEIGHT_NAME if p.is_dir() else p)
-        lora = load_lora(p)[0]
+        lora, meta = load_lora(p)
+        recorded = str(meta.get("prefix", "unet"))
+    prefix = recorded if prefix is None else prefix
     params = dict(model.named_parameters())
     deltas = {}
     for name, d in lora_to_delta(lora, prefix=prefix).items():

@@ -204,9 +204,6 @@ def _load_teacher(path: str | Path, device: str) -> tuple[Teacher, Any | None, d
     if not p.is_dir():
         raise ConfigError(f"perflow teacher {str(p)!r}: no such directory (a rectflow run or a local diffusers folder)")
     if is_latent_pipeline(p):
-        if (p / "transformer").is_dir():
-            raise ConfigError(f"{p}: a flow-matching transformer pipeline (SD3 layout) is not a teacher of the PeRFlow job yet (it takes "
-                              "precomputed text conditions, no caption cache); train it from Python with perflow.load_teacher and PeRFlowObjective")
         pipe = load_pipeline(p, device=resolve_device(device))
         desc = {"kind": PIPELINE_JOB_KIND, "path": str(p.resolve()), "parameterization": pipe.parameterization, "condition": "text"}
         return pipe.teacher, None, desc, pipe
@@ -408,10 +405,11 @@ def _train_pipeline_job(folder: Path, out: Path, settings: PeRFlowSettings, trai
         # the student's guidance (the default of `rectflow sample`) goes in before the folder is renamed into place
         export_pipeline(final, pipe, out / "diffusers", extra={"guidance_scale": student_w, "guidance_mode": settings.guidance_mode})
         net = unwrap_unet(final.net)
-        save_delta(out / "delta.safetensors", net, pipe.unet, boundaries, {"teacher": desc["path"]})
+        save_delta(out / "delta.safetensors", net, pipe.denoiser, boundaries, {"teacher": desc["path"]})
         lora = None
         if rank > 0:
-            lora = save_lora(out / "lora", net, pipe.unet, rank=rank, bias=False, boundaries=boundaries, metadata={"teacher": desc["path"]}).to_dict()
+            lora = save_lora(out / "lora", net, pipe.denoiser, rank=rank, bias=False, boundaries=boundaries, metadata={"teacher": desc["path"]},
+                             prefix="transformer" if pipe.is_sd3 else "unet").to_dict()
         elif (out / "lora").is_dir():
             shutil.rmtree(out / "lora")  # a LoRA of an earlier run of this job would no longer match the student
         rows = [q for q in prompts for _ in range(per_prompt)]
