@@ -127,7 +127,7 @@ def _add_perflow_parser(sub, fmt) -> None:
     p = sub.add_parser("perflow", help="accelerate a trained image flow or a local diffusers model with PeRFlow (K-step student)", formatter_class=fmt)
     p.add_argument("teacher", help="a rectflow image run directory, a local diffusers folder (unet/ + scheduler/), or a local text-to-image "
                                    "pipeline folder (Stable Diffusion 1.x / 2.x: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/; "
-                                   "SDXL also text_encoder_2/, tokenizer_2/)")
+                                   "SDXL also text_encoder_2/, tokenizer_2/; SD3: transformer/ instead of unet/, both CLIP pairs, optionally text_encoder_3/, tokenizer_3/)")
     p.add_argument("--out", "-o", required=True, help="output directory (created, or resumed if it holds the same job)")
     p.add_argument("--data", help="real training images: 'digits', an image folder, a .zip of one, or .npy/.npz (default: the run's target; required for diffusers teachers); "
                                   "a text-to-image pipeline: a folder of captioned images (metadata.jsonl with file_name and text, or a .txt beside each image)")

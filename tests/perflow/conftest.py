@@ -103,10 +103,27 @@ def build_tiny_sdxl(folder: Path, *, seed: int = 0, force_zeros_for_empty_prompt
 SD3_CLIP, SD3_JOINT, SD3_SHIFT = 8, 24, 3.0  # each CLIP's width and projection; the transformer's joint width (> 2 x 8: the CLIPs are padded)
 
 
-def build_tiny_sd3(folder: Path, *, seed: int = 0) -> Path:
+def _tiny_t5(folder: Path) -> tuple[Any, Any]:
+    """A T5 tokenizer (a unigram over single letters, built with ``tokenizers``) and a one-layer T5EncoderModel of width SD3_JOINT."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + c, -1.0) for c in LETTERS] + [(c, -2.0) for c in LETTERS]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    tokenizer = transformers.T5TokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), extra_ids=0)
+    encoder = transformers.T5EncoderModel(transformers.T5Config(vocab_size=len(vocab), d_model=SD3_JOINT, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
+    return encoder, tokenizer
+
+
+def build_tiny_sd3(folder: Path, *, seed: int = 0, t5: bool = False) -> Path:
     """Write a tiny SD3-layout pipeline folder (random weights from ``seed``): an SD3Transformer2DModel (8x8x4 latents, one
-    joint block), the VAE, two CLIPTextModelWithProjection of width 8 (pooled 8 + 8), no T5 (its tokens are zeros, as the
-    stock pipeline makes them without one) and a FlowMatchEulerDiscreteScheduler with shift 3."""
+    joint block), the VAE, two CLIPTextModelWithProjection of width 8 (pooled 8 + 8), a T5 encoder of width SD3_JOINT when
+    ``t5`` (else none: its tokens are zeros, as the stock pipeline makes them without one) and a FlowMatchEulerDiscreteScheduler
+    with shift 3."""
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(seed)
     transformer = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
@@ -117,7 +134,7 @@ def build_tiny_sd3(folder: Path, *, seed: int = 0) -> Path:
     pipe = diffusers.StableDiffusion3Pipeline(
         transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=SD3_SHIFT), vae=parts["vae"],
         text_encoder=clip(), tokenizer=parts["tokenizer"](), text_encoder_2=clip(), tokenizer_2=parts["tokenizer"](pad_token="z</w>"),
-        text_encoder_3=None, tokenizer_3=None)
+        **dict(zip(("text_encoder_3", "tokenizer_3"), _tiny_t5(folder.parent / f".{folder.name}-t5-src") if t5 else (None, None))))
     pipe.save_pretrained(str(folder))
     return folder
 

@@ -20,7 +20,7 @@ from rectflow.perflow.diffusers_scheduler import step_grid
 from rectflow.perflow.guidance import Guidance
 from rectflow.perflow.latent import T5_MAX_LENGTH, export_pipeline, load_pipeline
 from rectflow.perflow.latent_cache import LatentCacheData
-from tests.perflow.conftest import SD3_CLIP, SD3_JOINT, SD3_SHIFT, build_cache, caption_images, perturbed_student
+from tests.perflow.conftest import SD3_CLIP, SD3_JOINT, SD3_SHIFT, build_cache, build_tiny_sd3, caption_images, perturbed_student
 
 torch.set_num_threads(1)
 PROMPTS = ["a red cat", "two dogs"]
@@ -53,6 +53,20 @@ def test_sd3_text_encoding_and_null_condition_match_the_stock_pipeline(tiny_sd3_
     null = pipe.null_embedding()
     torch.testing.assert_close(null[0].expand(2, -1, -1), neg_hidden, rtol=0, atol=1e-6)
     torch.testing.assert_close(null[1].expand(2, -1), neg_pooled, rtol=0, atol=1e-6)
+
+
+def test_sd3_with_a_t5_encodes_its_tokens_as_the_stock_pipeline(tmp_path):
+    pipe = load_pipeline(build_tiny_sd3(tmp_path / "sd3-t5", t5=True))
+    assert pipe.text_encoder_3 is not None and pipe.text_shape == (L, SD3_JOINT)
+    stock = diffusers.StableDiffusion3Pipeline.from_pretrained(str(pipe.folder), local_files_only=True, feature_extractor=None, image_encoder=None)
+    with torch.no_grad():  # as the pipeline's __call__ runs it (with gradients T5's attention takes another kernel: 1e-5 apart)
+        hidden, neg_hidden, pooled, _ = stock.encode_prompt(prompt=PROMPTS, prompt_2=None, prompt_3=None, device="cpu", num_images_per_prompt=1,
+                                                            do_classifier_free_guidance=True)
+    ours = pipe.encode_text(PROMPTS)
+    assert float(ours[0][:, 16:].abs().max()) > 0  # the T5 tokens are the encoder's, not zeros
+    torch.testing.assert_close(ours[0], hidden, rtol=0, atol=0)
+    torch.testing.assert_close(ours[1], pooled, rtol=0, atol=0)
+    torch.testing.assert_close(pipe.null_embedding()[0].expand(2, -1, -1), neg_hidden, rtol=0, atol=1e-6)
 
 
 def test_sd3_teacher_is_the_transformer_reading_sigma(tiny_sd3_pipeline):

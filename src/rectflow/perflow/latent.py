@@ -1,14 +1,18 @@
-"""Latent text-to-image teachers for PeRFlow: Stable Diffusion 1.x / 2.x and SDXL pipelines read from
+"""Latent text-to-image teachers for PeRFlow: Stable Diffusion 1.x / 2.x, SDXL and SD3 pipelines read from
 LOCAL diffusers folders (never downloaded), and the accelerated student exported back as a complete
 pipeline folder (optional extras: ``pip install 'rectflow[perflow]'`` for diffusers, transformers).
 
 A pipeline folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
-``scheduler/``; SDXL also ``text_encoder_2/``, ``tokenizer_2/``) becomes a :class:`LatentPipeline`:
+``scheduler/``; SDXL also ``text_encoder_2/``, ``tokenizer_2/``; SD3 ``transformer/`` instead of
+``unet/``, both CLIP pairs and optionally the T5 pair ``text_encoder_3/``, ``tokenizer_3/``) becomes a
+:class:`LatentPipeline`:
 
 * the teacher: ``UNet2DConditionModel`` behind :class:`~rectflow.perflow.diffusers_io.TextUNetAdapter`,
   the scheduler config turned into an affine path + parameterisation by
   :func:`~rectflow.perflow.diffusers_io.schedule_from_config` (the one place), and rectflow time t
-  mapped to the UNet's step index n = N (1 - t) - 1;
+  mapped to the UNet's step index n = N (1 - t) - 1 (SD3: ``SD3Transformer2DModel`` behind
+  :class:`~rectflow.perflow.diffusers_io.SD3TransformerAdapter` on the flow-matching line, kind u,
+  time input sigma N = N (1 - t));
 * the VAE: images (B, 3, H, W) in [-1, 1] <-> latents (B, C, H/f, W/f) scaled as the pipeline scales
   them, z = (mean - shift_factor) * scaling_factor (``shift_factor`` 0 when the VAE has none);
 * the text encoder(s) and tokenizer(s): prompts -> the condition, as the stock pipeline encodes them
@@ -24,14 +28,20 @@ folder's ``force_zeros_for_empty_prompt`` is true, its default, else the empty p
 size conditioning (original size, crop (0, 0), target size) is not part of the condition: the
 adapter makes it from the latents' size (:func:`~rectflow.perflow.diffusers_io.size_time_ids`), as
 the stock pipeline does at a given height and width, so a latent cache stores hidden + pooled only.
+SD3 (``StableDiffusion3Pipeline``): the pair (hidden (B, 77 + 256, D), pooled (B, P1 + P2)) of its
+``encode_prompt``: both CLIPs' penultimate hidden states side by side, zero-padded to the
+transformer's ``joint_attention_dim``, followed by 256 T5 tokens (zeros in a folder without the T5),
+and both CLIPs' projected ``text_embeds``; the null condition is the empty prompt's pair.
 
 :func:`export_pipeline` writes the student's UNet with the teacher's VAE, text encoder(s) and
 tokenizer(s), no safety checker, feature extractor or image encoder, and a scheduler, so that
 ``diffusers.StableDiffusionPipeline.from_pretrained(folder)`` (SDXL:
-``StableDiffusionXLPipeline``) samples in K steps.
+``StableDiffusionXLPipeline``; SD3: ``StableDiffusion3Pipeline``, its absent parts passed as None)
+samples in K steps.
 
-Refused with one line naming the file or key: SD3 / Flux (transformers on a flow-matching schedule;
-see :func:`~rectflow.perflow.diffusers_io.load_teacher`), inpainting / depth UNets (more input
+Refused with one line naming the file or key: Flux and other transformer pipelines, an SD3 folder
+without its CLIP text encoders (a teacher for :func:`~rectflow.perflow.diffusers_io.load_teacher` with
+precomputed conditions), inpainting / depth UNets (more input
 channels), upscalers and unCLIP (class embeddings), LCM UNets (a guidance embedding), IP-Adapter /
 Kandinsky conditions, added conditions other than SDXL's in an SDXL folder, an SDXL refiner (no
 ``text_encoder``, aesthetic-score conditioning), and an SDXL folder missing ``text_encoder_2/`` or

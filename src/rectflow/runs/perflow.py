@@ -157,7 +157,8 @@ def _is_diffusers_folder(p: Path) -> bool:
 
 def is_latent_pipeline(path: str | Path) -> bool:
     """Whether ``path`` is a latent text-to-image pipeline folder (``model_index.json`` and ``text_encoder/``, or
-    an SDXL refiner's ``text_encoder_2/``) rather than a pixel-space diffusers folder or a rectflow run.  Whether
+    an SDXL refiner's ``text_encoder_2/``; SD 1.x / 2.x, SDXL or SD3) rather than a pixel-space diffusers folder, a
+    transformer folder without text encoders (precomputed conditions, Python only) or a rectflow run.  Whether
     it is a supported one, :func:`~rectflow.perflow.latent.load_pipeline` says."""
     p = Path(path)
     return (p / "model_index.json").is_file() and ((p / "text_encoder").is_dir() or (p / "text_encoder_2").is_dir())
