@@ -132,7 +132,9 @@ def _add_perflow_parser(sub, fmt) -> None:
     p.add_argument("--data", help="real training images: 'digits', an image folder, a .zip of one, or .npy/.npz (default: the run's target; required for diffusers teachers); "
                                   "a text-to-image pipeline: a folder of captioned images (metadata.jsonl with file_name and text, or a .txt beside each image)")
     p.add_argument("--windows", "-K", type=int, default=d.windows, help="number of time windows K (= sampling steps)")
-    p.add_argument("--spacing", default=d.spacing, choices=["time", "log_snr"], help="window boundaries uniform in time or in the teacher's log-SNR")
+    p.add_argument("--spacing", default=d.spacing, choices=["time", "log_snr", "teacher"],
+                   help="window boundaries uniform in time, uniform in the teacher's log-SNR, or on the teacher scheduler's own K-step grid "
+                        "(SD3: its shifted grid, where the exported stock FlowMatchEuler config is exact at K steps; DDPM family: uniform in time)")
     p.add_argument("--solver-steps", type=int, default=d.solver_steps, help="teacher DDIM steps across one window per training example")
     p.add_argument("--start-fraction", type=float, default=d.start_fraction, help="share of training points at window starts, where K-step sampling reads the student (0 = the paper's uniform t)")
     p.add_argument("--loss-space", default=d.loss_space, choices=["native", "velocity", "x0", "eps", "v"], help="space of the student's MSE (native = the teacher's output kind)")

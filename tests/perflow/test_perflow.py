@@ -8,7 +8,7 @@ import torch
 from rectflow import perflow
 from rectflow.diffusion.parameterizations import ConvertedModel
 from rectflow.diffusion.samplers import ddim
-from rectflow.diffusion.schedules import DDPMSchedule, FlowMatchingSchedule, VPCosineSchedule, log_snr
+from rectflow.diffusion.schedules import DDPMSchedule, DiscreteFlowMatchingSchedule, FlowMatchingSchedule, VPCosineSchedule, log_snr
 from rectflow.engine.trainer import TrainConfig, Trainer
 from rectflow.errors import ConfigError
 from rectflow.flow.paths import PathCoefficients
@@ -45,6 +45,13 @@ def test_windows_time_logsnr_and_user():
     assert torch.allclose(lam[1:] - lam[:-1], torch.full((2,), 5.0, dtype=torch.float64), atol=1e-6)
     assert b[0] == 0 and b[-1] == 1
     assert perflow.make_windows(boundaries=[0, 0.2, 1]).tolist() == [0, 0.2, 1]
+    # "teacher": where the teacher's stock sampler steps: SD3's shifted grid; the DDPM family's trailing grid is uniform in t
+    sd3 = DiscreteFlowMatchingSchedule(shift=3.0)
+    assert torch.equal(perflow.make_windows(4, spacing="teacher", path=sd3), sd3.sampling_grid(4).double())
+    assert float(perflow.make_windows(4, spacing="teacher", path=sd3)[1]) < 0.2  # shift 3: short windows near the noise
+    assert torch.equal(perflow.make_windows(4, spacing="teacher", path=DDPMSchedule()), perflow.make_windows(4))
+    with pytest.raises(ConfigError, match="needs the teacher's path"):
+        perflow.make_windows(4, spacing="teacher")
 
 
 @pytest.mark.parametrize("bad", [[0.1, 0.5, 1], [0, 0.5, 0.9], [0, 0.6, 0.6, 1], [0, 0.7, 0.4, 1], [0], [0, float("nan"), 1]])

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rectflow.cli import main
+from rectflow.diffusion.schedules import DiscreteFlowMatchingSchedule
 from rectflow.engine.io import load_tensors
 from rectflow.engine.trainer import TrainConfig
 from rectflow.errors import CheckpointError, ConfigError, DataError
@@ -537,9 +538,12 @@ def test_sd3_pipeline_job_lora_and_cli_sample(captions, tmp_path_factory, tmp_pa
     sd3 = build_tiny_sd3(tmp_path_factory.mktemp("sd3") / "tiny-sd3")
     out = tmp_path / "sd3-perflow"
     code = main(["perflow", str(sd3), "--data", str(captions), "--out", str(out), "-K", "2", "--steps", "2", "--batch-size", "2", "--solver-steps", "1",
-                 "--guidance", "2", "--guidance-mode", "student", "--lora-rank", "2", "--prompt", "a red cat", "--device", "cpu", "-q"])
+                 "--guidance", "2", "--guidance-mode", "student", "--lora-rank", "2", "--prompt", "a red cat", "--device", "cpu", "-q",
+                 "--spacing", "teacher"])
     assert code == 0, capsys.readouterr().err
     rec = json.loads((out / "perflow.json").read_text())
+    assert rec["windows"] == DiscreteFlowMatchingSchedule(shift=3.0).sampling_grid(2).double().tolist()  # the stock sampler's shifted grid
+    assert (out / "diffusers" / "scheduler_flowmatch" / "scheduler_config.json").is_file()  # so a stock config is exact at K steps
     assert rec["teacher"]["kind"] == "pipeline" and rec["teacher"]["parameterization"] == "u" and rec["steps_done"] == 2
     assert rec["cache"]["settings"]["pooled_dim"] == 2 * SD3_CLIP and (out / "diffusers" / "transformer" / "config.json").is_file()
     job = load_perflow(out)

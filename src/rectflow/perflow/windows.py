@@ -34,13 +34,20 @@ def make_windows(k: int | None = None, *, spacing: str = "time", path: AffinePat
 
     ``spacing="time"``: t_k = k / K.  ``spacing="log_snr"``: inner boundaries uniform in the log-SNR of
     ``path`` between max(lambda(0), lam_min) and min(lambda(1), lam_max) (the clip keeps infinite
-    end points usable).  ``boundaries``: user-given (validated; ``k`` and ``spacing`` are ignored).
+    end points usable).  ``spacing="teacher"``: the teacher scheduler's own K-step grid, where its
+    stock sampler steps (``path.sampling_grid(K)``: SD3's shifted grid; a path without one, e.g. the
+    DDPM family whose trailing DDIM grid is uniform in t, gets k / K).  ``boundaries``: user-given
+    (validated; ``k`` and ``spacing`` are ignored).
     """
     if boundaries is not None:
         return validate_windows(boundaries)
     if not isinstance(k, int) or k < 1:
         raise ConfigError(f"perflow.windows: K must be an integer >= 1, got {k!r}")
-    if spacing == "time":
+    if spacing == "teacher" and path is None:
+        raise ConfigError("perflow.windows: spacing='teacher' needs the teacher's path")
+    if spacing == "teacher" and hasattr(path, "sampling_grid"):
+        return validate_windows(path.sampling_grid(k).double())
+    if spacing in ("time", "teacher"):
         return torch.linspace(0, 1, k + 1, dtype=torch.float64)
     if spacing == "log_snr":
         if path is None:
@@ -53,7 +60,7 @@ def make_windows(k: int | None = None, *, spacing: str = "time", path: AffinePat
         b = time_from_log_snr(path, lam).double()
         b[0], b[-1] = 0.0, 1.0
         return validate_windows(b)
-    raise ConfigError(f"perflow.windows: spacing must be 'time' or 'log_snr', got {spacing!r}")
+    raise ConfigError(f"perflow.windows: spacing must be 'time', 'log_snr' or 'teacher', got {spacing!r}")
 
 
 def window_index(boundaries: Tensor, t: Tensor) -> Tensor:

@@ -83,7 +83,7 @@ class PeRFlowSettings:
     """What defines a PeRFlow student (a resumed job must agree on all of it)."""
 
     windows: int = 4  # K: number of time windows = sampling steps
-    spacing: str = "time"  # time | log_snr: how the window boundaries are placed
+    spacing: str = "time"  # time | log_snr | teacher (the teacher scheduler's own K-step grid: SD3's shifted one): the window boundaries
     solver_steps: int = 24  # teacher DDIM steps across one window (teacher NFE per training example; 24 beat 12 on digits, perflow_levers.md)
     loss_space: str = "x0"  # native (the teacher's output kind on the window path) | velocity | x0 | eps | v
     start_fraction: float = 0.8  # share of training points at window starts (0 = the paper's uniform t), see PeRFlowObjective
@@ -98,8 +98,8 @@ class PeRFlowSettings:
             raise ConfigError(f"perflow: windows must be >= 1, got {self.windows}")
         if self.solver_steps < 1:
             raise ConfigError(f"perflow: solver_steps must be >= 1, got {self.solver_steps}")
-        if self.spacing not in ("time", "log_snr"):
-            raise ConfigError(f"perflow: spacing must be 'time' or 'log_snr', got {self.spacing!r}")
+        if self.spacing not in ("time", "log_snr", "teacher"):
+            raise ConfigError(f"perflow: spacing must be 'time', 'log_snr' or 'teacher', got {self.spacing!r}")
         if self.loss_space not in LOSS_SPACES:
             raise ConfigError(f"perflow: loss_space must be one of {list(LOSS_SPACES)}, got {self.loss_space!r}")
         if not 0.0 <= self.start_fraction <= 1.0:
