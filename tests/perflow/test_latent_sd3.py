@@ -148,3 +148,27 @@ def test_sd3_folders_without_text_encoders_or_of_other_transformers_are_one_line
     (flux / "model_index.json").write_text(json.dumps({**idx, "_class_name": "FluxPipeline"}))
     with pytest.raises(ConfigError, match="FluxPipeline.*not supported"):
         load_pipeline(flux)
+
+
+def test_sd3_model_index_quirks_and_a_half_precision_t5(tmp_path, tiny_sd3):
+    """null entries in model_index.json mean "absent" (no traceback); a first CLIP without projection is
+    refused; a T5 loaded in fp16 keeps its wo layers in float32, as transformers loads it for the stock
+    pipeline (T5 overflows in fp16 otherwise); its width is checked before any weights are read."""
+    import shutil
+
+    folder = tmp_path / "sd3"
+    shutil.copytree(tiny_sd3, folder)
+    idx = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**idx, "text_encoder_3": None, "tokenizer_3": None}))
+    assert load_pipeline(folder).text_encoder_3 is None
+    (folder / "model_index.json").write_text(json.dumps({**idx, "text_encoder": ["transformers", "CLIPTextModel"]}))
+    with pytest.raises(ConfigError, match="text_encoder is a CLIPTextModel, not the CLIPTextModelWithProjection"):
+        load_pipeline(folder)
+    t5 = build_tiny_sd3(tmp_path / "t5", t5=True)
+    half = load_pipeline(t5, dtype=torch.float16)
+    assert half.text_encoder.dtype == torch.float16
+    assert {p.dtype for n, p in half.text_encoder_3.named_parameters() if ".wo." in n} == {torch.float32}
+    cfg = t5 / "text_encoder_3" / "config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "d_model": 8}))
+    with pytest.raises(ConfigError, match=r"differs from the T5's d_model=8"):
+        load_pipeline(t5)

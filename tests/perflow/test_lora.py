@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rectflow.errors import ConfigError
+from rectflow.engine.io import save_tensors
+from rectflow.errors import CheckpointError, ConfigError
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -163,3 +164,8 @@ def test_a_lora_of_another_architecture_changes_nothing_and_names_its_file(tmp_p
     assert all(torch.equal(before[k], v) for k, v in two.state_dict().items())  # 0.weight did not move either
     with pytest.raises(ConfigError, match=r"pytorch_lora_weights\.safetensors: the model has no parameter '0\.weight'"):
         apply_lora(nn.Conv2d(1, 1, 1), tmp_path / "lora")
+    sd = load_lora(tmp_path / "lora")[0]
+    torn = {k: v for k, v in sd.items() if not k.endswith("1.lora_B.weight")}
+    save_tensors(tmp_path / "torn.safetensors", torn, {})
+    with pytest.raises(CheckpointError, match=r"torn\.safetensors: LoRA state: unet\.1\.lora_A\.weight has no lora_B"):
+        apply_lora(copy.deepcopy(wide), tmp_path / "torn.safetensors")

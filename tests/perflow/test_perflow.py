@@ -379,3 +379,26 @@ def test_every_training_point_is_read_on_its_own_window():
     batch = obj.draw(20000, torch.Generator().manual_seed(0), "cpu")
     k = perflow.window_index(b, batch.t)
     assert bool((b[k] < batch.t.double()).all())  # no point sits on (or rounds onto) the start of the window after its own
+
+
+def test_half_precision_data_trains_on_every_window_at_float32_times():
+    """bf16 data: the batch's t stays float32 (bf16 cannot tell windows 1e-2 apart), every window gets
+    points inside it, and the teacher's window solve converts in float32 (SD's a(0) = 0.068 is not
+    "singular"), matching the float64 solve to bf16's rounding."""
+    sch = DDPMSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    teacher = perflow.Teacher(_Scale(), sch, "eps", time_map=sch.t_to_timestep)
+    b = perflow.make_windows(4, spacing="teacher", path=DiscreteFlowMatchingSchedule(shift=3.0))  # [0, 0.142, 0.398, 0.991, 1]
+
+    class Half:
+        def sample(self, n, generator=None, device=None):
+            return (torch.rand(n, 1, 8, 8, generator=generator) * 2 - 1).to(torch.bfloat16)
+
+    batch = perflow.PeRFlowObjective(teacher, Half(), b, target="data").draw(4000, torch.Generator().manual_seed(0), "cpu")
+    assert batch.t.dtype == torch.float32 and batch.z.dtype == torch.bfloat16
+    k = perflow.window_index(b, batch.t)
+    assert bool(((b[k] < batch.t.double()) & (batch.t.double() < b[k + 1])).all()) and torch.bincount(k, minlength=4).min() > 0
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    t0, t1 = torch.zeros(3, dtype=torch.float64), torch.full((3,), 0.25, dtype=torch.float64)
+    ref = teacher.ddim(z.double(), t0, t1, 4)
+    low = teacher.ddim(z.to(torch.bfloat16), t0, t1, 4)
+    assert low.dtype == torch.bfloat16 and float((low.double() - ref).norm() / ref.norm()) < 2e-2

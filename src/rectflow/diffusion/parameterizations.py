@@ -79,9 +79,17 @@ def _needs_derivatives(*kinds: str) -> bool:
     return any(k in ("velocity", "u") for k in kinds)
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def to_x0_eps(pred: Tensor, kind: str, z: Tensor, path: AffinePath, t: Tensor) -> tuple[Tensor, Tensor]:
-    """(x-hat, eps-hat) implied by a prediction ``pred`` of type ``kind`` at z (B, ...), t (B,)."""
+    """(x-hat, eps-hat) implied by a prediction ``pred`` of type ``kind`` at z (B, ...), t (B,).
+    Half-precision z is converted in float32 and the results cast back (every conversion here does
+    so): in bf16, SD's alpha(0) = 0.068 is within rounding of 0 and the divisions lose most digits."""
     check_parameterization(kind)
+    if z.dtype in _HALF:
+        x0, eps = to_x0_eps(pred.float(), kind, z.float(), path, t)
+        return x0.to(z.dtype), eps.to(z.dtype)
     a, b, da, db = _coeffs(path, t, z)
     if kind == "eps":
         _require(a, a.abs() + b.abs(), t, "eps -> x0 (divides by alpha)")
@@ -106,6 +114,8 @@ def from_x0_eps(x0: Tensor, eps: Tensor, kind: str, path: AffinePath, t: Tensor)
         return x0
     if kind == "eps":
         return eps
+    if x0.dtype in _HALF:
+        return from_x0_eps(x0.float(), eps.float(), kind, path, t).to(x0.dtype)
     a, b, da, db = _coeffs(path, t, x0)
     if kind == "v":
         return a * eps - b * x0  # theory §6: v = alpha eps - sigma x
@@ -127,6 +137,8 @@ def convert(pred: Tensor, *, src: str, dst: str, z: Tensor, path: AffinePath, t:
         return pred
     if {src, dst} == {"velocity", "u"}:
         return -pred
+    if z.dtype in _HALF:  # once in float32, not through half-precision (x0, eps)
+        return convert(pred.float(), src=src, dst=dst, z=z.float(), path=path, t=t).to(z.dtype)
     x0, eps = to_x0_eps(pred, src, z, path, t)
     return from_x0_eps(x0, eps, dst, path, t)
 

@@ -355,10 +355,14 @@ def _check_folder(folder: Path) -> tuple[dict[str, Any], tuple[str, ...]]:
         if name != "StableDiffusion3Pipeline":
             raise ConfigError(f"{folder}: a transformer pipeline ({name or 'transformer/'}, e.g. Flux) is not supported; use SD 1.x / 2.x, SDXL or SD3")
         for part in _SD3_PARTS:
-            if not (folder / part).is_dir() or index.get(part, [""])[:1] == [None]:
+            if not (folder / part).is_dir() or _absent(index, part):
                 raise ConfigError(f"diffusers pipeline folder {str(folder)!r} has no {part}/ (an SD3 layout needs {', '.join(_SD3_PARTS)}; "
                                   "without its CLIP text encoders it is a teacher for perflow.load_teacher with precomputed conditions)")
-        t5 = all((folder / part).is_dir() and index.get(part, [""])[:1] != [None] for part in _T5_PARTS)
+        t5 = all((folder / part).is_dir() and not _absent(index, part) for part in _T5_PARTS)
+        for part in ("text_encoder", "text_encoder_2"):
+            if _class_of(index, part, sd3=True) != "CLIPTextModelWithProjection":
+                raise ConfigError(f"{folder / 'model_index.json'}: {part} is a {_class_of(index, part, sd3=True)}, not the CLIPTextModelWithProjection "
+                                  "whose projected text_embeds are half of SD3's pooled condition")
         return index, _SD3_PARTS + (_T5_PARTS if t5 else ())
     sdxl = "text_encoder_2" in index or (folder / "text_encoder_2").is_dir() or "XL" in name
     first = index.get("text_encoder", "")
@@ -376,10 +380,18 @@ def _check_folder(folder: Path) -> tuple[dict[str, Any], tuple[str, ...]]:
     return index, parts
 
 
-def _class_of(index: dict[str, Any], part: str) -> str:
+def _absent(index: dict[str, Any], part: str) -> bool:
+    """Whether model_index.json says the folder has no ``part`` (null, or [null, null])."""
+    entry = index.get(part, "")
+    return entry is None or (isinstance(entry, (list, tuple)) and entry[:1] == [None])
+
+
+def _class_of(index: dict[str, Any], part: str, *, sd3: bool = False) -> str:
     entry = index.get(part)
     if isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], str):
         return entry[1]
+    if sd3 and part == "text_encoder":  # SD3's first CLIP is projected too
+        return "CLIPTextModelWithProjection"
     return _DEFAULT_CLASSES[part]
 
 
@@ -416,13 +428,16 @@ def _check_unet_config(path: Path, cfg: dict[str, Any], vae_cfg: dict[str, Any],
                           f"differ from the VAE's latent_channels={vae_cfg.get('latent_channels')} (inpainting / depth UNets are not supported)")
 
 
-def _load_text_part(folder: Path, index: dict[str, Any], part: str) -> Any:
-    """A text encoder or tokenizer (``part``: its subfolder) with transformers, from the local folder; CheckpointError naming it."""
-    cls, what = _class_of(index, part), "tokenizer" if part.startswith("tokenizer") else "text encoder"
+def _load_text_part(folder: Path, index: dict[str, Any], part: str, dtype: torch.dtype = torch.float32) -> Any:
+    """A text encoder (in ``dtype``, as transformers loads it: a T5 keeps its ``wo`` layers in float32) or
+    tokenizer (``part``: its subfolder) from the local folder; CheckpointError naming it."""
+    cls, what = _class_of(index, part, sd3="transformer" in index), "tokenizer" if part.startswith("tokenizer") else "text encoder"
+    kw = {}
     if what == "text encoder":
         load_json(folder / part / "config.json")
+        kw["torch_dtype"] = dtype
     try:
-        return getattr(optional_transformers(), cls).from_pretrained(str(folder / part), local_files_only=True)
+        return getattr(optional_transformers(), cls).from_pretrained(str(folder / part), local_files_only=True, **kw)
     except (AttributeError, OSError, ValueError, RuntimeError, KeyError) as e:
         raise CheckpointError(f"{folder / part}: cannot load the {what} {cls} ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
 
@@ -451,7 +466,7 @@ def load_pipeline(folder: str | Path, *, dtype: torch.dtype = torch.float32, dev
     _check_unet_config(unet_path, unet_cfg, load_json(folder / "vae" / "config.json"), pooled_dim)  # before any weights are read
     unet = load_diffusers_model(unet_cls, folder / "unet", dtype=dtype, what="UNet").to(device)
     vae = load_diffusers_model(_class_of(index, "vae"), folder / "vae", dtype=dtype, what="VAE").to(device)
-    text = {part: _load_text_part(folder, index, part) for part in parts if part.startswith(("text_encoder", "tokenizer"))}
+    text = {part: _load_text_part(folder, index, part, dtype) for part in parts if part.startswith(("text_encoder", "tokenizer"))}
     encoders = [text[part] for part in ("text_encoder", "text_encoder_2") if part in text]
     if getattr(unet.config, "cross_attention_dim", None) != sum(int(m.config.hidden_size) for m in encoders):
         raise ConfigError(f"{unet_path}: cross_attention_dim={unet.config.cross_attention_dim} differs from the text "
@@ -461,7 +476,7 @@ def load_pipeline(folder: str | Path, *, dtype: torch.dtype = torch.float32, dev
                           f"{text['tokenizer'].model_max_length} (the two encoders' hidden states are concatenated token by token)")
     for part in ("text_encoder", "text_encoder_2"):
         if part in text:
-            text[part] = text[part].to(device=device, dtype=dtype)
+            text[part] = text[part].to(device=device)
     return LatentPipeline(folder, unet, vae, text["text_encoder"], text["tokenizer"], sched_cfg, index,
                           text_encoder_2=text.get("text_encoder_2"), tokenizer_2=text.get("tokenizer_2"))
 
@@ -484,18 +499,20 @@ def _load_sd3(folder: Path, index: dict[str, Any], parts: tuple[str, ...], dtype
     if int(tr_cfg.get("joint_attention_dim") or 0) < sum(widths):
         raise ConfigError(f"{tr_path}: joint_attention_dim={tr_cfg.get('joint_attention_dim')} is narrower than the two CLIPs' hidden states "
                           f"{' + '.join(map(str, widths))} (they are padded to it)")
+    if "text_encoder_3" in parts:
+        d_model = load_json(folder / "text_encoder_3" / "config.json").get("d_model")
+        if d_model != tr_cfg.get("joint_attention_dim"):
+            raise ConfigError(f"{tr_path}: joint_attention_dim={tr_cfg.get('joint_attention_dim')} differs from the T5's d_model={d_model} "
+                              f"({folder / 'text_encoder_3' / 'config.json'})")
     denoiser = load_diffusers_model(cls, folder / "transformer", dtype=dtype, what="transformer").to(device)
     vae = load_diffusers_model(_class_of(index, "vae"), folder / "vae", dtype=dtype, what="VAE").to(device)
-    text = {part: _load_text_part(folder, index, part) for part in parts if part.startswith(("text_encoder", "tokenizer"))}
-    t5 = text.get("text_encoder_3")
-    if t5 is not None and int(t5.config.d_model) != int(tr_cfg["joint_attention_dim"]):
-        raise ConfigError(f"{tr_path}: joint_attention_dim={tr_cfg['joint_attention_dim']} differs from the T5's d_model={t5.config.d_model}")
+    text = {part: _load_text_part(folder, index, part, dtype) for part in parts if part.startswith(("text_encoder", "tokenizer"))}
     if text["tokenizer_2"].model_max_length != text["tokenizer"].model_max_length:
         raise ConfigError(f"{folder / 'tokenizer_2'}: model_max_length={text['tokenizer_2'].model_max_length} differs from tokenizer/'s "
                           f"{text['tokenizer'].model_max_length} (the two encoders' hidden states are concatenated token by token)")
     for part in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         if part in text:
-            text[part] = text[part].to(device=device, dtype=dtype)
+            text[part] = text[part].to(device=device)
     return LatentPipeline(folder, denoiser, vae, text["text_encoder"], text["tokenizer"], sched_cfg, index, text_encoder_2=text["text_encoder_2"],
                           tokenizer_2=text["tokenizer_2"], text_encoder_3=text.get("text_encoder_3"), tokenizer_3=text.get("tokenizer_3"))
 

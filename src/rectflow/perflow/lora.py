@@ -213,7 +213,11 @@ def apply_lora(model: nn.Module, lora: dict[str, Tensor] | str | Path, scale: fl
     prefix = recorded if prefix is None else prefix
     params = dict(model.named_parameters())
     deltas = {}
-    for name, d in lora_to_delta(lora, prefix=prefix).items():
+    try:
+        dense = lora_to_delta(lora, prefix=prefix)
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    for name, d in dense.items():
         if name not in params and name.endswith(".bias") and not bool(d.any()):
             continue  # peft gives every module a LoRA bias; zeros where the layer has none
         if name not in params:

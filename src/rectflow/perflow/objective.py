@@ -110,14 +110,15 @@ class PeRFlowObjective:
         dt = t1 - t0
         v = (z1 - z0) / expand_like(dt.to(x.dtype), x)
         tau = (self.t_margin + u * (1 - 2 * self.t_margin)) * dt
-        # keep t = t0 + tau, rounded to x's dtype, clear of window_index's snap to t1: in a window
-        # narrower than about 1e-2, t_margin * dt alone would let it round onto the next window
-        tau = torch.minimum(tau, dt - 16 * torch.finfo(x.dtype).eps * t1.abs().clamp_min(1.0))
+        # t is kept in at least float32 (bf16 cannot tell windows 1e-2 apart) and clear of window_index's
+        # snap to t1: in a window narrower than about 1e-2, t_margin * dt alone would round onto the next
+        t_dtype = torch.promote_types(x.dtype, torch.float32)
+        tau = torch.minimum(tau, dt - 16 * torch.finfo(t_dtype).eps * t1.abs().clamp_min(1.0)).clamp_min(0.0)
         if self.start_fraction > 0:
             at_start = torch.rand(n, generator=generator, device=gdev).to(x.device) < self.start_fraction
             tau = torch.where(at_start, torch.zeros_like(tau), tau)
         z = z0 + expand_like(tau.to(x.dtype), x) * v
-        return PeRFlowBatch(z, (t0 + tau).to(x.dtype), v, cond)
+        return PeRFlowBatch(z, (t0 + tau).to(t_dtype), v, cond)
 
     def loss(self, model: nn.Module, batch: PeRFlowBatch) -> LossOutput:
         if self.window_weights is None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 from typing import Any, Callable
 
-import torch
 from torch import Tensor, nn
 
 from rectflow.diffusion.parameterizations import check_parameterization, convert
@@ -47,10 +46,7 @@ class PeRFlowStudent(nn.Module):
         return self.net(z, tau, cond) if guidance is None else guidance(self.net, z, tau, cond)
 
     def forward(self, z: Tensor, t: Tensor, cond: Any = None, guidance: Guidance | None = None) -> Tensor:
-        out = self.raw(z, t, cond, guidance)
-        if z.dtype in (torch.float16, torch.bfloat16):  # read on the window path in float32: in bf16 SD's a(0) = 0.068 rounds to "singular"
-            return convert(out.float(), src=self.parameterization, dst="velocity", z=z.float(), path=self.window_path, t=t).to(z.dtype)
-        return convert(out, src=self.parameterization, dst="velocity", z=z, path=self.window_path, t=t)
+        return convert(self.raw(z, t, cond, guidance), src=self.parameterization, dst="velocity", z=z, path=self.window_path, t=t)
 
     @classmethod
     def from_teacher(cls, teacher: Teacher, boundaries: Tensor, net: nn.Module | None = None) -> "PeRFlowStudent":

@@ -78,12 +78,13 @@ class Teacher:
     @torch.no_grad()
     def ddim(self, z: Tensor, t_from: Tensor, t_to: Tensor, steps: int, cond: Any = None) -> Tensor:
         """Batched DDIM from per-example times t_from (B,) to t_to (B,) in ``steps`` equal steps."""
+        t_dtype = torch.promote_types(z.dtype, torch.float32)  # a half-precision z still reads the teacher at float32 times
         for j in range(steps):
             t = t_from + (t_to - t_from) * (j / steps)
             t_next = t_from + (t_to - t_from) * ((j + 1) / steps)
-            x0, eps = self.x0_eps(z, t.to(z.dtype), cond)
-            c = self.path.coefficients(t_next.to(z.dtype))
-            z = expand_like(c.a, z) * x0 + expand_like(c.b, z) * eps  # theory §6: z' = alpha' x-hat + sigma' eps-hat
+            x0, eps = self.x0_eps(z, t.to(t_dtype), cond)
+            c = self.path.coefficients(t_next.to(t_dtype))
+            z = (expand_like(c.a, z) * x0 + expand_like(c.b, z) * eps).to(z.dtype)  # theory §6: z' = alpha' x-hat + sigma' eps-hat
         return z
 
 
