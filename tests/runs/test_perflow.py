@@ -568,3 +568,13 @@ def test_sd3_pipeline_job_lora_and_cli_sample(captions, tmp_path_factory, tmp_pa
     assert main(["sample", str(out), "--prompt", "an owl", "--n", "2", "--out", str(tmp_path / "s")]) == 0
     meta = json.loads((tmp_path / "s" / "samples.json").read_text())
     assert meta["steps"] == 2 and meta["guidance"] == 2.0 and meta["nfe"] == 4 and len(meta["samples"]) == 2
+
+
+def test_a_transformer_folder_without_text_encoders_is_refused_before_writing(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    from tests.perflow.test_diffusers_flow import _sd3_folder
+
+    bare = _sd3_folder(tmp_path / "sd3")  # transformer/, vae/, scheduler/: no text encoders
+    assert main(["perflow", str(bare), "--data", "digits", "--out", str(tmp_path / "o"), "--steps", "1", "--device", "cpu", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "without its text encoders" in err and str(bare) in err and not (tmp_path / "o").exists()

@@ -209,6 +209,10 @@ def _load_teacher(path: str | Path, device: str) -> tuple[Teacher, Any | None, d
         desc = {"kind": PIPELINE_JOB_KIND, "path": str(p.resolve()), "parameterization": pipe.parameterization, "condition": "text"}
         return pipe.teacher, None, desc, pipe
     if _is_diffusers_folder(p):
+        if (p / "transformer").is_dir():
+            raise ConfigError(f"{p}: a transformer folder without its text encoders (text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/) "
+                              "takes precomputed text conditions, which the job cannot cache; add the encoders or train it from Python "
+                              "(perflow.load_teacher, PeRFlowObjective)")
         teacher = load_teacher(p)
         teacher.model.to(resolve_device(device))
         return teacher, None, {"kind": "diffusers", "path": str(p.resolve()), "parameterization": teacher.parameterization}, None
