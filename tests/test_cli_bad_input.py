@@ -179,6 +179,8 @@ CASES = [
     (["perflow", "{sd}", "--data", "{nocaps}", "--out", "{tmp}/pf", "--device", "cpu"], "nocaps"),
     (["perflow", "{sd}", "--data", "{captions}", "--out", "{tmp}/pf", "--lora-rank", "-1"], "--lora-rank"),
     (["perflow", "{sd}", "--data", "{captions}", "--out", "{tmp}/pf", "--latent-mode", "median"], "--latent-mode"),
+    (["perflow", "{sd}", "--data", "{captions}", "--out", "{tmp}/pf", "--cache-dtype", "float8"], "--cache-dtype"),
+    (["perflow", "{run}", "--out", "{tmp}/pf", "--cache-dtype", "float16"], "--cache-dtype"),
 ]
 
 

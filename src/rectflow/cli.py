@@ -165,6 +165,8 @@ def _add_perflow_parser(sub, fmt) -> None:
                    help="text-to-image pipelines: the caption key of metadata.jsonl (default: text)%(default).0s")
     p.add_argument("--latent-mode", default=None, metavar="{mean,sample}",
                    help="text-to-image pipelines: cache the VAE posterior mean or one seeded draw per image (default: mean)%(default).0s")
+    p.add_argument("--cache-dtype", default=None, metavar="{float32,float16,bfloat16}",
+                   help="text-to-image pipelines: the latent cache's stored dtype (float16 halves its size; default: float32)%(default).0s")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
@@ -543,7 +545,8 @@ def _perflow_guidance_flags(args: argparse.Namespace) -> float:
 
 def _perflow_pipeline_flags(args: argparse.Namespace, pipeline: bool) -> dict:
     """Check the text-to-image flags (one line naming the flag); returns train_perflow's keyword arguments for them."""
-    flags = {"--lora-rank": args.lora_rank, "--prompt": args.prompt, "--caption-column": args.caption_column, "--latent-mode": args.latent_mode}
+    flags = {"--lora-rank": args.lora_rank, "--prompt": args.prompt, "--caption-column": args.caption_column, "--latent-mode": args.latent_mode,
+             "--cache-dtype": args.cache_dtype}
     if not pipeline:
         given = [f for f, v in flags.items() if v is not None]
         if given:
@@ -553,12 +556,15 @@ def _perflow_pipeline_flags(args: argparse.Namespace, pipeline: bool) -> dict:
         raise ConfigError(f"--lora-rank must be >= 0 (0: no LoRA), got {args.lora_rank}")
     if args.latent_mode is not None and args.latent_mode not in ("mean", "sample"):
         raise ConfigError(f"--latent-mode must be mean or sample, got {args.latent_mode!r}")
+    if args.cache_dtype is not None and args.cache_dtype not in ("float32", "float16", "bfloat16"):
+        raise ConfigError(f"--cache-dtype must be float32, float16 or bfloat16, got {args.cache_dtype!r}")
     if args.caption_column is not None and not args.caption_column:
         raise ConfigError("--caption-column must not be empty")
     if args.data is None:
         raise ConfigError(f"--data is required for the text-to-image pipeline {args.teacher}: a folder of captioned images "
                           "(metadata.jsonl with file_name and text, or a .txt beside each image)")
-    opts = LatentDataOptions(caption_column=args.caption_column or "text", latent_mode=args.latent_mode or "mean")
+    opts = LatentDataOptions(caption_column=args.caption_column or "text", latent_mode=args.latent_mode or "mean",
+                             dtype=args.cache_dtype or "float32")
     return {"latent": opts, "lora_rank": args.lora_rank, "prompts": args.prompt}
 
 

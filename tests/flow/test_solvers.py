@@ -98,3 +98,26 @@ def test_solvers_are_pure():
     """Same inputs, same outputs, twice: nothing is remembered between calls."""
     a, b = solve(f, X0, method="heun", steps=7), solve(f, X0, method="heun", steps=7)
     assert torch.equal(a.x, b.x) and a.nfe == b.nfe
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_states_are_given_float32_times(dtype):
+    """The times a solver hands the network stay float32 when the state is half precision: bf16 rounds
+    t = 0.99 to 0.98828125, which a pretrained teacher reads as another noise level (SD3's last step)."""
+    seen = []
+
+    def f(x, t):
+        seen.append(t)
+        return -x
+
+    x = torch.ones(3, 2, dtype=dtype)
+    grid = [0.0, 0.33, 0.99]
+    for solver in (euler, rk4):
+        seen.clear()
+        out = solver(f, x, grid).x
+        assert out.dtype == dtype
+        assert all(t.dtype == torch.float32 and t.shape == (3,) for t in seen)
+        assert float(seen[-1 if solver is euler else -4][0]) == float(torch.tensor(0.33, dtype=torch.float32))
+    seen.clear()
+    euler(f, x.double(), grid)
+    assert {t.dtype for t in seen} == {torch.float64}  # float64 states keep float64 times

@@ -4,6 +4,7 @@ the student exported as an SD3 folder the stock pipeline samples in K steps, and
 SD3 folder (tiny models from configs, no download)."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -12,14 +13,14 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from rectflow import perflow
-from rectflow.errors import ConfigError
+from rectflow.errors import CheckpointError, ConfigError
 from rectflow.flow.solvers import euler
 from rectflow.perflow import diffusers_scheduler  # noqa: F401 (registers PeRFlowScheduler for from_pretrained)
 from rectflow.perflow.diffusers_io import load_student
 from rectflow.perflow.diffusers_scheduler import step_grid
 from rectflow.perflow.guidance import Guidance
 from rectflow.perflow.latent import T5_MAX_LENGTH, export_pipeline, load_pipeline
-from rectflow.perflow.latent_cache import LatentCacheData
+from rectflow.perflow.latent_cache import LatentCacheData, read_captions
 from tests.perflow.conftest import SD3_CLIP, SD3_JOINT, SD3_SHIFT, build_cache, build_tiny_sd3, caption_images, perturbed_student
 
 torch.set_num_threads(1)
@@ -129,14 +130,16 @@ def test_sd3_latent_cache_holds_hidden_and_pooled_text(tmp_path, tiny_sd3_pipeli
     pipe = tiny_sd3_pipeline
     cache = build_cache(pipe, caption_images(tmp_path / "imgs"), tmp_path / "cache")
     assert len(cache) == 5 and cache.settings.pooled_dim == 2 * SD3_CLIP
+    lat, (hidden, pooled) = cache.load()  # the rows are the pipeline's own encoding of each caption, in the cache's order
+    want_hidden, want_pooled = pipe.encode_text([t for _, t in read_captions(tmp_path / "imgs")])
+    torch.testing.assert_close(hidden, want_hidden, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pooled, want_pooled, atol=1e-5, rtol=1e-5)
     data = LatentCacheData(cache, pipeline=pipe)
     lat, (hidden, pooled) = data.sample(3, generator=torch.Generator().manual_seed(0))
     assert lat.shape == (3, 4, 8, 8) and hidden.shape == (3, L, SD3_JOINT) and pooled.shape == (3, 2 * SD3_CLIP)
 
 
 def test_sd3_folders_without_text_encoders_or_of_other_transformers_are_one_line(tmp_path, tiny_sd3):
-    import shutil
-
     bare = tmp_path / "bare"
     shutil.copytree(tiny_sd3, bare)
     shutil.rmtree(bare / "text_encoder_2")
@@ -150,17 +153,15 @@ def test_sd3_folders_without_text_encoders_or_of_other_transformers_are_one_line
         load_pipeline(flux)
 
 
-def test_sd3_model_index_quirks_and_a_half_precision_t5(tmp_path, tiny_sd3):
+def test_sd3_model_index_quirks_and_a_half_precision_t5(tmp_path):
     """null entries in model_index.json mean "absent" (no traceback); a first CLIP without projection is
     refused; a T5 loaded in fp16 keeps its wo layers in float32, as transformers loads it for the stock
     pipeline (T5 overflows in fp16 otherwise); its width is checked before any weights are read."""
-    import shutil
-
-    folder = tmp_path / "sd3"
-    shutil.copytree(tiny_sd3, folder)
+    folder = build_tiny_sd3(tmp_path / "sd3", t5=True)
     idx = json.loads((folder / "model_index.json").read_text())
+    assert load_pipeline(folder).text_encoder_3 is not None
     (folder / "model_index.json").write_text(json.dumps({**idx, "text_encoder_3": None, "tokenizer_3": None}))
-    assert load_pipeline(folder).text_encoder_3 is None
+    assert load_pipeline(folder).text_encoder_3 is None  # null entries drop the T5 that is there, as the stock pipeline does
     (folder / "model_index.json").write_text(json.dumps({**idx, "text_encoder": ["transformers", "CLIPTextModel"]}))
     with pytest.raises(ConfigError, match="text_encoder is a CLIPTextModel, not the CLIPTextModelWithProjection"):
         load_pipeline(folder)
@@ -172,3 +173,63 @@ def test_sd3_model_index_quirks_and_a_half_precision_t5(tmp_path, tiny_sd3):
     cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "d_model": 8}))
     with pytest.raises(ConfigError, match=r"differs from the T5's d_model=8"):
         load_pipeline(t5)
+
+
+def test_sd3_t5_named_but_missing_or_without_tokenizer_files_is_one_line(tmp_path):
+    """model_index.json names a T5 whose folder is gone, or a tokenizer_3/ without its vocabulary: refused, naming the
+    folder (was: the T5 silently dropped, or every token read as unknown)."""
+    src = build_tiny_sd3(tmp_path / "src", t5=True)
+    for part in ("text_encoder_3", "tokenizer_3"):
+        folder = tmp_path / f"no-{part}"
+        shutil.copytree(src, folder)
+        shutil.rmtree(folder / part)
+        with pytest.raises(ConfigError, match=rf"model_index.json names {part} but .*no-{part}/{part}/ does not exist"):
+            load_pipeline(folder)
+    empty = tmp_path / "empty-tok"
+    shutil.copytree(src, empty)
+    for f in (empty / "tokenizer_3").iterdir():
+        f.unlink()
+    with pytest.raises(ConfigError, match=r"empty-tok/tokenizer_3: no tokenizer.json or spiece.model"):
+        load_pipeline(empty)
+
+
+def test_sd3_truncated_text_encoder_weights_name_the_file(tmp_path, tiny_sd3):
+    folder = tmp_path / "torn"
+    shutil.copytree(tiny_sd3, folder)
+    weights = next((folder / "text_encoder_2").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"torn/text_encoder_2: cannot load the text encoder"):
+        load_pipeline(folder)
+
+
+def test_sd3_minimal_model_index_loads_projected_clips(tmp_path, tiny_sd3, tiny_sd3_pipeline):
+    """A model_index.json naming only the pipeline class is an SD3 folder read from its subfolders: both CLIPs are
+    loaded with their projection (was: a plain CLIPTextModel, then an AttributeError)."""
+    folder = tmp_path / "minimal"
+    shutil.copytree(tiny_sd3, folder)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    pipe = load_pipeline(folder)
+    ours, want = pipe.encode_text(PROMPTS), tiny_sd3_pipeline.encode_text(PROMPTS)
+    torch.testing.assert_close(ours[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(ours[1], want[1], rtol=0, atol=0)
+
+
+def test_a_bf16_sd3_student_feeds_the_transformer_the_stock_timesteps(tiny_sd3):
+    """In bfloat16 the times our sampler gives the transformer are the stock pipeline's float32 timesteps
+    (was: times rounded to bf16, the last step's 8.93 read as 7.81)."""
+    pipe, k = load_pipeline(tiny_sd3, dtype=torch.bfloat16), 4
+    windows = pipe.schedule.sampling_grid(k)
+    seen = []
+    hook = pipe.denoiser.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["timestep"].float().clone()), with_kwargs=True)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.bfloat16)
+    stock = diffusers.StableDiffusion3Pipeline.from_pretrained(str(tiny_sd3), local_files_only=True, torch_dtype=torch.bfloat16,
+                                                             **dict.fromkeys(("text_encoder_3", "tokenizer_3", "feature_extractor", "image_encoder")))
+    stock.transformer = pipe.denoiser  # the same module, so the hook sees both samplers' calls
+    with torch.no_grad():
+        perflow.sample_perflow(pipe.student(windows), x, windows, cond=pipe.encode_text(PROMPTS))
+        ours = torch.stack(seen)
+        seen.clear()
+        stock(PROMPTS, height=16, width=16, num_inference_steps=k, guidance_scale=1.0, latents=x.clone(), output_type="latent")
+    hook.remove()
+    torch.testing.assert_close(ours, torch.stack(seen), rtol=0, atol=1e-3)
+    assert float(ours[-1, 0]) > 8.5  # float32's last timestep, not bf16's 7.81

@@ -287,7 +287,8 @@ def pipeline_job(sd_folder, captions, tmp_path_factory):
     """`rectflow perflow` on the tiny SD folder: 2 windows, 3 steps, LoRA rank 2, two prompts."""
     out = tmp_path_factory.mktemp("jobs") / "sd-perflow"
     code = main(["perflow", str(sd_folder), "--data", str(captions), "--out", str(out), "-K", "2", "--steps", "3", "--batch-size", "2",
-                 "--solver-steps", "1", "--lora-rank", "2", "--prompt", "a red cat", "--prompt", "an owl", "--device", "cpu", "-q"])
+                 "--solver-steps", "1", "--lora-rank", "2", "--prompt", "a red cat", "--prompt", "an owl", "--cache-dtype", "bfloat16",
+                 "--device", "cpu", "-q"])
     assert code == 0
     return out
 
@@ -304,6 +305,7 @@ def test_pipeline_job_writes_export_delta_lora_and_grid(pipeline_job, sd_folder,
     rec = json.loads((out / "perflow.json").read_text())
     assert rec["teacher"]["kind"] == "pipeline" and rec["teacher"]["path"] == str(sd_folder.resolve())
     assert rec["data"]["images"] == str(captions.resolve()) and rec["data"]["latent_mode"] == "mean"
+    assert rec["data"]["dtype"] == "bfloat16" and rec["cache"]["settings"]["dtype"] == "bfloat16"  # --cache-dtype
     assert rec["cache"]["path"] == str((out / "latents").resolve()) and rec["cache"]["settings"]["n_images"] == len(CAPTIONS)
     assert rec["windows"] == [0.0, 0.5, 1.0] and rec["shape"] == [4, 8, 8] and rec["steps_done"] == 3
     assert rec["settings"]["guidance_mode"] == "teacher"  # a text-conditional teacher records its guidance keys

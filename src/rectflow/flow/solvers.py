@@ -101,7 +101,8 @@ def check_grid(grid: Tensor | Sequence[float], *, name: str = "time grid", incre
 
 
 def _tvec(x: Tensor, t: float) -> Tensor:
-    return torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
+    """t for each row of x, in float32 at least: half-precision times would move a teacher's noise level."""
+    return torch.full((x.shape[0],), t, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
 
 
 def rk_step(f: Velocity, x: Tensor, t: float, h: float, tableau: ButcherTableau, k1: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from rectflow.diffusion.schedules import DDPMSchedule, DiscreteFlowMatchingSchedule
@@ -283,7 +284,7 @@ def load_diffusers_model(cls_name: str, folder: Path, *, dtype: torch.dtype = to
         raise ConfigError(f"{folder / 'config.json'}: diffusers has no model class {cls_name!r}")
     try:  # low_cpu_mem_usage=False: the default asks for `accelerate` in a multi-line log message
         model = cls.from_pretrained(str(folder), local_files_only=True, low_cpu_mem_usage=False)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         weights = sorted(p for p in folder.glob("diffusion_pytorch_model*") if p.suffix in (".safetensors", ".bin"))
         file = weights[0] if weights else folder / "diffusion_pytorch_model.safetensors"
         raise CheckpointError(f"{file}: cannot load the diffusers {what} weights: missing, truncated or corrupt ({type(e).__name__})") from None

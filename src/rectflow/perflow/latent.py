@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from rectflow.engine.io import load_json, save_json
@@ -358,7 +359,7 @@ def _check_folder(folder: Path) -> tuple[dict[str, Any], tuple[str, ...]]:
             if not (folder / part).is_dir() or _absent(index, part):
                 raise ConfigError(f"diffusers pipeline folder {str(folder)!r} has no {part}/ (an SD3 layout needs {', '.join(_SD3_PARTS)}; "
                                   "without its CLIP text encoders it is a teacher for perflow.load_teacher with precomputed conditions)")
-        t5 = all((folder / part).is_dir() and not _absent(index, part) for part in _T5_PARTS)
+        t5 = _has_t5(folder, index)
         for part in ("text_encoder", "text_encoder_2"):
             if _class_of(index, part, sd3=True) != "CLIPTextModelWithProjection":
                 raise ConfigError(f"{folder / 'model_index.json'}: {part} is a {_class_of(index, part, sd3=True)}, not the CLIPTextModelWithProjection "
@@ -378,6 +379,22 @@ def _check_folder(folder: Path) -> tuple[dict[str, Any], tuple[str, ...]]:
         raise ConfigError(f"{folder / 'model_index.json'}: text_encoder_2 is a {_class_of(index, 'text_encoder_2')}, not the CLIPTextModelWithProjection "
                           "whose projected text_embeds are SDXL's pooled condition")
     return index, parts
+
+
+def _has_t5(folder: Path, index: dict[str, Any]) -> bool:
+    """Whether an SD3 folder has a T5 pair: null entries in model_index.json say no (as the stock pipeline
+    reads them); else a T5 named there or present on disk must be whole (both folders, the tokenizer's vocabulary)."""
+    if any(_absent(index, part) for part in _T5_PARTS if part in index):
+        return False
+    if not any(part in index or (folder / part).is_dir() for part in _T5_PARTS):
+        return False
+    for part in _T5_PARTS:
+        if not (folder / part).is_dir():
+            named = f"model_index.json names {part}" if part in index else f"the folder has {'tokenizer_3' if part == 'text_encoder_3' else 'text_encoder_3'}/"
+            raise ConfigError(f"{folder}: {named} but {folder / part}/ does not exist (set both T5 entries to null to run without the T5)")
+    if not any((folder / "tokenizer_3" / name).is_file() for name in ("tokenizer.json", "spiece.model")):
+        raise ConfigError(f"{folder / 'tokenizer_3'}: no tokenizer.json or spiece.model (the T5 tokenizer's vocabulary)")
+    return True
 
 
 def _absent(index: dict[str, Any], part: str) -> bool:
@@ -428,17 +445,17 @@ def _check_unet_config(path: Path, cfg: dict[str, Any], vae_cfg: dict[str, Any],
                           f"differ from the VAE's latent_channels={vae_cfg.get('latent_channels')} (inpainting / depth UNets are not supported)")
 
 
-def _load_text_part(folder: Path, index: dict[str, Any], part: str, dtype: torch.dtype = torch.float32) -> Any:
+def _load_text_part(folder: Path, index: dict[str, Any], part: str, dtype: torch.dtype = torch.float32, *, sd3: bool = False) -> Any:
     """A text encoder (in ``dtype``, as transformers loads it: a T5 keeps its ``wo`` layers in float32) or
     tokenizer (``part``: its subfolder) from the local folder; CheckpointError naming it."""
-    cls, what = _class_of(index, part, sd3="transformer" in index), "tokenizer" if part.startswith("tokenizer") else "text encoder"
+    cls, what = _class_of(index, part, sd3=sd3), "tokenizer" if part.startswith("tokenizer") else "text encoder"
     kw = {}
     if what == "text encoder":
         load_json(folder / part / "config.json")
         kw["torch_dtype"] = dtype
     try:
         return getattr(optional_transformers(), cls).from_pretrained(str(folder / part), local_files_only=True, **kw)
-    except (AttributeError, OSError, ValueError, RuntimeError, KeyError) as e:
+    except (AttributeError, OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         raise CheckpointError(f"{folder / part}: cannot load the {what} {cls} ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
 
 
@@ -506,7 +523,7 @@ def _load_sd3(folder: Path, index: dict[str, Any], parts: tuple[str, ...], dtype
                               f"({folder / 'text_encoder_3' / 'config.json'})")
     denoiser = load_diffusers_model(cls, folder / "transformer", dtype=dtype, what="transformer").to(device)
     vae = load_diffusers_model(_class_of(index, "vae"), folder / "vae", dtype=dtype, what="VAE").to(device)
-    text = {part: _load_text_part(folder, index, part, dtype) for part in parts if part.startswith(("text_encoder", "tokenizer"))}
+    text = {part: _load_text_part(folder, index, part, dtype, sd3=True) for part in parts if part.startswith(("text_encoder", "tokenizer"))}
     if text["tokenizer_2"].model_max_length != text["tokenizer"].model_max_length:
         raise ConfigError(f"{folder / 'tokenizer_2'}: model_max_length={text['tokenizer_2'].model_max_length} differs from tokenizer/'s "
                           f"{text['tokenizer'].model_max_length} (the two encoders' hidden states are concatenated token by token)")
