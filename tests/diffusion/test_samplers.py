@@ -273,3 +273,17 @@ def test_train_eps_on_vp_cosine_sample_with_flow_euler_and_ddim():
     assert err_fine < 0.01 and err_coarse > 20 * err_fine  # the same deterministic map, up to discretisation
     data = make_distribution("moons").sample(1000, generator=torch.Generator().manual_seed(13)).double()
     assert energy_distance(x_ddim, data) < 0.1  # and a sensible model of the moons (pure noise: ~1.4)
+
+
+def test_half_precision_states_give_the_model_float32_times():
+    """A bf16 state gets float32 times, as the flow solvers give them (one helper, flow.solvers.time_vector)."""
+    seen = []
+
+    def model(z, t):
+        seen.append(t)
+        return torch.zeros_like(z)
+
+    path = variance_preserving(VPCosineSchedule())
+    z = torch.randn(3, 2).to(torch.bfloat16)
+    ddim(model, z, [0.01, 0.33, 0.99], path=path, parameterization="eps")
+    assert {t.dtype for t in seen} == {torch.float32} and float(seen[1][0]) == float(torch.tensor(0.33))

@@ -188,3 +188,14 @@ def test_the_image_unet_takes_two_times_and_starts_as_the_plain_unet():
     out = MeanFlowObjective(IndependentCoupling(Gaussian(2), Gaussian(2))).loss(net, MeanFlowBatch(x0, x1, s, t))  # jvp through the UNet
     out.loss.backward()
     assert torch.isfinite(out.loss) and net.gap_embed[-1].weight.grad is not None
+
+
+def test_mean_flow_sampling_gives_half_precision_states_float32_times():
+    seen = []
+
+    def u(x, s, t):
+        seen.append((s.dtype, t.dtype))
+        return torch.zeros_like(x)
+
+    sample_mean_flow(u, torch.zeros(2, 2, dtype=torch.bfloat16), steps=3)
+    assert set(seen) == {(torch.float32, torch.float32)}

@@ -34,7 +34,7 @@ from torch import Tensor
 from rectflow.diffusion.parameterizations import SingularConversionError, to_x0_eps
 from rectflow.diffusion.schedules import log_snr, log_snr_derivative, time_from_log_snr
 from rectflow.flow.paths import AffinePath
-from rectflow.flow.solvers import SolveResult, check_grid
+from rectflow.flow.solvers import SolveResult, check_grid, time_vector
 
 __all__ = [
     "Model",
@@ -77,7 +77,7 @@ def _lam(path: AffinePath, t: float) -> float:
 
 def predict_x0_eps(model: Model, z: Tensor, t: float, path: AffinePath, parameterization: str) -> tuple[Tensor, Tensor]:
     """One model call at time t, converted to (x-hat, eps-hat)."""
-    tv = torch.full((z.shape[0],), t, dtype=z.dtype, device=z.device)
+    tv = time_vector(z, t)
     return to_x0_eps(model(z, tv), parameterization, z, path, tv)
 
 

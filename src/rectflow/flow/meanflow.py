@@ -28,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from rectflow.errors import ConfigError
 from rectflow.flow.couplings import Coupling
 from rectflow.flow.losses import LossOutput, check_coupling, per_sample_mse
-from rectflow.flow.solvers import SolveResult, check_grid, time_grid
+from rectflow.flow.solvers import SolveResult, check_grid, time_grid, time_vector
 from rectflow.flow.time_sampling import UniformTime
 
 __all__ = ["MeanFlowBatch", "MeanFlowObjective", "meanflow_target", "ShortcutObjective", "shortcut_target", "sample_mean_flow"]
@@ -181,6 +181,5 @@ def sample_mean_flow(model: AverageVelocity, x: Tensor, steps: int = 1, *, grid:
     """z_{k+1} = z_k + (t_{k+1} - t_k) u(z_k, t_k, t_{k+1}) from x at t = 0 (one network call per step)."""
     g = check_grid(grid if grid is not None else time_grid(steps), name="sample_mean_flow: the time grid", increasing=True, unit_interval=True)
     for s, t in zip(g, g[1:]):
-        sv = torch.full((x.shape[0],), s, dtype=x.dtype, device=x.device)
-        x = x + (t - s) * model(x, sv, torch.full_like(sv, t))
+        x = x + (t - s) * model(x, time_vector(x, s), time_vector(x, t))
     return SolveResult(x, len(g) - 1, None, torch.tensor(g, dtype=torch.float64))

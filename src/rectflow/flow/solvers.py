@@ -29,6 +29,7 @@ __all__ = [
     "METHODS",
     "time_grid",
     "check_grid",
+    "time_vector",
     "rk_step",
     "fixed_step",
     "euler",
@@ -100,8 +101,9 @@ def check_grid(grid: Tensor | Sequence[float], *, name: str = "time grid", incre
     return g
 
 
-def _tvec(x: Tensor, t: float) -> Tensor:
-    """t for each row of x, in float32 at least: half-precision times would move a teacher's noise level."""
+def time_vector(x: Tensor, t: float) -> Tensor:
+    """The time t for each row of x, (B,): the one way a sampler builds a model's time input.  In float32
+    at least (float64 with float64 states): bf16 would read t = 0.99 as 0.98828125, another noise level."""
     return torch.full((x.shape[0],), t, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
 
 
@@ -119,7 +121,7 @@ def rk_step(f: Velocity, x: Tensor, t: float, h: float, tableau: ButcherTableau,
         for a_ij, k in zip(a_row, ks):
             if a_ij != 0.0:
                 xi = xi + (h * a_ij) * k
-        ks.append(f(xi, _tvec(x, t + c * h)))
+        ks.append(f(xi, time_vector(x, t + c * h)))
     for b_i, k in zip(tableau.b, ks):
         if b_i != 0.0:
             x = x + (h * b_i) * k
@@ -219,7 +221,7 @@ def dopri5(
         raise ValueError("dopri5: t0 and t1 must differ")
     direction = 1.0 if t1 > t0 else -1.0
     span = abs(t1 - t0)
-    k1 = f(x, _tvec(x, t0))
+    k1 = f(x, time_vector(x, t0))
     nfe = 1
     if first_step is None:
         # Hairer, Norsett & Wanner (1993), II.4: h from the scale of x and f, checked by one Euler probe.
@@ -228,7 +230,7 @@ def dopri5(
         h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
         h0 = min(h0, span)
         x_probe = x + direction * h0 * k1
-        k_probe = f(x_probe, _tvec(x, t0 + direction * h0))
+        k_probe = f(x_probe, time_vector(x, t0 + direction * h0))
         nfe += 1
         d2 = _rms_norm(k_probe - k1, x, x, rtol, atol) / h0
         h1 = max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** (1 / 5)

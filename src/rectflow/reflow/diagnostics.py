@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from rectflow.errors import DataError
 from rectflow.flow.metrics import wasserstein2
 from rectflow.flow.sampling import parse_solver_spec, sample_model
+from rectflow.flow.solvers import time_vector
 
 __all__ = ['Straightness', 'TransportCost', 'Crossings', 'CouplingDiagnostics', 'straightness', 'transport_cost', 'segment_intersections', 'crossing_probability', 'flow_coupling', 'diagnose_coupling', 'diagnose_flow']
 
@@ -58,7 +59,7 @@ def straightness(model: nn.Module, x0: Tensor, *, steps: int = 100, batch_size: 
         for chunk in x0.split(batch_size):
             z, vs = chunk, []
             for k in range(steps):
-                v = model(z, torch.full((chunk.shape[0],), float(times[k]), dtype=chunk.dtype, device=chunk.device))
+                v = model(z, time_vector(chunk, float(times[k])))
                 vs.append(v)
                 z = z + h * v  # theory §3: Euler step
             dz = z - chunk
