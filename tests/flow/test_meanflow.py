@@ -199,3 +199,8 @@ def test_mean_flow_sampling_gives_half_precision_states_float32_times():
 
     sample_mean_flow(u, torch.zeros(2, 2, dtype=torch.bfloat16), steps=3)
     assert set(seen) == {(torch.float32, torch.float32)}
+
+
+def test_mean_flow_sampling_keeps_a_half_precision_state():
+    out = sample_mean_flow(lambda x, s, t: -x * t[:, None], torch.ones(2, 2, dtype=torch.bfloat16), steps=3)
+    assert out.x.dtype == torch.bfloat16

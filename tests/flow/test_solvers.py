@@ -121,3 +121,11 @@ def test_half_precision_states_are_given_float32_times(dtype):
     seen.clear()
     euler(f, x.double(), grid)
     assert {t.dtype for t in seen} == {torch.float64}  # float64 states keep float64 times
+
+
+@pytest.mark.parametrize("solver", [euler, rk4, dopri5])
+def test_a_half_precision_state_stays_half_precision_when_the_field_multiplies_by_t(solver):
+    """The float32 times make a field written as -x * t return float32; the state keeps its own dtype."""
+    x, f = torch.ones(3, 2, dtype=torch.bfloat16), lambda x, t: -x * t[:, None]
+    res = dopri5(f, x, 0.0, 1.0, return_trajectory=True) if solver is dopri5 else solver(f, x, [0.0, 0.5, 1.0], return_trajectory=True)
+    assert res.x.dtype == torch.bfloat16 and res.trajectory.dtype == torch.bfloat16

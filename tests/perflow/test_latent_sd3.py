@@ -185,6 +185,12 @@ def test_sd3_t5_named_but_missing_or_without_tokenizer_files_is_one_line(tmp_pat
         shutil.rmtree(folder / part)
         with pytest.raises(ConfigError, match=rf"model_index.json names {part} but .*no-{part}/{part}/ does not exist"):
             load_pipeline(folder)
+    half = tmp_path / "half-null"
+    shutil.copytree(src, half)
+    idx = json.loads((half / "model_index.json").read_text())
+    (half / "model_index.json").write_text(json.dumps({**idx, "tokenizer_3": [None, None]}))
+    with pytest.raises(ConfigError, match=r"model_index.json: tokenizer_3 is null but text_encoder_3 is named"):
+        load_pipeline(half)  # was: the T5 that is there silently dropped
     empty = tmp_path / "empty-tok"
     shutil.copytree(src, empty)
     for f in (empty / "tokenizer_3").iterdir():

@@ -181,5 +181,5 @@ def sample_mean_flow(model: AverageVelocity, x: Tensor, steps: int = 1, *, grid:
     """z_{k+1} = z_k + (t_{k+1} - t_k) u(z_k, t_k, t_{k+1}) from x at t = 0 (one network call per step)."""
     g = check_grid(grid if grid is not None else time_grid(steps), name="sample_mean_flow: the time grid", increasing=True, unit_interval=True)
     for s, t in zip(g, g[1:]):
-        x = x + (t - s) * model(x, time_vector(x, s), time_vector(x, t))
+        x = x + (t - s) * model(x, time_vector(x, s), time_vector(x, t)).to(x.dtype)
     return SolveResult(x, len(g) - 1, None, torch.tensor(g, dtype=torch.float64))

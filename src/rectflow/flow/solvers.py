@@ -121,7 +121,7 @@ def rk_step(f: Velocity, x: Tensor, t: float, h: float, tableau: ButcherTableau,
         for a_ij, k in zip(a_row, ks):
             if a_ij != 0.0:
                 xi = xi + (h * a_ij) * k
-        ks.append(f(xi, time_vector(x, t + c * h)))
+        ks.append(f(xi, time_vector(x, t + c * h)).to(x.dtype))  # a field that multiplies by the float32 t must not promote x
     for b_i, k in zip(tableau.b, ks):
         if b_i != 0.0:
             x = x + (h * b_i) * k
@@ -221,7 +221,7 @@ def dopri5(
         raise ValueError("dopri5: t0 and t1 must differ")
     direction = 1.0 if t1 > t0 else -1.0
     span = abs(t1 - t0)
-    k1 = f(x, time_vector(x, t0))
+    k1 = f(x, time_vector(x, t0)).to(x.dtype)
     nfe = 1
     if first_step is None:
         # Hairer, Norsett & Wanner (1993), II.4: h from the scale of x and f, checked by one Euler probe.
@@ -230,7 +230,7 @@ def dopri5(
         h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
         h0 = min(h0, span)
         x_probe = x + direction * h0 * k1
-        k_probe = f(x_probe, time_vector(x, t0 + direction * h0))
+        k_probe = f(x_probe, time_vector(x, t0 + direction * h0)).to(x.dtype)
         nfe += 1
         d2 = _rms_norm(k_probe - k1, x, x, rtol, atol) / h0
         h1 = max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** (1 / 5)

@@ -382,9 +382,16 @@ def _check_folder(folder: Path) -> tuple[dict[str, Any], tuple[str, ...]]:
 
 
 def _has_t5(folder: Path, index: dict[str, Any]) -> bool:
-    """Whether an SD3 folder has a T5 pair: null entries in model_index.json say no (as the stock pipeline
-    reads them); else a T5 named there or present on disk must be whole (both folders, the tokenizer's vocabulary)."""
-    if any(_absent(index, part) for part in _T5_PARTS if part in index):
+    """Whether an SD3 folder has a T5 pair: both entries null in model_index.json say no (the stock pipeline
+    wants ``text_encoder_3=None, tokenizer_3=None`` passed for such a folder); else a T5 named there or
+    present on disk must be whole (both folders, the tokenizer's vocabulary).  One entry null and the other
+    named is refused: half a T5 cannot encode, and dropping the named one silently would change the condition."""
+    nulls = [part for part in _T5_PARTS if part in index and _absent(index, part)]
+    if nulls:
+        named = [part for part in _T5_PARTS if part in index and not _absent(index, part)]
+        if named:
+            raise ConfigError(f"{folder / 'model_index.json'}: {nulls[0]} is null but {named[0]} is named "
+                              "(null both to run without the T5, or name both)")
         return False
     if not any(part in index or (folder / part).is_dir() for part in _T5_PARTS):
         return False

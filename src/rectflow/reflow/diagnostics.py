@@ -59,7 +59,7 @@ def straightness(model: nn.Module, x0: Tensor, *, steps: int = 100, batch_size: 
         for chunk in x0.split(batch_size):
             z, vs = chunk, []
             for k in range(steps):
-                v = model(z, time_vector(chunk, float(times[k])))
+                v = model(z, time_vector(chunk, float(times[k]))).to(chunk.dtype)
                 vs.append(v)
                 z = z + h * v  # theory §3: Euler step
             dz = z - chunk
