@@ -395,9 +395,9 @@ def _has_t5(folder: Path, index: dict[str, Any]) -> bool:
         return False
     if not any(part in index or (folder / part).is_dir() for part in _T5_PARTS):
         return False
-    for part in _T5_PARTS:
+    for part, other in zip(_T5_PARTS, reversed(_T5_PARTS)):
         if not (folder / part).is_dir():
-            named = f"model_index.json names {part}" if part in index else f"the folder has {'tokenizer_3' if part == 'text_encoder_3' else 'text_encoder_3'}/"
+            named = f"model_index.json names {part}" if part in index else f"the folder has {other}/"
             raise ConfigError(f"{folder}: {named} but {folder / part}/ does not exist (set both T5 entries to null to run without the T5)")
     if not any((folder / "tokenizer_3" / name).is_file() for name in ("tokenizer.json", "spiece.model")):
         raise ConfigError(f"{folder / 'tokenizer_3'}: no tokenizer.json or spiece.model (the T5 tokenizer's vocabulary)")
