@@ -31,7 +31,7 @@ L = 16 + T5_MAX_LENGTH
 def _stock(folder):
     """The stock pipeline; diffusers wants the absent parts (no T5, no image encoder) passed as None."""
     none = dict.fromkeys(("text_encoder_3", "tokenizer_3", "feature_extractor", "image_encoder"))
-    return diffusers.StableDiffusion3Pipeline.from_pretrained(str(folder), local_files_only=True, **none).to("cpu")
+    return diffusers.StableDiffusion3Pipeline.from_pretrained(str(folder), local_files_only=True, trust_remote_code=True, **none).to("cpu")
 
 
 def test_sd3_pipeline_loads_on_its_flow_matching_schedule(tiny_sd3_pipeline):
@@ -105,7 +105,7 @@ def test_exported_sd3_pipeline_samples_the_student_in_k_steps(tmp_path, tiny_sd3
     student = perturbed_student(pipe, windows)
     out = export_pipeline(student, pipe, tmp_path / "student")
     idx = json.loads((out / "model_index.json").read_text())
-    assert idx["_class_name"] == "StableDiffusion3Pipeline" and idx["scheduler"] == ["rectflow.perflow.diffusers_scheduler", "PeRFlowScheduler"]
+    assert idx["_class_name"] == "StableDiffusion3Pipeline" and idx["scheduler"] == ["scheduling_perflow", "PeRFlowScheduler"]
     assert idx["text_encoder_3"] == [None, None] and idx["transformer"][1] == "SD3Transformer2DModel" and "safety_checker" not in idx
     stock = _stock(out)
     assert type(stock.scheduler).__name__ == "PeRFlowScheduler"

@@ -27,7 +27,7 @@ L, D = 16, 32 + 48
 
 
 def _stock(folder, **kw):
-    return diffusers.StableDiffusionXLPipeline.from_pretrained(str(folder), local_files_only=True, **kw).to("cpu")
+    return diffusers.StableDiffusionXLPipeline.from_pretrained(str(folder), local_files_only=True, trust_remote_code=True, **kw).to("cpu")
 
 
 def _stock_latents(stock, x, steps, w):
@@ -99,7 +99,7 @@ def test_exported_sdxl_pipeline_samples_the_student_in_k_steps(tmp_path, tiny_sd
     student = perturbed_student(pipe, windows)
     out = export_pipeline(student, pipe, tmp_path / "student")
     idx = json.loads((out / "model_index.json").read_text())
-    assert idx["_class_name"] == "StableDiffusionXLPipeline" and idx["scheduler"] == ["rectflow.perflow.diffusers_scheduler", "PeRFlowScheduler"]
+    assert idx["_class_name"] == "StableDiffusionXLPipeline" and idx["scheduler"] == ["scheduling_perflow", "PeRFlowScheduler"]
     assert idx["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"] and idx["force_zeros_for_empty_prompt"] is True
     assert "safety_checker" not in idx
     stock = _stock(out)

@@ -120,7 +120,7 @@ def test_derivative_plus_lora_through_the_stock_pipeline(tmp_path, tiny_sd, tiny
     perflow.save_delta(tmp_path / "delta.safetensors", student.net.unet, tiny_pipeline.unet, windows)
     deriv = _derivative(tmp_path, tiny_sd)
 
-    stock = diffusers.StableDiffusionPipeline.from_pretrained(str(deriv), local_files_only=True)
+    stock = diffusers.StableDiffusionPipeline.from_pretrained(str(deriv), local_files_only=True, trust_remote_code=True)
     stock.scheduler = PeRFlowScheduler.from_pretrained(str(tmp_path / "student" / "scheduler"))
     stock.load_lora_weights(str(tmp_path / "lora"))  # the stock API: peft adapters on the derivative's UNet
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(9))
@@ -141,7 +141,7 @@ def test_derivative_plus_lora_through_the_stock_pipeline(tmp_path, tiny_sd, tiny
     assert float((with_lora - ours(base_unet)).abs().max()) > 1e-3  # the LoRA did change the derivative
     # a low-rank LoRA (no bias) loads the same way, fuses, and samples
     save_lora(tmp_path / "lora2", student.net.unet, tiny_pipeline.unet, rank=2)
-    fresh = diffusers.StableDiffusionPipeline.from_pretrained(str(deriv), local_files_only=True)
+    fresh = diffusers.StableDiffusionPipeline.from_pretrained(str(deriv), local_files_only=True, trust_remote_code=True)
     fresh.scheduler = PeRFlowScheduler.from_pretrained(str(tmp_path / "student" / "scheduler"))
     fresh.load_lora_weights(str(tmp_path / "lora2"), weight_name=LORA_WEIGHT_NAME)
     fresh.fuse_lora()

@@ -348,7 +348,7 @@ def test_exported_pipeline_loads_in_the_stock_pipeline_and_matches_our_sampler(p
 
     job = load_perflow(pipeline_job)
     assert job.pipeline is not None and job.shape == (4, 8, 8)
-    stock = diffusers.StableDiffusionPipeline.from_pretrained(str(pipeline_job / "diffusers"), local_files_only=True).to("cpu")
+    stock = diffusers.StableDiffusionPipeline.from_pretrained(str(pipeline_job / "diffusers"), local_files_only=True, trust_remote_code=True).to("cpu")
     _stock_equals_ours(stock, job, ((2, 1.0), (3, 2.5)), 1e-5)
     prompts = ["a red cat", "two dogs"]
     images = job.sample(3, prompts=prompts, seed=2)
@@ -512,7 +512,7 @@ def test_sdxl_pipeline_job_and_cli_sample(captions, tmp_path_factory, tmp_path, 
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file() and (out / "samples.png").is_file()
     job = load_perflow(out)
     assert job.pipeline.is_sdxl and job.guidance == 2.0
-    stock = diffusers.StableDiffusionXLPipeline.from_pretrained(str(out / "diffusers"), local_files_only=True).to("cpu")
+    stock = diffusers.StableDiffusionXLPipeline.from_pretrained(str(out / "diffusers"), local_files_only=True, trust_remote_code=True).to("cpu")
     _stock_equals_ours(stock, job, ((2, 1.0), (3, 2.0)), 1e-5)
     assert main(["sample", str(out), "--prompt", "an owl", "--n", "2", "--out", str(tmp_path / "s")]) == 0
     meta = json.loads((tmp_path / "s" / "samples.json").read_text())
@@ -551,7 +551,7 @@ def test_sd3_pipeline_job_lora_and_cli_sample(captions, tmp_path_factory, tmp_pa
     job = load_perflow(out)
     assert job.pipeline.is_sd3 and job.guidance == 2.0
     none = dict.fromkeys(("text_encoder_3", "tokenizer_3", "feature_extractor", "image_encoder"))
-    stock = diffusers.StableDiffusion3Pipeline.from_pretrained(str(out / "diffusers"), local_files_only=True, **none).to("cpu")
+    stock = diffusers.StableDiffusion3Pipeline.from_pretrained(str(out / "diffusers"), local_files_only=True, trust_remote_code=True, **none).to("cpu")
     _stock_equals_ours(stock, job, ((2, 1.0), (3, 2.0)), 1e-5)
     # the LoRA: diffusers loads it into the teacher's transformer as our apply_lora merges it
     base = diffusers.StableDiffusion3Pipeline.from_pretrained(str(sd3), local_files_only=True, **none).to("cpu")

@@ -71,6 +71,9 @@ __all__ = [
     "optional_transformers",
     "pair_condition",
     "perflow_scheduler_config",
+    "save_perflow_scheduler",
+    "teacher_schedule_keys",
+    "SCHEDULER_FILE",
     "schedule_from_config",
     "schedule_from_file",
     "staged_export",
@@ -119,9 +122,11 @@ _FLOW_WHY = {"use_dynamic_shifting": "the shift then depends on the image resolu
              "use_beta_sigmas": "a beta sigma grid replaces the shifted grid, which the windows and the stock sampler follow here"}
 # Transformers we drive, each with its adapter (filled in below the adapter classes).
 _TRANSFORMERS: dict[str, type[nn.Module]] = {}
-# model_index.json entry of our scheduler: diffusers resolves it from sys.modules, so a folder naming it
-# loads once ``rectflow.perflow.diffusers_scheduler`` is imported.
-PERFLOW_SCHEDULER_ENTRY = ["rectflow.perflow.diffusers_scheduler", "PeRFlowScheduler"]
+# Our scheduler ships inside every export as a diffusers custom component: this file (it imports nothing from
+# rectflow) is copied into the scheduler's folder, and model_index.json names it, so stock diffusers loads the export
+# with trust_remote_code=True and no rectflow installed.
+SCHEDULER_FILE = Path(__file__).with_name("scheduling_perflow.py")
+PERFLOW_SCHEDULER_ENTRY = [SCHEDULER_FILE.stem, "PeRFlowScheduler"]
 _WHY = {"rescale_betas_zero_snr": "zero terminal SNR gives alpha = 0 at the noise end, which DDPMSchedule cannot hold",
         "timestep_type": "continuous timesteps feed the network log-sigma, not the discrete step index",
         "use_flow_sigmas": "a flow-matching model, not a discrete beta schedule",
@@ -505,15 +510,35 @@ def cfg_is_flow(cfg: dict[str, Any]) -> bool:
     return cfg.get("_class_name") in _FLOW_SCHEDULERS
 
 
+def teacher_schedule_keys(teacher_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a teacher's scheduler config that define its training schedule, with the class's defaults filled
+    in: betas (``beta_start``, ``beta_end``, ``beta_schedule``, ``trained_betas``) or a flow-matching ``shift``.
+    Written into every PeRFlow scheduler config, so ``DDIMScheduler.from_config(pipe.scheduler.config)`` (or
+    ``FlowMatchEulerDiscreteScheduler``) gives the teacher's scheduler back instead of diffusers' defaults."""
+    n = int(teacher_cfg.get("num_train_timesteps", 1000))
+    if cfg_is_flow(teacher_cfg):
+        return {"num_train_timesteps": n, "shift": float(teacher_cfg.get("shift", 1.0))}
+    start, end = _BETA_DEFAULTS.get(teacher_cfg.get("_class_name", ""), (0.0001, 0.02))
+    return {"num_train_timesteps": n, "beta_start": float(teacher_cfg.get("beta_start", start)), "beta_end": float(teacher_cfg.get("beta_end", end)),
+            "beta_schedule": teacher_cfg.get("beta_schedule", "linear"), "trained_betas": teacher_cfg.get("trained_betas")}
+
+
 def perflow_scheduler_config(student: PeRFlowStudent, teacher_cfg: dict[str, Any]) -> dict[str, Any]:
-    """The :class:`~rectflow.perflow.diffusers_scheduler.PeRFlowScheduler` config of a student (its window knots)."""
+    """The :class:`~rectflow.perflow.diffusers_scheduler.PeRFlowScheduler` config of a student: its window knots, the
+    network's output kind and time input, and the teacher's own schedule (:func:`teacher_schedule_keys`)."""
     knots = student.window_path
-    cfg = {"_class_name": "PeRFlowScheduler", "windows": [float(v) for v in knots.boundaries], "alphas": [float(v) for v in knots.a_knots],
-           "sigmas": [float(v) for v in knots.b_knots], "num_train_timesteps": int(teacher_cfg.get("num_train_timesteps", 1000)),
-           "prediction_type": teacher_cfg.get("prediction_type", "epsilon")}
+    cfg = {"_class_name": "PeRFlowScheduler", **teacher_schedule_keys(teacher_cfg), "windows": [float(v) for v in knots.boundaries],
+           "window_alphas": [float(v) for v in knots.a_knots], "window_sigmas": [float(v) for v in knots.b_knots],
+           "prediction_type": teacher_cfg.get("prediction_type", "epsilon"), "time_input": "step_index"}
     if cfg_is_flow(teacher_cfg):  # the network outputs u = noise - x0 and reads sigma N (theory §6.10)
         cfg.update(prediction_type="flow_prediction", time_input="sigma")
     return cfg
+
+
+def save_perflow_scheduler(folder: Path, config: dict[str, Any]) -> None:
+    """``folder/scheduler_config.json`` + ``folder/scheduling_perflow.py`` (the scheduler's code, a custom component)."""
+    save_json(folder / "scheduler_config.json", config)
+    shutil.copyfile(SCHEDULER_FILE, folder / SCHEDULER_FILE.name)
 
 
 def write_student_parts(student: PeRFlowStudent, folder: Path, teacher_cfg: dict[str, Any], *, stock_scheduler: bool = False,
@@ -545,16 +570,16 @@ def write_student_parts(student: PeRFlowStudent, folder: Path, teacher_cfg: dict
         warnings.warn(f"perflow export: scheduler/ is a stock {stock_name}, exact at num_inference_steps={k} only; any other count samples "
                       "wrong without an error (the default export's PeRFlowScheduler takes any count >= K or refuses it)", UserWarning, stacklevel=3)
         save_json(folder / "scheduler" / "scheduler_config.json", stock[1])
-        save_json(folder / "scheduler_perflow" / "scheduler_config.json", ours)
+        save_perflow_scheduler(folder / "scheduler_perflow", ours)
         where = (f"scheduler/: a stock {stock_name}, exact at K steps only; scheduler_perflow/: PeRFlowScheduler "
-                 "(import rectflow.perflow.diffusers_scheduler), any steps >= K")
+                 "(custom code in that folder: load with trust_remote_code=True, or import rectflow.perflow.diffusers_scheduler), any steps >= K")
     else:
         if stock is not None:
             save_json(folder / stock[0] / "scheduler_config.json", stock[1])
-        save_json(folder / "scheduler" / "scheduler_config.json", ours)
+        save_perflow_scheduler(folder / "scheduler", ours)
         stock_dir = "scheduler_flowmatch/" if cfg_is_flow(teacher_cfg) else "scheduler_ddim/"
         stock_cls = "FlowMatchEulerDiscreteScheduler" if cfg_is_flow(teacher_cfg) else "DDIMScheduler"
-        where = ("scheduler/: PeRFlowScheduler (import rectflow.perflow.diffusers_scheduler), any steps >= K; "
+        where = ("scheduler/: PeRFlowScheduler (custom code in scheduler/: from_pretrained(..., trust_remote_code=True)), any steps >= K; "
                  f"{stock_dir} (when present): a stock {stock_cls}, exact at K steps only")
     sampler = ("one Euler step per window on the straight line (== the stock flow-matching Euler step between window boundaries)"
                if cfg_is_flow(teacher_cfg) else "one Euler step per window on the window path (== DDIM between window boundaries)")
