@@ -130,6 +130,42 @@ def test_window_index_snaps_float32_times_at_boundaries():
     assert perflow.window_index(b, inside).tolist() == [0, 1, 2, 3, 4, 5]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_window_index_is_exact_in_every_dtype(dtype):
+    """Property: for K = 1..16 windows spaced uniformly in t, in log-SNR and on a shifted flow-matching teacher's grid,
+    each boundary rounded to the dtype is in the window it starts, and every time strictly between two rounded
+    boundaries is in that window (the old tolerance of 8 eps put a bf16 t = 0.2 into window 1 of 4)."""
+    sd = DDPMSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    for k in range(1, 17):
+        for b in (perflow.make_windows(k), perflow.make_windows(k, spacing="log_snr", path=sd),
+                  perflow.make_windows(k, spacing="teacher", path=DiscreteFlowMatchingSchedule(shift=3.0))):
+            rb = b.to(dtype)
+            starts = perflow.window_index(b, rb[:-1])
+            distinct = torch.cat([rb[1:-1] > rb[:-2], torch.tensor([True])])  # a boundary that rounds onto the next is empty
+            assert torch.equal(starts[distinct], torch.arange(k)[distinct]), (k, dtype, b)
+            assert int(perflow.window_index(b, rb[-1:])) == k - 1
+            for f in (0.01, 0.2, 0.5, 0.8, 0.99):
+                t = (b[:-1] + f * (b[1:] - b[:-1])).to(dtype)
+                inside = (t.double() > rb[:-1].double()) & (t.double() < rb[1:].double())
+                assert torch.equal(perflow.window_index(b, t)[inside], torch.arange(k)[inside]), (k, dtype, f)
+    assert int(perflow.window_index(perflow.make_windows(4), torch.tensor([0.2], dtype=torch.bfloat16))) == 0
+    thirteen = perflow.make_windows(13)
+    assert int(perflow.window_index(thirteen, (0.2 * thirteen[1]).to(torch.bfloat16).reshape(1))) == 0
+
+
+def test_a_bf16_student_reads_a_time_inside_a_narrow_window_with_that_windows_slopes():
+    sch = DDPMSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    b = perflow.make_windows(13)
+    student = perflow.PeRFlowStudent(_unet(), sch, b, "eps", time_map=sch.t_to_timestep)
+    z = torch.randn(2, 1, 8, 8)
+    t = (0.2 * b[1]).to(torch.bfloat16).expand(2)
+    half = copy.deepcopy(student).to(torch.bfloat16)
+    with torch.no_grad():
+        v16 = half(z.bfloat16(), t).float()
+        v32 = student(z, t.float())
+    assert float((v16 - v32).norm() / v32.norm()) < 0.05  # bf16 rounding only; the next window's slopes were 94 % off
+
+
 def test_teacher_from_library_model_in_any_parameterisation():
     # a velocity model on the FM path, exposed as a v-prediction via ConvertedModel, is the same teacher
     path = FlowMatchingSchedule()
