@@ -1,0 +1,252 @@
+"""PeRFlowScheduler as a diffusers user meets it: exports that load without rectflow, diffusers' scheduler contract
+(add_noise / img2img, pred_original_sample, set_begin_index), the teacher's schedule in the config, any timestep dtype,
+and the official PeRFlow repository's configs, prediction types and time convention."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from safetensors.torch import load_file, save_file
+
+from rectflow import perflow
+from rectflow.diffusion.schedules import DDPMSchedule
+from rectflow.perflow.diffusers_scheduler import PeRFlowScheduler
+from rectflow.perflow.latent import export_pipeline
+from rectflow.perflow.windows import WindowPath
+from tests.perflow.conftest import perturbed_student
+
+torch.set_num_threads(1)
+PROMPTS = ["a red cat", "two dogs"]
+SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+NO_T5 = dict.fromkeys(("text_encoder_3", "tokenizer_3", "feature_extractor", "image_encoder"))
+
+# Run in a fresh interpreter where importing rectflow fails: load each export with stock diffusers and sample.
+_NO_RECTFLOW = textwrap.dedent("""
+    import json, sys
+    class Block:
+        def find_spec(self, name, path=None, target=None):
+            if name == "rectflow" or name.startswith("rectflow."):
+                raise ImportError("rectflow is blocked in this test")
+    sys.meta_path.insert(0, Block())
+    import diffusers, torch
+    from safetensors.torch import load_file, save_file
+    torch.set_num_threads(1)
+    jobs = json.loads(sys.argv[1])
+    out = {}
+    for job in jobs:
+        cls = getattr(diffusers, job["pipeline"])
+        kw = {k: None for k in job.get("none", [])}
+        pipe = cls.from_pretrained(job["folder"], local_files_only=True, trust_remote_code=job["trust"], **kw)
+        pipe.set_progress_bar_config(disable=True)
+        x = load_file(job["latents"])["x"]
+        for steps in job["steps"]:
+            with torch.no_grad():
+                out[f"{job['name']}_{steps}"] = pipe(job["prompts"], height=16, width=16, num_inference_steps=steps, guidance_scale=job["w"],
+                                                     latents=x.clone(), output_type="latent").images.contiguous()
+        out[job["name"] + "_class"] = torch.tensor([type(pipe.scheduler).__name__ == job["scheduler"]])
+    assert not any(m == "rectflow" or m.startswith("rectflow.") for m in sys.modules), "rectflow was imported"
+    save_file(out, job["result"])
+""")
+
+
+def _sample_in_rectflow(pipe_cls, folder, x, steps, w, none=()):
+    stock = pipe_cls.from_pretrained(str(folder), local_files_only=True, trust_remote_code=True, **dict.fromkeys(none)).to("cpu")
+    stock.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return {n: stock(PROMPTS, height=16, width=16, num_inference_steps=n, guidance_scale=w, latents=x.clone(), output_type="latent").images for n in steps}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sd", "sdxl", "sd3"])
+def test_exports_load_and_sample_where_rectflow_cannot_be_imported(tmp_path, kind, request):
+    pipe = request.getfixturevalue({"sd": "tiny_pipeline", "sdxl": "tiny_sdxl_pipeline", "sd3": "tiny_sd3_pipeline"}[kind])
+    cls = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}[kind]
+    none = list(NO_T5) if kind == "sd3" else []
+    k = 4
+    windows = perflow.make_windows(k, spacing="teacher", path=pipe.schedule) if kind == "sd3" else perflow.make_windows(k)
+    student = perturbed_student(pipe, windows)
+    ours_dir = export_pipeline(student, pipe, tmp_path / "ours")
+    with pytest.warns(UserWarning, match="exact at num_inference_steps=4 only"):
+        stock_dir = export_pipeline(student, pipe, tmp_path / "stock", stock_scheduler=True)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    save_file({"x": x}, str(tmp_path / "x.safetensors"))
+    jobs = [{"name": "ours", "pipeline": cls, "folder": str(ours_dir), "trust": True, "steps": [k, k + 3], "w": 2.0, "none": none,
+             "scheduler": "PeRFlowScheduler", "prompts": PROMPTS, "latents": str(tmp_path / "x.safetensors"), "result": str(tmp_path / "r.safetensors")},
+            {"name": "stock", "pipeline": cls, "folder": str(stock_dir), "trust": False, "steps": [k], "w": 2.0, "none": none,
+             "scheduler": "FlowMatchEulerDiscreteScheduler" if kind == "sd3" else "DDIMScheduler", "prompts": PROMPTS,
+             "latents": str(tmp_path / "x.safetensors"), "result": str(tmp_path / "r.safetensors")}]
+    run = subprocess.run([sys.executable, "-c", _NO_RECTFLOW, json.dumps(jobs)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = load_file(str(tmp_path / "r.safetensors"))
+    assert bool(got["ours_class"]) and bool(got["stock_class"])
+    # the same export sampled in this process, through our own sampler's twin (the scheduler proven equal to
+    # sample_perflow in test_latent*.py)
+    ref = _sample_in_rectflow(getattr(diffusers, cls), ours_dir, x, [k, k + 3], 2.0, none)
+    for n in (k, k + 3):
+        torch.testing.assert_close(got[f"ours_{n}"], ref[n], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[f"stock_{k}"], ref[k], atol=1e-5, rtol=1e-5)
+
+
+def _sd_scheduler(k=4, **kw):
+    sch = DDPMSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    path = WindowPath(sch, perflow.make_windows(k))
+    cfg = {**SD_BETAS, "windows": [float(v) for v in path.boundaries], "window_alphas": [float(v) for v in path.a_knots],
+           "window_sigmas": [float(v) for v in path.b_knots], "prediction_type": "epsilon", **kw}
+    return PeRFlowScheduler(**cfg), path
+
+
+@pytest.mark.parametrize("n", range(4, 41))
+def test_step_accepts_int_half_bfloat16_and_float32_timesteps(n):
+    sched, _ = _sd_scheduler()
+    sched.set_timesteps(n)
+    assert sched.timesteps.dtype == torch.float32 and len(sched.timesteps) == n
+    z = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(n))
+    out = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(n + 100))
+    for ts in sched.timesteps:
+        ref = sched.step(out, ts, z).prev_sample
+        for alt in (torch.tensor(int(ts)), int(ts), ts.half(), ts.bfloat16(), ts.float(), float(ts)):
+            torch.testing.assert_close(sched.step(out, alt, z).prev_sample, ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not one of this schedule's"):
+        sched.step(out, float(sched.timesteps[0]) - 0.4 * float(sched.timesteps[0] - sched.timesteps[1]), z)
+
+
+def test_add_noise_is_the_window_path_and_pred_original_sample_the_implied_x0():
+    sched, path = _sd_scheduler(k=4)
+    sched.set_timesteps(7)
+    x0 = torch.randn(3, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    eps = torch.randn(3, 4, 2, 2, generator=torch.Generator().manual_seed(1))
+    ts = sched.timesteps[[0, 3, 5]]
+    t = torch.tensor(sched.grid[[0, 3, 5]])
+    c = path.coefficients(t)
+    want = c.a.float()[:, None, None, None] * x0 + c.b.float()[:, None, None, None] * eps
+    torch.testing.assert_close(sched.add_noise(x0, eps, ts), want)
+    # the model predicts eps exactly: pred_original_sample is x0, and the step lands on the path at the next time
+    for i in (0, 3, 5):
+        z = sched.add_noise(x0, eps, sched.timesteps[i].expand(3))
+        res = sched.step(eps, sched.timesteps[i], z)
+        torch.testing.assert_close(res.pred_original_sample, x0, atol=1e-5, rtol=1e-5)
+        nxt = sched.add_noise(x0, eps, sched.timesteps[i + 1].expand(3)) if i + 1 < 7 else x0 * path.a_knots[-1].float() + eps * path.b_knots[-1].float()
+        torch.testing.assert_close(res.prev_sample, nxt, atol=1e-5, rtol=1e-5)
+    sched.set_begin_index(3)
+    assert sched.begin_index == 3 and sched.init_noise_sigma == 1.0 and sched.order == 1
+    assert sched.scale_model_input(x0, ts[0]) is x0
+    assert isinstance(sched.sigmas, torch.Tensor) and isinstance(sched.alphas_cumprod, torch.Tensor)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_img2img_runs_on_the_export_from_the_window_path(tmp_path, kind, request):
+    pipe = request.getfixturevalue({"sd": "tiny_pipeline", "sdxl": "tiny_sdxl_pipeline"}[kind])
+    student = perturbed_student(pipe, perflow.make_windows(4))
+    out = export_pipeline(student, pipe, tmp_path / "e")
+    cls = diffusers.StableDiffusionImg2ImgPipeline if kind == "sd" else diffusers.StableDiffusionXLImg2ImgPipeline
+    img2img = cls.from_pretrained(str(out), local_files_only=True, trust_remote_code=True).to("cpu")
+    img2img.set_progress_bar_config(disable=True)
+    calls = []
+    step, add_noise = img2img.scheduler.step, img2img.scheduler.add_noise
+    img2img.scheduler.step = lambda o, t, s, **kw: calls.append(float(t)) or step(o, t, s, **kw)
+    noised = []
+    img2img.scheduler.add_noise = lambda x, e, t: noised.append(t.clone()) or add_noise(x, e, t)
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        res = img2img(PROMPTS[:1], image=image, strength=0.5, num_inference_steps=8, guidance_scale=1.0, output_type="pt",
+                      generator=torch.Generator().manual_seed(0)).images
+    assert res.shape == (1, 3, 16, 16) and bool(torch.isfinite(res).all())
+    img2img.scheduler.set_timesteps(8)
+    assert calls == [float(t) for t in img2img.scheduler.timesteps[4:]]  # half the grid, from a window boundary
+    assert float(noised[0][0]) == float(img2img.scheduler.timesteps[4])
+
+
+@pytest.mark.parametrize("kind", ["sd", "sd3"])
+def test_from_config_into_a_stock_scheduler_gives_the_teachers_schedule(tmp_path, kind, request):
+    pipe = request.getfixturevalue({"sd": "tiny_pipeline", "sd3": "tiny_sd3_pipeline"}[kind])
+    out = export_pipeline(perturbed_student(pipe, perflow.make_windows(4)), pipe, tmp_path / "e")
+    ours = PeRFlowScheduler.from_pretrained(str(out / "scheduler"))
+    if kind == "sd":
+        teacher = diffusers.DDIMScheduler.from_pretrained(str(pipe.folder / "scheduler"))
+        again = diffusers.DDIMScheduler.from_config(ours.config)
+        torch.testing.assert_close(again.alphas_cumprod, teacher.alphas_cumprod, rtol=0, atol=0)
+        torch.testing.assert_close(ours.alphas_cumprod, teacher.alphas_cumprod, rtol=0, atol=1e-7)
+    else:
+        teacher = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(str(pipe.folder / "scheduler"))
+        again = diffusers.FlowMatchEulerDiscreteScheduler.from_config(ours.config)
+        assert again.config.shift == teacher.config.shift
+        again.set_timesteps(6)
+        teacher.set_timesteps(6)
+        torch.testing.assert_close(again.sigmas, teacher.sigmas)
+
+
+# ----- the official repository's scheduler, written here from its documented behaviour -------------------------------------
+
+
+def _official_steps(n_train, k, n):
+    """The official timesteps: per window (noise first) linspace(start, end, m, endpoint=False) of tau, times N, as int64."""
+    starts = [1 - i / k for i in range(k)]
+    ts = []
+    for i in range(k):
+        m = n // k + (1 if i < n % k else 0)
+        ts.append(np.linspace(starts[i], starts[i] - 1 / k, num=m, endpoint=False))
+    return (np.concatenate(ts) * n_train).astype(np.int64)
+
+
+def _official_step(abar, k, n_train, timesteps, kind, out, ts, z):
+    """One official step at integer timestep ts: the window holding tau = ts / N (ends at tau_e), its knots
+    abar[N tau_s - 1] and abar[max(N tau_e - 1, 0)], the window-end prediction, then Euler to the next timestep."""
+    tc = ts / n_train
+    i = int(np.floor((1 - tc) * k + 1e-9))  # the window index from the noise end
+    t_s, t_e = 1 - i / k, 1 - (i + 1) / k
+    a_s, a_e = abar[int(round(t_s * n_train)) - 1], abar[max(int(round(t_e * n_train)) - 1, 0)]
+    if kind == "velocity":
+        v = out
+    else:
+        if kind == "ddim_eps":
+            lam_s = (a_e / a_s) ** 0.5
+            eta_s = (1 - a_e) ** 0.5 - (a_e / a_s * (1 - a_s)) ** 0.5
+        else:
+            g = (a_s / a_e) ** 0.5
+            lam_s, eta_s = 1 / g, -((1 - g * g) ** 0.5) / g
+        den = lam_s * (tc - t_s) + (t_e - tc)
+        z_end = (lam_s * (t_e - t_s) / den) * z + (eta_s * (t_e - tc) / den) * out
+        v = (z_end - z) / (t_e - tc)
+    j = list(timesteps).index(ts)
+    prev = timesteps[j + 1] if j + 1 < len(timesteps) else 0
+    return z + (prev - ts) / n_train * v
+
+
+@pytest.mark.parametrize("kind", ["ddim_eps", "diff_eps", "velocity"])
+@pytest.mark.parametrize("n", [4, 6, 8, 11])
+def test_the_official_config_prediction_types_and_time_convention(kind, n):
+    stock = diffusers.DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    sched = PeRFlowScheduler.from_config(stock.config, prediction_type=kind, num_time_windows=4)  # as the official README does
+    sched.set_timesteps(n)
+    want_ts = _official_steps(1000, 4, n)
+    assert sched.timesteps.tolist() == want_ts.astype(np.float32).tolist()  # 1000 at pure noise, int(N tau)
+    abar = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2, 0).numpy()
+    g = torch.Generator().manual_seed(n)
+    z = torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64)
+    ref = z.clone()
+    zz = z.float()
+    for ts in want_ts:
+        out = torch.sin(3 * ref + ts / 300.0)  # any model output, a function of the state and time
+        ref = _official_step(abar, 4, 1000, list(want_ts), kind, out, int(ts), ref)
+        zz = sched.step(torch.sin(3 * zz.double() + ts / 300.0).float(), torch.tensor(int(ts)), zz).prev_sample
+    torch.testing.assert_close(zz.double(), ref, atol=2e-4, rtol=2e-4)
+
+
+def test_a_scheduler_config_we_cannot_honour_is_refused():
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        PeRFlowScheduler(**SD_BETAS, prediction_type="mystery")
+    with pytest.raises(ValueError, match="t_noise = 1 and t_clean = 0"):
+        PeRFlowScheduler(**SD_BETAS, prediction_type="ddim_eps", t_noise=0.9)
+    with pytest.raises(ValueError, match="window_alphas and window_sigmas"):
+        PeRFlowScheduler(**SD_BETAS, windows=[0, 0.5, 1])
+    with pytest.raises(ValueError, match="uniform windows"):
+        PeRFlowScheduler(**SD_BETAS, prediction_type="ddim_eps", windows=[0, 0.3, 1], window_alphas=[0.1, 0.5, 1], window_sigmas=[1, 0.8, 0])
