@@ -190,3 +190,21 @@ def test_stale_temporaries_of_files_and_of_staged_directories_are_removed(tmp_pa
     removed = remove_stale_temporaries(tmp_path)
     assert sorted(p.name for p in removed) == [".a.json.123.tmp", ".diffusers.export.tmp"]
     assert [p.name for p in tmp_path.iterdir()] == ["keep.json"]
+
+
+def test_tensor_metadata_strings_are_plain_and_other_values_json(tmp_path):
+    from safetensors import safe_open
+
+    from rectflow.engine.io import load_tensors, save_tensors
+
+    path = tmp_path / "t.safetensors"
+    save_tensors(path, {"x": torch.zeros(2)}, {"format": "rectflow.perflow.delta", "looks_like_json": "123", "windows": [0.0, 0.5, 1.0]})
+    with safe_open(str(path), framework="pt") as f:
+        raw = f.metadata()
+    assert raw["format"] == "rectflow.perflow.delta" and raw["looks_like_json"] == "123"  # no quotes of their own
+    _, meta = load_tensors(path)
+    assert meta == {"format": "rectflow.perflow.delta", "looks_like_json": "123", "windows": [0.0, 0.5, 1.0]}
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "old.safetensors"), metadata={"format": '"rectflow.perflow.delta"', "step": "100"})
+    assert load_tensors(tmp_path / "old.safetensors")[1] == {"format": "rectflow.perflow.delta", "step": 100}  # files of earlier versions

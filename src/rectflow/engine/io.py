@@ -106,16 +106,37 @@ def load_json(path: str | Path) -> Any:
         raise CheckpointError(f"{p}: not valid JSON ({e})") from None
 
 
+_JSON_KEYS = "rectflow.json_keys"  # metadata key listing the keys whose values are JSON (the others are plain strings)
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
 def save_tensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, Any] | None = None) -> None:
-    """Save tensors as safetensors, atomically.  ``metadata`` values are stored as JSON strings."""
-    meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+    """Save tensors as safetensors, atomically.  String ``metadata`` values are stored as they are (so other
+    tools read them plainly); any other value as JSON, its key listed under ``rectflow.json_keys``."""
+    meta, json_keys = {}, []
+    for k, v in (metadata or {}).items():
+        if isinstance(v, str):
+            meta[k] = v
+        else:
+            meta[k] = json.dumps(v)
+            json_keys.append(k)
+    if json_keys or any(_is_json(v) for v in meta.values()):  # without the key a reader takes what parses as JSON for JSON
+        meta[_JSON_KEYS] = json.dumps(sorted(json_keys))
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(flat, str(tmp), metadata=meta)
 
 
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Load a safetensors file and its JSON metadata; a missing/corrupt file raises :class:`CheckpointError`."""
+    """Load a safetensors file and its metadata (see :func:`save_tensors`; a file written before plain strings, with
+    every value JSON, reads the same); a missing/corrupt file raises :class:`CheckpointError`."""
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"{p}: no such file")
@@ -123,8 +144,12 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         tensors = load_file(str(p), device=str(device))
 
         with safe_open(str(p), framework="pt") as f:
-            raw = f.metadata() or {}
-        meta = {k: json.loads(v) for k, v in raw.items()}
+            raw = dict(f.metadata() or {})
+        if _JSON_KEYS in raw:
+            keys = set(json.loads(raw.pop(_JSON_KEYS)))
+            meta = {k: json.loads(v) if k in keys else v for k, v in raw.items()}
+        else:  # plain strings that are not JSON, or a file of an earlier version (every value JSON)
+            meta = {k: json.loads(v) if _is_json(v) else v for k, v in raw.items()}
     except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{p}: corrupt or truncated safetensors file ({e})") from None
     return tensors, meta
