@@ -40,7 +40,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +48,6 @@ DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
 
 from _cifar10 import FeatureStats, np_json, train_classifier  # noqa: E402
 from _machine import machine_info, machine_line, write_results  # noqa: E402
-
 from rectflow.data.images import ImageArray, load_images, resize_images, to_unit_range  # noqa: E402
 from rectflow.engine.trainer import TrainConfig, Trainer  # noqa: E402
 from rectflow.flow.losses import LossOutput  # noqa: E402

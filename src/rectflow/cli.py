@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from rectflow.runs.perflow import (
     DEFAULT_PIPELINE_LR,
     DEFAULT_PROMPTS,
     DEFAULT_STEPS,
+    ExportOptions,
     LatentDataOptions,
     PeRFlowSettings,
     exported_windows,
@@ -167,6 +169,12 @@ def _add_perflow_parser(sub, fmt) -> None:
                    help="text-to-image pipelines: cache the VAE posterior mean or one seeded draw per image (default: mean)%(default).0s")
     p.add_argument("--cache-dtype", default=None, metavar="{float32,float16,bfloat16}",
                    help="text-to-image pipelines: the latent cache's stored dtype (float16 halves its size; default: float32)%(default).0s")
+    p.add_argument("--stock-scheduler", action="store_true",
+                   help="OUT/diffusers names the stock scheduler exact at K steps (DDIM / FlowMatchEuler: no custom code to trust, other step "
+                        "counts sample wrong) in model_index.json and keeps PeRFlowScheduler in scheduler_perflow/; refused where none is exact")
+    p.add_argument("--lora-bias", action="store_true", help="text-to-image pipelines: the LoRA also carries the bias changes (peft lora_bias)")
+    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"],
+                   help="autocast of the teacher's window solve and the student's training step (auto: bf16 where it is native on the device)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
@@ -546,7 +554,7 @@ def _perflow_guidance_flags(args: argparse.Namespace) -> float:
 def _perflow_pipeline_flags(args: argparse.Namespace, pipeline: bool) -> dict:
     """Check the text-to-image flags (one line naming the flag); returns train_perflow's keyword arguments for them."""
     flags = {"--lora-rank": args.lora_rank, "--prompt": args.prompt, "--caption-column": args.caption_column, "--latent-mode": args.latent_mode,
-             "--cache-dtype": args.cache_dtype}
+             "--cache-dtype": args.cache_dtype, "--lora-bias": args.lora_bias or None}
     if not pipeline:
         given = [f for f, v in flags.items() if v is not None]
         if given:
@@ -580,13 +588,21 @@ def _cmd_perflow(args: argparse.Namespace) -> int:
                                guidance=args.guidance, p_uncond=p_uncond, guidance_mode=args.guidance_mode)
     train = TrainConfig(steps=args.steps, batch_size=batch, lr=lr, lr_schedule="cosine", warmup_steps=min(100, args.steps // 10),
                         ema_decay=args.ema, seed=args.seed, device=args.device, progress=not args.quiet, workers=0, compile=args.compile,
-                        log_every=max(1, min(100, args.steps // 10)), ckpt_every=max(1, min(500, args.steps)))
-    out = train_perflow(args.teacher, args.out, settings=settings, train=train, data=data, data_name=data_name, export=args.export_diffusers, **extra)
+                        log_every=max(1, min(100, args.steps // 10)), ckpt_every=max(1, min(500, args.steps)), precision=args.precision)
+    exp = ExportOptions(stock_scheduler=args.stock_scheduler, lora_bias=args.lora_bias, command=shlex.join(["rectflow", *args.argv]))
+    out = train_perflow(args.teacher, args.out, settings=settings, train=train, data=data, data_name=data_name, export=args.export_diffusers,
+                        export_options=exp, **extra)
     guided = settings.guidance_mode == "student" and settings.guidance != 1.0
     nfe = f" with guidance {settings.guidance:g}: {guidance_nfe(settings.guidance) * args.windows} NFE" if guided else ""
     if pipeline:
+        record = json.loads((Path(out) / "perflow.json").read_text())
         lora = "" if args.lora_rank == 0 else ", lora/"
-        files = f"diffusers/ (the pipeline; rectflow sample {out}/diffusers --prompt ...), delta.safetensors{lora}, samples.png"
+        official = ", official/ (the official repository's delta format)" if (record.get("official") or {}).get("written") else ""
+        files = f"diffusers/ (the pipeline; rectflow sample {out}/diffusers --prompt ...), delta.safetensors{lora}{official}, samples.png"
+        gap = record.get("lora") or {}
+        if "lora_gap" in gap:
+            print(f"LoRA (rank {gap.get('rank')}) vs the full delta on a fixed batch of K-step latents: |dz|/|z| = {gap['lora_gap']:.4f}; "
+                  f"it misses {100 * gap['lora_missed_share']:.1f} % of the delta's effect (lora/README.md)")
     else:
         files = "student.safetensors, delta.safetensors, samples.png"
     print(f"PeRFlow student ({args.windows} windows, {args.windows}-step sampling{nfe}) saved in {out}: {files}")
@@ -604,6 +620,7 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, quoted where a job records how it was made
     try:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:

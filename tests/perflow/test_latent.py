@@ -256,3 +256,29 @@ def test_a_v_prediction_pipeline_with_an_euler_config_exports_too(tmp_path):
         ours = _ours(student, x, windows, cond, null, 2.0)
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
     assert load_pipeline(out).parameterization == "v"  # an export reads back as a pipeline (the teacher's schedule)
+
+
+def test_the_teachers_safety_checker_is_kept_in_the_export(tmp_path, tiny_sd):
+    transformers = pytest.importorskip("transformers")
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    folder = tmp_path / "sd-checked"
+    shutil.copytree(tiny_sd, folder)
+    tiny = {"hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2, "num_hidden_layers": 1}
+    cfg = transformers.CLIPConfig(text_config=tiny, vision_config={**tiny, "image_size": 16, "patch_size": 8}, projection_dim=768)
+    torch.manual_seed(0)
+    StableDiffusionSafetyChecker(cfg).save_pretrained(str(folder / "safety_checker"))
+    transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(str(folder / "feature_extractor"))
+    idx = json.loads((folder / "model_index.json").read_text())
+    idx.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"], feature_extractor=["transformers", "CLIPImageProcessor"],
+               requires_safety_checker=True)
+    (folder / "model_index.json").write_text(json.dumps(idx))
+    pipe = load_pipeline(folder)
+    out = export_pipeline(perturbed_student(pipe, perflow.make_windows(2)), pipe, tmp_path / "e")
+    new = json.loads((out / "model_index.json").read_text())
+    assert new["safety_checker"] == ["stable_diffusion", "StableDiffusionSafetyChecker"] and new["requires_safety_checker"] is True
+    assert (out / "safety_checker" / "config.json").is_file() and (out / "feature_extractor" / "preprocessor_config.json").is_file()
+    stock = _stock(out)
+    assert stock.safety_checker is not None and stock.feature_extractor is not None
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nbase_model:") and "trust_remote_code=True" in card

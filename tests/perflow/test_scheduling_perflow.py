@@ -250,3 +250,44 @@ def test_a_scheduler_config_we_cannot_honour_is_refused():
         PeRFlowScheduler(**SD_BETAS, windows=[0, 0.5, 1])
     with pytest.raises(ValueError, match="uniform windows"):
         PeRFlowScheduler(**SD_BETAS, prediction_type="ddim_eps", windows=[0, 0.3, 1], window_alphas=[0.1, 0.5, 1], window_sigmas=[1, 0.8, 0])
+
+
+def test_official_delta_folder_round_trip_and_the_official_loaders(tmp_path, tiny_pipeline):
+    from rectflow.perflow.delta import apply_delta
+    from rectflow.perflow.official import OFFICIAL_DELTA_FILE, load_official_delta, save_official_delta
+
+    pipe, k = tiny_pipeline, 4
+    windows = perflow.make_windows(k)
+    student = perturbed_student(pipe, windows)
+    folder = save_official_delta(tmp_path / "official", student.net, pipe.denoiser, pipe.scheduler_config, windows, "eps")
+    assert (folder / OFFICIAL_DELTA_FILE).is_file() and (folder / "config.json").is_file()
+    # the official README's route: the folder loads as a UNet whose state dict is the delta
+    as_unet = diffusers.UNet2DConditionModel.from_pretrained(str(folder)).state_dict()
+    delta = load_official_delta(folder)
+    assert as_unet.keys() == delta.keys()
+    for name, d in delta.items():
+        torch.testing.assert_close(as_unet[name], d, rtol=0, atol=0)
+    base = diffusers.UNet2DConditionModel.from_pretrained(str(pipe.folder / "unet"))
+    apply_delta(base, load_official_delta(folder / OFFICIAL_DELTA_FILE))  # its load_delta_weights_into_unet: W_base + delta
+    for name, w in base.state_dict().items():
+        torch.testing.assert_close(w, student.net.unet.state_dict()[name], atol=1e-6, rtol=1e-6)
+    cfg = json.loads((folder / "scheduler_config.json").read_text())
+    assert cfg["prediction_type"] == "ddim_eps" and cfg["num_time_windows"] == k and cfg["beta_schedule"] == "scaled_linear"
+    sched = PeRFlowScheduler.from_config(cfg)
+    sched.set_timesteps(k)
+    assert sched.timesteps.tolist() == [1000.0, 750.0, 500.0, 250.0]
+    # sampled as the official scheduler would: the window path of our export up to its two conventions (time + 1, last knot)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = pipe.encode_text(PROMPTS)
+    z = x.clone()
+    with torch.no_grad():
+        for ts in sched.timesteps:
+            z = sched.step(base(z, ts, encoder_hidden_states=cond).sample, ts, z).prev_sample
+        ours = perflow.sample_perflow(student, x, windows, cond=cond).x
+    assert float((z - ours).norm() / ours.norm()) < 0.05
+    with pytest.raises(ValueError, match="uniform windows only"):
+        save_official_delta(tmp_path / "o2", student.net, pipe.denoiser, pipe.scheduler_config, perflow.make_windows(boundaries=[0, 0.3, 1]), "eps")
+    with pytest.raises(ValueError, match="predicts 'v'"):
+        save_official_delta(tmp_path / "o3", student.net, pipe.denoiser, pipe.scheduler_config, windows, "v")
+    with pytest.raises(ValueError, match="not an official PeRFlow delta folder"):
+        load_official_delta(tmp_path)

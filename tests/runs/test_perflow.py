@@ -329,6 +329,56 @@ def test_pipeline_job_writes_export_delta_lora_and_grid(pipeline_job, sd_folder,
         assert im.width > im.height > 0
 
 
+def test_pipeline_job_writes_model_cards_the_official_delta_and_the_lora_gap(pipeline_job, sd_folder, capsys):
+    from rectflow.perflow.delta import apply_delta
+    from rectflow.perflow.official import load_official_delta
+
+    out = pipeline_job
+    rec = json.loads((out / "perflow.json").read_text())
+    assert rec["official"] == {"written": True} and rec["outputs"]["official"] == "official"
+    for folder in ("diffusers", "lora", "official"):
+        card = (out / folder / "README.md").read_text()
+        front = card.split("---")[1]
+        assert "library_name: diffusers" in front and "base_model:" in front and "- perflow" in front, folder
+        assert "K = 2" in card and "rectflow perflow" in card, folder  # the windows and the command that made it
+    lora_card = (out / "lora" / "README.md").read_text()
+    gap = rec["lora"]
+    assert 0 <= gap["lora_gap"] and 0 <= gap["lora_missed_share"] and f"{gap['lora_gap']:.4g}" in lora_card
+    assert gap["lora_missed_share"] < 1.0  # rank 2 of a 3-step delta still carries part of it
+    # the official delta is the same delta
+    delta, _ = load_tensors(out / "delta.safetensors")
+    off = load_official_delta(out / "official")
+    for name, d in delta.items():
+        torch.testing.assert_close(off[name], d)
+    diffusers = pytest.importorskip("diffusers")
+    unet = diffusers.UNet2DConditionModel.from_pretrained(str(sd_folder / "unet"))
+    apply_delta(unet, off)
+    ours = diffusers.UNet2DConditionModel.from_pretrained(str(out / "diffusers" / "unet"))
+    for name, w in ours.state_dict().items():
+        torch.testing.assert_close(unet.state_dict()[name], w, atol=1e-6, rtol=1e-6)
+
+
+def test_pipeline_job_with_stock_scheduler_and_lora_bias(sd_folder, captions, tmp_path, capsys):
+    out = tmp_path / "job"
+    with pytest.warns(UserWarning, match="exact at num_inference_steps=2 only"):
+        code = main(["perflow", str(sd_folder), "--data", str(captions), "--out", str(out), "-K", "2", "--steps", "2", "--batch-size", "2",
+                     "--solver-steps", "1", "--lora-rank", "2", "--lora-bias", "--stock-scheduler", "--precision", "bf16", "--device", "cpu", "-q"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "LoRA (rank 2) vs the full delta" in printed and "official/" in printed
+    idx = json.loads((out / "diffusers" / "model_index.json").read_text())
+    assert idx["scheduler"] == ["diffusers", "DDIMScheduler"] and (out / "diffusers" / "scheduler_perflow" / "scheduling_perflow.py").is_file()
+    assert "Without custom code" in (out / "diffusers" / "README.md").read_text()
+    from rectflow.perflow.lora import load_lora
+
+    lora, _ = load_lora(out / "lora")
+    assert any(k.endswith("lora_B.bias") for k in lora)
+    assert json.loads((out / "perflow.json").read_text())["train"]["precision"] == "bf16"
+    assert main(["perflow", str(sd_folder), "--data", str(captions), "--out", str(tmp_path / "j2"), "-K", "3", "--steps", "1",
+                 "--stock-scheduler", "-q"]) == 2  # K = 3 does not divide 1000: no stock scheduler is exact
+    assert "stock_scheduler=True needs" in capsys.readouterr().err
+
+
 def _stock_equals_ours(stock, job, runs, tol):
     """The stock pipeline's latents from given noise, at each (steps, guidance) of ``runs``, equal our sample_pipeline_latents."""
     from rectflow.runs.perflow import sample_pipeline_latents

@@ -53,7 +53,7 @@ from rectflow.engine.io import append_jsonl, atomic_path, make_dirs, read_jsonl
 from rectflow.errors import CheckpointError, ConfigError
 from rectflow.flow.losses import Objective
 
-__all__ = ["TrainConfig", "EMA", "Trainer", "TimeBudget", "step_generator", "resolve_device", "lr_at", "values_per_sample"]
+__all__ = ["TrainConfig", "EMA", "Trainer", "TimeBudget", "step_generator", "resolve_device", "resolve_precision", "native_bf16", "lr_at", "values_per_sample"]
 
 @dataclass
 class TrainConfig:
@@ -72,7 +72,7 @@ class TrainConfig:
     ema_decay: float = 0.999  # 0 disables; the effective decay warms up as min(decay, (1 + k) / (10 + k))
     ema_kind: str = "exponential"  # exponential (ema_decay) | power (ema_gamma; ignores ema_decay)
     ema_gamma: float = 6.94  # power EMA exponent: weights ~ step^gamma (6.94 <-> EDM2 sigma_rel 0.10)
-    precision: str = "fp32"  # fp32 | bf16 (autocast of the loss computation; weights stay fp32)
+    precision: str = "fp32"  # fp32 | bf16 | auto (bf16 autocast of the loss computation where bf16 is native; weights stay fp32)
     tf32: bool = True  # allow TF32 matmuls/convolutions on CUDA while training
     channels_last: bool = False  # channels-last memory format for the model and 4-D batch tensors
     compile: bool = False  # torch.compile the model for training
@@ -110,13 +110,33 @@ class TrainConfig:
         need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas must be two numbers in [0, 1), got {self.betas}")
         need(self.ema_kind in ("exponential", "power"), f"ema_kind must be one of ['exponential', 'power'], got {self.ema_kind!r}")
         need(self.ema_gamma > 0, f"ema_gamma must be > 0, got {self.ema_gamma}")
-        need(self.precision in ("fp32", "bf16"), f"precision must be one of ['fp32', 'bf16'], got {self.precision!r}")
+        need(self.precision in PRECISIONS, f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         need(isinstance(self.sample_every, int) and self.sample_every >= 0, f"sample_every must be an integer >= 0, got {self.sample_every!r}")
 
     @property
     def uses_ema(self) -> bool:
         """EMA weights are kept when ema_decay > 0 or the power EMA is chosen."""
         return self.ema_decay > 0 or self.ema_kind == "power"
+
+
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: a CUDA device with bf16 support, or a CPU whose oneDNN reports native
+    bf16 (AVX512-BF16 or AMX); elsewhere bf16 autocast is emulated and many times slower than fp32."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> bf16 where :func:`native_bf16`, else fp32; fp32 / bf16 as given."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    return ("bf16" if native_bf16(device) else "fp32") if precision == "auto" else precision
 
 
 def resolve_device(name: str) -> torch.device:
@@ -219,6 +239,7 @@ class Trainer:
         self.device = resolve_device(config.device)
         if self.device.type == "cuda" and self.device.index is None and self.dist.world_size > 1:
             self.device = torch.device("cuda", self.dist.local_rank)
+        self.precision = resolve_precision(config.precision, self.device)  # what autocast runs: "auto" resolved on this device
         self.model = model.to(self.device)
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -353,7 +374,7 @@ class Trainer:
         return self._train_model
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.cfg.precision == "bf16":
+        if self.precision == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 

@@ -34,10 +34,11 @@ transformer's ``joint_attention_dim``, followed by 256 T5 tokens (zeros in a fol
 and both CLIPs' projected ``text_embeds``; the null condition is the empty prompt's pair.
 
 :func:`export_pipeline` writes the student's UNet with the teacher's VAE, text encoder(s) and
-tokenizer(s), no safety checker, feature extractor or image encoder, and a scheduler, so that
-``diffusers.StableDiffusionPipeline.from_pretrained(folder)`` (SDXL:
+tokenizer(s), the teacher's safety checker and feature extractor when it has them (SD 1.x / 2.x), no image
+encoder, a model card (``README.md``) and a scheduler, so that
+``diffusers.StableDiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` (SDXL:
 ``StableDiffusionXLPipeline``; SD3: ``StableDiffusion3Pipeline``, its absent parts passed as None)
-samples in K steps.
+samples in any number of steps >= K without rectflow (the scheduler's code ships in ``scheduler/``).
 
 Refused with one line naming the file or key: Flux and other transformer pipelines, an SD3 folder
 without its CLIP text encoders (a teacher for :func:`~rectflow.perflow.diffusers_io.load_teacher` with
@@ -76,6 +77,7 @@ from rectflow.perflow.diffusers_io import (
     stock_scheduler_config,
     write_student_parts,
 )
+from rectflow.perflow.model_card import write_model_card
 from rectflow.perflow.student import PeRFlowStudent
 from rectflow.perflow.teacher import Teacher
 
@@ -544,12 +546,13 @@ def _load_sd3(folder: Path, index: dict[str, Any], parts: tuple[str, ...], dtype
 def export_pipeline(student: PeRFlowStudent, teacher: LatentPipeline | str | Path, folder: str | Path, *, stock_scheduler: bool = False,
                     extra: dict[str, Any] | None = None) -> Path:
     """Write a complete pipeline folder: the student's UNet (SD3: transformer), the teacher's VAE, text encoder(s) and
-    tokenizer(s) (copied byte for byte), no safety checker / feature extractor / image encoder, and a scheduler; an SDXL
+    tokenizer(s) (copied byte for byte), the teacher's safety checker and feature extractor (SD 1.x / 2.x, when it has them),
+    no image encoder, a model card and a scheduler; an SDXL
     teacher's folder keeps its ``force_zeros_for_empty_prompt`` (``StableDiffusionXLPipeline.from_pretrained`` loads it;
     SD3: ``StableDiffusion3Pipeline``, a missing T5 kept as ``[null, null]``).
 
     ``scheduler/`` is our :class:`~rectflow.perflow.diffusers_scheduler.PeRFlowScheduler` (any
-    ``num_inference_steps >= K``; the folder loads after ``import rectflow.perflow.diffusers_scheduler``),
+    ``num_inference_steps >= K``; its code ships in the folder: ``from_pretrained(folder, trust_remote_code=True)``),
     plus ``scheduler_ddim/`` (SD3: ``scheduler_flowmatch/``) when a stock scheduler is exact at K steps.  ``stock_scheduler=True``
     (exact windows only) names that stock scheduler in ``model_index.json`` instead (the folder then loads in
     any diffusers install; ours moves to ``scheduler_perflow/``).  The folder is built next to ``folder``
@@ -587,6 +590,15 @@ def _write_pipeline(student: PeRFlowStudent, src: Path, index: dict[str, Any], p
                      scheduler=["diffusers", stock[1]["_class_name"]] if stock_scheduler and stock else PERFLOW_SCHEDULER_ENTRY)
     if sd3:  # StableDiffusion3Pipeline takes the T5 pair as None when the folder has none
         new_index.update({part: [None, None] for part in _T5_PARTS if part not in parts})
-    elif not sdxl:  # StableDiffusionXLPipeline has no safety checker
-        new_index.update(safety_checker=[None, None], requires_safety_checker=False)
+    elif not sdxl:  # SD 1.x / 2.x: the teacher's safety checker and its feature extractor are kept when it has them
+        checker = all(isinstance(index.get(p), list) and index[p][0] is not None and (src / p).is_dir() for p in ("safety_checker", "feature_extractor"))
+        if checker:
+            for p in ("safety_checker", "feature_extractor"):
+                shutil.copytree(src / p, stage / p)
+            new_index.update(safety_checker=index["safety_checker"], feature_extractor=index["feature_extractor"],
+                             requires_safety_checker=index.get("requires_safety_checker", True))
+        else:
+            new_index.update(safety_checker=[None, None], requires_safety_checker=False)
     save_json(stage / "model_index.json", new_index)
+    write_model_card(stage, "pipeline", base_model=src.name, windows=student.boundaries.numel() - 1, pipeline=pipeline_class,
+                     guidance=float((extra or {}).get("guidance_scale", 1.0)), stock_scheduler=stock[1]["_class_name"] if stock_scheduler and stock else None)

@@ -53,8 +53,10 @@ from rectflow.perflow.diffusers_io import export_student, load_teacher, step_gri
 from rectflow.perflow.guidance import LabelledData, as_guidance, guidance_plan
 from rectflow.perflow.latent import LatentPipeline, export_pipeline, load_pipeline
 from rectflow.perflow.latent_cache import LatentCacheData, build_latent_cache, check_caption_lengths, read_captions
-from rectflow.perflow.lora import save_lora
+from rectflow.perflow.lora import apply_lora, save_lora
+from rectflow.perflow.model_card import write_model_card
 from rectflow.perflow.objective import LOSS_SPACES, PeRFlowObjective
+from rectflow.perflow.official import save_official_delta
 from rectflow.perflow.student import PeRFlowStudent, sample_perflow
 from rectflow.perflow.teacher import Teacher
 from rectflow.perflow.windows import make_windows, window_grid
@@ -65,7 +67,9 @@ __all__ = [
     "LatentDataOptions",
     "PeRFlowJob",
     "PeRFlowSettings",
+    "ExportOptions",
     "exported_windows",
+    "lora_gap",
     "is_latent_pipeline",
     "is_pipeline_job",
     "load_perflow",
@@ -147,6 +151,22 @@ class LatentDataOptions:
 
 
 DEFAULT_LORA_RANK = 16  # text-to-image jobs: rank of the LoRA written beside the full delta (0: none)
+
+
+@dataclass
+class ExportOptions:
+    """How a finished job writes its exports (not part of the job: a rerun of a finished job exports again).
+
+    stock_scheduler: ``diffusers/`` names the stock scheduler that is exact at K steps in ``model_index.json`` (no custom code
+        to trust; other step counts sample wrong) and keeps ours in ``scheduler_perflow/``; refused when none is exact.
+    lora_bias: the LoRA also carries the bias changes (peft's ``lora_bias``; exact for biases, but ``fuse_lora`` then fails
+        on layers without one).
+    command: the command line that made the job, quoted in the model cards.
+    """
+
+    stock_scheduler: bool = False
+    lora_bias: bool = False
+    command: str | None = None
 DEFAULT_PROMPTS = 4  # text-to-image jobs: the sample grid's prompts default to this many first distinct captions
 PIPELINE_JOB_KIND = "pipeline"
 
@@ -261,6 +281,7 @@ def train_perflow(
     lora_rank: int | None = None,
     prompts: Sequence[str] | None = None,
     samples_per_prompt: int = 4,
+    export_options: ExportOptions | None = None,
 ) -> Path:
     """Train (or resume) a PeRFlow student of the teacher at ``teacher_path`` into ``out``.
 
@@ -274,6 +295,7 @@ def train_perflow(
             needs labelled images (``sample_labelled``, e.g. digits or class folders).
         data_name: how ``data`` is named in ``perflow.json`` (compared on resumption).
         export: for diffusers teachers, also write ``out/diffusers`` (a diffusers folder).
+        export_options: how the exports are written (:class:`ExportOptions`).
 
     Latent text-to-image pipeline teachers (:func:`is_latent_pipeline`) take instead:
         data: the folder of captioned images (``metadata.jsonl`` or a ``.txt`` per image), encoded
@@ -292,7 +314,8 @@ def train_perflow(
     train.validate()
     out = Path(out)
     if Path(teacher_path).is_dir() and is_latent_pipeline(teacher_path):
-        return _train_pipeline_job(Path(teacher_path), out, settings, train, data, latent or LatentDataOptions(), lora_rank, prompts, samples_per_prompt)
+        return _train_pipeline_job(Path(teacher_path), out, settings, train, data, latent or LatentDataOptions(), lora_rank, prompts, samples_per_prompt,
+                                   export_options or ExportOptions())
     extras = [name for name, v in (("latent", latent), ("lora_rank", lora_rank), ("prompts", prompts)) if v is not None]
     if extras:
         raise ConfigError(f"perflow: {', '.join(extras)} apply to a text-to-image pipeline teacher (model_index.json and text_encoder/); "
@@ -339,7 +362,7 @@ def train_perflow(
         save_json(job, record)
         save_image_grid(PeRFlowJob(final, shape, record).sample(64), out / "samples.png", scale=max(1, 64 // shape[-1]))  # conditional: classes in turn
         if export and desc["kind"] == "diffusers":
-            export_student(final, out / "diffusers", teacher_path)
+            export_student(final, out / "diffusers", teacher_path, stock_scheduler=(export_options or ExportOptions()).stock_scheduler)
     return out
 
 
@@ -353,7 +376,7 @@ _JOB_KEYS = ("format", "settings", "train", "teacher", "data", "windows", "shape
 
 
 def _train_pipeline_job(folder: Path, out: Path, settings: PeRFlowSettings, train: TrainConfig, data: Any, opts: LatentDataOptions,
-                        lora_rank: int | None, prompts: Sequence[str] | None, per_prompt: int) -> Path:
+                        lora_rank: int | None, prompts: Sequence[str] | None, per_prompt: int, exp: ExportOptions) -> Path:
     """:func:`train_perflow` for a latent text-to-image pipeline teacher (see there)."""
     opts.validate()
     rank = DEFAULT_LORA_RANK if lora_rank is None else lora_rank
@@ -408,24 +431,79 @@ def _train_pipeline_job(folder: Path, out: Path, settings: PeRFlowSettings, trai
         final = (trainer.ema.model if trainer.ema is not None else trainer.model).eval()
 
         # the student's guidance (the default of `rectflow sample`) goes in before the folder is renamed into place
-        export_pipeline(final, pipe, out / "diffusers", extra={"guidance_scale": student_w, "guidance_mode": settings.guidance_mode})
+        export_pipeline(final, pipe, out / "diffusers", stock_scheduler=exp.stock_scheduler,
+                        extra={"guidance_scale": student_w, "guidance_mode": settings.guidance_mode})
         net = unwrap_unet(final.net)
         save_delta(out / "delta.safetensors", net, pipe.denoiser, boundaries, {"teacher": desc["path"]})
         lora = None
         if rank > 0:
-            lora = save_lora(out / "lora", net, pipe.denoiser, rank=rank, bias=False, boundaries=boundaries, metadata={"teacher": desc["path"]},
+            lora = save_lora(out / "lora", net, pipe.denoiser, rank=rank, bias=exp.lora_bias, boundaries=boundaries, metadata={"teacher": desc["path"]},
                              prefix="transformer" if pipe.is_sd3 else "unet").to_dict()
+            lora.update(lora_gap(final, pipe, out / "lora", prompts, guidance=student_w))
         elif (out / "lora").is_dir():
             shutil.rmtree(out / "lora")  # a LoRA of an earlier run of this job would no longer match the student
+        official = _export_official(final, pipe, out / "official", boundaries, desc["path"])
+        _write_cards(out, pipe, boundaries, student_w, exp.command, steps=trainer.step, lora=lora, official=official,
+                     stock=exp.stock_scheduler, prompt=prompts[0])
         rows = [q for q in prompts for _ in range(per_prompt)]
         noise = torch.randn((len(rows), *pipe.latent_shape), generator=torch.Generator().manual_seed(0))
         grid = _decode_in_batches(final, pipe, rows, noise, steps=None, guidance=student_w, batch_size=8)
         save_image_grid(grid, out / "samples.png", nrow=per_prompt, scale=max(1, 64 // grid.shape[-1]))
         record.update(teacher_nfe_per_example=settings.solver_steps * teacher.nfe_per_eval, teacher_nfe_this_session=objective.teacher_nfe,
-                      steps_done=trainer.step, prompts=prompts, lora=lora,
-                      outputs={"pipeline": "diffusers", "delta": "delta.safetensors", "lora": "lora" if lora else None, "samples": "samples.png"})
+                      steps_done=trainer.step, prompts=prompts, lora=lora, official=official,
+                      outputs={"pipeline": "diffusers", "delta": "delta.safetensors", "lora": "lora" if lora else None,
+                               "official": "official" if official.get("written") else None, "samples": "samples.png"})
         save_json(job, record)  # last: its steps_done marks a finished job
     return out
+
+
+@torch.no_grad()
+def lora_gap(student: PeRFlowStudent, pipe: LatentPipeline, lora: Path, prompts: Sequence[str], *, guidance: float = 1.0, n: int = 4,
+             seed: int = 1234) -> dict[str, float]:
+    """How far the LoRA is from the full delta on a fixed batch (``n`` noises from ``seed``, the prompts in turn), sampled
+    in K steps: ``lora_gap`` = |z_lora - z_full| / |z_full| and ``lora_missed_share`` = |z_lora - z_full| / |z_base - z_full|,
+    with z_base the teacher's weights on the same windows (1: the LoRA helps no more than no delta; 0: exact)."""
+    rows = [prompts[i % len(prompts)] for i in range(n)]
+    noise = torch.randn((n, *pipe.latent_shape), generator=torch.Generator().manual_seed(seed))
+    full = sample_pipeline_latents(student, pipe, rows, noise, guidance=guidance)
+    other = pipe.student(student.boundaries).eval().to(next(student.parameters()).device)
+    base = sample_pipeline_latents(other, pipe, rows, noise, guidance=guidance)
+    apply_lora(unwrap_unet(other.net), lora)
+    with_lora = sample_pipeline_latents(other, pipe, rows, noise, guidance=guidance)
+    miss = float((with_lora - full).norm())
+    return {"lora_gap": miss / max(float(full.norm()), 1e-12), "lora_missed_share": miss / max(float((base - full).norm()), 1e-12)}
+
+
+def _export_official(student: PeRFlowStudent, pipe: LatentPipeline, folder: Path, boundaries: Tensor, teacher: str) -> dict[str, Any]:
+    """``folder``: the delta in the official repository's format, where it applies (an eps UNet teacher, uniform
+    windows); otherwise the reason, recorded in perflow.json."""
+    try:
+        save_official_delta(folder, unwrap_unet(student.net), pipe.denoiser, pipe.scheduler_config, boundaries, pipe.parameterization,
+                            metadata={"teacher": teacher})
+    except ConfigError as e:
+        if folder.is_dir():
+            shutil.rmtree(folder)  # an earlier export of this job would no longer match the student
+        return {"written": False, "why": str(e)}
+    return {"written": True}
+
+
+def _write_cards(out: Path, pipe: LatentPipeline, boundaries: Tensor, guidance: float, command: str | None, *, steps: int,
+                 lora: dict[str, Any] | None, official: dict[str, Any], stock: bool, prompt: str) -> None:
+    """Model cards of the job's exports, with the command and what was measured."""
+    k, base = boundaries.numel() - 1, pipe.folder.name
+    measured = {"training steps": steps, "windows K": k}
+    pipeline_class = pipe.model_index.get("_class_name")
+    stock_cls = None
+    if stock:
+        stock_cls = load_json(out / "diffusers" / "model_index.json")["scheduler"][1]
+    write_model_card(out / "diffusers", "pipeline", base_model=base, windows=k, pipeline=pipeline_class, guidance=guidance, command=command,
+                     measured=measured, stock_scheduler=stock_cls, prompt=prompt)
+    if lora is not None:
+        write_model_card(out / "lora", "lora", base_model=base, windows=k, pipeline=pipeline_class, guidance=guidance, command=command, prompt=prompt,
+                         measured={**measured, "LoRA rank": lora.get("rank"), "LoRA vs full delta, K-step latents |dz|/|z|": lora["lora_gap"],
+                                   "share of the delta's effect the LoRA misses": lora["lora_missed_share"]})
+    if official.get("written"):
+        write_model_card(out / "official", "official", base_model=base, windows=k, pipeline=pipeline_class, command=command, measured=measured)
 
 
 @torch.no_grad()
