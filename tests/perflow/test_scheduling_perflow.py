@@ -291,3 +291,9 @@ def test_official_delta_folder_round_trip_and_the_official_loaders(tmp_path, tin
         save_official_delta(tmp_path / "o3", student.net, pipe.denoiser, pipe.scheduler_config, windows, "v")
     with pytest.raises(ValueError, match="not an official PeRFlow delta folder"):
         load_official_delta(tmp_path)
+
+
+def test_exported_scheduler_config_has_no_negative_zero(tmp_path, tiny_pipeline):
+    out = export_pipeline(perturbed_student(tiny_pipeline, perflow.make_windows(4)), tiny_pipeline, tmp_path / "e")
+    text = (out / "scheduler" / "scheduler_config.json").read_text()
+    assert "-0.0" not in text and json.loads(text)["window_sigmas"][-1] == 0.0

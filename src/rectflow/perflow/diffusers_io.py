@@ -528,7 +528,7 @@ def perflow_scheduler_config(student: PeRFlowStudent, teacher_cfg: dict[str, Any
     network's output kind and time input, and the teacher's own schedule (:func:`teacher_schedule_keys`)."""
     knots = student.window_path
     cfg = {"_class_name": "PeRFlowScheduler", **teacher_schedule_keys(teacher_cfg), "windows": [float(v) for v in knots.boundaries],
-           "window_alphas": [float(v) for v in knots.a_knots], "window_sigmas": [float(v) for v in knots.b_knots],
+           "window_alphas": [float(v) + 0.0 for v in knots.a_knots], "window_sigmas": [float(v) + 0.0 for v in knots.b_knots],  # + 0.0: no -0.0
            "prediction_type": teacher_cfg.get("prediction_type", "epsilon"), "time_input": "step_index"}
     if cfg_is_flow(teacher_cfg):  # the network outputs u = noise - x0 and reads sigma N (theory §6.10)
         cfg.update(prediction_type="flow_prediction", time_input="sigma")
