@@ -1,0 +1,374 @@
+"""PeRFlow on a trained text-to-image pipeline (the teacher of ``t2i_teacher.py``): 25 steps -> 4, prompt fidelity, and the
+delta carried to a fine-tune.
+
+Phases (each writes ``WORK/phases/NAME.json`` when done and is skipped on a rerun; training phases resume):
+
+1. ``captions`` -- ``--n-captioned`` CIFAR-10 training images (equal per class) at the teacher's size as PNGs with a
+   ``metadata.jsonl`` ("a photo of a {class}"): the data of ``rectflow perflow``.
+2. ``perflow-MODE-sSEED`` -- ``rectflow perflow TEACHER --data captions -K 4 --guidance W --guidance-mode MODE --seed SEED``
+   through the command line, for each guidance mode (``teacher``: w in the teacher's window solve, the student samples
+   at w = 1; ``student``: the student learns with caption dropout and samples with CFG at w) and seed.
+3. ``eval-sSEED`` -- one table per seed, every method at guidance w, all through stock diffusers
+   (``StableDiffusionPipeline.from_pretrained``; the PeRFlow export with ``trust_remote_code=True``): teacher
+   DPM-Solver++ 25 steps, teacher DDIM 4 and 8, PeRFlow 4 and 8 steps for each mode. FD in the CIFAR classifier's
+   features (``--n-fd`` samples, equal per prompt, against the test set), prompt accuracy (share of samples the
+   classifier assigns to the prompted class), seconds per image. The sampling noise depends on the seed.
+4. ``derivative`` -- the teacher fine-tuned into a derivative (grayscale CIFAR-10, ``--derivative-steps``), the way a
+   user fine-tunes SD: same objective, caption dropout, EMA.
+5. ``plug-sSEED`` -- the base's PeRFlow delta and its LoRA, unchanged, on the derivative (``apply_delta`` and diffusers'
+   own ``load_lora_weights``), sampled in 4 steps with the export's ``PeRFlowScheduler``, against the derivative's own
+   DPM-Solver++ 25 steps: FD against grayscale test images, prompt accuracy.
+
+Results: ``benchmarks/results/t2i_perflow.{md,json}`` and grids (teacher 25 / DDIM 4 / PeRFlow 4, a row per prompt).
+
+    python benchmarks/t2i_perflow.py --teacher-work /path/of/t2i_teacher/work --work /path/outside/the/checkout
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
+
+from _cifar10 import FeatureStats, SmallClassifier  # noqa: E402
+from _machine import machine_info, machine_line, write_results  # noqa: E402
+from rectflow.data.images import ImageArray, load_images, resize_images, to_unit_range  # noqa: E402
+from rectflow.engine.trainer import TrainConfig, Trainer  # noqa: E402
+from t2i_teacher import CLASSES, EpsilonObjective, atomic_json, encode_prompts, log, prompt  # noqa: E402
+
+MODES = ("teacher", "student")
+
+
+def gray(x: Tensor) -> Tensor:
+    """Images (N, 3, H, W) in [-1, 1] -> their luminance in all three channels (the derivative's domain)."""
+    y = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+    return y[:, None].expand(-1, 3, -1, -1).contiguous()
+
+
+class Bench:
+    def __init__(self, a: argparse.Namespace) -> None:
+        self.a, self.work = a, a.work
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.teacher = a.teacher_work / "teacher"
+        self._cache: dict[str, Any] = {}
+
+    # ----- bookkeeping
+    def done(self, name: str) -> dict | None:
+        p = self.work / "phases" / f"{name}.json"
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def phase(self, name: str, fn) -> dict:
+        got = self.done(name)
+        if got is None:
+            log(f"phase {name}")
+            t0 = time.perf_counter()
+            got = fn()
+            got["phase_seconds"] = time.perf_counter() - t0
+            atomic_json(self.work / "phases" / f"{name}.json", got)
+            log(f"phase {name} done")
+        return got
+
+    def data(self, split: str) -> ImageArray:
+        if split not in self._cache:
+            d = resize_images(load_images(self.a.test_zip if split == "test" or self.a.smoke else self.a.train_zip), self.a.size)
+            if self.a.smoke:
+                d = ImageArray(d.images[:400], d.labels[:400], d.class_names, d.source)
+            self._cache[split] = d
+        return self._cache[split]
+
+    def classifier(self) -> SmallClassifier:
+        if "clf" not in self._cache:
+            from safetensors.torch import load_file
+
+            path = self.a.teacher_work / "classifier.safetensors"
+            info = json.loads(path.with_suffix(".json").read_text())
+            net = SmallClassifier(info["info"]["width"])
+            net.load_state_dict(load_file(str(path)))
+            self._cache["clf"] = net.eval()
+        return self._cache["clf"]
+
+    def feats(self, domain: str) -> FeatureStats:
+        key = f"feats-{domain}"
+        if key not in self._cache:
+            test = to_unit_range(self.data("test").images)
+            self._cache[key] = FeatureStats("fd", self.classifier(), gray(test) if domain == "gray" else test, torch.device("cpu"))
+        return self._cache[key]
+
+    # ----- 1. captions
+    def captions(self) -> dict:
+        from PIL import Image
+
+        from rectflow.data.images import to_uint8
+
+        folder = self.work / "captions"
+        folder.mkdir(parents=True, exist_ok=True)
+        d = self.data("train")
+        per = self.a.n_captioned // 10
+        rows = []
+        for c in range(10):
+            idx = torch.nonzero(d.labels == c).flatten()[:per]
+            for i in idx.tolist():
+                name = f"{CLASSES[c]}_{i:05d}.png"
+                Image.fromarray(to_uint8(to_unit_range(d.images[i:i + 1]))[0].permute(1, 2, 0).numpy()).save(folder / name)
+                rows.append({"file_name": name, "text": prompt(c)})
+        tmp = folder / "metadata.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(folder / "metadata.jsonl")
+        return {"n": len(rows), "folder": str(folder)}
+
+    # ----- 2. PeRFlow through the CLI
+    def perflow_out(self, mode: str, seed: int) -> Path:
+        return self.work / f"perflow-{mode}-s{seed}"
+
+    def perflow(self, mode: str, seed: int) -> dict:
+        a = self.a
+        out = self.perflow_out(mode, seed)
+        cmd = [sys.executable, "-m", "rectflow.cli", "perflow", str(self.teacher), "--data", str(self.work / "captions"), "--out", str(out),
+               "-K", "4", "--guidance", str(a.guidance), "--guidance-mode", mode, "--solver-steps", str(a.solver_steps), "--steps", str(a.steps),
+               "--batch-size", str(a.batch), "--lr", str(a.lr), "--seed", str(seed), "--lora-rank", str(a.lora_rank), "--precision", a.precision,
+               "--device", "cpu", "--prompt", prompt(0), "--prompt", prompt(3), "-q"]
+        env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
+        log("  " + shlex.join(["rectflow", *cmd[3:]]))
+        subprocess.run(cmd, check=True, env=env)
+        rec = json.loads((out / "perflow.json").read_text())
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        return {"command": shlex.join(["rectflow", *cmd[3:]]), "steps": rec["steps_done"], "lora": rec.get("lora"),
+                "train_seconds": sum(r["ms_per_step"] * r["steps"] for r in rows) / 1e3, "curve": [[r["step"], r["loss"]] for r in rows]}
+
+    # ----- sampling through stock diffusers
+    def sample(self, pipe, steps: int, w: float, seed: int, per_prompt: int | None = None) -> tuple[Tensor, list[int], float]:
+        per = per_prompt or self.a.n_fd // 10
+        pipe.set_progress_bar_config(disable=True)
+        imgs, labels = [], []
+        t0 = time.perf_counter()
+        for c in range(10):
+            g = torch.Generator().manual_seed(10_000 * seed + c)
+            for k in range(0, per, 250):
+                n = min(250, per - k)
+                with torch.no_grad():
+                    out = pipe([prompt(c)] * n, height=self.a.size, width=self.a.size, num_inference_steps=steps, guidance_scale=w,
+                               generator=g, output_type="pt").images
+                imgs.append(out.float() * 2 - 1)
+                labels += [c] * n
+        return torch.cat(imgs), labels, (time.perf_counter() - t0) / (10 * per)
+
+    def score(self, x: Tensor, labels: list[int], domain: str) -> dict:
+        with torch.no_grad():
+            pred = torch.cat([self.classifier().logits(xb).argmax(1) for xb in x.split(500)])
+        return {"fd": self.feats(domain).fd(x), "prompt_accuracy": float((pred == torch.tensor(labels)).float().mean())}
+
+    def grid(self, rows: list[tuple[str, Tensor, list[int]]], path: Path, per: int = 8) -> None:
+        """One row per prompt; the methods side by side within a row (``per`` samples each)."""
+        from rectflow.images.sampling import save_image_grid
+
+        picks = []
+        for c in range(10):
+            for _, x, labels in rows:
+                lab = torch.tensor(labels)
+                picks.append(x[lab == c][:per])
+        save_image_grid(torch.cat(picks), path, nrow=per * len(rows), scale=2)
+        (path.with_suffix(".txt")).write_text("columns, left to right: " + " | ".join(name for name, _, _ in rows) + "\n")
+
+    def evaluate(self, seed: int) -> dict:
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+        a, rows, shown = self.a, [], []
+        teacher = StableDiffusionPipeline.from_pretrained(str(self.teacher))
+        base = teacher.scheduler.config
+        runs = [("teacher DPM-Solver++", DPMSolverMultistepScheduler.from_config(base, algorithm_type="dpmsolver++"), 25),
+                ("teacher DDIM", DDIMScheduler.from_config(base), 4), ("teacher DDIM", DDIMScheduler.from_config(base), 8)]
+        for name, sched, steps in runs:
+            teacher.scheduler = sched
+            x, labels, spi = self.sample(teacher, steps, a.guidance, seed)
+            rows.append({"method": name, "steps": steps, "nfe": steps * (2 if a.guidance != 1 else 1), **self.score(x, labels, "color"), "s_per_image": spi})
+            log(f"  {name} {steps}: FD {rows[-1]['fd']:.3f}, accuracy {rows[-1]['prompt_accuracy']:.3f}")
+            if steps in (25, 4):
+                shown.append((f"{name} {steps}", x, labels))
+        for mode in MODES:
+            export = self.perflow_out(mode, seed) / "diffusers"
+            student = StableDiffusionPipeline.from_pretrained(str(export), trust_remote_code=True)
+            w = 1.0 if mode == "teacher" else a.guidance  # mode teacher: the guidance is in the student's weights
+            for steps in (4, 8):
+                x, labels, spi = self.sample(student, steps, w, seed)
+                rows.append({"method": f"PeRFlow (guidance mode {mode})", "steps": steps, "nfe": steps * (2 if w != 1 else 1),
+                             **self.score(x, labels, "color"), "s_per_image": spi})
+                log(f"  PeRFlow {mode} {steps}: FD {rows[-1]['fd']:.3f}, accuracy {rows[-1]['prompt_accuracy']:.3f}")
+                if steps == 4 and mode == "teacher":
+                    shown.append((f"PeRFlow {steps}", x, labels))
+        self.grid(shown, a.out / f"{a.name}_grid_s{seed}.png")
+        return {"rows": rows, "guidance": a.guidance, "n": a.n_fd}
+
+    # ----- 4. the derivative
+    def derivative(self) -> dict:
+        import shutil
+
+        from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+        from safetensors.torch import save_file
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        a = self.a
+        vae = AutoencoderKL.from_pretrained(str(self.teacher / "vae")).eval()
+        lat_path = self.work / "gray_latents.safetensors"
+        if not lat_path.is_file():
+            x = gray(to_unit_range(self.data("train").images))
+            means, stds = [], []
+            with torch.no_grad():
+                for flip in (False, True):
+                    for xb in x.split(500):
+                        post = vae.encode(xb.flip(-1) if flip else xb).latent_dist
+                        means.append(post.mean)
+                        stds.append(post.std)
+            save_file({"mean": torch.cat(means), "std": torch.cat(stds), "labels": torch.cat([self.data("train").labels] * 2)}, str(lat_path))
+        from safetensors.torch import load_file
+
+        lat = load_file(str(lat_path))
+        tok = CLIPTokenizer.from_pretrained(str(self.teacher / "tokenizer"))
+        te = CLIPTextModel.from_pretrained(str(self.teacher / "text_encoder")).eval()
+        obj = EpsilonObjective(lat["mean"], lat["std"], lat["labels"].long(), encode_prompts(tok, te, [prompt(c) for c in range(10)]),
+                               encode_prompts(tok, te, [""])[0], vae.config.scaling_factor, drop=0.1)
+        unet = UNet2DConditionModel.from_pretrained(str(self.teacher / "unet"))
+        cfg = TrainConfig(steps=a.derivative_steps, batch_size=128, lr=1e-4, optimizer="adamw", warmup_steps=50, lr_schedule="constant",
+                          ema_decay=0.999, precision=a.precision, log_every=50, ckpt_every=200, device="cpu", progress=False, seed=0)
+        tr = Trainer(unet, obj, cfg, self.work / "derivative-run", model_config={"derivative": "grayscale"})
+        t0 = time.perf_counter()
+        tr.fit()
+        folder = self.work / "derivative"
+        tmp = self.work / ".derivative.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        pipe = StableDiffusionPipeline.from_pretrained(str(self.teacher))
+        pipe.unet = tr.eval_model
+        pipe.save_pretrained(str(tmp))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.replace(folder)
+        return {"steps": tr.step, "this_call_seconds": time.perf_counter() - t0, "domain": "grayscale CIFAR-10"}
+
+    # ----- 5. plug and play
+    def plug(self, seed: int) -> dict:
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+        from rectflow.perflow.delta import apply_delta
+        from rectflow.perflow.diffusers_scheduler import PeRFlowScheduler
+
+        a, rows, shown = self.a, [], []
+        folder = self.work / "derivative"
+        deriv = StableDiffusionPipeline.from_pretrained(str(folder))
+        deriv.scheduler = DPMSolverMultistepScheduler.from_config(deriv.scheduler.config, algorithm_type="dpmsolver++")
+        x, labels, spi = self.sample(deriv, 25, a.guidance, seed)
+        rows.append({"method": "derivative DPM-Solver++", "steps": 25, **self.score(x, labels, "gray"), "s_per_image": spi})
+        shown.append(("derivative 25", x, labels))
+        job = self.perflow_out("teacher", seed)
+        sched = PeRFlowScheduler.from_pretrained(str(job / "diffusers" / "scheduler"))
+        for how in ("full delta", "LoRA"):
+            pipe = StableDiffusionPipeline.from_pretrained(str(folder))
+            if how == "full delta":
+                apply_delta(pipe.unet, job / "delta.safetensors")
+            else:
+                pipe.load_lora_weights(str(job / "lora"))  # diffusers' own loader, through peft
+            pipe.scheduler = sched
+            x, labels, spi = self.sample(pipe, 4, 1.0, seed)
+            rows.append({"method": f"derivative + base {how}", "steps": 4, **self.score(x, labels, "gray"), "s_per_image": spi})
+            log(f"  derivative + {how}: FD {rows[-1]['fd']:.3f}, accuracy {rows[-1]['prompt_accuracy']:.3f}")
+            if how == "full delta":
+                shown.append(("derivative + delta 4", x, labels))
+        deriv.scheduler = DDIMScheduler.from_config(deriv.scheduler.config)
+        x, labels, spi = self.sample(deriv, 4, a.guidance, seed)
+        rows.append({"method": "derivative DDIM", "steps": 4, **self.score(x, labels, "gray"), "s_per_image": spi})
+        shown.insert(1, ("derivative DDIM 4", x, labels))
+        self.grid(shown, a.out / f"{a.name}_derivative_grid_s{seed}.png")
+        return {"rows": rows}
+
+    def run(self) -> None:
+        a = self.a
+        self.phase("captions", self.captions)
+        for seed in a.seeds:
+            for mode in MODES:
+                self.phase(f"perflow-{mode}-s{seed}", lambda m=mode, s=seed: self.perflow(m, s))
+        for seed in a.seeds:
+            self.phase(f"eval-s{seed}", lambda s=seed: self.evaluate(s))
+        self.phase("derivative", self.derivative)
+        for seed in a.seeds:
+            self.phase(f"plug-s{seed}", lambda s=seed: self.plug(s))
+        self.write()
+
+    def write(self) -> None:
+        a, m = self.a, machine_info()
+        cap, native = torch.backends.cpu.get_cpu_capability(), bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        d = {name: self.done(name) for name in sorted(p.stem for p in (self.work / "phases").glob("*.json"))}
+        lines = ["# PeRFlow on a trained text-to-image pipeline (CIFAR-10 16x16 teacher of t2i_teacher.py)", "",
+                 machine_line(m) + f" CPU capability {cap}, bf16 native: {native}.", "",
+                 f"Command: `python benchmarks/t2i_perflow.py {' '.join(sys.argv[1:])}`", ""]
+        for seed in a.seeds:
+            for mode in MODES:
+                p = d.get(f"perflow-{mode}-s{seed}")
+                if p:
+                    lines += [f"- PeRFlow, guidance mode {mode}, seed {seed}: {p['steps']} steps, {p['train_seconds'] / 3600:.2f} h; `{p['command']}`"]
+        lines += [""]
+        evals = [d.get(f"eval-s{s}") for s in a.seeds]
+        if all(evals):
+            lines += [f"## 25 steps -> 4 (guidance w = {a.guidance}, {a.n_fd} samples per row, two seeds: mean and the two values)", "",
+                      "| method | steps | NFE | FD | prompt accuracy | ms / image |", "|---|---:|---:|---:|---:|---:|"]
+            for i, r in enumerate(evals[0]["rows"]):
+                rs = [e["rows"][i] for e in evals]
+                fd = [x["fd"] for x in rs]
+                acc = [x["prompt_accuracy"] for x in rs]
+                lines.append(f"| {r['method']} | {r['steps']} | {r['nfe']} | {np.mean(fd):.3f} ({' / '.join(f'{v:.3f}' for v in fd)}) | "
+                             f"{np.mean(acc):.3f} ({' / '.join(f'{v:.3f}' for v in acc)}) | {1e3 * np.mean([x['s_per_image'] for x in rs]):.1f} |")
+            lines += ["", *[f"![grid seed {s}]({a.name}_grid_s{s}.png)" for s in a.seeds[:1]], ""]
+        plugs = [d.get(f"plug-s{s}") for s in a.seeds]
+        if all(plugs):
+            lines += ["## The base's delta on a fine-tune (grayscale derivative)", "", "| method | steps | FD (vs grayscale test) | prompt accuracy |",
+                      "|---|---:|---:|---:|"]
+            for i, r in enumerate(plugs[0]["rows"]):
+                rs = [p["rows"][i] for p in plugs]
+                lines.append(f"| {r['method']} | {r['steps']} | {np.mean([x['fd'] for x in rs]):.3f} | {np.mean([x['prompt_accuracy'] for x in rs]):.3f} |")
+            lines += ["", *[f"![derivative grid seed {s}]({a.name}_derivative_grid_s{s}.png)" for s in a.seeds[:1]], ""]
+        write_results(a.out, a.name, {"machine": m, "cpu_capability": cap, "bf16_native": native, "phases": d}, "\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--teacher-work", type=Path, required=True, help="the --work folder of t2i_teacher.py (teacher/, classifier.safetensors)")
+    ap.add_argument("--train-zip", type=Path, default=DATA / "train.zip")
+    ap.add_argument("--test-zip", type=Path, default=DATA / "test.zip")
+    ap.add_argument("--size", type=int, default=16)
+    ap.add_argument("--n-captioned", type=int, default=10000)
+    ap.add_argument("--guidance", type=float, default=2.0)
+    ap.add_argument("--solver-steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--derivative-steps", type=int, default=1500)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--n-fd", type=int, default=5000)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "results" / "tmp" / "t2i_perflow")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--name", default="t2i_perflow")
+    ap.add_argument("--smoke", action="store_true", help="tiny everything: checks the script")
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.n_captioned, a.steps, a.batch, a.solver_steps, a.derivative_steps, a.n_fd, a.seeds = 40, 2, 4, 2, 4, 40, [1]
+        a.lora_rank, a.name, a.out = 2, a.name + "_smoke", a.work / "results"
+    torch.set_num_threads(a.threads)
+    Bench(a).run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
