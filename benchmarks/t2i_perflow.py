@@ -232,7 +232,8 @@ class Bench:
                         post = vae.encode(xb.flip(-1) if flip else xb).latent_dist
                         means.append(post.mean)
                         stds.append(post.std)
-            save_file({"mean": torch.cat(means), "std": torch.cat(stds), "labels": torch.cat([self.data("train").labels] * 2)}, str(lat_path))
+            save_file({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(),
+                       "labels": torch.cat([self.data("train").labels] * 2).contiguous()}, str(lat_path))
         from safetensors.torch import load_file
 
         lat = load_file(str(lat_path))
