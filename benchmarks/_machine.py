@@ -15,8 +15,15 @@ def machine_line(m: dict[str, Any]) -> str:
     load_s = f", load average at start {load[0]:.2f}" if load else ""
     return (
         f"Machine: {m['cpu']}, {m['usable_cores']} usable of {m.get('cpu_count', m.get('logical_cores'))} logical cores{load_s}; "
-        f"torch {m['torch']}, numpy {m['numpy']}, POT {m['pot']}, Python {m['python']}."
+        f"{isa_note(m)}; torch {m['torch']}, numpy {m['numpy']}, POT {m['pot']}, Python {m['python']}."
     )
+
+
+def isa_note(m: dict[str, Any]) -> str:
+    """'CPU capability AVX512 (AMX), bf16 native' from a machine_info dict (what decides the fast precision on a CPU)."""
+    extra = ", ".join(n for n, k in (("AMX", "amx_bf16"), ("AVX512-BF16", "avx512_bf16")) if m.get(k))
+    cap = m.get("cpu_capability", "unknown")
+    return f"CPU capability {cap}{f' ({extra})' if extra else ''}, bf16 {'native' if m.get('bf16_native') else 'emulated'}"
 
 
 def write_results(out_dir: Path, name: str, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:

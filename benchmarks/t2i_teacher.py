@@ -398,10 +398,15 @@ class Bench:
         base = pipe.scheduler.config
         rows = []
         per = self.a.n_fd // 10
-        for sched_name, steps in (("dpm++", 25), ("ddim", 50), ("ddim", 4)):
+        partial = self.work / "eval_rows.jsonl"  # one row per (sampler, w), kept across a kill
+        done = {(r["sampler"], r["guidance"]): r for r in (json.loads(x) for x in partial.read_text().splitlines() if x.strip())} if partial.is_file() else {}
+        for sched_name, steps in (("dpm++", 25), ("ddim", 4)):
             pipe.scheduler = (DPMSolverMultistepScheduler.from_config(base, algorithm_type="dpmsolver++") if sched_name == "dpm++"
                               else DDIMScheduler.from_config(base))
             for w in self.a.guidance:
+                if (f"{sched_name}:{steps}", w) in done:
+                    rows.append(done[(f"{sched_name}:{steps}", w)])
+                    continue
                 t0 = time.perf_counter()
                 imgs, labels = [], []
                 for c in range(10):
@@ -420,8 +425,10 @@ class Bench:
                 acc = float((pred == torch.tensor(labels)).float().mean())
                 row = {"sampler": f"{sched_name}:{steps}", "guidance": w, "fd": feats.fd(x), "prompt_accuracy": acc, "s_per_image": secs / len(x), "n": len(x)}
                 rows.append(row)
+                with partial.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
                 log(f"  {row['sampler']} w={w}: FD {row['fd']:.3f}, prompt accuracy {acc:.3f}, {row['s_per_image'] * 1e3:.1f} ms/image")
-                if sched_name == "dpm++" and w == self.a.guidance[-1]:
+                if sched_name == "dpm++" and w == 2.0:
                     self.grid(x, labels, self.a.out / f"{self.a.name}_grid.png")
         return {"rows": rows, "n_per_prompt": per}
 

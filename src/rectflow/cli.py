@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a 1-rectified flow from a YAML config", formatter_class=fmt)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=2000 target=moons")
-    p.add_argument("--config", "-c", help="YAML config file (defaults apply to missing keys)")
+    p.add_argument("--config", "-c", action="append", help="YAML config file (defaults apply to missing keys); repeat to layer files, "
+                                                             "later ones winning (e.g. -c configs/cifar10-cpu.yaml -c tuned.yaml)")
     p.add_argument("--run", "-r", required=True, help="run directory (created, or resumed if it holds the same run)")
     p.add_argument("--fresh", action="store_true", help="refuse to resume: fail if the run directory already has checkpoints")
     _add_recipe_arg(p, "its teacher settings go under the config file and overrides")
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=int, default=10_000, help="reflow / distillation pairs in the pipeline part")
     _add_reflow_parsers(sub, fmt)
     _add_perflow_parser(sub, fmt)
+    _add_tune_parser(sub, fmt)
     return parser
 
 
@@ -173,7 +175,7 @@ def _add_perflow_parser(sub, fmt) -> None:
                    help="OUT/diffusers names the stock scheduler exact at K steps (DDIM / FlowMatchEuler: no custom code to trust, other step "
                         "counts sample wrong) in model_index.json and keeps PeRFlowScheduler in scheduler_perflow/; refused where none is exact")
     p.add_argument("--lora-bias", action="store_true", help="text-to-image pipelines: the LoRA also carries the bias changes (peft lora_bias)")
-    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"],
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="autocast of the teacher's window solve and the student's training step (auto: bf16 where it is native on the device)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
@@ -396,6 +398,36 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_tune_parser(sub, fmt) -> None:
+    p = sub.add_parser("tune", help="measure which precision / channels-last / compile / thread settings train this config fastest here",
+                       formatter_class=fmt)
+    p.add_argument("config", help="YAML config file (the model and batch to time)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.batch_size=128")
+    p.add_argument("--seconds", type=float, default=60.0, help="time budget after the first round of candidates")
+    p.add_argument("--steps", type=int, default=4, help="timed training steps per candidate and round")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (its warm-up takes tens of seconds per candidate)")
+    p.add_argument("--threads", type=int, action="append", help="thread counts to time (repeatable; default: 1 and all usable cores)")
+    p.add_argument("--write", metavar="YAML", help="write the winner's train settings to this file (pass it as a second --config)")
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from rectflow.runs.tune import render_table, tune, write_overrides
+
+    if args.threads and any(t < 1 for t in args.threads):
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    cfg = load_config(args.config, list(args.overrides))
+    result = tune(cfg, seconds=args.seconds, steps=args.steps, compile=args.compile, threads=args.threads,
+                  log=lambda m: print(m, file=sys.stderr))
+    print(render_table(result))
+    w = result["winner"]
+    print(f"\nfastest: {w['label']} ({w['speedup']:.2f}x fp32); overrides: train.precision={w['precision']} "
+          f"train.channels_last={str(w['channels_last']).lower()} train.compile={str(w['compile']).lower()} train.threads={w['threads']}")
+    print(f"precision auto picks {result['auto_precision']} here ({result['cpu_capability']}, bf16 {'native' if result['bf16_native'] else 'emulated'})")
+    if args.write:
+        print(f"wrote {write_overrides(args.write, result)} (rectflow train -c {args.config} -c {args.write} ...)")
+    return 0
+
+
 _COMMANDS = {"train": _cmd_train, "sample": _cmd_sample, "eval": _cmd_eval, "demo": _cmd_demo, "report": _cmd_report}
 
 
@@ -609,7 +641,7 @@ def _cmd_perflow(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS.update({"perflow": _cmd_perflow, "pairs": _cmd_pairs, "reflow": _cmd_reflow, "distill": _cmd_distill, "diagnose": _cmd_diagnose, "pipeline": _cmd_pipeline})
+_COMMANDS.update({"tune": _cmd_tune, "perflow": _cmd_perflow, "pairs": _cmd_pairs, "reflow": _cmd_reflow, "distill": _cmd_distill, "diagnose": _cmd_diagnose, "pipeline": _cmd_pipeline})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,7 @@ import pickle
 import signal
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -49,11 +50,12 @@ from tqdm.auto import tqdm
 
 from rectflow.engine import distributed as dist_utils
 from rectflow.engine.checkpoint import NonFiniteWeightsError, check_run_record, checkpoint_path, list_checkpoints, load_optimizer_state, load_weights, read_checkpoint, save_checkpoint
+from rectflow.engine.hardware import PRECISIONS, precision_note, resolve_precision, resolve_threads, torch_threads
 from rectflow.engine.io import append_jsonl, atomic_path, make_dirs, read_jsonl
 from rectflow.errors import CheckpointError, ConfigError
 from rectflow.flow.losses import Objective
 
-__all__ = ["TrainConfig", "EMA", "Trainer", "TimeBudget", "step_generator", "resolve_device", "resolve_precision", "native_bf16", "lr_at", "values_per_sample"]
+__all__ = ["TrainConfig", "EMA", "Trainer", "TimeBudget", "step_generator", "resolve_device", "lr_at", "values_per_sample"]
 
 @dataclass
 class TrainConfig:
@@ -72,7 +74,8 @@ class TrainConfig:
     ema_decay: float = 0.999  # 0 disables; the effective decay warms up as min(decay, (1 + k) / (10 + k))
     ema_kind: str = "exponential"  # exponential (ema_decay) | power (ema_gamma; ignores ema_decay)
     ema_gamma: float = 6.94  # power EMA exponent: weights ~ step^gamma (6.94 <-> EDM2 sigma_rel 0.10)
-    precision: str = "fp32"  # fp32 | bf16 | auto (bf16 autocast of the loss computation where bf16 is native; weights stay fp32)
+    precision: str = "auto"  # auto | fp32 | bf16: bf16 autocast of the loss computation (weights stay fp32); auto = bf16 where it is native
+    threads: int | None = None  # torch threads while training; None = auto (the cores shared by this machine's ranks, one left to workers)
     tf32: bool = True  # allow TF32 matmuls/convolutions on CUDA while training
     channels_last: bool = False  # channels-last memory format for the model and 4-D batch tensors
     compile: bool = False  # torch.compile the model for training
@@ -111,32 +114,14 @@ class TrainConfig:
         need(self.ema_kind in ("exponential", "power"), f"ema_kind must be one of ['exponential', 'power'], got {self.ema_kind!r}")
         need(self.ema_gamma > 0, f"ema_gamma must be > 0, got {self.ema_gamma}")
         need(self.precision in PRECISIONS, f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        need(self.threads is None or (isinstance(self.threads, int) and not isinstance(self.threads, bool) and self.threads >= 1),
+             f"threads must be an integer >= 1 or null (auto), got {self.threads!r}")
         need(isinstance(self.sample_every, int) and self.sample_every >= 0, f"sample_every must be an integer >= 0, got {self.sample_every!r}")
 
     @property
     def uses_ema(self) -> bool:
         """EMA weights are kept when ema_decay > 0 or the power EMA is chosen."""
         return self.ema_decay > 0 or self.ema_kind == "power"
-
-
-PRECISIONS = ("fp32", "bf16", "auto")
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bf16 natively: a CUDA device with bf16 support, or a CPU whose oneDNN reports native
-    bf16 (AVX512-BF16 or AMX); elsewhere bf16 autocast is emulated and many times slower than fp32."""
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    if device.type == "cpu":
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> bf16 where :func:`native_bf16`, else fp32; fp32 / bf16 as given."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
-    return ("bf16" if native_bf16(device) else "fp32") if precision == "auto" else precision
 
 
 def resolve_device(name: str) -> torch.device:
@@ -240,6 +225,11 @@ class Trainer:
         if self.device.type == "cuda" and self.device.index is None and self.dist.world_size > 1:
             self.device = torch.device("cuda", self.dist.local_rank)
         self.precision = resolve_precision(config.precision, self.device)  # what autocast runs: "auto" resolved on this device
+        note = precision_note(self.precision, self.device)
+        if note:
+            warnings.warn(note, UserWarning, stacklevel=2)
+        # auto threads never raise the process's own count: they only split the cores between torchrun ranks and workers
+        self.threads = config.threads or min(torch.get_num_threads(), resolve_threads(None, workers=config.workers or 0))
         self.model = model.to(self.device)
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -417,7 +407,7 @@ class Trainer:
         self._per_sample = None  # values per sample d, from the first batch
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.dist.is_main) or None, desc="train", unit="step", dynamic_ncols=True)
         batches = self._batches(self.step)
-        with _SigintLatch() as interrupt, _tf32(cfg.tf32 if self.device.type == "cuda" else None):
+        with _SigintLatch() as interrupt, _tf32(cfg.tf32 if self.device.type == "cuda" else None), torch_threads(self.threads):
             try:
                 for batch in batches:
                     if self._per_sample is None:

@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -212,25 +212,32 @@ def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     return plain(asdict(cfg))
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None, defaults: dict[str, Any] | None = None) -> ExperimentConfig:
-    """Read a YAML (or JSON) config file, apply ``key.sub=value`` overrides, validate.
-    ``defaults``: config sections under the file's (a recipe, :mod:`rectflow.runs.recipes`):
-    a key the file or an override sets wins."""
+def load_config(path: str | Path | Sequence[str | Path] | None, overrides: list[str] | None = None,
+                defaults: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read a YAML (or JSON) config file, or several (each later file's keys win, section by section: e.g. a recipe and
+    the ``train:`` fragment ``rectflow tune --write`` made), apply ``key.sub=value`` overrides, validate.
+    ``defaults``: config sections under the files' (a recipe, :mod:`rectflow.runs.recipes`):
+    a key a file or an override sets wins."""
+    paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
     data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            data = yaml.load(p.read_text(), Loader=_StrictLoader) or {}
-        except ConfigError as e:
-            raise ConfigError(f"{p}: {e}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: top level must be a mapping of config sections")
+    for one in paths:
+        data = _merged(data, _read_config_file(Path(one)))
     data = apply_overrides(_merged(defaults or {}, data), overrides or [])
     return config_from_dict(data)
+
+
+def _read_config_file(p: Path) -> dict[str, Any]:
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        data = yaml.load(p.read_text(), Loader=_StrictLoader) or {}
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of config sections")
+    return data
 
 
 def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -24,6 +25,7 @@ from torch import nn
 
 from rectflow.data import ObjectDistribution, absolute_spec, as_distribution, make_distribution, point_file_path
 from rectflow.engine.checkpoint import check_model_config, latest_checkpoint, list_checkpoints, load_weights, read_checkpoint
+from rectflow.engine.hardware import hardware_info, resolve_precision
 from rectflow.engine.io import load_json, make_dirs, remove_stale_temporaries, save_json
 from rectflow.engine.trainer import Trainer, resolve_device
 from rectflow.errors import CheckpointError, ConfigError, DataError
@@ -269,6 +271,7 @@ def train_run(
     if model is not None and not isinstance(model, nn.Module):
         raise ConfigError(f"model= must be an nn.Module (the network to train), got {model!r}")
     _require_objects(run_dir, source, target, model)
+    requested = cfg.train.precision
     cfg = _as_recorded(_with_objects(cfg, source, target, model), run_dir)
     source, target = build_distributions(cfg, source=source, target=target)
     new = config_to_dict(cfg)
@@ -289,11 +292,16 @@ def train_run(
         objective = build_objective(cfg, source, target)  # before writing: a bad pair store leaves nothing behind
         make_dirs(run_dir)
         save_json(run_dir / "config.json", new)
-        save_json(run_dir / "machine.json", machine_info())
+        trainer = Trainer(model, objective, cfg.train, run_dir, model_config=mcfg, run_record=_record(new), callbacks=callbacks)
+        hw = {**hardware_info(trainer.device), "precision": trainer.precision, "threads": trainer.threads, "precision_requested": requested}
+        save_json(run_dir / "machine.json", {**machine_info(), **hw})
+        if cfg.train.progress:
+            print(f"precision {trainer.precision} ({'auto: ' if requested == 'auto' else ''}{hw['cpu_capability'] if trainer.device.type == 'cpu' else trainer.device}, "
+                  f"bf16 native: {hw['bf16_native']}), {trainer.threads} thread(s)", file=sys.stderr)
         if cfg.train.sample_every > 0 and len(sample_shape(source)) == 3:
             labels = torch.arange(64) % cfg.model.num_classes if cfg.model.num_classes > 0 else None
             callbacks = [*(callbacks or []), SampleGridCallback(source, cfg.train.sample_every, labels=labels, guidance=cfg.guidance.scale)]
-        trainer = Trainer(model, objective, cfg.train, run_dir, model_config=mcfg, run_record=_record(new), callbacks=callbacks)
+        trainer.callbacks = callbacks or []
         return trainer.fit(resume=resume)
 
 
@@ -329,12 +337,17 @@ def _as_recorded(cfg: ExperimentConfig, run_dir: Path) -> ExperimentConfig:
     new = replace(cfg, source=absolute_spec(cfg.source), target=absolute_spec(cfg.target))
     old = load_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else None
     if not isinstance(old, dict):  # a new run (a damaged record is the guard's to report)
+        if cfg.train.precision == "auto":  # resolved once, on the device the run starts on, and recorded: a resume computes the same
+            new = replace(new, train=replace(new.train, precision=resolve_precision("auto", resolve_device(cfg.train.device))))
         if cfg.model.time_scale is None:
             new = replace(new, model=replace(new.model, time_scale=DEFAULT_TIME_SCALE))
         if cfg.eval.holdout is None and point_file_path(new.target) is not None:
             new = replace(new, eval=replace(new.eval, holdout=DEFAULT_HOLDOUT))
         return new
     keep = {k: old[k] for k in ("source", "target") if k in old and old[k] != getattr(new, k) and absolute_spec(old[k]) == getattr(new, k)}
+    recorded_precision = old.get("train", {}).get("precision") if isinstance(old.get("train"), dict) else None
+    if cfg.train.precision == "auto" and recorded_precision in ("fp32", "bf16"):  # auto resumes a run at the precision it started with
+        keep["train"] = replace(new.train, precision=recorded_precision)
     if cfg.model.time_scale is None:  # unset: the scale the run recorded (1000 for an MLP run made before the key)
         recorded = _upgraded(old).get("model", {}).get("time_scale") if isinstance(old.get("model"), dict) else None
         keep["model"] = replace(new.model, time_scale=recorded if recorded is not None else DEFAULT_TIME_SCALE)

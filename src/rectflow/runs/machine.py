@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from rectflow.engine.hardware import hardware_info
 from rectflow.version import __version__
 
 
@@ -59,6 +60,7 @@ def machine_info() -> dict[str, Any]:
         "pot": _version_of("ot"),
         "rectflow": __version__,
         "cuda": torch.cuda.is_available(),
+        **{k: v for k, v in hardware_info("cpu").items() if k != "device"},  # the CPU's ISA and whether bf16 is native on it
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -67,7 +69,8 @@ def machine_info() -> dict[str, Any]:
 
 
 def describe(info: dict[str, Any] | None = None) -> str:
-    """One line: 'CPU model (N cores), GPU, torch x'."""
+    """One line: 'CPU model (N cores, ISA, bf16 native|emulated), GPU, torch x'."""
     info = info or machine_info()
     gpu = f", {info['gpu']}" if info.get("gpu") else ", no GPU"
-    return f"{info.get('cpu')} ({info.get('cpu_count')} cores){gpu}, torch {info.get('torch')}"
+    isa = f", {info['cpu_capability']}, bf16 {'native' if info.get('bf16_native') else 'emulated'}" if info.get("cpu_capability") else ""
+    return f"{info.get('cpu')} ({info.get('cpu_count')} cores{isa}){gpu}, torch {info.get('torch')}"

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from PIL import Image
 from torch import Tensor
 
 from rectflow.data.images import ImageGaussian, to_uint8
+from rectflow.engine.hardware import resolve_precision
 from rectflow.engine.io import atomic_path, check_writable, load_json, load_tensors, make_dirs, remove_stale_temporaries, save_json, save_tensors
 from rectflow.engine.trainer import TrainConfig, Trainer, resolve_device
 from rectflow.errors import CheckpointError, ConfigError
@@ -313,6 +314,7 @@ def train_perflow(
     train = train or default_train_config()
     train.validate()
     out = Path(out)
+    train = _resolved_precision(train, out)
     if Path(teacher_path).is_dir() and is_latent_pipeline(teacher_path):
         return _train_pipeline_job(Path(teacher_path), out, settings, train, data, latent or LatentDataOptions(), lora_rank, prompts, samples_per_prompt,
                                    export_options or ExportOptions())
@@ -364,6 +366,16 @@ def train_perflow(
         if export and desc["kind"] == "diffusers":
             export_student(final, out / "diffusers", teacher_path, stock_scheduler=(export_options or ExportOptions()).stock_scheduler)
     return out
+
+
+def _resolved_precision(train: TrainConfig, out: Path) -> TrainConfig:
+    """``precision="auto"`` made concrete once: the precision a job in ``out`` recorded, else bf16 where it is native on the
+    device (:func:`~rectflow.engine.hardware.resolve_precision`); so a resumed job computes as it started."""
+    if train.precision != "auto":
+        return train
+    old = load_json(out / "perflow.json") if (out / "perflow.json").is_file() else None
+    recorded = old.get("train", {}).get("precision") if isinstance(old, dict) and isinstance(old.get("train"), dict) else None
+    return replace(train, precision=recorded if recorded in ("fp32", "bf16") else resolve_precision("auto", resolve_device(train.device)))
 
 
 def _solving(teacher: Teacher, train: TrainConfig) -> Teacher:

@@ -20,7 +20,7 @@ from rectflow.errors import ConfigError
 
 __all__ = ["RESUMABLE_TRAIN_KEYS", "semantic_config", "guard_run_dir", "lock_run_dir"]
 
-RESUMABLE_TRAIN_KEYS = frozenset({"steps", "progress", "log_every", "ckpt_every", "keep_checkpoints", "workers", "device", "sample_every"})
+RESUMABLE_TRAIN_KEYS = frozenset({"steps", "progress", "log_every", "ckpt_every", "keep_checkpoints", "workers", "device", "sample_every", "threads"})
 """``train`` keys that may change between a run and its resumption (they do not change the result)."""
 
 
