@@ -122,6 +122,12 @@ CASES = [
     (["train", "--run", "{tmp}/r", "--config", "{tmp}/missing.yaml"], "missing.yaml"),
     (["train", "--run", "{tmp}/r", "train.device=banana"], "banana"),
     (["train", "--run", "{corrupt}", "--quiet", *TINY, "train.steps=9"], "metrics.jsonl"),
+    (["train", "--run", "{tmp}/r", "train.precision=fp16"], "train.precision"),
+    (["train", "--run", "{tmp}/r", "train.threads=0"], "train.threads"),
+    # tune
+    (["tune", "{tmp}/missing.yaml"], "missing.yaml"),
+    (["tune", "{tmp}/dup.yaml"], "train"),
+    (["tune", "{tmp}/missing.yaml", "--threads", "0"], "--threads"),
     # sample
     (["sample", "{run}", "--out", "{tmp}/afile/x.npy"], "afile"),
     (["sample", "{run}", "--out", "{tmp}"], "is a directory"),

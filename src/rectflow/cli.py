@@ -55,6 +55,7 @@ from rectflow.runs.recipes import RECIPES, get_recipe
 from rectflow.runs.reflow import reflow_chain, train_reflow
 from rectflow.runs.report import build_report, collect_run
 from rectflow.runs.solvers import DIFFUSION_SOLVERS, check_solver, solve_spec
+from rectflow.runs.tune import render_table, tune, write_overrides
 from rectflow.version import __version__
 
 __all__ = ["build_parser", "main"]
@@ -411,8 +412,6 @@ def _add_tune_parser(sub, fmt) -> None:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from rectflow.runs.tune import render_table, tune, write_overrides
-
     if args.threads and any(t < 1 for t in args.threads):
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
     cfg = load_config(args.config, list(args.overrides))

@@ -39,7 +39,8 @@ def test_slicing_helpers():
 
 def _trainer(kind: str, run_dir, batch: int = 16, steps: int = 6) -> Trainer:
     torch.manual_seed(0)
-    cfg = TrainConfig(steps=steps, batch_size=batch, lr=1e-2, log_every=3, ckpt_every=3, progress=False, seed=3, ema_decay=0.9, workers=0)
+    cfg = TrainConfig(steps=steps, batch_size=batch, lr=1e-2, log_every=3, ckpt_every=3, progress=False, seed=3, ema_decay=0.9, workers=0,
+                      precision="fp32")  # DDP equals one process to float32 rounding; bf16 autocast would round per rank
     if kind == "mlp":  # minibatch OT: a batch-level coupling, drawn globally, then sliced
         return Trainer(MLPVelocity(2, width=32, depth=2), FlowMatchingObjective(MinibatchOTCoupling(Gaussian(2), Moons())), cfg, run_dir)
     source, target = make_distribution({"name": "gaussian", "shape": [1, 8, 8]}), make_distribution({"name": "digits", "flip": True})
@@ -97,7 +98,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
 def test_rectflow_train_under_torchrun(tmp_path):
     """`torchrun --nproc_per_node=2 -m rectflow.cli train` equals the single-process command."""
     common = ["target=moons", "model.width=32", "model.depth=2", "train.steps=8", "train.batch_size=32", "train.ckpt_every=8",
-              "train.log_every=4", "train.workers=0", "--no-eval", "-q"]
+              "train.log_every=4", "train.workers=0", "train.precision=fp32", "--no-eval", "-q"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     torchrun = Path(sys.executable).parent / "torchrun"
     subprocess.run([sys.executable, "-m", "rectflow.cli", "train", "-r", str(tmp_path / "one"), *common], check=True, env=env, cwd=tmp_path, timeout=300)

@@ -204,3 +204,12 @@ def test_mean_flow_sampling_gives_half_precision_states_float32_times():
 def test_mean_flow_sampling_keeps_a_half_precision_state():
     out = sample_mean_flow(lambda x, s, t: -x * t[:, None], torch.ones(2, 2, dtype=torch.bfloat16), steps=3)
     assert out.x.dtype == torch.bfloat16
+
+
+def test_the_shortcut_objective_trains_under_bf16_autocast():
+    """The self-consistency target comes out of the network in bf16 under autocast; it fills a float32 target."""
+    torch.manual_seed(0)
+    net = MLPAverageVelocity(2, width=16, depth=2)
+    cfg = TrainConfig(steps=3, batch_size=32, lr=1e-3, ema_decay=0.0, progress=False, precision="bf16", log_every=1, ckpt_every=10**6)
+    Trainer(net, ShortcutObjective(IndependentCoupling(Gaussian(2), Gaussian(2))), cfg).fit()
+    assert all(bool(torch.isfinite(p).all()) for p in net.parameters())

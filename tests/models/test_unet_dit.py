@@ -166,7 +166,7 @@ def test_cifar10_recipe_config():
 
     root = Path(__file__).resolve().parents[2]
     cfg = load_config(root / "configs" / "cifar10.yaml")
-    assert cfg.model.kind == "unet" and cfg.time.kind == "logit_normal" and cfg.train.precision == "bf16"
+    assert cfg.model.kind == "unet" and cfg.time.kind == "logit_normal" and cfg.train.precision == "auto"
     assert cfg.reflow.distill_loss == "pseudo_huber" and cfg.target["flip"] is True
     with torch.device("meta"):
         m = build_model(model_config(cfg, 3 * 32 * 32, (3, 32, 32)))

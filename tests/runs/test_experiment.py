@@ -8,6 +8,7 @@ from torch import nn
 
 from rectflow.cli import main
 from rectflow.engine.checkpoint import checkpoint_path, list_checkpoints
+from rectflow.engine.hardware import resolve_precision
 from rectflow.engine.io import load_json
 from rectflow.errors import CheckpointError, ConfigError, DataError
 from rectflow.models import MLPVelocity, UNetVelocity
@@ -96,10 +97,11 @@ def test_build_model_unknown_kind():
 def test_train_then_load(trained):
     cks = list_checkpoints(trained)
     assert cks and cks[-1] == checkpoint_path(trained, STEPS)
-    assert load_json(trained / "config.json") == config_to_dict(tiny(model__time_scale=10.0))  # as recorded: the unset scale resolved
+    auto = resolve_precision("auto", torch.device("cpu"))
+    assert load_json(trained / "config.json") == config_to_dict(tiny(model__time_scale=10.0, train__precision=auto))  # as recorded: the unset scale and auto precision resolved
     run = load_run(trained)
     assert run.step == STEPS and run.checkpoint == checkpoint_path(trained, STEPS)
-    assert run.config == tiny(model__time_scale=10.0) and run.dim == 2 and not run.model.training
+    assert run.config == tiny(model__time_scale=10.0, train__precision=auto) and run.dim == 2 and not run.model.training
     raw = load_run(trained, ema=False)
     ema_w, raw_w = run.model.state_dict(), raw.model.state_dict()
     assert ema_w.keys() == raw_w.keys()
@@ -374,3 +376,21 @@ def test_an_mlp_passed_as_an_object_is_reloaded_with_the_time_scale_it_was_train
     assert loaded.model.time_embed.freqs.max().item() == pytest.approx(1000.0)
     with pytest.raises(CheckpointError, match="time_scale"):
         load_run(run, model=MLPVelocity(2, width=16, depth=2, time_dim=8))  # another scale: refused, not silently loaded
+
+
+def test_auto_precision_is_resolved_once_recorded_and_kept_on_resume(tmp_path, monkeypatch):
+    from rectflow.engine import hardware
+
+    monkeypatch.setattr(hardware, "native_bf16", lambda device="cpu": True)
+    cfg = tiny(train__steps=4, train__ckpt_every=2)
+    assert cfg.train.precision == "auto"
+    train_run(cfg, tmp_path / "r")
+    assert load_json(tmp_path / "r" / "config.json")["train"]["precision"] == "bf16"
+    machine = load_json(tmp_path / "r" / "machine.json")
+    assert machine["precision"] == "bf16" and machine["precision_requested"] == "auto" and machine["threads"] >= 1
+    assert machine["cpu_capability"] and "bf16_native" in machine
+    # resumed with auto on a machine without native bf16: the run keeps the precision it started with
+    monkeypatch.setattr(hardware, "native_bf16", lambda device="cpu": False)
+    with pytest.warns(UserWarning, match="emulated"):
+        tr = train_run(tiny(train__steps=6, train__ckpt_every=2), tmp_path / "r")
+    assert tr.precision == "bf16" and tr.step == 6

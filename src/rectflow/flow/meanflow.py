@@ -171,7 +171,7 @@ class ShortcutObjective:
         fm = d == 0
         target = (x1 - x0).clone()
         if bool((~fm).any()):
-            target[~fm] = shortcut_target(model, z[~fm], s[~fm], d[~fm], smallest=2.0**-self.levels)
+            target[~fm] = shortcut_target(model, z[~fm], s[~fm], d[~fm], smallest=2.0**-self.levels).to(target.dtype)  # bf16 autocast: the network's dtype
         err = per_sample_mse(model(z, s, torch.where(fm, t, s + 2 * d)), target)
         return LossOutput(err.mean(), err.detach())
 
