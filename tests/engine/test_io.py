@@ -208,3 +208,36 @@ def test_tensor_metadata_strings_are_plain_and_other_values_json(tmp_path):
 
     save_file({"x": torch.zeros(2)}, str(tmp_path / "old.safetensors"), metadata={"format": '"rectflow.perflow.delta"', "step": "100"})
     assert load_tensors(tmp_path / "old.safetensors")[1] == {"format": "rectflow.perflow.delta", "step": 100}  # files of earlier versions
+
+
+@pytest.mark.parametrize("name", [".lock", "metrics.jsonl"])
+def test_run_files_that_are_symlinks_are_refused_not_followed(tmp_path, name):
+    """issue 31 items 1-2: a planted run/.lock or run/metrics.jsonl symlink used to be followed (its target truncated or appended to)."""
+    from rectflow.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious\n")
+    (run / name).symlink_to(outside)
+    code = main(["train", "--run", str(run), "--quiet", "--no-eval", "model.width=8", "model.depth=2", "train.steps=3", "train.log_every=1"])
+    assert code == 2
+    assert outside.read_text() == "precious\n"
+
+
+def test_append_jsonl_and_the_lock_do_not_follow_symlinks(tmp_path):
+    from rectflow.engine.io import append_jsonl, exclusive_lock
+    from rectflow.errors import OutputError
+
+    target = tmp_path / "target.txt"
+    target.write_text("keep")
+    (tmp_path / "log.jsonl").symlink_to(target)
+    with pytest.raises(OutputError, match="symbolic link"):
+        append_jsonl(tmp_path / "log.jsonl", {"a": 1})
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / ".lock").symlink_to(target)
+    with pytest.raises(OutputError, match="symbolic link"):
+        with exclusive_lock(d):
+            pass
+    assert target.read_text() == "keep"

@@ -394,3 +394,17 @@ def test_auto_precision_is_resolved_once_recorded_and_kept_on_resume(tmp_path, m
     with pytest.warns(UserWarning, match="emulated"):
         tr = train_run(tiny(train__steps=6, train__ckpt_every=2), tmp_path / "r")
     assert tr.precision == "bf16" and tr.step == 6
+
+
+def test_a_refused_resume_writes_nothing(tmp_path):
+    """issue 31 item 3: with config.json gone, a resume with another lr was refused by the checkpoint's record, but only after it had
+    written config.json with that lr, so the original command was refused too."""
+    run = tmp_path / "c"
+    train_run(tiny(train__steps=4, train__ckpt_every=2), run)
+    (run / "config.json").unlink()
+    machine = (run / "machine.json").read_text()
+    with pytest.raises(CheckpointError):
+        train_run(tiny(train__steps=4, train__ckpt_every=2, train__lr=0.002), run)
+    assert not (run / "config.json").exists() and (run / "machine.json").read_text() == machine
+    tr = train_run(tiny(train__steps=6, train__ckpt_every=2), run)  # the original settings still resume
+    assert tr.step == 6

@@ -6,6 +6,7 @@ so a killed process never leaves a half-written file behind.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -165,10 +166,22 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def append_jsonl(path: str | Path, row: dict[str, Any]) -> None:
-    """Append one JSON line and flush (readers skip a torn last line left by a kill: see read_jsonl)."""
-    with open(path, "a") as f:
+    """Append one JSON line and flush (readers skip a torn last line left by a kill: see read_jsonl).  A symbolic link at
+    ``path`` is refused (:class:`OutputError`), never followed: rows never land outside the run."""
+    fd = _open_no_follow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    with os.fdopen(fd, "a") as f:
         f.write(json.dumps(row) + "\n")
         f.flush()
+
+
+def _open_no_follow(path: str | Path, flags: int, mode: int = 0o644) -> int:
+    """``os.open`` that refuses a symbolic link at ``path`` (one line naming it) instead of following it."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OutputError(f"{path}: is a symbolic link; rectflow does not follow links inside its directories (remove it)") from None
+        raise
 
 
 def scan_jsonl(path: str | Path, check: Callable[[dict[str, Any]], str | None] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
@@ -230,7 +243,7 @@ def exclusive_lock(directory: str | Path, what: str = "directory") -> Iterator[P
     make_dirs(directory)
     path = directory / LOCK_FILE
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_no_follow(path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

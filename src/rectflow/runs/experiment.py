@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from rectflow.data import ObjectDistribution, absolute_spec, as_distribution, make_distribution, point_file_path
-from rectflow.engine.checkpoint import check_model_config, latest_checkpoint, list_checkpoints, load_weights, read_checkpoint
+from rectflow.engine.checkpoint import check_model_config, check_run_record, latest_checkpoint, list_checkpoints, load_weights, read_checkpoint
 from rectflow.engine.hardware import hardware_info, resolve_precision
 from rectflow.engine.io import load_json, make_dirs, remove_stale_temporaries, save_json
 from rectflow.engine.trainer import Trainer, resolve_device
@@ -290,6 +290,8 @@ def train_run(
         if prepare is not None:  # after every check that needs no pairs: a refusal costs no pair generation
             prepare()
         objective = build_objective(cfg, source, target)  # before writing: a bad pair store leaves nothing behind
+        if resume and list_checkpoints(run_dir):  # a run whose config.json is gone: its checkpoint decides, before anything is written
+            check_run_record(read_checkpoint(latest_checkpoint(run_dir), model_config=mcfg), _record(new))
         make_dirs(run_dir)
         save_json(run_dir / "config.json", new)
         trainer = Trainer(model, objective, cfg.train, run_dir, model_config=mcfg, run_record=_record(new), callbacks=callbacks)
