@@ -143,3 +143,49 @@ def test_optimizer_state_comes_back_in_each_parameters_layout(tmp_path):
             assert v.stride() == p.stride(), (name, tuple(p.shape))
             assert torch.equal(v, opt.state[p_old][name])
     assert model2[0].weight.stride() != torch.empty(model2[0].weight.shape).stride()  # the layouts really differ
+
+
+def _flip_header_bit(path, byte_offset, bit):
+    data = bytearray(path.read_bytes())
+    data[8 + byte_offset] ^= 1 << bit  # 8 bytes of header length, then the JSON header
+    path.write_bytes(bytes(data))
+
+
+def test_a_bit_flip_anywhere_in_the_metadata_is_refused(tmp_path):
+    """issue 31 item 4: the header (step, configs, run record) was not covered by the checksum: '"step":"100"' -> 110 was accepted."""
+    import json
+    import struct
+
+    model, ema, opt = trained(3)
+    path = save_checkpoint(checkpoint_path(tmp_path, 3), model=model, step=3, model_config=MCFG, ema_model=ema, optimizer=opt,
+                           train_config={"lr": 0.01, "steps": 10}, run_record={"a": 1})
+    n = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    header = json.loads(path.read_bytes()[8:8 + n])
+    meta_text = json.dumps(header["__metadata__"])
+    start = path.read_bytes()[8:8 + n].find(b'"__metadata__"')
+    accepted = 0
+    for k in range(0, len(meta_text) - 2, max(1, len(meta_text) // 150)):
+        for bit in (0, 3):
+            trial = tmp_path / f"t_{k}_{bit}" / "checkpoints" / "step_00000003.safetensors"
+            trial.parent.mkdir(parents=True)
+            trial.write_bytes(path.read_bytes())
+            _flip_header_bit(trial, start + k, bit)
+            try:
+                read_checkpoint(trial, model_config=MCFG)
+                accepted += 1
+            except CheckpointError:
+                pass
+    assert accepted == 0
+
+
+def test_the_step_must_agree_with_the_file_name_and_the_optimizer(tmp_path):
+    model, ema, opt = trained(3)
+    good = save_checkpoint(checkpoint_path(tmp_path, 3), model=model, step=3, model_config=MCFG, optimizer=opt)
+    assert read_checkpoint(good).step == 3
+    renamed = checkpoint_path(tmp_path, 5)
+    renamed.write_bytes(good.read_bytes())
+    with pytest.raises(CheckpointError, match="step 3 .*step_00000005"):
+        read_checkpoint(renamed)
+    wrong = save_checkpoint(checkpoint_path(tmp_path / "w", 7), model=model, step=7, model_config=MCFG, optimizer=opt)
+    with pytest.raises(CheckpointError, match="optimizer"):
+        load_optimizer_state(torch.optim.Adam(make_model().parameters(), lr=1e-2), read_checkpoint(wrong))

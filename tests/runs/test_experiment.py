@@ -408,3 +408,13 @@ def test_a_refused_resume_writes_nothing(tmp_path):
     assert not (run / "config.json").exists() and (run / "machine.json").read_text() == machine
     tr = train_run(tiny(train__steps=6, train__ckpt_every=2), run)  # the original settings still resume
     assert tr.step == 6
+
+
+def test_more_steps_extend_a_constant_lr_run_but_not_a_cosine_one(tmp_path):
+    """issue 31 item 5: a 4-step cosine run resumed with 6 steps jumped back to a high lr and looked like a 6-step run."""
+    train_run(tiny(train__steps=4, train__ckpt_every=2, train__lr_schedule="cosine"), tmp_path / "cos")
+    with pytest.raises(ConfigError, match="train.steps"):
+        train_run(tiny(train__steps=6, train__ckpt_every=2, train__lr_schedule="cosine"), tmp_path / "cos")
+    assert load_json(tmp_path / "cos" / "config.json")["train"]["steps"] == 4
+    train_run(tiny(train__steps=4, train__ckpt_every=2), tmp_path / "const")
+    assert train_run(tiny(train__steps=6, train__ckpt_every=2), tmp_path / "const").step == 6

@@ -20,6 +20,8 @@ distillation (initialise a child run from its parent) and by the benchmarks.
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,8 +49,9 @@ __all__ = [
     "check_model_config",
 ]
 
-CHECKPOINT_FORMAT = "rectflow-checkpoint/2"
-_LEGACY_FORMATS = ("rectflow-checkpoint/1",)  # before checksums: read without verification
+CHECKPOINT_FORMAT = "rectflow-checkpoint/3"  # /3: the metadata is checksummed too (meta_sha256)
+_LEGACY_FORMATS = ("rectflow-checkpoint/2", "rectflow-checkpoint/1")  # /2: tensors checksummed only; /1: before checksums
+_STEP_NAME = re.compile(r"step_(\d{8})\.safetensors")
 _MISSING = object()
 
 
@@ -194,8 +197,16 @@ def save_checkpoint(
         opt_tensors, meta["optimizer"] = _optimizer_tensors(optimizer)
         tensors.update(opt_tensors)
     meta["tensors_sha256"] = tensors_sha256(tensors)
+    meta["meta_sha256"] = meta_sha256(meta)
     save_tensors(path, tensors, meta)
     return Path(path)
+
+
+def meta_sha256(meta: dict[str, Any]) -> str:
+    """sha256 of the metadata (all of it but this checksum) as canonical JSON: step, configs, run record, optimizer
+    scalars and the tensors' checksum, so a changed byte anywhere in a checkpoint is caught."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def read_checkpoint(path: str | Path, *, model_config: dict[str, Any] | None = None, device: str | torch.device = "cpu") -> Checkpoint:
@@ -208,8 +219,14 @@ def read_checkpoint(path: str | Path, *, model_config: dict[str, Any] | None = N
     tensors, meta = load_tensors(p, device=device)
     if meta.get("format") not in (CHECKPOINT_FORMAT, *_LEGACY_FORMATS):
         raise CheckpointError(f"{p}: not a rectflow checkpoint (format {meta.get('format')!r})")
-    if meta.get("format") == CHECKPOINT_FORMAT and meta.get("tensors_sha256") != tensors_sha256(tensors):
+    if meta.get("format") != _LEGACY_FORMATS[-1] and meta.get("tensors_sha256") != tensors_sha256(tensors):
         raise CheckpointError(f"{p}: checksum mismatch: the file was changed or corrupted after it was written")
+    if meta.get("format") == CHECKPOINT_FORMAT and meta.get("meta_sha256") != meta_sha256(meta):
+        raise CheckpointError(f"{p}: metadata checksum mismatch: the file's header was changed or corrupted after it was written")
+    named = _STEP_NAME.fullmatch(p.name)
+    if named and meta.get("step") != int(named.group(1)):
+        raise CheckpointError(f"{p}: holds step {meta.get('step')} but its name says step {int(named.group(1))} ({p.name}); "
+                              "a renamed or altered checkpoint")
     ckpt = Checkpoint(p, tensors, meta)
     if model_config is not None:
         check_model_config(ckpt, model_config)
@@ -251,6 +268,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, checkpoint: Checkpoin
             idx, name = key.split(".", 1)
             state.setdefault(int(idx), {})[name] = v
         groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+        steps = {float(st["step"]) for st in state.values() if "step" in st}
+        if steps and steps != {float(checkpoint.step)}:
+            raise CheckpointError(f"{checkpoint.path}: the optimizer has taken {sorted(steps)[0]:g} steps but the checkpoint says step {checkpoint.step}")
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{checkpoint.path}: optimizer state does not match this model ({str(e).splitlines()[0]})") from None

@@ -62,7 +62,7 @@ from rectflow.perflow.student import PeRFlowStudent, sample_perflow
 from rectflow.perflow.teacher import Teacher
 from rectflow.perflow.windows import make_windows, window_grid
 from rectflow.runs.experiment import load_run
-from rectflow.runs.rundir import RESUMABLE_TRAIN_KEYS, guard_run_dir, lock_run_dir
+from rectflow.runs.rundir import guard_run_dir, lock_run_dir, semantic_train
 
 __all__ = [
     "LatentDataOptions",
@@ -261,7 +261,7 @@ def _job_record(settings: PeRFlowSettings, train: TrainConfig, teacher: dict[str
     return json.loads(json.dumps({  # JSON round trip: compared with the record read back on resumption
         "format": PERFLOW_JOB_FORMAT,
         "settings": kept,
-        "train": {k: v for k, v in asdict(train).items() if k not in RESUMABLE_TRAIN_KEYS},
+        "train": semantic_train(asdict(train)),
         "teacher": teacher,
         "data": data,
         "windows": [float(v) for v in boundaries],

@@ -18,7 +18,7 @@ from rectflow.engine.checkpoint import describe_diff
 from rectflow.engine.io import LOCK_FILE, check_writable, exclusive_lock, load_json
 from rectflow.errors import ConfigError
 
-__all__ = ["RESUMABLE_TRAIN_KEYS", "semantic_config", "guard_run_dir", "lock_run_dir"]
+__all__ = ["RESUMABLE_TRAIN_KEYS", "semantic_config", "semantic_train", "guard_run_dir", "lock_run_dir"]
 
 RESUMABLE_TRAIN_KEYS = frozenset({"steps", "progress", "log_every", "ckpt_every", "keep_checkpoints", "workers", "device", "sample_every", "threads"})
 """``train`` keys that may change between a run and its resumption (they do not change the result)."""
@@ -28,8 +28,16 @@ def semantic_config(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     """The part of an experiment config dict that defines the result: no ``eval`` section and no
     :data:`RESUMABLE_TRAIN_KEYS`."""
     d = {k: v for k, v in cfg_dict.items() if k != "eval"}
-    d["train"] = {k: v for k, v in d.get("train", {}).items() if k not in RESUMABLE_TRAIN_KEYS}
+    d["train"] = semantic_train(d.get("train", {}))
     return d
+
+
+def semantic_train(train: dict[str, Any]) -> dict[str, Any]:
+    """The ``train`` keys that define the result: all but :data:`RESUMABLE_TRAIN_KEYS`, except that ``steps`` stays when
+    the learning rate follows a cosine schedule, whose shape it sets (a 200-step cosine run resumed with 400 steps would
+    jump back to a high lr and end unlike any 400-step run)."""
+    keep = RESUMABLE_TRAIN_KEYS - ({"steps"} if train.get("lr_schedule") == "cosine" else set())
+    return {k: v for k, v in train.items() if k not in keep}
 
 
 def guard_run_dir(
