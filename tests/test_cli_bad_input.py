@@ -85,7 +85,13 @@ def _setup(tmp: Path, run: Path, argv: list[str]) -> None:
     text = " ".join(argv)
     (tmp / "afile").write_text("a file, not a directory")
     np.save(tmp / "complex.npy", np.array([[1 + 2j, 0], [1, 3j]]))
+    np.save(tmp / "huge.npy", np.array([[1e300, 0.0], [1.0, 2.0], [0.5, 0.5]]))
     (tmp / "dup.yaml").write_text("train: {lr: 0.05}\nmodel: {width: 16}\ntrain: {steps: 7}\n")
+    (tmp / "latin1.yaml").write_bytes(b"train: {lr: 0.05}  # caf\xe9\n")
+    (tmp / "nested.yaml").write_text("[" * 100000)
+    if "{nestedrun}" in text:
+        shutil.copytree(run, tmp / "nestedrun")
+        (tmp / "nestedrun" / "config.json").write_text("[" * 100000)
     if "{corrupt}" in text:
         shutil.copytree(run, tmp / "corrupt")
         with open(tmp / "corrupt" / "metrics.jsonl", "ab") as f:
@@ -116,6 +122,7 @@ CASES = [
     (["train", "--run", "{run}/config.json", *TINY], "config.json"),
     (["train", "--run", "{tmp}/afile/run", *TINY], "afile"),
     (["train", "--run", "{tmp}/r", "target={tmp}/complex.npy"], "complex.npy"),
+    (["train", "--run", "{tmp}/r", "target={tmp}/huge.npy"], "too large for float32"),
     (["train", "--run", "{tmp}/r", "coupling.kind=ot", "coupling.method=sinkhorn", "coupling.reg=0"], "coupling.reg"),
     (["train", "--run", "{tmp}/r", "train.lr=inf"], "train.lr"),
     (["train", "--run", "{tmp}/r", "--config", "{tmp}/dup.yaml"], "train"),
@@ -123,6 +130,15 @@ CASES = [
     (["train", "--run", "{tmp}/r", "train.device=banana"], "banana"),
     (["train", "--run", "{corrupt}", "--quiet", *TINY, "train.steps=9"], "metrics.jsonl"),
     (["train", "--run", "{tmp}/r", "train.precision=fp16"], "train.precision"),
+    (["train", "--run", "{tmp}/r", "train.batch_size=99999999999999999999999"], "train.batch_size"),
+    (["train", "--run", "{tmp}/r", "train.seed=99999999999999999999999"], "train.seed"),
+    (["train", "--run", "{tmp}/r", "--config", "{tmp}/latin1.yaml"], "latin1.yaml"),
+    (["train", "--run", "{tmp}/r", "--config", "{tmp}/nested.yaml"], "nested.yaml"),
+    (["train", "--run", "{nestedrun}", *TINY], "config.json"),
+    (["sample", "{run}", "--n", "99999999999999999999", "--out", "{tmp}/x.npy"], "--n"),
+    (["sample", "{run}", "--seed", "999999999999999999999999", "--out", "{tmp}/x.npy"], "--seed"),
+    (["sample", "{run}", "--label", "3", "--out", "{tmp}/afile"], "class-conditional"),
+    (["sample", "{run}", "--guidance", "nan", "--out", "{tmp}/afile"], "--guidance"),
     (["train", "--run", "{tmp}/r", "train.threads=0"], "train.threads"),
     # tune
     (["tune", "{tmp}/missing.yaml"], "missing.yaml"),
@@ -143,6 +159,7 @@ CASES = [
     (["eval", "{evaldir}"], "eval.json"),
     (["eval", "{run}", "--n", "1"], "--n"),
     (["eval", "{run}", "--solvers", "rk9:2"], "rk9"),
+    (["eval", "{run}", "--nll", "--probes", "-1"], "--probes"),
     (["eval", "{tmp}/missing"], "missing"),
     # report
     (["report", "{run}", "--out", "{tmp}/afile/r.html"], "afile"),
@@ -152,6 +169,7 @@ CASES = [
     (["pairs", "{run}", "--n", "10", "--out", "{tmp}/afile/p"], "afile"),
     (["pairs", "{run}", "--n", "10", "--out", "{tmp}/afile"], "afile"),
     (["pairs", "{run}", "--n", "0"], "--n"),
+    (["pairs", "{run}", "--n", "99999999999999999999"], "--n"),
     (["pairs", "{run}", "--n", "10", "--solver", "euler:0", "--out", "{tmp}/p"], "euler:0"),
     # reflow
     (["reflow", "{run}", "--pairs", "10", "--out", "{tmp}/afile/x", "--steps", "2"], "afile"),
@@ -168,6 +186,7 @@ CASES = [
     # pipeline and demo
     (["pipeline", "--out", "{tmp}/afile/p", "--steps", "2"], "afile"),
     (["pipeline", "--out", "{tmp}/p", "--target", "{tmp}/complex.npy", "--steps", "2"], "complex.npy"),
+    (["pipeline", "--out", "{tmp}/p", "--pair-tol", "nan", "--steps", "2"], "--pair-tol"),
     (["demo", "--out", "{tmp}/afile/d", "--steps", "2"], "afile"),
     # perflow
     (["perflow", "{tmp}/missing", "--out", "{tmp}/pf"], "missing"),
@@ -195,7 +214,7 @@ def test_every_subcommand_refuses_bad_input_in_one_line(argv, names, run, tmp_pa
     _setup(tmp_path, run, argv)
     places = {"run": run, "tmp": tmp_path, "corrupt": tmp_path / "corrupt", "evaldir": tmp_path / "evaldir",
               "teacher": tmp_path / "teacher", "bomb": tmp_path / "bomb.zip", "captions": tmp_path / "captions",
-              "nocaps": tmp_path / "nocaps", "notapipe": tmp_path / "notapipe"}
+              "nocaps": tmp_path / "nocaps", "notapipe": tmp_path / "notapipe", "nestedrun": tmp_path / "nestedrun"}
     for name in ("sd", "export"):  # built once per module, only when a row needs them
         if "{" + name + "}" in " ".join(argv):
             places[name] = request.getfixturevalue(name)
@@ -236,3 +255,23 @@ def test_eval_on_a_read_only_run_directory(run, tmp_path, capsys):
         ro.chmod(0o755)
     out, err = capsys.readouterr()
     assert code == 2 and "| euler:1 |" in out and str(ro) in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_refuses_bad_probes_before_printing_anything(run, capsys):
+    """issue 31 item 8: eval --probes -1 --nll printed the W2 table, then refused --probes."""
+    assert main(["eval", str(run), "--nll", "--probes", "-1"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "--probes" in err
+
+
+def test_pairs_that_cannot_fit_on_the_disk_are_refused_before_any_is_written(run, tmp_path, capsys, monkeypatch):
+    """issue 31 item 9: a huge --n wrote shards until the disk was full."""
+    import collections
+
+    from rectflow.reflow import pairs
+
+    monkeypatch.setattr(pairs.shutil, "disk_usage", lambda p: collections.namedtuple("U", "total used free")(10**6, 0, 10**5))
+    assert main(["pairs", str(run), "--n", "100000", "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "do not fit" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "p").exists() or not any((tmp_path / "p").glob("shard_*"))

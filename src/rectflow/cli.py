@@ -26,7 +26,7 @@ from rectflow.flow.guidance import guidance_nfe
 from rectflow.flow.sampling import parse_solver_spec, sample_model, solver_label
 from rectflow.images.sampling import sample_images
 from rectflow.perflow.guidance import GUIDANCE_MODES
-from rectflow.runs.config import load_config
+from rectflow.runs.config import check_int_range, load_config
 from rectflow.runs.demo import run_demo, run_pipeline
 from rectflow.runs.diagnose import diagnose_runs, format_stage_table
 from rectflow.runs.distill import train_distill
@@ -293,6 +293,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     run = load_run(args.run, ema=not args.raw)
     args.steps = sampling_steps(run.config) if args.steps is None else args.steps
     _warn("sample", one_step_warning(run.config, [solver_label(args.solver, None if args.solver == "dopri5" else args.steps)]))
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise ConfigError(f"--guidance must be a finite number, got {args.guidance}")
+    if (args.guidance is not None or args.label is not None) and run.config.model.num_classes < 1:  # before the output path is looked at
+        raise ConfigError("--guidance/--label need a class-conditional run (model.num_classes > 0); this run is unconditional")
     if len(getattr(run.source, "shape", ())) == 3 or args.guidance is not None or args.label is not None:
         check_writable(args.out, directory=True)  # before sampling, not after
         run.model.to(resolve_device("auto"))  # images: sample on the GPU when there is one
@@ -358,6 +362,8 @@ def _sample_pipeline(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    if args.nll and args.probes < 1:  # every option is checked before any work
+        raise ConfigError(f"--probes must be >= 1, got {args.probes}")
     run = load_run(args.run)
     solvers = [s.strip() for s in args.solvers.split(",") if s.strip()] if args.solvers else None
     if solvers is not None:
@@ -542,6 +548,9 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     for name in ("steps", "pairs", "stages", "n_eval"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not (math.isfinite(args.pair_tol) and args.pair_tol > 0):  # before the 1-RF trains, not after
+        raise ConfigError(f"--pair-tol must be a finite number > 0, got {args.pair_tol}")
+    check_solver(args.pair_solver)
     run_pipeline(
         args.out,
         source=args.source,
@@ -653,6 +662,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, quoted where a job records how it was made
     try:
+        _check_int_options(parser, args)
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("interrupted (the last checkpoint is kept; run the same command again to resume)", file=sys.stderr)
@@ -663,6 +673,18 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a path that cannot be read or written, not caught where it was used
         _error(args.command, f"{e.filename}: {e.strerror or e}" if e.filename else str(e))
         return 2
+
+
+def _check_int_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every integer option of the command in range (:func:`check_int_range`, one line naming the option): a huge ``--n`` or
+    ``--seed`` would otherwise fail later with an OverflowError or a TypeError traceback."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    for action in sub._actions:
+        if action.type is int:
+            value = getattr(args, action.dest, None)
+            for v in value if isinstance(value, list) else [value]:
+                if isinstance(v, int):
+                    check_int_range(v, action.option_strings[-1] if action.option_strings else action.dest)
 
 
 def _warn(command: str, message: str | None) -> None:

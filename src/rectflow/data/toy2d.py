@@ -164,7 +164,15 @@ class PointCloud:
     """
 
     def __init__(self, points: Tensor | np.ndarray, name: str = "point cloud") -> None:
-        pts = torch.as_tensor(np.asarray(points), dtype=torch.float32)
+        raw = np.asarray(points)
+        if raw.dtype.kind == "f" and raw.size and bool(np.isfinite(raw).all()):
+            with np.errstate(over="ignore"):
+                big = np.abs(raw) > np.finfo(np.float32).max
+            if big.any():
+                row = int(np.argwhere(big)[0][0])
+                raise DataError(f"{name}: {int(big.any(axis=-1).sum()) if raw.ndim == 2 else int(big.sum())} rows hold values too large for float32 "
+                                f"(|x| > 3.4e38, first: row {row}); rescale the data")
+        pts = torch.as_tensor(raw, dtype=torch.float32)
         if pts.dim() != 2 or pts.shape[0] == 0 or pts.shape[1] == 0:
             raise DataError(f"{name}: expected a non-empty 2-D array (N points x d dims), got shape {tuple(pts.shape)}")
         bad = ~torch.isfinite(pts).all(dim=1)
@@ -195,7 +203,7 @@ class PointCloud:
         if arr.ndim == 1:
             arr = arr[:, None]
         require_real(arr, str(p))
-        return cls(arr.astype(np.float32), name=str(p))
+        return cls(arr, name=str(p))  # cast to float32 there, after the overflow check
 
     def sample(self, n: int, *, generator=None, device=None) -> Tensor:
         idx = _randint(self.points.shape[0], n, generator, None)

@@ -105,6 +105,8 @@ def load_json(path: str | Path) -> Any:
         return json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{p}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{p}: not valid JSON (nested too deeply)") from None
 
 
 _JSON_KEYS = "rectflow.json_keys"  # metadata key listing the keys whose values are JSON (the others are plain strings)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -311,6 +312,17 @@ def _model_dim_check(model: nn.Module, shape: tuple[int, ...]) -> None:
         raise DataError(f"the flow has dimension {mdim} but the source pi0 has dimension {shape[0]}; they must match")
 
 
+def _check_disk_space(root: Path, need: int) -> None:
+    """ConfigError (one line) when the pairs cannot fit on the disk that holds ``root``: a huge ``--n`` would otherwise write
+    shards until the disk is full.  A store partly written already counts as space that is there."""
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    have = shutil.disk_usage(probe).free + sum(f.stat().st_size for f in root.glob("shard_*")) if root.is_dir() else shutil.disk_usage(probe).free
+    if need > have:
+        raise ConfigError(f"{root}: {need / 2**30:.1f} GiB of pairs do not fit in the {have / 2**30:.1f} GiB free there; ask for fewer pairs or another disk")
+
+
 def generate_pairs(
     model: nn.Module,
     source: Any,
@@ -384,6 +396,7 @@ def generate_pairs(
         solve_batch=min(shard_size, solve_batch or default_solve_batch(shape)),
     )
     root = Path(out)
+    _check_disk_space(root, n * 2 * math.prod(shape) * 4)
 
     dinfo = distributed.info()
     rank = dinfo.rank if rank is None else int(rank)

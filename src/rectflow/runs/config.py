@@ -23,6 +23,7 @@ from rectflow.errors import ConfigError
 from rectflow.runs.solvers import check_solver
 
 __all__ = [
+    "check_int_range",
     "ModelConfig",
     "CouplingConfig",
     "TimeConfig",
@@ -126,6 +127,18 @@ class ExperimentConfig:
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
 
 
+INT_LIMIT_BITS, SEED_LIMIT_BITS = 31, 63  # counts and sizes below 2^31; seeds below 2^63 (torch takes 64-bit seeds)
+
+
+def check_int_range(value: int, name: str) -> int:
+    """``value`` when it is in range for ``name`` (a seed: |value| < 2^63; anything else: < 2^31), else one ConfigError
+    naming it: a huge integer would otherwise surface later as an OverflowError or a TypeError traceback."""
+    bits = SEED_LIMIT_BITS if name.rsplit(".", 1)[-1].lstrip("-").replace("-", "_").endswith("seed") else INT_LIMIT_BITS
+    if abs(value) >= 2**bits:
+        raise ConfigError(f"{name}: {value} is out of range (its magnitude must be below 2^{bits})")
+    return value
+
+
 def _check_type(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
@@ -161,6 +174,7 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
             raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
+        check_int_range(int(value), key)
         return int(value)
     if tp is bool:
         if not isinstance(value, bool):
@@ -230,7 +244,11 @@ def _read_config_file(p: Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
-        data = yaml.load(p.read_text(), Loader=_StrictLoader) or {}
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_StrictLoader) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a UTF-8 text file (byte {e.start}: {e.reason})") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: nested too deeply to be a config") from None
     except ConfigError as e:
         raise ConfigError(f"{p}: {e}") from None
     except yaml.YAMLError as e:

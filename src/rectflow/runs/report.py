@@ -64,6 +64,9 @@ def _read_json(path: Path, problems: list[str], hint: str | None, kind: type = d
     except UnicodeDecodeError:
         problems.append(f"{path.name} is not UTF-8 text")
         return None
+    except RecursionError:
+        problems.append(f"{path.name} is unreadable: nested too deeply")
+        return None
     except json.JSONDecodeError as e:
         problems.append(f"{path.name} is not valid JSON ({e})")
         return None
