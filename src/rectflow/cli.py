@@ -24,7 +24,7 @@ from rectflow.engine.trainer import TrainConfig, resolve_device
 from rectflow.errors import ConfigError, RectflowError
 from rectflow.flow.guidance import guidance_nfe
 from rectflow.flow.sampling import parse_solver_spec, sample_model, solver_label
-from rectflow.images.sampling import sample_images
+from rectflow.images.sampling import sample_images, write_named_images
 from rectflow.perflow.guidance import GUIDANCE_MODES
 from rectflow.runs.config import check_int_range, load_config
 from rectflow.runs.demo import run_demo, run_pipeline
@@ -55,6 +55,7 @@ from rectflow.runs.recipes import RECIPES, get_recipe
 from rectflow.runs.reflow import reflow_chain, train_reflow
 from rectflow.runs.report import build_report, collect_run
 from rectflow.runs.solvers import DIFFUSION_SOLVERS, check_solver, solve_spec
+from rectflow.runs.transfer import TransferInputs, load_transfer_inputs
 from rectflow.runs.tune import render_table, tune, write_overrides
 from rectflow.version import __version__
 
@@ -91,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", required=True, help="output .npy file (N x d); for image runs a directory that gets samples.npz (uint8) and grid.png; "
                                                        "for an exported pipeline a directory that gets sample_*.png, grid.png and samples.json")
     p.add_argument("--trajectory", help="also save the trajectory (K x N x d) to this .npy file")
+    p.add_argument("--from", dest="inputs", metavar="PATH",
+                   help="map these source samples instead of drawing them (domain transfer of your own data): an image folder, a .zip of one, "
+                        ".npz or .npy for image runs (the run's source shape; OUT gets samples.npz with inputs and outputs, an input -> output "
+                        "grid.png and outputs/NAME.png), a .npy (N x d) for vector runs")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale w (class-conditional runs: default the run's guidance.scale; "
                                                   "an exported pipeline: default the scale its student was trained to sample with)")
@@ -284,6 +289,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         return _sample_pipeline(args)
     if args.prompt:
         raise ConfigError(f"--prompt needs an exported PeRFlow text-to-image pipeline folder (OUT/diffusers of rectflow perflow); {args.run} is not one")
+    if args.inputs is not None and args.n is not None:
+        raise ConfigError("--n does not apply with --from (every input is mapped once)")
     args.n = 1000 if args.n is None else args.n
     args.batch_size = 1000 if args.batch_size is None else args.batch_size
     if args.n < 1:
@@ -292,6 +299,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError(f"--steps (NFE) must be >= 1, got {args.steps}")
     run = load_run(args.run, ema=not args.raw)
     args.steps = sampling_steps(run.config) if args.steps is None else args.steps
+    inputs = load_transfer_inputs(args.inputs, run.source) if args.inputs is not None else None
+    if inputs is not None:
+        args.n = inputs.x.shape[0]
     _warn("sample", one_step_warning(run.config, [solver_label(args.solver, None if args.solver == "dopri5" else args.steps)]))
     if args.guidance is not None and not math.isfinite(args.guidance):
         raise ConfigError(f"--guidance must be a finite number, got {args.guidance}")
@@ -300,11 +310,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if len(getattr(run.source, "shape", ())) == 3 or args.guidance is not None or args.label is not None:
         check_writable(args.out, directory=True)  # before sampling, not after
         run.model.to(resolve_device("auto"))  # images: sample on the GPU when there is one
-        return _sample_images(args, run)
+        return _sample_images(args, run, inputs)
     for path in (args.out, args.trajectory):
         if path:
             check_writable(path)
-    x0 = run.source.sample(args.n, generator=torch.Generator().manual_seed(args.seed))
+    x0 = run.source.sample(args.n, generator=torch.Generator().manual_seed(args.seed)) if inputs is None else inputs.x
     if args.solver in DIFFUSION_SOLVERS:
         if args.trajectory:
             raise ConfigError(f"--trajectory is not available with the diffusion sampler {args.solver}; use a flow solver")
@@ -319,7 +329,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sample_images(args: argparse.Namespace, run) -> int:
+def _sample_images(args: argparse.Namespace, run, inputs: TransferInputs | None = None) -> int:
     """Image (or class-conditional) runs: batched sampling to OUT/samples.npz and OUT/grid.png."""
     k = run.config.model.num_classes
     w = run.config.guidance.scale if args.guidance is None else args.guidance
@@ -330,8 +340,14 @@ def _sample_images(args: argparse.Namespace, run) -> int:
     labels = None if k < 1 else (torch.full((args.n,), args.label) if args.label is not None else torch.arange(args.n) % k)
     if args.trajectory:
         raise ConfigError("--trajectory is for vector data; image runs write samples.npz and grid.png")
-    _, summary = sample_images(run.model, run.source, args.n, args.out, method=args.solver, steps=args.steps, labels=labels, guidance=w,
-                               batch_size=args.batch_size, seed=args.seed, rtol=args.rtol, atol=args.atol)
+    images, summary = sample_images(run.model, run.source, args.n, args.out, method=args.solver, steps=args.steps, labels=labels, guidance=w,
+                                    batch_size=args.batch_size, seed=args.seed, rtol=args.rtol, atol=args.atol,
+                                    x0=inputs.x if inputs is not None else None)
+    if inputs is not None:
+        write_named_images(images, inputs.names, Path(args.out) / "outputs")
+        print(f"mapped {args.n} inputs of {args.inputs} to {args.out}: samples.npz (inputs and outputs), grid.png (input -> output), "
+              f"outputs/*.png ({args.solver}, NFE {summary['nfe']})")
+        return 0
     print(f"wrote {args.n} samples to {args.out}/samples.npz and grid.png ({args.solver}, NFE {summary['nfe']})")
     return 0
 

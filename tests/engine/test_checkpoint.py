@@ -164,8 +164,8 @@ def test_a_bit_flip_anywhere_in_the_metadata_is_refused(tmp_path):
     meta_text = json.dumps(header["__metadata__"])
     start = path.read_bytes()[8:8 + n].find(b'"__metadata__"')
     accepted = 0
-    for k in range(0, len(meta_text) - 2, max(1, len(meta_text) // 150)):
-        for bit in (0, 3):
+    for k in range(len(meta_text) - 2):  # every byte (safetensors orders the metadata keys at random: no sample of offsets is safe)
+        for bit in ((0, 3) if k % 7 == 0 else (0,)):
             trial = tmp_path / f"t_{k}_{bit}" / "checkpoints" / "step_00000003.safetensors"
             trial.parent.mkdir(parents=True)
             trial.write_bytes(path.read_bytes())

@@ -297,3 +297,21 @@ def test_exported_scheduler_config_has_no_negative_zero(tmp_path, tiny_pipeline)
     out = export_pipeline(perturbed_student(tiny_pipeline, perflow.make_windows(4)), tiny_pipeline, tmp_path / "e")
     text = (out / "scheduler" / "scheduler_config.json").read_text()
     assert "-0.0" not in text and json.loads(text)["window_sigmas"][-1] == 0.0
+
+
+def test_a_bit_flipped_exported_weights_file_is_refused(tmp_path, tiny_pipeline):
+    """The student's weights are checksummed in perflow.json and verified when rectflow loads the export (diffusers
+    itself reads any bytes that parse; a flipped bit in a tensor would otherwise sample silently wrong)."""
+    from rectflow.errors import CheckpointError
+    from rectflow.perflow.diffusers_io import load_student
+
+    out = export_pipeline(perturbed_student(tiny_pipeline, perflow.make_windows(2)), tiny_pipeline, tmp_path / "e")
+    meta = json.loads((out / "perflow.json").read_text())
+    assert "unet/diffusion_pytorch_model.safetensors" in meta["files_sha256"]
+    load_student(out)
+    weights = out / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0x10  # inside the last tensor's bytes: the file still parses
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="diffusion_pytorch_model.safetensors.*checksum"):
+        load_student(out)

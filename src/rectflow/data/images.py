@@ -64,12 +64,14 @@ _MODES = {"L": 1, "RGB": 3, "RGBA": 4}
 @dataclass
 class ImageArray:
     """Decoded images: ``images`` uint8 (N, C, H, W); ``labels`` int64 (N,) or None;
-    ``class_names`` (one per label value) or None; ``source`` names where they came from."""
+    ``class_names`` (one per label value) or None; ``source`` names where they came from; ``names`` the
+    file of each image (relative to the folder or ZIP) when they were read from files."""
 
     images: Tensor
     labels: Tensor | None = None
     class_names: list[str] | None = None
     source: str = "images"
+    names: list[str] | None = None
 
     def __post_init__(self) -> None:
         x = self.images
@@ -220,7 +222,7 @@ def _read(names: list[str], read, source: str, mode: str | None, classes: Sequen
     arrays = [_decode(read(n), f"{source}/{n}" if not source.endswith("/") else source + n, mode) for n in names]
     images = _stack(arrays, names, source)
     lab = torch.tensor(labels, dtype=torch.int64) if labels is not None else None
-    return ImageArray(images, lab, class_names, source)
+    return ImageArray(images, lab, class_names, source, names=list(names))
 
 
 def require_real(arr: np.ndarray, where: str) -> None:

@@ -221,7 +221,8 @@ def read_checkpoint(path: str | Path, *, model_config: dict[str, Any] | None = N
         raise CheckpointError(f"{p}: not a rectflow checkpoint (format {meta.get('format')!r})")
     if meta.get("format") != _LEGACY_FORMATS[-1] and meta.get("tensors_sha256") != tensors_sha256(tensors):
         raise CheckpointError(f"{p}: checksum mismatch: the file was changed or corrupted after it was written")
-    if meta.get("format") == CHECKPOINT_FORMAT and meta.get("meta_sha256") != meta_sha256(meta):
+    # a file that carries a metadata checksum is verified whatever its format says (a flipped "/3" -> "/2" is no way around it)
+    if (meta.get("format") == CHECKPOINT_FORMAT or "meta_sha256" in meta) and meta.get("meta_sha256") != meta_sha256(meta):
         raise CheckpointError(f"{p}: metadata checksum mismatch: the file's header was changed or corrupted after it was written")
     named = _STEP_NAME.fullmatch(p.name)
     if named and meta.get("step") != int(named.group(1)):

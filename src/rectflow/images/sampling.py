@@ -34,6 +34,7 @@ __all__ = [
     "FixedStepSampler",
     "image_grid",
     "save_image_grid",
+    "write_named_images",
     "save_pair_grid",
     "sample_images",
     "SampleGridCallback",
@@ -105,6 +106,19 @@ def _save_png(arr: np.ndarray, path: str | Path, scale: int = 1) -> Path:
     return path
 
 
+def write_named_images(images: Tensor, names: list[str], folder: str | Path) -> list[Path]:
+    """One PNG per image (N, C, H, W) in [-1, 1], ``folder/NAME.png`` for each of ``names`` (sub-folders flattened with
+    ``_``, so two inputs never write one file), atomically."""
+    folder = Path(folder)
+    if len(names) != images.shape[0]:
+        raise ConfigError(f"write_named_images: {images.shape[0]} images but {len(names)} names")
+    stems = [str(Path(n).with_suffix("")).replace("/", "_").replace("\\", "_") for n in names]
+    if len(set(stems)) != len(stems):
+        stems = [f"{i:05d}_{s}" for i, s in enumerate(stems)]
+    arr = to_uint8(images.detach().cpu().clamp(-1, 1)).permute(0, 2, 3, 1).numpy()
+    return [_save_png(a, folder / f"{s}.png") for a, s in zip(arr, stems)]
+
+
 def save_image_grid(images: Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
     """Write a PNG grid of images (N, C, H, W) in [-1, 1] atomically; ``scale`` enlarges small images."""
     return _save_png(image_grid(images, nrow), path, scale)
@@ -136,9 +150,13 @@ def sample_images(
     grid_n: int = 64,
     rtol: float = 1e-5,
     atol: float = 1e-5,
+    x0: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
     """Draw n images in batches and (if ``out`` is given) write ``out/samples.npz`` (uint8 images
     (n, C, H, W) and labels) and ``out/grid.png`` (the first ``grid_n``).
+
+    ``x0`` (n, C, H, W): map these source samples instead of drawing them (domain transfer of your own
+    inputs, in the source's value range); ``source`` and ``seed`` are then unused.
 
     Source batch i is drawn from ``step_generator(seed, i)``, so the samples depend only on the
     seed and the batch size.  ``labels`` (n,) with ``guidance`` w samples the guided flow (see
@@ -147,6 +165,8 @@ def sample_images(
     """
     if n < 1 or batch_size < 1:
         raise ConfigError(f"sample_images: n and batch_size must be >= 1, got {n}, {batch_size}")
+    if x0 is not None and x0.shape[0] != n:
+        raise ConfigError(f"sample_images: n = {n} but {x0.shape[0]} given inputs x0")
     if labels is not None and labels.shape != (n,):
         raise ConfigError(f"sample_images: {n} samples but labels of shape {tuple(labels.shape)}")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
@@ -156,14 +176,14 @@ def sample_images(
     try:
         for i, start in enumerate(range(0, n, batch_size)):
             m = min(batch_size, n - start)
-            x0 = source.sample(m, generator=step_generator(seed, i), device=dev)
+            xb = source.sample(m, generator=step_generator(seed, i), device=dev) if x0 is None else x0[start:start + m].to(dev)
             f: nn.Module = model if labels is None else GuidedVelocity(model, labels[start : start + m].to(dev), guidance)
             per = getattr(f, "nfe_per_eval", 1)
             if method in FIXED_STEP_METHODS:
                 sampler = FixedStepSampler(f, method, steps)
-                x1, k = sampler(x0), sampler.nfe
+                x1, k = sampler(xb), sampler.nfe
             else:
-                res = sample_model(f, x0, method=method, steps=steps, rtol=rtol, atol=atol)
+                res = sample_model(f, xb, method=method, steps=steps, rtol=rtol, atol=atol)
                 x1, k = res.x, res.nfe
             nfe = max(nfe, k * per)
             if not bool(torch.isfinite(x1).all()):
@@ -178,10 +198,15 @@ def sample_images(
         payload = {"images": to_uint8(images).numpy()}
         if labels is not None:
             payload["labels"] = labels.cpu().numpy()
+        if x0 is not None:  # transfer: the inputs beside their outputs, and a side-by-side grid input -> output
+            payload["inputs"] = to_uint8(x0.float().cpu().clamp(-1, 1)).numpy()
         with atomic_path(out / "samples.npz") as tmp:
             with open(tmp, "wb") as fh:
                 np.savez(fh, **payload)
-        save_image_grid(images[:grid_n], out / "grid.png")
+        if x0 is None:
+            save_image_grid(images[:grid_n], out / "grid.png")
+        else:
+            save_pair_grid(x0[:grid_n].float().cpu().clamp(-1, 1), images[:grid_n], out / "grid.png", per_row=4)
     return images, summary
 
 

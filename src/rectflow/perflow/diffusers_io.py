@@ -46,7 +46,7 @@ from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from rectflow.diffusion.schedules import DDPMSchedule, DiscreteFlowMatchingSchedule
-from rectflow.engine.io import check_writable, load_json, make_dirs, save_json
+from rectflow.engine.io import check_writable, load_json, make_dirs, save_json, sha256_file
 from rectflow.errors import CheckpointError, ConfigError
 from rectflow.flow.guidance import NULL_LABEL
 from rectflow.perflow.guidance import Guidance
@@ -583,7 +583,9 @@ def write_student_parts(student: PeRFlowStudent, folder: Path, teacher_cfg: dict
                  f"{stock_dir} (when present): a stock {stock_cls}, exact at K steps only")
     sampler = ("one Euler step per window on the straight line (== the stock flow-matching Euler step between window boundaries)"
                if cfg_is_flow(teacher_cfg) else "one Euler step per window on the window path (== DDIM between window boundaries)")
+    weights = sorted(p for p in (folder / part).iterdir() if p.suffix in (".safetensors", ".bin"))
     meta = {"format": "rectflow.perflow", "windows": [float(v) for v in student.boundaries],
+            "files_sha256": {f"{part}/{p.name}": sha256_file(p) for p in weights},  # verified by load_student
             "parameterization": student.parameterization, "teacher_scheduler": teacher_cfg,
             "stock_scheduler_exact": stock is not None, "scheduler": where, "model": part, "sampler": sampler, **(extra or {})}
     save_json(folder / "perflow.json", meta)
@@ -652,6 +654,17 @@ def export_student(student: PeRFlowStudent, folder: str | Path, teacher_folder: 
     return folder
 
 
+def verify_export_files(folder: Path, meta: dict[str, Any]) -> None:
+    """CheckpointError naming the file when a weights file of an export no longer has the sha256 its ``perflow.json`` recorded
+    (exports written before the record have none to check)."""
+    for rel, digest in (meta.get("files_sha256") or {}).items():
+        path = folder / rel
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (the export's perflow.json lists it)")
+        if sha256_file(path) != digest:
+            raise CheckpointError(f"{path}: checksum mismatch: the file was changed or corrupted after the export was written")
+
+
 def load_student(folder: str | Path, *, dtype: torch.dtype = torch.float32) -> PeRFlowStudent:
     """Our loader for an :func:`export_student` or :func:`~rectflow.perflow.latent.export_pipeline` folder
     (whether or not a stock scheduler is exact): the student on its windows, with the teacher's
@@ -665,6 +678,7 @@ def load_student(folder: str | Path, *, dtype: torch.dtype = torch.float32) -> P
     if not has_unet and not has_tr:
         raise ConfigError(f"{str(folder)!r} has neither unet/config.json nor transformer/config.json")
     meta = load_json(meta_path)
+    verify_export_files(folder, meta)
     schedule, kind = schedule_from_config(meta["teacher_scheduler"], allow_flow=True)
     windows = torch.tensor(meta["windows"], dtype=torch.float64)
     if meta.get("model") == "transformer" or not has_unet:

@@ -50,7 +50,7 @@ from rectflow.flow.paths import LinearPath
 from rectflow.flow.solvers import euler
 from rectflow.images.sampling import save_image_grid
 from rectflow.perflow.delta import save_delta
-from rectflow.perflow.diffusers_io import export_student, load_teacher, step_grid, unwrap_unet
+from rectflow.perflow.diffusers_io import export_student, load_teacher, step_grid, unwrap_unet, verify_export_files
 from rectflow.perflow.guidance import LabelledData, as_guidance, guidance_plan
 from rectflow.perflow.latent import LatentPipeline, export_pipeline, load_pipeline
 from rectflow.perflow.latent_cache import LatentCacheData, build_latent_cache, check_caption_lengths, read_captions
@@ -562,6 +562,7 @@ def _exported_folder(folder: str | Path) -> Path:
         folder = folder / "diffusers"
     if not (folder / "perflow.json").is_file() or not (folder / "model_index.json").is_file():
         raise ConfigError(f"{folder}: not an exported PeRFlow pipeline folder (needs model_index.json and perflow.json)")
+    verify_export_files(folder, load_json(folder / "perflow.json"))  # the student's weights as exported, checksummed
     return folder
 
 
