@@ -94,3 +94,32 @@ def test_eval_nll_of_an_image_run_gives_bits_per_dim(tmp_path, capsys):
     assert saved["estimator"] == "hutchinson" and saved["probes"] == 2 and saved["dim"] == 64 and saved["n"] == 8
     assert saved["bits_per_dim"] == pytest.approx(saved["nll_nats"] / (64 * math.log(2)) + math.log2(127.5), rel=1e-6)
     assert f"{saved['bits_per_dim']:.4f} bits/dim" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spec", ["dpm++2m:4", "dpm++3m:4", "edm:4", "euler:4"])
+def test_every_solver_spec_samples_in_eval_mode_without_a_graph(spec):
+    """issue 32 item 1: dpm++ / edm specs skipped eval(), no_grad and the non-finite check (dropout stayed on in eval and
+    diagnose, and the result required grad)."""
+    from rectflow.models import MLPVelocity
+
+    torch.manual_seed(0)
+    net = MLPVelocity(2, width=8, depth=2)
+    modes = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, t):
+            modes.append(self.training)
+            return self.net(x, t)
+
+    model = Spy().train()
+    res = solve_spec(model, torch.randn(4, 2), spec)
+    assert not res.x.requires_grad and modes and not any(modes) and model.training  # eval inside, restored after
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(FloatingPointError):
+        solve_spec(model, torch.randn(4, 2), spec)

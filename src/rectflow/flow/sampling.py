@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from rectflow.errors import ConfigError
 from rectflow.flow.solvers import FIXED_STEP_METHODS, METHODS, SolveResult, solve
 
-__all__ = ["sample_model", "parse_solver_spec", "solver_label"]
+__all__ = ["sample_model", "run_sampler", "parse_solver_spec", "solver_label"]
 
 
 def sample_model(
@@ -36,25 +36,33 @@ def sample_model(
     (never returned silently).
     """
     kw = model_kwargs or {}
-    was_training = model.training
-    model.eval()
 
     def f(x: Tensor, t: Tensor) -> Tensor:
         return model(x, t, **kw)
 
+    def run() -> SolveResult:
+        chunks = [x0] if batch_size is None or batch_size >= x0.shape[0] else list(x0.split(batch_size))
+        parts = [solve(f, c, method=method, steps=steps, grid=grid, t0=t0, t1=t1, rtol=rtol, atol=atol, return_trajectory=return_trajectory) for c in chunks]
+        if len(parts) == 1:
+            return parts[0]
+        traj = torch.cat([p.trajectory for p in parts], dim=1) if return_trajectory and method != "dopri5" else None
+        return SolveResult(torch.cat([p.x for p in parts]), max(p.nfe for p in parts), traj, parts[0].times)
+
+    return run_sampler(model, run, method)
+
+
+def run_sampler(model: nn.Module, sampler: Callable[[], SolveResult], name: str) -> SolveResult:
+    """Run ``sampler()`` the way every sampling entry point must: the model in eval mode (dropout off) and restored after,
+    no autograd graph, and a non-finite result raised as FloatingPointError, never returned."""
+    was_training = model.training
+    model.eval()
     try:
         with torch.no_grad():
-            chunks = [x0] if batch_size is None or batch_size >= x0.shape[0] else list(x0.split(batch_size))
-            parts = [solve(f, c, method=method, steps=steps, grid=grid, t0=t0, t1=t1, rtol=rtol, atol=atol, return_trajectory=return_trajectory) for c in chunks]
+            res = sampler()
     finally:
         model.train(was_training)
-    if len(parts) == 1:
-        res = parts[0]
-    else:
-        traj = torch.cat([p.trajectory for p in parts], dim=1) if return_trajectory and method != "dopri5" else None
-        res = SolveResult(torch.cat([p.x for p in parts]), max(p.nfe for p in parts), traj, parts[0].times)
     if not bool(torch.isfinite(res.x).all()):
-        raise FloatingPointError(f"sampling with {method} produced NaN or inf: the model's output is not finite (diverged weights or a bad input)")
+        raise FloatingPointError(f"sampling with {name} produced NaN or inf: the model's output is not finite (diverged weights or a bad input)")
     return res
 
 

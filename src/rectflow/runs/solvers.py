@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from rectflow.diffusion.samplers import dpm_solver_pp_2m, dpm_solver_pp_3m, edm_heun
 from rectflow.diffusion.schedules import FlowMatchingSchedule, karras_sigmas, times_from_sigmas
 from rectflow.errors import ConfigError
-from rectflow.flow.sampling import parse_solver_spec, sample_model
+from rectflow.flow.sampling import parse_solver_spec, run_sampler, sample_model
 from rectflow.flow.solvers import SolveResult, time_grid
 
 __all__ = ["DIFFUSION_SOLVERS", "check_solver", "solve_spec"]
@@ -50,10 +50,10 @@ def solve_spec(model: nn.Module, x0: Tensor, spec: str, *, rtol: float = 1e-5, a
     method, steps = check_solver(spec)
     if method in ("dpm++2m", "dpm++3m"):
         solver = dpm_solver_pp_2m if method == "dpm++2m" else dpm_solver_pp_3m
-        return solver(model, x0, time_grid(steps), path=FlowMatchingSchedule(), parameterization="velocity")
+        return run_sampler(model, lambda: solver(model, x0, time_grid(steps), path=FlowMatchingSchedule(), parameterization="velocity"), spec)
     if method == "edm":
         path = FlowMatchingSchedule()
         grid = times_from_sigmas(path, karras_sigmas(steps - 1), append_data_end=True)
         start = float(path.coefficients(grid[:1]).b[0])
-        return edm_heun(model, start * x0, grid, path=path, parameterization="velocity")
+        return run_sampler(model, lambda: edm_heun(model, start * x0, grid, path=path, parameterization="velocity"), spec)
     return sample_model(model, x0, method=method, steps=steps, rtol=rtol, atol=atol)
