@@ -144,3 +144,22 @@ def test_every_test_named_in_the_guarantees_page_exists():
         assert f.is_file(), f"docs/guarantees.md names tests/{path}, which does not exist"
         if name:
             assert re.search(rf"^def {name}\(", f.read_text(), re.M), f"docs/guarantees.md names {path}::{name}, which does not exist"
+
+
+def test_import_rectflow_and_the_maths_stay_light():
+    """issue 32: `import rectflow` and `import rectflow.flow` load neither the run layer, matplotlib nor diffusers
+    (the package's names are imported on first use); every name of __all__ still resolves."""
+    import json
+    import subprocess
+    import sys
+
+    probe = ("import json, sys; import rectflow, rectflow.flow, rectflow.diffusion; "
+             "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('rectflow.runs', 'matplotlib', 'diffusers', 'rectflow.cli')))))")
+    loaded = json.loads(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout)
+    assert loaded == []
+    import rectflow
+
+    for name in rectflow.__all__:
+        assert getattr(rectflow, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        rectflow.nope  # noqa: B018

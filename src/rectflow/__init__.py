@@ -12,86 +12,40 @@ One time convention everywhere: t = 0 is the source pi0 (noise or domain A), t =
 * :mod:`rectflow.runs`: run directories and jobs (the CLI is a thin layer over it).
 """
 
-from rectflow.data import make_distribution
-from rectflow.diffusion import (
-    ConvertedModel,
-    CustomSchedule,
-    DDPMSchedule,
-    DiffusionObjective,
-    FlowMatchingSchedule,
-    NoiseSchedule,
-    VPCosineSchedule,
-    VPLinearSchedule,
-    churn,
-    convert,
-    ddim,
-    ddpm,
-    diffusion_time,
-    euler_eta,
-    flow_sde,
-    log_snr,
-    make_weighting,
-)
-from rectflow.engine import TrainConfig, Trainer
-from rectflow.errors import CheckpointError, ConfigError, DataError, RectflowError
-from rectflow.flow import (
-    AffinePath,
-    Coupling,
-    FlowMatchingObjective,
-    IndependentCoupling,
-    LinearPath,
-    LogitNormalTime,
-    LossOutput,
-    MinibatchOTCoupling,
-    Objective,
-    SolveResult,
-    UniformTime,
-    UShapedTime,
-    dopri5,
-    energy_distance,
-    euler,
-    flow_matching_loss,
-    heun,
-    make_time_sampler,
-    midpoint,
-    ot_pairing,
-    rk4,
-    sample_model,
-    solve,
-    wasserstein2,
-)
-from rectflow.images import ConditionalFlowMatchingObjective, GuidedVelocity, fd, fid, sample_guided, sample_images
-from rectflow.models import DiTVelocity, MLPVelocity, UNetVelocity
-from rectflow.perflow import PeRFlowObjective, PeRFlowStudent, Teacher, apply_delta, load_delta, make_windows, sample_perflow, save_delta
-from rectflow.reflow import (
-    DistillationObjective,
-    PairCoupling,
-    PairStore,
-    PseudoHuberLoss,
-    crossing_probability,
-    diagnose_coupling,
-    distillation_loss,
-    generate_pairs,
-    one_step,
-    straightness,
-    transport_cost,
-)
-from rectflow.runs import (
-    ExperimentConfig,
-    config_from_dict,
-    diagnose_runs,
-    evaluate_run,
-    generate_run_pairs,
-    load_config,
-    load_perflow,
-    load_run,
-    reflow_chain,
-    train_distill,
-    train_perflow,
-    train_reflow,
-    train_run,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from rectflow.version import __version__
+
+# Every public name, and the subpackage it lives in: imported on first use (PEP 562), so `import rectflow` or
+# `import rectflow.flow` does not load the run layer, matplotlib or diffusers.
+_EXPORTS = {
+    **dict.fromkeys(["make_distribution"], "rectflow.data"),
+    **dict.fromkeys(["ConvertedModel", "CustomSchedule", "DDPMSchedule", "DiffusionObjective", "FlowMatchingSchedule", "NoiseSchedule", "VPCosineSchedule", "VPLinearSchedule", "churn", "convert", "ddim", "ddpm", "diffusion_time", "euler_eta", "flow_sde", "log_snr", "make_weighting"], "rectflow.diffusion"),
+    **dict.fromkeys(["TrainConfig", "Trainer"], "rectflow.engine"),
+    **dict.fromkeys(["CheckpointError", "ConfigError", "DataError", "RectflowError"], "rectflow.errors"),
+    **dict.fromkeys(["AffinePath", "Coupling", "FlowMatchingObjective", "IndependentCoupling", "LinearPath", "LogitNormalTime", "LossOutput", "MinibatchOTCoupling", "Objective", "SolveResult", "UniformTime", "UShapedTime", "dopri5", "energy_distance", "euler", "flow_matching_loss", "heun", "make_time_sampler", "midpoint", "ot_pairing", "rk4", "sample_model", "solve", "wasserstein2"], "rectflow.flow"),
+    **dict.fromkeys(["ConditionalFlowMatchingObjective", "GuidedVelocity", "fd", "fid", "sample_guided", "sample_images"], "rectflow.images"),
+    **dict.fromkeys(["DiTVelocity", "MLPVelocity", "UNetVelocity"], "rectflow.models"),
+    **dict.fromkeys(["PeRFlowObjective", "PeRFlowStudent", "Teacher", "apply_delta", "load_delta", "make_windows", "sample_perflow", "save_delta"], "rectflow.perflow"),
+    **dict.fromkeys(["DistillationObjective", "PairCoupling", "PairStore", "PseudoHuberLoss", "crossing_probability", "diagnose_coupling", "distillation_loss", "generate_pairs", "one_step", "straightness", "transport_cost"], "rectflow.reflow"),
+    **dict.fromkeys(["ExperimentConfig", "config_from_dict", "diagnose_runs", "evaluate_run", "generate_run_pairs", "load_config", "load_perflow", "load_run", "reflow_chain", "train_distill", "train_perflow", "train_reflow", "train_run"], "rectflow.runs"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rectflow' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # the next access is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
 
 __all__ = [
     "__version__",
