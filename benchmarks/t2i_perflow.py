@@ -34,7 +34,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -46,9 +45,10 @@ DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
 
 from _cifar10 import FeatureStats, SmallClassifier  # noqa: E402
 from _machine import machine_info, machine_line, write_results  # noqa: E402
-from rectflow.data.images import ImageArray, load_images, resize_images, to_unit_range  # noqa: E402
+from _phases import PhasedBench, log, phased_args  # noqa: E402
+from rectflow.data.images import ImageArray, to_unit_range  # noqa: E402
 from rectflow.engine.trainer import TrainConfig, Trainer  # noqa: E402
-from t2i_teacher import CLASSES, EpsilonObjective, atomic_json, encode_prompts, log, prompt  # noqa: E402
+from t2i_teacher import CLASSES, EpsilonObjective, encode_latents, encode_prompts, prompt  # noqa: E402
 
 MODES = ("teacher", "student")
 
@@ -59,36 +59,14 @@ def gray(x: Tensor) -> Tensor:
     return y[:, None].expand(-1, 3, -1, -1).contiguous()
 
 
-class Bench:
+class Bench(PhasedBench):
     def __init__(self, a: argparse.Namespace) -> None:
-        self.a, self.work = a, a.work
-        self.work.mkdir(parents=True, exist_ok=True)
+        super().__init__(a)
         self.teacher = a.teacher_work / "teacher"
-        self._cache: dict[str, Any] = {}
 
-    # ----- bookkeeping
-    def done(self, name: str) -> dict | None:
-        p = self.work / "phases" / f"{name}.json"
-        return json.loads(p.read_text()) if p.is_file() else None
-
-    def phase(self, name: str, fn) -> dict:
-        got = self.done(name)
-        if got is None:
-            log(f"phase {name}")
-            t0 = time.perf_counter()
-            got = fn()
-            got["phase_seconds"] = time.perf_counter() - t0
-            atomic_json(self.work / "phases" / f"{name}.json", got)
-            log(f"phase {name} done")
-        return got
 
     def data(self, split: str) -> ImageArray:
-        if split not in self._cache:
-            d = resize_images(load_images(self.a.test_zip if split == "test" or self.a.smoke else self.a.train_zip), self.a.size)
-            if self.a.smoke:
-                d = ImageArray(d.images[:400], d.labels[:400], d.class_names, d.source)
-            self._cache[split] = d
-        return self._cache[split]
+        return self.cifar(split, smoke_n=400)
 
     def classifier(self) -> SmallClassifier:
         if "clf" not in self._cache:
@@ -217,23 +195,13 @@ class Bench:
         import shutil
 
         from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-        from safetensors.torch import save_file
         from transformers import CLIPTextModel, CLIPTokenizer
 
         a = self.a
         vae = AutoencoderKL.from_pretrained(str(self.teacher / "vae")).eval()
         lat_path = self.work / "gray_latents.safetensors"
         if not lat_path.is_file():
-            x = gray(to_unit_range(self.data("train").images))
-            means, stds = [], []
-            with torch.no_grad():
-                for flip in (False, True):
-                    for xb in x.split(500):
-                        post = vae.encode(xb.flip(-1) if flip else xb).latent_dist
-                        means.append(post.mean)
-                        stds.append(post.std)
-            save_file({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(),
-                       "labels": torch.cat([self.data("train").labels] * 2).contiguous()}, str(lat_path))
+            encode_latents(vae, gray(to_unit_range(self.data("train").images)), self.data("train").labels, lat_path)
         from safetensors.torch import load_file
 
         lat = load_file(str(lat_path))
@@ -341,11 +309,8 @@ class Bench:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = phased_args(__doc__.split("\n")[0], "t2i_perflow")
     ap.add_argument("--teacher-work", type=Path, required=True, help="the --work folder of t2i_teacher.py (teacher/, classifier.safetensors)")
-    ap.add_argument("--train-zip", type=Path, default=DATA / "train.zip")
-    ap.add_argument("--test-zip", type=Path, default=DATA / "test.zip")
-    ap.add_argument("--size", type=int, default=16)
     ap.add_argument("--n-captioned", type=int, default=10000)
     ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--solver-steps", type=int, default=12)
@@ -357,11 +322,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--derivative-steps", type=int, default=1500)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--n-fd", type=int, default=5000)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "results" / "tmp" / "t2i_perflow")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    ap.add_argument("--name", default="t2i_perflow")
-    ap.add_argument("--smoke", action="store_true", help="tiny everything: checks the script")
     a = ap.parse_args(argv)
     if a.smoke:
         a.n_captioned, a.steps, a.batch, a.solver_steps, a.derivative_steps, a.n_fd, a.seeds = 40, 2, 4, 2, 4, 40, [1]

@@ -29,14 +29,11 @@ its newest checkpoint. Results: ``benchmarks/results/t2i_teacher.{md,json}`` and
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -46,9 +43,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
 
-from _cifar10 import FeatureStats, np_json, train_classifier  # noqa: E402
+from _cifar10 import FeatureStats, train_classifier  # noqa: E402
 from _machine import machine_info, machine_line, write_results  # noqa: E402
-from rectflow.data.images import ImageArray, load_images, resize_images, to_unit_range  # noqa: E402
+from _phases import PhasedBench, log, phased_args  # noqa: E402
+from rectflow.data.images import ImageArray, to_unit_range  # noqa: E402
 from rectflow.engine.trainer import TrainConfig, Trainer  # noqa: E402
 from rectflow.flow.losses import LossOutput  # noqa: E402
 
@@ -59,17 +57,6 @@ BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_line
 
 def prompt(c: int) -> str:
     return f"a photo of a {CLASSES[c]}"
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def atomic_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=np_json))
-    tmp.replace(path)
 
 
 # ----- the parts --------------------------------------------------------------------------------
@@ -116,6 +103,22 @@ def encode_prompts(tok, text_model, prompts: list[str]) -> Tensor:
     ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
         return text_model(ids)[0]
+
+
+def encode_latents(vae, x: Tensor, labels: Tensor, path: Path) -> int:
+    """The VAE posterior (mean, std) of every image x (N, 3, H, W) in [-1, 1] and of its mirror image, with their labels, in
+    one safetensors file (``mean``, ``std``, ``labels``); returns the number of rows (2N)."""
+    from safetensors.torch import save_file
+
+    means, stds = [], []
+    with torch.no_grad():
+        for flip in (False, True):
+            for xb in x.split(500):
+                post = vae.encode(xb.flip(-1) if flip else xb).latent_dist
+                means.append(post.mean)
+                stds.append(post.std)
+    save_file({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(), "labels": torch.cat([labels] * 2).contiguous()}, str(path))
+    return 2 * len(x)
 
 
 # ----- objectives for rectflow's Trainer ------------------------------------------------------
@@ -197,35 +200,10 @@ def step_seconds(make_model, objective, precision: str, batch: int, steps: int) 
 # ----- the benchmark -------------------------------------------------------------------------
 
 
-class Bench:
-    def __init__(self, a: argparse.Namespace) -> None:
-        self.a, self.work = a, a.work
-        self.work.mkdir(parents=True, exist_ok=True)
-        self._data: dict[str, ImageArray] = {}
-
-    def done(self, name: str) -> dict | None:
-        p = self.work / "phases" / f"{name}.json"
-        return json.loads(p.read_text()) if p.is_file() else None
-
-    def phase(self, name: str, fn) -> dict:
-        got = self.done(name)
-        if got is None:
-            log(f"phase {name}")
-            t0 = time.perf_counter()
-            got = fn()
-            got["phase_seconds"] = time.perf_counter() - t0
-            atomic_json(self.work / "phases" / f"{name}.json", got)
-            log(f"phase {name} done: " + json.dumps({k: v for k, v in got.items() if not isinstance(v, (list, dict))}, default=np_json))
-        return got
+class Bench(PhasedBench):
 
     def data(self, split: str) -> ImageArray:
-        if split not in self._data:
-            zip_ = self.a.test_zip if split == "test" or self.a.smoke else self.a.train_zip
-            d = resize_images(load_images(zip_), self.a.size)
-            if self.a.smoke:
-                d = ImageArray(d.images[:600], d.labels[:600], d.class_names, d.source)
-            self._data[split] = d
-        return self._data[split]
+        return self.cifar(split)
 
     def classifier(self):
         clf, info = train_classifier(self.data("train"), self.data("test"), self.a.clf_seconds, torch.device("cpu"), batch=128,
@@ -319,20 +297,9 @@ class Bench:
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(str(self.work / "parts" / "vae")).eval()
-        x = to_unit_range(self.data("train").images)
-        means, stds = [], []
-        with torch.no_grad():
-            for flip in (False, True):
-                for xb in x.split(500):
-                    post = vae.encode(xb.flip(-1) if flip else xb).latent_dist
-                    means.append(post.mean)
-                    stds.append(post.std)
-        from safetensors.torch import save_file
-
-        labels = torch.cat([self.data("train").labels] * 2)
-        save_file({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(), "labels": labels.contiguous()},
-                  str(self.work / "latents.safetensors"))
-        return {"n": len(labels), "shape": list(means[0].shape[1:])}
+        n = encode_latents(vae, to_unit_range(self.data("train").images), self.data("train").labels, self.work / "latents.safetensors")
+        side = self.a.size // 2 ** (len(vae.config.block_out_channels) - 1)
+        return {"n": n, "shape": [vae.config.latent_channels, side, side]}
 
     def unet_objective(self) -> tuple[EpsilonObjective, float]:
         from diffusers import AutoencoderKL
@@ -491,10 +458,7 @@ class Bench:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--train-zip", type=Path, default=DATA / "train.zip")
-    ap.add_argument("--test-zip", type=Path, default=DATA / "test.zip")
-    ap.add_argument("--size", type=int, default=16)
+    ap = phased_args(__doc__.split("\n")[0], "t2i_teacher")
     ap.add_argument("--clf-seconds", type=float, default=240.0)
     ap.add_argument("--clf-width", type=int, default=32)
     ap.add_argument("--vae-screen-seconds", type=float, default=120.0)
@@ -509,11 +473,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speed-steps", type=int, default=3)
     ap.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     ap.add_argument("--n-fd", type=int, default=5000)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "results" / "tmp" / "t2i")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    ap.add_argument("--name", default="t2i_teacher")
-    ap.add_argument("--smoke", action="store_true", help="tiny everything (test.zip only, seconds per stage): checks the script")
     a = ap.parse_args(argv)
     if a.smoke:
         a.clf_seconds, a.vae_screen_seconds, a.vae_steps, a.unet_steps, a.n_fd, a.speed_steps = 5, 3, 20, 30, 40, 1

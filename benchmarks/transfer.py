@@ -23,12 +23,9 @@ resumes from its checkpoints (a phase's time budget counts the time already trai
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -42,8 +39,9 @@ CONFIG = ROOT / "configs" / "cifar10-cpu.yaml"
 
 from _cifar10 import FeatureStats, train_classifier, trained_seconds  # noqa: E402
 from _machine import machine_info, machine_line, write_results  # noqa: E402
+from _phases import PhasedBench, log, phased_args  # noqa: E402
 from cifar10_cpu import BudgetFromFirstStep  # noqa: E402
-from rectflow.data.images import load_images, resize_images, to_unit_range  # noqa: E402
+from rectflow.data.images import to_unit_range  # noqa: E402
 from rectflow.engine.checkpoint import latest_checkpoint, read_checkpoint  # noqa: E402
 from rectflow.flow.sampling import sample_model  # noqa: E402
 from rectflow.images.sampling import save_pair_grid  # noqa: E402
@@ -56,10 +54,6 @@ CIFAR = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse"
 SOLVERS = ["euler:1", "euler:2", "euler:4", "euler:100", "dopri5"]
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 def low_pass_correlation(a: Tensor, b: Tensor, size: int = 4) -> float:
     """Mean over images of the Pearson correlation between input and output, both average-pooled to ``size`` x ``size``
     (layout and pose, not texture)."""
@@ -69,42 +63,15 @@ def low_pass_correlation(a: Tensor, b: Tensor, size: int = 4) -> float:
     return float(((pa * pb).sum(1) / (pa.norm(dim=1) * pb.norm(dim=1)).clamp_min(1e-12)).mean())
 
 
-class Bench:
-    def __init__(self, a: argparse.Namespace) -> None:
-        self.a, self.work = a, a.work
-        self.work.mkdir(parents=True, exist_ok=True)
-        self._cache: dict[str, Any] = {}
-
-    def done(self, name: str) -> dict | None:
-        p = self.work / "phases" / f"{name}.json"
-        return json.loads(p.read_text()) if p.is_file() else None
-
-    def phase(self, name: str, fn) -> dict:
-        got = self.done(name)
-        if got is None:
-            log(f"phase {name}")
-            t0 = time.perf_counter()
-            got = fn()
-            got["phase_seconds"] = time.perf_counter() - t0
-            p = self.work / "phases" / f"{name}.json"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            tmp = p.with_suffix(".tmp")
-            tmp.write_text(json.dumps(got, indent=1, default=float))
-            tmp.replace(p)
-        return got
+class Bench(PhasedBench):
 
     # ----- data and the classifier
     def images(self, split: str, cls: str):
-        key = f"{split}-{cls}"
-        if key not in self._cache:
-            zip_ = self.a.test_zip if split == "test" or self.a.smoke else self.a.train_zip
-            self._cache[key] = resize_images(load_images(zip_, classes=[cls]), self.a.size)
-        return self._cache[key]
+        return self.cifar(split, classes=[cls], smoke_n=10**9)
 
     def classifier(self):
         if "clf" not in self._cache:
-            tr = resize_images(load_images(self.a.test_zip if self.a.smoke else self.a.train_zip), self.a.size)
-            te = resize_images(load_images(self.a.test_zip), self.a.size)
+            tr, te = self.cifar("train", smoke_n=10**9), self.cifar("test", smoke_n=10**9)
             clf, info = train_classifier(tr, te, self.a.clf_seconds, torch.device("cpu"), batch=128, width=32, cache=self.work / "classifier.safetensors")
             self._cache["clf"], self._cache["clf_info"] = clf, info
         return self._cache["clf"]
@@ -232,14 +199,11 @@ class Bench:
             except StopIteration:
                 pass
             lines += ["", f"Grids (inputs and outputs side by side): `{a.name}_grids/`", ""]
-        write_results(a.out, a.name, {"machine": m, "phases": {p.stem: json.loads(p.read_text()) for p in (self.work / "phases").glob("*.json")}}, "\n".join(lines))
+        write_results(a.out, a.name, {"machine": m, "phases": self.phases.all()}, "\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--train-zip", type=Path, default=DATA / "train.zip")
-    ap.add_argument("--test-zip", type=Path, default=DATA / "test.zip")
-    ap.add_argument("--size", type=int, default=16)
+    ap = phased_args(__doc__.split("\n")[0], "transfer")
     ap.add_argument("--budget-1rf", type=float, default=1800.0)
     ap.add_argument("--budget-2rf", type=float, default=900.0)
     ap.add_argument("--budget-distill", type=float, default=600.0)
@@ -249,17 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--classes", nargs="+", default=["cat:dog", "automobile:truck"], help="source:target class pairs")
     ap.add_argument("--override", action="append", default=[])
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "results" / "tmp" / "transfer")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    ap.add_argument("--name", default="transfer")
-    ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args(argv)
     a.pairs_of_classes = [tuple(c.split(":")) for c in a.classes]
     if a.smoke:
         a.budget_1rf = a.budget_2rf = a.budget_distill = 5.0
         a.pairs, a.n_eval, a.clf_seconds, a.seeds, a.pairs_of_classes = 64, 64, 3.0, [1], a.pairs_of_classes[:1]
-        a.override += ["model.channels=16", "model.channel_mult=[1,2]", "train.log_every=5", "train.ckpt_every=10", "eval.n_samples=64"]
+        a.override += ["model.channels=32", "model.channel_mult=[1,2]", "train.log_every=5", "train.ckpt_every=10", "eval.n_samples=64"]
         a.name, a.out = a.name + "_smoke", a.work / "results"
     torch.set_num_threads(a.threads)
     Bench(a).run()

@@ -114,7 +114,7 @@ def test_step_accepts_int_half_bfloat16_and_float32_timesteps(n):
         ref = sched.step(out, ts, z).prev_sample
         for alt in (torch.tensor(int(ts)), int(ts), ts.half(), ts.bfloat16(), ts.float(), float(ts)):
             torch.testing.assert_close(sched.step(out, alt, z).prev_sample, ref, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="not one of this schedule's"):
+    with pytest.raises(ValueError, match="matches none of this schedule's"):
         sched.step(out, float(sched.timesteps[0]) - 0.4 * float(sched.timesteps[0] - sched.timesteps[1]), z)
 
 
@@ -188,21 +188,32 @@ def test_from_config_into_a_stock_scheduler_gives_the_teachers_schedule(tmp_path
 
 
 def _official_steps(n_train, k, n):
-    """The official timesteps: per window (noise first) linspace(start, end, m, endpoint=False) of tau, times N, as int64."""
-    starts = [1 - i / k for i in range(k)]
+    """The official timesteps: windows start at 1. * i / K (i = K .. 1), each split by linspace(start, end, m, endpoint=False),
+    times N, as int64."""
+    starts = [1.0 * i / k for i in range(1, k + 1)][::-1]
+    ends = starts[1:] + [0]
     ts = []
     for i in range(k):
         m = n // k + (1 if i < n % k else 0)
-        ts.append(np.linspace(starts[i], starts[i] - 1 / k, num=m, endpoint=False))
+        ts.append(np.linspace(starts[i], ends[i], num=m, endpoint=False))
     return (np.concatenate(ts) * n_train).astype(np.int64)
+
+
+def _official_window(k, tc, n_train):
+    """The official lookup: the first window (from the noise end) whose end lies below tc - 0.1 / N."""
+    starts = [1.0 * i / k for i in range(1, k + 1)][::-1]
+    ends = starts[1:] + [0]
+    idx = 0
+    while tc - 0.1 / n_train <= ends[idx]:
+        idx += 1
+    return starts[idx], ends[idx]
 
 
 def _official_step(abar, k, n_train, timesteps, kind, out, ts, z):
     """One official step at integer timestep ts: the window holding tau = ts / N (ends at tau_e), its knots
     abar[N tau_s - 1] and abar[max(N tau_e - 1, 0)], the window-end prediction, then Euler to the next timestep."""
     tc = ts / n_train
-    i = int(np.floor((1 - tc) * k + 1e-9))  # the window index from the noise end
-    t_s, t_e = 1 - i / k, 1 - (i + 1) / k
+    t_s, t_e = _official_window(k, tc, n_train)
     a_s, a_e = abar[int(round(t_s * n_train)) - 1], abar[max(int(round(t_e * n_train)) - 1, 0)]
     if kind == "velocity":
         v = out
@@ -222,12 +233,12 @@ def _official_step(abar, k, n_train, timesteps, kind, out, ts, z):
 
 
 @pytest.mark.parametrize("kind", ["ddim_eps", "diff_eps", "velocity"])
-@pytest.mark.parametrize("n", [4, 6, 8, 11])
-def test_the_official_config_prediction_types_and_time_convention(kind, n):
+@pytest.mark.parametrize("k, n", [(4, 4), (4, 6), (4, 8), (4, 11), (3, 13), (5, 5), (5, 12), (6, 7), (7, 9), (10, 10)])
+def test_the_official_config_prediction_types_and_time_convention(kind, k, n):
     stock = diffusers.DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    sched = PeRFlowScheduler.from_config(stock.config, prediction_type=kind, num_time_windows=4)  # as the official README does
+    sched = PeRFlowScheduler.from_config(stock.config, prediction_type=kind, num_time_windows=k)  # as the official README does
     sched.set_timesteps(n)
-    want_ts = _official_steps(1000, 4, n)
+    want_ts = _official_steps(1000, k, n)
     assert sched.timesteps.tolist() == want_ts.astype(np.float32).tolist()  # 1000 at pure noise, int(N tau)
     abar = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2, 0).numpy()
     g = torch.Generator().manual_seed(n)
@@ -236,7 +247,7 @@ def test_the_official_config_prediction_types_and_time_convention(kind, n):
     zz = z.float()
     for ts in want_ts:
         out = torch.sin(3 * ref + ts / 300.0)  # any model output, a function of the state and time
-        ref = _official_step(abar, 4, 1000, list(want_ts), kind, out, int(ts), ref)
+        ref = _official_step(abar, k, 1000, list(want_ts), kind, out, int(ts), ref)
         zz = sched.step(torch.sin(3 * zz.double() + ts / 300.0).float(), torch.tensor(int(ts)), zz).prev_sample
     torch.testing.assert_close(zz.double(), ref, atol=2e-4, rtol=2e-4)
 
@@ -315,3 +326,88 @@ def test_a_bit_flipped_exported_weights_file_is_refused(tmp_path, tiny_pipeline)
     weights.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="diffusion_pytorch_model.safetensors.*checksum"):
         load_student(out)
+
+
+# ----- review fixes ------------------------------------------------------------------------------------------------------------
+
+
+def test_from_config_gives_the_teachers_own_ddim_back_not_diffusers_defaults(tmp_path, tiny_pipeline):
+    """clip_sample, set_alpha_to_one, steps_offset and timestep_spacing travel with the betas (a DDIM built from a config without
+    them clipped SD latents to [-1, 1] and stepped on other timesteps)."""
+    out = export_pipeline(perturbed_student(tiny_pipeline, perflow.make_windows(4)), tiny_pipeline, tmp_path / "e")
+    ours = PeRFlowScheduler.from_pretrained(str(out / "scheduler"))
+    teacher = diffusers.DDIMScheduler.from_pretrained(str(tiny_pipeline.folder / "scheduler"))
+    again = diffusers.DDIMScheduler.from_config(ours.config)
+    for key in ("clip_sample", "set_alpha_to_one", "steps_offset", "timestep_spacing", "prediction_type"):
+        assert again.config[key] == teacher.config[key], key
+    teacher.set_timesteps(4)
+    again.set_timesteps(4)
+    assert again.timesteps.tolist() == teacher.timesteps.tolist()
+    assert "interpolation_type" not in ours.config  # a key the teacher's config does not have is not invented
+
+
+def test_a_timestep_that_its_dtype_cannot_tell_apart_is_refused_not_mapped_to_a_neighbour():
+    sched, _ = _sd_scheduler()
+    sched.set_timesteps(1000)  # neighbouring timesteps 1 apart: bf16 (spacing 4 near 1000) cannot tell them apart
+    z, out = torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 2)
+    with pytest.raises(ValueError, match="matches [0-9]+ .*cannot tell them apart"):
+        sched.step(out, sched.timesteps[250].bfloat16(), z)
+    sched.step(out, sched.timesteps[250], z)  # the float32 timestep itself is fine
+    with pytest.raises(ValueError, match="a batch of different timesteps"):
+        sched.step(out, torch.tensor([999.0, 499.0]), z)
+    for junk in (torch.tensor([]), float("nan"), "999", torch.tensor(1 + 2j)):
+        with pytest.raises(ValueError, match="timestep"):
+            sched.step(out, junk, z)
+
+
+def test_official_prediction_types_on_an_exports_config_are_refused(tmp_path, tiny_pipeline):
+    out = export_pipeline(perturbed_student(tiny_pipeline, perflow.make_windows(4)), tiny_pipeline, tmp_path / "e")
+    cfg = PeRFlowScheduler.from_pretrained(str(out / "scheduler")).config
+    with pytest.raises(ValueError, match="official repository's"):
+        PeRFlowScheduler.from_config(cfg, prediction_type="diff_eps")
+    with pytest.raises(ValueError, match="num_time_windows=8 but the config's windows are 4"):
+        PeRFlowScheduler.from_config(cfg, num_time_windows=8)
+
+
+@pytest.mark.slow
+def test_a_loaded_export_saved_again_still_loads_without_rectflow(tmp_path, tiny_pipeline):
+    out = export_pipeline(perturbed_student(tiny_pipeline, perflow.make_windows(4)), tiny_pipeline, tmp_path / "e")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(out), trust_remote_code=True)
+    pipe.save_pretrained(str(tmp_path / "again"))
+    idx = json.loads((tmp_path / "again" / "model_index.json").read_text())
+    assert idx["scheduler"] == ["scheduling_perflow", "PeRFlowScheduler"]
+    assert (tmp_path / "again" / "scheduler" / "scheduling_perflow.py").is_file()
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    save_file({"x": x}, str(tmp_path / "x.safetensors"))
+    job = {"name": "again", "pipeline": "StableDiffusionPipeline", "folder": str(tmp_path / "again"), "trust": True, "steps": [4], "w": 1.0,
+           "scheduler": "PeRFlowScheduler", "prompts": PROMPTS, "latents": str(tmp_path / "x.safetensors"), "result": str(tmp_path / "r.safetensors")}
+    run = subprocess.run([sys.executable, "-c", _NO_RECTFLOW, json.dumps([job])], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    torch.testing.assert_close(load_file(str(tmp_path / "r.safetensors"))["again_4"], _sample_in_rectflow(diffusers.StableDiffusionPipeline, out, x, [4], 1.0)[4])
+
+
+@pytest.mark.slow
+def test_sd3_img2img_runs_on_the_export(tmp_path, tiny_sd3_pipeline):
+    pipe = tiny_sd3_pipeline
+    out = export_pipeline(perturbed_student(pipe, perflow.make_windows(4, spacing="teacher", path=pipe.schedule)), pipe, tmp_path / "e")
+    img2img = diffusers.StableDiffusion3Img2ImgPipeline.from_pretrained(str(out), local_files_only=True, trust_remote_code=True, **NO_T5)
+    img2img.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        res = img2img(PROMPTS[:1], image=torch.rand(1, 3, 16, 16), strength=0.5, num_inference_steps=8, guidance_scale=1.0, output_type="pt").images
+    assert res.shape == (1, 3, 16, 16) and bool(torch.isfinite(res).all())
+
+
+def test_model_cards_name_the_folder_and_say_how_it_loads(tmp_path, tiny_pipeline):
+    student = perturbed_student(tiny_pipeline, perflow.make_windows(4))
+    card = (export_pipeline(student, tiny_pipeline, tmp_path / "mine") / "README.md").read_text()
+    assert 'from_pretrained("mine", trust_remote_code=True)' in card and ".tmp" not in card
+    with pytest.warns(UserWarning):
+        stock = (export_pipeline(student, tiny_pipeline, tmp_path / "stock", stock_scheduler=True) / "README.md").read_text()
+    assert 'from_pretrained("stock")' in stock and "trust_remote_code" not in stock.split("```")[1] and "num_inference_steps=4," in stock
+    assert PeRFlowScheduler.from_pretrained(str(tmp_path / "mine" / "scheduler")).alphas_cumprod is not None
+
+
+def test_the_standalone_scheduler_and_the_exporter_agree_on_the_teacher_keys():
+    from rectflow.perflow import diffusers_io, scheduling_perflow
+
+    assert scheduling_perflow.TEACHER_SAMPLER_KEYS == diffusers_io.TEACHER_SAMPLER_KEYS

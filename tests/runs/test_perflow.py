@@ -368,7 +368,7 @@ def test_pipeline_job_with_stock_scheduler_and_lora_bias(sd_folder, captions, tm
     assert "LoRA (rank 2) vs the full delta" in printed and "official/" in printed
     idx = json.loads((out / "diffusers" / "model_index.json").read_text())
     assert idx["scheduler"] == ["diffusers", "DDIMScheduler"] and (out / "diffusers" / "scheduler_perflow" / "scheduling_perflow.py").is_file()
-    assert "Without custom code" in (out / "diffusers" / "README.md").read_text()
+    assert "no custom code to trust" in (out / "diffusers" / "README.md").read_text()
     from rectflow.perflow.lora import load_lora
 
     lora, _ = load_lora(out / "lora")

@@ -127,6 +127,11 @@ _TRANSFORMERS: dict[str, type[nn.Module]] = {}
 # with trust_remote_code=True and no rectflow installed.
 SCHEDULER_FILE = Path(__file__).with_name("scheduling_perflow.py")
 PERFLOW_SCHEDULER_ENTRY = [SCHEDULER_FILE.stem, "PeRFlowScheduler"]
+# The teacher scheduler's sampling keys that PeRFlowScheduler's config carries through (so from_config into a stock scheduler
+# samples as the teacher's did); the standalone scheduler file keeps the same tuple (it cannot import this module; a test
+# checks that they agree).
+TEACHER_SAMPLER_KEYS = ("clip_sample", "clip_sample_range", "set_alpha_to_one", "steps_offset", "timestep_spacing", "thresholding",
+                        "sample_max_value", "skip_prk_steps", "interpolation_type", "use_karras_sigmas", "timestep_type")
 _WHY = {"rescale_betas_zero_snr": "zero terminal SNR gives alpha = 0 at the noise end, which DDPMSchedule cannot hold",
         "timestep_type": "continuous timesteps feed the network log-sigma, not the discrete step index",
         "use_flow_sigmas": "a flow-matching model, not a discrete beta schedule",
@@ -529,7 +534,8 @@ def perflow_scheduler_config(student: PeRFlowStudent, teacher_cfg: dict[str, Any
     knots = student.window_path
     cfg = {"_class_name": "PeRFlowScheduler", **teacher_schedule_keys(teacher_cfg), "windows": [float(v) for v in knots.boundaries],
            "window_alphas": [float(v) + 0.0 for v in knots.a_knots], "window_sigmas": [float(v) + 0.0 for v in knots.b_knots],  # + 0.0: no -0.0
-           "prediction_type": teacher_cfg.get("prediction_type", "epsilon"), "time_input": "step_index"}
+           "prediction_type": teacher_cfg.get("prediction_type", "epsilon"), "time_input": "step_index",
+           **{k: teacher_cfg[k] for k in TEACHER_SAMPLER_KEYS if teacher_cfg.get(k) is not None}}
     if cfg_is_flow(teacher_cfg):  # the network outputs u = noise - x0 and reads sigma N (theory §6.10)
         cfg.update(prediction_type="flow_prediction", time_input="sigma")
     return cfg

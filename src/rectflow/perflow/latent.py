@@ -565,12 +565,12 @@ def export_pipeline(student: PeRFlowStudent, teacher: LatentPipeline | str | Pat
     teacher_cfg = _teacher_scheduler_config(src, sd3="transformer" in parts)
     folder = Path(folder)
     with staged_export(folder) as stage:
-        _write_pipeline(student, src, index, parts, teacher_cfg, stage, stock_scheduler, extra)
+        _write_pipeline(student, src, index, parts, teacher_cfg, stage, stock_scheduler, extra, name=folder.name)
     return folder
 
 
 def _write_pipeline(student: PeRFlowStudent, src: Path, index: dict[str, Any], parts: tuple[str, ...], teacher_cfg: dict[str, Any],
-                    stage: Path, stock_scheduler: bool, extra: dict[str, Any] | None) -> None:
+                    stage: Path, stock_scheduler: bool, extra: dict[str, Any] | None, name: str) -> None:
     """:func:`export_pipeline`'s folder, written into ``stage``."""
     sd3 = "transformer" in parts
     sdxl = "text_encoder_2" in parts and not sd3
@@ -601,4 +601,5 @@ def _write_pipeline(student: PeRFlowStudent, src: Path, index: dict[str, Any], p
             new_index.update(safety_checker=[None, None], requires_safety_checker=False)
     save_json(stage / "model_index.json", new_index)
     write_model_card(stage, "pipeline", base_model=src.name, windows=student.boundaries.numel() - 1, pipeline=pipeline_class,
-                     guidance=float((extra or {}).get("guidance_scale", 1.0)), stock_scheduler=stock[1]["_class_name"] if stock_scheduler and stock else None)
+                     guidance=float((extra or {}).get("guidance_scale", 1.0)), stock_scheduler=stock[1]["_class_name"] if stock_scheduler and stock else None,
+                     name=name)

@@ -23,21 +23,29 @@ _KINDS = {
 _USAGE = {
     "pipeline": """```python
 from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained("{folder}", trust_remote_code=True)  # scheduler/ holds PeRFlowScheduler's code
+pipe = DiffusionPipeline.from_pretrained("{name}", trust_remote_code=True)  # scheduler/ holds PeRFlowScheduler's code
 image = pipe("{prompt}", num_inference_steps={k}, guidance_scale={w}).images[0]  # any num_inference_steps >= {k}
 ```
-{stock}""",
+A stock scheduler exact at K steps, where one exists, is in `scheduler_ddim/` or `scheduler_flowmatch/`.""",
+    "stock": """```python
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained("{name}")  # a stock {stock} in scheduler/: no custom code to trust
+image = pipe("{prompt}", num_inference_steps={k}, guidance_scale={w}).images[0]
+```
+The stock {stock} is exact at num_inference_steps={k} only: other counts sample wrong without an error.
+`scheduler_perflow/` holds PeRFlowScheduler (any count >= {k}; load the folder with its code, trust_remote_code=True).""",
     "lora": """```python
 from diffusers import DiffusionPipeline
+student = DiffusionPipeline.from_pretrained("{pipeline_folder}", trust_remote_code=True)  # the exported pipeline, for its scheduler
 pipe = DiffusionPipeline.from_pretrained("{base}")       # the base model, or a fine-tune of it
-pipe.load_lora_weights("{folder}")
-pipe.scheduler = PeRFlowScheduler.from_pretrained("{scheduler}")  # the scheduler of the exported pipeline
-image = pipe("{prompt}", num_inference_steps={k}).images[0]
+pipe.load_lora_weights("{name}")
+pipe.scheduler = student.scheduler
+image = pipe("{prompt}", num_inference_steps={k}, guidance_scale={w}).images[0]
 ```""",
     "official": """With the official repository (magic-research/piecewise-rectified-flow):
 
 ```python
-pipe = load_delta_weights_into_unet(pipe, model_path="{folder}")   # reads delta_weights.safetensors
+pipe = load_delta_weights_into_unet(pipe, model_path="{name}")   # reads delta_weights.safetensors
 pipe.scheduler = PeRFlowScheduler.from_config(pipe.scheduler.config, prediction_type="ddim_eps", num_time_windows={k})
 ```
 
@@ -49,7 +57,7 @@ pipeline export is exact, this format is for the official tools.""",
 
 def write_model_card(folder: str | Path, kind: str, *, base_model: str, windows: int, pipeline: str | None = None, guidance: float = 1.0,
                      command: str | None = None, measured: dict[str, Any] | None = None, stock_scheduler: str | None = None,
-                     prompt: str = "a photo of a cat") -> Path:
+                     prompt: str = "a photo of a cat", name: str | None = None, pipeline_folder: str = "diffusers") -> Path:
     """Write ``folder/README.md`` (atomic): YAML front matter (base model, library, tags, pipeline tag), what the folder
     is, how to load it, the number of windows K, the command that made it and the measured numbers given."""
     folder = Path(folder)
@@ -57,16 +65,14 @@ def write_model_card(folder: str | Path, kind: str, *, base_model: str, windows:
     lines = ["---", f"base_model: {json.dumps(base_model)}", "library_name: diffusers", "pipeline_tag: text-to-image", "tags:"]
     lines += [f"- {t}" for t in tags] + ["---", "", f"# PeRFlow K = {windows}: {_KINDS[kind]}", ""]
     lines += [f"Made by rectflow {__version__} from `{base_model}`{f' ({pipeline})' if pipeline else ''}: piecewise rectified flow with "
-              f"{windows} time windows, so {windows} sampling steps (one per window; more steps also work).", ""]
+              f"{windows} time windows, so {windows} sampling steps (one per window"
+              f"{'' if stock_scheduler else '; more steps also work'}).", ""]
+    name = name or folder.name  # the folder's name as the user will see it (an export is written under a staging name)
+    fill = {"name": name, "prompt": prompt, "k": windows, "w": guidance, "stock": stock_scheduler, "base": base_model, "pipeline_folder": pipeline_folder}
     if kind in ("pipeline", "transformer", "unet"):
-        stock = (f"Without custom code: this folder's `model_index.json` names the stock `{stock_scheduler}` (no trust_remote_code needed), "
-                 f"exact at num_inference_steps={windows} only; `scheduler_perflow/` holds PeRFlowScheduler (any count >= {windows})."
-                 if stock_scheduler else "A stock scheduler exact at K steps, where one exists, is in `scheduler_ddim/` or `scheduler_flowmatch/`.")
-        lines += [_USAGE["pipeline"].format(folder=folder.name, prompt=prompt, k=windows, w=guidance, stock=stock)]
-    elif kind == "lora":
-        lines += [_USAGE["lora"].format(base=base_model, folder=folder.name, scheduler="diffusers/scheduler", prompt=prompt, k=windows)]
+        lines += [_USAGE["stock" if stock_scheduler else "pipeline"].format(**fill)]
     else:
-        lines += [_USAGE["official"].format(folder=folder.name, k=windows)]
+        lines += [_USAGE[kind].format(**fill)]
     if command:
         lines += ["", "Command:", "", f"```bash\n{command}\n```"]
     if measured:

@@ -35,12 +35,14 @@ ones: sqrt(alphas_cumprod[N tau - 1]), with alphas_cumprod[0] at the data end.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.configuration_utils import ConfigMixin, FrozenDict, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
@@ -50,6 +52,12 @@ __all__ = ["PeRFlowScheduler", "PeRFlowSchedulerOutput", "OFFICIAL_PREDICTIONS"]
 _KINDS = {"epsilon": "eps", "ddim_eps": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "u", "velocity": "u", "diff_eps": "diff_eps"}
 OFFICIAL_PREDICTIONS = ("ddim_eps", "diff_eps", "velocity")  # the official repository's prediction types
 _TIME_OFFSETS = {"step_index": -1.0, "sigma": 0.0, "official": 0.0}
+# The teacher scheduler's own sampling keys, passed through untouched (not used here): so that a stock scheduler made with
+# ``from_config(pipe.scheduler.config)`` samples as the teacher's did (SD's clip_sample=False, steps_offset, spacing ...).
+# Stored only when given.
+TEACHER_SAMPLER_KEYS = ("clip_sample", "clip_sample_range", "set_alpha_to_one", "steps_offset", "timestep_spacing", "thresholding",
+                        "sample_max_value", "skip_prk_steps", "interpolation_type", "use_karras_sigmas", "timestep_type")
+_SOURCE = Path(__file__)  # this file: copied beside every saved config, so a re-saved pipeline still loads without rectflow
 
 
 @dataclass
@@ -96,10 +104,18 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
                  trained_betas: Any = None, shift: float | None = None, prediction_type: str = "epsilon", time_input: str | None = None,
                  windows: list[float] | None = None, window_alphas: list[float] | None = None, window_sigmas: list[float] | None = None,
                  num_time_windows: int | None = None, alphas: list[float] | None = None, sigmas: list[float] | None = None,
-                 t_noise: float = 1.0, t_clean: float = 0.0, set_alpha_to_one: bool = False) -> None:
+                 t_noise: float = 1.0, t_clean: float = 0.0, set_alpha_to_one: bool | None = None, clip_sample: bool | None = None,
+                 clip_sample_range: float | None = None, steps_offset: int | None = None, timestep_spacing: str | None = None,
+                 thresholding: bool | None = None, sample_max_value: float | None = None, skip_prk_steps: bool | None = None,
+                 interpolation_type: str | None = None, use_karras_sigmas: bool | None = None, timestep_type: str | None = None) -> None:
         if prediction_type not in _KINDS:
             raise ValueError(f"PeRFlowScheduler: prediction_type must be one of {sorted(_KINDS)}, got {prediction_type!r}")
         official = prediction_type in OFFICIAL_PREDICTIONS
+        if official and time_input not in (None, "official"):
+            raise ValueError(f"PeRFlowScheduler: prediction_type {prediction_type!r} is the official repository's; it needs its time input "
+                             f"(time_input='official'), not {time_input!r}: this config is another student's")
+        if windows is not None and num_time_windows is not None and int(num_time_windows) != len(windows) - 1:
+            raise ValueError(f"PeRFlowScheduler: num_time_windows={num_time_windows} but the config's windows are {len(windows) - 1}")
         time_input = time_input or ("official" if official else "sigma" if shift is not None else "step_index")
         if time_input not in _TIME_OFFSETS:
             raise ValueError(f"PeRFlowScheduler: time_input must be one of {sorted(_TIME_OFFSETS)}, got {time_input!r}")
@@ -109,6 +125,7 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         self.time_offset = _TIME_OFFSETS[time_input]
         self.official_grid = time_input == "official"
         n_train = int(num_train_timesteps)
+        self.betas = self.alphas = self.alphas_cumprod = None  # a flow-matching teacher has no DDPM schedule
         if shift is None:
             self.betas = torch.tensor(_betas(n_train, beta_start, beta_end, beta_schedule, trained_betas), dtype=torch.float32)
             self.alphas = 1.0 - self.betas
@@ -138,6 +155,9 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         self.num_windows = k
         self.init_noise_sigma = 1.0
         self._begin_index: int | None = None
+        unset = [key for key in TEACHER_SAMPLER_KEYS if self.config.get(key) is None]
+        if unset:  # an unset teacher key is left out, so a stock scheduler built from this config takes its own default
+            self._internal_dict = FrozenDict({key: v for key, v in self._internal_dict.items() if key not in unset})
         self.set_timesteps(k)
 
     # ----- the grid
@@ -155,14 +175,17 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         per = steps_per_window(self.num_windows, n)
         grid, window = [], []
         n_train = self.config.num_train_timesteps
+        k = self.num_windows
         for i, m in enumerate(per):
             lo, hi = self.windows[i], self.windows[i + 1]
-            if self.official_grid:  # the official scheduler: int(N tau) of tau = linspace(tau_start, tau_end, m, endpoint=False)
-                tau = np.linspace(1 - lo, 1 - hi, num=m, endpoint=False)
-                grid += list(1.0 - (tau * n_train).astype(np.int64) / n_train)
+            if self.official_grid:  # the official scheduler: int(N tau), tau = linspace(start, end, m, endpoint=False), start = 1. * (K - i) / K
+                tau = np.linspace(1.0 * (k - i) / k, 1.0 * (k - i - 1) / k, num=m, endpoint=False)
+                ints = (tau * n_train).astype(np.int64)
+                grid += list(1.0 - ints / n_train)
+                window += [self._official_window(int(v) / n_train) for v in ints]
             else:
                 grid += list(lo + (hi - lo) * np.arange(m) / m)
-            window += [i] * m
+                window += [i] * m
         self.grid = np.asarray(grid + [1.0], dtype=np.float64)
         self.step_window = window
         self.num_inference_steps = n
@@ -170,6 +193,16 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         a, b, _, _ = self.coefficients(self.grid)
         self.sigmas = torch.tensor(b, dtype=torch.float32)  # the noise coefficient B(t) at each grid time, n + 1 values
         self._begin_index = None
+
+    def _official_window(self, tau: float) -> int:
+        """The official scheduler's window of tau (its lookup: the first window whose end lies below tau - 0.1 / N),
+        as our window index (0 at the noise end)."""
+        k, n = self.num_windows, self.config.num_train_timesteps
+        ends = [1.0 * (k - i - 1) / k for i in range(k)]
+        idx = 0
+        while idx < k - 1 and tau - 0.1 / n <= ends[idx]:
+            idx += 1
+        return idx
 
     def coefficients(self, t: np.ndarray | float, window: np.ndarray | int | None = None) -> tuple[np.ndarray, ...]:
         """(A, B, A', B') of the window path at times t (float64); ``window`` picks the window (default: the one t starts)."""
@@ -182,22 +215,33 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
 
     # ----- finding a step from its timestep
     def index_for_timestep(self, timestep: Any) -> int:
-        """The step whose timestep this is: the nearest one, if ``timestep`` is it up to its own dtype's rounding or
-        to int() truncation; anything else is refused (ValueError)."""
-        ts = torch.as_tensor(timestep).reshape(-1)[:1].cpu()
-        integral = not ts.is_floating_point()
-        value = float(ts.double())
+        """The step whose timestep this is.  ``timestep`` may be the schedule's own (float32), or the same value in another dtype
+        (float16 / bfloat16 / float64 / a Python number: matched within that dtype's rounding) or truncated by ``int()``; every
+        element of a batch of timesteps must be the same.  A value that matches no timestep, or more than one (a half-precision
+        timestep of a schedule whose steps are closer than its rounding), is refused (ValueError)."""
+        try:
+            ts = torch.as_tensor(timestep).reshape(-1).cpu()
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"PeRFlowScheduler.step: the timestep must be a number or a tensor of numbers, got {timestep!r}") from None
+        if ts.numel() == 0 or ts.is_complex() or ts.dtype == torch.bool:
+            raise ValueError(f"PeRFlowScheduler.step: the timestep must be a real number, got {timestep!r}")
+        if ts.numel() > 1 and not bool((ts == ts[0]).all()):
+            raise ValueError("PeRFlowScheduler.step: a batch of different timesteps (every sample of a batch steps at the same time)")
+        value = float(ts[0].double())
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"PeRFlowScheduler.step: the timestep is {value}")
         sched = self.timesteps.double().cpu()
-        i = int((sched - value).abs().argmin())
-        err = abs(float(sched[i]) - value)
-        ulp = 0.0 if integral else float(torch.finfo(ts.dtype).eps) * max(1.0, abs(value))
-        ok = err <= max(ulp, 1e-6 * max(1.0, abs(value)))
-        ok = ok or ((integral or value == round(value)) and 0.0 <= float(sched[i]) - value < 1.0)  # int(t) truncates by < 1
-        gap = float((sched[1:] - sched[:-1]).abs().min()) if len(sched) > 1 else float("inf")
-        if not ok or (err > 0 and err >= gap / 2):
-            raise ValueError(f"PeRFlowScheduler.step: timestep {value} is not one of this schedule's {self.num_inference_steps} timesteps "
-                             f"({[round(float(s), 3) for s in sched[:6]]}...)")
-        return i
+        if ts.is_floating_point():  # the schedule's timesteps that round to this value in its dtype
+            hits = torch.nonzero(sched.to(ts.dtype).double() == value).flatten()
+        else:
+            hits = torch.empty(0, dtype=torch.long)
+        if hits.numel() == 0 and value == round(value):  # int(t): truncation by less than one
+            hits = torch.nonzero((sched - value >= 0) & (sched - value < 1)).flatten()
+        if hits.numel() != 1:
+            what = "matches none" if hits.numel() == 0 else f"matches {hits.numel()} (its dtype cannot tell them apart; pass the scheduler's own float32 timesteps)"
+            raise ValueError(f"PeRFlowScheduler.step: timestep {value} ({ts.dtype}) {what} of this schedule's {self.num_inference_steps} timesteps "
+                             f"({[round(float(x), 3) for x in sched[:6]]}...)")
+        return int(hits[0])
 
     # ----- the step
     def _velocity(self, out: torch.Tensor, z: torch.Tensor, t: float, k: int) -> torch.Tensor:
@@ -257,5 +301,25 @@ class PeRFlowScheduler(SchedulerMixin, ConfigMixin):
         b = torch.as_tensor(np.atleast_1d(b), dtype=torch.float32, device=original_samples.device).reshape(shape)
         return (a * original_samples.float() + b * noise.float()).to(original_samples.dtype)
 
+    def scale_noise(self, sample: torch.Tensor, timestep: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Flow-matching pipelines' name for :meth:`add_noise` (SD3 img2img calls it as ``scale_noise(sample, timestep, noise)``)."""
+        if noise is None:
+            raise ValueError("PeRFlowScheduler.scale_noise needs the noise")
+        return self.add_noise(sample, noise, torch.as_tensor(timestep).reshape(-1).expand(sample.shape[0]))
+
+    # ----- saving: the code travels with the config
+    def save_pretrained(self, save_directory: str | Path, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """``scheduler_config.json`` and this scheduler's code (``scheduling_perflow.py``) in ``save_directory``, so a pipeline
+        saved again (``pipe.save_pretrained``) still loads with ``trust_remote_code=True`` and no rectflow."""
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        target = Path(save_directory) / _SOURCE.name
+        if target.resolve() != _SOURCE.resolve():
+            shutil.copyfile(_SOURCE, target)
+
     def __len__(self) -> int:
         return self.config.num_train_timesteps
+
+
+# diffusers names a component in model_index.json by its class's module; under the module name of the custom component
+# (the file's own name), a pipeline saved again writes ["scheduling_perflow", "PeRFlowScheduler"] as the export did.
+PeRFlowScheduler.__module__ = _SOURCE.stem

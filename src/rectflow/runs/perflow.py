@@ -509,13 +509,15 @@ def _write_cards(out: Path, pipe: LatentPipeline, boundaries: Tensor, guidance: 
     if stock:
         stock_cls = load_json(out / "diffusers" / "model_index.json")["scheduler"][1]
     write_model_card(out / "diffusers", "pipeline", base_model=base, windows=k, pipeline=pipeline_class, guidance=guidance, command=command,
-                     measured=measured, stock_scheduler=stock_cls, prompt=prompt)
+                     measured=measured, stock_scheduler=stock_cls, prompt=prompt, name=f"{out.name}/diffusers")
     if lora is not None:
         write_model_card(out / "lora", "lora", base_model=base, windows=k, pipeline=pipeline_class, guidance=guidance, command=command, prompt=prompt,
+                         name=f"{out.name}/lora", pipeline_folder=f"{out.name}/diffusers",
                          measured={**measured, "LoRA rank": lora.get("rank"), "LoRA vs full delta, K-step latents |dz|/|z|": lora["lora_gap"],
                                    "share of the delta's effect the LoRA misses": lora["lora_missed_share"]})
     if official.get("written"):
-        write_model_card(out / "official", "official", base_model=base, windows=k, pipeline=pipeline_class, command=command, measured=measured)
+        write_model_card(out / "official", "official", base_model=base, windows=k, pipeline=pipeline_class, command=command, measured=measured,
+                         name=f"{out.name}/official")
 
 
 @torch.no_grad()
