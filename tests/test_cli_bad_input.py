@@ -275,3 +275,46 @@ def test_pairs_that_cannot_fit_on_the_disk_are_refused_before_any_is_written(run
     err = capsys.readouterr().err
     assert "do not fit" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "p").exists() or not any((tmp_path / "p").glob("shard_*"))
+
+
+def _every_option(kind):
+    """(subcommand, its required arguments filled with a placeholder, option string) for every option of type ``kind``."""
+    import argparse
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, p in sub.choices.items():
+        required = []
+        for act in p._actions:
+            if not act.option_strings and act.nargs not in ("*", "?") and act.dest != "help":
+                required.append("placeholder")
+            elif act.option_strings and act.required:
+                required += [act.option_strings[0], "1" if act.type is int else "placeholder"]
+        for group in p._mutually_exclusive_groups:  # a required choice (distill: --pairs | --pairs-dir | --random): its first member
+            if group.required:
+                first = group._group_actions[0]
+                required += [first.option_strings[0]] + ([] if first.nargs == 0 else ["1" if first.type is int else "placeholder"])
+        for act in p._actions:
+            in_required_group = any(g.required and act in g._group_actions[:1] for g in p._mutually_exclusive_groups)
+            if act.option_strings and act.type is kind and not act.required and not in_required_group:
+                yield name, required, act.option_strings[-1]
+
+
+@pytest.mark.parametrize("command, required, option", list(_every_option(int)), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_integer_option_of_every_subcommand_is_bounded(command, required, option, tmp_path, capsys, monkeypatch):
+    """issue 31: a huge integer anywhere is one line naming the option, exit 2, nothing written (checked before the command runs)."""
+    monkeypatch.chdir(tmp_path)
+    code = main([command, *required, option, "99999999999999999999"])
+    err = capsys.readouterr().err
+    assert code == 2 and option in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command, required, option", list(_every_option(float)), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_float_option_of_every_subcommand_refuses_non_finite_values(command, required, option, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for bad in ("nan", "inf"):
+        code = main([command, *required, option, bad])
+        err = capsys.readouterr().err
+        assert code == 2 and option in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

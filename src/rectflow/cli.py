@@ -678,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, quoted where a job records how it was made
     try:
-        _check_int_options(parser, args)
+        _check_number_options(parser, args)
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("interrupted (the last checkpoint is kept; run the same command again to resume)", file=sys.stderr)
@@ -691,16 +691,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _check_int_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Every integer option of the command in range (:func:`check_int_range`, one line naming the option): a huge ``--n`` or
-    ``--seed`` would otherwise fail later with an OverflowError or a TypeError traceback."""
+def _check_number_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every integer option of the command in range (:func:`check_int_range`) and every float option finite, each refused in one
+    line naming the option, before the command runs: a huge ``--n`` or ``--seed`` would otherwise fail later with an
+    OverflowError or a TypeError traceback, a NaN tolerance after hours of work."""
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
     for action in sub._actions:
-        if action.type is int:
-            value = getattr(args, action.dest, None)
-            for v in value if isinstance(value, list) else [value]:
-                if isinstance(v, int):
-                    check_int_range(v, action.option_strings[-1] if action.option_strings else action.dest)
+        if action.type not in (int, float):
+            continue
+        name = action.option_strings[-1] if action.option_strings else action.dest
+        value = getattr(args, action.dest, None)
+        for v in value if isinstance(value, list) else [value]:
+            if action.type is int and isinstance(v, int):
+                check_int_range(v, name)
+            elif action.type is float and isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{name} must be a finite number, got {v}")
 
 
 def _warn(command: str, message: str | None) -> None:
