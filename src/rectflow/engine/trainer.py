@@ -53,7 +53,7 @@ from rectflow.engine.checkpoint import NonFiniteWeightsError, check_run_record, 
 from rectflow.engine.hardware import PRECISIONS, precision_note, resolve_precision, resolve_threads, torch_threads
 from rectflow.engine.io import append_jsonl, atomic_path, make_dirs, read_jsonl
 from rectflow.errors import CheckpointError, ConfigError
-from rectflow.flow.losses import Objective
+from rectflow.protocols import Objective
 
 __all__ = ["TrainConfig", "EMA", "Trainer", "TimeBudget", "step_generator", "resolve_device", "lr_at", "values_per_sample"]
 

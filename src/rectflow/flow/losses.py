@@ -5,25 +5,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Callable, NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from rectflow.flow.couplings import Coupling
 from rectflow.flow.paths import AffinePath, LinearPath
 from rectflow.flow.time_sampling import LossWeight, UniformTime
+from rectflow.protocols import LossOutput, Objective  # re-exported: the trainer's contract, defined below both
 
 __all__ = ["Objective", "check_coupling", "LossOutput", "FlowBatch", "FlowMatchingObjective", "flow_matching_loss", "per_sample_mse"]
 
 VelocityModel = Callable[..., Tensor]
-
-
-class LossOutput(NamedTuple):
-    """``loss``: the scalar to minimise; ``per_sample``: (B,) unweighted squared errors (for logging)."""
-
-    loss: Tensor
-    per_sample: Tensor
 
 
 def per_sample_mse(pred: Tensor, target: Tensor) -> Tensor:
@@ -62,18 +56,6 @@ def flow_matching_loss(
     err = per_sample_mse(pred, target)  # theory §2: ||(X1 - X0) - v(X_t, t)||^2
     loss = (err * weight(t)).mean() if weight is not None else err.mean()
     return LossOutput(loss, err.detach())
-
-
-@runtime_checkable
-class Objective(Protocol):
-    """What the trainer optimises: ``draw`` a batch (may be CPU-heavy: ``heavy_draw`` says whether
-    to draw ahead in a worker process) and compute ``loss(model, batch) -> LossOutput``."""
-
-    heavy_draw: bool
-
-    def draw(self, n: int, generator: torch.Generator, device: torch.device) -> Any: ...
-
-    def loss(self, model: nn.Module, batch: Any) -> LossOutput: ...
 
 
 def check_coupling(coupling: Any) -> Coupling:

@@ -1,0 +1,30 @@
+"""The contract between the maths and the training engine, at the bottom of the package so both sides import it and
+neither imports the other: an :class:`Objective` draws a batch and scores a model on it with a :class:`LossOutput`."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["LossOutput", "Objective"]
+
+
+class LossOutput(NamedTuple):
+    """``loss``: the scalar to minimise; ``per_sample``: (B,) unweighted squared errors (for logging)."""
+
+    loss: Tensor
+    per_sample: Tensor
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """What the trainer optimises: ``draw`` a batch (may be CPU-heavy: ``heavy_draw`` says whether
+    to draw ahead in a worker process) and compute ``loss(model, batch) -> LossOutput``."""
+
+    heavy_draw: bool
+
+    def draw(self, n: int, generator: torch.Generator, device: torch.device) -> Any: ...
+
+    def loss(self, model: nn.Module, batch: Any) -> LossOutput: ...
