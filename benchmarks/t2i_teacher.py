@@ -419,8 +419,12 @@ class Bench(PhasedBench):
         self.phase("unet", self.unet)
         self.phase("export", self.export)
         self.phase("eval", self.evaluate)
+        self.report()
+
+    def report(self) -> None:
+        """The report from what the phases hold now (a running job's work folder is only read)."""
         self.write()
-        log(f"done: {a.out / a.name}.md")
+        log(f"done: {self.a.out / self.a.name}.md")
 
     def write(self) -> None:
         a = self.a
@@ -442,14 +446,25 @@ class Bench(PhasedBench):
                   f"test PSNR **{v['psnr']:.2f} dB**, FD of reconstructions **{v['fd_reconstruction']:.3f}** (real train images vs test: {d['fd-floor']['fd_train_vs_test']:.3f}); "
                   f"scaling_factor {v['scaling_factor']:.4f}.", ""]
         u = d["unet"]
+        rows = [json.loads(x) for x in (self.work / "unet" / "metrics.jsonl").read_text().splitlines() if x.strip()] \
+            if (self.work / "unet" / "metrics.jsonl").is_file() else []
+        if u is None and rows:  # still training: what the log holds so far
+            u = {"params": None, "steps": rows[-1]["step"], "batch": a.unet_batch, "precision": self.precision(), "lr": a.unet_lr,
+                 "train_seconds": sum(r["ms_per_step"] * r["steps"] for r in rows) / 1e3, "curve": [[r["step"], r["loss"]] for r in rows],
+                 "partial": True}
         if u:
-            lines += ["## UNet", "", f"{u['params'] / 1e6:.2f}M parameters, {u['steps']} steps of batch {u['batch']} ({u['precision']}, lr {u['lr']}, cosine), "
+            size = f"{u['params'] / 1e6:.2f}M parameters, " if u.get("params") else ""
+            lines += ["## UNet" + (f" (IN PROGRESS: {u['steps']} of {a.unet_steps} steps so far)" if u.get("partial") else ""), "",
+                      f"{size}{u['steps']} steps of batch {u['batch']} ({u['precision']}, lr {u['lr']}, cosine), "
                       f"{u['train_seconds'] / 3600:.2f} h of training. Text encoder: {d['text']['weights']}.", ""]
             curve = u["curve"]
             pick = [curve[i] for i in sorted({int(j) for j in np.linspace(0, len(curve) - 1, 8)})]
             lines += ["| step | " + " | ".join(str(p[0]) for p in pick) + " |", "|---|" + "---:|" * len(pick), "| loss (eps MSE) | " + " | ".join(f"{p[1]:.4f}" for p in pick) + " |", ""]
         e = d["eval"]
-        if e:
+        partial = self.work / "eval_rows.jsonl"
+        if e is None and partial.is_file():  # evaluation under way: the rows measured so far
+            e = {"rows": [json.loads(x) for x in partial.read_text().splitlines() if x.strip()], "n_per_prompt": a.n_fd // 10}
+        if e and e["rows"]:
             lines += ["## Samples (stock StableDiffusionPipeline)", "", f"{e['n_per_prompt']} samples per prompt, 10 prompts; FD vs the test set.", "",
                       "| sampler | guidance | FD | prompt accuracy | ms / image |", "|---|---:|---:|---:|---:|"]
             lines += [f"| {r['sampler']} | {r['guidance']} | {r['fd']:.3f} | {r['prompt_accuracy']:.3f} | {r['s_per_image'] * 1e3:.1f} |" for r in e["rows"]]
@@ -473,12 +488,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speed-steps", type=int, default=3)
     ap.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     ap.add_argument("--n-fd", type=int, default=5000)
+    ap.add_argument("--report-only", action="store_true", help="write the report from the finished phases (and the training log so far); run nothing")
     a = ap.parse_args(argv)
     if a.smoke:
         a.clf_seconds, a.vae_screen_seconds, a.vae_steps, a.unet_steps, a.n_fd, a.speed_steps = 5, 3, 20, 30, 40, 1
         a.unet_batch, a.ckpt_every, a.guidance, a.name = 16, 10, [1.0, 2.0], a.name + "_smoke"
         a.out = a.work / "results"
     torch.set_num_threads(a.threads)
+    if a.report_only:
+        Bench(a).report()
+        return 0
     Bench(a).run()
     return 0
 
