@@ -408,7 +408,6 @@ class Bench(PhasedBench):
         save_image_grid(picks, path, nrow=per_row, scale=2)
 
     def run(self) -> None:
-        a = self.a
         self.phase("speed", self.speed)
         self.phase("classifier", lambda: self.classifier()[1])
         self.phase("fd-floor", self.floor)
