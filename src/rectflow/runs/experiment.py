@@ -26,7 +26,7 @@ from torch import nn
 from rectflow.data import ObjectDistribution, absolute_spec, as_distribution, make_distribution, point_file_path
 from rectflow.engine.checkpoint import check_model_config, check_run_record, latest_checkpoint, list_checkpoints, load_weights, read_checkpoint
 from rectflow.engine.hardware import hardware_info, resolve_precision
-from rectflow.engine.io import load_json, make_dirs, remove_stale_temporaries, save_json
+from rectflow.engine.io import load_json, make_dirs, save_json
 from rectflow.engine.trainer import Trainer, resolve_device
 from rectflow.errors import CheckpointError, ConfigError, DataError
 from rectflow.flow.couplings import IndependentCoupling, MinibatchOTCoupling
@@ -41,7 +41,7 @@ from rectflow.reflow.distill import DistillationObjective, make_distill_loss
 from rectflow.reflow.pairs import PairCoupling
 from rectflow.runs.config import ExperimentConfig, config_from_dict, config_to_dict
 from rectflow.runs.machine import machine_info
-from rectflow.runs.rundir import guard_run_dir, lock_run_dir, semantic_config
+from rectflow.runs.rundir import open_job, semantic_config
 
 __all__ = ['Run', 'build_distributions', 'build_model', 'build_objective', 'model_config', 'train_run', 'load_run', 'sample_shape', 'split_target', 'holds_out',
            'DEFAULT_HOLDOUT', 'DEFAULT_SAMPLING_STEPS', 'sampling_steps', 'one_step_warning', 'object_spec', 'is_object_spec', 'network', 'run_objects']
@@ -275,10 +275,9 @@ def train_run(
     cfg = _as_recorded(_with_objects(cfg, source, target, model), run_dir)
     source, target = build_distributions(cfg, source=source, target=target)
     new = config_to_dict(cfg)
-    _guard(run_dir, new, resume)  # read-only, so a refused directory is left untouched
-    with lock_run_dir(run_dir):
-        _guard(run_dir, new, resume)  # again: another process may have started meanwhile
-        remove_stale_temporaries(run_dir, run_dir / "checkpoints", run_dir / "plots")  # left by a kill mid-write
+    with open_job(run_dir, "config.json", new, normalise=_resolved_record, temporaries=("checkpoints", "plots")) as resumed:
+        if resumed and not resume and list_checkpoints(run_dir):
+            raise ConfigError(f"{run_dir} already holds checkpoints; resume it or choose a new run directory")
         mcfg = model_config(cfg, source.dim, sample_shape(source), model)
         torch.manual_seed(cfg.train.seed)  # parameter initialisation
         model = model if model is not None else build_model(mcfg)
@@ -375,11 +374,6 @@ def _record(cfg_dict: dict[str, Any]) -> dict[str, Any]:
 def _resolved_record(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     """What two runs are compared by: :func:`_record` with data paths resolved."""
     return _record({**cfg_dict, **{k: absolute_spec(cfg_dict[k]) for k in ("source", "target") if k in cfg_dict}})
-
-
-def _guard(run_dir: Path, cfg_dict: dict[str, Any], resume: bool) -> None:
-    if guard_run_dir(run_dir, "config.json", cfg_dict, normalise=_resolved_record) and not resume and list_checkpoints(run_dir):
-        raise ConfigError(f"{run_dir} already holds checkpoints; resume it or choose a new run directory")
 
 
 class _Lazy:

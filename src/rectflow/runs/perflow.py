@@ -42,7 +42,7 @@ from torch import Tensor
 
 from rectflow.data.images import ImageGaussian, to_uint8
 from rectflow.engine.hardware import resolve_precision
-from rectflow.engine.io import atomic_path, check_writable, load_json, load_tensors, make_dirs, remove_stale_temporaries, save_json, save_tensors
+from rectflow.engine.io import atomic_path, check_writable, load_json, load_tensors, make_dirs, save_json, save_tensors
 from rectflow.engine.trainer import TrainConfig, Trainer, resolve_device
 from rectflow.errors import CheckpointError, ConfigError
 from rectflow.flow.guidance import guidance_nfe, map_condition
@@ -62,7 +62,7 @@ from rectflow.perflow.student import PeRFlowStudent, sample_perflow
 from rectflow.perflow.teacher import Teacher
 from rectflow.perflow.windows import make_windows, window_grid
 from rectflow.runs.experiment import load_run
-from rectflow.runs.rundir import guard_run_dir, lock_run_dir, semantic_train
+from rectflow.runs.rundir import open_job, semantic_train
 
 __all__ = [
     "LatentDataOptions",
@@ -341,10 +341,8 @@ def train_perflow(
     record = _job_record(settings, train, desc, data_name or type(data).__name__, boundaries, shape)
     job = out / "perflow.json"
     keys = ("format", "settings", "train", "teacher", "data", "windows", "shape")
-    guard_run_dir(out, "perflow.json", record, what="PeRFlow job", normalise=lambda d: {k: d.get(k) for k in keys}, foreign_ok=False)
-    with lock_run_dir(out, "PeRFlow job directory"):
-        guard_run_dir(out, "perflow.json", record, what="PeRFlow job", normalise=lambda d: {k: d.get(k) for k in keys}, foreign_ok=False)
-        remove_stale_temporaries(out, out / "checkpoints", out / "diffusers")  # left by a kill mid-write
+    with open_job(out, "perflow.json", record, what="PeRFlow job", normalise=lambda d: {k: d.get(k) for k in keys}, foreign_ok=False,
+                  temporaries=("checkpoints", "diffusers")):
         student = PeRFlowStudent.from_teacher(teacher, boundaries)
         objective = PeRFlowObjective(_solving(teacher, train), data, boundaries, solver_steps=settings.solver_steps, loss_space=settings.loss_space,
                                      start_fraction=settings.start_fraction, p_uncond=settings.p_uncond if conditional else 0.0)
@@ -352,8 +350,7 @@ def train_perflow(
         save_json(job, record)
         mcfg = {"perflow": record["settings"], "teacher": desc["path"], "windows": record["windows"]}
         trainer = Trainer(student, objective, train, out, model_config=mcfg, run_record={k: record[k] for k in keys}).fit(resume=True)
-        final = trainer.ema.model if trainer.ema is not None else trainer.model
-        final = final.eval()
+        final = trainer.eval_model
         save_tensors(out / "student.safetensors", {k: v.detach().cpu().contiguous() for k, v in final.net.state_dict().items()},
                      {"format": "rectflow.perflow.student", "job": json.dumps(record)})
         if isinstance(teacher.model, torch.nn.Module):
@@ -416,10 +413,7 @@ def _train_pipeline_job(folder: Path, out: Path, settings: PeRFlowSettings, trai
     def normalise(d: dict[str, Any]) -> dict[str, Any]:
         return {k: d.get(k) for k in _JOB_KEYS}
 
-    guard_run_dir(out, "perflow.json", record, what="PeRFlow job", normalise=normalise, foreign_ok=False)
-    with lock_run_dir(out, "PeRFlow job directory"):
-        guard_run_dir(out, "perflow.json", record, what="PeRFlow job", normalise=normalise, foreign_ok=False)
-        remove_stale_temporaries(out, out / "checkpoints", out / "lora")  # files and export_pipeline's staged folders, left by a kill
+    with open_job(out, "perflow.json", record, what="PeRFlow job", normalise=normalise, foreign_ok=False, temporaries=("checkpoints", "lora")):
         make_dirs(out)
         save_json(job, record)  # before the cache: a kill during the build leaves this job's directory, which resumes
         try:
@@ -440,7 +434,7 @@ def _train_pipeline_job(folder: Path, out: Path, settings: PeRFlowSettings, trai
         save_json(job, record)
         mcfg = {"perflow": record["settings"], "teacher": desc["path"], "windows": record["windows"]}
         trainer = Trainer(student, objective, train, out, model_config=mcfg, run_record=normalise(record)).fit(resume=True)
-        final = (trainer.ema.model if trainer.ema is not None else trainer.model).eval()
+        final = trainer.eval_model
 
         # the student's guidance (the default of `rectflow sample`) goes in before the folder is renamed into place
         export_pipeline(final, pipe, out / "diffusers", stock_scheduler=exp.stock_scheduler,

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
 from rectflow.engine.checkpoint import describe_diff
-from rectflow.engine.io import LOCK_FILE, check_writable, exclusive_lock, load_json
+from rectflow.engine.io import LOCK_FILE, check_writable, exclusive_lock, load_json, remove_stale_temporaries
 from rectflow.errors import ConfigError
 
-__all__ = ["RESUMABLE_TRAIN_KEYS", "semantic_config", "semantic_train", "guard_run_dir", "lock_run_dir"]
+__all__ = ["RESUMABLE_TRAIN_KEYS", "semantic_config", "semantic_train", "guard_run_dir", "lock_run_dir", "open_job"]
 
 RESUMABLE_TRAIN_KEYS = frozenset({"steps", "progress", "log_every", "ckpt_every", "keep_checkpoints", "workers", "device", "sample_every", "threads"})
 """``train`` keys that may change between a run and its resumption (they do not change the result)."""
@@ -76,3 +77,20 @@ def lock_run_dir(run_dir: str | Path, what: str = "run directory") -> contextlib
     if int(os.environ.get("RANK", "0")) != 0:
         return contextlib.nullcontext()
     return exclusive_lock(run_dir, what)
+
+
+@contextlib.contextmanager
+def open_job(run_dir: str | Path, record_name: str, record: dict[str, Any], *, what: str = "run",
+             normalise: Callable[[dict[str, Any]], dict[str, Any]] = lambda d: d, foreign_ok: bool = True,
+             temporaries: tuple[str, ...] = ()) -> Iterator[bool]:
+    """The one skeleton of every job that writes into a directory (training runs and their reflow / distillation children,
+    both PeRFlow jobs): check that ``run_dir`` may hold the job (:func:`guard_run_dir`, read-only, so a refused directory is
+    left as it was), take its lock (:func:`lock_run_dir`), check again (another process may have started meanwhile), and
+    remove the temporaries a kill left mid-write in ``run_dir`` and its ``temporaries`` subfolders.  Yields whether
+    ``run_dir`` already holds this job (a resumption); writing the record and doing the work is the block's."""
+    guard_run_dir(run_dir, record_name, record, what=what, normalise=normalise, foreign_ok=foreign_ok)
+    with lock_run_dir(run_dir, f"{what} directory"):
+        resumed = guard_run_dir(run_dir, record_name, record, what=what, normalise=normalise, foreign_ok=foreign_ok)
+        run_dir = Path(run_dir)
+        remove_stale_temporaries(run_dir, *(run_dir / t for t in temporaries))
+        yield resumed
