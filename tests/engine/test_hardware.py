@@ -68,3 +68,15 @@ def test_the_trainer_trains_at_its_thread_count_and_restores_the_processs():
     assert seen == [1, 1] and torch.get_num_threads() == old
     with torch_threads(1):
         assert _trainer().threads == 1  # auto never raises the process's own count
+
+
+def test_under_torchrun_each_rank_takes_its_share_of_the_cores(monkeypatch):
+    """torchrun pins every rank to 1 OpenMP thread; auto gives each of the machine's ranks cores // LOCAL_WORLD_SIZE instead."""
+    monkeypatch.setattr(hardware, "usable_cores", lambda: 8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with torch_threads(1):
+        assert _trainer().threads == 4
+        assert _trainer(workers=1).threads == 3
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    with torch_threads(1):
+        assert _trainer().threads == 1  # alone: never above the caller's own count

@@ -228,8 +228,10 @@ class Trainer:
         note = precision_note(self.precision, self.device)
         if note:
             warnings.warn(note, UserWarning, stacklevel=2)
-        # auto threads never raise the process's own count: they only split the cores between torchrun ranks and workers
-        self.threads = config.threads or min(torch.get_num_threads(), resolve_threads(None, workers=config.workers or 0))
+        # auto threads: under torchrun each rank takes its share of the cores (torchrun itself pins every rank to 1 thread);
+        # alone, the process's own count, less a core for DataLoader workers (never raised above what the caller set)
+        auto = resolve_threads(None, workers=config.workers or 0)
+        self.threads = config.threads or (auto if "LOCAL_WORLD_SIZE" in os.environ else min(torch.get_num_threads(), auto))
         self.model = model.to(self.device)
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
