@@ -630,3 +630,53 @@ def test_a_transformer_folder_without_text_encoders_is_refused_before_writing(tm
     assert main(["perflow", str(bare), "--data", "digits", "--out", str(tmp_path / "o"), "--steps", "1", "--device", "cpu", "-q"]) == 2
     err = capsys.readouterr().err
     assert "without its text encoders" in err and str(bare) in err and not (tmp_path / "o").exists()
+
+
+_KILLABLE_JOB = """
+import sys, time, torch
+from rectflow.engine.trainer import TrainConfig
+from rectflow.runs.perflow import LatentDataOptions, PeRFlowSettings, train_perflow
+
+def slow(trainer, step):  # a training step slow enough to be killed between two checkpoints
+    time.sleep(0.3)
+
+torch.set_num_threads(1)
+cfg = TrainConfig(steps=int(sys.argv[4]), batch_size=2, lr=1e-3, ema_decay=0.0, device="cpu", progress=False, workers=0, ckpt_every=2, log_every=2,
+                  precision="fp32")
+import rectflow.engine.trainer as tr
+orig = tr.Trainer.__init__
+def init(self, *a, **k):
+    orig(self, *a, **k)
+    self.callbacks.append(slow)
+tr.Trainer.__init__ = init
+train_perflow(sys.argv[1], sys.argv[3], settings=PeRFlowSettings(windows=2, solver_steps=1), train=cfg, data=sys.argv[2],
+              latent=LatentDataOptions(shard_size=2), lora_rank=0, prompts=["an owl"])
+"""
+
+
+@pytest.mark.slow
+def test_a_pipeline_job_killed_with_sigkill_mid_training_resumes_to_the_same_student(sd_folder, captions, tmp_path):
+    """issue 31: a real kill -9 of a text-to-image PeRFlow job between checkpoints, then the same command: bitwise the student of a
+    run that was never stopped."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-c", _KILLABLE_JOB, str(sd_folder), str(captions)]
+    subprocess.run([*args, str(tmp_path / "whole"), "8"], check=True, env=env, timeout=600, capture_output=True)
+    proc = subprocess.Popen([*args, str(tmp_path / "part"), "8"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (tmp_path / "part" / "checkpoints" / "step_00000004.safetensors").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "part" / "delta.safetensors").exists()  # killed before the end
+    subprocess.run([*args, str(tmp_path / "part"), "8"], check=True, env=env, timeout=600, capture_output=True)
+    a, _ = load_tensors(tmp_path / "whole" / "delta.safetensors")
+    b, _ = load_tensors(tmp_path / "part" / "delta.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
