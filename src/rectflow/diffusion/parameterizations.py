@@ -93,14 +93,14 @@ def to_x0_eps(pred: Tensor, kind: str, z: Tensor, path: AffinePath, t: Tensor) -
     a, b, da, db = _coeffs(path, t, z)
     if kind == "eps":
         _require(a, a.abs() + b.abs(), t, "eps -> x0 (divides by alpha)")
-        return (z - b * pred) / a, pred  # theory §6: z = alpha x + sigma eps
+        return (z - b * pred) / a, pred  # theory §6.3: z = alpha x + sigma eps
     if kind == "x0":
         _require(b, a.abs() + b.abs(), t, "x0 -> eps (divides by sigma)")
         return pred, (z - a * pred) / b
     if kind == "v":
         n2 = a * a + b * b
         _require(n2, n2, t, "v -> (x0, eps) (divides by alpha^2 + sigma^2)")
-        return (a * z - b * pred) / n2, (b * z + a * pred) / n2  # theory §6: v = alpha eps - sigma x
+        return (a * z - b * pred) / n2, (b * z + a * pred) / n2  # theory §6.3: v = alpha eps - sigma x
     w = pred if kind == "velocity" else -pred  # u = dz/ds = -dz/dt
     det = a * db - b * da
     _require(det, (a * db).abs() + (b * da).abs(), t, f"{kind} -> (x0, eps) (divides by a b' - b a')")
@@ -118,14 +118,14 @@ def from_x0_eps(x0: Tensor, eps: Tensor, kind: str, path: AffinePath, t: Tensor)
         return from_x0_eps(x0.float(), eps.float(), kind, path, t).to(x0.dtype)
     a, b, da, db = _coeffs(path, t, x0)
     if kind == "v":
-        return a * eps - b * x0  # theory §6: v = alpha eps - sigma x
+        return a * eps - b * x0  # theory §6.3: v = alpha eps - sigma x
     if not bool(torch.isfinite(da).all() and torch.isfinite(db).all()):
         bad = ~(torch.isfinite(da) & torch.isfinite(db)).reshape(-1)
         raise SingularConversionError(
             f"(x0, eps) -> {kind} is singular at t = {float(t.reshape(-1)[bad][0] if t.numel() == bad.numel() else t.reshape(-1)[0]):.6g}: "
             "the path's time derivative is infinite there"
         )
-    w = da * x0 + db * eps  # theory §6: dz/dt = a' x + b' eps; FM: X1 - X0
+    w = da * x0 + db * eps  # theory §6.3: dz/dt = a' x + b' eps; FM: X1 - X0
     return w if kind == "velocity" else -w
 
 
@@ -144,7 +144,7 @@ def convert(pred: Tensor, *, src: str, dst: str, z: Tensor, path: AffinePath, t:
 
 
 def error_ratio(kind: str, path: AffinePath, t: Tensor) -> Tensor:
-    """r(t) = ||K-hat - K||^2 / ||eps-hat - eps||^2 for parameterisation K, exact for every error (theory §6):
+    """r(t) = ||K-hat - K||^2 / ||eps-hat - eps||^2 for parameterisation K, exact for every error (theory §6.3):
 
     eps: 1;  x0: sigma^2/alpha^2 = e^-lambda;  v: alpha^2 (e^-lambda + 1)^2 = (alpha^2 + sigma^2)^2/alpha^2;
     velocity and u: (b' - a' b/a)^2, which on the flow-matching path is (e^(-lambda/2) + 1)^2.

@@ -9,12 +9,12 @@ grid (t = 0 noise, t = 1 data; build one with :func:`rectflow.flow.solvers.time_
 the trajectory.  Stochastic samplers draw all their noise from the explicit ``generator``.
 
 * :func:`ddim`: z' = a(t') x-hat + b(t') eps-hat, deterministic; on the flow-matching path it *is*
-  Euler (theory §6), and it is invariant to rescaling the schedule.
+  Euler (theory §6.4), and it is invariant to rescaling the schedule.
 * :func:`euler_eta`: Euler on z-tilde = z / alpha against eta = sigma / alpha, dz-tilde/d eta = eps-hat
   (equal to DDIM step by step).
 * :func:`ddpm`: ancestral sampling from the forward process's posterior q(z_t' | z_t, x = x-hat).
 * :func:`churn`: DDIM step overshooting in log-SNR by a fraction ``churn`` of the step, then
-  re-noising back; churn = 0 is DDIM, churn = 1 is DDPM (theory §6).
+  re-noising back; churn = 0 is DDIM, churn = 1 is DDPM (theory §6.6).
 * :func:`flow_sde`: Euler-Maruyama on dZ = [v + e(t) score] dt + sqrt(2 e(t)) dW, the score coming from
   the velocity (Gaussian source), with a noise-level schedule e(t) >= 0; e = 0 is the flow ODE.
 * :func:`dpm_solver_pp_2m`, :func:`dpm_solver_pp_3m`: DPM-Solver++(2M) / (3M), the multistep
@@ -82,7 +82,7 @@ def predict_x0_eps(model: Model, z: Tensor, t: float, path: AffinePath, paramete
 
 
 def ddim_step(x0: Tensor, eps: Tensor, t_next: float, path: AffinePath) -> Tensor:
-    """DDIM: z' = alpha(t') x-hat + sigma(t') eps-hat (theory §6)."""
+    """DDIM: z' = alpha(t') x-hat + sigma(t') eps-hat (theory §6.4)."""
     a, b, _, _ = _coef(path, t_next)
     return a * x0 + b * eps if b != 0 else a * x0
 
@@ -135,7 +135,7 @@ def ddim(model: Model, x: Tensor, grid, *, path: AffinePath, parameterization: s
 
 def euler_eta(model: Model, x: Tensor, grid, *, path: AffinePath, parameterization: str = "velocity",
               return_trajectory: bool = False) -> SolveResult:
-    """Euler in (z-tilde, eta): z-tilde = z / alpha, eta = sigma / alpha, d z-tilde / d eta = eps-hat (theory §6).
+    """Euler in (z-tilde, eta): z-tilde = z / alpha, eta = sigma / alpha, d z-tilde / d eta = eps-hat (theory §6.4).
 
     The same map as :func:`ddim`, written as the Euler method of the ODE in these variables; needs alpha > 0
     at every grid point but the last.
@@ -169,7 +169,7 @@ def ddpm(model: Model, x: Tensor, grid, *, path: AffinePath, parameterization: s
 
 def churn(model: Model, x: Tensor, grid, *, path: AffinePath, parameterization: str = "velocity",
           churn: float = 0.5, generator: torch.Generator | None = None, return_trajectory: bool = False) -> SolveResult:
-    """DDIM step from lambda to lambda' + churn (lambda' - lambda), then re-noise back to lambda' (theory §6).
+    """DDIM step from lambda to lambda' + churn (lambda' - lambda), then re-noise back to lambda' (theory §6.6).
 
     churn = 0 is DDIM, churn = 1 is DDPM (same noise draws as :func:`ddpm`); any churn >= 0 is a valid
     sampler: it only moves weight from early to late predictions.  The step to sigma = 0 is plain DDIM.
@@ -194,7 +194,7 @@ def churn(model: Model, x: Tensor, grid, *, path: AffinePath, parameterization: 
 def flow_sde(model: Model, x: Tensor, grid, *, path: AffinePath, noise_level: float | NoiseLevel,
              parameterization: str = "velocity", generator: torch.Generator | None = None,
              return_trajectory: bool = False) -> SolveResult:
-    """Euler-Maruyama for dZ = [v(Z, t) + e(t) score(Z, t)] dt + sqrt(2 e(t)) dW, t increasing (theory §6).
+    """Euler-Maruyama for dZ = [v(Z, t) + e(t) score(Z, t)] dt + sqrt(2 e(t)) dW, t increasing (theory §6.6).
 
     With a Gaussian source the score follows from the model: score = -eps-hat / sigma(t), eps-hat from
     the velocity (or any other parameterisation).  Every e(t) >= 0 keeps the path's marginals;
@@ -211,7 +211,7 @@ def flow_sde(model: Model, x: Tensor, grid, *, path: AffinePath, noise_level: fl
             raise ValueError(f"flow_sde: the noise level must be finite and >= 0, got {e} at t = {t}")
         x0, eps = predict_x0_eps(model, z, t, path, parameterization)
         h = t_next - t
-        velocity = da * x0 + db * eps  # theory §6: dz/dt = a' x + b' eps
+        velocity = da * x0 + db * eps  # theory §6.3: dz/dt = a' x + b' eps
         if e == 0:
             return z + h * velocity
         if b <= 0:
@@ -224,7 +224,7 @@ def flow_sde(model: Model, x: Tensor, grid, *, path: AffinePath, noise_level: fl
 
 def natural_noise_level(path: AffinePath, eta: float = 1.0) -> NoiseLevel:
     """e(t) = eta^2 g(t)^2 / 2 with g^2 = sigma^2 d lambda/dt the forward process's diffusion: eta = 1 is the
-    DDPM-like reverse SDE, eta = 0 the probability-flow ODE (theory §6).  On paths with alpha(0) = 0 (flow
+    DDPM-like reverse SDE, eta = 0 the probability-flow ODE (theory §6.6).  On paths with alpha(0) = 0 (flow
     matching, VP cosine) it is infinite at t = 0: start the grid at t > 0 or use :func:`sigma_noise_level`."""
 
     def level(t: float) -> float:

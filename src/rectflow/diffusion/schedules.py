@@ -1,7 +1,7 @@
 """Noise schedules: diffusion paths z_s = alpha_s x + sigma_s eps as affine paths in rectflow time (theory §6).
 
 Diffusion papers use a time s in [0, 1] with s = 0 data and s = 1 noise; rectflow uses t with
-t = 0 source (noise eps = X0) and t = 1 target (data x = X1) (theory §1).  The two are related by
+t = 0 source (noise eps = X0) and t = 1 target (data x = X1) (theory §1.2).  The two are related by
 :func:`diffusion_time`, the one and only place where s and t meet: s = 1 - t (it is its own
 inverse).  A schedule is written in diffusion time (``alpha(s)``, ``sigma(s)`` and their
 s-derivatives) and *is* an :class:`~rectflow.flow.paths.AffinePath` in rectflow time:
@@ -55,7 +55,7 @@ ScalarFn = Callable[[Tensor], Tensor]
 
 def diffusion_time(t: Tensor | float) -> Tensor | float:
     """THE map between rectflow time t (0 source, 1 target) and diffusion time s (0 data, 1 noise):
-    s = 1 - t (theory §6).  It is an involution, so it also maps s back to t."""
+    s = 1 - t (theory §6.1).  It is an involution, so it also maps s back to t."""
     return 1 - t
 
 
@@ -106,13 +106,13 @@ class NoiseSchedule(AffinePath):
 
     def coefficients(self, t: Tensor) -> PathCoefficients:
         s = diffusion_time(t)
-        # theory §6: a(t) = alpha_{1-t}, b(t) = sigma_{1-t}; the chain rule flips the derivatives' sign.
+        # theory §6.1: a(t) = alpha_{1-t}, b(t) = sigma_{1-t}; the chain rule flips the derivatives' sign.
         return PathCoefficients(self.alpha(s), self.sigma(s), -self.alpha_ds(s), -self.sigma_ds(s))
 
     def log_snr(self, t: Tensor) -> Tensor:
         """lambda(t) = log(alpha^2 / sigma^2) at rectflow time t."""
         s = diffusion_time(t)
-        return 2 * (torch.log(self.alpha(s)) - torch.log(self.sigma(s)))  # theory §6: lambda = log(alpha^2/sigma^2)
+        return 2 * (torch.log(self.alpha(s)) - torch.log(self.sigma(s)))  # theory §6.2: lambda = log(alpha^2/sigma^2)
 
     def t_from_log_snr(self, lam: Tensor) -> Tensor:
         """The rectflow time t with lambda(t) = lam (bisection; lam beyond the range clamps to 0 or 1)."""
@@ -124,7 +124,7 @@ class NoiseSchedule(AffinePath):
 
 
 class FlowMatchingSchedule(NoiseSchedule):
-    """alpha_s = 1 - s, sigma_s = s: the rectified-flow straight line X_t = t X1 + (1 - t) X0 (theory §6)."""
+    """alpha_s = 1 - s, sigma_s = s: the rectified-flow straight line X_t = t X1 + (1 - t) X0 (theory §6.1)."""
 
     def alpha(self, s: Tensor) -> Tensor:
         return 1 - s
@@ -178,7 +178,7 @@ class DiscreteFlowMatchingSchedule(FlowMatchingSchedule):
 
 
 class VPCosineSchedule(NoiseSchedule):
-    """Variance preserving, alpha_s = cos(pi s / 2), sigma_s = sin(pi s / 2) (theory §6)."""
+    """Variance preserving, alpha_s = cos(pi s / 2), sigma_s = sin(pi s / 2) (theory §6.1)."""
 
     def alpha(self, s: Tensor) -> Tensor:
         return torch.cos(0.5 * math.pi * s)
@@ -338,7 +338,7 @@ class CustomSchedule(NoiseSchedule):
 
 
 class RescaledSchedule(NoiseSchedule):
-    """(alpha, sigma) -> (c_s alpha_s, c_s sigma_s) for a positive c(s): same log-SNR, other z scale (theory §6)."""
+    """(alpha, sigma) -> (c_s alpha_s, c_s sigma_s) for a positive c(s): same log-SNR, other z scale (theory §6.4)."""
 
     def __init__(self, base: NoiseSchedule, scale: ScalarFn, scale_ds: ScalarFn | None = None) -> None:
         self.base, self.scale, self._scale_ds = base, scale, scale_ds
@@ -471,7 +471,7 @@ def times_from_sigmas(path: AffinePath, sigmas: Tensor | Sequence[float], *, kin
     if (sig < 0).any():
         raise ValueError("times_from_sigmas: noise levels must be >= 0")
     if kind == "edm":
-        t = time_from_log_snr(path, -2 * torch.log(sig))  # theory §6: sigma/alpha = exp(-lambda / 2)
+        t = time_from_log_snr(path, -2 * torch.log(sig))  # theory §6.2: sigma/alpha = exp(-lambda / 2)
     elif kind == "schedule":
         # b(t) decreases in t for any schedule with increasing log-SNR we ship; solve b(t) = sigma.
         t = _bisect_increasing(lambda u: -path.coefficients(u).b, -sig)

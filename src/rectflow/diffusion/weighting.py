@@ -1,6 +1,6 @@
 """Diffusion training as a weighted MSE in log-SNR, in any parameterisation, on any schedule (theory §6).
 
-Every diffusion / flow-matching loss is, per sample, (Kingma & Gao 2023; theory §6)
+Every diffusion / flow-matching loss is, per sample, (Kingma & Gao 2023; theory §6.5)
 
     L = E_{lambda ~ p(lambda), eps} [ w(lambda) / p(lambda) * ||eps-hat - eps||^2 ],
 
@@ -64,7 +64,7 @@ class ELBOWeighting:
 @dataclass(frozen=True)
 class FlowMatchingWeighting:
     """w = e^(-lambda/2) / 2: exactly the flow-matching loss E_{t~U} ||u-hat - u||^2 on the FM path; the
-    v-MSE with uniform time on the VP cosine schedule implies the same weighting times 2/pi (theory §6)."""
+    v-MSE with uniform time on the VP cosine schedule implies the same weighting times 2/pi (theory §6.5)."""
 
     def __call__(self, lam: Tensor) -> Tensor:
         return 0.5 * torch.exp(-lam / 2)
@@ -172,7 +172,7 @@ def loss_factor(t: Tensor, *, path: AffinePath, parameterization: str, weighting
         return torch.ones_like(t)
     t64 = t.detach().double()
     lam = log_snr(path, t64)
-    factor = weighting(lam) / implied_weighting(path, time_sampler, parameterization, t64)  # theory §6: w / p
+    factor = weighting(lam) / implied_weighting(path, time_sampler, parameterization, t64)  # theory §6.5: w / p
     return factor.to(t.dtype)
 
 

@@ -112,7 +112,7 @@ def _draw_from_plan(plan: Tensor, generator: torch.Generator | None) -> tuple[Te
 
 @dataclass
 class IndependentCoupling:
-    """X0 ~ pi0 and X1 ~ pi1 drawn independently (theory §2, the default coupling)."""
+    """X0 ~ pi0 and X1 ~ pi1 drawn independently (theory §2.3, the default coupling)."""
 
     source: Sampler
     target: Sampler

@@ -53,7 +53,7 @@ def flow_matching_loss(
     path = path or LinearPath()
     x_t, target, _ = path.sample(x0, x1, t)
     pred = model(x_t, t, **(model_kwargs or {}))
-    err = per_sample_mse(pred, target)  # theory §2: ||(X1 - X0) - v(X_t, t)||^2
+    err = per_sample_mse(pred, target)  # theory §2.2: ||(X1 - X0) - v(X_t, t)||^2
     loss = (err * weight(t)).mean() if weight is not None else err.mean()
     return LossOutput(loss, err.detach())
 
@@ -74,7 +74,7 @@ class FlowBatch(NamedTuple):
 
 class FlowMatchingObjective:
     """The rectified-flow objective as the trainer sees it: draw pairs from a coupling and
-    times from a time sampler, then regress the path's velocity (theory §2).
+    times from a time sampler, then regress the path's velocity (theory §2.2).
 
     Args:
         coupling: a :class:`~rectflow.flow.couplings.Coupling` (``sample(n, generator, device) -> (x0, x1)`` and ``heavy``), or None for loss-only use.

@@ -5,7 +5,7 @@ dX_t/dt = a'(t) X1 + b'(t) X0.  Rectified flow (theory §2) is the straight line
 a = t, b = 1 - t; the diffusion / Gaussian-flow-matching paths of theory §6 are
 other choices of (a, b) and slot in as further subclasses of :class:`AffinePath`.
 
-Time convention (theory §1): t = 0 is the source pi0, t = 1 the target pi1.
+Time convention (theory §1.2): t = 0 is the source pi0, t = 1 the target pi1.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class AffinePath(ABC):
 
 
 class LinearPath(AffinePath):
-    """The rectified-flow straight line X_t = t X1 + (1 - t) X0, velocity X1 - X0 (theory §2)."""
+    """The rectified-flow straight line X_t = t X1 + (1 - t) X0, velocity X1 - X0 (theory §2.1)."""
 
     def coefficients(self, t: Tensor) -> PathCoefficients:
         one = torch.ones_like(t)
@@ -77,10 +77,10 @@ class LinearPath(AffinePath):
 
     # Specialised versions: cheaper than the generic affine form on the training hot path.
     def interpolate(self, x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
-        return torch.lerp(x0, x1, expand_like(t, x0))  # theory §2: X_t = t X1 + (1 - t) X0
+        return torch.lerp(x0, x1, expand_like(t, x0))  # theory §2.1: X_t = t X1 + (1 - t) X0
 
     def velocity(self, x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
-        return x1 - x0  # theory §2: d/dt X_t = X1 - X0
+        return x1 - x0  # theory §2.1: d/dt X_t = X1 - X0
 
     def sample(self, x0: Tensor, x1: Tensor, t: Tensor) -> PathSample:
         return PathSample(self.interpolate(x0, x1, t), x1 - x0, t)

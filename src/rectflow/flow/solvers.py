@@ -7,7 +7,7 @@ and, on request, the trajectory.  Nothing is remembered between calls.
 
 Fixed-step methods (any time grid, increasing or decreasing): Euler (order 1), midpoint
 and Heun (order 2), RK4 (order 4).  Adaptive: Dormand-Prince 5(4) ("dopri5", the RK45 of
-theory §3) with rtol / atol step-size control.
+theory §3.3) with rtol / atol step-size control.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class ButcherTableau:
         return len(self.b)
 
 
-EULER = ButcherTableau(a=((),), b=(1.0,), c=(0.0,))  # theory §3: Z_{t+1/N} = Z_t + v(Z_t, t)/N
+EULER = ButcherTableau(a=((),), b=(1.0,), c=(0.0,))  # theory §3.1: Z_{t+1/N} = Z_t + v(Z_t, t)/N
 MIDPOINT = ButcherTableau(a=((), (0.5,)), b=(0.0, 1.0), c=(0.0, 0.5))
 HEUN = ButcherTableau(a=((), (1.0,)), b=(0.5, 0.5), c=(0.0, 1.0))
 RK4 = ButcherTableau(

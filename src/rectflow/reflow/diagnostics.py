@@ -39,7 +39,7 @@ class Straightness(NamedTuple):
 
 @torch.no_grad()
 def straightness(model: nn.Module, x0: Tensor, *, steps: int = 100, batch_size: int = 4096) -> Straightness:
-    """Straightness of the model's own ODE paths from ``x0`` (B, ...) (theory §4).
+    """Straightness of the model's own ODE paths from ``x0`` (B, ...) (theory §4.3).
 
     The path is integrated with Euler on a uniform grid of ``steps`` intervals, and S uses the
     same velocities (left Riemann sum), so for this discrete flow Z1 - Z0 = (1/N) sum_k v_k and
@@ -61,10 +61,10 @@ def straightness(model: nn.Module, x0: Tensor, *, steps: int = 100, batch_size: 
             for k in range(steps):
                 v = model(z, time_vector(chunk, float(times[k]))).to(chunk.dtype)
                 vs.append(v)
-                z = z + h * v  # theory §3: Euler step
+                z = z + h * v  # theory §3.1: Euler step
             dz = z - chunk
             for k, v in enumerate(vs):
-                profile[k] += float((dz - v).square().flatten(1).sum(1).double().sum())  # theory §4: ||(Z1 - Z0) - v(Z_t, t)||^2
+                profile[k] += float((dz - v).square().flatten(1).sum(1).double().sum())  # theory §4.3: ||(Z1 - Z0) - v(Z_t, t)||^2
             ends.append(z)
     finally:
         model.train(was_training)
@@ -81,11 +81,11 @@ class TransportCost(NamedTuple):
 
 
 def transport_cost(x0: Tensor, x1: Tensor, *, exact_ot: bool = True) -> TransportCost:
-    """Quadratic transport cost E||x1 - x0||^2 of the coupling (x0[i], x1[i]) (theory §4),
+    """Quadratic transport cost E||x1 - x0||^2 of the coupling (x0[i], x1[i]) (theory §4.4),
     and, with ``exact_ot``, the discrete optimal cost of the same points (POT EMD, O(n^2) memory)."""
     if x0.shape != x1.shape or x0.dim() < 2 or x0.shape[0] == 0:
         raise DataError(f"transport_cost: x0 and x1 must be non-empty (N, ...) of equal shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
-    cost = float((x1.double() - x0.double()).flatten(1).square().sum(1).mean())  # theory §4: E||Z1 - Z0||^2
+    cost = float((x1.double() - x0.double()).flatten(1).square().sum(1).mean())  # theory §4.4: E||Z1 - Z0||^2
     if not exact_ot:
         return TransportCost(cost, None, None)
 
@@ -147,7 +147,7 @@ class Crossings(NamedTuple):
 def crossing_probability(
     x0: Tensor, x1: Tensor, *, n_pairs: int | None = 10_000, generator: torch.Generator | None = None
 ) -> Crossings:
-    """Crossing probability of the 2-D coupling (x0[i], x1[i]) (theory §4).
+    """Crossing probability of the 2-D coupling (x0[i], x1[i]) (theory §4.5).
 
     ``n_pairs`` random pairs of distinct segments (the seed uses 10,000), drawn with
     ``generator``; ``None`` tests all N (N - 1) / 2 pairs, giving the exact probability for

@@ -63,12 +63,12 @@ def make_distill_loss(name: str = "l2", *, c: float = 0.0) -> DistillLoss:
 
 
 def distillation_loss(model: nn.Module, x0: Tensor, x1: Tensor, *, loss: DistillLoss = l2_loss, model_kwargs: dict | None = None) -> LossOutput:
-    """Batch mean of d((X1 - X0), v(X0, 0)) for coupled x0, x1 (B, ...) (theory §4)."""
+    """Batch mean of d((X1 - X0), v(X0, 0)) for coupled x0, x1 (B, ...) (theory §4.2)."""
     if x0.shape != x1.shape:
         raise ValueError(f"x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
     t = torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
     pred = model(x0, t, **(model_kwargs or {}))
-    per = loss(pred, x1 - x0)  # theory §4: (Z1 - Z0) vs v(Z0, 0)
+    per = loss(pred, x1 - x0)  # theory §4.2: (Z1 - Z0) vs v(Z0, 0)
     return LossOutput(per.mean(), per.detach())
 
 
@@ -107,10 +107,10 @@ class DistillationObjective:
 
 @torch.no_grad()
 def one_step(model: nn.Module, x0: Tensor) -> Tensor:
-    """One-step generation Z1 = Z0 + v(Z0, 0) (theory §3, Euler with N = 1)."""
+    """One-step generation Z1 = Z0 + v(Z0, 0) (theory §3.1, Euler with N = 1)."""
     was_training = model.training
     model.eval()
     try:
-        return x0 + model(x0, torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device))  # theory §3: N = 1
+        return x0 + model(x0, torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device))  # theory §3.1: N = 1
     finally:
         model.train(was_training)
