@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from rectflow.flow.paths import AffinePath, LinearPath, PathCoefficients
+from rectflow.flow.paths import AffinePath, LinearPath, PathCoefficients, exact_dtype
 
 __all__ = [
     "diffusion_time",
@@ -261,8 +261,9 @@ class DDPMSchedule(NoiseSchedule):
 
     def _interp(self, s: Tensor) -> tuple[Tensor, Tensor]:
         """log(alphabar) at s and its s-derivative (piecewise linear between knots s = n / N)."""
-        knots = self._log_abar.to(s.device)
-        pos = (s.double() * self.num_steps).clamp(0, self.num_steps)
+        exact = exact_dtype(s.device)  # float64 where the device has it
+        knots = self._log_abar.to(s.device, exact)
+        pos = (s.to(exact) * self.num_steps).clamp(0, self.num_steps)
         i = pos.floor().clamp(max=self.num_steps - 1).long()
         slope = knots[i + 1] - knots[i]
         return (knots[i] + (pos - i) * slope).to(s.dtype), (slope * self.num_steps).to(s.dtype)

@@ -16,7 +16,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["AffinePath", "LinearPath", "PathCoefficients", "PathSample", "expand_like"]
+__all__ = ["AffinePath", "LinearPath", "PathCoefficients", "PathSample", "expand_like", "exact_dtype"]
+
+
+def exact_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype of the careful time arithmetic (schedule knots, window boundaries) on ``device``: float64 where the device
+    has it (CPU, CUDA), float32 elsewhere (Apple's MPS has no float64)."""
+    return torch.float64 if torch.device(device).type in ("cpu", "cuda") else torch.float32
 
 
 def expand_like(t: Tensor, x: Tensor) -> Tensor:

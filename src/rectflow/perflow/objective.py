@@ -13,7 +13,7 @@ from rectflow.diffusion.parameterizations import convert
 from rectflow.errors import ConfigError
 from rectflow.flow.guidance import NULL_LABEL, drop_conditions
 from rectflow.flow.losses import LossOutput, per_sample_mse
-from rectflow.flow.paths import expand_like
+from rectflow.flow.paths import exact_dtype, expand_like
 from rectflow.perflow.student import PeRFlowStudent
 from rectflow.perflow.teacher import Teacher
 from rectflow.perflow.windows import validate_windows, window_index
@@ -92,12 +92,12 @@ class PeRFlowObjective:
         gdev = generator.device
         eps = torch.randn(x.shape, generator=generator, device=gdev, dtype=x.dtype).to(x.device)
         k = torch.randint(0, self.boundaries.numel() - 1, (n,), generator=generator, device=gdev).to(x.device)
-        u = torch.rand(n, generator=generator, device=gdev, dtype=torch.float64).to(x.device)
+        u = torch.rand(n, generator=generator, device=gdev, dtype=torch.float64).to(x.device, exact_dtype(x.device))
         if self.p_uncond > 0:  # before the teacher's solve: a dropped row follows the unconditional flow
             if cond is None:
                 raise ConfigError("perflow.p_uncond > 0 needs conditional data (sample(n) -> (x, cond))")
             cond = drop_conditions(cond, self.null_cond, self.p_uncond, generator)
-        b = self.boundaries.to(x.device)
+        b = self.boundaries.to(x.device, exact_dtype(x.device))
         t0, t1 = b[k], b[k + 1]
         c0 = self.teacher.path.coefficients(t0.to(x.dtype))
         z0 = expand_like(c0.a, x) * x + expand_like(c0.b, x) * eps  # forward process to the window start

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from rectflow.diffusion.schedules import log_snr, time_from_log_snr
 from rectflow.errors import ConfigError
-from rectflow.flow.paths import AffinePath, PathCoefficients
+from rectflow.flow.paths import AffinePath, PathCoefficients, exact_dtype
 from rectflow.flow.solvers import check_grid
 
 __all__ = ['make_windows', 'validate_windows', 'window_index', 'WindowPath', 'window_grid']
@@ -71,9 +71,10 @@ def window_index(boundaries: Tensor, t: Tensor) -> Tensor:
     be for a fresh student to reproduce the teacher's DDIM on the window grid, and a bf16 time 20 % into a
     narrow window stays in it (a tolerance of a few ulps would be 0.06 in bf16, wider than such a window).
     """
-    dtype = t.dtype if t.is_floating_point() else torch.float64
-    b = boundaries.to(t.device).to(dtype).double()
-    k = torch.searchsorted(b, t.double().contiguous(), right=True) - 1
+    exact = exact_dtype(t.device)  # float64 where the device has it; float32 holds every half-precision value exactly
+    dtype = t.dtype if t.is_floating_point() else exact
+    b = boundaries.to(dtype).to(t.device, exact)  # rounded to t's dtype where the boundaries live, then moved
+    k = torch.searchsorted(b, t.to(exact).contiguous(), right=True) - 1
     return k.clamp(0, boundaries.numel() - 2)
 
 
@@ -112,13 +113,14 @@ class WindowPath(AffinePath):
 
     def coefficients(self, t: Tensor) -> PathCoefficients:
         k = window_index(self.boundaries, t)
-        dev = t.device
-        t0, t1 = self.boundaries.to(dev)[k], self.boundaries.to(dev)[k + 1]
-        a0, a1 = self.a_knots.to(dev)[k], self.a_knots.to(dev)[k + 1]
-        b0, b1 = self.b_knots.to(dev)[k], self.b_knots.to(dev)[k + 1]
+        dev, exact = t.device, exact_dtype(t.device)
+        bounds, a_knots, b_knots = (v.to(dev, exact) for v in (self.boundaries, self.a_knots, self.b_knots))
+        t0, t1 = bounds[k], bounds[k + 1]
+        a0, a1 = a_knots[k], a_knots[k + 1]
+        b0, b1 = b_knots[k], b_knots[k + 1]
         dt = t1 - t0
         da, db = (a1 - a0) / dt, (b1 - b0) / dt
-        tau = t.double() - t0
+        tau = t.to(exact) - t0
         out = (a0 + tau * da, b0 + tau * db, da, db)
         dtype = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype  # a half t: coefficients still in float32
         return PathCoefficients(*(v.to(dtype) for v in out))
