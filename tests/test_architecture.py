@@ -163,3 +163,12 @@ def test_import_rectflow_and_the_maths_stay_light():
         assert getattr(rectflow, name) is not None, name
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         rectflow.nope  # noqa: B018
+
+
+def test_subpackages_are_attributes_of_the_lazy_package():
+    import subprocess
+    import sys
+
+    probe = "import rectflow; print(rectflow.data.make_distribution.__name__, rectflow.flow.solve.__name__, rectflow.errors.ConfigError.__name__)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["make_distribution", "solve", "ConfigError"]

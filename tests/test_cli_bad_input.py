@@ -131,7 +131,7 @@ CASES = [
     (["train", "--run", "{corrupt}", "--quiet", *TINY, "train.steps=9"], "metrics.jsonl"),
     (["train", "--run", "{tmp}/r", "train.precision=fp16"], "train.precision"),
     (["train", "--run", "{tmp}/r", "train.batch_size=99999999999999999999999"], "train.batch_size"),
-    (["train", "--run", "{tmp}/r", "train.seed=99999999999999999999999"], "train.seed"),
+    (["train", "--run", "{tmp}/r", "train.seed=99999999999999999999999"], "train.seed"),  # above 2^64
     (["train", "--run", "{tmp}/r", "--config", "{tmp}/latin1.yaml"], "latin1.yaml"),
     (["train", "--run", "{tmp}/r", "--config", "{tmp}/nested.yaml"], "nested.yaml"),
     (["train", "--run", "{nestedrun}", *TINY], "config.json"),

@@ -35,7 +35,12 @@ _EXPORTS = {
 }
 
 
+_SUBPACKAGES = ("cli", "data", "diffusion", "engine", "errors", "flow", "images", "models", "perflow", "protocols", "reflow", "runs", "version")
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:  # rectflow.flow etc. as attributes, imported on first use
+        return importlib.import_module(f"rectflow.{name}")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'rectflow' has no attribute {name!r}")

@@ -445,7 +445,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
           f"train.channels_last={str(w['channels_last']).lower()} train.compile={str(w['compile']).lower()} train.threads={w['threads']}")
     print(f"precision auto picks {result['auto_precision']} here ({result['cpu_capability']}, bf16 {'native' if result['bf16_native'] else 'emulated'})")
     if args.write:
-        print(f"wrote {write_overrides(args.write, result)} (rectflow train -c {args.config} -c {args.write} ...)")
+        over = " ".join(args.overrides)
+        print(f"wrote {write_overrides(args.write, result)} (rectflow train -c {args.config} -c {args.write}{' ' + over if over else ''} ...: "
+              "the overrides it was timed with are not in the file)")
     return 0
 
 

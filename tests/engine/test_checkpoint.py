@@ -189,3 +189,21 @@ def test_the_step_must_agree_with_the_file_name_and_the_optimizer(tmp_path):
     wrong = save_checkpoint(checkpoint_path(tmp_path / "w", 7), model=model, step=7, model_config=MCFG, optimizer=opt)
     with pytest.raises(CheckpointError, match="optimizer"):
         load_optimizer_state(torch.optim.Adam(make_model().parameters(), lr=1e-2), read_checkpoint(wrong))
+
+
+def test_a_parameter_without_a_gradient_on_some_steps_still_resumes(tmp_path):
+    """Adam counts a parameter's steps only when it had a gradient: the step check reads the most-trained parameter."""
+    model = make_model(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = gen(0)
+    first = next(model.parameters())
+    for k in range(4):
+        x, t = torch.randn(8, 2, generator=g), torch.rand(8, generator=g)
+        loss = model(x, t).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        if k % 2:
+            first.grad = None  # this parameter sits out every other step
+        opt.step()
+    path = save_checkpoint(checkpoint_path(tmp_path, 4), model=model, step=4, model_config=MCFG, optimizer=opt)
+    load_optimizer_state(torch.optim.Adam(make_model().parameters(), lr=1e-2), read_checkpoint(path))

@@ -241,3 +241,18 @@ def test_append_jsonl_and_the_lock_do_not_follow_symlinks(tmp_path):
         with exclusive_lock(d):
             pass
     assert target.read_text() == "keep"
+
+
+def test_a_symlinked_metrics_log_is_refused_on_resume_before_any_step(tmp_path):
+    """A metrics.jsonl link planted in a run that already trained was read through and replaced on resume."""
+    from rectflow.cli import main
+
+    run = tmp_path / "run"
+    tiny = ["--quiet", "--no-eval", "model.width=8", "model.depth=2", "train.log_every=1", "train.ckpt_every=2"]
+    assert main(["train", "--run", str(run), *tiny, "train.steps=2"]) == 0
+    outside = tmp_path / "outside.jsonl"
+    outside.write_text('{"step": 1, "steps": 1, "loss": 123.0}\\n')
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").symlink_to(outside)
+    assert main(["train", "--run", str(run), *tiny, "train.steps=4"]) == 2
+    assert (run / "metrics.jsonl").is_symlink() and outside.read_text() == '{"step": 1, "steps": 1, "loss": 123.0}\\n'

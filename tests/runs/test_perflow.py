@@ -680,3 +680,19 @@ def test_a_pipeline_job_killed_with_sigkill_mid_training_resumes_to_the_same_stu
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_a_job_recorded_before_steps_defined_a_cosine_job_still_resumes(sd_folder, captions, tmp_path, monkeypatch):
+    """rectflow 0.2.0 left train.steps out of perflow.json and of its checkpoints' records; its jobs resume with the same command."""
+    from rectflow.runs import perflow as job_mod
+    from rectflow.runs.perflow import LatentDataOptions
+    from rectflow.runs.rundir import RESUMABLE_TRAIN_KEYS
+
+    kw = {"settings": PeRFlowSettings(windows=2, solver_steps=1), "data": captions, "latent": LatentDataOptions(shard_size=2), "lora_rank": 0,
+          "prompts": ["an owl"]}
+    cfg = TrainConfig(steps=2, batch_size=2, lr=1e-3, lr_schedule="cosine", ema_decay=0.0, device="cpu", progress=False, workers=0, ckpt_every=2)
+    with monkeypatch.context() as m:  # the job as 0.2.0 recorded it
+        m.setattr(job_mod, "semantic_train", lambda t: {k: v for k, v in t.items() if k not in RESUMABLE_TRAIN_KEYS})
+        out = train_perflow(sd_folder, tmp_path / "job", train=cfg, **kw)
+    assert "steps" not in json.loads((out / "perflow.json").read_text())["train"]
+    train_perflow(sd_folder, tmp_path / "job", train=cfg, **kw)  # no "differs in train.steps"

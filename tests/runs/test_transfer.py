@@ -69,3 +69,20 @@ def test_bad_inputs_are_one_line_naming_the_file(image_run, tmp_path, capsys, ca
     err = capsys.readouterr().err
     assert name in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_float_arrays_in_the_source_range_are_used_exactly_and_others_refused(image_run, tmp_path):
+    from rectflow.errors import DataError
+    from rectflow.runs.transfer import load_transfer_inputs
+
+    run = load_run(image_run)
+    x = np.linspace(-1, 1, 2 * 64, dtype=np.float32).reshape(2, 1, 8, 8)
+    np.save(tmp_path / "x.npy", x)
+    got = load_transfer_inputs(tmp_path / "x.npy", run.source).x
+    assert torch.equal(got, torch.from_numpy(x))  # not rounded to 8 bits
+    np.save(tmp_path / "big.npy", x * 2)
+    with pytest.raises(DataError, match=r"big.npy: float images must be finite and in the source's range \[-1, 1\]"):
+        load_transfer_inputs(tmp_path / "big.npy", run.source)
+    np.save(tmp_path / "hwc.npy", x.transpose(0, 2, 3, 1))
+    with pytest.raises(DataError, match=r"hwc.npy: float images must be \(N, 1, 8, 8\)"):
+        load_transfer_inputs(tmp_path / "hwc.npy", run.source)

@@ -41,3 +41,10 @@ def test_cli_tune_prints_the_table_and_the_overrides(tmp_path, capsys):
                  "--no-eval", "-q"]) == 0
     rec = json.loads((tmp_path / "r" / "config.json").read_text())
     assert rec["train"]["precision"] == yaml.safe_load((tmp_path / "t.yaml").read_text())["train"]["precision"]
+
+
+def test_a_later_config_file_replaces_a_distribution_spec_whole(tmp_path):
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump({"target": {"name": "moons", "noise": 0.05}, "train": {"lr": 0.002}}))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({"target": {"name": "circle"}, "train": {"steps": 7}}))
+    cfg = load_config([tmp_path / "a.yaml", tmp_path / "b.yaml"])
+    assert cfg.target == {"name": "circle"} and cfg.train.lr == 0.002 and cfg.train.steps == 7  # sections merge, specs do not

@@ -269,9 +269,10 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, checkpoint: Checkpoin
             idx, name = key.split(".", 1)
             state.setdefault(int(idx), {})[name] = v
         groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
-        steps = {float(st["step"]) for st in state.values() if "step" in st}
-        if steps and steps != {float(checkpoint.step)}:
-            raise CheckpointError(f"{checkpoint.path}: the optimizer has taken {sorted(steps)[0]:g} steps but the checkpoint says step {checkpoint.step}")
+        steps = [float(st["step"]) for st in state.values() if "step" in st]
+        # Adam counts a parameter's steps only when it had a gradient, so the most-trained parameter has the trainer's count
+        if steps and max(steps) != float(checkpoint.step):
+            raise CheckpointError(f"{checkpoint.path}: the optimizer has taken {max(steps):g} steps but the checkpoint says step {checkpoint.step}")
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{checkpoint.path}: optimizer state does not match this model ({str(e).splitlines()[0]})") from None

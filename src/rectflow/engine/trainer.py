@@ -52,7 +52,7 @@ from rectflow.engine import distributed as dist_utils
 from rectflow.engine.checkpoint import NonFiniteWeightsError, check_run_record, checkpoint_path, list_checkpoints, load_optimizer_state, load_weights, read_checkpoint, save_checkpoint
 from rectflow.engine.hardware import PRECISIONS, precision_note, resolve_precision, resolve_threads, torch_threads
 from rectflow.engine.io import append_jsonl, atomic_path, make_dirs, read_jsonl
-from rectflow.errors import CheckpointError, ConfigError
+from rectflow.errors import CheckpointError, ConfigError, OutputError
 from rectflow.protocols import Objective
 
 __all__ = ["TrainConfig", "EMA", "Trainer", "TimeBudget", "step_generator", "resolve_device", "lr_at", "values_per_sample"]
@@ -397,6 +397,9 @@ class Trainer:
         cfg = self.cfg
         if self.run_dir is not None:
             make_dirs(self.run_dir)
+            log = self.run_dir / "metrics.jsonl"
+            if log.is_symlink():  # never read through, replaced or appended to: refused before any step
+                raise OutputError(f"{log}: is a symbolic link; rectflow does not follow links inside its directories (remove it)")
             if resume:
                 self.resume()
         if self.step >= cfg.steps:

@@ -127,11 +127,11 @@ class ExperimentConfig:
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
 
 
-INT_LIMIT_BITS, SEED_LIMIT_BITS = 31, 63  # counts and sizes below 2^31; seeds below 2^63 (torch takes 64-bit seeds)
+INT_LIMIT_BITS, SEED_LIMIT_BITS = 31, 64  # counts and sizes below 2^31; seeds below 2^64 (torch takes 64-bit seeds)
 
 
 def check_int_range(value: int, name: str) -> int:
-    """``value`` when it is in range for ``name`` (a seed: |value| < 2^63; anything else: < 2^31), else one ConfigError
+    """``value`` when it is in range for ``name`` (a seed: |value| < 2^64; anything else: < 2^31), else one ConfigError
     naming it: a huge integer would otherwise surface later as an OverflowError or a TypeError traceback."""
     bits = SEED_LIMIT_BITS if name.rsplit(".", 1)[-1].lstrip("-").replace("-", "_").endswith("seed") else INT_LIMIT_BITS
     if abs(value) >= 2**bits:
@@ -234,10 +234,14 @@ def load_config(path: str | Path | Sequence[str | Path] | None, overrides: list[
     a key a file or an override sets wins."""
     paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
     data: dict[str, Any] = {}
-    for one in paths:
-        data = _merged(data, _read_config_file(Path(one)))
+    for one in paths:  # a later file's source / target replaces the earlier spec whole (its parameters belong to its distribution)
+        top = _read_config_file(Path(one))
+        data = _merged({k: v for k, v in data.items() if k not in _WHOLE or k not in top}, top)
     data = apply_overrides(_merged(defaults or {}, data), overrides or [])
     return config_from_dict(data)
+
+
+_WHOLE = ("source", "target")  # config keys whose value is one spec, replaced whole by a later file, never merged key by key
 
 
 def _read_config_file(p: Path) -> dict[str, Any]:

@@ -338,7 +338,7 @@ def train_perflow(
     boundaries = make_windows(settings.windows, spacing=settings.spacing, path=teacher.path)
     first = data.sample(1, generator=torch.Generator().manual_seed(0))
     shape = tuple((first[0] if isinstance(first, tuple) else first).shape[1:])
-    record = _job_record(settings, train, desc, data_name or type(data).__name__, boundaries, shape)
+    record = _older_job_compatible(_job_record(settings, train, desc, data_name or type(data).__name__, boundaries, shape), out)
     job = out / "perflow.json"
     keys = ("format", "settings", "train", "teacher", "data", "windows", "shape")
     with open_job(out, "perflow.json", record, what="PeRFlow job", normalise=lambda d: {k: d.get(k) for k in keys}, foreign_ok=False,
@@ -363,6 +363,15 @@ def train_perflow(
         if export and desc["kind"] == "diffusers":
             export_student(final, out / "diffusers", teacher_path, stock_scheduler=(export_options or ExportOptions()).stock_scheduler)
     return out
+
+
+def _older_job_compatible(record: dict[str, Any], out: Path) -> dict[str, Any]:
+    """``record`` as a job made before ``train.steps`` defined a cosine job recorded it (rectflow 0.2.0 left it out): such a
+    job resumes with its own, unrecorded, step count unchecked, as it did then."""
+    old = load_json(out / "perflow.json") if (out / "perflow.json").is_file() else None
+    if isinstance(old, dict) and isinstance(old.get("train"), dict) and "steps" not in old["train"] and "steps" in record["train"]:
+        record = {**record, "train": {k: v for k, v in record["train"].items() if k != "steps"}}
+    return record
 
 
 def _resolved_precision(train: TrainConfig, out: Path) -> TrainConfig:
@@ -407,7 +416,7 @@ def _train_pipeline_job(folder: Path, out: Path, settings: PeRFlowSettings, trai
     check_caption_lengths(pipe, images, items)  # too long for the tokenizer: refused before anything is written
     pipe.check_prompts(prompts)
     boundaries = make_windows(settings.windows, spacing=settings.spacing, path=teacher.path)
-    record = _job_record(settings, train, desc, {"images": str(images.resolve()), **asdict(opts)}, boundaries, pipe.latent_shape)
+    record = _older_job_compatible(_job_record(settings, train, desc, {"images": str(images.resolve()), **asdict(opts)}, boundaries, pipe.latent_shape), out)
     job = out / "perflow.json"
 
     def normalise(d: dict[str, Any]) -> dict[str, Any]:
