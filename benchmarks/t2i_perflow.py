@@ -318,11 +318,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--lora-rank", type=int, default=16)
-    ap.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
+                    help="default: what t2i_teacher.py's speed phase measured faster for this UNet on this machine")
     ap.add_argument("--derivative-steps", type=int, default=1500)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--n-fd", type=int, default=5000)
     a = ap.parse_args(argv)
+    if a.precision is None:
+        speed = a.teacher_work / "phases" / "speed.json"
+        a.precision = json.loads(speed.read_text())["precision"] if speed.is_file() else "auto"
     if a.smoke:
         a.n_captioned, a.steps, a.batch, a.solver_steps, a.derivative_steps, a.n_fd, a.seeds = 40, 2, 4, 2, 4, 40, [1]
         a.lora_rank, a.name, a.out = 2, a.name + "_smoke", a.work / "results"
