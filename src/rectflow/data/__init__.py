@@ -1,7 +1,7 @@
 """Data: samplers of the distributions pi0 and pi1.
 
 Every sampler has ``dim`` (or ``shape``) and ``sample(n, generator=None, device=None) -> (n, ...)``;
-any of them can be the source pi0 or the target pi1 (domain transfer, theory §1).
+any of them can be the source pi0 or the target pi1 (domain transfer, theory §1.3).
 """
 
 from rectflow.data.images import ImageArray, ImageDataset, ImageGaussian, load_digits_images, load_images

@@ -1,6 +1,6 @@
 """Multi-process training with ``torch.distributed`` (launch with ``torchrun --nproc_per_node=N``).
 
-Data-parallel design (theory §7: "from a laptop CPU to many GPUs"): every rank draws the
+Data-parallel design (theory §7.4: "from a laptop CPU to many GPUs"): every rank draws the
 SAME global batch k from ``step_generator(seed, k)`` and keeps its slice ``rank``; DDP averages
 the gradients.  With equal slices, the mean of the per-rank mean losses is the global batch
 mean, so N ranks with global batch B take the same steps as one process with batch B (up to

@@ -2,7 +2,7 @@
 PNG grids and ``.npz``, input/output pair grids (domain transfer) and a training callback that
 writes sample grids periodically.
 
-:class:`FixedStepSampler` unrolls a fixed-step Runge-Kutta method (theory §3) over a time
+:class:`FixedStepSampler` unrolls a fixed-step Runge-Kutta method (theory §3.2) over a time
 grid fixed at construction: the loop runs over Python constants only, with no data-dependent
 control flow and no host synchronisation, so ``torch.compile(sampler, fullgraph=True)`` captures
 the whole solve (and ``mode="reduce-overhead"`` replays it as a CUDA graph).  It gives the same

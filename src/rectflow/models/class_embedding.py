@@ -1,7 +1,7 @@
 """Class labels as an embedding, with a learned "no label" entry for classifier-free guidance.
 
 Labels are integers in [0, num_classes); :data:`NULL_LABEL` (-1) means "unconditional" (label
-dropout in training, the unconditional branch of guidance in sampling, theory §7).
+dropout in training, the unconditional branch of guidance in sampling, theory §7.2).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ transformer blocks whose LayerNorms are modulated by the conditioning c = emb(t)
 the identity), then a modulated final layer and unpatchify.  Attention uses
 ``scaled_dot_product_attention`` (flash/memory-efficient kernels on GPU).
 
-Time convention (theory §1): t in [0, 1], t = 0 the source (noise), t = 1 the data.
+Time convention (theory §1.2): t in [0, 1], t = 0 the source (noise), t = 1 the data.
 """
 
 from __future__ import annotations

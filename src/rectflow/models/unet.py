@@ -9,7 +9,7 @@ Defaults are the CIFAR-10 size (35.7M parameters at 32x32 RGB, DDPM's CIFAR-10 m
 multipliers (1, 2, 2, 2), two residual blocks per level, attention at 16x16); a tiny
 configuration (e.g. channels 16, multipliers (1, 2), one block) serves tests.
 
-Time convention (theory §1): t in [0, 1], t = 0 the source (noise), t = 1 the data.
+Time convention (theory §1.2): t in [0, 1], t = 0 the source (noise), t = 1 the data.
 """
 
 from __future__ import annotations

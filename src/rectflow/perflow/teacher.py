@@ -84,7 +84,7 @@ class Teacher:
             t_next = t_from + (t_to - t_from) * ((j + 1) / steps)
             x0, eps = self.x0_eps(z, t.to(t_dtype), cond)
             c = self.path.coefficients(t_next.to(t_dtype))
-            z = (expand_like(c.a, z) * x0 + expand_like(c.b, z) * eps).to(z.dtype)  # theory §6: z' = alpha' x-hat + sigma' eps-hat
+            z = (expand_like(c.a, z) * x0 + expand_like(c.b, z) * eps).to(z.dtype)  # theory §6.4: z' = alpha' x-hat + sigma' eps-hat
         return z
 
 

@@ -261,7 +261,7 @@ class PairStore(Dataset):
 
 class PairCoupling:
     """The coupling of a pair store: ``sample(n, generator, device)`` returns n pairs drawn uniformly
-    with replacement (theory §4: 2-RF is 1-RF's loss on this coupling).
+    with replacement (theory §4.1: 2-RF is 1-RF's loss on this coupling).
 
     Args:
         store: a :class:`PairStore` or its directory.

@@ -281,7 +281,7 @@ def train_run(
         mcfg = model_config(cfg, source.dim, sample_shape(source), model)
         torch.manual_seed(cfg.train.seed)  # parameter initialisation
         model = model if model is not None else build_model(mcfg)
-        if cfg.reflow.init and not list_checkpoints(run_dir):  # theory §4: initialise the (k+1)-RF from the k-RF
+        if cfg.reflow.init and not list_checkpoints(run_dir):  # theory §4.1: initialise the (k+1)-RF from the k-RF
             try:
                 load_weights(model, read_checkpoint(cfg.reflow.init, model_config=mcfg))
             except CheckpointError as e:

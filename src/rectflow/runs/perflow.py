@@ -245,7 +245,7 @@ def _load_teacher(path: str | Path, device: str) -> tuple[Teacher, Any | None, d
         raise ConfigError(f"{p} is a one-step distillation run, not a flow; give a k-RF run")
     if not isinstance(run.source, ImageGaussian):
         raise ConfigError(f"{p}: PeRFlow needs a flow from Gaussian noise to images (source is {run.config.source!r})")
-    # A rectflow run is a velocity on the straight path X_t = t X1 + (1 - t) X0 (theory §2).
+    # A rectflow run is a velocity on the straight path X_t = t X1 + (1 - t) X0 (theory §2.1).
     teacher = Teacher(run.model, LinearPath(), "velocity")
     desc = {"kind": "run", "path": str(p.resolve()), "checkpoint": str(run.checkpoint), "step": run.step, "parameterization": "velocity"}
     n_classes = int(run.config.model.num_classes)

@@ -1,5 +1,5 @@
 """Your own source samples as a run's inputs: domain transfer of a folder of pictures (or an array of points) through a
-flow whose source distribution is a data set (theory §4: pi0 is any distribution; reflow makes the map one step).
+flow whose source distribution is a data set (theory §1.3: pi0 is any distribution; §4.1: reflow makes the map one step).
 
 :func:`load_transfer_inputs` reads them and checks them against the run's source: the image shape (channels, height,
 width) of an image run, the dimension of a vector run.  ``rectflow sample RUN --from PATH`` maps them and writes each
