@@ -1,23 +1,25 @@
 """PeRFlow on a trained text-to-image pipeline (the teacher of ``t2i_teacher.py``): 25 steps -> 4, prompt fidelity, and the
 delta carried to a fine-tune.
 
-Phases (each writes ``WORK/phases/NAME.json`` when done and is skipped on a rerun; training phases resume):
+Phases (each writes ``WORK/phases/NAME.json`` when done and is skipped on a rerun; training phases resume). They run
+seed by seed, and within a seed the guidance mode whose delta the plug-and-play study carries (``teacher``) first, so
+that a first whole table exists early:
 
 1. ``captions`` -- ``--n-captioned`` CIFAR-10 training images (equal per class) at the teacher's size as PNGs with a
    ``metadata.jsonl`` ("a photo of a {class}"): the data of ``rectflow perflow``.
 2. ``perflow-MODE-sSEED`` -- ``rectflow perflow TEACHER --data captions -K 4 --guidance W --guidance-mode MODE --seed SEED``
    through the command line, for each guidance mode (``teacher``: w in the teacher's window solve, the student samples
    at w = 1; ``student``: the student learns with caption dropout and samples with CFG at w) and seed.
-3. ``eval-sSEED`` -- one table per seed, every method at guidance w, all through stock diffusers
-   (``StableDiffusionPipeline.from_pretrained``; the PeRFlow export with ``trust_remote_code=True``): teacher
+3. ``eval-sSEED-teacher`` / ``eval-sSEED-perflow-MODE`` -- the table, every method at guidance w, all through stock
+   diffusers (``StableDiffusionPipeline.from_pretrained``; the PeRFlow export with ``trust_remote_code=True``): teacher
    DPM-Solver++ 25 steps, teacher DDIM 4 and 8, PeRFlow 4 and 8 steps for each mode. FD in the CIFAR classifier's
    features (``--n-fd`` samples, equal per prompt, against the test set), prompt accuracy (share of samples the
    classifier assigns to the prompted class), seconds per image. The sampling noise depends on the seed.
 4. ``derivative`` -- the teacher fine-tuned into a derivative (grayscale CIFAR-10, ``--derivative-steps``), the way a
    user fine-tunes SD: same objective, caption dropout, EMA.
-5. ``plug-sSEED`` -- the base's PeRFlow delta and its LoRA, unchanged, on the derivative (``apply_delta`` and diffusers'
-   own ``load_lora_weights``), sampled in 4 steps with the export's ``PeRFlowScheduler``, against the derivative's own
-   DPM-Solver++ 25 steps: FD against grayscale test images, prompt accuracy.
+5. ``plug-sSEED`` -- the base's PeRFlow delta (guidance mode teacher) and its LoRA, unchanged, on the derivative
+   (``apply_delta`` and diffusers' own ``load_lora_weights``), sampled in 4 steps with the export's ``PeRFlowScheduler``,
+   against the derivative's own DPM-Solver++ 25 steps and DDIM 4: FD against grayscale test images, prompt accuracy.
 
 Results: ``benchmarks/results/t2i_perflow.{md,json}`` and grids (teacher 25 / DDIM 4 / PeRFlow 4, a row per prompt).
 
@@ -161,33 +163,70 @@ class Bench(PhasedBench):
         save_image_grid(torch.cat(picks), path, nrow=per * len(rows), scale=2)
         (path.with_suffix(".txt")).write_text("columns, left to right: " + " | ".join(name for name, _, _ in rows) + "\n")
 
-    def evaluate(self, seed: int) -> dict:
+    def keep_picks(self, key: str, x: Tensor, labels: list[int], per: int = 8) -> None:
+        """The first ``per`` samples of each prompt, kept in the work folder for the grids (phases run apart)."""
+        from safetensors.torch import save_file
+
+        lab = torch.tensor(labels)
+        folder = self.work / "picks"
+        folder.mkdir(exist_ok=True)
+        tmp = folder / f".{key}.tmp"
+        save_file({"x": torch.cat([x[lab == c][:per] for c in range(10)]).contiguous(),
+                   "labels": torch.cat([lab[lab == c][:per] for c in range(10)]).contiguous()}, str(tmp))
+        tmp.replace(folder / f"{key}.safetensors")
+
+    def grid_from_picks(self, keys: list[tuple[str, str]], path: Path) -> bool:
+        """The grid of the kept picks ``(name, key)`` once all of them exist; False while one is missing."""
+        from safetensors.torch import load_file
+
+        files = [self.work / "picks" / f"{key}.safetensors" for _, key in keys]
+        if not all(f.is_file() for f in files):
+            return False
+        rows = []
+        for (name, _), f in zip(keys, files):
+            d = load_file(str(f))
+            rows.append((name, d["x"], d["labels"].tolist()))
+        self.grid(rows, path)
+        return True
+
+    def teacher_grid(self, seed: int) -> bool:
+        return self.grid_from_picks([("teacher DPM-Solver++ 25", f"s{seed}-teacher-25"), ("teacher DDIM 4", f"s{seed}-ddim-4"),
+                                     ("PeRFlow 4 (guidance mode teacher)", f"s{seed}-perflow-teacher-4")], self.a.out / f"{self.a.name}_grid_s{seed}.png")
+
+    # ----- 3. the table, one phase per (seed, method family): a kill loses at most one family's sampling
+    def evaluate_teacher(self, seed: int) -> dict:
         from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-        a, rows, shown = self.a, [], []
+        a, rows = self.a, []
         teacher = StableDiffusionPipeline.from_pretrained(str(self.teacher))
         base = teacher.scheduler.config
-        runs = [("teacher DPM-Solver++", DPMSolverMultistepScheduler.from_config(base, algorithm_type="dpmsolver++"), 25),
-                ("teacher DDIM", DDIMScheduler.from_config(base), 4), ("teacher DDIM", DDIMScheduler.from_config(base), 8)]
-        for name, sched, steps in runs:
+        runs = [("teacher DPM-Solver++", DPMSolverMultistepScheduler.from_config(base, algorithm_type="dpmsolver++"), 25, "teacher-25"),
+                ("teacher DDIM", DDIMScheduler.from_config(base), 4, "ddim-4"), ("teacher DDIM", DDIMScheduler.from_config(base), 8, None)]
+        for name, sched, steps, key in runs:
             teacher.scheduler = sched
             x, labels, spi = self.sample(teacher, steps, a.guidance, seed)
             rows.append({"method": name, "steps": steps, "nfe": steps * (2 if a.guidance != 1 else 1), **self.score(x, labels, "color"), "s_per_image": spi})
             log(f"  {name} {steps}: FD {rows[-1]['fd']:.3f}, accuracy {rows[-1]['prompt_accuracy']:.3f}")
-            if steps in (25, 4):
-                shown.append((f"{name} {steps}", x, labels))
-        for mode in MODES:
-            export = self.perflow_out(mode, seed) / "diffusers"
-            student = StableDiffusionPipeline.from_pretrained(str(export), trust_remote_code=True)
-            w = 1.0 if mode == "teacher" else a.guidance  # mode teacher: the guidance is in the student's weights
-            for steps in (4, 8):
-                x, labels, spi = self.sample(student, steps, w, seed)
-                rows.append({"method": f"PeRFlow (guidance mode {mode})", "steps": steps, "nfe": steps * (2 if w != 1 else 1),
-                             **self.score(x, labels, "color"), "s_per_image": spi})
-                log(f"  PeRFlow {mode} {steps}: FD {rows[-1]['fd']:.3f}, accuracy {rows[-1]['prompt_accuracy']:.3f}")
-                if steps == 4 and mode == "teacher":
-                    shown.append((f"PeRFlow {steps}", x, labels))
-        self.grid(shown, a.out / f"{a.name}_grid_s{seed}.png")
+            if key:
+                self.keep_picks(f"s{seed}-{key}", x, labels)
+        self.teacher_grid(seed)
+        return {"rows": rows, "guidance": a.guidance, "n": a.n_fd}
+
+    def evaluate_perflow(self, seed: int, mode: str) -> dict:
+        from diffusers import StableDiffusionPipeline
+
+        a, rows = self.a, []
+        export = self.perflow_out(mode, seed) / "diffusers"
+        student = StableDiffusionPipeline.from_pretrained(str(export), trust_remote_code=True)
+        w = 1.0 if mode == "teacher" else a.guidance  # mode teacher: the guidance is in the student's weights
+        for steps in (4, 8):
+            x, labels, spi = self.sample(student, steps, w, seed)
+            rows.append({"method": f"PeRFlow (guidance mode {mode})", "steps": steps, "nfe": steps * (2 if w != 1 else 1),
+                         **self.score(x, labels, "color"), "s_per_image": spi})
+            log(f"  PeRFlow {mode} {steps}: FD {rows[-1]['fd']:.3f}, accuracy {rows[-1]['prompt_accuracy']:.3f}")
+            if steps == 4:
+                self.keep_picks(f"s{seed}-perflow-{mode}-4", x, labels)
+        self.teacher_grid(seed)
         return {"rows": rows, "guidance": a.guidance, "n": a.n_fd}
 
     # ----- 4. the derivative
@@ -263,22 +302,28 @@ class Bench(PhasedBench):
     def run(self) -> None:
         a = self.a
         self.phase("captions", self.captions)
-        for seed in a.seeds:
-            for mode in MODES:
-                self.phase(f"perflow-{mode}-s{seed}", lambda m=mode, s=seed: self.perflow(m, s))
-        for seed in a.seeds:
-            self.phase(f"eval-s{seed}", lambda s=seed: self.evaluate(s))
-        self.phase("derivative", self.derivative)
-        for seed in a.seeds:
+        for seed in a.seeds:  # seed-major, the guidance mode whose delta the plug-and-play study carries first
+            self.phase(f"perflow-teacher-s{seed}", lambda s=seed: self.perflow("teacher", s))
+            self.phase(f"eval-s{seed}-teacher", lambda s=seed: self.evaluate_teacher(s))
+            self.phase(f"eval-s{seed}-perflow-teacher", lambda s=seed: self.evaluate_perflow(s, "teacher"))
+            self.write()
+            self.phase("derivative", self.derivative)
             self.phase(f"plug-s{seed}", lambda s=seed: self.plug(s))
-        self.write()
+            self.write()
+            self.phase(f"perflow-student-s{seed}", lambda s=seed: self.perflow("student", s))
+            self.phase(f"eval-s{seed}-perflow-student", lambda s=seed: self.evaluate_perflow(s, "student"))
+            self.write()
+
+    def eval_rows(self, d: dict, seed: int) -> list[dict]:
+        """Seed ``seed``'s table rows in a fixed order: the teacher's, then each guidance mode's that is done."""
+        return [r for part in ("teacher", *(f"perflow-{m}" for m in MODES)) for r in (d.get(f"eval-s{seed}-{part}") or {"rows": []})["rows"]]
 
     def write(self) -> None:
         a, m = self.a, machine_info()
         cap, native = torch.backends.cpu.get_cpu_capability(), bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
         d = {name: self.done(name) for name in sorted(p.stem for p in (self.work / "phases").glob("*.json"))}
         lines = ["# PeRFlow on a trained text-to-image pipeline (CIFAR-10 16x16 teacher of t2i_teacher.py)", "",
-                 machine_line(m) + f" CPU capability {cap}, bf16 native: {native}.", "",
+                 machine_line(m), "",
                  f"Command: `python benchmarks/t2i_perflow.py {' '.join(sys.argv[1:])}`", ""]
         for seed in a.seeds:
             for mode in MODES:
@@ -286,25 +331,36 @@ class Bench(PhasedBench):
                 if p:
                     lines += [f"- PeRFlow, guidance mode {mode}, seed {seed}: {p['steps']} steps, {p['train_seconds'] / 3600:.2f} h; `{p['command']}`"]
         lines += [""]
-        evals = [d.get(f"eval-s{s}") for s in a.seeds]
-        if all(evals):
-            lines += [f"## 25 steps -> 4 (guidance w = {a.guidance}, {a.n_fd} samples per row, two seeds: mean and the two values)", "",
+        done_seeds = [s for s in a.seeds if d.get(f"eval-s{s}-teacher")]
+        if done_seeds:
+            by_seed = [{(r["method"], r["steps"]): r for r in self.eval_rows(d, s)} for s in done_seeds]
+            keys = list(by_seed[0])
+            lines += [f"## 25 steps -> 4 (guidance w = {a.guidance}, {a.n_fd} samples per row, seed(s) {', '.join(map(str, done_seeds))}: "
+                      "mean, then each seed's value)", "",
                       "| method | steps | NFE | FD | prompt accuracy | ms / image |", "|---|---:|---:|---:|---:|---:|"]
-            for i, r in enumerate(evals[0]["rows"]):
-                rs = [e["rows"][i] for e in evals]
-                fd = [x["fd"] for x in rs]
-                acc = [x["prompt_accuracy"] for x in rs]
-                lines.append(f"| {r['method']} | {r['steps']} | {r['nfe']} | {np.mean(fd):.3f} ({' / '.join(f'{v:.3f}' for v in fd)}) | "
+            for k in keys:
+                rs = [b[k] for b in by_seed if k in b]
+                fd, acc = [x["fd"] for x in rs], [x["prompt_accuracy"] for x in rs]
+                lines.append(f"| {k[0]} | {k[1]} | {rs[0]['nfe']} | {np.mean(fd):.3f} ({' / '.join(f'{v:.3f}' for v in fd)}) | "
                              f"{np.mean(acc):.3f} ({' / '.join(f'{v:.3f}' for v in acc)}) | {1e3 * np.mean([x['s_per_image'] for x in rs]):.1f} |")
-            lines += ["", *[f"![grid seed {s}]({a.name}_grid_s{s}.png)" for s in a.seeds[:1]], ""]
-        plugs = [d.get(f"plug-s{s}") for s in a.seeds]
-        if all(plugs):
-            lines += ["## The base's delta on a fine-tune (grayscale derivative)", "", "| method | steps | FD (vs grayscale test) | prompt accuracy |",
-                      "|---|---:|---:|---:|"]
+            if (a.out / f"{a.name}_grid_s{done_seeds[0]}.png").is_file():
+                lines += ["", f"Columns, left to right: teacher DPM-Solver++ 25, teacher DDIM 4, PeRFlow 4 (seed {done_seeds[0]}); a row per prompt.", "",
+                          f"![grid seed {done_seeds[0]}]({a.name}_grid_s{done_seeds[0]}.png)"]
+            lines += [""]
+        plug_seeds = [s for s in a.seeds if d.get(f"plug-s{s}")]
+        plugs = [d[f"plug-s{s}"] for s in plug_seeds]
+        if plugs:
+            dv = d.get("derivative") or {}
+            lines += [f"## The base's delta on a fine-tune ({dv.get('domain', 'derivative')}, {dv.get('steps', '?')} fine-tuning steps; "
+                      f"seed(s) {', '.join(map(str, plug_seeds))}: mean, then each seed's value)", "",
+                      "| method | steps | FD (vs grayscale test) | prompt accuracy |", "|---|---:|---:|---:|"]
             for i, r in enumerate(plugs[0]["rows"]):
                 rs = [p["rows"][i] for p in plugs]
-                lines.append(f"| {r['method']} | {r['steps']} | {np.mean([x['fd'] for x in rs]):.3f} | {np.mean([x['prompt_accuracy'] for x in rs]):.3f} |")
-            lines += ["", *[f"![derivative grid seed {s}]({a.name}_derivative_grid_s{s}.png)" for s in a.seeds[:1]], ""]
+                fd, acc = [x["fd"] for x in rs], [x["prompt_accuracy"] for x in rs]
+                lines.append(f"| {r['method']} | {r['steps']} | {np.mean(fd):.3f} ({' / '.join(f'{v:.3f}' for v in fd)}) | "
+                             f"{np.mean(acc):.3f} ({' / '.join(f'{v:.3f}' for v in acc)}) |")
+            lines += ["", "Columns, left to right: derivative DPM-Solver++ 25, derivative DDIM 4, derivative + base delta 4.", "",
+                      *[f"![derivative grid seed {s}]({a.name}_derivative_grid_s{s}.png)" for s in plug_seeds[:1]], ""]
         write_results(a.out, a.name, {"machine": m, "cpu_capability": cap, "bf16_native": native, "phases": d}, "\n".join(lines))
 
 
@@ -323,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--derivative-steps", type=int, default=1500)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--n-fd", type=int, default=5000)
+    ap.add_argument("--report-only", action="store_true", help="write the report from the finished phases; run nothing")
     a = ap.parse_args(argv)
     if a.precision is None:
         speed = a.teacher_work / "phases" / "speed.json"
@@ -331,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
         a.n_captioned, a.steps, a.batch, a.solver_steps, a.derivative_steps, a.n_fd, a.seeds = 40, 2, 4, 2, 4, 40, [1]
         a.lora_rank, a.name, a.out = 2, a.name + "_smoke", a.work / "results"
     torch.set_num_threads(a.threads)
+    if a.report_only:
+        Bench(a).write()
+        return 0
     Bench(a).run()
     return 0
 

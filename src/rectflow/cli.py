@@ -19,8 +19,9 @@ import torch
 
 from rectflow.data.images import make_image_distribution
 from rectflow.engine.distributed import destroy, init_from_env, is_main_process, planned_world_size
+from rectflow.engine.hardware import resolve_device
 from rectflow.engine.io import atomic_path, check_writable, save_json
-from rectflow.engine.trainer import TrainConfig, resolve_device
+from rectflow.engine.trainer import TrainConfig
 from rectflow.errors import ConfigError, RectflowError
 from rectflow.flow.guidance import guidance_nfe
 from rectflow.flow.sampling import parse_solver_spec, sample_model, solver_label

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from rectflow.errors import RectflowError
-from rectflow.flow.paths import AffinePath, expand_like
+from rectflow.flow.paths import AffinePath, exact_dtype, expand_like
 
 __all__ = [
     "Parameterization",
@@ -218,7 +218,7 @@ class EDMPreconditioned(nn.Module):
         self.net, self.path, self.sigma_data = net, path, float(sigma_data)
 
     def forward(self, z: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
-        c = self.path.coefficients(t.double())
+        c = self.path.coefficients(t.to(exact_dtype(t.device)))
         _require(c.a, torch.ones_like(c.a), t, "EDM preconditioning needs alpha > 0 (sigma = b / a is infinite at pure noise)")
         sigma = (c.b / c.a).to(z.dtype)
         k = edm_coefficients(sigma, self.sigma_data)

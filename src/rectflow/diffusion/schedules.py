@@ -70,7 +70,7 @@ def _grad(fn: ScalarFn, s: Tensor) -> Tensor:
 
 def _bisect_increasing(fn: ScalarFn, target: Tensor, iters: int = 64) -> Tensor:
     """Solve fn(t) = target for t in [0, 1], fn increasing; float64; +-inf map to the end points."""
-    tgt = target.double()
+    tgt = target.to(exact_dtype(target.device))  # float64 where the device has it
     lo, hi = torch.zeros_like(tgt), torch.ones_like(tgt)
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
@@ -286,8 +286,8 @@ class DDPMSchedule(NoiseSchedule):
         return log_abar - torch.log(-torch.expm1(log_abar))  # lambda = log(abar / (1 - abar))
 
     def t_from_log_snr(self, lam: Tensor) -> Tensor:
-        target = -torch.nn.functional.softplus(-lam.double())  # log(abar) = log sigmoid(lambda)
-        neg = -self._log_abar.to(lam.device)  # increasing in s
+        target = -torch.nn.functional.softplus(-lam.to(exact_dtype(lam.device)))  # log(abar) = log sigmoid(lambda)
+        neg = -self._log_abar.to(lam.device, target.dtype)  # increasing in s
         j = torch.searchsorted(neg, (-target).contiguous()).clamp(1, self.num_steps)
         lo, hi = neg[j - 1], neg[j]
         s = (j - 1 + ((-target) - lo) / (hi - lo)) / self.num_steps

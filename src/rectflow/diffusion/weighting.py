@@ -25,7 +25,7 @@ from torch import Tensor
 from rectflow.diffusion.parameterizations import check_parameterization, error_ratio, from_x0_eps
 from rectflow.diffusion.schedules import log_snr, log_snr_derivative, time_from_log_snr
 from rectflow.flow.losses import FlowBatch, FlowMatchingObjective, LossOutput, per_sample_mse
-from rectflow.flow.paths import AffinePath
+from rectflow.flow.paths import AffinePath, exact_dtype
 from rectflow.flow.time_sampling import LogitNormalTime, UniformTime
 
 __all__ = [
@@ -134,7 +134,7 @@ class LogSNRNormalTime:
 
     def __call__(self, n, *, generator=None, device=None) -> Tensor:
         gdev = generator.device if generator is not None else device
-        lam = self.mean + self.std * torch.randn(n, generator=generator, device=gdev, dtype=torch.float64)
+        lam = self.mean + self.std * torch.randn(n, generator=generator, device=gdev, dtype=exact_dtype(gdev if gdev is not None else "cpu"))
         return time_from_log_snr(self.path, lam).to(device=device, dtype=torch.get_default_dtype())
 
     def density(self, t: Tensor) -> Tensor:
@@ -170,7 +170,7 @@ def loss_factor(t: Tensor, *, path: AffinePath, parameterization: str, weighting
     """Per-sample factor on ||K-hat - K||^2: w(lambda) / (p(lambda) r_K(t)); 1 when ``weighting`` is None."""
     if weighting is None:
         return torch.ones_like(t)
-    t64 = t.detach().double()
+    t64 = t.detach().to(exact_dtype(t.device))
     lam = log_snr(path, t64)
     factor = weighting(lam) / implied_weighting(path, time_sampler, parameterization, t64)  # theory §6.5: w / p
     return factor.to(t.dtype)

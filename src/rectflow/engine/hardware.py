@@ -21,10 +21,35 @@ import torch
 
 from rectflow.errors import ConfigError
 
-__all__ = ["PRECISIONS", "cpu_capability", "native_bf16", "resolve_precision", "precision_note", "usable_cores", "resolve_threads", "torch_threads",
+__all__ = ["PRECISIONS", "default_device", "resolve_device", "cpu_capability", "native_bf16", "resolve_precision", "precision_note", "usable_cores", "resolve_threads", "torch_threads",
            "hardware_info"]
 
 PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def default_device() -> torch.device:
+    """The fastest device here: CUDA, else Apple's MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> :func:`default_device`; anything else is checked and passed to ``torch.device``."""
+    if name == "auto":
+        return default_device()
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {name!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise ConfigError(f"device {name!r} requested but Apple's MPS is not available")
+    return dev
 
 
 def cpu_capability() -> str:

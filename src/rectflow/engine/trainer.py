@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from rectflow.engine import distributed as dist_utils
 from rectflow.engine.checkpoint import NonFiniteWeightsError, check_run_record, checkpoint_path, list_checkpoints, load_optimizer_state, load_weights, read_checkpoint, save_checkpoint
-from rectflow.engine.hardware import PRECISIONS, precision_note, resolve_precision, resolve_threads, torch_threads
+from rectflow.engine.hardware import PRECISIONS, precision_note, resolve_device, resolve_precision, resolve_threads, torch_threads
 from rectflow.engine.io import append_jsonl, atomic_path, make_dirs, read_jsonl
 from rectflow.errors import CheckpointError, ConfigError, OutputError
 from rectflow.protocols import Objective
@@ -85,7 +85,7 @@ class TrainConfig:
     ckpt_every: int = 1000
     keep_checkpoints: int = 2
     workers: int | None = None  # DataLoader processes drawing batches ahead; None = auto (1 for heavy couplings)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps
     progress: bool = True
 
     def validate(self) -> None:
@@ -122,19 +122,6 @@ class TrainConfig:
     def uses_ema(self) -> bool:
         """EMA weights are kept when ema_decay > 0 or the power EMA is chosen."""
         return self.ema_decay > 0 or self.ema_kind == "power"
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda if available else cpu; anything else is passed to torch.device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available")
-    return dev
 
 
 def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:

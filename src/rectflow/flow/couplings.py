@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rectflow.flow.paths import exact_dtype
+
 __all__ = ["Coupling", "Sampler", "IndependentCoupling", "MinibatchOTCoupling", "ot_pairing", "squared_cost"]
 
 
@@ -82,7 +84,7 @@ def ot_pairing(
     if method == "sinkhorn":
         if not reg > 0:
             raise ValueError(f"ot_pairing: sinkhorn needs reg > 0, got {reg}")
-        c = cost.double()
+        c = cost.to(exact_dtype(cost.device))  # Sinkhorn runs where the cost is: float64 where that device has it
         a = torch.full((n,), 1.0 / n, dtype=c.dtype, device=c.device)
         b = torch.full((m,), 1.0 / m, dtype=c.dtype, device=c.device)
         plan = ot.sinkhorn(a, b, c, reg * float(c.mean()), method="sinkhorn_log", numItermax=1000)

@@ -28,6 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from rectflow.errors import ConfigError
 from rectflow.flow.couplings import Coupling
 from rectflow.flow.losses import LossOutput, check_coupling, per_sample_mse
+from rectflow.flow.paths import exact_dtype
 from rectflow.flow.solvers import SolveResult, check_grid, time_grid, time_vector
 from rectflow.flow.time_sampling import UniformTime
 
@@ -154,9 +155,10 @@ class ShortcutObjective:
         """``s`` holds the start time and ``t`` the start plus d (d = 0: the flow-matching rows)."""
         x0, x1 = self.coupling.sample(n, generator=generator, device=device)
         gdev = generator.device if generator is not None else x0.device
-        u = torch.rand(n, generator=generator, device=gdev, dtype=torch.float64)
+        exact = exact_dtype(gdev)  # float64 where the generator's device has it (dyadic jumps are exact in float32 too)
+        u = torch.rand(n, generator=generator, device=gdev, dtype=exact)
         k = torch.randint(1, self.levels + 1, (n,), generator=generator, device=gdev)
-        d = torch.pow(2.0, -k.double())
+        d = torch.pow(2.0, -k.to(exact))
         slots = torch.floor(u * (1 / (2 * d))).clamp_max(1 / (2 * d) - 1)  # t on the grid of multiples of 2d in [0, 1 - 2d]
         start = slots * 2 * d
         fm = torch.rand(n, generator=generator, device=gdev) >= self.consistency_fraction

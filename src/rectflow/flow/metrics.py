@@ -22,7 +22,7 @@ def _as_2d(x: Tensor | np.ndarray, name: str) -> Tensor:
         raise DataError(f"{name}: expected a non-empty set of samples (N, ...), got shape {tuple(t.shape)}")
     if not torch.isfinite(t).all():
         raise DataError(f"{name}: samples contain NaN or inf")
-    return t.double().cpu()
+    return t.cpu().double()
 
 
 def wasserstein2(x: Tensor | np.ndarray, y: Tensor | np.ndarray, *, max_iter: int | None = None) -> float:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from rectflow.engine.hardware import default_device
 from rectflow.engine.io import atomic_path
 from rectflow.errors import CheckpointError, ConfigError, DataError
 
@@ -126,13 +127,13 @@ def extract_features(
 ) -> Tensor:
     """Features (N, D) float64 on the CPU of images in [-1, 1]: a tensor (N, C, H, W), an iterable of
     batches, or a function ``(start, count) -> batch`` (generate on the fly; needs ``n``)."""
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device) if device is not None else default_device()
     f = load_feature_network(net, dev)
     out = []
     for batch in _batches(images, batch_size, n):
         if not torch.isfinite(batch).all():
             raise DataError("images contain NaN or inf")
-        out.append(f(batch.to(dev)).flatten(1).double().cpu())
+        out.append(f(batch.to(dev)).flatten(1).cpu().double())
     if not out:
         raise DataError("no images to compute features of")
     return torch.cat(out)
@@ -196,7 +197,7 @@ def fid(
     n: int | None = None,
 ) -> float:
     """FID: :func:`fd` with the local Inception TorchScript file (see :func:`inception_network`)."""
-    dev = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = device if device is not None else default_device()
     return fd(x, y, inception_network(inception, dev), batch_size=batch_size, device=dev, n=n)
 
 

@@ -92,7 +92,7 @@ class PeRFlowObjective:
         gdev = generator.device
         eps = torch.randn(x.shape, generator=generator, device=gdev, dtype=x.dtype).to(x.device)
         k = torch.randint(0, self.boundaries.numel() - 1, (n,), generator=generator, device=gdev).to(x.device)
-        u = torch.rand(n, generator=generator, device=gdev, dtype=torch.float64).to(x.device, exact_dtype(x.device))
+        u = torch.rand(n, generator=generator, device=gdev, dtype=exact_dtype(gdev)).to(x.device, exact_dtype(x.device))
         if self.p_uncond > 0:  # before the teacher's solve: a dropped row follows the unconditional flow
             if cond is None:
                 raise ConfigError("perflow.p_uncond > 0 needs conditional data (sample(n) -> (x, cond))")

@@ -64,7 +64,7 @@ def straightness(model: nn.Module, x0: Tensor, *, steps: int = 100, batch_size: 
                 z = z + h * v  # theory §3.1: Euler step
             dz = z - chunk
             for k, v in enumerate(vs):
-                profile[k] += float((dz - v).square().flatten(1).sum(1).double().sum())  # theory §4.3: ||(Z1 - Z0) - v(Z_t, t)||^2
+                profile[k] += float((dz - v).square().flatten(1).sum(1).cpu().double().sum())  # theory §4.3: ||(Z1 - Z0) - v(Z_t, t)||^2
             ends.append(z)
     finally:
         model.train(was_training)
@@ -85,7 +85,7 @@ def transport_cost(x0: Tensor, x1: Tensor, *, exact_ot: bool = True) -> Transpor
     and, with ``exact_ot``, the discrete optimal cost of the same points (POT EMD, O(n^2) memory)."""
     if x0.shape != x1.shape or x0.dim() < 2 or x0.shape[0] == 0:
         raise DataError(f"transport_cost: x0 and x1 must be non-empty (N, ...) of equal shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
-    cost = float((x1.double() - x0.double()).flatten(1).square().sum(1).mean())  # theory §4.4: E||Z1 - Z0||^2
+    cost = float((x1.cpu().double() - x0.cpu().double()).flatten(1).square().sum(1).mean())  # theory §4.4: E||Z1 - Z0||^2
     if not exact_ot:
         return TransportCost(cost, None, None)
 

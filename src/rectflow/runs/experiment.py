@@ -25,9 +25,9 @@ from torch import nn
 
 from rectflow.data import ObjectDistribution, absolute_spec, as_distribution, make_distribution, point_file_path
 from rectflow.engine.checkpoint import check_model_config, check_run_record, latest_checkpoint, list_checkpoints, load_weights, read_checkpoint
-from rectflow.engine.hardware import hardware_info, resolve_precision
+from rectflow.engine.hardware import hardware_info, resolve_device, resolve_precision
 from rectflow.engine.io import load_json, make_dirs, save_json
-from rectflow.engine.trainer import Trainer, resolve_device
+from rectflow.engine.trainer import Trainer
 from rectflow.errors import CheckpointError, ConfigError, DataError
 from rectflow.flow.couplings import IndependentCoupling, MinibatchOTCoupling
 from rectflow.flow.losses import FlowMatchingObjective

@@ -17,8 +17,8 @@ from typing import Any, Sequence
 
 from torch import nn
 
+from rectflow.engine.hardware import resolve_device
 from rectflow.engine.io import sha256_file
-from rectflow.engine.trainer import resolve_device
 from rectflow.errors import ConfigError
 from rectflow.reflow.pairs import PairStore, generate_pairs, state_dict_sha256
 from rectflow.runs.config import ExperimentConfig, apply_overrides, config_from_dict, config_to_dict

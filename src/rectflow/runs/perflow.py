@@ -41,9 +41,9 @@ from PIL import Image
 from torch import Tensor
 
 from rectflow.data.images import ImageGaussian, to_uint8
-from rectflow.engine.hardware import resolve_precision
+from rectflow.engine.hardware import resolve_device, resolve_precision
 from rectflow.engine.io import atomic_path, check_writable, load_json, load_tensors, make_dirs, save_json, save_tensors
-from rectflow.engine.trainer import TrainConfig, Trainer, resolve_device
+from rectflow.engine.trainer import TrainConfig, Trainer
 from rectflow.errors import CheckpointError, ConfigError
 from rectflow.flow.guidance import guidance_nfe, map_condition
 from rectflow.flow.paths import LinearPath

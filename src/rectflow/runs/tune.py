@@ -23,9 +23,9 @@ from typing import Any
 import torch
 import yaml
 
-from rectflow.engine.hardware import cpu_capability, native_bf16, usable_cores
+from rectflow.engine.hardware import cpu_capability, native_bf16, resolve_device, usable_cores
 from rectflow.engine.io import atomic_path
-from rectflow.engine.trainer import Trainer, resolve_device
+from rectflow.engine.trainer import Trainer
 from rectflow.errors import ConfigError
 from rectflow.runs.config import ExperimentConfig
 from rectflow.runs.experiment import build_distributions, build_model, build_objective, model_config, sample_shape
