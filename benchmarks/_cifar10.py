@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from rectflow.data.images import ImageArray, to_unit_range
-from rectflow.flow.sampling import parse_solver_spec
+from rectflow.diffusion.specs import parse_spec
 from rectflow.images.metrics import extract_features, feature_statistics, frechet_distance
 from rectflow.images.sampling import sample_images, save_image_grid
 
@@ -158,7 +158,7 @@ def evaluate_model(model: nn.Module, source: Any, specs: list[str], *, stage: st
     rows = []
     fast = Bf16(fast_model if fast_model is not None else model, bf16)
     for spec in specs:
-        method, steps = parse_solver_spec(spec)
+        method, steps = parse_spec(spec)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()

@@ -364,11 +364,20 @@ class Bench(PhasedBench):
         write_results(a.out, a.name, {"machine": m, "cpu_capability": cap, "bf16_native": native, "phases": d}, "\n".join(lines))
 
 
+def best_teacher_guidance(teacher_work: Path) -> float:
+    """The guidance scale of the teacher's lowest-FD DPM-Solver++ 25 row (t2i_teacher.py's evaluation); 2.0 without one."""
+    rows = teacher_work / "eval_rows.jsonl"
+    dpm = [json.loads(x) for x in rows.read_text().splitlines() if x.strip()] if rows.is_file() else []
+    dpm = [r for r in dpm if r["sampler"] == "dpm++:25"]
+    return float(min(dpm, key=lambda r: r["fd"])["guidance"]) if dpm else 2.0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = phased_args(__doc__.split("\n")[0], "t2i_perflow")
     ap.add_argument("--teacher-work", type=Path, required=True, help="the --work folder of t2i_teacher.py (teacher/, classifier.safetensors)")
     ap.add_argument("--n-captioned", type=int, default=10000)
-    ap.add_argument("--guidance", type=float, default=2.0)
+    ap.add_argument("--guidance", type=float, default=None,
+                    help="default: the scale at which the teacher's DPM-Solver++ 25 had the lowest FD in t2i_teacher.py's evaluation")
     ap.add_argument("--solver-steps", type=int, default=12)
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=32)
@@ -381,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-fd", type=int, default=5000)
     ap.add_argument("--report-only", action="store_true", help="write the report from the finished phases; run nothing")
     a = ap.parse_args(argv)
+    if a.guidance is None:
+        a.guidance = best_teacher_guidance(a.teacher_work)
     if a.precision is None:
         speed = a.teacher_work / "phases" / "speed.json"
         a.precision = json.loads(speed.read_text())["precision"] if speed.is_file() else "auto"

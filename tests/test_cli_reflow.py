@@ -94,7 +94,7 @@ def test_pipeline_command(tmp_path, capsys):
         (["reflow", "{run}", "--pairs", "10", "train.stpes=3", "--out", "{tmp}/x"], "unknown config key 'train.stpes'"),
         (["reflow", "{run}", "--pairs", "10", "--out", "{tmp}/distilled"], "holds a run with another config"),
         (["pipeline", "--out", "{tmp}/p", "--pairs", "0"], "--pairs must be >= 1"),
-        (["diagnose", "{run}", "--solvers", "rk9:2"], "unknown method"),
+        (["diagnose", "{run}", "--solvers", "rk9:2"], "unknown sampler"),
     ],
 )
 def test_bad_input_is_one_clear_line(args, msg, base, tmp_path, capsys):

@@ -23,7 +23,7 @@ from rectflow.version import __version__
 # `import rectflow.flow` does not load the run layer, matplotlib or diffusers.
 _EXPORTS = {
     **dict.fromkeys(["make_distribution"], "rectflow.data"),
-    **dict.fromkeys(["ConvertedModel", "CustomSchedule", "DDPMSchedule", "DiffusionObjective", "FlowMatchingSchedule", "NoiseSchedule", "VPCosineSchedule", "VPLinearSchedule", "churn", "convert", "ddim", "ddpm", "diffusion_time", "euler_eta", "flow_sde", "log_snr", "make_weighting"], "rectflow.diffusion"),
+    **dict.fromkeys(["ConvertedModel", "CustomSchedule", "DDPMSchedule", "DiffusionObjective", "FlowMatchingSchedule", "NoiseSchedule", "VPCosineSchedule", "VPLinearSchedule", "churn", "convert", "ddim", "ddpm", "diffusion_time", "euler_eta", "flow_sde", "log_snr", "make_weighting", "parse_spec", "sample"], "rectflow.diffusion"),
     **dict.fromkeys(["TrainConfig", "Trainer"], "rectflow.engine"),
     **dict.fromkeys(["CheckpointError", "ConfigError", "DataError", "RectflowError"], "rectflow.errors"),
     **dict.fromkeys(["AffinePath", "Coupling", "FlowMatchingObjective", "IndependentCoupling", "LinearPath", "LogitNormalTime", "LossOutput", "MinibatchOTCoupling", "Objective", "SolveResult", "UniformTime", "UShapedTime", "dopri5", "energy_distance", "euler", "flow_matching_loss", "heun", "make_time_sampler", "midpoint", "ot_pairing", "rk4", "sample_model", "solve", "wasserstein2"], "rectflow.flow"),
@@ -70,6 +70,8 @@ __all__ = [
     "NoiseSchedule", "FlowMatchingSchedule", "VPCosineSchedule", "VPLinearSchedule", "DDPMSchedule", "CustomSchedule",
     "diffusion_time", "log_snr", "convert", "ConvertedModel", "DiffusionObjective", "make_weighting",
     "ddim", "euler_eta", "ddpm", "churn", "flow_sde",
+    # the one sampling verb: every sampler by name ("euler:4", "dopri5", "dpm++2m:10", "edm:8", "meanflow:1")
+    "sample", "parse_spec",
     # reflow and distillation (theory §4)
     "PairStore", "PairCoupling", "generate_pairs", "DistillationObjective", "PseudoHuberLoss", "distillation_loss", "one_step",
     "straightness", "transport_cost", "crossing_probability", "diagnose_coupling",

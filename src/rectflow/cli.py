@@ -13,21 +13,23 @@ import math
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from rectflow.data.images import make_image_distribution
+from rectflow.diffusion.specs import SPECS, parse_spec, sample, spec_label
 from rectflow.engine.distributed import destroy, init_from_env, is_main_process, planned_world_size
 from rectflow.engine.hardware import resolve_device
 from rectflow.engine.io import atomic_path, check_writable, save_json
 from rectflow.engine.trainer import TrainConfig
 from rectflow.errors import ConfigError, RectflowError
 from rectflow.flow.guidance import guidance_nfe
-from rectflow.flow.sampling import parse_solver_spec, sample_model, solver_label
 from rectflow.images.sampling import sample_images, write_named_images
 from rectflow.perflow.guidance import GUIDANCE_MODES
-from rectflow.runs.config import check_int_range, load_config
+from rectflow.runs.config import check_int_range, load_config, read_config_file
 from rectflow.runs.demo import run_demo, run_pipeline
 from rectflow.runs.diagnose import diagnose_runs, format_stage_table
 from rectflow.runs.distill import train_distill
@@ -55,7 +57,6 @@ from rectflow.runs.plots import plot_run
 from rectflow.runs.recipes import RECIPES, get_recipe
 from rectflow.runs.reflow import reflow_chain, train_reflow
 from rectflow.runs.report import build_report, collect_run
-from rectflow.runs.solvers import DIFFUSION_SOLVERS, check_solver, solve_spec
 from rectflow.runs.transfer import TransferInputs, load_transfer_inputs
 from rectflow.runs.tune import render_table, tune, write_overrides
 from rectflow.version import __version__
@@ -134,8 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_perflow_parser(sub, fmt) -> None:
     """theory §5: piecewise reflow of a pretrained run or diffusers folder."""
-    d = PeRFlowSettings()  # one source of defaults: the library's
-    p = sub.add_parser("perflow", help="accelerate a trained image flow or a local diffusers model with PeRFlow (K-step student)", formatter_class=fmt)
+    d, t = PeRFlowSettings(), TrainConfig()  # one source of defaults: the library's
+    p = sub.add_parser("perflow", help="accelerate a trained image flow or a local diffusers model with PeRFlow (K-step student)", formatter_class=fmt,
+                       description="Every option below can also come from a YAML file (--config; its keys are the options' names, "
+                                   "e.g. 'solver_steps: 12') or a KEY=VALUE after the options; the command line wins over a file.")
     p.add_argument("teacher", help="a rectflow image run directory, a local diffusers folder (unet/ + scheduler/), or a local text-to-image "
                                    "pipeline folder (Stable Diffusion 1.x / 2.x: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/; "
                                    "SDXL also text_encoder_2/, tokenizer_2/; SD3: transformer/ instead of unet/, both CLIP pairs, optionally text_encoder_3/, tokenizer_3/)")
@@ -160,9 +163,9 @@ def _add_perflow_parser(sub, fmt) -> None:
     p.add_argument("--lr", type=float, default=None,
                    help=f"peak learning rate, cosine decay after min(100, steps/10) warmup steps (default: {DEFAULT_LR:g}; "
                         f"text-to-image pipelines: {DEFAULT_PIPELINE_LR:g}, not tuned here)%(default).0s")
-    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the student weights (0 disables)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the training draws")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--ema", type=float, default=t.ema_decay, help="EMA decay of the student weights (0 disables)")
+    p.add_argument("--seed", type=int, default=t.seed, help="seed of the training draws")
+    p.add_argument("--device", default=t.device, help="auto | cpu | cuda[:N] | mps")
     p.add_argument("--compile", action="store_true", help="torch.compile the teacher's network (its window solve is most of a step: 0.80x the eager "
                                                           "time on the digits UNet, benchmarks/results/perflow_step_cost.md) and the student; "
                                                           "a resumed job takes the same choice")
@@ -182,13 +185,82 @@ def _add_perflow_parser(sub, fmt) -> None:
                    help="OUT/diffusers names the stock scheduler exact at K steps (DDIM / FlowMatchEuler: no custom code to trust, other step "
                         "counts sample wrong) in model_index.json and keeps PeRFlowScheduler in scheduler_perflow/; refused where none is exact")
     p.add_argument("--lora-bias", action="store_true", help="text-to-image pipelines: the LoRA also carries the bias changes (peft lora_bias)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+    p.add_argument("--precision", default=t.precision, choices=["auto", "fp32", "bf16"],
                    help="autocast of the teacher's window solve and the student's training step (auto: bf16 where it is native on the device)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--config", "-c", action="append", default=[], metavar="FILE",
+                   help="YAML file of this command's options by name (windows: 4, guidance: 4.5, steps: 10000, prompt: [...]); repeat to "
+                        "layer files (a later file wins); options given on the command line win over every file")
+    p.set_defaults(overrides=[])  # KEY=VALUE after the options: the same names, applied last
+
+
+_PERFLOW_NOT_IN_CONFIG = ("help", "out", "config")  # the output folder is named on the command line, always
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+def _apply_perflow_config(args: argparse.Namespace) -> None:
+    """Fill ``args`` from the ``--config`` files and the KEY=VALUE overrides of ``rectflow perflow``: strict keys (the
+    command's own option names), each value checked against its option's type and choices (one line naming the key and
+    the file); an option given on the command line wins over a file, an override over both."""
+    if not args.config and not args.overrides:
+        return
+    parser = _subparser(build_parser(), "perflow")
+    options = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in _PERFLOW_NOT_IN_CONFIG}
+    for a in parser._actions:  # which options the command line gave: parse it again with every default suppressed
+        a.default = argparse.SUPPRESS
+    given, _ = parser.parse_known_args(args.argv[1:])
+    layers: list[tuple[str, dict[str, Any]]] = [(str(f), read_config_file(Path(f))) for f in args.config]
+    over: dict[str, Any] = {}
+    for item in args.overrides:
+        key, _, raw = item.partition("=")
+        try:
+            over[key.strip()] = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            over[key.strip()] = raw
+    layers.append(("the command line", over))
+    for where, values in layers:
+        for key, value in values.items():
+            dest = str(key).replace("-", "_")
+            if dest not in options:
+                raise ConfigError(f"{where}: unknown key {key!r}; the keys are rectflow perflow's options: {', '.join(sorted(options))}")
+            if where != "the command line" and dest in vars(given):
+                continue  # the command line wins over a file
+            setattr(args, dest, _option_value(options[dest], value, f"{where}: key {key!r}"))
+
+
+def _option_value(action: argparse.Action, value: Any, where: str) -> Any:
+    """``value`` from a config file as the option ``action`` would have parsed it; ConfigError naming ``where``."""
+    if value is None and action.default is None:
+        return None  # the option's own default
+    if isinstance(action, argparse._StoreTrueAction):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if isinstance(action, argparse._AppendAction):
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not items or not all(isinstance(v, str) for v in items):
+            raise ConfigError(f"{where} must be a string or a list of strings, got {value!r}")
+        return list(items)
+    if action.type is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+    elif action.type is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        value = float(value)
+    elif not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    if action.choices is not None and value not in action.choices:
+        raise ConfigError(f"{where} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+    return value
 
 
 def _add_pair_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--solver", default="dopri5", help="solver spec for the pairs: dopri5 or e.g. euler:100, rk4:25")
+    p.add_argument("--solver", default="dopri5", help="solver spec for the pairs: dopri5 or e.g. euler:100, rk4:25, dpm++2m:20")
     p.add_argument("--rtol", type=float, help="dopri5 relative tolerance of the pairs (default: the run's eval.rtol)")
     p.add_argument("--atol", type=float, help="dopri5 absolute tolerance of the pairs (default: the run's eval.atol)")
     p.add_argument("--pair-seed", type=int, default=0, help="seed of Z0: shard s draws from (seed, s)")
@@ -303,7 +375,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     inputs = load_transfer_inputs(args.inputs, run.source) if args.inputs is not None else None
     if inputs is not None:
         args.n = inputs.x.shape[0]
-    _warn("sample", one_step_warning(run.config, [solver_label(args.solver, None if args.solver == "dopri5" else args.steps)]))
+    if args.solver not in SPECS or SPECS[args.solver].mean_flow:  # runs train velocity fields: no mean-flow jumps
+        raise ConfigError(f"--solver {args.solver!r} is not a sampler of this run; choose one of {[n for n, e in SPECS.items() if not e.mean_flow]}")
+    spec = spec_label(args.solver, None if SPECS[args.solver].min_steps is None else args.steps)
+    parse_spec(spec)  # too few steps for the sampler (edm needs 2): refused before any work
+    _warn("sample", one_step_warning(run.config, [spec]))
     if args.guidance is not None and not math.isfinite(args.guidance):
         raise ConfigError(f"--guidance must be a finite number, got {args.guidance}")
     if (args.guidance is not None or args.label is not None) and run.config.model.num_classes < 1:  # before the output path is looked at
@@ -316,12 +392,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         if path:
             check_writable(path)
     x0 = run.source.sample(args.n, generator=torch.Generator().manual_seed(args.seed)) if inputs is None else inputs.x
-    if args.solver in DIFFUSION_SOLVERS:
-        if args.trajectory:
-            raise ConfigError(f"--trajectory is not available with the diffusion sampler {args.solver}; use a flow solver")
-        res = solve_spec(run.model, x0, f"{args.solver}:{args.steps}")
-    else:
-        res = sample_model(run.model, x0, method=args.solver, steps=args.steps, rtol=args.rtol, atol=args.atol, return_trajectory=bool(args.trajectory))
+    res = sample(run.model, x0, spec, trajectory=bool(args.trajectory), rtol=args.rtol, atol=args.atol)
     for path, arr in [(args.out, res.x), (args.trajectory, res.trajectory)]:
         if path:
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -385,7 +456,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     solvers = [s.strip() for s in args.solvers.split(",") if s.strip()] if args.solvers else None
     if solvers is not None:
         for s in solvers:
-            check_solver(s)
+            parse_spec(s)
     _warn("eval", one_step_warning(run.config, solvers or run.config.eval.solvers))
     rows = evaluate_run(run, n=args.n, solvers=solvers, write=False)
     ref = evaluation_reference(run, args.n)
@@ -457,7 +528,7 @@ _COMMANDS = {"train": _cmd_train, "sample": _cmd_sample, "eval": _cmd_eval, "dem
 
 
 def _pair_kwargs(args: argparse.Namespace) -> dict:
-    parse_solver_spec(args.solver)
+    parse_spec(args.solver)
     if args.shard_size < 1:
         raise ConfigError(f"--shard-size must be >= 1, got {args.shard_size}")
     if args.solve_batch is not None and args.solve_batch < 1:
@@ -569,7 +640,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not (math.isfinite(args.pair_tol) and args.pair_tol > 0):  # before the 1-RF trains, not after
         raise ConfigError(f"--pair-tol must be a finite number > 0, got {args.pair_tol}")
-    check_solver(args.pair_solver)
+    parse_spec(args.pair_solver)
     run_pipeline(
         args.out,
         source=args.source,
@@ -681,6 +752,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, quoted where a job records how it was made
     try:
+        if args.command == "perflow":
+            _apply_perflow_config(args)
         _check_number_options(parser, args)
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:

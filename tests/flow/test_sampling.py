@@ -2,8 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from rectflow.errors import ConfigError
-from rectflow.flow.sampling import parse_solver_spec, sample_model, solver_label
+from rectflow.flow.sampling import sample_model
 from tests.conftest import gen
 
 
@@ -106,24 +105,6 @@ class LinearField(nn.Module):
 def test_no_autograd_graph():
     res = sample_model(LinearField(), x0(), steps=2)
     assert not res.x.requires_grad and res.x.grad_fn is None
-
-
-@pytest.mark.parametrize("spec, parsed", [("euler:4", ("euler", 4)), ("rk4:1", ("rk4", 1)), ("heun:10", ("heun", 10)), ("dopri5", ("dopri5", None))])
-def test_parse_solver_spec_accepts(spec, parsed):
-    assert parse_solver_spec(spec) == parsed
-
-
-@pytest.mark.parametrize("spec", ["euler", "euler:0", "euler:-1", "euler:two", "dopri5:3", "foo:2", "rk45"])
-def test_parse_solver_spec_rejects(spec):
-    with pytest.raises(ConfigError):
-        parse_solver_spec(spec)
-
-
-@pytest.mark.parametrize("method, steps", [("euler", 4), ("rk4", 1), ("midpoint", 12), ("dopri5", None)])
-def test_solver_label_round_trip(method, steps):
-    label = solver_label(method, steps)
-    assert parse_solver_spec(label) == (method, steps)
-    assert solver_label(*parse_solver_spec(label)) == label
 
 
 def test_non_finite_samples_are_an_error_never_returned():

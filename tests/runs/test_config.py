@@ -28,7 +28,7 @@ def test_yaml_and_overrides(tmp_path):
         ({"coupling": {"kind": "greedy"}}, "coupling.kind.*not one of"),
         ({"time": {"kind": "beta"}}, "time.kind"),
         ({"eval": {"solvers": ["euler:0"]}}, "must be >= 1"),
-        ({"eval": {"solvers": ["rk45"]}}, "unknown method"),
+        ({"eval": {"solvers": ["rk45"]}}, "unknown sampler"),
         ({"eval": {"rtol": 0.0}}, "rtol"),
         ({"eval": {"holdout": 1.0}}, "eval.holdout"),
         ({"eval": {"holdout": -0.1}}, "eval.holdout"),

@@ -1,3 +1,6 @@
+import json
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +10,7 @@ from rectflow.cli import main
 from rectflow.engine.io import load_json
 from rectflow.flow.metrics import wasserstein2
 from rectflow.runs.config import config_from_dict
-from rectflow.runs.evaluation import evaluate_run, evaluate_solvers, evaluation_reference, format_table, heldout_samples
+from rectflow.runs.evaluation import evaluate_nll, evaluate_run, evaluate_solvers, evaluation_reference, format_table, heldout_samples
 from rectflow.runs.experiment import Run, build_distributions, load_run, train_run
 from tests.conftest import gen
 
@@ -150,3 +153,43 @@ def test_registered_target_is_measured_against_fresh_draws_with_its_floor(run):
     assert ref["floor_w2"] == pytest.approx(wasserstein2(x1, x1b))
     evaluate_run(run, n=60)
     assert load_json(run.path / "eval.json")["reference"] == ref
+
+
+def test_evaluate_solvers_takes_diffusion_specs():
+    rows = evaluate_solvers(Constant([0.5, -1.0]), torch.randn(64, 2, generator=gen(1)), torch.randn(64, 2, generator=gen(2)), ["dpm++2m:4", "edm:3"], progress=False)
+    assert [r["solver"] for r in rows] == ["dpm++2m:4", "edm:3"] and [r["nfe"] for r in rows] == [4, 5]
+
+
+def test_eval_nll_of_a_run_on_the_cli(tmp_path, capsys):
+    cfg = {"source": "gaussian", "target": "moons", "model": {"width": 16, "depth": 2, "time_dim": 8},
+           "train": {"steps": 30, "batch_size": 32, "progress": False, "log_every": 10, "ckpt_every": 30, "device": "cpu"},
+           "eval": {"n_samples": 64, "seed": 7, "solvers": ["euler:2", "dpm++2m:4"], "rtol": 1e-4, "atol": 1e-4}}
+    train_run(config_from_dict(cfg), tmp_path / "r")
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "r"), "--nll", "--n", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "dpm++2m:4" in out and "NLL" in out and "exact divergence" in out
+    saved = json.loads((tmp_path / "r" / "nll.json").read_text())
+    direct = evaluate_nll(load_run(tmp_path / "r"), n=64, rtol=1e-4, atol=1e-4)
+    assert saved["nll_nats"] == pytest.approx(direct["nll_nats"]) and math.isfinite(saved["nll_nats"]) and saved["n"] == 64
+    hutch = evaluate_nll(load_run(tmp_path / "r"), n=64, estimator="hutchinson", probes=8, rtol=1e-4, atol=1e-4)
+    assert abs(hutch["nll_nats"] - direct["nll_nats"]) < 4 * hutch["nll_se"] + 0.05
+    assert main(["eval", str(tmp_path / "r"), "--nll", "--probes", "0", "--nll-estimator", "hutchinson"]) == 2
+
+
+def test_eval_nll_of_an_image_run_gives_bits_per_dim(tmp_path, capsys):
+    """Images (issue 17, item 1): 8-bit data dequantized, the Hutchinson estimator by default above 16
+    dimensions, and bits per dimension = NLL / (D log 2) + log2(127.5) for data scaled to [-1, 1]."""
+    from rectflow.runs.config import load_config
+
+    cfg = load_config(None, ["source={name: gaussian, shape: [1, 8, 8]}", "target={name: digits}", "model.kind=unet", "model.channels=8",
+                             "model.channel_mult=[1,2]", "model.num_res_blocks=1", "model.attention_resolutions=[]", "model.head_channels=8",
+                             "model.dropout=0.0", "train.steps=10", "train.batch_size=16", "train.log_every=5", "train.ckpt_every=10",
+                             "train.progress=false", "train.device=cpu"])
+    train_run(cfg, tmp_path / "img")
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "img"), "--nll", "--n", "8", "--probes", "2", "--solvers", "euler:4"]) == 0
+    saved = json.loads((tmp_path / "img" / "nll.json").read_text())
+    assert saved["estimator"] == "hutchinson" and saved["probes"] == 2 and saved["dim"] == 64 and saved["n"] == 8
+    assert saved["bits_per_dim"] == pytest.approx(saved["nll_nats"] / (64 * math.log(2)) + math.log2(127.5), rel=1e-6)
+    assert f"{saved['bits_per_dim']:.4f} bits/dim" in capsys.readouterr().out

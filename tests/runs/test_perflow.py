@@ -149,6 +149,45 @@ def test_cli_perflow(image_run, tmp_path, capsys):
     assert "no such directory" in capsys.readouterr().err
 
 
+def test_cli_perflow_config_file_equals_the_flags_and_the_command_line_wins(image_run, tmp_path, capsys):
+    """issue 32 item 3: a strict YAML of the command's own options (layered, with KEY=VALUE overrides) makes the same job as
+    the flags; a flag on the command line wins over a file, an override over both."""
+    flags = ["-K", "2", "--steps", "3", "--batch-size", "4", "--solver-steps", "1", "--device", "cpu", "-q", "--data", "digits", "--ema", "0"]
+    assert main(["perflow", str(image_run), "--out", str(tmp_path / "flags"), *flags]) == 0
+    base = tmp_path / "base.yaml"
+    base.write_text("windows: 3\nsteps: 3\nbatch_size: 4\nsolver-steps: 1\ndevice: cpu\nquiet: true\ndata: digits\nema: 0\n")
+    top = tmp_path / "top.yaml"
+    top.write_text("windows: 2\n")  # a later file wins
+    assert main(["perflow", str(image_run), "--out", str(tmp_path / "cfg"), "-c", str(base), "-c", str(top)]) == 0
+    rec = [json.loads((tmp_path / d / "perflow.json").read_text()) for d in ("flags", "cfg")]
+    for key in ("settings", "train"):
+        assert rec[0][key] == rec[1][key], key
+    (a, meta_a), (b, meta_b) = (load_tensors(tmp_path / d / "delta.safetensors") for d in ("flags", "cfg"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the same student, bit for bit
+    assert main(["perflow", str(image_run), "--out", str(tmp_path / "win"), "-c", str(base), "-K", "2", "solver_steps=2"]) == 0
+    won = json.loads((tmp_path / "win" / "perflow.json").read_text())["settings"]
+    assert won["windows"] == 2 and won["solver_steps"] == 2  # the flag beat the file's 3, the override beat its 1
+    capsys.readouterr()
+    assert main(["perflow", str(image_run), "--out", str(tmp_path / "cfg"), "-c", str(base), "-c", str(top), "windows=3"]) == 2
+    err = capsys.readouterr().err
+    assert "differs in" in err and "windows" in err  # the stored job's message, as for flags
+
+
+@pytest.mark.parametrize("text, says", [("windos: 2\n", "unknown key 'windos'"), ("windows: two\n", "key 'windows' must be an integer"),
+                                        ("spacing: cubic\n", "key 'spacing' must be one of"), ("compile: 1\n", "key 'compile' must be true or false"),
+                                        ("guidance: [1]\n", "key 'guidance' must be a number"), ("out: x\n", "unknown key 'out'"),
+                                        ("windows: 2\nwindows: 3\n", "appears twice"), ("- 1\n", "top level must be a mapping")])
+def test_cli_perflow_config_refuses_bad_keys_in_one_line(image_run, tmp_path, capsys, text, says):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(text)
+    assert main(["perflow", str(image_run), "--out", str(tmp_path / "o"), "-c", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert says in err and str(cfg) in err and len(err.strip().splitlines()) == 1
+    assert main(["perflow", str(image_run), "--out", str(tmp_path / "o"), "windows=x"]) == 2
+    assert "the command line: key 'windows' must be an integer" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_on_disk_format_names_never_change():
     """Files written by earlier versions must stay readable: these identifiers are part of the format."""
     from rectflow.perflow import diffusers_io

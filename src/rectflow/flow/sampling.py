@@ -1,5 +1,9 @@
-"""Sampling a trained velocity model: the ODE solvers of :mod:`rectflow.flow.solvers` applied to
-``model(x, t)`` without autograd, plus the NFE bookkeeping the CLI and benchmarks report."""
+"""Sampling a trained velocity model with the ODE solvers of :mod:`rectflow.flow.solvers`, and :func:`run_sampler`, the
+guard every sampling entry point runs under (eval mode, no autograd, finite output).
+
+The library's one sampling verb, with every sampler by name (flow solvers, diffusion samplers, mean-flow jumps),
+guidance and batching, is :func:`rectflow.diffusion.specs.sample` (``rectflow.sample``); :func:`sample_model` is the
+flow-ODE door it uses, with a custom time grid or interval."""
 
 from __future__ import annotations
 
@@ -8,10 +12,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from rectflow.errors import ConfigError
-from rectflow.flow.solvers import FIXED_STEP_METHODS, METHODS, SolveResult, solve
+from rectflow.flow.solvers import SolveResult, concat_results, solve
 
-__all__ = ["sample_model", "run_sampler", "parse_solver_spec", "solver_label"]
+__all__ = ["sample_model", "run_sampler"]
 
 
 def sample_model(
@@ -42,11 +45,8 @@ def sample_model(
 
     def run() -> SolveResult:
         chunks = [x0] if batch_size is None or batch_size >= x0.shape[0] else list(x0.split(batch_size))
-        parts = [solve(f, c, method=method, steps=steps, grid=grid, t0=t0, t1=t1, rtol=rtol, atol=atol, return_trajectory=return_trajectory) for c in chunks]
-        if len(parts) == 1:
-            return parts[0]
-        traj = torch.cat([p.trajectory for p in parts], dim=1) if return_trajectory and method != "dopri5" else None
-        return SolveResult(torch.cat([p.x for p in parts]), max(p.nfe for p in parts), traj, parts[0].times)
+        return concat_results([solve(f, c, method=method, steps=steps, grid=grid, t0=t0, t1=t1, rtol=rtol, atol=atol, return_trajectory=return_trajectory)
+                               for c in chunks])
 
     return run_sampler(model, run, method)
 
@@ -64,27 +64,3 @@ def run_sampler(model: nn.Module, sampler: Callable[[], SolveResult], name: str)
     if not bool(torch.isfinite(res.x).all()):
         raise FloatingPointError(f"sampling with {name} produced NaN or inf: the model's output is not finite (diverged weights or a bad input)")
     return res
-
-
-def parse_solver_spec(spec: str) -> tuple[str, int | None]:
-    """``"euler:4"`` -> ("euler", 4); ``"dopri5"`` -> ("dopri5", None).  Raises ConfigError."""
-    name, _, steps = str(spec).partition(":")
-    if name not in METHODS:
-        raise ConfigError(f"solver {spec!r}: unknown method {name!r}; choose one of {list(METHODS)}")
-    if name == "dopri5":
-        if steps:
-            raise ConfigError(f"solver {spec!r}: dopri5 is adaptive and takes no step count (set rtol/atol)")
-        return name, None
-    if name in FIXED_STEP_METHODS:
-        try:
-            n = int(steps)
-        except ValueError:
-            raise ConfigError(f"solver {spec!r}: write {name}:STEPS with an integer number of steps >= 1") from None
-        if n < 1:
-            raise ConfigError(f"solver {spec!r}: steps (NFE) must be >= 1, got {n}")
-        return name, n
-    raise ConfigError(f"solver {spec!r} is not understood")
-
-
-def solver_label(method: str, steps: int | None) -> str:
-    return method if steps is None else f"{method}:{steps}"

@@ -22,6 +22,7 @@ from torch import Tensor
 from rectflow.errors import ConfigError
 
 __all__ = [
+    "concat_results",
     "Velocity",
     "SolveResult",
     "ButcherTableau",
@@ -52,6 +53,18 @@ class SolveResult(NamedTuple):
     nfe: int
     trajectory: Tensor | None
     times: Tensor
+
+
+def concat_results(parts: Sequence[SolveResult]) -> SolveResult:
+    """Solves of the chunks of one batch, merged: states concatenated along the batch, the NFE the largest per-chunk count
+    (the evaluations each sample saw), trajectories concatenated where every chunk has one on the same times (adaptive
+    solves of different chunks stop at different times: then none)."""
+    if len(parts) == 1:
+        return parts[0]
+    trajs = [p.trajectory for p in parts]
+    same_times = all(p.times.shape == parts[0].times.shape and torch.equal(p.times, parts[0].times) for p in parts)
+    traj = torch.cat(trajs, dim=1) if all(t is not None for t in trajs) and same_times else None
+    return SolveResult(torch.cat([p.x for p in parts]), max(p.nfe for p in parts), traj, parts[0].times)
 
 
 @dataclass(frozen=True)

@@ -27,16 +27,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from rectflow.diffusion.specs import sample, spec_label
 from rectflow.errors import ConfigError, DataError
 from rectflow.flow.guidance import drop_conditions, guidance_nfe, guided_call
 from rectflow.flow.losses import FlowMatchingObjective, LossOutput, flow_matching_loss
 from rectflow.flow.paths import AffinePath
-from rectflow.flow.sampling import sample_model
 from rectflow.flow.solvers import SolveResult
 from rectflow.models.class_embedding import NULL_LABEL
 
@@ -183,24 +183,16 @@ def sample_guided(
     *,
     method: str = "euler",
     steps: int | None = 100,
-    grid: Tensor | Sequence[float] | None = None,
     rtol: float = 1e-5,
     atol: float = 1e-5,
     return_trajectory: bool = False,
     batch_size: int | None = None,
 ) -> SolveResult:
-    """Solve the guided flow from x0 (B, ...) with labels y (B,) and guidance scale w; the result's
-    ``nfe`` counts network evaluations per sample (2 per guided velocity evaluation)."""
-
+    """Solve the guided flow from x0 (B, ...) with labels y (B,) and guidance scale w: :func:`rectflow.sample` with
+    ``cond=y``; the result's ``nfe`` counts network evaluations per sample (2 per guided velocity evaluation)."""
+    require_conditional(model, "classifier-free guidance")
     if y.shape != (x0.shape[0],):
         raise DataError(f"{x0.shape[0]} samples but labels of shape {tuple(y.shape)}; give one label per sample")
-    parts: list[SolveResult] = []
-    chunks = [(x0, y)] if batch_size is None or batch_size >= x0.shape[0] else list(zip(x0.split(batch_size), y.split(batch_size)))
-    for xc, yc in chunks:
-        guided = GuidedVelocity(model, yc.to(xc.device), scale)
-        res = sample_model(guided, xc, method=method, steps=steps, grid=grid, rtol=rtol, atol=atol, return_trajectory=return_trajectory)
-        parts.append(SolveResult(res.x, res.nfe * guided.nfe_per_eval, res.trajectory, res.times))
-    if len(parts) == 1:
-        return parts[0]
-    traj = torch.cat([p.trajectory for p in parts], dim=1) if return_trajectory and method != "dopri5" else None
-    return SolveResult(torch.cat([p.x for p in parts]), max(p.nfe for p in parts), traj, parts[0].times)
+    spec = spec_label(method, None if method == "dopri5" else steps)
+    return sample(model, x0, spec, cond=y.long().to(x0.device), guidance=scale, null_cond=NULL_LABEL, batch_size=batch_size,
+                  trajectory=return_trajectory, rtol=rtol, atol=atol)

@@ -22,11 +22,11 @@ from PIL import Image
 from torch import Tensor, nn
 
 from rectflow.data.images import to_uint8
+from rectflow.diffusion.specs import parse_spec, sample, spec_label
 from rectflow.engine.distributed import is_main_process
 from rectflow.engine.io import atomic_path
 from rectflow.engine.trainer import step_generator
 from rectflow.errors import ConfigError
-from rectflow.flow.sampling import sample_model
 from rectflow.flow.solvers import FIXED_STEP_METHODS, check_grid, rk_step, time_grid
 from rectflow.images.guidance import GuidedVelocity
 
@@ -169,6 +169,8 @@ def sample_images(
         raise ConfigError(f"sample_images: n = {n} but {x0.shape[0]} given inputs x0")
     if labels is not None and labels.shape != (n,):
         raise ConfigError(f"sample_images: {n} samples but labels of shape {tuple(labels.shape)}")
+    spec = spec_label(method, None if method == "dopri5" else steps)
+    parse_spec(spec)  # an unknown sampler or too few steps: refused before any work
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -177,22 +179,22 @@ def sample_images(
         for i, start in enumerate(range(0, n, batch_size)):
             m = min(batch_size, n - start)
             xb = source.sample(m, generator=step_generator(seed, i), device=dev) if x0 is None else x0[start:start + m].to(dev)
-            f: nn.Module = model if labels is None else GuidedVelocity(model, labels[start : start + m].to(dev), guidance)
-            per = getattr(f, "nfe_per_eval", 1)
-            if method in FIXED_STEP_METHODS:
+            yb = None if labels is None else labels[start : start + m].to(dev)
+            if method in FIXED_STEP_METHODS:  # unrolled: one module torch.compile / CUDA graphs can capture
+                f: nn.Module = model if yb is None else GuidedVelocity(model, yb, guidance)
                 sampler = FixedStepSampler(f, method, steps)
-                x1, k = sampler(xb), sampler.nfe
-            else:
-                res = sample_model(f, xb, method=method, steps=steps, rtol=rtol, atol=atol)
+                x1, k = sampler(xb), sampler.nfe * getattr(f, "nfe_per_eval", 1)
+            else:  # dopri5 and the diffusion samplers: the library's one sampling verb
+                res = sample(model, xb, spec, cond=yb, guidance=guidance if yb is not None else 1.0, rtol=rtol, atol=atol)
                 x1, k = res.x, res.nfe
-            nfe = max(nfe, k * per)
+            nfe = max(nfe, k)
             if not bool(torch.isfinite(x1).all()):
                 raise FloatingPointError(f"sampling with {method} produced NaN or inf in batch {i} (diverged weights, or a guidance scale that is not finite)")
             parts.append(x1.float().cpu())
     finally:
         model.train(was_training)
     images = torch.cat(parts)
-    summary = {"n": n, "method": method, "steps": steps if method in FIXED_STEP_METHODS else None, "nfe": nfe, "guidance": guidance if labels is not None else None, "seconds": time.perf_counter() - t_start}
+    summary = {"n": n, "method": method, "steps": parse_spec(spec)[1], "nfe": nfe, "guidance": guidance if labels is not None else None, "seconds": time.perf_counter() - t_start}
     if out is not None:
         out = Path(out)
         payload = {"images": to_uint8(images).numpy()}

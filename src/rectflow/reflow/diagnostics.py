@@ -18,9 +18,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from rectflow.diffusion.specs import sample
 from rectflow.errors import DataError
 from rectflow.flow.metrics import wasserstein2
-from rectflow.flow.sampling import parse_solver_spec, sample_model
 from rectflow.flow.solvers import time_vector
 
 __all__ = ['Straightness', 'TransportCost', 'Crossings', 'CouplingDiagnostics', 'straightness', 'transport_cost', 'segment_intersections', 'crossing_probability', 'flow_coupling', 'diagnose_coupling', 'diagnose_flow']
@@ -185,9 +185,7 @@ def flow_coupling(
 ) -> tuple[Tensor, Tensor]:
     """The coupling (Z0, Z1 = Flow(Z0)) a model induces, with any solver spec ("dopri5", "euler:1", ...)."""
 
-    method, steps = parse_solver_spec(solver)
-    res = sample_model(model, x0, method=method, steps=steps, rtol=rtol, atol=atol, batch_size=batch_size)
-    return x0, res.x
+    return x0, sample(model, x0, solver, rtol=rtol, atol=atol, batch_size=batch_size).x
 
 
 @dataclass

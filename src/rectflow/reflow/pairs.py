@@ -39,13 +39,13 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from rectflow.diffusion.specs import parse_spec, sample, spec_label
 from rectflow.engine import distributed
 from rectflow.engine import shards as _shards
 from rectflow.engine.io import load_tensors, save_json, save_tensors, sha256_file
 from rectflow.engine.shards import MANIFEST, ShardLayout, StoreKind, state_dict_sha256
 from rectflow.engine.trainer import step_generator
 from rectflow.errors import CheckpointError, ConfigError, DataError
-from rectflow.flow.sampling import parse_solver_spec, sample_model
 
 __all__ = [
     "PAIRS_FORMAT",
@@ -377,7 +377,7 @@ def generate_pairs(
         raise ConfigError(f"shard size must be an integer >= 1, got {shard_size!r}")
     if solve_batch is not None and (isinstance(solve_batch, bool) or not isinstance(solve_batch, int) or solve_batch < 1):
         raise ConfigError(f"solve batch must be an integer >= 1, got {solve_batch!r}")
-    method, steps = parse_solver_spec(solver)
+    method, steps = parse_spec(solver)
     if method == "dopri5" and not (rtol > 0 and atol >= 0):
         raise ConfigError(f"dopri5 needs rtol > 0 and atol >= 0, got rtol={rtol}, atol={atol}")
     shape = tuple(getattr(source, "shape", None) or (int(source.dim),))
@@ -438,7 +438,7 @@ def _make_shard(model: nn.Module, source: Any, settings: PairSettings, s: int, d
         raise DataError(f"the source drew samples of shape {list(z0.shape[1:])}, expected {list(settings.shape)}")
     parts, nfe = [], 0.0
     for chunk in z0.split(settings.solve_batch):  # memory-bounded solves (settings.solve_batch is part of the content)
-        res = sample_model(model, chunk.to(device), method=method, steps=steps, rtol=rtol, atol=atol)
+        res = sample(model, chunk.to(device), spec_label(method, steps), rtol=rtol, atol=atol)
         parts.append(res.x.float().cpu())
         nfe += res.nfe * chunk.shape[0]
     z1 = torch.cat(parts)

@@ -18,12 +18,13 @@ from typing import Any, Sequence
 
 import yaml
 
+from rectflow.diffusion.specs import parse_spec
 from rectflow.engine.trainer import TrainConfig
 from rectflow.errors import ConfigError
-from rectflow.runs.solvers import check_solver
 
 __all__ = [
     "check_int_range",
+    "read_config_file",
     "ModelConfig",
     "CouplingConfig",
     "TimeConfig",
@@ -235,7 +236,7 @@ def load_config(path: str | Path | Sequence[str | Path] | None, overrides: list[
     paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
     data: dict[str, Any] = {}
     for one in paths:  # a later file's source / target replaces the earlier spec whole (its parameters belong to its distribution)
-        top = _read_config_file(Path(one))
+        top = read_config_file(Path(one))
         data = _merged({k: v for k, v in data.items() if k not in _WHOLE or k not in top}, top)
     data = apply_overrides(_merged(defaults or {}, data), overrides or [])
     return config_from_dict(data)
@@ -244,7 +245,8 @@ def load_config(path: str | Path | Sequence[str | Path] | None, overrides: list[
 _WHOLE = ("source", "target")  # config keys whose value is one spec, replaced whole by a later file, never merged key by key
 
 
-def _read_config_file(p: Path) -> dict[str, Any]:
+def read_config_file(p: Path) -> dict[str, Any]:
+    """A YAML (or JSON) file's top-level mapping, read strictly (a key twice is an error); ConfigError naming the file."""
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
@@ -349,7 +351,7 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"config key 'eval.rtol': must be > 0, got {cfg.eval.rtol}")
 
     for spec in cfg.eval.solvers:
-        check_solver(spec)
+        parse_spec(spec)
     _validate_reflow(cfg)
     cfg.train.validate()
 

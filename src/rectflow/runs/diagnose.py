@@ -17,15 +17,14 @@ from typing import Any, Callable, Sequence
 
 from torch import Tensor
 
+from rectflow.diffusion.specs import parse_spec, sample
 from rectflow.engine.io import load_json
 from rectflow.errors import CheckpointError, DataError
 from rectflow.flow.metrics import wasserstein2
-from rectflow.flow.sampling import parse_solver_spec, sample_model
 from rectflow.reflow.diagnostics import diagnose_coupling, straightness
 from rectflow.runs.evaluation import evaluation_reference, format_table, heldout_samples, save_evaluation
 from rectflow.runs.lineage import as_run, stage_label
 from rectflow.runs.plots import plot_crossings, plot_quality_vs_nfe, plot_stages
-from rectflow.runs.solvers import check_solver, solve_spec
 
 __all__ = ['STAGE_SOLVERS', 'diagnose_runs', 'format_stage_table']
 
@@ -75,7 +74,7 @@ def diagnose_runs(
     if not loaded:
         raise ValueError("diagnose_runs: no runs given")
     for spec in (*solvers, coupling_solver):
-        check_solver(spec)
+        parse_spec(spec)
     first = loaded[0]
     for r in loaded[1:]:
         if r.dim != first.dim:
@@ -109,18 +108,17 @@ def diagnose_runs(
             if one_step and spec != "euler:1":
                 row[f"w2@{spec}"], row[f"nfe@{spec}"] = None, None
                 continue
-            res = solve_spec(model, z0, spec, rtol=run.config.eval.rtol, atol=run.config.eval.atol)
+            res = sample(model, z0, spec, rtol=run.config.eval.rtol, atol=run.config.eval.atol)
             row[f"w2@{spec}"], row[f"nfe@{spec}"] = wasserstein2(res.x.cpu(), x1_ref), res.nfe
             series.setdefault(label, []).append((res.nfe, row[f"w2@{spec}"]))
             if spec == ("euler:1" if one_step else coupling_solver):
                 coupling_x1 = res.x.cpu()
         if coupling_x1 is None:
-            method, steps = parse_solver_spec("euler:1" if one_step else coupling_solver)
-            coupling_x1 = sample_model(model, z0, method=method, steps=steps, rtol=run.config.eval.rtol, atol=run.config.eval.atol).x.cpu()
+            coupling_x1 = sample(model, z0, "euler:1" if one_step else coupling_solver, rtol=run.config.eval.rtol, atol=run.config.eval.atol).x.cpu()
         row["straightness"] = None if one_step else straightness(model, z0, steps=straightness_steps).value
         traj = times = None
         if plots_dir is not None and not one_step and first.dim == 2:
-            res = sample_model(model, z0[:300], method="euler", steps=100, return_trajectory=True)
+            res = sample(model, z0[:300], "euler:100", trajectory=True)
             traj, times = res.trajectory[::2].cpu(), res.times[::2]
         add_coupling(row, label, x0, coupling_x1, traj, times)
         rows.append(row)

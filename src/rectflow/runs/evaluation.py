@@ -11,13 +11,13 @@ from tqdm.auto import tqdm
 
 from rectflow.data import point_file_path
 from rectflow.data.images import to_uint8
+from rectflow.diffusion.specs import parse_spec, sample, spec_label
 from rectflow.engine.io import atomic_path, save_json
 from rectflow.errors import ConfigError
 from rectflow.flow.likelihood import bits_per_dim, dequantize, log_likelihood
 from rectflow.flow.metrics import energy_distance, wasserstein2
-from rectflow.flow.sampling import solver_label
+from rectflow.flow.solvers import METHODS
 from rectflow.runs.experiment import Run
-from rectflow.runs.solvers import check_solver, solve_spec
 
 __all__ = ["evaluate_nll", "evaluate_solvers", "format_table", "heldout_samples", "evaluation_reference", "format_reference", "evaluate_run", "evaluation_record", "save_evaluation"]
 
@@ -40,10 +40,10 @@ def evaluate_solvers(
     rows = []
     specs = list(solvers)
     for spec in tqdm(specs, desc="eval", unit="solver", disable=progress is False or None, leave=False):
-        method, steps = check_solver(spec)
+        method, steps = parse_spec(spec)
         t = time.perf_counter()
-        res = solve_spec(model, x0, spec, rtol=rtol, atol=atol)
-        row: dict[str, Any] = {"solver": solver_label(method, steps), "nfe": res.nfe, "sample_s": time.perf_counter() - t}
+        res = sample(model, x0, spec, rtol=rtol, atol=atol)
+        row: dict[str, Any] = {"solver": spec_label(method, steps), "nfe": res.nfe, "sample_s": time.perf_counter() - t}
         if "w2" in metrics:
             row["w2"] = wasserstein2(res.x, x1_ref)
         if "energy" in metrics:
@@ -164,7 +164,9 @@ def evaluate_nll(run: Run, *, n: int | None = None, estimator: str | None = None
     images = x1.dim() == 4
     g = torch.Generator().manual_seed(seed)
     data = dequantize(to_uint8(x1), generator=g) if images else x1
-    method, steps = check_solver(solver)
+    method, steps = parse_spec(solver)
+    if method not in METHODS:
+        raise ConfigError(f"the likelihood integrates the flow ODE with a flow solver {list(METHODS)}, not {solver!r}")
     res = log_likelihood(run.model, data.to(dev), run.source, method=method, steps=steps, rtol=rtol, atol=atol,
                          estimator=estimator, probes=probes, generator=g)
     nll = -res.log_prob.double().cpu()

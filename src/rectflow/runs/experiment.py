@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from rectflow.data import ObjectDistribution, absolute_spec, as_distribution, make_distribution, point_file_path
+from rectflow.diffusion.specs import parse_spec
 from rectflow.engine.checkpoint import check_model_config, check_run_record, latest_checkpoint, list_checkpoints, load_weights, read_checkpoint
 from rectflow.engine.hardware import hardware_info, resolve_device, resolve_precision
 from rectflow.engine.io import load_json, make_dirs, save_json
@@ -31,7 +32,6 @@ from rectflow.engine.trainer import Trainer
 from rectflow.errors import CheckpointError, ConfigError, DataError
 from rectflow.flow.couplings import IndependentCoupling, MinibatchOTCoupling
 from rectflow.flow.losses import FlowMatchingObjective
-from rectflow.flow.sampling import parse_solver_spec
 from rectflow.flow.time_sampling import make_time_sampler
 from rectflow.images.guidance import ConditionalFlowMatchingObjective, LabelledCoupling
 from rectflow.images.sampling import SampleGridCallback
@@ -63,7 +63,7 @@ def sampling_steps(cfg: ExperimentConfig) -> int:
 def one_step_warning(cfg: ExperimentConfig, solvers: Iterable[str]) -> str | None:
     """For a one-step map asked to be sampled with solver specs (``"euler:4"``, ``"dopri5"``) of
     more than one Euler step: the one-line warning; else None."""
-    more = [s for s in solvers if cfg.reflow.distill and parse_solver_spec(s) != ("euler", 1)]
+    more = [s for s in solvers if cfg.reflow.distill and parse_spec(s) != ("euler", 1)]
     if not more:
         return None
     return (f"this run is a one-step map (distilled: trained on v(x, 0) only), so {', '.join(more)} integrates it at times it never saw; "

@@ -14,8 +14,8 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from rectflow.data.images import ImageDataset
+from rectflow.diffusion.specs import sample
 from rectflow.engine.io import atomic_path, read_jsonl
-from rectflow.flow.sampling import sample_model
 from rectflow.images.guidance import sample_guided
 from rectflow.images.sampling import save_image_grid, save_pair_grid
 from rectflow.runs.evaluation import heldout_samples
@@ -216,7 +216,7 @@ def plot_run(run: Run, *, n: int = 2000, steps: int | None = None) -> list[Path]
     if len(sample_shape(run.source)) == 3:
         return _plot_image_run(run, out, steps)
     x0, x1 = heldout_samples(run, n)
-    res = sample_model(run.model, x0, method="euler", steps=steps, return_trajectory=True)
+    res = sample(run.model, x0, f"euler:{steps}", trajectory=True)
     name = f"{_label(run.config.source)} -> {_label(run.config.target)}"
     paths = [plot_samples(res.x, x1, out / "samples.png", title=f"{name}: Euler {steps} steps")]
     if steps == 1:  # a one-step map (a distilled run): its arrows, no path in t
@@ -238,7 +238,7 @@ def _plot_image_run(run: Run, out: Path, steps: int, n: int = 64) -> list[Path]:
         y = torch.arange(n, device=dev) % run.config.model.num_classes
         res = sample_guided(run.model, x0.to(dev), y, run.config.guidance.scale, method="euler", steps=steps)
     else:
-        res = sample_model(run.model, x0.to(dev), method="euler", steps=steps)
+        res = sample(run.model, x0.to(dev), f"euler:{steps}")
     scale = max(1, 64 // x1.shape[-1])
     paths = [save_image_grid(res.x, out / "samples.png", scale=scale), save_image_grid(x1, out / "data.png", scale=scale)]
 

@@ -1,0 +1,170 @@
+"""One verb for sampling a trained model: ``sample(model, x0, "dpm++2m:10")``.
+
+Every sampler of the library is a *spec*, a name and (for fixed-step samplers) a step count, as users write it in
+configs and on the command line:
+
+==============  ==========================================================  ===========================
+spec            what runs                                                   NFE per sample
+==============  ==========================================================  ===========================
+``euler:N``     the flow ODE, Euler on N uniform steps (theory §3.1)        N
+``midpoint:N``  explicit midpoint (2nd order)                               2N
+``heun:N``      Heun (2nd order)                                            2N
+``rk4:N``       classical Runge-Kutta (4th order)                           4N
+``dopri5``      Dormand-Prince 5(4), adaptive (``rtol`` / ``atol``)         counted
+``dpm++2m:N``   DPM-Solver++(2M) on N uniform steps (theory §6.4)           N
+``dpm++3m:N``   the 3M step that integrates the quadratic exactly (§6.4)    N
+``edm:N``       EDM's Heun on N - 1 Karras sigmas and a last Euler (§6.9)   2N - 1
+``meanflow:N``  the average-velocity map u(z, s, t) in N jumps (§8)         N
+==============  ==========================================================  ===========================
+
+A velocity model on the straight path is a model of the flow-matching schedule (a = t, b = 1 - t) with the
+``velocity`` parameterisation, so the diffusion samplers apply to it unchanged.  ``edm:N`` starts at sigma_max = 80,
+where the state is b(t_0) x0: the data's share a(t_0) = 1/81 is dropped, as EDM does.
+
+:func:`sample` owns what every sampling must do: the model in eval mode and restored after, no autograd graph, a
+non-finite result raised (never returned), batching (``batch_size``), classifier-free guidance (``cond`` with a guidance
+scale: the network runs on cat([cond, null]) and the NFE doubles) and NFE counting.  The module sits in the diffusion
+layer because that is the lowest layer that sees both the flow solvers and the diffusion samplers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import Tensor, nn
+
+from rectflow.diffusion.samplers import dpm_solver_pp_2m, dpm_solver_pp_3m, edm_heun
+from rectflow.diffusion.schedules import FlowMatchingSchedule, karras_sigmas, times_from_sigmas
+from rectflow.errors import ConfigError
+from rectflow.flow.guidance import NULL_LABEL, check_guidance_scale, guidance_nfe, guided_call, map_condition
+from rectflow.flow.meanflow import sample_mean_flow
+from rectflow.flow.sampling import run_sampler
+from rectflow.flow.solvers import SolveResult, concat_results, solve, time_grid
+
+__all__ = ["SPECS", "Spec", "parse_spec", "spec_label", "sample"]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A sampler name: ``min_steps`` None for adaptive samplers (no step count), ``mean_flow`` for models u(z, s, t)."""
+
+    min_steps: int | None
+    description: str
+    mean_flow: bool = False
+
+
+SPECS: dict[str, Spec] = {
+    "euler": Spec(1, "flow ODE, Euler"),
+    "midpoint": Spec(1, "flow ODE, explicit midpoint"),
+    "heun": Spec(1, "flow ODE, Heun"),
+    "rk4": Spec(1, "flow ODE, classical Runge-Kutta"),
+    "dopri5": Spec(None, "flow ODE, adaptive Dormand-Prince 5(4)"),
+    "dpm++2m": Spec(1, "DPM-Solver++(2M) on the flow-matching schedule"),
+    "dpm++3m": Spec(1, "3rd-order multistep DPM-Solver++ step on the flow-matching schedule"),
+    "edm": Spec(2, "EDM's deterministic Heun on Karras sigmas"),
+    "meanflow": Spec(1, "average-velocity (MeanFlow / shortcut) jumps", mean_flow=True),
+}
+
+
+def parse_spec(spec: str) -> tuple[str, int | None]:
+    """``"euler:4"`` -> ("euler", 4); ``"dopri5"`` -> ("dopri5", None).  The library's one spec parser.
+
+    Raises:
+        ConfigError: an unknown name, a missing or non-integer step count, too few steps, or steps given to dopri5.
+    """
+    name, colon, steps = str(spec).partition(":")
+    entry = SPECS.get(name)
+    if entry is None:
+        raise ConfigError(f"solver {spec!r}: unknown sampler {name!r}; choose one of {list(SPECS)} (e.g. euler:4, dopri5, dpm++2m:10)")
+    if entry.min_steps is None:
+        if colon:
+            raise ConfigError(f"solver {spec!r}: {name} is adaptive and takes no step count (set rtol/atol)")
+        return name, None
+    try:
+        n = int(steps)
+    except ValueError:
+        raise ConfigError(f"solver {spec!r}: write {name}:STEPS with an integer number of steps >= {entry.min_steps}") from None
+    if n < entry.min_steps:
+        raise ConfigError(f"solver {spec!r}: {name} steps must be >= {entry.min_steps}, got {n}")
+    return name, n
+
+
+def spec_label(method: str, steps: int | None) -> str:
+    """The spec string of (method, steps): the inverse of :func:`parse_spec`."""
+    return method if steps is None else f"{method}:{steps}"
+
+
+def _run(name: str, steps: int | None, f: Callable[..., Tensor], x: Tensor, *, trajectory: bool, rtol: float, atol: float) -> SolveResult:
+    """One chunk through the sampler ``name`` with the (already guided) network ``f``."""
+    if name == "meanflow":
+        if trajectory:
+            raise ConfigError("meanflow: trajectories are not recorded; use a flow spec (euler:N) for paths")
+        return sample_mean_flow(f, x, steps)
+    if name in ("dpm++2m", "dpm++3m"):
+        solver = dpm_solver_pp_2m if name == "dpm++2m" else dpm_solver_pp_3m
+        return solver(f, x, time_grid(steps), path=FlowMatchingSchedule(), parameterization="velocity", return_trajectory=trajectory)
+    if name == "edm":
+        path = FlowMatchingSchedule()
+        grid = times_from_sigmas(path, karras_sigmas(steps - 1), append_data_end=True)
+        start = float(path.coefficients(grid[:1]).b[0])
+        return edm_heun(f, start * x, grid, path=path, parameterization="velocity", return_trajectory=trajectory)
+    return solve(f, x, method=name, steps=steps, rtol=rtol, atol=atol, return_trajectory=trajectory)
+
+
+def sample(
+    model: nn.Module,
+    x0: Tensor,
+    spec: str = "euler:100",
+    *,
+    cond: Any = None,
+    guidance: float = 1.0,
+    null_cond: Any = NULL_LABEL,
+    batch_size: int | None = None,
+    trajectory: bool = False,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+) -> SolveResult:
+    """Map source samples x0 (B, ...) at t = 0 to t = 1 with the sampler ``spec`` (see the module's table).
+
+    Args:
+        model: ``model(x, t)`` (B, ...) -> (B, ...), or ``model(x, t, cond)`` when ``cond`` is given; ``meanflow:N``
+            takes ``model(x, s, t)``.
+        cond: the batch's conditions (class labels (B,), text embeddings (B, L, D), or a tuple / dict of such), or None.
+        guidance: classifier-free guidance scale w (needs ``cond``): out_null + w (out_cond - out_null); 1 = plain
+            conditional; the network runs once on 2B rows and the NFE doubles.
+        null_cond: what the network reads as "no condition" (class labels: ``NULL_LABEL``; text: the empty prompt's
+            embedding).
+        batch_size: solve in chunks of this many samples (bounds memory; results equal the unchunked solve).
+        trajectory: also return the states at every grid time (K, B, ...) (not for ``dopri5`` over several chunks,
+            nor ``meanflow``).
+        rtol, atol: tolerances of ``dopri5``.
+    Returns:
+        :class:`SolveResult`: ``x`` (B, ...) without an autograd graph, ``nfe`` network evaluations per sample
+        (guidance counted twice), the trajectory when asked for, and the time grid.
+    Raises:
+        ConfigError: a bad spec, guidance without ``cond``, or a batch size < 1.
+        FloatingPointError: the samples are not finite.
+    """
+    name, steps = parse_spec(spec)
+    w = check_guidance_scale(guidance)
+    if cond is None and w != 1.0:
+        raise ConfigError(f"guidance scale {w} needs conditions (cond=...): an unconditional model has nothing to guide")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if cond is not None and SPECS[name].mean_flow:
+        raise ConfigError("meanflow: conditional average-velocity models are not supported; sample them unconditionally")
+
+    def chunk_result(x: Tensor, c: Any) -> SolveResult:
+        f = model if c is None else (lambda z, t: guided_call(model, z, t, c, null_cond, w))
+        res = _run(name, steps, f, x, trajectory=trajectory, rtol=rtol, atol=atol)
+        return res if c is None else res._replace(nfe=res.nfe * guidance_nfe(w))
+
+    def run() -> SolveResult:
+        if batch_size is None or batch_size >= x0.shape[0]:
+            return chunk_result(x0, cond)
+        return concat_results([chunk_result(x0[i:i + batch_size], None if cond is None else map_condition(lambda c: c[i:i + batch_size], cond))
+                               for i in range(0, x0.shape[0], batch_size)])
+
+    return run_sampler(model, run, spec)
+
