@@ -17,15 +17,10 @@ from rectflow.flow.solvers import euler
 diffusers = pytest.importorskip("diffusers")
 
 from rectflow import perflow
-from rectflow.perflow.diffusers_io import (
-    SD3TransformerAdapter,
-    export_student,
-    flow_match_scheduler_config,
-    load_student,
-    load_teacher,
-    schedule_from_config,
-)
+from rectflow.perflow.adapters import SD3TransformerAdapter
+from rectflow.perflow.diffusers_io import export_student, load_student, load_teacher
 from rectflow.perflow.diffusers_scheduler import PeRFlowScheduler, step_grid
+from rectflow.perflow.scheduler_config import flow_match_scheduler_config, schedule_from_config
 
 torch.set_num_threads(1)
 

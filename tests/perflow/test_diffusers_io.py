@@ -13,8 +13,9 @@ diffusers = pytest.importorskip("diffusers")
 from rectflow import perflow  # noqa: E402
 from rectflow.engine.trainer import TrainConfig, Trainer  # noqa: E402
 from rectflow.flow.solvers import euler  # noqa: E402
-from rectflow.perflow.diffusers_io import export_student, load_student, load_teacher, schedule_from_config  # noqa: E402
+from rectflow.perflow.diffusers_io import export_student, load_student, load_teacher  # noqa: E402
 from rectflow.perflow.diffusers_scheduler import PeRFlowScheduler, step_grid  # noqa: E402
+from rectflow.perflow.scheduler_config import schedule_from_config  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from rectflow import perflow
-from rectflow.perflow.diffusers_io import TextUNetAdapter
+from rectflow.perflow.adapters import TextUNetAdapter
 from rectflow.perflow.diffusers_scheduler import PeRFlowScheduler
 from rectflow.perflow.latent import export_pipeline
 from rectflow.perflow.lora import LORA_WEIGHT_NAME, apply_lora, load_lora, lora_factors, lora_state_dict, save_lora

@@ -408,6 +408,6 @@ def test_model_cards_name_the_folder_and_say_how_it_loads(tmp_path, tiny_pipelin
 
 
 def test_the_standalone_scheduler_and_the_exporter_agree_on_the_teacher_keys():
-    from rectflow.perflow import diffusers_io, scheduling_perflow
+    from rectflow.perflow import scheduler_config, scheduling_perflow
 
-    assert scheduling_perflow.TEACHER_SAMPLER_KEYS == diffusers_io.TEACHER_SAMPLER_KEYS
+    assert scheduling_perflow.TEACHER_SAMPLER_KEYS == scheduler_config.TEACHER_SAMPLER_KEYS

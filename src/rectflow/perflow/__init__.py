@@ -24,7 +24,8 @@ Rectflow time t: 0 = noise, 1 = data (diffusion time s = 1 - t, see :mod:`rectfl
   :class:`~rectflow.flow.solvers.SolveResult` with the NFE.
 """
 
-from rectflow.perflow import delta, diffusers_io, latent, latent_cache, lora, objective, student, teacher, windows  # noqa: F401 (latent text-to-image pipelines; diffusers imported lazily)
+from rectflow.perflow import adapters, delta, diffusers_io, latent, latent_cache, lora, objective, scheduler_config, student, teacher, windows  # noqa: F401 (latent text-to-image pipelines; diffusers imported lazily)
+from rectflow.perflow.adapters import *  # noqa: F403 (re-exports adapters.__all__)
 from rectflow.perflow.delta import *  # noqa: F403 (re-exports delta.__all__)
 from rectflow.perflow.diffusers_io import *  # noqa: F403 (re-exports diffusers_io.__all__)
 from rectflow.perflow.guidance import GUIDANCE_MODES, Guidance, LabelledData, guidance_plan  # noqa: F401 (classifier-free guidance, theory §5.5)
@@ -32,8 +33,9 @@ from rectflow.perflow.latent import LatentPipeline, export_pipeline, load_pipeli
 from rectflow.perflow.latent_cache import LatentCache, LatentCacheData, build_latent_cache  # noqa: F401
 from rectflow.perflow.lora import apply_lora, lora_state_dict, save_lora  # noqa: F401
 from rectflow.perflow.objective import *  # noqa: F403 (re-exports objective.__all__)
+from rectflow.perflow.scheduler_config import *  # noqa: F403 (re-exports scheduler_config.__all__)
 from rectflow.perflow.student import *  # noqa: F403 (re-exports student.__all__)
 from rectflow.perflow.teacher import *  # noqa: F403 (re-exports teacher.__all__)
 from rectflow.perflow.windows import *  # noqa: F403 (re-exports windows.__all__)
 
-__all__ = [*windows.__all__, *teacher.__all__, *student.__all__, *objective.__all__, *delta.__all__, *diffusers_io.__all__]
+__all__ = [*windows.__all__, *teacher.__all__, *student.__all__, *objective.__all__, *delta.__all__, *adapters.__all__, *scheduler_config.__all__, *diffusers_io.__all__]

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from rectflow.perflow import scheduling_perflow
-from rectflow.perflow.diffusers_io import step_grid  # re-exported: defined where no diffusers import is needed
+from rectflow.perflow.scheduler_config import step_grid  # re-exported: defined where no diffusers import is needed
 from rectflow.perflow.scheduling_perflow import OFFICIAL_PREDICTIONS, PeRFlowScheduler, PeRFlowSchedulerOutput
 
 __all__ = ["PeRFlowScheduler", "PeRFlowSchedulerOutput", "OFFICIAL_PREDICTIONS", "SCHEDULER_FILE", "SCHEDULER_ENTRY", "step_grid"]

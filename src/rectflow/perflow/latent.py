@@ -7,11 +7,11 @@ A pipeline folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
 ``unet/``, both CLIP pairs and optionally the T5 pair ``text_encoder_3/``, ``tokenizer_3/``) becomes a
 :class:`LatentPipeline`:
 
-* the teacher: ``UNet2DConditionModel`` behind :class:`~rectflow.perflow.diffusers_io.TextUNetAdapter`,
+* the teacher: ``UNet2DConditionModel`` behind :class:`~rectflow.perflow.adapters.TextUNetAdapter`,
   the scheduler config turned into an affine path + parameterisation by
-  :func:`~rectflow.perflow.diffusers_io.schedule_from_config` (the one place), and rectflow time t
+  :func:`~rectflow.perflow.scheduler_config.schedule_from_config` (the one place), and rectflow time t
   mapped to the UNet's step index n = N (1 - t) - 1 (SD3: ``SD3Transformer2DModel`` behind
-  :class:`~rectflow.perflow.diffusers_io.SD3TransformerAdapter` on the flow-matching line, kind u,
+  :class:`~rectflow.perflow.adapters.SD3TransformerAdapter` on the flow-matching line, kind u,
   time input sigma N = N (1 - t));
 * the VAE: images (B, 3, H, W) in [-1, 1] <-> latents (B, C, H/f, W/f) scaled as the pipeline scales
   them, z = (mean - shift_factor) * scaling_factor (``shift_factor`` 0 when the VAE has none);
@@ -26,7 +26,7 @@ side and text_encoder_2's projected ``text_embeds``, as ``StableDiffusionXLPipel
 makes them; the null condition is the stock pipeline's for an empty negative prompt (zeros when the
 folder's ``force_zeros_for_empty_prompt`` is true, its default, else the empty prompt's pair).  SDXL's
 size conditioning (original size, crop (0, 0), target size) is not part of the condition: the
-adapter makes it from the latents' size (:func:`~rectflow.perflow.diffusers_io.size_time_ids`), as
+adapter makes it from the latents' size (:func:`~rectflow.perflow.adapters.size_time_ids`), as
 the stock pipeline does at a given height and width, so a latent cache stores hidden + pooled only.
 SD3 (``StableDiffusion3Pipeline``): the pair (hidden (B, 77 + 256, D), pooled (B, P1 + P2)) of its
 ``encode_prompt``: both CLIPs' penultimate hidden states side by side, zero-padded to the
@@ -64,20 +64,10 @@ from torch import Tensor, nn
 from rectflow.engine.io import load_json, save_json
 from rectflow.engine.shards import state_dict_sha256
 from rectflow.errors import CheckpointError, ConfigError, DataError
-from rectflow.perflow.diffusers_io import (
-    PERFLOW_SCHEDULER_ENTRY,
-    SD3TransformerAdapter,
-    TextUNetAdapter,
-    cfg_is_flow,
-    load_diffusers_model,
-    optional_transformers,
-    schedule_from_config,
-    schedule_from_file,
-    staged_export,
-    stock_scheduler_config,
-    write_student_parts,
-)
+from rectflow.perflow.adapters import SD3TransformerAdapter, TextUNetAdapter, optional_transformers
+from rectflow.perflow.diffusers_io import load_diffusers_model, staged_export, write_student_parts
 from rectflow.perflow.model_card import write_model_card
+from rectflow.perflow.scheduler_config import PERFLOW_SCHEDULER_ENTRY, cfg_is_flow, schedule_from_config, schedule_from_file, stock_scheduler_config
 from rectflow.perflow.student import PeRFlowStudent
 from rectflow.perflow.teacher import Teacher
 

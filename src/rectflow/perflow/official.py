@@ -30,8 +30,9 @@ from torch import Tensor, nn
 
 from rectflow.engine.io import load_tensors, make_dirs, save_json, save_tensors
 from rectflow.errors import CheckpointError, ConfigError
+from rectflow.perflow.adapters import unwrap_unet
 from rectflow.perflow.delta import weight_delta
-from rectflow.perflow.diffusers_io import cfg_is_flow, teacher_schedule_keys, unwrap_unet
+from rectflow.perflow.scheduler_config import cfg_is_flow, teacher_schedule_keys
 
 __all__ = ["OFFICIAL_DELTA_FILE", "official_scheduler_config", "save_official_delta", "load_official_delta"]
 

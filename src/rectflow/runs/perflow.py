@@ -49,8 +49,9 @@ from rectflow.flow.guidance import guidance_nfe, map_condition
 from rectflow.flow.paths import LinearPath
 from rectflow.flow.solvers import euler
 from rectflow.images.sampling import save_image_grid
+from rectflow.perflow.adapters import unwrap_unet
 from rectflow.perflow.delta import save_delta
-from rectflow.perflow.diffusers_io import export_student, load_teacher, step_grid, unwrap_unet, verify_export_files
+from rectflow.perflow.diffusers_io import export_student, load_teacher, verify_export_files
 from rectflow.perflow.guidance import LabelledData, as_guidance, guidance_plan
 from rectflow.perflow.latent import LatentPipeline, export_pipeline, load_pipeline
 from rectflow.perflow.latent_cache import LatentCacheData, build_latent_cache, check_caption_lengths, read_captions
@@ -58,6 +59,7 @@ from rectflow.perflow.lora import apply_lora, save_lora
 from rectflow.perflow.model_card import write_model_card
 from rectflow.perflow.objective import LOSS_SPACES, PeRFlowObjective
 from rectflow.perflow.official import save_official_delta
+from rectflow.perflow.scheduler_config import step_grid
 from rectflow.perflow.student import PeRFlowStudent, sample_perflow
 from rectflow.perflow.teacher import Teacher
 from rectflow.perflow.windows import make_windows, window_grid
