@@ -164,6 +164,7 @@ class Bench(PhasedBench):
                 self.phase(f"{name}-s{seed}-distill", lambda s=seed, p2=p2: self.train(self.child(self.run_dir(name, "2rf", s), p2, True),
                                                                                      self.run_dir(name, "distill", s), a.budget_distill))
                 self.phase(f"{name}-s{seed}-eval", lambda s=seed: self.evaluate((src, tgt), s))
+                self.write()  # the table so far: each finished (pair, seed) lands as it is measured
         self.write()
 
     def write(self) -> None:
@@ -213,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--classes", nargs="+", default=["cat:dog", "automobile:truck"], help="source:target class pairs")
     ap.add_argument("--override", action="append", default=[])
+    ap.add_argument("--report-only", action="store_true", help="write the report from the finished phases; run nothing")
     a = ap.parse_args(argv)
     a.pairs_of_classes = [tuple(c.split(":")) for c in a.classes]
     if a.smoke:
@@ -221,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         a.override += ["model.channels=32", "model.channel_mult=[1,2]", "train.log_every=5", "train.ckpt_every=10", "eval.n_samples=64"]
         a.name, a.out = a.name + "_smoke", a.work / "results"
     torch.set_num_threads(a.threads)
+    if a.report_only:
+        Bench(a).write()
+        return 0
     Bench(a).run()
     return 0
 

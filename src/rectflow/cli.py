@@ -213,23 +213,30 @@ def _apply_perflow_config(args: argparse.Namespace) -> None:
     for a in parser._actions:  # which options the command line gave: parse it again with every default suppressed
         a.default = argparse.SUPPRESS
     given, _ = parser.parse_known_args(args.argv[1:])
-    layers: list[tuple[str, dict[str, Any]]] = [(str(f), read_config_file(Path(f))) for f in args.config]
-    over: dict[str, Any] = {}
-    for item in args.overrides:
+    layers: list[tuple[str, list[tuple[Any, Any]]]] = [(str(f), list(read_config_file(Path(f)).items())) for f in args.config]
+    over = []
+    for item in args.overrides:  # text as the flag would take it; numbers and true / false as YAML reads them
         key, _, raw = item.partition("=")
+        action = options.get(key.strip().replace("-", "_"))
+        textual = action is not None and action.type is None and not isinstance(action, argparse._StoreTrueAction)
         try:
-            over[key.strip()] = yaml.safe_load(raw) if raw else ""
+            over.append((key.strip(), raw if textual else yaml.safe_load(raw) if raw else ""))
         except yaml.YAMLError:
-            over[key.strip()] = raw
+            over.append((key.strip(), raw))
     layers.append(("the command line", over))
+    appended: set[str] = set()  # options like --prompt: repeated overrides add up, as the flag does
     for where, values in layers:
-        for key, value in values.items():
+        for key, value in values:
             dest = str(key).replace("-", "_")
             if dest not in options:
                 raise ConfigError(f"{where}: unknown key {key!r}; the keys are rectflow perflow's options: {', '.join(sorted(options))}")
             if where != "the command line" and dest in vars(given):
                 continue  # the command line wins over a file
-            setattr(args, dest, _option_value(options[dest], value, f"{where}: key {key!r}"))
+            value = _option_value(options[dest], value, f"{where}: key {key!r}")
+            if where == "the command line" and isinstance(options[dest], argparse._AppendAction):
+                value = [*(getattr(args, dest) if dest in appended else []), *value]
+                appended.add(dest)
+            setattr(args, dest, value)
 
 
 def _option_value(action: argparse.Action, value: Any, where: str) -> Any:
@@ -245,6 +252,11 @@ def _option_value(action: argparse.Action, value: Any, where: str) -> Any:
         if not isinstance(items, list) or not items or not all(isinstance(v, str) for v in items):
             raise ConfigError(f"{where} must be a string or a list of strings, got {value!r}")
         return list(items)
+    if action.type in (int, float) and isinstance(value, str):  # as the flag parses its text (YAML reads 1e-4 as a string)
+        try:
+            value = action.type(value)
+        except ValueError:
+            pass
     if action.type is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where} must be an integer, got {value!r}")

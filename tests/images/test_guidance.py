@@ -235,3 +235,26 @@ def test_a_guidance_scale_that_is_not_finite_is_refused():
     net = UNetVelocity(1, 8, channels=8, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(), head_channels=8, num_classes=3)
     with pytest.raises(ConfigError, match="finite"):
         GuidedVelocity(net, torch.zeros(2, dtype=torch.long), float("nan"))
+
+
+def test_guided_sampling_passes_labels_by_keyword_so_wrappers_with_kwargs_work():
+    """Review finding: sample_guided / sample_images called model(x, t, y) positionally after the refactor, which breaks
+    wrappers whose forward is (x, t, **kwargs) (ConvertedModel, EDMPreconditioned); labels go in as y=, as before."""
+    from rectflow.diffusion.parameterizations import ConvertedModel
+    from rectflow.diffusion.schedules import FlowMatchingSchedule
+    from rectflow.images.sampling import sample_images
+
+    m = ToyConditional()
+    wrapped = ConvertedModel(m, FlowMatchingSchedule(), "velocity", "velocity")
+    x, y = torch.randn(4, 2, generator=gen()), torch.tensor([0, 1, 2, 0])
+    res = sample_guided(wrapped, x, y, 2.0, method="dopri5", rtol=1e-6, atol=1e-6)
+    ref = sample_guided(m, x, y, 2.0, method="dopri5", rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(res.x, ref.x)
+
+    class Source:
+        def sample(self, n, generator=None, device=None):
+            return torch.randn(n, 2, generator=generator)
+
+    wrapped.num_classes = m.num_classes
+    images, _ = sample_images(wrapped, Source(), 4, method="dopri5", labels=y, guidance=2.0, device="cpu")
+    assert images.shape == (4, 2) and torch.isfinite(images).all()

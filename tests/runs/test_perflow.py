@@ -176,7 +176,8 @@ def test_cli_perflow_config_file_equals_the_flags_and_the_command_line_wins(imag
 @pytest.mark.parametrize("text, says", [("windos: 2\n", "unknown key 'windos'"), ("windows: two\n", "key 'windows' must be an integer"),
                                         ("spacing: cubic\n", "key 'spacing' must be one of"), ("compile: 1\n", "key 'compile' must be true or false"),
                                         ("guidance: [1]\n", "key 'guidance' must be a number"), ("out: x\n", "unknown key 'out'"),
-                                        ("windows: 2\nwindows: 3\n", "appears twice"), ("- 1\n", "top level must be a mapping")])
+                                        ("windows: 2\nwindows: 3\n", "appears twice"), ("- 1\n", "top level must be a mapping"),
+                                        ("[a]: 1\n", "is not a name"), ("lr: fast\n", "key 'lr' must be a number")])
 def test_cli_perflow_config_refuses_bad_keys_in_one_line(image_run, tmp_path, capsys, text, says):
     cfg = tmp_path / "job.yaml"
     cfg.write_text(text)
@@ -186,6 +187,28 @@ def test_cli_perflow_config_refuses_bad_keys_in_one_line(image_run, tmp_path, ca
     assert main(["perflow", str(image_run), "--out", str(tmp_path / "o"), "windows=x"]) == 2
     assert "the command line: key 'windows' must be an integer" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_perflow_config_reads_values_as_the_flags_would():
+    """Review findings: 1e-4 (a string to YAML 1.1) is a number; an override of a string option keeps its text (prompt=yes
+    is the prompt 'yes'); repeated --prompt-like overrides add up as --prompt does; a flag given as --opt=value wins too."""
+    from rectflow.cli import _apply_perflow_config, build_parser
+
+    def apply(argv):
+        args, extra = build_parser().parse_known_args(argv)
+        args.overrides, args.argv = [*args.overrides, *extra], argv
+        _apply_perflow_config(args)
+        return args
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        cfg = Path(d) / "job.yaml"
+        cfg.write_text("lr: 1e-4\nema: 1e-3\nwindows: 6\nprompt: a cat\n")
+        args = apply(["perflow", "T", "--out", "O", "-c", str(cfg), "prompt=yes", "prompt=a dog: portrait", "--windows=5", "steps=1000"])
+    assert args.lr == 1e-4 and args.ema == 1e-3 and args.windows == 5
+    assert args.prompt == ["yes", "a dog: portrait"]  # overrides replace the file's prompts and add up among themselves
+    assert args.steps == 1000
 
 
 def test_on_disk_format_names_never_change():

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from rectflow.diffusion.samplers import dpm_solver_pp_2m, dpm_solver_pp_3m, edm_heun
 from rectflow.diffusion.schedules import FlowMatchingSchedule, karras_sigmas, times_from_sigmas
 from rectflow.errors import ConfigError
-from rectflow.flow.guidance import NULL_LABEL, check_guidance_scale, guidance_nfe, guided_call, map_condition
+from rectflow.flow.guidance import NULL_LABEL, check_guidance_scale, condition_batch, guidance_nfe, guided_call, map_condition, null_condition
 from rectflow.flow.meanflow import sample_mean_flow
 from rectflow.flow.sampling import run_sampler
 from rectflow.flow.solvers import SolveResult, concat_results, solve, time_grid
@@ -67,26 +67,35 @@ SPECS: dict[str, Spec] = {
 }
 
 
-def parse_spec(spec: str) -> tuple[str, int | None]:
+MAX_STEPS = 1_000_000  # a step count beyond this is a typo, not a sampler setting
+
+
+def parse_spec(spec: str, *, mean_flow: bool = False) -> tuple[str, int | None]:
     """``"euler:4"`` -> ("euler", 4); ``"dopri5"`` -> ("dopri5", None).  The library's one spec parser.
 
+    ``mean_flow``: the model is an average-velocity model u(z, s, t) (MeanFlow, shortcut), sampled by ``meanflow:N``
+    only; else a velocity model v(x, t), which every other spec samples.
+
     Raises:
-        ConfigError: an unknown name, a missing or non-integer step count, too few steps, or steps given to dopri5.
+        ConfigError: an unknown name, a spec of the other kind of model, a missing or non-integer step count, too few
+        or too many steps, or steps given to dopri5.
     """
     name, colon, steps = str(spec).partition(":")
     entry = SPECS.get(name)
     if entry is None:
         raise ConfigError(f"solver {spec!r}: unknown sampler {name!r}; choose one of {list(SPECS)} (e.g. euler:4, dopri5, dpm++2m:10)")
+    if entry.mean_flow != mean_flow:
+        raise ConfigError(f"solver {spec!r}: meanflow:N samples average-velocity models u(z, s, t) and the other samplers velocity models "
+                          f"v(x, t); this one is {'an average-velocity' if mean_flow else 'a velocity'} model")
     if entry.min_steps is None:
         if colon:
             raise ConfigError(f"solver {spec!r}: {name} is adaptive and takes no step count (set rtol/atol)")
         return name, None
-    try:
-        n = int(steps)
-    except ValueError:
-        raise ConfigError(f"solver {spec!r}: write {name}:STEPS with an integer number of steps >= {entry.min_steps}") from None
-    if n < entry.min_steps:
-        raise ConfigError(f"solver {spec!r}: {name} steps must be >= {entry.min_steps}, got {n}")
+    if not steps.isascii() or not steps.isdigit():
+        raise ConfigError(f"solver {spec!r}: write {name}:STEPS with an integer number of steps >= {entry.min_steps}")
+    n = int(steps)
+    if not entry.min_steps <= n <= MAX_STEPS:
+        raise ConfigError(f"solver {spec!r}: {name} steps must be >= {entry.min_steps} (and at most {MAX_STEPS:,}), got {n}")
     return name, n
 
 
@@ -124,6 +133,7 @@ def sample(
     trajectory: bool = False,
     rtol: float = 1e-5,
     atol: float = 1e-5,
+    mean_flow: bool = False,
 ) -> SolveResult:
     """Map source samples x0 (B, ...) at t = 0 to t = 1 with the sampler ``spec`` (see the module's table).
 
@@ -139,6 +149,7 @@ def sample(
         trajectory: also return the states at every grid time (K, B, ...) (not for ``dopri5`` over several chunks,
             nor ``meanflow``).
         rtol, atol: tolerances of ``dopri5``.
+        mean_flow: ``model`` is an average-velocity model u(z, s, t), sampled by ``meanflow:N`` (see :func:`parse_spec`).
     Returns:
         :class:`SolveResult`: ``x`` (B, ...) without an autograd graph, ``nfe`` network evaluations per sample
         (guidance counted twice), the trajectory when asked for, and the time grid.
@@ -146,25 +157,35 @@ def sample(
         ConfigError: a bad spec, guidance without ``cond``, or a batch size < 1.
         FloatingPointError: the samples are not finite.
     """
-    name, steps = parse_spec(spec)
+    name, steps = parse_spec(spec, mean_flow=mean_flow)
     w = check_guidance_scale(guidance)
+    b = x0.shape[0]
     if cond is None and w != 1.0:
         raise ConfigError(f"guidance scale {w} needs conditions (cond=...): an unconditional model has nothing to guide")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if cond is not None and SPECS[name].mean_flow:
+    chunked = batch_size is not None and batch_size < b
+    if cond is not None and mean_flow:
         raise ConfigError("meanflow: conditional average-velocity models are not supported; sample them unconditionally")
+    if cond is not None and condition_batch(cond) != b:
+        raise ConfigError(f"cond has {condition_batch(cond)} rows for {b} samples: give one condition per sample")
+    if trajectory and chunked and name == "dopri5":
+        raise ConfigError("dopri5 with a trajectory cannot be batched (each chunk stops at its own times); drop batch_size or the trajectory")
+    null = null_condition(cond, null_cond) if cond is not None and w != 1.0 else null_cond  # full batch: a per-row null is split with cond
 
-    def chunk_result(x: Tensor, c: Any) -> SolveResult:
-        f = model if c is None else (lambda z, t: guided_call(model, z, t, c, null_cond, w))
+    def chunk_result(x: Tensor, c: Any, n: Any) -> SolveResult:
+        f = model if c is None else (lambda z, t: guided_call(model, z, t, c, n, w))
         res = _run(name, steps, f, x, trajectory=trajectory, rtol=rtol, atol=atol)
         return res if c is None else res._replace(nfe=res.nfe * guidance_nfe(w))
 
+    def rows(c: Any, i: int) -> Any:
+        return c if c is None or not isinstance(c, (Tensor, tuple, list, dict)) else map_condition(lambda part: part[i:i + batch_size], c)
+
     def run() -> SolveResult:
-        if batch_size is None or batch_size >= x0.shape[0]:
-            return chunk_result(x0, cond)
-        return concat_results([chunk_result(x0[i:i + batch_size], None if cond is None else map_condition(lambda c: c[i:i + batch_size], cond))
-                               for i in range(0, x0.shape[0], batch_size)])
+        if not chunked:
+            return chunk_result(x0, cond, null)
+        return concat_results([chunk_result(x0[i:i + batch_size], rows(cond, i), rows(null, i) if cond is not None and w != 1.0 else null)
+                               for i in range(0, b, batch_size)])
 
     return run_sampler(model, run, spec)
 

@@ -31,7 +31,7 @@ from torch import Tensor
 from rectflow.errors import ConfigError
 from rectflow.models.class_embedding import NULL_LABEL
 
-__all__ = ["NULL_LABEL", "check_guidance_scale", "concat_conditions", "drop_conditions", "guidance_nfe", "guided_call", "map_condition", "null_condition"]
+__all__ = ["NULL_LABEL", "check_guidance_scale", "concat_conditions", "condition_batch", "drop_conditions", "guidance_nfe", "guided_call", "map_condition", "null_condition"]
 
 
 def check_guidance_scale(scale: float) -> float:
@@ -50,13 +50,14 @@ def guidance_nfe(scale: float) -> int:
     return 1 if float(scale) in (0.0, 1.0) else 2
 
 
-def _batch_of(cond: Any) -> int:
+def condition_batch(cond: Any) -> int:
+    """The batch size of a condition (a tensor, or a tuple / list / dict of tensors): its first tensor's first dimension."""
     if isinstance(cond, Tensor):
         return cond.shape[0]
     if isinstance(cond, dict):
-        return _batch_of(next(iter(cond.values())))
+        return condition_batch(next(iter(cond.values())))
     if isinstance(cond, (tuple, list)):
-        return _batch_of(cond[0])
+        return condition_batch(cond[0])
     raise ConfigError(f"a condition must be a tensor (or a tuple / list / dict of tensors), got {type(cond).__name__}")
 
 
@@ -119,7 +120,7 @@ def drop_conditions(cond: Any, null_cond: Any, p_uncond: float, generator: torch
     not depend on p).  Returns ``cond``'s structure, batch B."""
     if not 0.0 <= p_uncond <= 1.0:
         raise ConfigError(f"condition dropout p_uncond must lie in [0, 1], got {p_uncond}")
-    b = _batch_of(cond)
+    b = condition_batch(cond)
     first = cond
     while not isinstance(first, Tensor):
         first = next(iter(first.values())) if isinstance(first, dict) else first[0]

@@ -48,6 +48,7 @@ __all__ = [
     "ConditionalFlowBatch",
     "ConditionalFlowMatchingObjective",
     "GuidedVelocity",
+    "LabelConditioned",
     "sample_guided",
 ]
 
@@ -175,6 +176,18 @@ class GuidedVelocity(nn.Module):
         return self.model(x, t, y=y)
 
 
+class LabelConditioned(nn.Module):
+    """``model(x, t, y=y)`` as ``net(x, t, y)``: class labels go to a class-conditional network by keyword, as
+    :class:`GuidedVelocity` passes them, so wrappers whose forward is ``(x, t, **kwargs)`` receive them too."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        return self.model(x, t, y=y)
+
+
 def sample_guided(
     model: nn.Module,
     x0: Tensor,
@@ -194,5 +207,5 @@ def sample_guided(
     if y.shape != (x0.shape[0],):
         raise DataError(f"{x0.shape[0]} samples but labels of shape {tuple(y.shape)}; give one label per sample")
     spec = spec_label(method, None if method == "dopri5" else steps)
-    return sample(model, x0, spec, cond=y.long().to(x0.device), guidance=scale, null_cond=NULL_LABEL, batch_size=batch_size,
+    return sample(LabelConditioned(model), x0, spec, cond=y.long().to(x0.device), guidance=scale, null_cond=NULL_LABEL, batch_size=batch_size,
                   trajectory=return_trajectory, rtol=rtol, atol=atol)

@@ -28,7 +28,7 @@ from rectflow.engine.io import atomic_path
 from rectflow.engine.trainer import step_generator
 from rectflow.errors import ConfigError
 from rectflow.flow.solvers import FIXED_STEP_METHODS, check_grid, rk_step, time_grid
-from rectflow.images.guidance import GuidedVelocity
+from rectflow.images.guidance import GuidedVelocity, LabelConditioned
 
 __all__ = [
     "FixedStepSampler",
@@ -185,7 +185,8 @@ def sample_images(
                 sampler = FixedStepSampler(f, method, steps)
                 x1, k = sampler(xb), sampler.nfe * getattr(f, "nfe_per_eval", 1)
             else:  # dopri5 and the diffusion samplers: the library's one sampling verb
-                res = sample(model, xb, spec, cond=yb, guidance=guidance if yb is not None else 1.0, rtol=rtol, atol=atol)
+                net = model if yb is None else LabelConditioned(model)
+                res = sample(net, xb, spec, cond=yb, guidance=guidance if yb is not None else 1.0, rtol=rtol, atol=atol)
                 x1, k = res.x, res.nfe
             nfe = max(nfe, k)
             if not bool(torch.isfinite(x1).all()):

@@ -378,6 +378,9 @@ def generate_pairs(
     if solve_batch is not None and (isinstance(solve_batch, bool) or not isinstance(solve_batch, int) or solve_batch < 1):
         raise ConfigError(f"solve batch must be an integer >= 1, got {solve_batch!r}")
     method, steps = parse_spec(solver)
+    if method == "edm":
+        raise ConfigError(f"pairs: {solver} starts at sigma_max = 80 from b(t_0) x0, not from x0, so the stored pair (x0, x1) would not be the "
+                          "flow's coupling; use dopri5, euler:N, rk4:N or dpm++2m:N")
     if method == "dopri5" and not (rtol > 0 and atol >= 0):
         raise ConfigError(f"dopri5 needs rtol > 0 and atol >= 0, got rtol={rtol}, atol={atol}")
     shape = tuple(getattr(source, "shape", None) or (int(source.dim),))

@@ -281,6 +281,8 @@ class _StrictLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                raise ConfigError(f"key {key!r} (line {line}) is not a name: config keys are plain words")
             if key in seen:
                 raise ConfigError(f"key {key!r} appears twice in one mapping (lines {seen[key]} and {line}); merge them")
             seen[key] = line

@@ -157,6 +157,9 @@ def evaluate_nll(run: Run, *, n: int | None = None, estimator: str | None = None
     """
     if run.config.reflow.distill:
         raise ConfigError(f"{run.path} is a distillation run (a one-step map, not an invertible flow): it has no likelihood")
+    method, steps = parse_spec(solver)
+    if method not in METHODS:  # checked before any data is drawn
+        raise ConfigError(f"the likelihood integrates the flow ODE with a flow solver {list(METHODS)}, not {solver!r}")
     _, x1 = heldout_samples(run, n)
     d = x1[0].numel()
     estimator = estimator or ("exact" if d <= 16 else "hutchinson")
@@ -164,9 +167,6 @@ def evaluate_nll(run: Run, *, n: int | None = None, estimator: str | None = None
     images = x1.dim() == 4
     g = torch.Generator().manual_seed(seed)
     data = dequantize(to_uint8(x1), generator=g) if images else x1
-    method, steps = parse_spec(solver)
-    if method not in METHODS:
-        raise ConfigError(f"the likelihood integrates the flow ODE with a flow solver {list(METHODS)}, not {solver!r}")
     res = log_likelihood(run.model, data.to(dev), run.source, method=method, steps=steps, rtol=rtol, atol=atol,
                          estimator=estimator, probes=probes, generator=g)
     nll = -res.log_prob.double().cpu()
