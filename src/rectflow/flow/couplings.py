@@ -1,9 +1,9 @@
-"""Couplings: how training pairs (X0, X1) with X0 ~ pi0, X1 ~ pi1 are drawn (theory §2 and 4).
+"""Couplings: how training pairs (X0, X1) with X0 ~ pi0, X1 ~ pi1 are drawn (theory §2.3, §4.1).
 
 A coupling is any object with ``sample(n, generator=..., device=...) -> (x0, x1)`` and a bool attribute
 ``heavy`` (the :class:`Coupling` protocol; ``heavy = False`` unless a draw is CPU-heavy).
 Rectified flow accepts any coupling; the only difference between 1-RF and 2-RF is the
-coupling (theory §4).  This module holds
+coupling (theory §4.1).  This module holds
 
 * :class:`IndependentCoupling`: X0 and X1 drawn independently (the paper's default);
 * :class:`MinibatchOTCoupling`: draw independent batches, then re-pair them by the exact

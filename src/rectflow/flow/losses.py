@@ -1,4 +1,4 @@
-"""The rectified-flow regression loss (theory §2).
+"""The rectified-flow regression loss (theory §2.2).
 
     min_v  E_{t, (X0, X1)} w(t) || dX_t/dt - v(X_t, t) ||^2,   with dX_t/dt = X1 - X0 on the linear path.
 """

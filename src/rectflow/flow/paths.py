@@ -1,8 +1,8 @@
 """Probability paths X_t between a source sample X0 (t = 0) and a target sample X1 (t = 1).
 
 Every path here is affine in (X0, X1):  X_t = a(t) X1 + b(t) X0,  with target velocity
-dX_t/dt = a'(t) X1 + b'(t) X0.  Rectified flow (theory §2) is the straight line
-a = t, b = 1 - t; the diffusion / Gaussian-flow-matching paths of theory §6 are
+dX_t/dt = a'(t) X1 + b'(t) X0.  Rectified flow (theory §2.1) is the straight line
+a = t, b = 1 - t; the diffusion / Gaussian-flow-matching paths of theory §6.1 are
 other choices of (a, b) and slot in as further subclasses of :class:`AffinePath`.
 
 Time convention (theory §1.2): t = 0 is the source pi0, t = 1 the target pi1.

@@ -32,7 +32,7 @@ def sample_model(
     batch_size: int | None = None,
     model_kwargs: dict[str, Any] | None = None,
 ) -> SolveResult:
-    """Integrate dZ/dt = model(Z, t) from t0 to t1 starting at x0 (B, ...) (theory §3).
+    """Integrate dZ/dt = model(Z, t) from t0 to t1 starting at x0 (B, ...) (theory §3.1-3.3).
 
     ``batch_size`` splits x0 into chunks to bound memory; the NFE reported is then the largest
     per-chunk count (the evaluations each sample saw).  Non-finite samples raise FloatingPointError

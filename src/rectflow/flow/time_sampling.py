@@ -1,6 +1,6 @@
 """Distributions of the training time t in [0, 1] (where the regression puts its effort).
 
-Uniform is the paper's choice (theory §2.4); logit-normal is SD3's (theory §6);
+Uniform is the paper's choice (theory §2.4); logit-normal is SD3's (theory §6.5);
 the U-shaped density, proportional to cosh(a (t - 1/2)), puts weight near both ends, which
 helps reflow and one-step models.  Each sampler is a small callable:
 ``sampler(n, generator=..., device=...) -> Tensor (n,)``.

@@ -1,4 +1,4 @@
-"""Class-conditional rectified flow and classifier-free guidance (theory §7, as in SD3).
+"""Class-conditional rectified flow and classifier-free guidance (theory §7.2, as in SD3).
 
 Training: the target pi1 carries labels; a :class:`LabelledCoupling` draws (x0, x1, y) and
 :class:`ConditionalFlowMatchingObjective` regresses v(X_t, t, y) on the straight-line velocity,
@@ -116,7 +116,7 @@ class ConditionalFlowBatch(NamedTuple):
 
 
 class ConditionalFlowMatchingObjective(FlowMatchingObjective):
-    """The rectified-flow loss (theory §2) of v(X_t, t, y), with label dropout.
+    """The rectified-flow loss (theory §2.2) of v(X_t, t, y), with label dropout (theory §7.2).
 
     Args:
         coupling: ``sample(n, generator=, device=) -> (x0, x1, y)`` (e.g. :class:`LabelledCoupling`).

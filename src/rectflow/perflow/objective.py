@@ -33,7 +33,7 @@ class PeRFlowBatch(NamedTuple):
 
 
 class PeRFlowObjective:
-    """Piecewise reflow (theory §5) for :class:`rectflow.engine.trainer.Trainer`.
+    """Piecewise reflow (theory §5.2-5.3) for :class:`rectflow.engine.trainer.Trainer`.
 
     Args:
         teacher: the frozen :class:`Teacher`.

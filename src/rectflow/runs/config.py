@@ -63,7 +63,7 @@ class CouplingConfig:
     kind: str = "independent"  # independent | ot | pairs
     method: str = "exact"  # for ot: exact | sinkhorn
     reg: float = 0.05  # sinkhorn regulariser, relative to the mean cost
-    pairs: str | None = None  # for pairs: directory of a pair store (rectflow.reflow.pairs), theory §4
+    pairs: str | None = None  # for pairs: directory of a pair store (rectflow.reflow.pairs), theory §4.1
 
 
 @dataclass
@@ -90,7 +90,7 @@ class EvalConfig:
 
 @dataclass
 class ReflowConfig:
-    """Where a run sits in the reflow chain (theory §4); the defaults describe a plain 1-RF.
+    """Where a run sits in the reflow chain (theory §4.1-4.2); the defaults describe a plain 1-RF.
 
     ``stage``: for a flow, k of this k-RF (1: trained on an independent/OT coupling; k + 1: on
     pairs of a k-RF, i.e. coupling.kind = pairs).  For a distillation run, k of the k-RF whose

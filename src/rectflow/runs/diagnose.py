@@ -30,7 +30,7 @@ __all__ = ['STAGE_SOLVERS', 'diagnose_runs', 'format_stage_table']
 
 
 STAGE_SOLVERS = ("euler:1", "euler:2", "euler:4", "euler:8", "euler:100", "dopri5")
-"""The solvers of the reflow stage table (theory §4): one to 100 Euler steps and dopri5."""
+"""The solvers of the reflow stage table (theory §4.6): one to 100 Euler steps and dopri5."""
 
 
 def _slug(label: str) -> str:

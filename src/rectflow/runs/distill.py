@@ -1,5 +1,5 @@
 """One-step distillation as a job: a child run of a k-RF that regresses the parent's coupling at
-t = 0 (the maths is :mod:`rectflow.reflow.distill`; theory §4)."""
+t = 0 (the maths is :mod:`rectflow.reflow.distill`; theory §4.2)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def train_distill(
 
     ``coupling="pairs"``: learn the k-RF's coupling (Z0, Flow_k(Z0)) from ``n_pairs`` generated
     pairs (or the store ``pairs``): reflow + distillation.  ``coupling="independent"``: learn
-    the random coupling of pi0 and pi1, which can only give E[X1 | X0] (the failure theory §4
+    the random coupling of pi0 and pi1, which can only give E[X1 | X0] (the failure theory §4.2
     describes).  ``init``: ``"previous"`` starts from the run's weights, ``"scratch"`` from a
     fresh network.  ``loss``: ``l2`` or ``pseudo_huber`` (scale ``huber_c``).  The pair
     arguments are those of :func:`rectflow.runs.reflow.train_reflow` (:class:`~rectflow.runs.lineage.PairOptions`),

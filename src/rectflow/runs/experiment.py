@@ -218,7 +218,7 @@ def build_model(mcfg: dict[str, Any]) -> nn.Module:
 
 
 def build_objective(cfg: ExperimentConfig, source: Any, target: Any) -> Any:
-    """Coupling + time sampling + straight path: the 1-RF objective of theory §2; on the pairs
+    """Coupling + time sampling + straight path: the 1-RF objective of theory §2.2-2.4; on the pairs
     of a k-RF (coupling.kind = pairs) the (k+1)-RF's, and with reflow.distill the one-step
     distillation objective of theory §4.  With model.num_classes > 0: the class-conditional
     objective with label dropout (:mod:`rectflow.images.guidance`)."""

@@ -1,7 +1,7 @@
 """PeRFlow as a resumable job: teacher in, student directory out (the API under ``rectflow perflow``).
 
 A teacher is a rectflow run directory (a flow from N(0, I) to images; a velocity on the
-straight path, theory §2), a LOCAL diffusers folder (``unet/`` + ``scheduler/``; see
+straight path, theory §2.1), a LOCAL diffusers folder (``unet/`` + ``scheduler/``; see
 :mod:`rectflow.perflow.diffusers_io`), or a LOCAL latent text-to-image pipeline folder
 (``model_index.json`` + ``text_encoder/``, Stable Diffusion 1.x / 2.x or SDXL; see :mod:`rectflow.perflow.latent`)
 trained on a folder of captioned images.  A class-conditional run (``model.num_classes`` > 0) is a

@@ -131,7 +131,7 @@ def plot_map(x0: Tensor | np.ndarray, x1: Tensor | np.ndarray, path: str | Path,
     return save_figure(fig, path)
 
 
-# ----- reflow diagnostics (theory §4): crossings and stage-by-stage comparison ----------
+# ----- reflow diagnostics (theory §4.3-4.5): crossings and stage-by-stage comparison ----------
 
 __all__ += ["plot_crossings", "plot_stages"]
 

@@ -45,7 +45,7 @@ def train_reflow(
     target: Any = None,
     model: Any = None,
 ) -> Path:
-    """Train the (k+1)-RF on pairs of the k-RF ``run`` (theory §4); returns its run directory.
+    """Train the (k+1)-RF on pairs of the k-RF ``run`` (theory §4.1); returns its run directory.
 
     Args:
         run: the k-RF run directory (or loaded Run).
