@@ -12,6 +12,7 @@ Reflow lowers all three; distillation cannot lower the crossing probability of i
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -82,57 +83,78 @@ def diagnose_runs(
     x0, x1_ref = heldout_samples(first, n, seed)
     reference = evaluation_reference(first, n, seed) if plots_dir is not None or write_eval else None
     say = echo or (lambda s: None)
-    rows: list[dict[str, Any]] = []
-    panels: list[dict[str, Any]] = []
-    series: dict[str, list[tuple[int, float]]] = {}
-
-    def add_coupling(row: dict[str, Any], label: str, z0: Tensor, z1: Tensor, traj=None, times=None) -> None:
-        diag = diagnose_coupling(z0, z1, n_pairs=n_pairs, seed=0, exact_ot=exact_ot)
-        row.update(diag.as_row())
-        if diag.crossings is not None:
-            panels.append({"label": label, "x0": z0, "x1": z1, "points": diag.crossings.points, "crossing": diag.crossings.probability, "trajectory": traj, "times": times})
-
-    if include_independent:
-        row: dict[str, Any] = {"stage": "independent", "run": None, "straightness": None}
-        add_coupling(row, "independent", x0, x1_ref)
-        rows.append(row)
+    measured: list[Stage] = []
+    if include_independent:  # measure
+        measured.append(Stage({"stage": "independent", "run": None, "straightness": None}, x1_ref))
     for run in loaded:
-        label = stage_label(run.config)
-        say(f"diagnostics: {label} ({run.path})")
-        model, dev = run.model, next(run.model.parameters()).device
-        z0 = x0.to(dev)
-        row = {"stage": label, "run": str(run.path)}
-        one_step = run.config.reflow.distill
-        coupling_x1 = None
-        for spec in solvers:
-            if one_step and spec != "euler:1":
-                row[f"w2@{spec}"], row[f"nfe@{spec}"] = None, None
-                continue
-            res = sample(model, z0, spec, rtol=run.config.eval.rtol, atol=run.config.eval.atol)
-            row[f"w2@{spec}"], row[f"nfe@{spec}"] = wasserstein2(res.x.cpu(), x1_ref), res.nfe
-            series.setdefault(label, []).append((res.nfe, row[f"w2@{spec}"]))
-            if spec == ("euler:1" if one_step else coupling_solver):
-                coupling_x1 = res.x.cpu()
-        if coupling_x1 is None:
-            coupling_x1 = sample(model, z0, "euler:1" if one_step else coupling_solver, rtol=run.config.eval.rtol, atol=run.config.eval.atol).x.cpu()
-        row["straightness"] = None if one_step else straightness(model, z0, steps=straightness_steps).value
-        traj = times = None
-        if plots_dir is not None and not one_step and first.dim == 2:
-            res = sample(model, z0[:300], "euler:100", trajectory=True)
-            traj, times = res.trajectory[::2].cpu(), res.times[::2]
-        add_coupling(row, label, x0, coupling_x1, traj, times)
-        rows.append(row)
-        if write_eval and not _evaluated(run):
-            save_evaluation(run, [{"solver": s, "nfe": row[f"nfe@{s}"], "w2": row[f"w2@{s}"]} for s in solvers if row[f"w2@{s}"] is not None], x0.shape[0], reference)
-    if plots_dir is not None:
-        out = Path(plots_dir)
-        if series:
-            plot_quality_vs_nfe(series, out / "quality_vs_nfe.png", floor=reference["floor_w2"])
-        if panels:
-            plot_stages(panels, out / "stages.png")
-            for p in panels:
-                plot_crossings(p["x0"], p["x1"], p["points"], out / f"crossings_{_slug(p['label'])}.png", title=f"{p['label']}: crossing p = {p['crossing']:.4f}")
+        say(f"diagnostics: {stage_label(run.config)} ({run.path})")
+        measured.append(_measure_run(run, x0, x1_ref, solvers, coupling_solver, straightness_steps, trajectories=plots_dir is not None and first.dim == 2))
+    panels = []
+    for st in measured:  # the coupling each stage induces: cost, excess over OT, crossings
+        diag = diagnose_coupling(x0, st.x1, n_pairs=n_pairs, seed=0, exact_ot=exact_ot)
+        st.row.update(diag.as_row())
+        if diag.crossings is not None:
+            panels.append({"label": st.row["stage"], "x0": x0, "x1": st.x1, "points": diag.crossings.points, "crossing": diag.crossings.probability,
+                           "trajectory": st.trajectory, "times": st.times})
+    rows = [st.row for st in measured]
+    if write_eval:  # write
+        for run, row in zip(loaded, rows[1:] if include_independent else rows):
+            if not _evaluated(run):
+                save_evaluation(run, [{"solver": s, "nfe": row[f"nfe@{s}"], "w2": row[f"w2@{s}"]} for s in solvers if row[f"w2@{s}"] is not None],
+                                x0.shape[0], reference)
+    if plots_dir is not None:  # plot
+        series = {st.row["stage"]: st.series for st in measured if st.series}
+        _plot_diagnostics(Path(plots_dir), series, panels, reference["floor_w2"])
     return rows
+
+
+@dataclass
+class Stage:
+    """One measured stage: its table row, the coupling's end points x1 (from the held-out x0), its (NFE, W2) points and,
+    for 2-D plots, trajectories."""
+
+    row: dict[str, Any]
+    x1: Tensor
+    series: list[tuple[int, float]] = field(default_factory=list)
+    trajectory: Tensor | None = None
+    times: Tensor | None = None
+
+
+def _measure_run(run: Any, x0: Tensor, x1_ref: Tensor, solvers: Sequence[str], coupling_solver: str, straightness_steps: int, *,
+                 trajectories: bool) -> Stage:
+    """W2 to the reference per solver, the run's coupling (Z0, Flow(Z0)) and its straightness; a one-step map only at euler:1."""
+    label, model = stage_label(run.config), run.model
+    z0 = x0.to(next(model.parameters()).device)
+    tol = {"rtol": run.config.eval.rtol, "atol": run.config.eval.atol}
+    one_step = run.config.reflow.distill
+    st = Stage({"stage": label, "run": str(run.path)}, x0)
+    coupling_spec = "euler:1" if one_step else coupling_solver
+    coupling_x1 = None
+    for spec in solvers:
+        if one_step and spec != "euler:1":
+            st.row[f"w2@{spec}"], st.row[f"nfe@{spec}"] = None, None
+            continue
+        res = sample(model, z0, spec, **tol)
+        st.row[f"w2@{spec}"], st.row[f"nfe@{spec}"] = wasserstein2(res.x.cpu(), x1_ref), res.nfe
+        st.series.append((res.nfe, st.row[f"w2@{spec}"]))
+        if spec == coupling_spec:
+            coupling_x1 = res.x.cpu()
+    st.x1 = coupling_x1 if coupling_x1 is not None else sample(model, z0, coupling_spec, **tol).x.cpu()
+    st.row["straightness"] = None if one_step else straightness(model, z0, steps=straightness_steps).value
+    if trajectories and not one_step:
+        res = sample(model, z0[:300], "euler:100", trajectory=True)
+        st.trajectory, st.times = res.trajectory[::2].cpu(), res.times[::2]
+    return st
+
+
+def _plot_diagnostics(out: Path, series: dict[str, list[tuple[int, float]]], panels: list[dict[str, Any]], floor: float) -> None:
+    """quality_vs_nfe.png, stages.png and crossings_<stage>.png in ``out``."""
+    if series:
+        plot_quality_vs_nfe(series, out / "quality_vs_nfe.png", floor=floor)
+    if panels:
+        plot_stages(panels, out / "stages.png")
+        for p in panels:
+            plot_crossings(p["x0"], p["x1"], p["points"], out / f"crossings_{_slug(p['label'])}.png", title=f"{p['label']}: crossing p = {p['crossing']:.4f}")
 
 
 def _evaluated(run: Any) -> bool:
