@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from rectflow.data.images import ImageArray, to_unit_range
+from rectflow.data.image_sets import ImageArray, to_unit_range
 from rectflow.diffusion.specs import parse_spec
-from rectflow.images.metrics import extract_features, feature_statistics, frechet_distance
-from rectflow.images.sampling import sample_images, save_image_grid
+from rectflow.images.generate import sample_images, save_image_grid
+from rectflow.images.quality import extract_features, feature_statistics, frechet_distance
 
 # ----- the FD feature network: a small classifier trained here -------------------------------
 

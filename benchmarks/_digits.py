@@ -8,10 +8,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from rectflow.data.images import ImageDataset, ImageGaussian, load_digits_images
+from rectflow.data.image_sets import ImageDataset, ImageGaussian, load_digits_images
 from rectflow.engine.trainer import TrainConfig, Trainer
 from rectflow.images.classifier_features import train_classifier_features
-from rectflow.images.metrics import extract_features, feature_statistics, frechet_distance
+from rectflow.images.quality import extract_features, feature_statistics, frechet_distance
 from rectflow.models.unet import UNetAverageVelocity, UNetVelocity
 
 SHAPE = (1, 8, 8)

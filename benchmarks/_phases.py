@@ -64,7 +64,7 @@ class PhasedBench:
 
     def cifar(self, split: str, classes: list[str] | None = None, smoke_n: int = 600) -> Any:
         """CIFAR-10 ``split`` ("train" / "test") resized to ``a.size``, optionally only ``classes`` (cached)."""
-        from rectflow.data.images import ImageArray, load_images, resize_images
+        from rectflow.data.image_sets import ImageArray, load_images, resize_images
 
         key = f"cifar-{split}-{classes}"
         if key not in self._cache:

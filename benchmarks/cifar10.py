@@ -39,9 +39,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cifar10 import FeatureStats, evaluate_model, train_classifier  # noqa: E402
 from _machine import machine_info, machine_line, write_results  # noqa: E402
-from rectflow.data.images import load_images, to_unit_range  # noqa: E402
+from rectflow.data.image_sets import load_images, to_unit_range  # noqa: E402
 from rectflow.engine.trainer import TimeBudget  # noqa: E402
-from rectflow.images.metrics import inception_network  # noqa: E402
+from rectflow.images.quality import inception_network  # noqa: E402
 from rectflow.runs.config import load_config  # noqa: E402
 from rectflow.runs.experiment import load_run, train_run  # noqa: E402
 from rectflow.runs.lineage import PairOptions, child_config, generate_run_pairs  # noqa: E402

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cifar10 import FeatureStats, evaluate_model, np_json, train_classifier, trained_seconds  # noqa: E402
 from _machine import machine_info, machine_line, write_results  # noqa: E402
-from rectflow.data.images import load_images, resize_images, to_unit_range  # noqa: E402
+from rectflow.data.image_sets import load_images, resize_images, to_unit_range  # noqa: E402
 from rectflow.engine.checkpoint import latest_checkpoint, list_checkpoints, load_optimizer_state, load_weights, read_checkpoint, save_checkpoint  # noqa: E402
 from rectflow.engine.trainer import TimeBudget, step_generator  # noqa: E402
 from rectflow.reflow.diagnostics import straightness, transport_cost  # noqa: E402

@@ -40,14 +40,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine_info  # noqa: E402
-from rectflow.data.images import ImageGaussian, make_image_distribution  # noqa: E402
+from rectflow.data.image_sets import ImageGaussian, make_image_distribution  # noqa: E402
 from rectflow.engine.checkpoint import latest_checkpoint, load_optimizer_state, read_checkpoint  # noqa: E402
 from rectflow.engine.trainer import TrainConfig, Trainer  # noqa: E402
 from rectflow.flow.couplings import IndependentCoupling  # noqa: E402
 from rectflow.flow.losses import FlowMatchingObjective  # noqa: E402
 from rectflow.flow.sampling import sample_model  # noqa: E402
-from rectflow.images.guidance import GuidedVelocity  # noqa: E402
-from rectflow.images.sampling import FixedStepSampler  # noqa: E402
+from rectflow.images.conditional import GuidedVelocity  # noqa: E402
+from rectflow.images.generate import FixedStepSampler  # noqa: E402
 from rectflow.models import UNetVelocity  # noqa: E402
 from rectflow.reflow.pairs import default_solve_batch  # noqa: E402
 

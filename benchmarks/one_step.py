@@ -47,10 +47,10 @@ from rectflow.flow.sampling import sample_model  # noqa: E402
 from rectflow.models import MLPAverageVelocity  # noqa: E402
 from rectflow.reflow.pairs import PairStore  # noqa: E402
 from rectflow.runs.config import config_from_dict  # noqa: E402
-from rectflow.runs.distill import train_distill  # noqa: E402
+from rectflow.runs.distill_job import train_distill  # noqa: E402
 from rectflow.runs.experiment import load_run, train_run  # noqa: E402
 from rectflow.runs.lineage import PairOptions, default_pairs_dir  # noqa: E402
-from rectflow.runs.reflow import train_reflow  # noqa: E402
+from rectflow.runs.reflow_job import train_reflow  # noqa: E402
 from toy2d import RECIPE, TASKS, noise_floor  # noqa: E402
 
 UNITS = {"fm": 3.0, "meanflow": 4.0, "shortcut": 3.0 * 0.75 + 5.0 * 0.25}

@@ -39,13 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _digits import fit, make_unet, train_config  # noqa: E402  (the digits UNet and training config, shared)
 from _machine import machine_info, machine_line  # noqa: E402
 from rectflow import perflow  # noqa: E402
-from rectflow.data.images import ImageDataset, ImageGaussian, load_digits_images  # noqa: E402
+from rectflow.data.image_sets import ImageDataset, ImageGaussian, load_digits_images  # noqa: E402
 from rectflow.diffusion.schedules import DDPMSchedule  # noqa: E402
 from rectflow.diffusion.weighting import DiffusionObjective  # noqa: E402
 from rectflow.engine.io import load_tensors, save_json, save_tensors  # noqa: E402
 from rectflow.flow.couplings import IndependentCoupling  # noqa: E402
 from rectflow.images.classifier_features import train_classifier_features  # noqa: E402
-from rectflow.images.metrics import extract_features, feature_statistics, frechet_distance  # noqa: E402
+from rectflow.images.quality import extract_features, feature_statistics, frechet_distance  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
 

@@ -39,13 +39,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine_info, machine_line, write_results
 from rectflow import perflow
-from rectflow.data.images import ImageDataset, load_digits_images
+from rectflow.data.image_sets import ImageDataset, load_digits_images
 from rectflow.diffusion.schedules import FlowMatchingSchedule
 from rectflow.engine.io import load_tensors, save_tensors
 from rectflow.engine.trainer import TrainConfig, Trainer
 from rectflow.images.classifier_features import train_classifier_features
-from rectflow.images.metrics import extract_features, feature_statistics, frechet_distance
-from rectflow.perflow.guidance import LabelledData
+from rectflow.images.quality import extract_features, feature_statistics, frechet_distance
+from rectflow.perflow.guidance_modes import LabelledData
 from rectflow.runs.config import config_from_dict
 from rectflow.runs.experiment import load_run, train_run
 

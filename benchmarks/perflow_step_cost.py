@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _digits import make_unet  # noqa: E402
 from _machine import LoadMeter, machine_info, machine_line, write_results  # noqa: E402
 from rectflow import perflow  # noqa: E402
-from rectflow.data.images import ImageDataset, load_digits_images  # noqa: E402
+from rectflow.data.image_sets import ImageDataset, load_digits_images  # noqa: E402
 from rectflow.diffusion.schedules import DDPMSchedule  # noqa: E402
 
 

@@ -48,7 +48,7 @@ DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
 from _cifar10 import FeatureStats, SmallClassifier  # noqa: E402
 from _machine import machine_info, machine_line, write_results  # noqa: E402
 from _phases import PhasedBench, log, phased_args  # noqa: E402
-from rectflow.data.images import ImageArray, to_unit_range  # noqa: E402
+from rectflow.data.image_sets import ImageArray, to_unit_range  # noqa: E402
 from rectflow.engine.trainer import TrainConfig, Trainer  # noqa: E402
 from t2i_teacher import CLASSES, EpsilonObjective, encode_latents, encode_prompts, prompt  # noqa: E402
 
@@ -92,7 +92,7 @@ class Bench(PhasedBench):
     def captions(self) -> dict:
         from PIL import Image
 
-        from rectflow.data.images import to_uint8
+        from rectflow.data.image_sets import to_uint8
 
         folder = self.work / "captions"
         folder.mkdir(parents=True, exist_ok=True)
@@ -153,7 +153,7 @@ class Bench(PhasedBench):
 
     def grid(self, rows: list[tuple[str, Tensor, list[int]]], path: Path, per: int = 8) -> None:
         """One row per prompt; the methods side by side within a row (``per`` samples each)."""
-        from rectflow.images.sampling import save_image_grid
+        from rectflow.images.generate import save_image_grid
 
         picks = []
         for c in range(10):

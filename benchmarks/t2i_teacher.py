@@ -46,7 +46,7 @@ DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
 from _cifar10 import FeatureStats, train_classifier  # noqa: E402
 from _machine import machine_info, machine_line, write_results  # noqa: E402
 from _phases import PhasedBench, log, phased_args  # noqa: E402
-from rectflow.data.images import ImageArray, to_unit_range  # noqa: E402
+from rectflow.data.image_sets import ImageArray, to_unit_range  # noqa: E402
 from rectflow.engine.trainer import TrainConfig, Trainer  # noqa: E402
 from rectflow.flow.losses import LossOutput  # noqa: E402
 
@@ -401,7 +401,7 @@ class Bench(PhasedBench):
 
     @staticmethod
     def grid(x: Tensor, labels: list[int], path: Path, per_row: int = 10) -> None:
-        from rectflow.images.sampling import save_image_grid
+        from rectflow.images.generate import save_image_grid
 
         lab = torch.tensor(labels)
         picks = torch.cat([x[lab == c][:per_row] for c in range(10)])

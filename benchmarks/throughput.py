@@ -28,11 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine_info, machine_line, write_results  # noqa: E402
-from rectflow.data.images import ImageArray, ImageDataset, ImageGaussian, load_images  # noqa: E402
+from rectflow.data.image_sets import ImageArray, ImageDataset, ImageGaussian, load_images  # noqa: E402
 from rectflow.engine.trainer import TrainConfig, Trainer, step_generator  # noqa: E402
 from rectflow.flow.couplings import IndependentCoupling  # noqa: E402
 from rectflow.flow.losses import FlowMatchingObjective  # noqa: E402
-from rectflow.images.sampling import FixedStepSampler  # noqa: E402
+from rectflow.images.generate import FixedStepSampler  # noqa: E402
 from rectflow.models import UNetVelocity  # noqa: E402
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg" / "train.zip"

@@ -16,8 +16,8 @@ Euler 1/2/4/8/100 and dopri5 (with its NFE).
 
 Stages are a registry (``STAGES``, name -> run function + prerequisites): ``1rf`` trains
 rectified flow on the chosen coupling; ``2rf`` trains on pairs of the 1-RF flow (dopri5),
-initialised from it (``rectflow.runs.reflow.train_reflow``); ``3rf`` the same from the 2-RF;
-``distill`` regresses the 2-RF's coupling at t = 0 (``rectflow.runs.distill.train_distill``, same
+initialised from it (``rectflow.runs.reflow_job.train_reflow``); ``3rf`` the same from the 2-RF;
+``distill`` regresses the 2-RF's coupling at t = 0 (``rectflow.runs.distill_job.train_distill``, same
 pair store as 3-RF); ``distill1`` the 1-RF's (no reflow).  Later stages use ``REFLOW_RECIPE``
 (the ``--pairs`` / ``--reflow-steps`` / ``--distill-*`` defaults).  Every stage reports W2 per solver plus straightness S, transport cost
 (and its excess over exact OT) and crossing probability of its coupling on the held-out points
@@ -202,7 +202,7 @@ def _logged_train_s(run_dir: Path) -> float | None:
 def _reflow_api() -> str | None:
     """None when the reflow modules (rectflow.reflow.pairs / reflow / distill / diagnostics) import cleanly, else why not."""
     missing = []
-    for mod in ("rectflow.reflow.pairs", "rectflow.runs.reflow", "rectflow.reflow.distill", "rectflow.reflow.diagnostics"):
+    for mod in ("rectflow.reflow.pairs", "rectflow.runs.reflow_job", "rectflow.reflow.distill", "rectflow.reflow.diagnostics"):
         try:
             __import__(mod)
         except Exception as e:  # noqa: BLE001 - any import failure means "not ready"
@@ -283,11 +283,11 @@ def stage_1rf(ctx: Context, prev: dict[str, StageResult]) -> StageResult:
 
 
 def _reflow_stage(name: str, parent: str) -> Callable[[Context, dict[str, StageResult]], StageResult]:
-    """(k+1)-RF on pairs of the k-RF ``parent`` stage, initialised from its weights (rectflow.runs.reflow.train_reflow)."""
+    """(k+1)-RF on pairs of the k-RF ``parent`` stage, initialised from its weights (rectflow.runs.reflow_job.train_reflow)."""
 
     def run(ctx: Context, prev: dict[str, StageResult]) -> StageResult:
         from rectflow.runs.lineage import PairOptions
-        from rectflow.runs.reflow import train_reflow
+        from rectflow.runs.reflow_job import train_reflow
 
         t0 = time.perf_counter()
         out = train_reflow(
@@ -301,11 +301,11 @@ def _reflow_stage(name: str, parent: str) -> Callable[[Context, dict[str, StageR
 
 
 def _distill_stage(name: str, parent: str) -> Callable[[Context, dict[str, StageResult]], StageResult]:
-    """One-step distillation of the ``parent`` stage's flow coupling (rectflow.runs.distill.train_distill on
+    """One-step distillation of the ``parent`` stage's flow coupling (rectflow.runs.distill_job.train_distill on
     its pairs, the same store the next reflow stage trains on when both run), initialised from it."""
 
     def run(ctx: Context, prev: dict[str, StageResult]) -> StageResult:
-        from rectflow.runs.distill import train_distill
+        from rectflow.runs.distill_job import train_distill
         from rectflow.runs.lineage import PairOptions
 
         t0 = time.perf_counter()

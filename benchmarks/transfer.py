@@ -41,10 +41,10 @@ from _cifar10 import FeatureStats, train_classifier, trained_seconds  # noqa: E4
 from _machine import machine_info, machine_line, write_results  # noqa: E402
 from _phases import PhasedBench, log, phased_args  # noqa: E402
 from cifar10_cpu import BudgetFromFirstStep  # noqa: E402
-from rectflow.data.images import to_unit_range  # noqa: E402
+from rectflow.data.image_sets import to_unit_range  # noqa: E402
 from rectflow.engine.checkpoint import latest_checkpoint, read_checkpoint  # noqa: E402
 from rectflow.flow.sampling import sample_model  # noqa: E402
-from rectflow.images.sampling import save_pair_grid  # noqa: E402
+from rectflow.images.generate import save_pair_grid  # noqa: E402
 from rectflow.reflow.diagnostics import straightness, transport_cost  # noqa: E402
 from rectflow.runs.config import load_config  # noqa: E402
 from rectflow.runs.experiment import load_run, train_run  # noqa: E402

@@ -130,6 +130,14 @@ def test_readme_layout_table_is_the_real_tree():
     assert listed == real, f"in the README but not the tree: {sorted(listed - real)}; in the tree but not the README: {sorted(real - listed)}"
 
 
+def test_module_names_are_unique_across_the_tree():
+    """issue 32: one name, one module (``guidance.py`` three times and ``runs/perflow.py`` beside the ``perflow`` package
+    made tracebacks and imports ambiguous)."""
+    mods = [p for p in SRC.rglob("*.py") if p.name != "__init__.py"]
+    names = [p.stem for p in mods] + [p.name for p in SRC.iterdir() if p.is_dir() and (p / "__init__.py").is_file()]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
+
+
 def test_tests_mirror_the_package_layout():
     for pkg in ("flow", "diffusion", "engine", "reflow", "perflow", "images", "runs", "models", "data"):
         assert (ROOT / "tests" / pkg).is_dir(), f"tests/{pkg}/ is missing"

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import yaml
 
-from rectflow.data.images import make_image_distribution
+from rectflow.data.image_sets import make_image_distribution
 from rectflow.diffusion.specs import SPECS, parse_spec, sample, spec_label
 from rectflow.engine.distributed import destroy, init_from_env, is_main_process, planned_world_size
 from rectflow.engine.hardware import resolve_device
@@ -27,16 +27,16 @@ from rectflow.engine.io import atomic_path, check_writable, save_json
 from rectflow.engine.trainer import TrainConfig
 from rectflow.errors import ConfigError, RectflowError
 from rectflow.flow.guidance import guidance_nfe
-from rectflow.images.sampling import sample_images, write_named_images
-from rectflow.perflow.guidance import GUIDANCE_MODES
+from rectflow.images.generate import sample_images, write_named_images
+from rectflow.perflow.guidance_modes import GUIDANCE_MODES
 from rectflow.runs.config import check_int_range, load_config, read_config_file
 from rectflow.runs.demo import run_demo, run_pipeline
 from rectflow.runs.diagnose import diagnose_runs, format_stage_table
-from rectflow.runs.distill import train_distill
+from rectflow.runs.distill_job import train_distill
 from rectflow.runs.evaluation import evaluate_nll, evaluate_run, evaluation_record, evaluation_reference, format_reference, format_table, save_evaluation
 from rectflow.runs.experiment import load_run, one_step_warning, sampling_steps, train_run
 from rectflow.runs.lineage import PairOptions, generate_run_pairs
-from rectflow.runs.perflow import (
+from rectflow.runs.perflow_job import (
     DEFAULT_BATCH,
     DEFAULT_LORA_RANK,
     DEFAULT_LR,
@@ -55,7 +55,7 @@ from rectflow.runs.perflow import (
 )
 from rectflow.runs.plots import plot_run
 from rectflow.runs.recipes import RECIPES, get_recipe
-from rectflow.runs.reflow import reflow_chain, train_reflow
+from rectflow.runs.reflow_job import reflow_chain, train_reflow
 from rectflow.runs.report import build_report, collect_run
 from rectflow.runs.transfer import TransferInputs, load_transfer_inputs
 from rectflow.runs.tune import render_table, tune, write_overrides

@@ -19,7 +19,7 @@ from rectflow.engine.trainer import TrainConfig, Trainer
 from rectflow.errors import ConfigError
 from rectflow.flow.couplings import MinibatchOTCoupling
 from rectflow.flow.losses import FlowBatch, FlowMatchingObjective
-from rectflow.images.guidance import ConditionalFlowMatchingObjective, LabelledCoupling
+from rectflow.images.conditional import ConditionalFlowMatchingObjective, LabelledCoupling
 from rectflow.models import MLPVelocity, UNetVelocity
 
 ROOT = Path(__file__).resolve().parents[2]

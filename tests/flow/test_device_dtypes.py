@@ -213,7 +213,7 @@ def test_sinkhorn_costs_take_the_devices_exact_dtype(monkeypatch):
 
 def test_straightness_transport_cost_and_metrics_keep_the_device_free_of_float64(monkeypatch):
     from rectflow.flow.metrics import energy_distance
-    from rectflow.images.metrics import extract_features
+    from rectflow.images.quality import extract_features
     from rectflow.reflow.diagnostics import straightness, transport_cost
 
     model, x0, x1 = _on_device(_Velocity(), torch.randn(6, 2), torch.randn(6, 2))

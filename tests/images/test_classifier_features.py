@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from rectflow.data.images import ImageArray, ImageDataset, load_digits_images
+from rectflow.data.image_sets import ImageArray, ImageDataset, load_digits_images
 from rectflow.errors import DataError
 from rectflow.images.classifier_features import ClassifierFeatures, train_classifier_features
-from rectflow.images.metrics import fd
+from rectflow.images.quality import fd
 
 
 @pytest.fixture(scope="module")

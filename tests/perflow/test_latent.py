@@ -18,7 +18,7 @@ from rectflow.flow.solvers import euler
 from rectflow.perflow import diffusers_scheduler
 from rectflow.perflow.diffusers_io import load_student
 from rectflow.perflow.diffusers_scheduler import step_grid
-from rectflow.perflow.guidance import Guidance
+from rectflow.perflow.guidance_modes import Guidance
 from rectflow.perflow.latent import export_pipeline, load_pipeline
 from rectflow.perflow.scheduler_config import _AFFINE_SCHEDULERS, _MUST_BE, _SAMPLER_KEYS, _SCHEDULE_KEYS, schedule_from_config
 from tests.perflow.conftest import build_tiny_sd, perturbed_student

@@ -18,7 +18,7 @@ from rectflow.flow.solvers import euler
 from rectflow.perflow import diffusers_scheduler  # noqa: F401 (registers PeRFlowScheduler for from_pretrained)
 from rectflow.perflow.diffusers_io import load_student
 from rectflow.perflow.diffusers_scheduler import step_grid
-from rectflow.perflow.guidance import Guidance
+from rectflow.perflow.guidance_modes import Guidance
 from rectflow.perflow.latent import T5_MAX_LENGTH, export_pipeline, load_pipeline
 from rectflow.perflow.latent_cache import LatentCacheData, read_captions
 from tests.perflow.conftest import SD3_CLIP, SD3_JOINT, SD3_SHIFT, build_cache, build_tiny_sd3, caption_images, perturbed_student

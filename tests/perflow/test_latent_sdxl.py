@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 from rectflow import perflow
 from rectflow.perflow import diffusers_scheduler  # noqa: F401 (registers PeRFlowScheduler for from_pretrained)
 from rectflow.perflow.diffusers_io import load_student
-from rectflow.perflow.guidance import Guidance
+from rectflow.perflow.guidance_modes import Guidance
 from rectflow.perflow.latent import export_pipeline, load_pipeline
 from rectflow.perflow.latent_cache import LatentCache, LatentCacheData, load_caption_image, read_captions
 from tests.perflow.conftest import SDXL_POOLED, build_cache, build_tiny_sdxl, caption_images, perturbed_student

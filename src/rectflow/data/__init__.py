@@ -4,7 +4,7 @@ Every sampler has ``dim`` (or ``shape``) and ``sample(n, generator=None, device=
 any of them can be the source pi0 or the target pi1 (domain transfer, theory §1.3).
 """
 
-from rectflow.data.images import ImageArray, ImageDataset, ImageGaussian, load_digits_images, load_images
+from rectflow.data.image_sets import ImageArray, ImageDataset, ImageGaussian, load_digits_images, load_images
 from rectflow.data.toy2d import (
     TOY_DISTRIBUTIONS,
     Checkerboard,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rectflow.data.images import make_image_distribution, require_real
+from rectflow.data.image_sets import make_image_distribution, require_real
 from rectflow.errors import DataError
 
 __all__ = [
@@ -250,7 +250,7 @@ def make_distribution(spec: str | dict[str, Any]) -> Any:
     ``{"name": "8gaussians", "radius": 5}`` / ``{"name": "file", "path": "points.csv"}``.
 
     Image specs (``images``, ``digits``, ``gaussian`` with a ``shape``) go to
-    :func:`rectflow.data.images.make_image_distribution`."""
+    :func:`rectflow.data.image_sets.make_image_distribution`."""
     if isinstance(spec, (str, Path)):
         spec = {"name": str(spec)}
     if not isinstance(spec, dict) or "name" not in spec:

@@ -15,8 +15,8 @@ convert outputs afterwards keep it in the network's own output space.
 NFE rule: a guided evaluation (w not in {0, 1}) costs 2 network evaluations per sample even
 though it is one batched call (:func:`guidance_nfe`).
 
-Users: :class:`rectflow.images.guidance.GuidedVelocity` (class-conditional image flows) and
-:class:`rectflow.perflow.guidance.Guidance` (PeRFlow teachers and students).
+Users: :class:`rectflow.images.conditional.GuidedVelocity` (class-conditional image flows) and
+:class:`rectflow.perflow.guidance_modes.Guidance` (PeRFlow teachers and students).
 """
 
 from __future__ import annotations

@@ -150,7 +150,7 @@ def log_likelihood(
 
 def dequantize(images: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """uint8 images (B, C, H, W) -> floats in [-1, 1 + 2/255) with uniform noise inside each pixel's bin
-    (the same scale as :func:`rectflow.data.images.to_unit_range`): (x + u) / 127.5 - 1, u ~ U[0, 1)."""
+    (the same scale as :func:`rectflow.data.image_sets.to_unit_range`): (x + u) / 127.5 - 1, u ~ U[0, 1)."""
     if images.dtype != torch.uint8:
         raise ConfigError(f"dequantize expects uint8 images, got {images.dtype}")
     u = torch.rand(images.shape, generator=generator, device=generator.device if generator is not None else images.device)

@@ -1,9 +1,10 @@
-"""Images: class guidance, Frechet distances (FD/FID), classifier features and image sampling to files."""
+"""Images: class conditioning and guidance, sample quality (FD/FID, precision/recall), classifier features, and
+generating images in batches to files."""
 
-from rectflow.images import classifier_features, guidance, metrics, sampling
+from rectflow.images import classifier_features, conditional, generate, quality
 from rectflow.images.classifier_features import *  # noqa: F403 (re-exports classifier_features.__all__)
-from rectflow.images.guidance import *  # noqa: F403 (re-exports guidance.__all__)
-from rectflow.images.metrics import *  # noqa: F403 (re-exports metrics.__all__)
-from rectflow.images.sampling import *  # noqa: F403 (re-exports sampling.__all__)
+from rectflow.images.conditional import *  # noqa: F403 (re-exports conditional.__all__)
+from rectflow.images.generate import *  # noqa: F403 (re-exports generate.__all__)
+from rectflow.images.quality import *  # noqa: F403 (re-exports quality.__all__)
 
-__all__ = [*guidance.__all__, *metrics.__all__, *classifier_features.__all__, *sampling.__all__]
+__all__ = [*conditional.__all__, *quality.__all__, *classifier_features.__all__, *generate.__all__]

@@ -5,7 +5,7 @@ local weight file.  For small labelled data sets (8x8 digits, MNIST-like sets) t
 is the penultimate layer of a classifier trained on the same data: "FD in classifier features".
 :func:`train_classifier_features` trains one in seconds on a CPU, deterministically from a seed,
 and returns a :class:`ClassifierFeatures` module that maps images (N, C, H, W) in [-1, 1] to
-features (N, D); pass it as ``net`` to :func:`rectflow.images.metrics.fd`.
+features (N, D); pass it as ``net`` to :func:`rectflow.images.quality.fd`.
 
     feats = train_classifier_features(load_digits_images(), seed=0)
     fd_value = fd(samples, real_images, feats)
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rectflow.data.images import ImageArray, to_unit_range
+from rectflow.data.image_sets import ImageArray, to_unit_range
 from rectflow.errors import ConfigError, DataError
 
 __all__ = ["ClassifierFeatures", "ClassifierReport", "train_classifier_features"]

@@ -28,7 +28,7 @@ from rectflow.perflow import adapters, delta, diffusers_io, latent, latent_cache
 from rectflow.perflow.adapters import *  # noqa: F403 (re-exports adapters.__all__)
 from rectflow.perflow.delta import *  # noqa: F403 (re-exports delta.__all__)
 from rectflow.perflow.diffusers_io import *  # noqa: F403 (re-exports diffusers_io.__all__)
-from rectflow.perflow.guidance import GUIDANCE_MODES, Guidance, LabelledData, guidance_plan  # noqa: F401 (classifier-free guidance, theory §5.5)
+from rectflow.perflow.guidance_modes import GUIDANCE_MODES, Guidance, LabelledData, guidance_plan  # noqa: F401 (classifier-free guidance, theory §5.5)
 from rectflow.perflow.latent import LatentPipeline, export_pipeline, load_pipeline  # noqa: F401
 from rectflow.perflow.latent_cache import LatentCache, LatentCacheData, build_latent_cache  # noqa: F401
 from rectflow.perflow.lora import apply_lora, lora_state_dict, save_lora  # noqa: F401

@@ -52,7 +52,7 @@ from rectflow.engine.io import check_writable, load_json, make_dirs, save_json, 
 from rectflow.errors import CheckpointError, ConfigError
 from rectflow.flow.guidance import NULL_LABEL
 from rectflow.perflow.adapters import TRANSFORMERS, UNetAdapter, adapt_unet, diffusers_module, unwrap_unet
-from rectflow.perflow.guidance import Guidance
+from rectflow.perflow.guidance_modes import Guidance
 from rectflow.perflow.scheduler_config import (
     FLOW_SCHEDULERS,
     PERFLOW_SCHEDULER_ENTRY,

@@ -7,7 +7,7 @@ the image's path relative to the folder, and ``text``, as the diffusers training
 another caption key via ``caption_column``; a list of captions keeps the first) or, without one,
 from a ``.txt`` file beside each image (``cat.png`` -> ``cat.txt``).  Each image is centre-cropped to
 the pipeline's aspect ratio and resized to its resolution (area averaging when shrinking, bilinear
-when enlarging: :func:`rectflow.data.images.resize_images`), then scaled to [-1, 1].
+when enlarging: :func:`rectflow.data.image_sets.resize_images`), then scaled to [-1, 1].
 
 The store is the library's one shard-store mechanism (:mod:`rectflow.engine.shards`, also behind the
 reflow pair store)::
@@ -48,7 +48,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from rectflow.data.images import IMAGE_SUFFIXES, ImageArray, resize_images, to_unit_range
+from rectflow.data.image_sets import IMAGE_SUFFIXES, ImageArray, resize_images, to_unit_range
 from rectflow.engine import shards
 from rectflow.engine.io import load_tensors, save_tensors, sha256_file
 from rectflow.engine.shards import ShardLayout, StoreKind
@@ -236,7 +236,7 @@ def _decode_rgb(data: bytes, name: str) -> np.ndarray:
 
 def load_caption_image(data: bytes, name: str, resolution: tuple[int, int]) -> Tensor:
     """One image file's bytes -> float32 (3, H, W) in [-1, 1]: RGB, centre-cropped to the aspect ratio
-    H : W, resized to ``resolution`` (:func:`rectflow.data.images.resize_images`)."""
+    H : W, resized to ``resolution`` (:func:`rectflow.data.image_sets.resize_images`)."""
     arr = _decode_rgb(data, name)  # (h, w, 3) uint8
     h, w = arr.shape[:2]
     th, tw = resolution

@@ -13,7 +13,7 @@ from rectflow.errors import ConfigError
 from rectflow.flow.guidance import NULL_LABEL
 from rectflow.flow.paths import AffinePath
 from rectflow.flow.solvers import SolveResult, euler
-from rectflow.perflow.guidance import Guidance, as_guidance
+from rectflow.perflow.guidance_modes import Guidance, as_guidance
 from rectflow.perflow.teacher import Teacher
 from rectflow.perflow.windows import WindowPath, window_grid
 
@@ -25,7 +25,7 @@ class PeRFlowStudent(nn.Module):
     """The student: ``net`` (initialised from the teacher's weights) predicting the teacher's kind on
     the :class:`WindowPath`; ``forward(z, t)`` returns the piecewise-straight velocity dz/dt.
     ``cond`` as for :class:`Teacher` (None: ``net`` is called with two arguments); ``guidance`` (a
-    :class:`~rectflow.perflow.guidance.Guidance`, given with a condition) guides ``net``'s own
+    :class:`~rectflow.perflow.guidance_modes.Guidance`, given with a condition) guides ``net``'s own
     output before it is read on the window path (theory §5.5)."""
 
     def __init__(self, net: nn.Module, teacher_path: AffinePath, boundaries: Tensor, parameterization: str,

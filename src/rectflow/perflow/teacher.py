@@ -15,7 +15,7 @@ from rectflow.errors import ConfigError
 from rectflow.flow.guidance import NULL_LABEL
 from rectflow.flow.paths import AffinePath, expand_like
 from rectflow.flow.solvers import SolveResult, time_grid
-from rectflow.perflow.guidance import Guidance, as_guidance
+from rectflow.perflow.guidance_modes import Guidance, as_guidance
 
 __all__ = ['Teacher', 'teacher_ddim_sample']
 
@@ -32,7 +32,7 @@ class Teacher:
     arguments); otherwise the model is called as ``model(z, time_map(t), cond)``, ``cond`` anything
     whose first dimension is the batch (class labels (B,), text embeddings (B, L, D), ...).
 
-    Guidance (theory §5.5): ``guidance`` (a scale w, or a :class:`~rectflow.perflow.guidance.Guidance`
+    Guidance (theory §5.5): ``guidance`` (a scale w, or a :class:`~rectflow.perflow.guidance_modes.Guidance`
     with the null condition; ``null_cond`` goes with a plain scale) makes every conditional call
     classifier-free guided, combined in the model's own output space in one batched call of 2B
     rows; ``nfe_per_eval`` is then 2.  Unconditional calls (``cond`` None) are never guided.

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from rectflow.data import point_file_path
-from rectflow.data.images import to_uint8
+from rectflow.data.image_sets import to_uint8
 from rectflow.diffusion.specs import parse_spec, sample, spec_label
 from rectflow.engine.io import atomic_path, save_json
 from rectflow.errors import ConfigError

@@ -33,8 +33,8 @@ from rectflow.errors import CheckpointError, ConfigError, DataError
 from rectflow.flow.couplings import IndependentCoupling, MinibatchOTCoupling
 from rectflow.flow.losses import FlowMatchingObjective
 from rectflow.flow.time_sampling import make_time_sampler
-from rectflow.images.guidance import ConditionalFlowMatchingObjective, LabelledCoupling
-from rectflow.images.sampling import SampleGridCallback
+from rectflow.images.conditional import ConditionalFlowMatchingObjective, LabelledCoupling
+from rectflow.images.generate import SampleGridCallback
 from rectflow.models import DiTVelocity, MLPVelocity, UNetVelocity
 from rectflow.models.mlp import DEFAULT_TIME_SCALE
 from rectflow.reflow.distill import DistillationObjective, make_distill_loss
@@ -221,7 +221,7 @@ def build_objective(cfg: ExperimentConfig, source: Any, target: Any) -> Any:
     """Coupling + time sampling + straight path: the 1-RF objective of theory §2.2-2.4; on the pairs
     of a k-RF (coupling.kind = pairs) the (k+1)-RF's, and with reflow.distill the one-step
     distillation objective of theory §4.  With model.num_classes > 0: the class-conditional
-    objective with label dropout (:mod:`rectflow.images.guidance`)."""
+    objective with label dropout (:mod:`rectflow.images.conditional`)."""
     if cfg.model.num_classes > 0:
         return _conditional_objective(cfg, source, target)
     if cfg.coupling.kind == "ot":

@@ -13,11 +13,11 @@ from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from rectflow.data.images import ImageDataset
+from rectflow.data.image_sets import ImageDataset
 from rectflow.diffusion.specs import sample
 from rectflow.engine.io import atomic_path, read_jsonl
-from rectflow.images.guidance import sample_guided
-from rectflow.images.sampling import save_image_grid, save_pair_grid
+from rectflow.images.conditional import sample_guided
+from rectflow.images.generate import save_image_grid, save_pair_grid
 from rectflow.runs.evaluation import heldout_samples
 from rectflow.runs.experiment import Run, sample_shape, sampling_steps
 

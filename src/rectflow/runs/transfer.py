@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rectflow.data.images import load_images, to_unit_range
+from rectflow.data.image_sets import load_images, to_unit_range
 from rectflow.data.toy2d import PointCloud
 from rectflow.errors import DataError
 
@@ -78,7 +78,7 @@ def load_transfer_inputs(path: str | Path, source: Any) -> TransferInputs:
         got = tuple(data.images.shape[1:])
         if got != shape:
             raise DataError(f"{p}: the images are {'x'.join(map(str, got))} (C x H x W), this run maps {'x'.join(map(str, shape))}; "
-                            "convert or resize them first (rectflow.data.images.resize_images)")
+                            "convert or resize them first (rectflow.data.image_sets.resize_images)")
         names = data.names or [f"{i:05d}" for i in range(data.images.shape[0])]
         return TransferInputs(to_unit_range(data.images), names)
     dim = int(getattr(source, "dim", 0))

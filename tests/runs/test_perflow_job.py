@@ -1,4 +1,4 @@
-"""rectflow.runs.perflow and `rectflow perflow`: the PeRFlow job (teacher in, student directory out)."""
+"""rectflow.runs.perflow_job and `rectflow perflow`: the PeRFlow job (teacher in, student directory out)."""
 
 import copy
 import json
@@ -17,7 +17,7 @@ from rectflow.perflow.student import PeRFlowStudent, sample_perflow
 from rectflow.perflow.windows import make_windows
 from rectflow.runs.config import config_from_dict
 from rectflow.runs.experiment import load_run, train_run
-from rectflow.runs.perflow import PeRFlowSettings, load_perflow, load_perflow_teacher, train_perflow
+from rectflow.runs.perflow_job import PeRFlowSettings, load_perflow, load_perflow_teacher, train_perflow
 
 torch.set_num_threads(1)
 
@@ -214,7 +214,7 @@ def test_cli_perflow_config_reads_values_as_the_flags_would():
 def test_on_disk_format_names_never_change():
     """Files written by earlier versions must stay readable: these identifiers are part of the format."""
     from rectflow.perflow import diffusers_io
-    from rectflow.runs import perflow as job
+    from rectflow.runs import perflow_job as job
 
     assert job.PERFLOW_JOB_FORMAT == "rectflow.perflow.job"
     assert '"format": "rectflow.perflow"' in Path(diffusers_io.__file__).read_text()
@@ -443,7 +443,7 @@ def test_pipeline_job_with_stock_scheduler_and_lora_bias(sd_folder, captions, tm
 
 def _stock_equals_ours(stock, job, runs, tol):
     """The stock pipeline's latents from given noise, at each (steps, guidance) of ``runs``, equal our sample_pipeline_latents."""
-    from rectflow.runs.perflow import sample_pipeline_latents
+    from rectflow.runs.perflow_job import sample_pipeline_latents
 
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     prompts = ["a red cat", "two dogs"]
@@ -474,8 +474,8 @@ def test_killed_pipeline_job_resumes_to_the_same_student(sd_folder, captions, tm
     """A kill inside the cache build, then one after 2 of 4 steps: the same student as one uninterrupted run,
     and the resumed run reads the finished cache without running the VAE encoder."""
     from rectflow.perflow.latent import LatentPipeline
-    from rectflow.runs import perflow as job_mod
-    from rectflow.runs.perflow import LatentDataOptions
+    from rectflow.runs import perflow_job as job_mod
+    from rectflow.runs.perflow_job import LatentDataOptions
 
     s, opts = PeRFlowSettings(windows=2, solver_steps=1), LatentDataOptions(shard_size=2)
     kw = {"settings": s, "data": captions, "latent": opts, "lora_rank": 0, "prompts": ["an owl"]}
@@ -514,7 +514,7 @@ def test_killed_pipeline_job_resumes_to_the_same_student(sd_folder, captions, tm
 
 
 def test_pipeline_job_refuses_bad_input(pipeline_job, sd_folder, captions, image_run, tmp_path):
-    from rectflow.runs.perflow import LatentDataOptions
+    from rectflow.runs.perflow_job import LatentDataOptions
 
     rec = (pipeline_job / "perflow.json").read_bytes()
     train = _latent_train(3)
@@ -697,7 +697,7 @@ def test_a_transformer_folder_without_text_encoders_is_refused_before_writing(tm
 _KILLABLE_JOB = """
 import sys, time, torch
 from rectflow.engine.trainer import TrainConfig
-from rectflow.runs.perflow import LatentDataOptions, PeRFlowSettings, train_perflow
+from rectflow.runs.perflow_job import LatentDataOptions, PeRFlowSettings, train_perflow
 
 def slow(trainer, step):  # a training step slow enough to be killed between two checkpoints
     time.sleep(0.3)
@@ -746,8 +746,8 @@ def test_a_pipeline_job_killed_with_sigkill_mid_training_resumes_to_the_same_stu
 
 def test_a_job_recorded_before_steps_defined_a_cosine_job_still_resumes(sd_folder, captions, tmp_path, monkeypatch):
     """rectflow 0.2.0 left train.steps out of perflow.json and of its checkpoints' records; its jobs resume with the same command."""
-    from rectflow.runs import perflow as job_mod
-    from rectflow.runs.perflow import LatentDataOptions
+    from rectflow.runs import perflow_job as job_mod
+    from rectflow.runs.perflow_job import LatentDataOptions
     from rectflow.runs.rundir import RESUMABLE_TRAIN_KEYS
 
     kw = {"settings": PeRFlowSettings(windows=2, solver_steps=1), "data": captions, "latent": LatentDataOptions(shard_size=2), "lora_rank": 0,

@@ -20,11 +20,11 @@ from rectflow.reflow.distill import one_step
 from rectflow.reflow.pairs import PairCoupling, generate_pairs
 from rectflow.runs.config import config_from_dict, config_to_dict
 from rectflow.runs.diagnose import diagnose_runs, format_stage_table
-from rectflow.runs.distill import train_distill
+from rectflow.runs.distill_job import train_distill
 from rectflow.runs.evaluation import evaluate_run
 from rectflow.runs.experiment import build_model, load_run, model_config, train_run
 from rectflow.runs.lineage import PairOptions, default_pairs_dir, stage_label
-from rectflow.runs.reflow import default_reflow_dir, train_reflow
+from rectflow.runs.reflow_job import default_reflow_dir, train_reflow
 from tests.conftest import gen
 from tests.runs.test_experiment import Net, Ring, tiny
 

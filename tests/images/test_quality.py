@@ -8,7 +8,7 @@ from torch import nn
 
 from rectflow.data import make_distribution
 from rectflow.errors import CheckpointError, ConfigError, DataError
-from rectflow.images.metrics import INCEPTION_URL, extract_features, fd, feature_statistics, fid, frechet_distance, inception_network, load_statistics, precision_recall, save_statistics
+from rectflow.images.quality import INCEPTION_URL, extract_features, fd, feature_statistics, fid, frechet_distance, inception_network, load_statistics, precision_recall, save_statistics
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 

@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from rectflow.data.images import ImageGaussian, to_uint8
+from rectflow.data.image_sets import ImageGaussian, to_uint8
 from rectflow.engine.hardware import resolve_device, resolve_precision
 from rectflow.engine.io import atomic_path, check_writable, load_json, load_tensors, make_dirs, save_json, save_tensors
 from rectflow.engine.trainer import TrainConfig, Trainer
@@ -48,11 +48,11 @@ from rectflow.errors import CheckpointError, ConfigError
 from rectflow.flow.guidance import guidance_nfe, map_condition
 from rectflow.flow.paths import LinearPath
 from rectflow.flow.solvers import euler
-from rectflow.images.sampling import save_image_grid
+from rectflow.images.generate import save_image_grid
 from rectflow.perflow.adapters import unwrap_unet
 from rectflow.perflow.delta import save_delta
 from rectflow.perflow.diffusers_io import export_student, load_teacher, verify_export_files
-from rectflow.perflow.guidance import LabelledData, as_guidance, guidance_plan
+from rectflow.perflow.guidance_modes import LabelledData, as_guidance, guidance_plan
 from rectflow.perflow.latent import LatentPipeline, export_pipeline, load_pipeline
 from rectflow.perflow.latent_cache import LatentCacheData, build_latent_cache, check_caption_lengths, read_captions
 from rectflow.perflow.lora import apply_lora, save_lora

@@ -14,7 +14,7 @@ Samplers (the repo protocol ``sample(n, generator=None, device=None) -> (n, C, H
 
 * :class:`ImageDataset` -- uniform draws with replacement, optional random horizontal flips,
   values scaled to [-1, 1]; ``sample_labelled`` also returns the labels (class-conditional
-  training, :mod:`rectflow.images.guidance`).  The images stay uint8 on ``storage_device``: a small data
+  training, :mod:`rectflow.images.conditional`).  The images stay uint8 on ``storage_device``: a small data
   set (CIFAR-10 is 150 MB) can live on the GPU, so a batch is a gather, a flip and a scale there.
 * :class:`ImageGaussian` -- N(0, I) of a given image shape (the usual source pi0).
 

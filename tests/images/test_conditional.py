@@ -12,8 +12,8 @@ from rectflow.errors import ConfigError, DataError
 from rectflow.flow.paths import LinearPath
 from rectflow.flow.sampling import sample_model
 from rectflow.flow.solvers import solve, time_grid
-from rectflow.images.guidance import NULL_LABEL, ConditionalFlowMatchingObjective, GuidedVelocity, LabelledCoupling, drop_labels, sample_guided
-from rectflow.images.sampling import FixedStepSampler, sample_images
+from rectflow.images.conditional import NULL_LABEL, ConditionalFlowMatchingObjective, GuidedVelocity, LabelledCoupling, drop_labels, sample_guided
+from rectflow.images.generate import FixedStepSampler, sample_images
 from rectflow.runs.config import load_config
 from rectflow.runs.experiment import build_distributions, build_objective, load_run, train_run
 
@@ -229,7 +229,7 @@ def test_guided_sampler_replays_as_a_cuda_graph():
 
 def test_a_guidance_scale_that_is_not_finite_is_refused():
     from rectflow.errors import ConfigError
-    from rectflow.images.guidance import GuidedVelocity
+    from rectflow.images.conditional import GuidedVelocity
     from rectflow.models import UNetVelocity
 
     net = UNetVelocity(1, 8, channels=8, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(), head_channels=8, num_classes=3)
@@ -242,7 +242,7 @@ def test_guided_sampling_passes_labels_by_keyword_so_wrappers_with_kwargs_work()
     wrappers whose forward is (x, t, **kwargs) (ConvertedModel, EDMPreconditioned); labels go in as y=, as before."""
     from rectflow.diffusion.parameterizations import ConvertedModel
     from rectflow.diffusion.schedules import FlowMatchingSchedule
-    from rectflow.images.sampling import sample_images
+    from rectflow.images.generate import sample_images
 
     m = ToyConditional()
     wrapped = ConvertedModel(m, FlowMatchingSchedule(), "velocity", "velocity")

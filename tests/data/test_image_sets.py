@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from rectflow.data import make_distribution
-from rectflow.data.images import (
+from rectflow.data.image_sets import (
     ImageArray,
     ImageDataset,
     ImageGaussian,
@@ -26,7 +26,7 @@ from rectflow.data.images import (
     to_unit_range,
 )
 from rectflow.errors import DataError
-from rectflow.images.sampling import image_grid, save_image_grid, save_pair_grid
+from rectflow.images.generate import image_grid, save_image_grid, save_pair_grid
 
 CIFAR = Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10-jpeg" / "test.zip"
 

@@ -12,7 +12,7 @@ from rectflow.errors import ConfigError, DataError
 from rectflow.flow.guidance import drop_conditions, guided_call, null_condition
 from rectflow.models.class_embedding import NULL_LABEL
 from rectflow.models.unet import UNetVelocity
-from rectflow.perflow.guidance import Guidance, LabelledData, guidance_plan
+from rectflow.perflow.guidance_modes import Guidance, LabelledData, guidance_plan
 
 torch.set_num_threads(1)
 

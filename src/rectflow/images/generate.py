@@ -21,14 +21,14 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from rectflow.data.images import to_uint8
+from rectflow.data.image_sets import to_uint8
 from rectflow.diffusion.specs import parse_spec, sample, spec_label
 from rectflow.engine.distributed import is_main_process
 from rectflow.engine.io import atomic_path
 from rectflow.engine.trainer import step_generator
 from rectflow.errors import ConfigError
 from rectflow.flow.solvers import FIXED_STEP_METHODS, check_grid, rk_step, time_grid
-from rectflow.images.guidance import GuidedVelocity, LabelConditioned
+from rectflow.images.conditional import GuidedVelocity, LabelConditioned
 
 __all__ = [
     "FixedStepSampler",
@@ -46,7 +46,7 @@ class FixedStepSampler(nn.Module):
 
     Args:
         model: the velocity network ``model(x, t)`` or ``model(x, t, y=...)`` (a
-            :class:`~rectflow.images.guidance.GuidedVelocity` works too, with ``y`` None).
+            :class:`~rectflow.images.conditional.GuidedVelocity` works too, with ``y`` None).
         method: euler | midpoint | heun | rk4.
         steps: number of steps (ignored if ``grid`` is given).
         grid: explicit time grid (increasing or decreasing).
@@ -160,7 +160,7 @@ def sample_images(
 
     Source batch i is drawn from ``step_generator(seed, i)``, so the samples depend only on the
     seed and the batch size.  ``labels`` (n,) with ``guidance`` w samples the guided flow (see
-    :mod:`rectflow.images.guidance`); fixed-step methods run the unrolled :class:`FixedStepSampler`.
+    :mod:`rectflow.images.conditional`); fixed-step methods run the unrolled :class:`FixedStepSampler`.
     Returns the images (n, C, H, W) in [-1, 1] on the CPU and a summary (NFE per sample, time).
     """
     if n < 1 or batch_size < 1:
