@@ -24,3 +24,11 @@ class BusyError(RectflowError):
 class OutputError(RectflowError):
     """An output path that cannot be written: a file where a directory is needed (or the reverse),
     no permission, a full disk.  The message names the path."""
+
+
+def check_int(value: object, name: str, low: int = 1, *, note: str = "") -> int:
+    """``value`` if it is an integer (not a bool) >= ``low``; else ConfigError "``name`` must be an integer >= low``note``,
+    got ...": the library's one integer-argument check."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}{note}, got {value!r}")
+    return value

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from rectflow.diffusion.samplers import dpm_solver_pp_2m, dpm_solver_pp_3m, edm_heun
 from rectflow.diffusion.schedules import FlowMatchingSchedule, karras_sigmas, times_from_sigmas
-from rectflow.errors import ConfigError
+from rectflow.errors import ConfigError, check_int
 from rectflow.flow.guidance import NULL_LABEL, check_guidance_scale, condition_batch, guidance_nfe, guided_call, map_condition, null_condition
 from rectflow.flow.meanflow import sample_mean_flow
 from rectflow.flow.sampling import run_sampler
@@ -162,8 +162,8 @@ def sample(
     b = x0.shape[0]
     if cond is None and w != 1.0:
         raise ConfigError(f"guidance scale {w} needs conditions (cond=...): an unconditional model has nothing to guide")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if batch_size is not None:
+        check_int(batch_size, "batch_size")
     chunked = batch_size is not None and batch_size < b
     if cond is not None and mean_flow:
         raise ConfigError("meanflow: conditional average-velocity models are not supported; sample them unconditionally")

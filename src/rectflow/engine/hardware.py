@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from rectflow.errors import ConfigError
+from rectflow.errors import ConfigError, check_int
 
 __all__ = ["PRECISIONS", "default_device", "resolve_device", "cpu_capability", "native_bf16", "resolve_precision", "precision_note", "usable_cores", "resolve_threads", "torch_threads",
            "hardware_info"]
@@ -116,8 +116,7 @@ def resolve_threads(threads: int | None, *, workers: int = 0, local_world_size: 
     """Torch threads of one process: ``threads`` when given; else the usable cores shared by the ``local_world_size`` ranks on
     this machine (``LOCAL_WORLD_SIZE`` under torchrun), less one core for DataLoader workers when there are any; at least 1."""
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ConfigError(f"train.threads must be an integer >= 1 or null (auto), got {threads!r}")
+        check_int(threads, "train.threads", note=" or null (auto)")
         return threads
     cores = cores or usable_cores()
     ranks = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)

@@ -21,7 +21,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from rectflow.errors import ConfigError
+from rectflow.errors import ConfigError, check_int
 from rectflow.flow.solvers import solve
 
 __all__ = ["Likelihood", "divergence_exact", "divergence_hutchinson", "log_likelihood", "dequantize", "bits_per_dim"]
@@ -117,8 +117,7 @@ def log_likelihood(
     if estimator not in ("exact", "hutchinson"):
         raise ConfigError(f"estimator must be 'exact' or 'hutchinson', got {estimator!r}")
     if estimator == "hutchinson":
-        if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
-            raise ConfigError(f"probes must be an integer >= 1, got {probes!r}")
+        check_int(probes, "probes")
         if noise not in ("rademacher", "gaussian"):
             raise ConfigError(f"noise must be 'rademacher' or 'gaussian', got {noise!r}")
         gdev = generator.device if generator is not None else x1.device

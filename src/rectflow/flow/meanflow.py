@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from rectflow.errors import ConfigError
+from rectflow.errors import ConfigError, check_int
 from rectflow.flow.couplings import Coupling
 from rectflow.flow.losses import LossOutput, check_coupling, per_sample_mse
 from rectflow.flow.paths import exact_dtype
@@ -140,8 +140,7 @@ class ShortcutObjective:
     """
 
     def __init__(self, coupling: Coupling, levels: int = 7, consistency_fraction: float = 0.25) -> None:
-        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
-            raise ConfigError(f"shortcut: levels must be an integer >= 1, got {levels!r}")
+        check_int(levels, "shortcut: levels")
         if not 0.0 <= consistency_fraction <= 1.0:
             raise ConfigError(f"shortcut: consistency_fraction must lie in [0, 1], got {consistency_fraction}")
         self.coupling = check_coupling(coupling)

@@ -53,7 +53,7 @@ from rectflow.engine import shards
 from rectflow.engine.io import load_tensors, save_tensors, sha256_file
 from rectflow.engine.shards import ShardLayout, StoreKind
 from rectflow.engine.trainer import step_generator
-from rectflow.errors import CheckpointError, ConfigError, DataError
+from rectflow.errors import CheckpointError, ConfigError, DataError, check_int
 from rectflow.flow.guidance import map_condition
 from rectflow.perflow.latent import LatentPipeline
 
@@ -297,8 +297,7 @@ def build_latent_cache(
         CheckpointError: a recorded shard is missing, truncated or changed.
     """
     for key, v in (("shard_size", shard_size), ("encode_batch", encode_batch), ("seed", seed)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "seed" else 1):
-            raise ConfigError(f"latent cache: {key} must be an integer >= {0 if key == 'seed' else 1}, got {v!r}")
+        check_int(v, f"latent cache: {key}", 0 if key == "seed" else 1)
     if dtype not in _DTYPES:
         raise ConfigError(f"latent cache: dtype must be one of {list(_DTYPES)}, got {dtype!r}")
     if latent_mode not in ("mean", "sample"):

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from rectflow.engine.io import load_tensors, save_tensors
-from rectflow.errors import CheckpointError, ConfigError
+from rectflow.errors import CheckpointError, ConfigError, check_int
 
 __all__ = ["LORA_WEIGHT_NAME", "LoraReport", "apply_lora", "load_lora", "lora_factors", "lora_state_dict", "lora_to_delta", "save_lora"]
 
@@ -82,8 +82,8 @@ def lora_factors(delta: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor
     ``rank`` None or above the full rank: full rank (exact)."""
     if delta.dim() not in (2, 4):
         raise ConfigError(f"lora_factors: expected a Linear (2-D) or Conv2d (4-D) weight delta, got shape {tuple(delta.shape)}")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ConfigError(f"lora rank must be an integer >= 1 (or None for full rank), got {rank!r}")
+    if rank is not None:
+        check_int(rank, "lora rank", note=" (or None for full rank)")
     out = delta.shape[0]
     mat = delta.detach().to(torch.float64).reshape(out, -1)
     u, s, vh = torch.linalg.svd(mat, full_matrices=False)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from rectflow.diffusion.schedules import DDPMSchedule, DiscreteFlowMatchingSchedule
 from rectflow.engine.io import load_json, save_json
-from rectflow.errors import ConfigError
+from rectflow.errors import ConfigError, check_int
 from rectflow.perflow.student import PeRFlowStudent
 from rectflow.perflow.windows import validate_windows
 
@@ -115,8 +115,7 @@ def _flow_schedule_from_config(cfg: dict[str, Any]) -> tuple[DiscreteFlowMatchin
         if value not in _FLOW_MUST_BE[key]:
             raise ConfigError(f"diffusers scheduler: {key}={value!r} is not supported ({_FLOW_WHY[key]})")
     n, shift = cfg.get("num_train_timesteps", 1000), cfg.get("shift", 1.0)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(f"diffusers scheduler: num_train_timesteps must be an integer >= 1, got {n!r}")
+    check_int(n, "diffusers scheduler: num_train_timesteps")
     if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) or not shift > 0:
         raise ConfigError(f"diffusers scheduler: shift must be a finite number > 0, got {shift!r}")
     return DiscreteFlowMatchingSchedule(n, float(shift)), "u"

@@ -45,7 +45,7 @@ from rectflow.engine import shards as _shards
 from rectflow.engine.io import load_tensors, save_json, save_tensors, sha256_file
 from rectflow.engine.shards import MANIFEST, ShardLayout, StoreKind, state_dict_sha256
 from rectflow.engine.trainer import step_generator
-from rectflow.errors import CheckpointError, ConfigError, DataError
+from rectflow.errors import CheckpointError, ConfigError, DataError, check_int
 
 __all__ = [
     "PAIRS_FORMAT",
@@ -371,12 +371,10 @@ def generate_pairs(
         DataError: the model's and the source's dimensions differ.
     """
 
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(f"number of pairs must be an integer >= 1, got {n!r}")
-    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-        raise ConfigError(f"shard size must be an integer >= 1, got {shard_size!r}")
-    if solve_batch is not None and (isinstance(solve_batch, bool) or not isinstance(solve_batch, int) or solve_batch < 1):
-        raise ConfigError(f"solve batch must be an integer >= 1, got {solve_batch!r}")
+    check_int(n, "number of pairs")
+    check_int(shard_size, "shard size")
+    if solve_batch is not None:
+        check_int(solve_batch, "solve batch")
     method, steps = parse_spec(solver)
     if method == "edm":
         raise ConfigError(f"pairs: {solver} starts at sigma_max = 80 from b(t_0) x0, not from x0, so the stored pair (x0, x1) would not be the "

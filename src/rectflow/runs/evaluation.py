@@ -13,7 +13,7 @@ from rectflow.data import point_file_path
 from rectflow.data.image_sets import to_uint8
 from rectflow.diffusion.specs import parse_spec, sample, spec_label
 from rectflow.engine.io import atomic_path, save_json
-from rectflow.errors import ConfigError
+from rectflow.errors import ConfigError, check_int
 from rectflow.flow.likelihood import bits_per_dim, dequantize, log_likelihood
 from rectflow.flow.metrics import energy_distance, wasserstein2
 from rectflow.flow.solvers import METHODS
@@ -70,8 +70,7 @@ def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None, f
 
 def _sample_count(run: Run, n: int | None) -> int:
     n = run.config.eval.n_samples if n is None else n
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise ConfigError(f"number of held-out samples (--n) must be an integer >= 2 (a distance between one-point sets means nothing), got {n!r}")
+    check_int(n, "number of held-out samples (--n)", 2, note=" (a distance between one-point sets means nothing)")
     return n
 
 

@@ -44,7 +44,7 @@ from rectflow.data.image_sets import ImageGaussian, to_uint8
 from rectflow.engine.hardware import resolve_device, resolve_precision
 from rectflow.engine.io import atomic_path, check_writable, load_json, load_tensors, make_dirs, save_json, save_tensors
 from rectflow.engine.trainer import TrainConfig, Trainer
-from rectflow.errors import CheckpointError, ConfigError
+from rectflow.errors import CheckpointError, ConfigError, check_int
 from rectflow.flow.guidance import guidance_nfe, map_condition
 from rectflow.flow.paths import LinearPath
 from rectflow.flow.solvers import euler
@@ -143,8 +143,7 @@ class LatentDataOptions:
         """The checks of ``build_latent_cache``, made before anything is written."""
         for key in ("shard_size", "encode_batch", "seed"):
             v, low = getattr(self, key), 0 if key == "seed" else 1
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ConfigError(f"perflow latent cache: {key} must be an integer >= {low}, got {v!r}")
+            check_int(v, f"perflow latent cache: {key}", low)
         if self.latent_mode not in ("mean", "sample"):
             raise ConfigError(f"perflow latent cache: latent_mode must be 'mean' or 'sample', got {self.latent_mode!r}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
@@ -400,10 +399,8 @@ def _train_pipeline_job(folder: Path, out: Path, settings: PeRFlowSettings, trai
     """:func:`train_perflow` for a latent text-to-image pipeline teacher (see there)."""
     opts.validate()
     rank = DEFAULT_LORA_RANK if lora_rank is None else lora_rank
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-        raise ConfigError(f"perflow: lora_rank must be an integer >= 0 (0: no LoRA), got {rank!r}")
-    if isinstance(per_prompt, bool) or not isinstance(per_prompt, int) or per_prompt < 1:
-        raise ConfigError(f"perflow: samples_per_prompt must be an integer >= 1, got {per_prompt!r}")
+    check_int(rank, "perflow: lora_rank", 0, note=" (0: no LoRA)")
+    check_int(per_prompt, "perflow: samples_per_prompt")
     if not isinstance(data, (str, Path)):
         raise ConfigError(f"perflow: the text-to-image pipeline {folder} needs a folder of captioned images as data "
                           "(--data PATH: a metadata.jsonl with file_name and text, or a .txt beside each image)")
