@@ -324,7 +324,7 @@ class Bench(PhasedBench):
         d = {name: self.done(name) for name in sorted(p.stem for p in (self.work / "phases").glob("*.json"))}
         lines = ["# PeRFlow on a trained text-to-image pipeline (CIFAR-10 16x16 teacher of t2i_teacher.py)", "",
                  machine_line(m), "",
-                 f"Command: `python benchmarks/t2i_perflow.py {' '.join(sys.argv[1:])}`", ""]
+                 f"Command: `python benchmarks/t2i_perflow.py {' '.join(x for x in sys.argv[1:] if x != '--report-only')}`", ""]
         for seed in a.seeds:
             for mode in MODES:
                 p = d.get(f"perflow-{mode}-s{seed}")
@@ -343,6 +343,15 @@ class Bench(PhasedBench):
                 fd, acc = [x["fd"] for x in rs], [x["prompt_accuracy"] for x in rs]
                 lines.append(f"| {k[0]} | {k[1]} | {rs[0]['nfe']} | {np.mean(fd):.3f} ({' / '.join(f'{v:.3f}' for v in fd)}) | "
                              f"{np.mean(acc):.3f} ({' / '.join(f'{v:.3f}' for v in acc)}) | {1e3 * np.mean([x['s_per_image'] for x in rs]):.1f} |")
+            mean = {k: {c: float(np.mean([b[k][c] for b in by_seed if k in b])) for c in ("fd", "prompt_accuracy")} for k in keys}
+            t25, d4, p4 = mean.get(("teacher DPM-Solver++", 25)), mean.get(("teacher DDIM", 4)), mean.get(("PeRFlow (guidance mode teacher)", 4))
+            if t25 and d4 and p4:
+                fd_r, acc_r, ddim_r = p4["fd"] / t25["fd"], p4["prompt_accuracy"] / t25["prompt_accuracy"], d4["fd"] / t25["fd"]
+                lines += ["", "Goals (guidance mode teacher):",
+                          f"- PeRFlow 4-step FD / teacher 25-step FD: {fd_r:.2f}x (goal <= 1.2x: {'met' if fd_r <= 1.2 else 'NOT met'});",
+                          f"- prompt accuracy: {acc_r:.3f}x the teacher's (goal >= 0.95x: {'met' if acc_r >= 0.95 else 'NOT met'});",
+                          f"- teacher DDIM 4: FD {ddim_r:.2f}x the teacher's 25-step (clearly worse than both: "
+                          f"{'yes' if d4['fd'] > 1.2 * max(t25['fd'], p4['fd']) else 'no'})."]
             if (a.out / f"{a.name}_grid_s{done_seeds[0]}.png").is_file():
                 lines += ["", f"Columns, left to right: teacher DPM-Solver++ 25, teacher DDIM 4, PeRFlow 4 (seed {done_seeds[0]}); a row per prompt.", "",
                           f"![grid seed {done_seeds[0]}]({a.name}_grid_s{done_seeds[0]}.png)"]

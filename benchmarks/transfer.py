@@ -170,7 +170,7 @@ class Bench(PhasedBench):
     def write(self) -> None:
         a, m = self.a, machine_info()
         lines = [f"# Domain transfer on CIFAR-10 {a.size}x{a.size}: straight and in one step", "", machine_line(m), "",
-                 f"Command: `python benchmarks/transfer.py {' '.join(sys.argv[1:])}`", ""]
+                 f"Command: `python benchmarks/transfer.py {' '.join(x for x in sys.argv[1:] if x != '--report-only')}`", ""]
         for src, tgt in a.pairs_of_classes:
             name = f"{src}2{tgt}"
             evals = [e for e in (self.done(f"{name}-s{s}-eval") for s in a.seeds) if e]
