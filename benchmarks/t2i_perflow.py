@@ -368,6 +368,12 @@ class Bench(PhasedBench):
                 fd, acc = [x["fd"] for x in rs], [x["prompt_accuracy"] for x in rs]
                 lines.append(f"| {r['method']} | {r['steps']} | {np.mean(fd):.3f} ({' / '.join(f'{v:.3f}' for v in fd)}) | "
                              f"{np.mean(acc):.3f} ({' / '.join(f'{v:.3f}' for v in acc)}) |")
+            pm = {r["method"]: float(np.mean([p["rows"][i]["fd"] for p in plugs])) for i, r in enumerate(plugs[0]["rows"])}
+            own, full, lora = pm.get("derivative DPM-Solver++"), pm.get("derivative + base full delta"), pm.get("derivative + base LoRA")
+            if own and full and lora:
+                lines += ["", "Goals:", f"- derivative + base delta at 4 steps / the derivative's own 25 steps, FD: {full / own:.2f}x "
+                          f"(goal <= 1.3x: {'met' if full / own <= 1.3 else 'NOT met'});",
+                          f"- the LoRA / the full delta, FD: {lora / full:.2f}x (goal within 1.1x: {'met' if lora / full <= 1.1 else 'NOT met'})."]
             lines += ["", "Columns, left to right: derivative DPM-Solver++ 25, derivative DDIM 4, derivative + base delta 4.", "",
                       *[f"![derivative grid seed {s}]({a.name}_derivative_grid_s{s}.png)" for s in plug_seeds[:1]], ""]
         write_results(a.out, a.name, {"machine": m, "cpu_capability": cap, "bf16_native": native, "phases": d}, "\n".join(lines))
