@@ -61,7 +61,7 @@ from rectflow.runs.transfer import TransferInputs, load_transfer_inputs
 from rectflow.runs.tune import render_table, tune, write_overrides
 from rectflow.version import __version__
 
-__all__ = ["build_parser", "main"]
+__all__ = ["apply_perflow_config", "build_parser", "main"]
 
 
 def _add_sample_args(p: argparse.ArgumentParser) -> None:
@@ -202,7 +202,7 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
     return sub.choices[name]
 
 
-def _apply_perflow_config(args: argparse.Namespace) -> None:
+def apply_perflow_config(args: argparse.Namespace) -> None:
     """Fill ``args`` from the ``--config`` files and the KEY=VALUE overrides of ``rectflow perflow``: strict keys (the
     command's own option names), each value checked against its option's type and choices (one line naming the key and
     the file); an option given on the command line wins over a file, an override over both."""
@@ -765,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, quoted where a job records how it was made
     try:
         if args.command == "perflow":
-            _apply_perflow_config(args)
+            apply_perflow_config(args)
         _check_number_options(parser, args)
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:

@@ -192,12 +192,12 @@ def test_cli_perflow_config_refuses_bad_keys_in_one_line(image_run, tmp_path, ca
 def test_cli_perflow_config_reads_values_as_the_flags_would():
     """Review findings: 1e-4 (a string to YAML 1.1) is a number; an override of a string option keeps its text (prompt=yes
     is the prompt 'yes'); repeated --prompt-like overrides add up as --prompt does; a flag given as --opt=value wins too."""
-    from rectflow.cli import _apply_perflow_config, build_parser
+    from rectflow.cli import apply_perflow_config, build_parser
 
     def apply(argv):
         args, extra = build_parser().parse_known_args(argv)
         args.overrides, args.argv = [*args.overrides, *extra], argv
-        _apply_perflow_config(args)
+        apply_perflow_config(args)
         return args
 
     import tempfile

@@ -171,7 +171,7 @@ def sample(
         raise ConfigError(f"cond has {condition_batch(cond)} rows for {b} samples: give one condition per sample")
     if trajectory and chunked and name == "dopri5":
         raise ConfigError("dopri5 with a trajectory cannot be batched (each chunk stops at its own times); drop batch_size or the trajectory")
-    null = null_condition(cond, null_cond) if cond is not None and w != 1.0 else null_cond  # full batch: a per-row null is split with cond
+    null = null_condition(cond, null_cond) if cond is not None and w != 1.0 else None  # full batch, split with cond; unused at w = 1
 
     def chunk_result(x: Tensor, c: Any, n: Any) -> SolveResult:
         f = model if c is None else (lambda z, t: guided_call(model, z, t, c, n, w))
@@ -179,13 +179,12 @@ def sample(
         return res if c is None else res._replace(nfe=res.nfe * guidance_nfe(w))
 
     def rows(c: Any, i: int) -> Any:
-        return c if c is None or not isinstance(c, (Tensor, tuple, list, dict)) else map_condition(lambda part: part[i:i + batch_size], c)
+        return None if c is None else map_condition(lambda part: part[i:i + batch_size], c)
 
     def run() -> SolveResult:
         if not chunked:
             return chunk_result(x0, cond, null)
-        return concat_results([chunk_result(x0[i:i + batch_size], rows(cond, i), rows(null, i) if cond is not None and w != 1.0 else null)
-                               for i in range(0, b, batch_size)])
+        return concat_results([chunk_result(x0[i:i + batch_size], rows(cond, i), rows(null, i)) for i in range(0, b, batch_size)])
 
     return run_sampler(model, run, spec)
 
