@@ -25,7 +25,7 @@ from rectflow.engine.distributed import destroy, init_from_env, is_main_process,
 from rectflow.engine.hardware import resolve_device
 from rectflow.engine.io import atomic_path, check_writable, save_json
 from rectflow.engine.trainer import TrainConfig
-from rectflow.errors import ConfigError, RectflowError
+from rectflow.errors import ConfigError, RectflowError, check_fraction
 from rectflow.flow.guidance import guidance_nfe
 from rectflow.images.generate import sample_images, write_named_images
 from rectflow.perflow.guidance_modes import GUIDANCE_MODES
@@ -686,8 +686,7 @@ def _perflow_guidance_flags(args: argparse.Namespace) -> float:
     if args.guidance_mode not in GUIDANCE_MODES:
         raise ConfigError(f"--guidance-mode must be one of {', '.join(GUIDANCE_MODES)}, got {args.guidance_mode!r}")
     p = args.p_uncond if args.p_uncond is not None else (0.1 if args.guidance_mode == "student" else 0.0)
-    if not 0.0 <= p <= 1.0:
-        raise ConfigError(f"--p-uncond must lie in [0, 1], got {p}")
+    p = check_fraction(p, "--p-uncond")
     if args.guidance_mode == "student" and args.guidance != 1.0 and p == 0.0:
         raise ConfigError("--p-uncond must be > 0 with --guidance-mode student (condition dropout keeps the student's unconditional branch for guidance)")
     return p

@@ -1,5 +1,7 @@
-"""The contract between the maths and the training engine, at the bottom of the package so both sides import it and
-neither imports the other: an :class:`Objective` draws a batch and scores a model on it with a :class:`LossOutput`."""
+"""The conventions every layer shares, at the bottom of the package so each side imports them and none imports
+another: an :class:`Objective` (the contract between the maths and the training engine) draws a batch and scores a
+model on it with a :class:`LossOutput`; :data:`NULL_LABEL` is the integer label that means "no condition" (what a
+class embedding reads as unconditional and what classifier-free guidance and condition dropout write)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,9 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LossOutput", "Objective"]
+__all__ = ["NULL_LABEL", "LossOutput", "Objective"]
+
+NULL_LABEL = -1
 
 
 class LossOutput(NamedTuple):

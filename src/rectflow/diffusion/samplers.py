@@ -34,7 +34,7 @@ from torch import Tensor
 from rectflow.diffusion.parameterizations import SingularConversionError, to_x0_eps
 from rectflow.diffusion.schedules import log_snr, log_snr_derivative, time_from_log_snr
 from rectflow.flow.paths import AffinePath
-from rectflow.flow.solvers import SolveResult, check_grid, time_vector
+from rectflow.flow.solvers import SolveResult, Trajectory, check_grid, time_vector
 
 __all__ = [
     "Model",
@@ -113,12 +113,11 @@ def renoise(z: Tensor, t_from: float, t_to: float, path: AffinePath, noise: Tens
 
 
 def _run(step: Callable[[Tensor, float, float], Tensor], x: Tensor, g: list[float], trajectory: bool) -> SolveResult:
-    traj = [x] if trajectory else None
+    traj = Trajectory(x, g[0], trajectory)
     for t, t_next in zip(g, g[1:]):
         x = step(x, t, t_next)
-        if traj is not None:
-            traj.append(x)
-    return SolveResult(x, len(g) - 1, torch.stack(traj) if traj is not None else None, torch.tensor(g, dtype=torch.float64))
+        traj.add(x, t_next)
+    return traj.result(x, len(g) - 1, g)
 
 
 def ddim(model: Model, x: Tensor, grid, *, path: AffinePath, parameterization: str = "velocity",
@@ -276,7 +275,7 @@ def _dpm_solver_pp(model: Model, x: Tensor, grid, path: AffinePath, parameteriza
                    return_trajectory: bool) -> SolveResult:
     """The multistep loop of DPM-Solver++(2M) and (3M): the step of ``order`` from the last predictions."""
     g = check_grid(grid, name=f"dpm_solver_pp_{order}m: the time grid", increasing=True, unit_interval=True)
-    traj = [x] if return_trajectory else None
+    traj = Trajectory(x, g[0], return_trajectory)
     preds: list[Tensor] = []  # the last x-hats, newest first, at half log-SNRs lams
     lams: list[float] = []
     for t, t_next in zip(g, g[1:]):
@@ -307,9 +306,8 @@ def _dpm_solver_pp(model: Model, x: Tensor, grid, path: AffinePath, parameteriza
             phi1, phi2, phi3 = 1 - decay, h - 1 + decay, h * h / 2 - h + 1 - decay
             d = x0 + (phi2 / phi1) * slope + (phi3 / phi1) * curve
         x = (b_n / b) * x + a_n * (1 - decay) * d if b > 0 else a_n * d
-        if traj is not None:
-            traj.append(x)
-    return SolveResult(x, len(g) - 1, torch.stack(traj) if traj is not None else None, torch.tensor(g, dtype=torch.float64))
+        traj.add(x, t_next)
+    return traj.result(x, len(g) - 1, g)
 
 
 def edm_heun(model: Model, x: Tensor, grid, *, path: AffinePath, parameterization: str = "velocity",
@@ -346,7 +344,7 @@ def edm_heun(model: Model, x: Tensor, grid, *, path: AffinePath, parameterizatio
         return predict_x0_eps(model, a * y, t, path, parameterization)[0]
 
     y = x / a0
-    traj = [x] if return_trajectory else None
+    traj = Trajectory(x, g[0], return_trajectory)
     nfe = 0
     for i in range(n_steps):
         s_i, s_next = sig[i], sig[i + 1]
@@ -362,7 +360,6 @@ def edm_heun(model: Model, x: Tensor, grid, *, path: AffinePath, parameterizatio
             nfe += 1
             y_next = y + (s_next - s_hat) * 0.5 * (d + d2)
         y = y_next
-        if traj is not None:
-            traj.append(y * _coef(path, g[i + 1])[0])
-    z = y * _coef(path, g[-1])[0]
-    return SolveResult(z, nfe, torch.stack(traj) if traj is not None else None, torch.tensor(g, dtype=torch.float64))
+        if traj.states is not None:
+            traj.add(y * _coef(path, g[i + 1])[0], g[i + 1])
+    return traj.result(y * _coef(path, g[-1])[0], nfe, g)

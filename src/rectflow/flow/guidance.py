@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rectflow.errors import ConfigError
-from rectflow.models.class_embedding import NULL_LABEL
+from rectflow.errors import ConfigError, check_fraction
+from rectflow.protocols import NULL_LABEL
 
 __all__ = ["NULL_LABEL", "check_guidance_scale", "concat_conditions", "condition_batch", "drop_conditions", "guidance_nfe", "guided_call", "map_condition", "null_condition"]
 
@@ -118,8 +118,7 @@ def drop_conditions(cond: Any, null_cond: Any, p_uncond: float, generator: torch
     """Condition dropout: each example's condition replaced by the null one with probability
     ``p_uncond``; one uniform draw per example from ``generator`` (always made, so the stream does
     not depend on p).  Returns ``cond``'s structure, batch B."""
-    if not 0.0 <= p_uncond <= 1.0:
-        raise ConfigError(f"condition dropout p_uncond must lie in [0, 1], got {p_uncond}")
+    p_uncond = check_fraction(p_uncond, "condition dropout p_uncond")
     b = condition_batch(cond)
     first = cond
     while not isinstance(first, Tensor):

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from rectflow.errors import ConfigError, check_int
+from rectflow.errors import ConfigError, check_fraction, check_int
 from rectflow.flow.couplings import Coupling
 from rectflow.flow.losses import LossOutput, check_coupling, per_sample_mse
 from rectflow.flow.paths import exact_dtype
@@ -78,8 +78,7 @@ class MeanFlowObjective:
 
     def __init__(self, coupling: Coupling, time_sampler: Any = None, equal_fraction: float = 0.25, adaptive_power: float | None = None,
                  adaptive_c: float = 1e-3) -> None:
-        if not 0.0 <= equal_fraction <= 1.0:
-            raise ConfigError(f"meanflow: equal_fraction must lie in [0, 1], got {equal_fraction}")
+        check_fraction(equal_fraction, "meanflow: equal_fraction")
         if not ((adaptive_power is None or adaptive_power >= 0) and adaptive_c > 0):
             raise ConfigError(f"meanflow: adaptive_power must be None or >= 0 and adaptive_c > 0, got {adaptive_power}, {adaptive_c}")
         self.adaptive_power = None if adaptive_power is None else float(adaptive_power)
@@ -141,8 +140,7 @@ class ShortcutObjective:
 
     def __init__(self, coupling: Coupling, levels: int = 7, consistency_fraction: float = 0.25) -> None:
         check_int(levels, "shortcut: levels")
-        if not 0.0 <= consistency_fraction <= 1.0:
-            raise ConfigError(f"shortcut: consistency_fraction must lie in [0, 1], got {consistency_fraction}")
+        check_fraction(consistency_fraction, "shortcut: consistency_fraction")
         self.coupling = check_coupling(coupling)
         self.levels, self.consistency_fraction = levels, float(consistency_fraction)
 

@@ -25,6 +25,7 @@ __all__ = [
     "concat_results",
     "Velocity",
     "SolveResult",
+    "Trajectory",
     "ButcherTableau",
     "FIXED_STEP_METHODS",
     "METHODS",
@@ -53,6 +54,25 @@ class SolveResult(NamedTuple):
     nfe: int
     trajectory: Tensor | None
     times: Tensor
+
+
+class Trajectory:
+    """The states and times a solve passes through, kept only when asked for: the one collector of every solver and
+    sampler.  ``add(x, t)`` after each accepted step; ``result(x, nfe, times)`` the :class:`SolveResult`, whose
+    ``times`` are the kept ones, or ``times`` (the grid, or [t0, t1]) when no trajectory was kept."""
+
+    def __init__(self, x0: Tensor, t0: float, keep: bool) -> None:
+        self.states: list[Tensor] | None = [x0] if keep else None
+        self.times: list[float] = [t0]
+
+    def add(self, x: Tensor, t: float) -> None:
+        if self.states is not None:
+            self.states.append(x)
+            self.times.append(t)
+
+    def result(self, x: Tensor, nfe: int, times: Sequence[float]) -> SolveResult:
+        kept = self.states is not None
+        return SolveResult(x, nfe, torch.stack(self.states) if kept else None, torch.tensor(self.times if kept else list(times), dtype=torch.float64))
 
 
 def concat_results(parts: Sequence[SolveResult]) -> SolveResult:
@@ -154,15 +174,13 @@ def fixed_step(
     NFE = tableau.stages * (len(grid) - 1).
     """
     g = check_grid(grid)
-    traj = [x] if return_trajectory else None
+    traj = Trajectory(x, g[0], return_trajectory)
     nfe = 0
     for t, t_next in zip(g, g[1:]):
         x, ks = rk_step(f, x, t, t_next - t, tableau)
         nfe += len(ks)
-        if traj is not None:
-            traj.append(x)
-    times = torch.tensor(g, dtype=torch.float64)
-    return SolveResult(x, nfe, torch.stack(traj) if traj is not None else None, times)
+        traj.add(x, t_next)
+    return traj.result(x, nfe, g)
 
 
 def euler(f: Velocity, x: Tensor, grid, *, return_trajectory: bool = False) -> SolveResult:
@@ -253,7 +271,7 @@ def dopri5(
             raise ValueError(f"first_step must be > 0, got {first_step}")
         h = min(float(first_step), span)
     t = t0
-    traj, times = ([x], [t0]) if return_trajectory else (None, None)
+    traj = Trajectory(x, t0, return_trajectory)
     for _ in range(max_steps):
         if direction * (t1 - t) <= 1e-12 * max(1.0, abs(t1)):
             break
@@ -268,17 +286,14 @@ def dopri5(
         if err_norm <= 1.0:
             t = t1 if h >= abs(t1 - t) else t + hs
             x, k1 = x_new, ks[-1]  # first-same-as-last: k7 = f(x_new, t + h)
-            if traj is not None:
-                traj.append(x)
-                times.append(t)
+            traj.add(x, t)
         factor = 10.0 if err_norm == 0 else min(10.0, max(0.2, 0.9 * err_norm ** (-1 / 5)))
         h = h * factor
         if h < 1e-12 * max(1.0, span):
             raise FloatingPointError(f"dopri5: step size underflow at t = {t:.6g} (is the velocity finite and smooth?)")
     else:
         raise RuntimeError(f"dopri5: did not reach t1 = {t1} within max_steps = {max_steps}")
-    tt = torch.tensor(times if times is not None else [t0, t1], dtype=torch.float64)
-    return SolveResult(x, nfe, torch.stack(traj) if traj is not None else None, tt)
+    return traj.result(x, nfe, [t0, t1])
 
 
 def solve(

@@ -33,12 +33,12 @@ import torch
 from torch import Tensor, nn
 
 from rectflow.diffusion.specs import sample, spec_label
-from rectflow.errors import ConfigError, DataError
+from rectflow.errors import ConfigError, DataError, check_fraction
 from rectflow.flow.guidance import drop_conditions, guidance_nfe, guided_call
 from rectflow.flow.losses import FlowMatchingObjective, LossOutput, flow_matching_loss
 from rectflow.flow.paths import AffinePath
 from rectflow.flow.solvers import SolveResult
-from rectflow.models.class_embedding import NULL_LABEL
+from rectflow.protocols import NULL_LABEL
 
 __all__ = [
     "drop_labels",
@@ -56,8 +56,6 @@ __all__ = [
 def drop_labels(y: Tensor, p_uncond: float, generator: torch.Generator | None = None) -> Tensor:
     """Replace each label by NULL_LABEL with probability ``p_uncond`` (one uniform draw per label
     from ``generator``, always made so the stream does not depend on p).  y (B,) -> (B,)."""
-    if not 0.0 <= p_uncond <= 1.0:
-        raise ConfigError(f"label dropout p_uncond must lie in [0, 1], got {p_uncond}")
     return drop_conditions(y, NULL_LABEL, p_uncond, generator)
 
 
@@ -126,10 +124,8 @@ class ConditionalFlowMatchingObjective(FlowMatchingObjective):
     """
 
     def __init__(self, coupling, p_uncond: float = 0.1, path: AffinePath | None = None, time_sampler=None, weight=None) -> None:
-        if not 0.0 <= p_uncond <= 1.0:
-            raise ConfigError(f"label dropout p_uncond must lie in [0, 1], got {p_uncond}")
         super().__init__(coupling, path=path, time_sampler=time_sampler, weight=weight)
-        self.p_uncond = float(p_uncond)
+        self.p_uncond = check_fraction(p_uncond, "label dropout p_uncond")
 
     def draw(self, n: int, generator: torch.Generator, device) -> ConditionalFlowBatch:
         x0, x1, y = self.coupling.sample(n, generator=generator, device=device)

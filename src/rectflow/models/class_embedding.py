@@ -9,10 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["NULL_LABEL", "ClassEmbedding"]
+from rectflow.protocols import NULL_LABEL
 
-NULL_LABEL = -1
-"""The label of the unconditional branch: trained by label dropout, used by guidance."""
+__all__ = ["NULL_LABEL", "ClassEmbedding"]
 
 
 class ClassEmbedding(nn.Module):

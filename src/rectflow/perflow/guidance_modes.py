@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rectflow.errors import ConfigError, DataError
+from rectflow.errors import ConfigError, DataError, check_fraction
 from rectflow.flow.guidance import NULL_LABEL, check_guidance_scale, drop_conditions, guidance_nfe, guided_call
 
 __all__ = ["GUIDANCE_MODES", "NULL_LABEL", "Guidance", "LabelledData", "as_guidance", "drop_conditions", "guidance_plan"]
@@ -70,8 +70,7 @@ def guidance_plan(mode: str, scale: float, p_uncond: float) -> tuple[float, floa
     w = check_guidance_scale(scale)
     if mode not in GUIDANCE_MODES:
         raise ConfigError(f"perflow: guidance_mode must be one of {list(GUIDANCE_MODES)}, got {mode!r}")
-    if not 0.0 <= p_uncond <= 1.0:
-        raise ConfigError(f"perflow: p_uncond must lie in [0, 1], got {p_uncond}")
+    p_uncond = check_fraction(p_uncond, "perflow: p_uncond")
     if mode == "teacher":
         return w, 1.0
     if w != 1.0 and p_uncond <= 0.0:

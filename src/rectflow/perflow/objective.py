@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from rectflow.diffusion.parameterizations import convert
-from rectflow.errors import ConfigError
+from rectflow.errors import ConfigError, check_fraction
 from rectflow.flow.guidance import NULL_LABEL, drop_conditions
 from rectflow.flow.losses import LossOutput, per_sample_mse
 from rectflow.flow.paths import exact_dtype, expand_like
@@ -72,10 +72,8 @@ class PeRFlowObjective:
                  window_weights: Sequence[float] | None = None) -> None:
         if solver_steps < 1:
             raise ConfigError(f"perflow.solver_steps must be >= 1, got {solver_steps}")
-        if not 0.0 <= start_fraction <= 1.0:
-            raise ConfigError(f"perflow.start_fraction must lie in [0, 1], got {start_fraction}")
-        if not 0.0 <= p_uncond <= 1.0:
-            raise ConfigError(f"perflow.p_uncond must lie in [0, 1], got {p_uncond}")
+        check_fraction(start_fraction, "perflow.start_fraction")
+        check_fraction(p_uncond, "perflow.p_uncond")
         if target not in ("teacher", "data"):
             raise ConfigError(f"perflow.target must be 'teacher' (the teacher's window solve) or 'data' (no teacher), got {target!r}")
         self.start_fraction, self.p_uncond, self.null_cond, self.target = float(start_fraction), float(p_uncond), null_cond, target
