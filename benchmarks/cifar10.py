@@ -42,9 +42,10 @@ from _machine import machine_info, machine_line, write_results  # noqa: E402
 from rectflow.data.image_sets import load_images, to_unit_range  # noqa: E402
 from rectflow.engine.trainer import TimeBudget  # noqa: E402
 from rectflow.images.quality import inception_network  # noqa: E402
+from rectflow.reflow.pairs import PairOptions  # noqa: E402
 from rectflow.runs.config import load_config  # noqa: E402
 from rectflow.runs.experiment import load_run, train_run  # noqa: E402
-from rectflow.runs.lineage import PairOptions, child_config, generate_run_pairs  # noqa: E402
+from rectflow.runs.lineage import child_config, generate_run_pairs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"

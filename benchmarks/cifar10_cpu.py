@@ -54,9 +54,10 @@ from rectflow.data.image_sets import load_images, resize_images, to_unit_range  
 from rectflow.engine.checkpoint import latest_checkpoint, list_checkpoints, load_optimizer_state, load_weights, read_checkpoint, save_checkpoint  # noqa: E402
 from rectflow.engine.trainer import TimeBudget, step_generator  # noqa: E402
 from rectflow.reflow.diagnostics import straightness, transport_cost  # noqa: E402
+from rectflow.reflow.pairs import PairOptions  # noqa: E402
 from rectflow.runs.config import load_config  # noqa: E402
 from rectflow.runs.experiment import build_distributions, build_model, load_run, model_config, train_run  # noqa: E402
-from rectflow.runs.lineage import PairOptions, child_config, generate_run_pairs  # noqa: E402
+from rectflow.runs.lineage import child_config, generate_run_pairs  # noqa: E402
 from rectflow.runs.report import build_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

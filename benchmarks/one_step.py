@@ -45,11 +45,11 @@ from rectflow.flow.meanflow import MeanFlowObjective, ShortcutObjective, sample_
 from rectflow.flow.metrics import wasserstein2  # noqa: E402
 from rectflow.flow.sampling import sample_model  # noqa: E402
 from rectflow.models import MLPAverageVelocity  # noqa: E402
-from rectflow.reflow.pairs import PairStore  # noqa: E402
+from rectflow.reflow.pairs import PairOptions, PairStore  # noqa: E402
 from rectflow.runs.config import config_from_dict  # noqa: E402
 from rectflow.runs.distill_job import train_distill  # noqa: E402
 from rectflow.runs.experiment import load_run, train_run  # noqa: E402
-from rectflow.runs.lineage import PairOptions, default_pairs_dir  # noqa: E402
+from rectflow.runs.lineage import default_pairs_dir  # noqa: E402
 from rectflow.runs.reflow_job import train_reflow  # noqa: E402
 from toy2d import RECIPE, TASKS, noise_floor  # noqa: E402
 

@@ -58,7 +58,7 @@ from rectflow.flow.losses import FlowMatchingObjective
 from rectflow.flow.meanflow import MeanFlowObjective, ShortcutObjective, sample_mean_flow
 from rectflow.flow.sampling import sample_model
 from rectflow.reflow.distill import DistillationObjective, make_distill_loss
-from rectflow.reflow.pairs import PairCoupling, generate_pairs
+from rectflow.reflow.pairs import PairCoupling, PairOptions, generate_pairs
 
 # one_step.py's settings, but MeanFlow with the paper's adaptive weight p = 1, the measured best on images
 # (benchmarks/results/meanflow_screen_digits.md: one-step FD 100 at p = 1 vs 200 at p = 0 after 2000 steps)
@@ -78,8 +78,8 @@ def euler(model) -> Any:
 
 def make_pairs(model, fd: DigitsFD, out: Path, seed: int, args) -> tuple[PairCoupling, float, float]:
     """The pairs of ``model``'s flow, their mean NFE and the FD of their endpoints (first n-eval)."""
-    store = generate_pairs(model, fd.source, out, args.pairs, seed=seed, shard_size=args.pairs, solver=args.pair_solver,
-                           rtol=args.pair_tol, atol=args.pair_tol, device="cpu", progress=False)
+    store = generate_pairs(model, fd.source, out, args.pairs, PairOptions(seed=seed, shard_size=args.pairs, solver=args.pair_solver,
+                           rtol=args.pair_tol, atol=args.pair_tol, device="cpu"), progress=False)
     coupling = PairCoupling(store, shape=SHAPE)
     return coupling, float(store.manifest["stats"]["nfe_mean"]), fd(store.load()[1][: args.n_eval])
 

@@ -286,7 +286,7 @@ def _reflow_stage(name: str, parent: str) -> Callable[[Context, dict[str, StageR
     """(k+1)-RF on pairs of the k-RF ``parent`` stage, initialised from its weights (rectflow.runs.reflow_job.train_reflow)."""
 
     def run(ctx: Context, prev: dict[str, StageResult]) -> StageResult:
-        from rectflow.runs.lineage import PairOptions
+        from rectflow.reflow.pairs import PairOptions
         from rectflow.runs.reflow_job import train_reflow
 
         t0 = time.perf_counter()
@@ -305,8 +305,8 @@ def _distill_stage(name: str, parent: str) -> Callable[[Context, dict[str, Stage
     its pairs, the same store the next reflow stage trains on when both run), initialised from it."""
 
     def run(ctx: Context, prev: dict[str, StageResult]) -> StageResult:
+        from rectflow.reflow.pairs import PairOptions
         from rectflow.runs.distill_job import train_distill
-        from rectflow.runs.lineage import PairOptions
 
         t0 = time.perf_counter()
         out = train_distill(

@@ -46,9 +46,10 @@ from rectflow.engine.checkpoint import latest_checkpoint, read_checkpoint  # noq
 from rectflow.flow.sampling import sample_model  # noqa: E402
 from rectflow.images.generate import save_pair_grid  # noqa: E402
 from rectflow.reflow.diagnostics import straightness, transport_cost  # noqa: E402
+from rectflow.reflow.pairs import PairOptions  # noqa: E402
 from rectflow.runs.config import load_config  # noqa: E402
 from rectflow.runs.experiment import load_run, train_run  # noqa: E402
-from rectflow.runs.lineage import PairOptions, child_config, generate_run_pairs  # noqa: E402
+from rectflow.runs.lineage import child_config, generate_run_pairs  # noqa: E402
 
 CIFAR = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 SOLVERS = ["euler:1", "euler:2", "euler:4", "euler:100", "dopri5"]

@@ -138,6 +138,23 @@ def test_module_names_are_unique_across_the_tree():
     assert sorted({n for n in names if names.count(n) > 1}) == []
 
 
+MAX_PARAMETERS = 15  # the widest public entry points (sample_images, run_pipeline, train_distill); settings records beyond
+
+
+def test_no_public_function_takes_more_parameters_than_the_ceiling():
+    """Options that travel together are one record (``PairOptions``, ``TrainConfig``), not more keyword arguments."""
+    wide = []
+    for path, tree, _ in _modules():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
+                a = node.args
+                names = [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)]
+                n = len(names) - (names[:1] in (["self"], ["cls"]))
+                if n > MAX_PARAMETERS:
+                    wide.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({n})")
+    assert not wide, f"public functions with more than {MAX_PARAMETERS} parameters: {wide}"
+
+
 def test_tests_mirror_the_package_layout():
     for pkg in ("flow", "diffusion", "engine", "reflow", "perflow", "images", "runs", "models", "data"):
         assert (ROOT / "tests" / pkg).is_dir(), f"tests/{pkg}/ is missing"

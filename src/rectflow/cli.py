@@ -29,13 +29,14 @@ from rectflow.errors import ConfigError, RectflowError, check_fraction
 from rectflow.flow.guidance import guidance_nfe
 from rectflow.images.generate import sample_images, write_named_images
 from rectflow.perflow.guidance_modes import GUIDANCE_MODES
+from rectflow.reflow.pairs import PairOptions
 from rectflow.runs.config import check_int_range, load_config, read_config_file
 from rectflow.runs.demo import run_demo, run_pipeline
 from rectflow.runs.diagnose import diagnose_runs, format_stage_table
 from rectflow.runs.distill_job import train_distill
 from rectflow.runs.evaluation import evaluate_nll, evaluate_run, evaluation_record, evaluation_reference, format_reference, format_table, save_evaluation
 from rectflow.runs.experiment import load_run, one_step_warning, sampling_steps, train_run
-from rectflow.runs.lineage import PairOptions, generate_run_pairs
+from rectflow.runs.lineage import generate_run_pairs
 from rectflow.runs.perflow_job import (
     DEFAULT_BATCH,
     DEFAULT_LORA_RANK,

@@ -115,26 +115,26 @@ def test_rectflow_train_under_torchrun(tmp_path):
 
 
 def _pairs_worker(rank: int, world: int, init_file: str, out: str) -> None:
-    from rectflow.reflow.pairs import generate_pairs
+    from rectflow.reflow.pairs import PairOptions, generate_pairs
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
         model = MLPVelocity(2, width=16, depth=2)
-        generate_pairs(model, Gaussian(2), out, 50, seed=4, shard_size=8, solver="dopri5", rtol=1e-4, atol=1e-4, progress=False)
+        generate_pairs(model, Gaussian(2), out, 50, PairOptions(seed=4, shard_size=8, solver="dopri5", rtol=1e-4, atol=1e-4, device="cpu"), progress=False)
     finally:
         dist.destroy_process_group()
 
 
 def test_sharded_pair_generation_equals_one_process(tmp_path):
     """Two gloo ranks writing every other shard produce byte-identical shards and the same manifest."""
-    from rectflow.reflow.pairs import PairStore, generate_pairs
+    from rectflow.reflow.pairs import PairOptions, PairStore, generate_pairs
 
     mp.start_processes(_pairs_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "two")), nprocs=2, join=True, start_method="spawn")
     torch.manual_seed(0)
     model = MLPVelocity(2, width=16, depth=2)
-    generate_pairs(model, Gaussian(2), tmp_path / "one", 50, seed=4, shard_size=8, solver="dopri5", rtol=1e-4, atol=1e-4, progress=False)
+    generate_pairs(model, Gaussian(2), tmp_path / "one", 50, PairOptions(seed=4, shard_size=8, solver="dopri5", rtol=1e-4, atol=1e-4, device="cpu"), progress=False)
     one, two = PairStore(tmp_path / "one"), PairStore(tmp_path / "two")
     assert [e["sha256"] for e in one.manifest["shards"]] == [e["sha256"] for e in two.manifest["shards"]]
     assert [e["nfe"] for e in one.manifest["shards"]] == [e["nfe"] for e in two.manifest["shards"]]

@@ -17,7 +17,7 @@ from rectflow.data import Gaussian
 from rectflow.engine.trainer import step_generator
 from rectflow.errors import CheckpointError, ConfigError, DataError
 from rectflow.flow.losses import FlowMatchingObjective
-from rectflow.reflow.pairs import PairCoupling, PairStore, default_solve_batch, generate_pairs, shard_name, state_dict_sha256
+from rectflow.reflow.pairs import PairCoupling, PairOptions, PairStore, default_solve_batch, generate_pairs, shard_name, state_dict_sha256
 from tests.conftest import gen
 
 
@@ -34,8 +34,11 @@ class Shift(nn.Module):
 
 
 def make(tmp_path, name="store", n=1000, shard_size=300, **kw):
+    """A store of n pairs; the PairOptions fields among ``kw`` go into ``options`` (device cpu), the rest to generate_pairs."""
     kw.setdefault("progress", False)
-    return generate_pairs(kw.pop("model", Shift()), kw.pop("source", Gaussian(2)), tmp_path / name, n, shard_size=shard_size, solver=kw.pop("solver", "euler:2"), **kw)
+    fields = {k: kw.pop(k) for k in ("seed", "rtol", "atol", "solve_batch") if k in kw}
+    options = PairOptions(shard_size=shard_size, solver=kw.pop("solver", "euler:2"), device="cpu", **fields)
+    return generate_pairs(kw.pop("model", Shift()), kw.pop("source", Gaussian(2)), tmp_path / name, n, options, **kw)
 
 
 @pytest.mark.parametrize("solver", ["dpm++2m:4", "dpm++3m:4"])
@@ -263,10 +266,10 @@ def test_sigkill_during_generation_then_resume(tmp_path):
         import sys, torch
         from rectflow.data import Gaussian
         from rectflow.models import MLPVelocity
-        from rectflow.reflow.pairs import generate_pairs
+        from rectflow.reflow.pairs import PairOptions, generate_pairs
         torch.manual_seed(0)
         model = MLPVelocity(2, width=64, depth=2)
-        generate_pairs(model, Gaussian(2), sys.argv[1], 40_000, shard_size=2_000, solver="euler:60", progress=False)
+        generate_pairs(model, Gaussian(2), sys.argv[1], 40_000, PairOptions(shard_size=2_000, solver="euler:60", device="cpu"), progress=False)
         """
     )
 
@@ -291,9 +294,9 @@ def test_sigkill_during_generation_then_resume(tmp_path):
     proc.wait()
     done = len(json.loads(man.read_text())["shards"])
     assert 2 <= done < 20  # really killed mid-generation
-    kw = dict(shard_size=2_000, solver="euler:60", progress=False)
-    resumed = generate_pairs(model(), Gaussian(2), tmp_path / "cut", 40_000, **kw)
-    ref = generate_pairs(model(), Gaussian(2), tmp_path / "ref", 40_000, **kw)
+    options = PairOptions(shard_size=2_000, solver="euler:60", device="cpu")
+    resumed = generate_pairs(model(), Gaussian(2), tmp_path / "cut", 40_000, options, progress=False)
+    ref = generate_pairs(model(), Gaussian(2), tmp_path / "ref", 40_000, options, progress=False)
     assert [e["sha256"] for e in resumed.manifest["shards"]] == [e["sha256"] for e in ref.manifest["shards"]]
 
 

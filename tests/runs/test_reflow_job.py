@@ -17,13 +17,13 @@ from rectflow.flow.losses import FlowMatchingObjective
 from rectflow.flow.metrics import wasserstein2
 from rectflow.models import MLPVelocity
 from rectflow.reflow.distill import one_step
-from rectflow.reflow.pairs import PairCoupling, generate_pairs
+from rectflow.reflow.pairs import PairCoupling, PairOptions, generate_pairs
 from rectflow.runs.config import config_from_dict, config_to_dict
 from rectflow.runs.diagnose import diagnose_runs, format_stage_table
 from rectflow.runs.distill_job import train_distill
 from rectflow.runs.evaluation import evaluate_run
 from rectflow.runs.experiment import build_model, load_run, model_config, train_run
-from rectflow.runs.lineage import PairOptions, default_pairs_dir, stage_label
+from rectflow.runs.lineage import default_pairs_dir, stage_label
 from rectflow.runs.reflow_job import default_reflow_dir, train_reflow
 from tests.conftest import gen
 from tests.runs.test_experiment import Net, Ring, tiny
@@ -119,7 +119,7 @@ def test_pairs_of_another_dimension_are_refused(chain, tmp_path):
         def forward(self, x, t):
             return torch.ones_like(x)
 
-    store = generate_pairs(Shift3(), Gaussian(3), tmp_path / "p3", 50, solver="euler:1", progress=False)
+    store = generate_pairs(Shift3(), Gaussian(3), tmp_path / "p3", 50, PairOptions(solver="euler:1", device="cpu"), progress=False)
     d = config_to_dict(load_run(chain[0]).config)
     d.update(coupling={"kind": "pairs", "pairs": str(store.path)}, reflow={"stage": 2})
     with pytest.raises(DataError, match=r"pairs have shape \[3\] but this run's samples have shape \[2\]"):
@@ -165,7 +165,7 @@ def test_one_dimensional_reflow_gives_a_monotone_coupling():
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        store = generate_pairs(one, source, tmp + "/pairs", 4000, solver="euler:50", progress=False)
+        store = generate_pairs(one, source, tmp + "/pairs", 4000, PairOptions(solver="euler:50", device="cpu"), progress=False)
         z0, z1 = store.load()
         assert kendalltau(z0.squeeze(1), z1.squeeze(1)).statistic > 0.999  # the 1-RF coupling is monotone
         two = MLPVelocity(1, width=64, depth=2, time_dim=16)

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from rectflow.diffusion.specs import parse_spec, sample, spec_label
 from rectflow.engine import distributed
 from rectflow.engine import shards as _shards
+from rectflow.engine.hardware import resolve_device
 from rectflow.engine.io import load_tensors, save_json, save_tensors, sha256_file
 from rectflow.engine.shards import MANIFEST, ShardLayout, StoreKind, state_dict_sha256
 from rectflow.engine.trainer import step_generator
@@ -49,6 +50,7 @@ from rectflow.errors import CheckpointError, ConfigError, DataError, check_int
 
 __all__ = [
     "PAIRS_FORMAT",
+    "PairOptions",
     "PairSettings",
     "PairStore",
     "PairCoupling",
@@ -323,19 +325,32 @@ def _check_disk_space(root: Path, need: int) -> None:
         raise ConfigError(f"{root}: {need / 2**30:.1f} GiB of pairs do not fit in the {have / 2**30:.1f} GiB free there; ask for fewer pairs or another disk")
 
 
+DEFAULT_PAIR_TOL = 1e-5  # dopri5's rtol / atol when PairOptions leaves them None outside a run
+
+
+@dataclass(frozen=True)
+class PairOptions:
+    """How pairs (Z0 ~ pi0, Z1 = Flow(Z0)) are generated: the ``solver`` (dopri5: ``rtol`` / ``atol``, None: the
+    run's eval tolerances for a run's flow, else ``DEFAULT_PAIR_TOL``), the ``seed`` of the Z0 draws, pairs per
+    ``shard_size`` shard, ``solve_batch`` pairs integrated together (None: :func:`default_solve_batch`), and the
+    ``device`` of the solve ("auto": CUDA, else MPS, else the CPU)."""
+
+    seed: int = 0
+    solver: str = "dopri5"
+    rtol: float | None = None
+    atol: float | None = None
+    shard_size: int = 65536
+    device: str = "auto"
+    solve_batch: int | None = None
+
+
 def generate_pairs(
     model: nn.Module,
     source: Any,
     out: str | Path,
     n: int,
+    options: PairOptions = PairOptions(),
     *,
-    seed: int = 0,
-    shard_size: int = 65536,
-    solver: str = "dopri5",
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    solve_batch: int | None = None,
-    device: str | torch.device = "cpu",
     model_sha256: str | None = None,
     source_spec: Any = None,
     provenance: dict[str, Any] | None = None,
@@ -350,11 +365,11 @@ def generate_pairs(
         model: the velocity field v(x, t) of the k-RF, integrated from t = 0 to 1.
         source: a sampler of pi0 (``sample(n, generator=, device=)`` and ``dim`` or ``shape``).
         out: the store directory: new, empty, or a store of the same settings to resume.
-        n: number of pairs; ``shard_size`` pairs per shard (the unit of memory and of resumption).
-        seed: shard s draws Z0 from ``step_generator(seed, s)``.
-        solver: ``"dopri5"`` (adaptive, rtol/atol) or a fixed-step spec such as ``"euler:100"``.
-        solve_batch: pairs integrated together (bounds the solver's memory); default
-            :func:`default_solve_batch` (the whole shard for low-dimensional data).
+        n: number of pairs.
+        options: the :class:`PairOptions`: ``shard_size`` pairs per shard (the unit of memory and of resumption);
+            shard s draws Z0 from ``step_generator(seed, s)``; ``solver`` ``"dopri5"`` (adaptive, rtol / atol)
+            or a fixed-step spec such as ``"euler:100"``; ``solve_batch`` pairs integrated together (bounds the
+            solver's memory; default :func:`default_solve_batch`, the whole shard for low-dimensional data).
         model_sha256: identifies the flow (default: :func:`state_dict_sha256` of ``model``).
         source_spec: JSON description of pi0 recorded in the settings (default: ``repr(source)``).
         provenance: extra JSON recorded in the manifest but not compared (run dir, step, stage).
@@ -371,10 +386,14 @@ def generate_pairs(
         DataError: the model's and the source's dimensions differ.
     """
 
+    o = options
+    solver, shard_size = o.solver, o.shard_size
+    rtol = DEFAULT_PAIR_TOL if o.rtol is None else o.rtol
+    atol = DEFAULT_PAIR_TOL if o.atol is None else o.atol
     check_int(n, "number of pairs")
     check_int(shard_size, "shard size")
-    if solve_batch is not None:
-        check_int(solve_batch, "solve batch")
+    if o.solve_batch is not None:
+        check_int(o.solve_batch, "solve batch")
     method, steps = parse_spec(solver)
     if method == "edm":
         raise ConfigError(f"pairs: {solver} starts at sigma_max = 80 from b(t_0) x0, not from x0, so the stored pair (x0, x1) would not be the "
@@ -382,19 +401,19 @@ def generate_pairs(
     if method == "dopri5" and not (rtol > 0 and atol >= 0):
         raise ConfigError(f"dopri5 needs rtol > 0 and atol >= 0, got rtol={rtol}, atol={atol}")
     shape = tuple(getattr(source, "shape", None) or (int(source.dim),))
-    device = torch.device(device)
+    device = resolve_device(str(o.device))
     _model_dim_check(model, shape)
     settings = PairSettings(
         n_pairs=n,
         shape=shape,
-        seed=int(seed),
+        seed=int(o.seed),
         shard_size=shard_size,
         solver=solver,
         rtol=float(rtol) if method == "dopri5" else 0.0,
         atol=float(atol) if method == "dopri5" else 0.0,
         model_sha256=model_sha256 or state_dict_sha256(model),
         source=source_spec if source_spec is not None else repr(source),
-        solve_batch=min(shard_size, solve_batch or default_solve_batch(shape)),
+        solve_batch=min(shard_size, o.solve_batch or default_solve_batch(shape)),
     )
     root = Path(out)
     _check_disk_space(root, n * 2 * math.prod(shape) * 4)

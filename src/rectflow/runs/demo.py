@@ -9,13 +9,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from rectflow.engine.io import atomic_path, save_json
-from rectflow.reflow.pairs import PairStore
+from rectflow.reflow.pairs import PairOptions, PairStore
 from rectflow.runs.config import config_from_dict
 from rectflow.runs.diagnose import diagnose_runs, format_stage_table
 from rectflow.runs.distill_job import train_distill
 from rectflow.runs.evaluation import evaluate_run, format_table
 from rectflow.runs.experiment import load_run, train_run
-from rectflow.runs.lineage import PairOptions
 from rectflow.runs.plots import plot_run
 from rectflow.runs.reflow_job import train_reflow
 

@@ -8,8 +8,9 @@ from typing import Any, Sequence
 
 from rectflow.errors import ConfigError
 from rectflow.reflow.distill import make_distill_loss
+from rectflow.reflow.pairs import PairOptions
 from rectflow.runs.experiment import Run
-from rectflow.runs.lineage import PairOptions, as_run, child_config, init_checkpoint, pairs_dir, progress_overrides, train_child
+from rectflow.runs.lineage import as_run, child_config, init_checkpoint, pairs_dir, progress_overrides, train_child
 
 __all__ = ['train_distill']
 

@@ -11,7 +11,7 @@ then :func:`~rectflow.runs.experiment.train_run`, which guards the directory, ha
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,12 +20,11 @@ from torch import nn
 from rectflow.engine.hardware import resolve_device
 from rectflow.engine.io import sha256_file
 from rectflow.errors import ConfigError
-from rectflow.reflow.pairs import PairStore, generate_pairs, state_dict_sha256
+from rectflow.reflow.pairs import PairOptions, PairStore, generate_pairs, state_dict_sha256
 from rectflow.runs.config import ExperimentConfig, apply_overrides, config_from_dict, config_to_dict
 from rectflow.runs.experiment import Run, load_run, network, run_objects, train_run
 
 __all__ = [
-    "PairOptions",
     "pairs_dir",
     "as_run",
     "run_checksum",
@@ -64,22 +63,6 @@ def default_pairs_dir(run_dir: str | Path, n: int, solver: str = "dopri5", seed:
     return Path(run_dir) / "pairs" / f"{solver.replace(':', '')}-n{n}-seed{seed}"
 
 
-@dataclass(frozen=True)
-class PairOptions:
-    """How the pairs (Z0 ~ pi0, Z1 = Flow_k(Z0)) of a run's flow are generated: the ``solver``
-    (dopri5: ``rtol``/``atol``, default the run's eval tolerances), the ``seed`` of the Z0 draws,
-    pairs per ``shard_size`` shard, ``solve_batch`` pairs integrated together (None: a memory-bounded
-    default, see :func:`rectflow.reflow.pairs.default_solve_batch`), and the ``device`` of the solve."""
-
-    seed: int = 0
-    solver: str = "dopri5"
-    rtol: float | None = None
-    atol: float | None = None
-    shard_size: int = 65536
-    device: str = "auto"
-    solve_batch: int | None = None
-
-
 def generate_run_pairs(
     run: Run | str | Path,
     n: int,
@@ -107,13 +90,7 @@ def generate_run_pairs(
         run.source,
         out,
         n,
-        seed=o.seed,
-        shard_size=o.shard_size,
-        solver=o.solver,
-        rtol=run.config.eval.rtol if o.rtol is None else o.rtol,
-        atol=run.config.eval.atol if o.atol is None else o.atol,
-        solve_batch=o.solve_batch,
-        device=dev,
+        replace(o, rtol=run.config.eval.rtol if o.rtol is None else o.rtol, atol=run.config.eval.atol if o.atol is None else o.atol, device=str(dev)),
         model_sha256=run_checksum(run),
         source_spec=run.config.source,
         provenance={"run": str(Path(run.path).resolve()), "step": run.step, "stage": run.config.reflow.stage, "checkpoint": Path(run.checkpoint).name if run.checkpoint else None},

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rectflow.errors import ConfigError
+from rectflow.reflow.pairs import PairOptions
 from rectflow.runs.experiment import Run, run_objects
-from rectflow.runs.lineage import PairOptions, as_run, child_config, init_checkpoint, pairs_dir, progress_overrides, train_child
+from rectflow.runs.lineage import as_run, child_config, init_checkpoint, pairs_dir, progress_overrides, train_child
 
 __all__ = ["default_reflow_dir", "train_reflow", "reflow_chain"]
 
