@@ -13,7 +13,12 @@ from rectflow.flow.guidance import NULL_LABEL
 from tests.conftest import gen
 
 SPEC_OF = {name: name if entry.min_steps is None else f"{name}:{max(3, entry.min_steps)}" for name, entry in SPECS.items()}
-NFE = {"euler:3": 3, "midpoint:3": 6, "heun:3": 6, "rk4:3": 12, "dpm++2m:3": 3, "dpm++3m:3": 3, "edm:3": 5, "meanflow:3": 3}
+NFE = {"euler:3": 3, "midpoint:3": 6, "heun:3": 6, "rk4:3": 12, "dpm++2m:3": 3, "dpm++3m:3": 3, "edm:3": 5, "meanflow:3": 3, "perflow:3": 3}
+
+
+def windows_grid(steps: int) -> torch.Tensor:
+    """A non-uniform grid of ``steps`` steps (what a PeRFlow student's ``sampling_grid`` gives ``perflow:N``)."""
+    return torch.linspace(0, 1, steps + 1, dtype=torch.float64) ** 2
 
 
 class Linear(nn.Module):
@@ -39,6 +44,9 @@ class Linear(nn.Module):
             y = rest[0]
             out = out + self.emb[torch.where(y == NULL_LABEL, 10, y)]  # row 10: the null condition
         return self.drop(out)
+
+    def sampling_grid(self, steps: int) -> torch.Tensor:
+        return windows_grid(steps)
 
 
 def _model(name: str, **kw) -> Linear:
@@ -97,6 +105,9 @@ def test_guidance_is_the_cfg_combination_of_the_two_velocities_and_costs_twice(n
             null = torch.full_like(y[: z.shape[0]], NULL_LABEL)
             return self.inner(z, t, null) + w * (self.inner(z, t, y) - self.inner(z, t, null))
 
+        def sampling_grid(self, steps: int) -> torch.Tensor:
+            return windows_grid(steps)
+
     ref = sample(Combined(), x, SPEC_OF[name], rtol=1e-7, atol=1e-7)
     res = sample(model, x, SPEC_OF[name], cond=y, guidance=w, rtol=1e-7, atol=1e-7)
     torch.testing.assert_close(res.x, ref.x, rtol=1e-4, atol=1e-5)
@@ -108,6 +119,24 @@ def test_guidance_is_the_cfg_combination_of_the_two_velocities_and_costs_twice(n
         assert res.nfe == 2 * plain.nfe
     chunked = sample(model, x, SPEC_OF[name], cond=y, guidance=w, batch_size=3, rtol=1e-7, atol=1e-7)
     torch.testing.assert_close(chunked.x, res.x, rtol=1e-4, atol=1e-5)
+
+
+def test_perflow_specs_integrate_on_the_models_own_grid_and_refuse_models_without_one():
+    model = Linear()
+    x = torch.randn(4, 3)
+    res = sample(model, x, "perflow:5", trajectory=True)
+    torch.testing.assert_close(res.times, windows_grid(5))
+    ref = x
+    for t, t_next in zip(res.times[:-1], res.times[1:]):  # Euler on that grid, by hand
+        ref = ref + (t_next - t).float() * model.eval()(ref, t.float().expand(4))
+    torch.testing.assert_close(res.x, ref, rtol=1e-5, atol=1e-6)
+
+    class Plain(nn.Module):
+        def forward(self, x, t):
+            return x
+
+    with pytest.raises(ConfigError, match="perflow:4 samples a PeRFlow student .* Plain has none: use euler:4"):
+        sample(Plain(), x, "perflow:4")
 
 
 def test_trajectories_hold_every_grid_state():

@@ -8,6 +8,7 @@ from torch import nn
 from rectflow import perflow
 from rectflow.diffusion.samplers import ddim
 from rectflow.diffusion.schedules import DDPMSchedule, FlowMatchingSchedule
+from rectflow.diffusion.specs import sample
 from rectflow.errors import ConfigError, DataError
 from rectflow.flow.guidance import drop_conditions, guided_call, null_condition
 from rectflow.models.class_embedding import NULL_LABEL
@@ -69,6 +70,27 @@ def test_cfg_combination_is_two_separate_calls_in_one_batched_call():
     c, u = tn(z, t, emb), tn(z, t, null.expand(5, 4, 6))
     torch.testing.assert_close(got, u + 2.5 * (c - u), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(guided_call(tn, z, t, emb, null[None], 2.5), got)  # (1, L, D) too
+
+
+def test_the_sampling_verbs_perflow_spec_is_sample_perflow_guided_in_velocity_or_output_space():
+    """``rectflow.sample(student, x, "perflow:N")`` guides the student's window velocity; ``sample_perflow`` its network's
+    own output (eps here).  The window velocity is affine in that output, so the two agree to float precision, at
+    one and several steps per window, guided and not; the verb also restores the mode and counts the same NFE."""
+    y = torch.tensor([0, 1, 2, 1])
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    for path, kind in [(DDPMSchedule(), "eps"), (FlowMatchingSchedule(), "velocity")]:
+        b = perflow.make_windows(4)
+        student = perflow.PeRFlowStudent.from_teacher(perflow.Teacher(_cond_unet(2), path, kind), b).train()
+        for m, w in [(1, 1.0), (1, 3.0), (2, 3.0)]:
+            got = sample(student, x, f"perflow:{4 * m}", cond=y, guidance=w)
+            assert student.training  # restored
+            with torch.no_grad():
+                ref = perflow.sample_perflow(student.eval(), x, b, m, cond=y, guidance=w)
+            student.train()
+            rel = float((got.x - ref.x).abs().max() / ref.x.abs().max())
+            assert rel < 1e-5, (kind, m, w, rel)
+            assert got.nfe == ref.nfe == 4 * m * (2 if w != 1.0 else 1)
+            torch.testing.assert_close(student.sampling_grid(4 * m), perflow.window_grid(b, m), rtol=0, atol=1e-15)
 
 
 def test_guidance_one_is_the_plain_conditional_model_and_zero_the_unconditional():

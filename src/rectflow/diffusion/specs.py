@@ -15,11 +15,15 @@ spec            what runs                                                   NFE 
 ``dpm++3m:N``   the 3M step that integrates the quadratic exactly (§6.4)    N
 ``edm:N``       EDM's Heun on N - 1 Karras sigmas and a last Euler (§6.9)   2N - 1
 ``meanflow:N``  the average-velocity map u(z, s, t) in N jumps (§8)         N
+``perflow:N``   a PeRFlow student: Euler on its window path, N >= K steps   N
+                spread over the K windows (§5.4; N = K: one per window)
 ==============  ==========================================================  ===========================
 
 A velocity model on the straight path is a model of the flow-matching schedule (a = t, b = 1 - t) with the
 ``velocity`` parameterisation, so the diffusion samplers apply to it unchanged.  ``edm:N`` starts at sigma_max = 80,
-where the state is b(t_0) x0: the data's share a(t_0) = 1/81 is dropped, as EDM does.
+where the state is b(t_0) x0: the data's share a(t_0) = 1/81 is dropped, as EDM does.  ``perflow:N`` asks the model for
+its grid (``model.sampling_grid(N)``, as :class:`rectflow.perflow.PeRFlowStudent` has): guidance on the student's
+velocity equals guidance on its network's own output, since the window velocity is affine in that output.
 
 :func:`sample` owns what every sampling must do: the model in eval mode and restored after, no autograd graph, a
 non-finite result raised (never returned), batching (``batch_size``), classifier-free guidance (``cond`` with a guidance
@@ -40,7 +44,7 @@ from rectflow.errors import ConfigError, check_int
 from rectflow.flow.guidance import NULL_LABEL, check_guidance_scale, condition_batch, guidance_nfe, guided_call, map_condition, null_condition
 from rectflow.flow.meanflow import sample_mean_flow
 from rectflow.flow.sampling import run_sampler
-from rectflow.flow.solvers import SolveResult, concat_results, solve, time_grid
+from rectflow.flow.solvers import SolveResult, concat_results, euler, solve, time_grid
 
 __all__ = ["SPECS", "Spec", "parse_spec", "spec_label", "sample"]
 
@@ -64,6 +68,7 @@ SPECS: dict[str, Spec] = {
     "dpm++3m": Spec(1, "3rd-order multistep DPM-Solver++ step on the flow-matching schedule"),
     "edm": Spec(2, "EDM's deterministic Heun on Karras sigmas"),
     "meanflow": Spec(1, "average-velocity (MeanFlow / shortcut) jumps", mean_flow=True),
+    "perflow": Spec(1, "a PeRFlow student: Euler on its window path (N >= K steps)"),
 }
 
 
@@ -104,8 +109,20 @@ def spec_label(method: str, steps: int | None) -> str:
     return method if steps is None else f"{method}:{steps}"
 
 
-def _run(name: str, steps: int | None, f: Callable[..., Tensor], x: Tensor, *, trajectory: bool, rtol: float, atol: float) -> SolveResult:
-    """One chunk through the sampler ``name`` with the (already guided) network ``f``."""
+def _perflow_grid(model: nn.Module, steps: int) -> Tensor:
+    """The sampling grid of ``perflow:steps``: the model's own (a PeRFlow student's window path)."""
+    grid_of = getattr(model, "sampling_grid", None)
+    if not callable(grid_of):
+        raise ConfigError(f"perflow:{steps} samples a PeRFlow student (a model with sampling_grid(steps), e.g. rectflow.perflow.PeRFlowStudent); "
+                          f"{type(model).__name__} has none: use euler:{steps}")
+    return grid_of(steps)
+
+
+def _run(name: str, steps: int | None, f: Callable[..., Tensor], x: Tensor, *, trajectory: bool, rtol: float, atol: float,
+         grid: Tensor | None) -> SolveResult:
+    """One chunk through the sampler ``name`` with the (already guided) network ``f``; ``grid``: perflow's."""
+    if name == "perflow":
+        return euler(f, x, grid, return_trajectory=trajectory)
     if name == "meanflow":
         if trajectory:
             raise ConfigError("meanflow: trajectories are not recorded; use a flow spec (euler:N) for paths")
@@ -172,10 +189,11 @@ def sample(
     if trajectory and chunked and name == "dopri5":
         raise ConfigError("dopri5 with a trajectory cannot be batched (each chunk stops at its own times); drop batch_size or the trajectory")
     null = null_condition(cond, null_cond) if cond is not None and w != 1.0 else None  # full batch, split with cond; unused at w = 1
+    grid = _perflow_grid(model, steps) if name == "perflow" else None
 
     def chunk_result(x: Tensor, c: Any, n: Any) -> SolveResult:
         f = model if c is None else (lambda z, t: guided_call(model, z, t, c, n, w))
-        res = _run(name, steps, f, x, trajectory=trajectory, rtol=rtol, atol=atol)
+        res = _run(name, steps, f, x, trajectory=trajectory, rtol=rtol, atol=atol, grid=grid)
         return res if c is None else res._replace(nfe=res.nfe * guidance_nfe(w))
 
     def rows(c: Any, i: int) -> Any:

@@ -20,8 +20,9 @@ Rectflow time t: 0 = noise, 1 = data (diffusion time s = 1 - t, see :mod:`rectfl
   (e.g. eps) *on the window path*, so at each window start its prediction means exactly what the
   teacher's does, and one Euler step per window of the teacher-initialised student is the teacher's
   K-step DDIM.  The weight change is stored as a delta (:func:`save_delta` / :func:`apply_delta`).
-* Samplers: :func:`sample_perflow` (m Euler steps per window; m = 1 is K-step generation), returning a
-  :class:`~rectflow.flow.solvers.SolveResult` with the NFE.
+* Sampling: the library's one verb, ``rectflow.sample(student, x0, "perflow:N")`` (N >= K Euler steps on the
+  student's ``sampling_grid(N)``; N = K is K-step generation), over the solver :func:`sample_perflow` (m Euler steps
+  per window of any callable), both returning a :class:`~rectflow.flow.solvers.SolveResult` with the NFE.
 """
 
 from rectflow.perflow import adapters, delta, diffusers_io, latent, latent_cache, lora, objective, scheduler_config, student, teacher, windows  # noqa: F401 (latent text-to-image pipelines; diffusers imported lazily)

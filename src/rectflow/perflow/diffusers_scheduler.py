@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 from rectflow.perflow import scheduling_perflow
-from rectflow.perflow.scheduler_config import step_grid  # re-exported: defined where no diffusers import is needed
 from rectflow.perflow.scheduling_perflow import OFFICIAL_PREDICTIONS, PeRFlowScheduler, PeRFlowSchedulerOutput
+from rectflow.perflow.windows import step_grid  # re-exported: defined where no diffusers import is needed
 
 __all__ = ["PeRFlowScheduler", "PeRFlowSchedulerOutput", "OFFICIAL_PREDICTIONS", "SCHEDULER_FILE", "SCHEDULER_ENTRY", "step_grid"]
 

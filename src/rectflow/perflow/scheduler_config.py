@@ -6,8 +6,8 @@ a ``FlowMatchEulerDiscreteScheduler`` a :class:`~rectflow.diffusion.schedules.Di
 that only change how a scheduler samples are read past, keys that change the model's meaning are refused (one line).
 Out: the configs an export ships: :func:`perflow_scheduler_config` (our ``PeRFlowScheduler``, right at any step count
 >= K, carrying the teacher's schedule and sampling keys) and :func:`stock_scheduler_config` (a stock DDIM /
-FlowMatchEuler config that is exact at K steps, where one exists), and :func:`step_grid`, the sampling grid of n steps
-over K windows.
+FlowMatchEuler config that is exact at K steps, where one exists).  The sampling grid of n steps over K windows is
+:func:`rectflow.perflow.windows.step_grid`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from rectflow.perflow.student import PeRFlowStudent
 from rectflow.perflow.windows import validate_windows
 
 __all__ = ["FLOW_SCHEDULERS", "PERFLOW_SCHEDULER_ENTRY", "SCHEDULER_FILE", "TEACHER_SAMPLER_KEYS", "cfg_is_flow", "ddim_scheduler_config", "flow_match_scheduler_config",
-           "perflow_scheduler_config", "save_perflow_scheduler", "schedule_from_config", "schedule_from_file", "step_grid", "stock_scheduler_config",
+           "perflow_scheduler_config", "save_perflow_scheduler", "schedule_from_config", "schedule_from_file", "stock_scheduler_config",
            "teacher_schedule_keys"]
 
 _KINDS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
@@ -81,17 +81,6 @@ _WHY = {"rescale_betas_zero_snr": "zero terminal SNR gives alpha = 0 at the nois
         "shift_terminal": "a flow-matching terminal shift",
         "variance_type": "a learned variance means the network outputs 2C channels (mean and variance)"}
 
-
-
-
-def step_grid(boundaries: Tensor, n: int) -> Tensor:
-    """n Euler steps over K windows (n >= K): window k gets n // K steps, plus one for k < n mod K (float64, n + 1 times)."""
-    k = boundaries.numel() - 1
-    if n < k:
-        raise ConfigError(f"perflow: {n} inference steps are fewer than the {k} windows; use at least {k}")
-    per = [n // k + (1 if i < n % k else 0) for i in range(k)]
-    parts = [boundaries[i] + (boundaries[i + 1] - boundaries[i]) * torch.arange(m, dtype=torch.float64) / m for i, m in enumerate(per)]
-    return torch.cat([*parts, boundaries[-1:].double()])
 
 
 

@@ -15,7 +15,7 @@ from rectflow.flow.paths import AffinePath
 from rectflow.flow.solvers import SolveResult, euler
 from rectflow.perflow.guidance_modes import Guidance, as_guidance
 from rectflow.perflow.teacher import Teacher
-from rectflow.perflow.windows import WindowPath, window_grid
+from rectflow.perflow.windows import WindowPath, step_grid, window_grid
 
 __all__ = ['PeRFlowStudent', 'sample_perflow']
 
@@ -38,6 +38,11 @@ class PeRFlowStudent(nn.Module):
     @property
     def boundaries(self) -> Tensor:
         return self.window_path.boundaries
+
+    def sampling_grid(self, steps: int) -> Tensor:
+        """The times (steps + 1,) float64 of ``steps`` Euler steps on the window path (steps >= K, spread over the windows
+        as the exported scheduler spreads them): what ``rectflow.sample(student, x0, "perflow:N")`` integrates on."""
+        return step_grid(self.boundaries, steps)
 
     def raw(self, z: Tensor, t: Tensor, cond: Any = None, guidance: Guidance | None = None) -> Tensor:
         tau = self.time_map(t) if self.time_map is not None else t
@@ -64,6 +69,8 @@ def sample_perflow(student: Callable[..., Tensor], x: Tensor, boundaries: Tensor
            *, cond: Any = None, guidance: Guidance | float | None = None, null_cond: Any = NULL_LABEL,
            return_trajectory: bool = False) -> SolveResult:
     """Euler with ``steps_per_window`` steps per window from noise x at t = 0; NFE = K * steps_per_window.
+    The solver under the sampling verb's ``perflow:N`` spec (``rectflow.sample(student, x, "perflow:4")``, which adds eval
+    mode, no graph, the non-finite check and batching); this one takes any callable and explicit ``boundaries``.
     With m = 1 and a :class:`PeRFlowStudent` this is one straight step per window (K-step generation).
     ``cond``: the condition of every row of x (None: ``student(z, t)``, else ``student(z, t, cond)``).
     ``guidance``: classifier-free guidance at that scale with ``null_cond`` as the unconditional input

@@ -13,7 +13,7 @@ from rectflow.errors import ConfigError
 from rectflow.flow.paths import AffinePath, PathCoefficients, exact_dtype
 from rectflow.flow.solvers import check_grid
 
-__all__ = ['make_windows', 'validate_windows', 'window_index', 'WindowPath', 'window_grid']
+__all__ = ['make_windows', 'validate_windows', 'window_index', 'WindowPath', 'window_grid', 'step_grid']
 
 
 # ----------------------------------------------------------------------------------------- windows
@@ -86,6 +86,16 @@ def window_grid(boundaries: Tensor, steps_per_window: int = 1) -> Tensor:
     r = torch.arange(steps_per_window, dtype=torch.float64) / steps_per_window
     inner = (b[:-1, None] + r[None, :] * (b[1:] - b[:-1])[:, None]).flatten()
     return torch.cat([inner, b[-1:]])
+
+
+def step_grid(boundaries: Tensor, n: int) -> Tensor:
+    """n Euler steps over K windows (n >= K): window k gets n // K steps, plus one for k < n mod K (float64, n + 1 times)."""
+    k = boundaries.numel() - 1
+    if n < k:
+        raise ConfigError(f"perflow: {n} inference steps are fewer than the {k} windows; use at least {k}")
+    per = [n // k + (1 if i < n % k else 0) for i in range(k)]
+    parts = [boundaries[i] + (boundaries[i + 1] - boundaries[i]) * torch.arange(m, dtype=torch.float64) / m for i, m in enumerate(per)]
+    return torch.cat([*parts, boundaries[-1:].double()])
 
 
 class WindowPath(AffinePath):

@@ -41,13 +41,13 @@ from PIL import Image
 from torch import Tensor
 
 from rectflow.data.image_sets import ImageGaussian, to_uint8
+from rectflow.diffusion.specs import sample
 from rectflow.engine.hardware import resolve_device, resolve_precision
 from rectflow.engine.io import atomic_path, check_writable, load_json, load_tensors, make_dirs, save_json, save_tensors
 from rectflow.engine.trainer import TrainConfig, Trainer
 from rectflow.errors import CheckpointError, ConfigError, check_int
 from rectflow.flow.guidance import guidance_nfe, map_condition
 from rectflow.flow.paths import LinearPath
-from rectflow.flow.solvers import euler
 from rectflow.images.generate import save_image_grid
 from rectflow.perflow.adapters import unwrap_unet
 from rectflow.perflow.delta import save_delta
@@ -59,10 +59,9 @@ from rectflow.perflow.lora import apply_lora, save_lora
 from rectflow.perflow.model_card import write_model_card
 from rectflow.perflow.objective import LOSS_SPACES, PeRFlowObjective
 from rectflow.perflow.official import save_official_delta
-from rectflow.perflow.scheduler_config import step_grid
-from rectflow.perflow.student import PeRFlowStudent, sample_perflow
+from rectflow.perflow.student import PeRFlowStudent
 from rectflow.perflow.teacher import Teacher
-from rectflow.perflow.windows import make_windows, window_grid
+from rectflow.perflow.windows import make_windows
 from rectflow.runs.experiment import load_run
 from rectflow.runs.rundir import open_job, semantic_train
 
@@ -522,7 +521,6 @@ def _write_cards(out: Path, pipe: LatentPipeline, boundaries: Tensor, guidance: 
                          name=f"{out.name}/official")
 
 
-@torch.no_grad()
 def sample_pipeline_latents(student: PeRFlowStudent, pipe: LatentPipeline, prompts: Sequence[str], noise: Tensor, *, steps: int | None = None,
                             guidance: float = 1.0) -> Tensor:
     """Latents (n, C, h, w) of a text-to-image PeRFlow student from ``noise`` (n, C, h, w), one prompt per row:
@@ -533,11 +531,10 @@ def sample_pipeline_latents(student: PeRFlowStudent, pipe: LatentPipeline, promp
     prompts = list(prompts)
     if len(prompts) != noise.shape[0]:
         raise ConfigError(f"perflow: give one prompt per sample ({noise.shape[0]}), got {len(prompts)}")
-    grid = window_grid(student.boundaries) if steps is None else step_grid(student.boundaries, int(steps))
+    n_steps = student.boundaries.numel() - 1 if steps is None else check_int(steps, "steps")
     dev = next(student.parameters()).device
     cond, null = (map_condition(lambda c: c.to(dev), c) for c in (pipe.encode_text(prompts), pipe.null_embedding()))  # SDXL: (hidden, pooled) pairs
-    g = as_guidance(guidance, null) if guidance != 1.0 else None
-    return euler(lambda z, t: student(z, t, cond, guidance=g), noise.to(dev), grid).x
+    return sample(student, noise.to(dev), f"perflow:{n_steps}", cond=cond, guidance=guidance, null_cond=null).x
 
 
 def _decode_in_batches(student: PeRFlowStudent, pipe: LatentPipeline, prompts: Sequence[str], noise: Tensor, *, steps: int | None,
@@ -653,6 +650,7 @@ class PeRFlowJob:
         (images (n, 3, H, W) in [-1, 1])."""
         dev = next(self.student.parameters()).device
         noise = torch.randn((n, *self.shape), generator=torch.Generator().manual_seed(seed)).to(dev)
+        spec = f"perflow:{(self.boundaries.numel() - 1) * check_int(steps_per_window, 'steps_per_window')}"
         if self.pipeline is not None:
             if labels is not None:
                 raise ConfigError("perflow: a text-to-image job samples from prompts, not labels")
@@ -667,14 +665,12 @@ class PeRFlowJob:
         if not self.num_classes:
             if labels is not None or guidance is not None:
                 raise ConfigError("perflow: labels and guidance need a class-conditional job; this student is unconditional")
-            with torch.no_grad():
-                return sample_perflow(self.student, noise, self.boundaries, steps_per_window).x.cpu()
+            return sample(self.student, noise, spec).x.cpu()
         y = torch.arange(n) % self.num_classes if labels is None else torch.as_tensor(labels).long()
         if y.shape != (n,) or bool(((y < 0) | (y >= self.num_classes)).any()):
             raise ConfigError(f"perflow: give one label in [0, {self.num_classes}) per sample ({n}), got shape {tuple(y.shape)}")
         w = self.guidance if guidance is None else guidance
-        with torch.no_grad():
-            return sample_perflow(self.student, noise, self.boundaries, steps_per_window, cond=y.to(dev), guidance=w).x.cpu()
+        return sample(self.student, noise, spec, cond=y.to(dev), guidance=w).x.cpu()
 
 
 def load_perflow(out: str | Path, device: str = "cpu") -> PeRFlowJob:
