@@ -107,6 +107,24 @@ def test_every_theory_citation_resolves_and_no_external_spec_is_cited():
     assert not bad, "\n".join(bad)
 
 
+MATHS = ("flow", "diffusion", "reflow", "perflow", "models", "data", "images", "engine")
+
+
+def test_maths_modules_cite_subsections_not_whole_chapters():
+    """issue 32: a maths module cites the subsection that holds its formula (``theory §6.3``), not a chapter of hundreds of
+    lines; package overviews (``__init__.py``) may name a chapter."""
+    chapter_only = []
+    for path, _, lines in _modules():
+        rel = path.relative_to(SRC)
+        if rel.parts[0] not in MATHS or path.name == "__init__.py":
+            continue
+        for i, line in enumerate(lines, 1):
+            for m in CITATION.finditer(line):
+                if any("." not in sec for sec in filter(None, m.groups())):
+                    chapter_only.append(f"{rel}:{i} {m.group(0)}")
+    assert not chapter_only, f"chapter-only citations in maths modules: {chapter_only}"
+
+
 def test_the_citation_check_catches_a_missing_section():
     assert "99" not in _theory_sections() and CITATION.search("see theory §99.1").group(1) == "99.1"
 

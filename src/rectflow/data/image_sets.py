@@ -1,4 +1,4 @@
-"""Image data sets as samplers of pi0 / pi1 (theory §1 and 7).
+"""Image data sets as samplers of pi0 / pi1 (theory §1.3 and §7.1).
 
 Readers (all return :class:`ImageArray`: uint8 images (N, C, H, W), optional int64 labels and
 class names):

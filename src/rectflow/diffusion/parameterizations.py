@@ -1,4 +1,4 @@
-"""Network output parameterisations of a Gaussian path, and conversions between them (theory §6).
+"""Network output parameterisations of a Gaussian path, and conversions between them (theory §6.3).
 
 On an affine path z = a(t) x + b(t) eps (rectflow time t; a = alpha_s, b = sigma_s with s = 1 - t,
 see :mod:`rectflow.diffusion.schedules`), a network may predict

@@ -1,4 +1,4 @@
-"""Diffusion-style samplers for any affine path and any parameterisation (theory §6).
+"""Diffusion-style samplers for any affine path and any parameterisation (theory §6.4-6.9).
 
 Every sampler is a pure function ``sampler(model, x, grid, *, path, parameterization, ...)`` where
 ``model(z, t)`` (z (B, ...), t (B,)) predicts ``parameterization`` (eps, x0, v, velocity, u; see

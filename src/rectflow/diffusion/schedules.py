@@ -1,4 +1,4 @@
-"""Noise schedules: diffusion paths z_s = alpha_s x + sigma_s eps as affine paths in rectflow time (theory §6).
+"""Noise schedules: diffusion paths z_s = alpha_s x + sigma_s eps as affine paths in rectflow time (theory §6.1-6.2).
 
 Diffusion papers use a time s in [0, 1] with s = 0 data and s = 1 noise; rectflow uses t with
 t = 0 source (noise eps = X0) and t = 1 target (data x = X1) (theory §1.2).  The two are related by

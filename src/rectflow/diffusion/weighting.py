@@ -1,4 +1,4 @@
-"""Diffusion training as a weighted MSE in log-SNR, in any parameterisation, on any schedule (theory §6).
+"""Diffusion training as a weighted MSE in log-SNR, in any parameterisation, on any schedule (theory §6.5).
 
 Every diffusion / flow-matching loss is, per sample, (Kingma & Gao 2023; theory §6.5)
 

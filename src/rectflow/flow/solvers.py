@@ -1,4 +1,4 @@
-"""ODE solvers for dZ_t = v(Z_t, t) dt (theory §3).
+"""ODE solvers for dZ_t = v(Z_t, t) dt (theory §3.1-3.3).
 
 All solvers are pure functions: they take the velocity ``f(x, t) -> dx/dt`` (x of shape
 (B, ...), t of shape (B,)), an initial state and a time grid or interval, and return a
@@ -203,7 +203,7 @@ def rk4(f: Velocity, x: Tensor, grid, *, return_trajectory: bool = False) -> Sol
     return fixed_step(f, x, grid, RK4, return_trajectory=return_trajectory)
 
 
-# Dormand-Prince 5(4) coefficients (Dormand & Prince 1980), the RK45 of theory §3.
+# Dormand-Prince 5(4) coefficients (Dormand & Prince 1980), the RK45 of theory §3.3.
 _DP_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
 _DP_A = (
     (),

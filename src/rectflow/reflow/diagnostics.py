@@ -1,4 +1,4 @@
-"""Straight-coupling diagnostics for any flow or coupling (theory §4).
+"""Straight-coupling diagnostics for any flow or coupling (theory §4.3-4.5).
 
 * straightness S = int_0^1 E ||(Z1 - Z0) - v(Z_t, t)||^2 dt of a flow (0 = straight paths);
 * transport cost E ||Z1 - Z0||^2 of a coupling, and its excess over the exact discrete optimal

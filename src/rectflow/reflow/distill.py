@@ -1,4 +1,4 @@
-"""One-step distillation (theory §4): from a coupling (Z0, Z1), train a map by regressing at
+"""One-step distillation (theory §4.2): from a coupling (Z0, Z1), train a map by regressing at
 t = 0 only,
 
     min_v  E d( (Z1 - Z0), v(Z0, 0) ),   d = ||.||^2 (L2) or pseudo-Huber,
@@ -30,7 +30,7 @@ DistillLoss = Callable[[Tensor, Tensor], Tensor]
 
 
 def l2_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """||pred - target||^2 per sample (B,), the loss of theory §4."""
+    """||pred - target||^2 per sample (B,), the loss of theory §4.2."""
     return per_sample_mse(pred, target)
 
 

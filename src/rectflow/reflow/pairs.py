@@ -1,4 +1,4 @@
-"""Reflow pair stores: coupled samples (Z0, Z1 = Flow_k(Z0)) kept on disk (theory §4).
+"""Reflow pair stores: coupled samples (Z0, Z1 = Flow_k(Z0)) kept on disk (theory §4.1).
 
 A store is a directory::
 
