@@ -1,10 +1,10 @@
-"""Shared parts of the CIFAR-10 benchmarks (``cifar10.py`` on a GPU, ``cifar10_cpu.py`` on a CPU):
-the FD feature classifier (trained once, cached), sampling + FD rows for any velocity model, and
-the time budget of a resumable training stage.
+"""Shared parts of the CIFAR-10 benchmarks (``cifar10.py`` on a GPU, ``cifar10_cpu.py`` on a CPU, and the phased ones):
+sampling + FD rows for any velocity model, and the time budget of a resumable training stage.
 
 The Frechet distance here is measured in the penultimate features of a small CIFAR-10 classifier
-trained by the benchmark itself, because no pretrained Inception weights can be fetched.  Its values
-are comparable within one results file only (same classifier, same reference statistics).
+trained by the benchmark itself (``rectflow.images.classifier_features.train_cifar_classifier``, cached),
+because no pretrained Inception weights can be fetched.  Its values are comparable within one results
+file only (same classifier, same reference statistics).
 """
 
 from __future__ import annotations
@@ -14,109 +14,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from rectflow.data.image_sets import ImageArray, to_unit_range
 from rectflow.diffusion.specs import parse_spec
 from rectflow.images.generate import sample_images, save_image_grid
 from rectflow.images.quality import extract_features, feature_statistics, frechet_distance
-
-# ----- the FD feature network: a small classifier trained here -------------------------------
-
-
-class SmallClassifier(nn.Module):
-    """A VGG-style CIFAR-10 classifier; ``forward`` returns the 4w-d penultimate features of images
-    in [-1, 1] (the FD feature map), ``logits`` the class scores.  Any input size >= 4x4."""
-
-    def __init__(self, width: int = 64) -> None:
-        super().__init__()
-
-        def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-        w = width
-        self.width = width
-        self.features = nn.Sequential(
-            block(3, w), block(w, w), nn.MaxPool2d(2),
-            block(w, 2 * w), block(2 * w, 2 * w), nn.MaxPool2d(2),
-            block(2 * w, 4 * w), block(4 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )
-        self.head = nn.Linear(4 * w, 10)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.features(x)
-
-    def logits(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
-
-
-def _augment(x: Tensor, g: torch.Generator, pad: int) -> Tensor:
-    """Random crops (reflect-pad ``pad``) and horizontal flips of a batch (N, C, H, W), on its device."""
-    n, _, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g, device=g.device).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g, device=g.device).to(x.device)
-    rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])[:, None, :, None].expand(n, x.shape[1], h, w + 2 * pad)
-    x = padded.gather(2, rows)
-    cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])[:, None, None, :].expand(n, x.shape[1], h, w)
-    x = x.gather(3, cols)
-    flip = (torch.rand(n, generator=g, device=g.device) < 0.5).to(x.device)
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
-
-
-def accuracy(net: SmallClassifier, data: ImageArray, device: torch.device) -> float:
-    net.eval()
-    correct = 0
-    with torch.no_grad():
-        for xb, yb in zip(data.images.split(1000), data.labels.split(1000)):
-            correct += int((net.logits(to_unit_range(xb.to(device))).argmax(1) == yb.to(device)).sum())
-    return correct / len(data.labels)
-
-
-def train_classifier(train: ImageArray, test: ImageArray, seconds: float, device: torch.device, batch: int, width: int = 64,
-                     cache: Path | None = None) -> tuple[SmallClassifier, dict]:
-    """Train the classifier for ``seconds`` (AdamW, label smoothing, crops and flips), or load it from
-    ``cache`` (a safetensors file + .json written by an earlier call with the same settings)."""
-    key = {"width": width, "seconds": seconds, "batch": batch, "size": list(train.images.shape[-2:]), "n_train": len(train.images)}
-    net = SmallClassifier(width).to(device)
-    if cache is not None and cache.is_file() and cache.with_suffix(".json").is_file():
-        info = json.loads(cache.with_suffix(".json").read_text())
-        if info.get("key") == key:
-            net.load_state_dict(load_file(str(cache), device=str(device)))
-            net.eval()
-            return net, {**info["info"], "cached": True}
-    torch.manual_seed(0)
-    net = SmallClassifier(width).to(device)
-    cuda = device.type == "cuda"
-    if cuda:
-        net = net.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=5e-4, **({"fused": True} if cuda else {}))
-    xs, ys = train.images.to(device), train.labels.to(device)
-    g = torch.Generator().manual_seed(0)
-    pad = max(1, train.images.shape[-1] // 8)
-    t0, steps = time.perf_counter(), 0
-    net.train()
-    while time.perf_counter() - t0 < seconds:
-        idx = torch.randint(len(xs), (batch,), generator=g).to(device)
-        x = _augment(to_unit_range(xs[idx]), g, pad)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = F.cross_entropy(net.logits(x), ys[idx], label_smoothing=0.1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        steps += 1
-    info = {"steps": steps, "seconds": time.perf_counter() - t0, "test_accuracy": accuracy(net, test, device), "width": width, "feature_dim": 4 * width}
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, str(cache))
-        cache.with_suffix(".json").write_text(json.dumps({"key": key, "info": info}, indent=1))
-    net.eval()
-    return net, {**info, "cached": False}
-
 
 # ----- sampling and FD -------------------------------------------------------------------------
 
@@ -199,13 +102,3 @@ def trained_seconds(run_dir: Path) -> float:
         prev = step
     return total
 
-
-def np_json(v: Any) -> Any:
-    """numpy scalars -> Python numbers (for json.dumps)."""
-    if isinstance(v, dict):
-        return {k: np_json(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [np_json(x) for x in v]
-    if isinstance(v, np.generic):
-        return v.item()
-    return v

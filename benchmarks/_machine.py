@@ -1,8 +1,8 @@
-"""Shared helpers of the benchmark scripts: the machine line (from rectflow.runs.machine), JSON/markdown output, load metering."""
+"""Machine facts of the benchmark scripts: the machine line (from rectflow.runs.machine), the CPU's ISA, load metering.
+(Their options and result files: ``_bench``.)"""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -24,31 +24,6 @@ def isa_note(m: dict[str, Any]) -> str:
     extra = ", ".join(n for n, k in (("AMX", "amx_bf16"), ("AVX512-BF16", "avx512_bf16")) if m.get(k))
     cap = m.get("cpu_capability", "unknown")
     return f"CPU capability {cap}{f' ({extra})' if extra else ''}, bf16 {'native' if m.get('bf16_native') else 'emulated'}"
-
-
-def write_results(out_dir: Path, name: str, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    js, md = out_dir / f"{name}.json", out_dir / f"{name}.md"
-    for path, text in ((js, json.dumps(payload, indent=1, default=float) + "\n"), (md, markdown.rstrip() + "\n")):
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # atomic: a reader never sees half a file
-        tmp.write_text(text)
-        tmp.replace(path)
-    return js, md
-
-
-def resumable_rows(out_dir: Path, name: str) -> tuple[Path, list[dict[str, Any]]]:
-    """The partial JSONL of a resumable benchmark (``out_dir``/tmp/``name``_partial.jsonl) and its rows.
-    On a fresh clone, where only the committed ``name``.json exists, the partial file is seeded from
-    that file's rows, so a rerun continues the committed table instead of starting over."""
-    partial = out_dir / "tmp" / f"{name}_partial.jsonl"
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    committed = out_dir / f"{name}.json"
-    if not partial.is_file() and committed.is_file():
-        tmp = partial.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in json.loads(committed.read_text())["rows"]))
-        tmp.replace(partial)
-    rows = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()] if partial.is_file() else []
-    return partial, rows
 
 
 class LoadMeter:

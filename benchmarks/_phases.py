@@ -4,12 +4,13 @@ inside itself from its own checkpoints)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from _cifar10 import np_json
+from _bench import RESULTS, ROOT, bench_args, np_json
 from rectflow.engine.io import save_json
 
 __all__ = ["Phases", "log"]
@@ -76,20 +77,16 @@ class PhasedBench:
         return self._cache[key]
 
 
-def phased_args(description: str, name: str) -> Any:
-    """An ArgumentParser with the options every phased CIFAR-10 benchmark takes: ``--train-zip``, ``--test-zip``, ``--size``,
-    ``--threads``, ``--work`` (default ``benchmarks/results/tmp/NAME``), ``--out``, ``--name`` and ``--smoke``."""
-    import argparse
-
-    root = Path(__file__).resolve().parents[1]
-    data = root.parent / "shared" / "data" / "cifar10-jpeg"
-    ap = argparse.ArgumentParser(description=description)
+def phased_args(description: str, name: str, report_only: str | None = None) -> argparse.ArgumentParser:
+    """An ArgumentParser with the options every phased CIFAR-10 benchmark takes: those of :func:`_bench.bench_args`
+    (``--out``, ``--name``, ``--threads`` (default 1) and, given its help text, ``--report-only``), ``--train-zip``,
+    ``--test-zip``, ``--size``, ``--work`` (default ``benchmarks/results/tmp/NAME``) and ``--smoke``."""
+    data = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
+    ap = bench_args(description, name, threads=1, threads_help="torch threads (1: leaves the other core of a 2-core machine free)",
+                    report_only=report_only)
     ap.add_argument("--train-zip", type=Path, default=data / "train.zip")
     ap.add_argument("--test-zip", type=Path, default=data / "test.zip")
     ap.add_argument("--size", type=int, default=16, help="image side after downsampling")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: leaves the other core of a 2-core machine free)")
-    ap.add_argument("--work", type=Path, default=root / "benchmarks" / "results" / "tmp" / name, help="runs, caches and phase results (git-ignored)")
-    ap.add_argument("--out", type=Path, default=root / "benchmarks" / "results")
-    ap.add_argument("--name", default=name)
+    ap.add_argument("--work", type=Path, default=RESULTS / "tmp" / name, help="runs, caches and phase results (git-ignored)")
     ap.add_argument("--smoke", action="store_true", help="tiny everything: checks the script in minutes")
     return ap

@@ -36,22 +36,22 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cifar10 import FeatureStats, evaluate_model, train_classifier  # noqa: E402
-from _machine import machine_info, machine_line, write_results  # noqa: E402
-from rectflow.data.image_sets import load_images, to_unit_range  # noqa: E402
-from rectflow.engine.trainer import TimeBudget  # noqa: E402
-from rectflow.images.quality import inception_network  # noqa: E402
-from rectflow.reflow.pairs import PairOptions  # noqa: E402
-from rectflow.runs.config import load_config  # noqa: E402
-from rectflow.runs.experiment import load_run, train_run  # noqa: E402
-from rectflow.runs.lineage import child_config, generate_run_pairs  # noqa: E402
+from _bench import ROOT, bench_args, write_results
+from _cifar10 import FeatureStats, evaluate_model
+from _machine import machine_info, machine_line
+from rectflow.data.image_sets import load_images, to_unit_range
+from rectflow.engine.trainer import TimeBudget
+from rectflow.images.classifier_features import train_cifar_classifier
+from rectflow.images.quality import inception_network
+from rectflow.reflow.pairs import PairOptions
+from rectflow.runs.config import load_config
+from rectflow.runs.experiment import load_run, train_run
+from rectflow.runs.lineage import child_config, generate_run_pairs
 
-ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
 
 
-# ----- sampling and FD (the classifier and the FD rows live in _cifar10.py) ----------------------
+# ----- sampling and FD (the classifier: rectflow.images.classifier_features; the FD rows: _cifar10.py) ----------------------
 
 
 def evaluate(run_dir: Path, solvers: list[str], args, device: torch.device, feats: list[FeatureStats], grid_dir: Path) -> list[dict]:
@@ -156,7 +156,7 @@ def render(machine: dict, gpu: str, clf: dict, floor: dict, stages: list[dict], 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_args(__doc__.split("\n\n")[0], "cifar10", formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train-zip", default=str(DATA / "train.zip"), help="CIFAR-10 training images (ZIP of class folders)")
     ap.add_argument("--test-zip", default=str(DATA / "test.zip"), help="CIFAR-10 test images (classifier accuracy, FD floor)")
     ap.add_argument("--budget-1rf", type=float, default=360.0, help="1-RF training seconds (default 360)")
@@ -178,8 +178,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     ap.add_argument("--only-1rf", action="store_true", help="stop after the 1-RF and its FD rows (the short check of gpu_check.py)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (test.zip only): checks that the script runs")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results", help="output directory")
-    ap.add_argument("--name", default="cifar10", help="output file stem")
     args = ap.parse_args(argv)
     if args.cpu_smoke:
         torch.set_num_threads(1)
@@ -208,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     print("loading CIFAR-10 ...", flush=True)
     train, test = load_images(args.train_zip), load_images(args.test_zip)
     print(f"training the FD feature classifier ({args.clf_seconds:.0f} s) ...", flush=True)
-    clf, clf_info = train_classifier(train, test, args.clf_seconds, device, batch=512 if device.type == "cuda" else 32, width=16 if args.cpu_smoke else 64)
+    clf, clf_info = train_cifar_classifier(train, test, args.clf_seconds, device, batch=512 if device.type == "cuda" else 32, width=16 if args.cpu_smoke else 64)
     ref = to_unit_range(train.images)
     feats = [FeatureStats("fd", clf, ref, device)]
     floor = {"n_ref": len(ref), "fd": feats[0].fd(to_unit_range(test.images))}

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -47,20 +46,21 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cifar10 import FeatureStats, evaluate_model, np_json, train_classifier, trained_seconds  # noqa: E402
-from _machine import machine_info, machine_line, write_results  # noqa: E402
-from rectflow.data.image_sets import load_images, resize_images, to_unit_range  # noqa: E402
-from rectflow.engine.checkpoint import latest_checkpoint, list_checkpoints, load_optimizer_state, load_weights, read_checkpoint, save_checkpoint  # noqa: E402
-from rectflow.engine.trainer import TimeBudget, step_generator  # noqa: E402
-from rectflow.reflow.diagnostics import straightness, transport_cost  # noqa: E402
-from rectflow.reflow.pairs import PairOptions  # noqa: E402
-from rectflow.runs.config import load_config  # noqa: E402
-from rectflow.runs.experiment import build_distributions, build_model, load_run, model_config, train_run  # noqa: E402
-from rectflow.runs.lineage import child_config, generate_run_pairs  # noqa: E402
-from rectflow.runs.report import build_report  # noqa: E402
+from _bench import RESULTS, ROOT, bench_args, np_json, write_results
+from _cifar10 import FeatureStats, evaluate_model, trained_seconds
+from _machine import machine_info, machine_line
+from rectflow.data.image_sets import load_images, resize_images, to_unit_range
+from rectflow.engine.checkpoint import latest_checkpoint, list_checkpoints, load_optimizer_state, load_weights, read_checkpoint, save_checkpoint
+from rectflow.engine.io import atomic_path
+from rectflow.engine.trainer import TimeBudget, step_generator
+from rectflow.images.classifier_features import train_cifar_classifier
+from rectflow.reflow.diagnostics import straightness, transport_cost
+from rectflow.reflow.pairs import PairOptions
+from rectflow.runs.config import load_config
+from rectflow.runs.experiment import build_distributions, build_model, load_run, model_config, train_run
+from rectflow.runs.lineage import child_config, generate_run_pairs
+from rectflow.runs.report import build_report
 
-ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
 CONFIG = ROOT / "configs" / "cifar10-cpu.yaml"
 SOLVERS_FULL = ["euler:1", "euler:2", "euler:4", "euler:10", "euler:100", "dopri5"]
@@ -233,9 +233,8 @@ class Bench:
 
     def finish(self, phase: str, result: dict) -> dict:
         p = self.work / f"phase_{phase}.json"
-        tmp = p.with_suffix(".tmp")
-        tmp.write_text(json.dumps(np_json(result), indent=1))
-        os.replace(tmp, p)
+        with atomic_path(p) as tmp:
+            tmp.write_text(json.dumps(np_json(result), indent=1))
         return result
 
     def spawn(self, phase: str, threads: int, *extra: str) -> subprocess.Popen:
@@ -270,7 +269,7 @@ class Bench:
         a = self.args
         test = resize_images(load_images(a.test_zip), self.size)
         train = resize_images(load_images(a.train_zip), self.size)
-        clf, _ = train_classifier(train, test, a.clf_seconds, torch.device("cpu"), batch=128, width=a.clf_width, cache=self.work / "classifier.safetensors")
+        clf, _ = train_cifar_classifier(train, test, a.clf_seconds, torch.device("cpu"), batch=128, width=a.clf_width, cache=self.work / "classifier.safetensors")
         return [FeatureStats("fd", clf, to_unit_range(test.images), torch.device("cpu"))]
 
     def worker(self, phase: str) -> dict:
@@ -282,7 +281,7 @@ class Bench:
         if phase == "classifier":
             test = resize_images(load_images(a.test_zip), self.size)
             train = resize_images(load_images(a.train_zip), self.size)
-            clf, info = train_classifier(train, test, a.clf_seconds, cpu, batch=128, width=a.clf_width, cache=self.work / "classifier.safetensors")
+            clf, info = train_cifar_classifier(train, test, a.clf_seconds, cpu, batch=128, width=a.clf_width, cache=self.work / "classifier.safetensors")
             ref = FeatureStats("fd", clf, to_unit_range(test.images), cpu)
             g = torch.Generator().manual_seed(0)
             real = to_unit_range(train.images[torch.randperm(len(train.images), generator=g)[: a.n_fd]])
@@ -472,7 +471,8 @@ def goals(d: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_args(__doc__.split("\n\n")[0], "cifar10_cpu", threads=2, threads_help="torch threads of a phase that runs alone",
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train-zip", type=Path, default=DATA / "train.zip")
     ap.add_argument("--test-zip", type=Path, default=DATA / "test.zip")
     ap.add_argument("--size", type=int, default=16, help="image side after downsampling (default 16)")
@@ -485,11 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clf-seconds", type=float, default=240.0, help="training seconds of the FD classifier")
     ap.add_argument("--clf-width", type=int, default=32, help="classifier width (features = 4 x width)")
     ap.add_argument("--speed-steps", type=int, default=12, help="timed steps per speed measurement")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads of a phase that runs alone")
     ap.add_argument("--override", action="append", default=[], help="extra config override for every stage (key=value), repeatable")
-    ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "results" / "tmp" / "cifar10_cpu", help="runs, caches, phase results (git-ignored)")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    ap.add_argument("--name", default="cifar10_cpu")
+    ap.add_argument("--work", type=Path, default=RESULTS / "tmp" / "cifar10_cpu", help="runs, caches, phase results (git-ignored)")
     ap.add_argument("--smoke", action="store_true", help="tiny everything (test.zip only, seconds per stage): checks the script")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

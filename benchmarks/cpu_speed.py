@@ -24,13 +24,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import isa_note, machine_info, machine_line, write_results  # noqa: E402
-from cifar10_cpu import CONFIG, PeerVelocity, peer_unet  # noqa: E402
-from rectflow.runs.config import load_config  # noqa: E402
-from rectflow.runs.experiment import build_model, model_config  # noqa: E402
+from _bench import bench_args, write_results
+from _machine import isa_note, machine_info, machine_line
+from cifar10_cpu import CONFIG, PeerVelocity, peer_unet
+from rectflow.runs.config import load_config
+from rectflow.runs.experiment import build_model, model_config
 
-ROOT = Path(__file__).resolve().parents[1]
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 VARIANTS = [("ours", "fp32", False), ("peer", "fp32", False), ("ours", "bf16", False), ("peer", "bf16", False), ("ours", "fp32", True), ("ours", "bf16", True)]
 
@@ -139,15 +138,12 @@ def render(results: dict[str, dict], a: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=1)
+    ap = bench_args(__doc__.split("\n")[0], "cpu_speed", threads=1)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--isa", nargs="+", default=["native", "avx2"], choices=["native", "avx2"])
     ap.add_argument("--profile", action="store_true", default=True)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    ap.add_argument("--name", default="cpu_speed")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -38,20 +37,19 @@ from typing import Any, Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine_info  # noqa: E402
-from rectflow.data.image_sets import ImageGaussian, make_image_distribution  # noqa: E402
-from rectflow.engine.checkpoint import latest_checkpoint, load_optimizer_state, read_checkpoint  # noqa: E402
-from rectflow.engine.trainer import TrainConfig, Trainer  # noqa: E402
-from rectflow.flow.couplings import IndependentCoupling  # noqa: E402
-from rectflow.flow.losses import FlowMatchingObjective  # noqa: E402
-from rectflow.flow.sampling import sample_model  # noqa: E402
-from rectflow.images.conditional import GuidedVelocity  # noqa: E402
-from rectflow.images.generate import FixedStepSampler  # noqa: E402
-from rectflow.models import UNetVelocity  # noqa: E402
-from rectflow.reflow.pairs import default_solve_batch  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+from _bench import RESULTS, ROOT, bench_args
+from _machine import machine_info
+from rectflow.data.image_sets import ImageGaussian, make_image_distribution
+from rectflow.engine.checkpoint import latest_checkpoint, load_optimizer_state, read_checkpoint
+from rectflow.engine.io import atomic_path
+from rectflow.engine.trainer import TrainConfig, Trainer
+from rectflow.flow.couplings import IndependentCoupling
+from rectflow.flow.losses import FlowMatchingObjective
+from rectflow.flow.sampling import sample_model
+from rectflow.images.conditional import GuidedVelocity
+from rectflow.images.generate import FixedStepSampler
+from rectflow.models import UNetVelocity
+from rectflow.reflow.pairs import default_solve_batch
 
 
 class Check:
@@ -108,9 +106,8 @@ class Check:
 
     def save(self) -> None:
         out = self.args.out / "gpu_check.json"
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.results, indent=1, default=str))
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            tmp.write_text(json.dumps(self.results, indent=1, default=str))
 
     def subprocess(self, cmd: list[str], timeout: float) -> dict:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
@@ -307,8 +304,8 @@ class Check:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_check", help="folder for every result")
+    ap = bench_args(__doc__.split("\n\n")[0], out=RESULTS / "gpu_check", out_help="folder for every result",
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget-s", type=float, default=540.0, help="stop starting checks after this many seconds (default 540)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: checks that the script runs")
     ap.add_argument("--only", help="comma-separated check names to run (default: all)")

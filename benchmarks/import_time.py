@@ -7,16 +7,13 @@ accumulate in ``benchmarks/results/import_time.{md,json}``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine_info, machine_line, write_results  # noqa: E402
+from _bench import bench_args, write_results
+from _machine import machine_info, machine_line
 
-ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["rectflow", "rectflow.flow", "rectflow.flow.paths", "rectflow.cli"]
 PROBE = """
 import json, sys, time
@@ -37,10 +34,9 @@ def measure(target: str, repeat: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = bench_args(__doc__.split("\n")[0])
     ap.add_argument("--label", required=True)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     a = ap.parse_args(argv)
     path = a.out / "import_time.json"
     old = json.loads(path.read_text()) if path.is_file() else {"rows": []}

@@ -13,23 +13,21 @@ D = 2 backward passes to each) and seconds.  Goal: mean NLL within 0.02 of the r
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine_info, machine_line, write_results  # noqa: E402
-from rectflow.data import make_distribution  # noqa: E402
-from rectflow.engine.trainer import TrainConfig, Trainer  # noqa: E402
-from rectflow.flow.couplings import IndependentCoupling  # noqa: E402
-from rectflow.flow.likelihood import log_likelihood  # noqa: E402
-from rectflow.flow.losses import FlowMatchingObjective  # noqa: E402
-from rectflow.models import MLPVelocity  # noqa: E402
-from toy2d import RECIPE, TASKS  # noqa: E402
+from _bench import bench_args, write_results
+from _machine import machine_info, machine_line
+from rectflow.data import make_distribution
+from rectflow.engine.trainer import TrainConfig, Trainer
+from rectflow.flow.couplings import IndependentCoupling
+from rectflow.flow.likelihood import log_likelihood
+from rectflow.flow.losses import FlowMatchingObjective
+from rectflow.models import MLPVelocity
+from toy2d import RECIPE, TASKS
 
 SETTINGS = {  # label -> keyword arguments of log_likelihood
     "dopri5 1e-5, exact": {"method": "dopri5", "rtol": 1e-5, "atol": 1e-5},
@@ -43,13 +41,11 @@ GOAL = 0.02
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = bench_args(__doc__.split("\n\n")[0], "likelihood")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--steps", type=int, default=5000, help="1-RF training steps")
     ap.add_argument("--n", type=int, default=1000, help="held-out target points")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    ap.add_argument("--name", default="likelihood")
     args = ap.parse_args(argv)
     rows, undefined = [], []
     for task in args.tasks.split(","):

@@ -12,34 +12,30 @@ its training config) and the classifier-feature FD on 2000 samples instead of W2
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _digits import DigitsFD, make_unet, train_config  # noqa: E402
-from _machine import machine_info, machine_line, write_results  # noqa: E402
-from rectflow.data import make_distribution  # noqa: E402
-from rectflow.engine.trainer import TrainConfig, Trainer  # noqa: E402
-from rectflow.flow.couplings import IndependentCoupling  # noqa: E402
-from rectflow.flow.meanflow import MeanFlowObjective, sample_mean_flow  # noqa: E402
-from rectflow.flow.metrics import wasserstein2  # noqa: E402
-from rectflow.models import MLPAverageVelocity  # noqa: E402
-from toy2d import RECIPE, TASKS  # noqa: E402
+from _bench import bench_args, write_results
+from _digits import DigitsFD, make_unet, train_config
+from _machine import machine_info, machine_line
+from rectflow.data import make_distribution
+from rectflow.engine.trainer import TrainConfig, Trainer
+from rectflow.flow.couplings import IndependentCoupling
+from rectflow.flow.meanflow import MeanFlowObjective, sample_mean_flow
+from rectflow.flow.metrics import wasserstein2
+from rectflow.models import MLPAverageVelocity
+from toy2d import RECIPE, TASKS
 
 DEFAULT = "paper-p1:0.25:0.005:1,p0.5:0.25:0.005:0.5,p0:0.25:0.005:0,p0-equal50:0.5:0.005:0,p1-lr1e-3:0.25:0.001:1,p0-lr1e-3:0.25:0.001:0"
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = bench_args(__doc__.split("\n\n")[0], "meanflow_screen")
     ap.add_argument("--task", default="gauss-8gauss")
     ap.add_argument("--settings", default=DEFAULT)
     ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    ap.add_argument("--name", default="meanflow_screen")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(12345)

@@ -14,26 +14,23 @@ arguments skips them (resumable after a kill).
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine_info, machine_line, write_results  # noqa: E402
-from rectflow.data import make_distribution  # noqa: E402
-from rectflow.engine.trainer import TrainConfig, Trainer  # noqa: E402
-from rectflow.flow.couplings import IndependentCoupling  # noqa: E402
-from rectflow.flow.losses import FlowMatchingObjective  # noqa: E402
-from rectflow.flow.metrics import wasserstein2  # noqa: E402
-from rectflow.flow.sampling import sample_model  # noqa: E402
-from rectflow.models import MLPVelocity  # noqa: E402
-from toy2d import RECIPE, TASKS  # noqa: E402
+from _bench import append_rows, bench_args, resumable_rows, write_results
+from _machine import machine_info, machine_line
+from rectflow.data import make_distribution
+from rectflow.engine.trainer import TrainConfig, Trainer
+from rectflow.flow.couplings import IndependentCoupling
+from rectflow.flow.losses import FlowMatchingObjective
+from rectflow.flow.metrics import wasserstein2
+from rectflow.flow.sampling import sample_model
+from rectflow.models import MLPVelocity
+from toy2d import RECIPE, TASKS
 
 
 class PlainMLP(nn.Module):
@@ -57,19 +54,15 @@ def make(kind: str) -> nn.Module:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = bench_args(__doc__.split("\n\n")[0], "mlp_time_features")
     ap.add_argument("--tasks", default="gauss-moons,gauss-8gauss")
     ap.add_argument("--models", default="scale=1000,scale=100,scale=10,plain", help="time-feature scales of MLPVelocity, and the plain [x, t] MLP")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--seeds", default="0", help="training seeds, comma-separated (the evaluation points are the same for all)")
     ap.add_argument("--pairs", type=int, default=2000, help="dopri5 solves (rtol = atol = 1e-5) per model")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    ap.add_argument("--name", default="mlp_time_features")
     ap.add_argument("--note", default="", help="a paragraph added under the tables (e.g. what else ran on the machine)")
     args = ap.parse_args(argv)
-    partial = args.out / "tmp" / f"{args.name}_partial.jsonl"
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    rows = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()] if partial.is_file() else []
+    partial, rows = resumable_rows(args.out, args.name, from_committed=False)
     done = {(r["task"], r["model"], r.get("seed", 0), r.get("steps")) for r in rows}
     seeds = [int(s) for s in args.seeds.split(",")]
     for task in args.tasks.split(","):
@@ -94,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {"task": task, "model": kind, "seed": seed, "steps": args.steps, "dopri5_nfe": res.nfe, "pairs_per_s": args.pairs / secs, "w2_dopri5": wasserstein2(res.x, ref),
                    "w2_euler100": wasserstein2(e100, ref), "train_s": train_s}
             rows.append(row)
-            with partial.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_rows(partial, [row])
             print(row, flush=True)
     rows = [r for r in rows if r.get("steps") == args.steps and r.get("seed", 0) in seeds and r["task"] in args.tasks.split(",")]
     machine = machine_info()

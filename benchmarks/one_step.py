@@ -24,8 +24,6 @@ recipe of ``toy2d.py``; MeanFlow and shortcut through the same ``Trainer`` with 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import shutil
 import statistics
 import sys
@@ -36,22 +34,22 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine_info, machine_line, resumable_rows, write_results  # noqa: E402
-from rectflow.data import make_distribution  # noqa: E402
-from rectflow.engine.trainer import TrainConfig, Trainer  # noqa: E402
-from rectflow.flow.couplings import IndependentCoupling  # noqa: E402
-from rectflow.flow.meanflow import MeanFlowObjective, ShortcutObjective, sample_mean_flow  # noqa: E402
-from rectflow.flow.metrics import wasserstein2  # noqa: E402
-from rectflow.flow.sampling import sample_model  # noqa: E402
-from rectflow.models import MLPAverageVelocity  # noqa: E402
-from rectflow.reflow.pairs import PairOptions, PairStore  # noqa: E402
-from rectflow.runs.config import config_from_dict  # noqa: E402
-from rectflow.runs.distill_job import train_distill  # noqa: E402
-from rectflow.runs.experiment import load_run, train_run  # noqa: E402
-from rectflow.runs.lineage import default_pairs_dir  # noqa: E402
-from rectflow.runs.reflow_job import train_reflow  # noqa: E402
-from toy2d import RECIPE, TASKS, noise_floor  # noqa: E402
+from _bench import append_rows, bench_args, resumable_rows, write_results, write_rows
+from _machine import machine_info, machine_line
+from rectflow.data import make_distribution
+from rectflow.engine.trainer import TrainConfig, Trainer
+from rectflow.flow.couplings import IndependentCoupling
+from rectflow.flow.meanflow import MeanFlowObjective, ShortcutObjective, sample_mean_flow
+from rectflow.flow.metrics import wasserstein2
+from rectflow.flow.sampling import sample_model
+from rectflow.models import MLPAverageVelocity
+from rectflow.reflow.pairs import PairOptions, PairStore
+from rectflow.runs.config import config_from_dict
+from rectflow.runs.distill_job import train_distill
+from rectflow.runs.experiment import load_run, train_run
+from rectflow.runs.lineage import default_pairs_dir
+from rectflow.runs.reflow_job import train_reflow
+from toy2d import RECIPE, TASKS, noise_floor
 
 UNITS = {"fm": 3.0, "meanflow": 4.0, "shortcut": 3.0 * 0.75 + 5.0 * 0.25}
 # The average-velocity objectives' settings, recorded in their rows: a row made with other settings
@@ -161,17 +159,8 @@ def refresh_stale(rows: list[dict[str, Any]], args, partial: Path) -> list[dict[
             x0, ref = eval_sets(r["task"], args.n_eval, args.eval_seed)
             rows[i] = average_row(r["task"], r["seed"], kind, r["method"], budget, RECIPE["train"]["batch_size"], args, x0, ref)
             print(f"{r['task']} seed {r['seed']}: {r['method']} retrained with {SETTINGS[r['method']]}: {rows[i]['w2@1']:.3f}", flush=True)
-            with atomic_text(partial) as fh:
-                fh.writelines(json.dumps(x) + "\n" for x in rows)
+            write_rows(partial, rows)
     return rows
-
-
-@contextlib.contextmanager
-def atomic_text(path: Path):
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w") as fh:
-        yield fh
-    tmp.replace(path)
 
 
 def render(rows: list[dict], floors: dict[str, dict], machine: dict, args) -> str:
@@ -194,7 +183,10 @@ def render(rows: list[dict], floors: dict[str, dict], machine: dict, args) -> st
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_args(__doc__.split("\n\n")[0], "one_step", threads=2, formatter_class=argparse.RawDescriptionHelpFormatter,
+                    threads_help="torch threads (use 1 when another job shares the 2-core machine: with 2 threads "
+                    "beside two other jobs, 8gauss-moons seed 1's shortcut stage took 3549 s against seed 0's 171 s)",
+                    report_only="train nothing: tabulate the finished (task, seed) rows of the partial file (the table always holds them all)")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5000, help="1-RF training steps (the toy2d standard)")
@@ -203,11 +195,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", type=int, default=20000, help="dopri5 pairs per reflow / distillation stage")
     ap.add_argument("--n-eval", type=int, default=5000)
     ap.add_argument("--eval-seed", type=int, default=12345)
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    ap.add_argument("--name", default="one_step")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (use 1 when another job shares the 2-core machine: with 2 threads "
-                    "beside two other jobs, 8gauss-moons seed 1's shortcut stage took 3549 s against seed 0's 171 s)")
-    ap.add_argument("--report-only", action="store_true", help="train nothing: tabulate the finished (task, seed) rows of the partial file (the table always holds them all)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     tasks = [t for t in args.tasks.split(",") if t]
@@ -223,8 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             if (task, seed) in done or args.report_only:
                 continue
             new = run_one(task, seed, args)
-            with partial.open("a") as fh:
-                fh.writelines(json.dumps(r) + "\n" for r in new)
+            append_rows(partial, new)
             rows += new
     # the table is every finished row of the partial file: --tasks / --seeds choose what to train, so a
     # run of one task adds to the committed table instead of replacing it

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import shutil
 import statistics
 import sys
@@ -49,10 +48,11 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import append_rows, bench_args, resumable_rows, write_results
 from _digits import SHAPE, DigitsFD, fit, make_unet, train_config
-from _machine import machine_info, machine_line, resumable_rows, write_results
+from _machine import machine_info, machine_line
 from one_step import AVERAGE, REVISION, SETTINGS, STEPS, UNITS
+from rectflow.engine.io import read_jsonl
 from rectflow.flow.couplings import IndependentCoupling
 from rectflow.flow.losses import FlowMatchingObjective
 from rectflow.flow.meanflow import MeanFlowObjective, ShortcutObjective, sample_mean_flow
@@ -164,7 +164,8 @@ def render(rows: list[dict], floor: float, accuracy: float, machine: dict, args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = bench_args(__doc__.split("\n\n")[0], "one_step_digits", threads=1, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                    report_only="train nothing: tabulate the finished seeds of the partial file")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=4000, help="1-RF training steps")
     ap.add_argument("--reflow-steps", type=int, default=2000)
@@ -179,12 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--huber-c", type=float, default=0.0, help="pseudo-Huber c (0: the library's image default)")
     ap.add_argument("--n-eval", type=int, default=5000)
     ap.add_argument("--eval-seed", type=int, default=99)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    ap.add_argument("--name", default="one_step_digits")
     ap.add_argument("--first-seed", type=int, default=0, help="train seeds first-seed .. seeds - 1 only (two processes can split the seeds; "
                     "then --report-only tabulates them all)")
-    ap.add_argument("--report-only", action="store_true", help="train nothing: tabulate the finished seeds of the partial file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     partial, rows = resumable_rows(args.out, args.name)  # finished rows are kept; a fresh clone resumes from the committed ones
@@ -201,10 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         if seed in done or args.report_only:
             continue
         new = run_seed(seed, args, fd, noise)
-        with partial.open("a") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in new)
+        append_rows(partial, new)
         rows += new
-    rows = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()]  # with rows another process added meanwhile
+    rows = read_jsonl(partial)  # with rows another process added meanwhile
     rows = sorted((r for r in rows if r["seed"] < args.seeds), key=lambda r: r["seed"])
     machine = machine_info()
     md = render(rows, fd.floor, fd.accuracy, machine, args)

@@ -29,25 +29,22 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _digits import fit, make_unet, train_config  # noqa: E402  (the digits UNet and training config, shared)
-from _machine import machine_info, machine_line  # noqa: E402
-from rectflow import perflow  # noqa: E402
-from rectflow.data.image_sets import ImageDataset, ImageGaussian, load_digits_images  # noqa: E402
-from rectflow.diffusion.schedules import DDPMSchedule  # noqa: E402
-from rectflow.diffusion.weighting import DiffusionObjective  # noqa: E402
-from rectflow.engine.io import load_tensors, save_json, save_tensors  # noqa: E402
-from rectflow.flow.couplings import IndependentCoupling  # noqa: E402
-from rectflow.images.classifier_features import train_classifier_features  # noqa: E402
-from rectflow.images.quality import extract_features, feature_statistics, frechet_distance  # noqa: E402
-
-OUT = Path(__file__).parent / "results"
+from _bench import bench_args
+from _digits import fit, make_unet, train_config  # the digits UNet and training config, shared
+from _machine import machine_info, machine_line
+from rectflow import perflow
+from rectflow.data.image_sets import ImageDataset, ImageGaussian, load_digits_images
+from rectflow.diffusion.schedules import DDPMSchedule
+from rectflow.diffusion.weighting import DiffusionObjective
+from rectflow.engine.io import load_tensors, save_json, save_tensors
+from rectflow.flow.couplings import IndependentCoupling
+from rectflow.images.classifier_features import train_classifier_features
+from rectflow.images.quality import extract_features, feature_statistics, frechet_distance
 
 
 def squeezed_time(windows: torch.Tensor, gap: float):
@@ -82,7 +79,7 @@ def teacher_net(args, data) -> tuple[torch.nn.Module, float, bool]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = bench_args(__doc__.split("\n")[0], "perflow", threads=1, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--teacher-steps", type=int, default=4000, help="teacher training steps")
     ap.add_argument("--teacher-lr", type=float, default=2e-3)
     ap.add_argument("--teacher-ema", type=float, default=0.999)
@@ -104,11 +101,8 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="*", default=[1.0, 2.0], help="2-RF teacher cost as multiples of PeRFlow's")
     ap.add_argument("--n-eval", type=int, default=5000)
     ap.add_argument("--channels", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--parameterization", default="v", choices=["eps", "v", "x0"])
     ap.add_argument("--cache", type=Path, default=Path(__file__).resolve().parent.parent / ".runs" / "perflow")
-    ap.add_argument("--out", type=Path, default=OUT)
-    ap.add_argument("--name", default="perflow", help="output file stem")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.cache.mkdir(parents=True, exist_ok=True)

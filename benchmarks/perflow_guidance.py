@@ -30,14 +30,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine_info, machine_line, write_results
+from _bench import append_rows, bench_args, resumable_rows, write_results
+from _machine import machine_info, machine_line
 from rectflow import perflow
 from rectflow.data.image_sets import ImageDataset, load_digits_images
 from rectflow.diffusion.schedules import FlowMatchingSchedule
@@ -49,7 +48,6 @@ from rectflow.perflow.guidance_modes import LabelledData
 from rectflow.runs.config import config_from_dict
 from rectflow.runs.experiment import load_run, train_run
 
-OUT = Path(__file__).parent / "results"
 NAME = "perflow_guidance"
 TEACHER_STEPS = (4, 8, 16, 50)  # the guided teacher baselines the issue names, besides the students' NFE
 
@@ -97,7 +95,7 @@ def spread(values: list[float]) -> tuple[float, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = bench_args(__doc__.split("\n")[0], threads=1, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 4.0], help="guidance scales w")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--windows", type=int, default=4, help="K")
@@ -115,10 +113,8 @@ def main() -> None:
     ap.add_argument("--p-uncond", type=float, default=0.1, help="condition dropout of option (b)")
     ap.add_argument("--ref-steps", type=int, default=32, help="steps of the teacher's guided reference sampling")
     ap.add_argument("--n-eval", type=int, default=1000)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--smoke", action="store_true", help="tiny steps and sample counts: checks the plumbing")
     ap.add_argument("--cache", type=Path, default=Path(__file__).resolve().parent.parent / ".runs" / NAME)
-    ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     if args.smoke:
         args.teacher_steps, args.student_steps, args.n_eval, args.ref_steps, args.seeds = 40, 6, 100, 8, args.seeds[:2]
@@ -129,18 +125,16 @@ def main() -> None:
     machine = machine_info()
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "cache", "threads")}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    partial = args.out / "tmp" / f"{NAME}_partial.jsonl"
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    done = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()] if partial.exists() else []
+    partial, done = resumable_rows(args.out, NAME, from_committed=False)
     rows = [r for r in done if r.get("key") == key]
     have = {r["unit"] for r in rows}
 
     def record(unit: str, new: list[dict]) -> None:
-        with partial.open("a") as f:
-            for r in new:
-                r.update(key=key, unit=unit)
-                f.write(json.dumps(r) + "\n")
-                print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k not in ("key", "unit")}, flush=True)
+        for r in new:
+            r.update(key=key, unit=unit)
+        append_rows(partial, new)
+        for r in new:
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k not in ("key", "unit")}, flush=True)
         rows.extend(new)
         have.add(unit)
 

@@ -29,8 +29,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine_line, write_results  # noqa: E402
+from _bench import RESULTS, bench_args, write_results
+from _machine import machine_line
 
 HERE = Path(__file__).resolve().parent
 ARMS: dict[str, list[str]] = {
@@ -98,11 +98,11 @@ def report(out: Path, seeds: list[int]) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = bench_args(__doc__.split("\n")[0], out=RESULTS / "perflow_levers",
+                    out_help="folder of the arms' perflow.py results; the table goes beside it, to FOLDER.{json,md}",
+                    report_only="write the table from the finished runs; run nothing")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "perflow_levers")
-    ap.add_argument("--report-only", action="store_true")
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: passed to every perflow.py run (e.g. a smoke size)")
     args = ap.parse_args()
     extra = [a for a in args.extra if a != "--"]

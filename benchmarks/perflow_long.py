@@ -25,23 +25,21 @@ on this CPU); a run may be resumed with or without it (rounding-level difference
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import json
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _digits import DigitsFD, train_config  # noqa: E402
-from _machine import machine_info, machine_line, write_results  # noqa: E402
-from perflow import teacher_net  # noqa: E402
-from rectflow import perflow  # noqa: E402
-from rectflow.diffusion.schedules import DDPMSchedule  # noqa: E402
-from rectflow.engine.trainer import Trainer  # noqa: E402
+from _bench import bench_args, write_results
+from _digits import DigitsFD, train_config
+from _machine import machine_info, machine_line
+from perflow import teacher_net
+from rectflow import perflow
+from rectflow.diffusion.schedules import DDPMSchedule
+from rectflow.engine.trainer import Trainer
 
 HERE = Path(__file__).resolve().parent
 # the teacher of benchmarks/perflow.py's defaults (same cache key, so its cached weights are reused)
@@ -85,7 +83,7 @@ def report(out: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = bench_args(__doc__.split("\n\n")[0], threads=1, report_only="write the report from the finished runs; train nothing")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--steps", type=int, default=30000)
     ap.add_argument("--eval-at", type=int, nargs="+", default=[3000, 5000, 10000, 20000, 30000])
@@ -93,13 +91,10 @@ def main() -> None:
     ap.add_argument("--n-eval", type=int, default=5000)
     ap.add_argument("--solver-steps", type=int, default=24, help="teacher DDIM steps per window solve")
     ap.add_argument("--compile", action="store_true", help="torch.compile the teacher's network (window solves 0.80x the eager time, perflow_step_cost.md)")
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (training and sampling; FD features stay on the CPU)")
     ap.add_argument("--cache", type=Path, default=HERE.parent / ".runs" / "perflow", help="perflow.py's teacher cache")
     ap.add_argument("--runs", type=Path, default=HERE.parent / ".runs" / "perflow_long")
-    ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--teacher-steps", type=int, default=TEACHER["teacher_steps"], help="(smoke tests: a smaller teacher)")
-    ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     if args.report_only:
         report(args.out)

@@ -11,24 +11,21 @@ solver steps whose teacher is ``torch.compile``d in each named mode (compile tim
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _digits import make_unet  # noqa: E402
-from _machine import LoadMeter, machine_info, machine_line, write_results  # noqa: E402
-from rectflow import perflow  # noqa: E402
-from rectflow.data.image_sets import ImageDataset, load_digits_images  # noqa: E402
-from rectflow.diffusion.schedules import DDPMSchedule  # noqa: E402
+from _bench import bench_args, write_results
+from _digits import make_unet
+from _machine import LoadMeter, machine_info, machine_line
+from rectflow import perflow
+from rectflow.data.image_sets import ImageDataset, load_digits_images
+from rectflow.diffusion.schedules import DDPMSchedule
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = bench_args(__doc__.split("\n\n")[0])
     ap.add_argument("--solver-steps", type=int, nargs="+", default=[0, 4, 12, 24])
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
@@ -36,7 +33,6 @@ def main() -> None:
     ap.add_argument("--compile", nargs="*", default=["default", "max-autotune-no-cudagraphs"],
                     help="torch.compile modes of the teacher to add as arms (none: no compiled arm)")
     ap.add_argument("--compile-steps", type=int, default=24, help="solver steps of the compiled arms")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args()
     torch.set_num_threads(1)
     data = ImageDataset(load_digits_images())

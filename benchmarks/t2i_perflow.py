@@ -41,16 +41,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
-
-from _cifar10 import FeatureStats, SmallClassifier  # noqa: E402
-from _machine import machine_info, machine_line, write_results  # noqa: E402
-from _phases import PhasedBench, log, phased_args  # noqa: E402
-from rectflow.data.image_sets import ImageArray, to_unit_range  # noqa: E402
-from rectflow.engine.trainer import TrainConfig, Trainer  # noqa: E402
-from t2i_teacher import CLASSES, EpsilonObjective, encode_latents, encode_prompts, prompt  # noqa: E402
+from _bench import write_results, write_rows
+from _cifar10 import FeatureStats
+from _machine import machine_info, machine_line
+from _phases import PhasedBench, log, phased_args
+from rectflow.data.image_sets import ImageArray, to_unit_range
+from rectflow.engine.io import atomic_path
+from rectflow.engine.trainer import TrainConfig, Trainer
+from rectflow.images.classifier_features import CifarClassifier, load_cifar_classifier
+from t2i_teacher import CLASSES, EpsilonObjective, encode_latents, encode_prompts, prompt
 
 MODES = ("teacher", "student")
 
@@ -70,15 +69,9 @@ class Bench(PhasedBench):
     def data(self, split: str) -> ImageArray:
         return self.cifar(split, smoke_n=400)
 
-    def classifier(self) -> SmallClassifier:
+    def classifier(self) -> CifarClassifier:
         if "clf" not in self._cache:
-            from safetensors.torch import load_file
-
-            path = self.a.teacher_work / "classifier.safetensors"
-            info = json.loads(path.with_suffix(".json").read_text())
-            net = SmallClassifier(info["info"]["width"])
-            net.load_state_dict(load_file(str(path)))
-            self._cache["clf"] = net.eval()
+            self._cache["clf"], _ = load_cifar_classifier(self.a.teacher_work / "classifier.safetensors")
         return self._cache["clf"]
 
     def feats(self, domain: str) -> FeatureStats:
@@ -105,9 +98,7 @@ class Bench(PhasedBench):
                 name = f"{CLASSES[c]}_{i:05d}.png"
                 Image.fromarray(to_uint8(to_unit_range(d.images[i:i + 1]))[0].permute(1, 2, 0).numpy()).save(folder / name)
                 rows.append({"file_name": name, "text": prompt(c)})
-        tmp = folder / "metadata.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(folder / "metadata.jsonl")
+        write_rows(folder / "metadata.jsonl", rows)
         return {"n": len(rows), "folder": str(folder)}
 
     # ----- 2. PeRFlow through the CLI
@@ -168,12 +159,9 @@ class Bench(PhasedBench):
         from safetensors.torch import save_file
 
         lab = torch.tensor(labels)
-        folder = self.work / "picks"
-        folder.mkdir(exist_ok=True)
-        tmp = folder / f".{key}.tmp"
-        save_file({"x": torch.cat([x[lab == c][:per] for c in range(10)]).contiguous(),
-                   "labels": torch.cat([lab[lab == c][:per] for c in range(10)]).contiguous()}, str(tmp))
-        tmp.replace(folder / f"{key}.safetensors")
+        with atomic_path(self.work / "picks" / f"{key}.safetensors") as tmp:
+            save_file({"x": torch.cat([x[lab == c][:per] for c in range(10)]).contiguous(),
+                       "labels": torch.cat([lab[lab == c][:per] for c in range(10)]).contiguous()}, str(tmp))
 
     def grid_from_picks(self, keys: list[tuple[str, str]], path: Path) -> bool:
         """The grid of the kept picks ``(name, key)`` once all of them exist; False while one is missing."""
@@ -388,7 +376,7 @@ def best_teacher_guidance(teacher_work: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = phased_args(__doc__.split("\n")[0], "t2i_perflow")
+    ap = phased_args(__doc__.split("\n")[0], "t2i_perflow", report_only="write the report from the finished phases; run nothing")
     ap.add_argument("--teacher-work", type=Path, required=True, help="the --work folder of t2i_teacher.py (teacher/, classifier.safetensors)")
     ap.add_argument("--n-captioned", type=int, default=10000)
     ap.add_argument("--guidance", type=float, default=None,
@@ -403,7 +391,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--derivative-steps", type=int, default=1500)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--n-fd", type=int, default=5000)
-    ap.add_argument("--report-only", action="store_true", help="write the report from the finished phases; run nothing")
     a = ap.parse_args(argv)
     if a.guidance is None:
         a.guidance = best_teacher_guidance(a.teacher_work)

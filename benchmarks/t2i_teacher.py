@@ -39,16 +39,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
-
-from _cifar10 import FeatureStats, train_classifier  # noqa: E402
-from _machine import machine_info, machine_line, write_results  # noqa: E402
-from _phases import PhasedBench, log, phased_args  # noqa: E402
-from rectflow.data.image_sets import ImageArray, to_unit_range  # noqa: E402
-from rectflow.engine.trainer import TrainConfig, Trainer  # noqa: E402
-from rectflow.flow.losses import LossOutput  # noqa: E402
+from _bench import append_rows, write_results
+from _cifar10 import FeatureStats
+from _machine import machine_info, machine_line
+from _phases import PhasedBench, log, phased_args
+from rectflow.data.image_sets import ImageArray, to_unit_range
+from rectflow.engine.io import read_jsonl
+from rectflow.engine.trainer import TrainConfig, Trainer
+from rectflow.flow.losses import LossOutput
+from rectflow.images.classifier_features import train_cifar_classifier
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -206,8 +205,8 @@ class Bench(PhasedBench):
         return self.cifar(split)
 
     def classifier(self):
-        clf, info = train_classifier(self.data("train"), self.data("test"), self.a.clf_seconds, torch.device("cpu"), batch=128,
-                                     width=self.a.clf_width, cache=self.work / "classifier.safetensors")
+        clf, info = train_cifar_classifier(self.data("train"), self.data("test"), self.a.clf_seconds, torch.device("cpu"), batch=128,
+                                           width=self.a.clf_width, cache=self.work / "classifier.safetensors")
         return clf, info
 
     # --- autoencoder
@@ -366,7 +365,7 @@ class Bench(PhasedBench):
         rows = []
         per = self.a.n_fd // 10
         partial = self.work / "eval_rows.jsonl"  # one row per (sampler, w), kept across a kill
-        done = {(r["sampler"], r["guidance"]): r for r in (json.loads(x) for x in partial.read_text().splitlines() if x.strip())} if partial.is_file() else {}
+        done = {(r["sampler"], r["guidance"]): r for r in read_jsonl(partial)}
         for sched_name, steps in (("dpm++", 25), ("ddim", 4)):
             pipe.scheduler = (DPMSolverMultistepScheduler.from_config(base, algorithm_type="dpmsolver++") if sched_name == "dpm++"
                               else DDIMScheduler.from_config(base))
@@ -392,8 +391,7 @@ class Bench(PhasedBench):
                 acc = float((pred == torch.tensor(labels)).float().mean())
                 row = {"sampler": f"{sched_name}:{steps}", "guidance": w, "fd": feats.fd(x), "prompt_accuracy": acc, "s_per_image": secs / len(x), "n": len(x)}
                 rows.append(row)
-                with partial.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                append_rows(partial, [row])
                 log(f"  {row['sampler']} w={w}: FD {row['fd']:.3f}, prompt accuracy {acc:.3f}, {row['s_per_image'] * 1e3:.1f} ms/image")
                 if sched_name == "dpm++" and w == 2.0:
                     self.grid(x, labels, self.a.out / f"{self.a.name}_grid.png")
@@ -472,7 +470,8 @@ class Bench(PhasedBench):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = phased_args(__doc__.split("\n")[0], "t2i_teacher")
+    ap = phased_args(__doc__.split("\n")[0], "t2i_teacher",
+                     report_only="write the report from the finished phases (and the training log so far); run nothing")
     ap.add_argument("--clf-seconds", type=float, default=240.0)
     ap.add_argument("--clf-width", type=int, default=32)
     ap.add_argument("--vae-screen-seconds", type=float, default=120.0)
@@ -487,7 +486,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speed-steps", type=int, default=3)
     ap.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     ap.add_argument("--n-fd", type=int, default=5000)
-    ap.add_argument("--report-only", action="store_true", help="write the report from the finished phases (and the training log so far); run nothing")
     a = ap.parse_args(argv)
     if a.smoke:
         a.clf_seconds, a.vae_screen_seconds, a.vae_steps, a.unet_steps, a.n_fd, a.speed_steps = 5, 3, 20, 30, 40, 1

@@ -26,14 +26,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine_info, machine_line, write_results  # noqa: E402
-from rectflow.data.image_sets import ImageArray, ImageDataset, ImageGaussian, load_images  # noqa: E402
-from rectflow.engine.trainer import TrainConfig, Trainer, step_generator  # noqa: E402
-from rectflow.flow.couplings import IndependentCoupling  # noqa: E402
-from rectflow.flow.losses import FlowMatchingObjective  # noqa: E402
-from rectflow.images.generate import FixedStepSampler  # noqa: E402
-from rectflow.models import UNetVelocity  # noqa: E402
+from _bench import bench_args, write_results
+from _machine import machine_info, machine_line
+from rectflow.data.image_sets import ImageArray, ImageDataset, ImageGaussian, load_images
+from rectflow.engine.trainer import TrainConfig, Trainer, step_generator
+from rectflow.flow.couplings import IndependentCoupling
+from rectflow.flow.losses import FlowMatchingObjective
+from rectflow.images.generate import FixedStepSampler
+from rectflow.models import UNetVelocity
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg" / "train.zip"
 GOALS = {128: 3500.0, 512: 6500.0}
@@ -240,7 +240,7 @@ def render(machine: dict, gpu: str, train_rows: list[dict], samp: dict, args) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_args(__doc__.split("\n\n")[0], "throughput", formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="128,512", help="training batch sizes (default 128,512)")
     ap.add_argument("--steps", type=int, default=100, help="timed training steps per batch size")
     ap.add_argument("--warmup", type=int, default=20, help="untimed first steps (compilation, allocator)")
@@ -251,8 +251,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s for MFU (default: from the GPU name)")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model and sizes on the CPU: checks that the script runs")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results", help="output directory")
-    ap.add_argument("--name", default="throughput", help="output file stem")
     args = ap.parse_args(argv)
     if args.cpu_smoke:
         args.batches, args.steps, args.warmup, args.parts_reps = "8", 2, 1, 2

@@ -37,7 +37,6 @@ import argparse
 import json
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -46,15 +45,15 @@ from typing import Any, Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine_info, machine_line, write_results  # noqa: E402
-from rectflow.data import make_distribution  # noqa: E402
-from rectflow.engine.io import read_jsonl  # noqa: E402
-from rectflow.flow.metrics import wasserstein2  # noqa: E402
-from rectflow.runs.config import apply_overrides, config_from_dict  # noqa: E402
+from _bench import bench_args, write_results
+from _machine import machine_info, machine_line
+from rectflow.data import make_distribution
+from rectflow.engine.io import read_jsonl
+from rectflow.flow.metrics import wasserstein2
+from rectflow.runs.config import apply_overrides, config_from_dict
 from rectflow.runs.evaluation import evaluate_run
-from rectflow.runs.experiment import load_run, train_run  # noqa: E402
-from rectflow.runs.recipes import RECIPES  # noqa: E402
+from rectflow.runs.experiment import load_run, train_run
+from rectflow.runs.recipes import RECIPES
 
 TASKS: dict[str, dict[str, Any]] = {
     "gauss-8gauss": {"source": "gaussian", "target": "8gaussians"},
@@ -489,7 +488,8 @@ def chain_report(results: list[dict[str, Any]]) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_args(__doc__.split("\n\n")[0], "toy2d", threads=1, threads_help="torch.set_num_threads (default 1: best on a shared 2-core machine)",
+                    out_help="output directory for JSON/markdown", formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {list(TASKS)} (default: all)")
     ap.add_argument("--couplings", default="independent,ot", help=f"comma-separated, from {list(COUPLINGS)} (default independent,ot)")
     ap.add_argument("--stages", default="1rf", help=f"comma-separated, from {list(STAGES)} (default 1rf; prerequisites are added)")
@@ -513,10 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--noise-floor", action="store_true", help="also measure the W2 noise floor of each task's target")
     ap.add_argument("--floor-pairs", type=int, default=8, help="fresh samples for the noise floor (default 8)")
     ap.add_argument("--floor-only", action="store_true", help="only measure the noise floor (implies --noise-floor)")
-    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: best on a shared 2-core machine)")
     ap.add_argument("--runs-dir", type=Path, default=None, help="keep run directories here (finished runs are reused); default: a temporary directory, deleted")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results", help="output directory for JSON/markdown")
-    ap.add_argument("--name", default="toy2d", help="output file stem (default toy2d)")
     args = ap.parse_args(argv)
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]

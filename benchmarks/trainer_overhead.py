@@ -30,19 +30,18 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import LoadMeter, machine_info, machine_line, wait_quiet, write_results  # noqa: E402
-from rectflow.data import make_distribution  # noqa: E402
-from rectflow.engine.trainer import TrainConfig, Trainer  # noqa: E402
-from rectflow.flow.couplings import IndependentCoupling, MinibatchOTCoupling  # noqa: E402
-from rectflow.flow.losses import FlowMatchingObjective  # noqa: E402
-from rectflow.models import MLPVelocity  # noqa: E402
+from _bench import bench_args, write_results
+from _machine import LoadMeter, machine_info, machine_line, wait_quiet
+from rectflow.data import make_distribution
+from rectflow.engine.trainer import TrainConfig, Trainer
+from rectflow.flow.couplings import IndependentCoupling, MinibatchOTCoupling
+from rectflow.flow.losses import FlowMatchingObjective
+from rectflow.models import MLPVelocity
 
 BATCH = 256
 LR, CLIP, EMA_DECAY = 1e-3, 1.0, 0.999
@@ -240,7 +239,7 @@ def render(machine: dict, p1: list[dict], p2: list[dict], draws: list[dict], arg
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_args(__doc__.split("\n\n")[0], "trainer_overhead", formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", default="1,2", help="torch.set_num_threads values, comma-separated (default 1,2)")
     ap.add_argument("--workers", default="0,1", help="TrainConfig.workers values for part 2 (default 0,1)")
     ap.add_argument("--repeats", type=int, default=11, help="part 1 repeats (default 11)")
@@ -249,8 +248,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ot-steps", type=int, default=150, help="part 2 timed steps per run (default 150)")
     ap.add_argument("--couplings", default="independent,ot-exact,ot-sinkhorn", help="part 2 couplings (default: all three)")
     ap.add_argument("--warmup", type=int, default=50, help="steps dropped at the start of each run (default 50)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results", help="output directory")
-    ap.add_argument("--name", default="trainer_overhead", help="output file stem (default trainer_overhead)")
     ap.add_argument("--wait-quiet", type=float, default=15.0, help="before each run, wait up to this many seconds for other processes to use < 0.3 cores (default 15; 0 = never wait)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 repeats, 60 steps")
     args = ap.parse_args(argv)

@@ -32,25 +32,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
+from _bench import ROOT, write_results
+from _cifar10 import FeatureStats, trained_seconds
+from _machine import machine_info, machine_line
+from _phases import PhasedBench, log, phased_args
+from cifar10_cpu import BudgetFromFirstStep
+from rectflow.data.image_sets import to_unit_range
+from rectflow.engine.checkpoint import latest_checkpoint, read_checkpoint
+from rectflow.flow.sampling import sample_model
+from rectflow.images.classifier_features import train_cifar_classifier
+from rectflow.images.generate import save_pair_grid
+from rectflow.reflow.diagnostics import straightness, transport_cost
+from rectflow.reflow.pairs import PairOptions
+from rectflow.runs.config import load_config
+from rectflow.runs.experiment import load_run, train_run
+from rectflow.runs.lineage import child_config, generate_run_pairs
+
 CONFIG = ROOT / "configs" / "cifar10-cpu.yaml"
-
-from _cifar10 import FeatureStats, train_classifier, trained_seconds  # noqa: E402
-from _machine import machine_info, machine_line, write_results  # noqa: E402
-from _phases import PhasedBench, log, phased_args  # noqa: E402
-from cifar10_cpu import BudgetFromFirstStep  # noqa: E402
-from rectflow.data.image_sets import to_unit_range  # noqa: E402
-from rectflow.engine.checkpoint import latest_checkpoint, read_checkpoint  # noqa: E402
-from rectflow.flow.sampling import sample_model  # noqa: E402
-from rectflow.images.generate import save_pair_grid  # noqa: E402
-from rectflow.reflow.diagnostics import straightness, transport_cost  # noqa: E402
-from rectflow.reflow.pairs import PairOptions  # noqa: E402
-from rectflow.runs.config import load_config  # noqa: E402
-from rectflow.runs.experiment import load_run, train_run  # noqa: E402
-from rectflow.runs.lineage import child_config, generate_run_pairs  # noqa: E402
-
 CIFAR = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 SOLVERS = ["euler:1", "euler:2", "euler:4", "euler:100", "dopri5"]
 
@@ -73,7 +71,7 @@ class Bench(PhasedBench):
     def classifier(self):
         if "clf" not in self._cache:
             tr, te = self.cifar("train", smoke_n=10**9), self.cifar("test", smoke_n=10**9)
-            clf, info = train_classifier(tr, te, self.a.clf_seconds, torch.device("cpu"), batch=128, width=32, cache=self.work / "classifier.safetensors")
+            clf, info = train_cifar_classifier(tr, te, self.a.clf_seconds, torch.device("cpu"), batch=128, width=32, cache=self.work / "classifier.safetensors")
             self._cache["clf"], self._cache["clf_info"] = clf, info
         return self._cache["clf"]
 
@@ -205,7 +203,7 @@ class Bench(PhasedBench):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = phased_args(__doc__.split("\n")[0], "transfer")
+    ap = phased_args(__doc__.split("\n")[0], "transfer", report_only="write the report from the finished phases; run nothing")
     ap.add_argument("--budget-1rf", type=float, default=1800.0)
     ap.add_argument("--budget-2rf", type=float, default=900.0)
     ap.add_argument("--budget-distill", type=float, default=600.0)
@@ -215,7 +213,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--classes", nargs="+", default=["cat:dog", "automobile:truck"], help="source:target class pairs")
     ap.add_argument("--override", action="append", default=[])
-    ap.add_argument("--report-only", action="store_true", help="write the report from the finished phases; run nothing")
     a = ap.parse_args(argv)
     a.pairs_of_classes = [tuple(c.split(":")) for c in a.classes]
     if a.smoke:
