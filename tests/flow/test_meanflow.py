@@ -213,3 +213,24 @@ def test_the_shortcut_objective_trains_under_bf16_autocast():
     cfg = TrainConfig(steps=3, batch_size=32, lr=1e-3, ema_decay=0.0, progress=False, precision="bf16", log_every=1, ckpt_every=10**6)
     Trainer(net, ShortcutObjective(IndependentCoupling(Gaussian(2), Gaussian(2))), cfg).fit()
     assert all(bool(torch.isfinite(p).all()) for p in net.parameters())
+
+
+@pytest.mark.parametrize("make", [lambda: MLPAverageVelocity(2, width=16, depth=2), lambda: UNetAverageVelocity(
+    in_channels=1, image_size=8, channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(), dropout=0.0, head_channels=8)],
+    ids=["mlp", "unet"])
+def test_the_meanflow_objective_trains_under_bf16_autocast(make):
+    """precision auto is bf16 on a CPU with native bf16: the forward-mode derivative of the MeanFlow target must run there
+    (autocast casts the weights, not the dual inputs, so the JVP runs outside autocast, in float32)."""
+    torch.manual_seed(0)
+    net = make()
+    shape = (1, 8, 8) if isinstance(net, UNetAverageVelocity) else (2,)
+
+    class Images:
+        dim = shape[0]
+
+        def sample(self, n, *, generator=None, device=None):
+            return torch.randn((n, *shape), generator=generator, device=device)
+
+    cfg = TrainConfig(steps=2, batch_size=8, lr=1e-3, ema_decay=0.0, progress=False, precision="bf16", log_every=1, ckpt_every=10**6, device="cpu")
+    Trainer(net, MeanFlowObjective(IndependentCoupling(Images(), Images())), cfg).fit()
+    assert all(bool(torch.isfinite(p).all()) for p in net.parameters())

@@ -53,8 +53,10 @@ def _col(t: Tensor, like: Tensor) -> Tensor:
 def meanflow_target(model: AverageVelocity, z: Tensor, s: Tensor, t: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """(u, target): the model's u(z, s, t) (with its graph) and the MeanFlow target
     v + (t - s) d/ds u(z, s, t) (detached), the derivative taken along the direction (v, 1, 0).
-    Attention runs on PyTorch's math kernel here: the fused kernels have no forward-mode derivative."""
-    with sdpa_kernel(SDPBackend.MATH):
+    Attention runs on PyTorch's math kernel here: the fused kernels have no forward-mode derivative.  The derivative
+    runs outside bf16 autocast, in the inputs' precision: autocast casts a convolution's weights but not its dual
+    inputs, so a JVP through a conv net under autocast fails (``precision: bf16`` leaves MeanFlow's loss in float32)."""
+    with sdpa_kernel(SDPBackend.MATH), torch.autocast(z.device.type, enabled=False):
         u, du_ds = torch.func.jvp(model, (z, s, t), (v, torch.ones_like(s), torch.zeros_like(t)))
     return u, (v + _col(t - s, z) * du_ds).detach()
 
