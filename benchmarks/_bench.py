@@ -79,9 +79,15 @@ def resumable_rows(out_dir: Path, name: str, *, from_committed: bool = True) -> 
 
 
 def append_rows(partial: Path, rows: list[dict[str, Any]]) -> None:
-    """Append ``rows`` to a JSONL file, one JSON object a line, in one write (a finished unit of rows lands together)."""
+    """Append ``rows`` to a JSONL file, one JSON object a line, in one write (a finished unit of rows lands together).
+    A torn last line (a kill mid-write, skipped by :func:`resumable_rows`) is first ended, so the new rows stay readable."""
+    torn = False
+    if Path(partial).is_file() and Path(partial).stat().st_size:
+        with open(partial, "rb") as fh:
+            fh.seek(-1, 2)
+            torn = fh.read(1) != b"\n"
     with open(partial, "a") as fh:
-        fh.write("".join(json.dumps(r) + "\n" for r in rows))
+        fh.write(("\n" if torn else "") + "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def write_rows(partial: Path, rows: list[dict[str, Any]]) -> None:

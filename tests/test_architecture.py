@@ -17,7 +17,7 @@ SRC = ROOT / "src" / "rectflow"
 # Imported inside functions on purpose: slow to import or optional.  Each such import carries a
 # comment saying why (checked below).
 LAZY_OK = {"ot", "diffusers", "transformers", "sklearn.datasets"}
-CITATION = re.compile(r"theory §(\d+(?:\.\d+)?)(?:-(\d+(?:\.\d+)?))?")
+CITATION = re.compile(r"§(\d+(?:\.\d+)?)(?:-(\d+(?:\.\d+)?))?")  # "theory §6.3", or a bare "§6.3" beside one
 
 
 def _modules() -> list[tuple[Path, ast.Module, list[str]]]:

@@ -18,12 +18,12 @@ def test_check_int_refuses_with_the_name(value):
         check_int(value, "n")
 
 
-@pytest.mark.parametrize("value,expected", [(0, 0.0), (1, 1.0), (0.25, 0.25), ("0.5", 0.5)])
+@pytest.mark.parametrize("value,expected", [(0, 0.0), (1, 1.0), (0.25, 0.25)])
 def test_check_fraction_accepts_numbers_in_the_unit_interval(value, expected):
     assert check_fraction(value, "p") == expected
 
 
-@pytest.mark.parametrize("value", [-1e-9, 1.0000001, math.nan, math.inf, None, "x", True])
+@pytest.mark.parametrize("value", [-1e-9, 1.0000001, math.nan, math.inf, None, "x", "0.5", True])
 def test_check_fraction_refuses_with_the_name(value):
     with pytest.raises(ConfigError, match=r"^p must lie in \[0, 1\], got "):
         check_fraction(value, "p")

@@ -36,11 +36,13 @@ def check_int(value: object, name: str, low: int = 1, *, note: str = "") -> int:
 
 def check_fraction(value: object, name: str) -> float:
     """``value`` as a float if it is a number in [0, 1] (a probability or a share); else ConfigError "``name`` must
-    lie in [0, 1], got ...": the library's one check of probabilities (NaN and non-numbers fail it too)."""
+    lie in [0, 1], got ...": the library's one check of probabilities (NaN, strings and other non-numbers fail it too)."""
+    if isinstance(value, (str, bytes, bool)):
+        raise ConfigError(f"{name} must lie in [0, 1], got {value!r}")
     try:
         p = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise ConfigError(f"{name} must lie in [0, 1], got {value!r}") from None
-    if isinstance(value, bool) or not 0.0 <= p <= 1.0:
+    if not 0.0 <= p <= 1.0:
         raise ConfigError(f"{name} must lie in [0, 1], got {value!r}")
     return p

@@ -135,8 +135,11 @@ def test_perflow_specs_integrate_on_the_models_own_grid_and_refuse_models_withou
         def forward(self, x, t):
             return x
 
-    with pytest.raises(ConfigError, match="perflow:4 samples a PeRFlow student .* Plain has none: use euler:4"):
+    with pytest.raises(ConfigError, match="perflow:N samples a PeRFlow student .* not one: use euler:N"):
         sample(Plain(), x, "perflow:4")
+    with pytest.raises(ConfigError, match="PeRFlow student"):  # checked up front (configs, the CLI, pair stores) too
+        parse_spec("perflow:4")
+    assert parse_spec("perflow:4", windows=True) == ("perflow", 4) and parse_spec("euler:4", windows=True) == ("euler", 4)
 
 
 def test_trajectories_hold_every_grid_state():

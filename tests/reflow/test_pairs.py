@@ -353,3 +353,15 @@ def test_a_store_written_before_solve_batches_still_opens_and_resumes(tmp_path):
     path.write_text(json.dumps(man))
     assert len(PairStore(store.path)) == 600
     assert len(make(tmp_path, n=600)) == 600  # same settings: reused, not refused
+
+
+def test_default_options_solve_where_the_model_is_whatever_device_auto_would_pick(tmp_path, monkeypatch):
+    """generate_pairs never moves the model: with device "auto" it solves on the model's device, not on the machine's
+    preferred accelerator (a CPU model on a CUDA machine must not get CUDA inputs)."""
+    from rectflow.engine import hardware
+
+    monkeypatch.setattr(hardware, "default_device", lambda: torch.device("meta"))  # what auto would pick elsewhere
+    store = generate_pairs(Shift(), Gaussian(2), tmp_path / "auto", 20, PairOptions(solver="euler:2"), progress=False)
+    z0, z1 = store.load()
+    torch.testing.assert_close(z1, z0 + torch.tensor([1.0, -2.0]))
+    assert store.manifest["stats"]["device"] == "cpu"

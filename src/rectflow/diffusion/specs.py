@@ -11,10 +11,10 @@ spec            what runs                                                   NFE 
 ``heun:N``      Heun (2nd order)                                            2N
 ``rk4:N``       classical Runge-Kutta (4th order)                           4N
 ``dopri5``      Dormand-Prince 5(4), adaptive (``rtol`` / ``atol``)         counted
-``dpm++2m:N``   DPM-Solver++(2M) on N uniform steps (theory §6.4)           N
-``dpm++3m:N``   the 3M step that integrates the quadratic exactly (§6.4)    N
+``dpm++2m:N``   DPM-Solver++(2M) on N uniform steps (theory §6.9)           N
+``dpm++3m:N``   the 3M step that integrates the quadratic exactly (§6.9)    N
 ``edm:N``       EDM's Heun on N - 1 Karras sigmas and a last Euler (§6.9)   2N - 1
-``meanflow:N``  the average-velocity map u(z, s, t) in N jumps (§8)         N
+``meanflow:N``  the average-velocity map u(z, s, t) in N jumps (§2.6)       N
 ``perflow:N``   a PeRFlow student: Euler on its window path, N >= K steps   N
                 spread over the K windows (§5.4; N = K: one per window)
 ==============  ==========================================================  ===========================
@@ -56,6 +56,7 @@ class Spec:
     min_steps: int | None
     description: str
     mean_flow: bool = False
+    windows: bool = False
 
 
 SPECS: dict[str, Spec] = {
@@ -68,18 +69,19 @@ SPECS: dict[str, Spec] = {
     "dpm++3m": Spec(1, "3rd-order multistep DPM-Solver++ step on the flow-matching schedule"),
     "edm": Spec(2, "EDM's deterministic Heun on Karras sigmas"),
     "meanflow": Spec(1, "average-velocity (MeanFlow / shortcut) jumps", mean_flow=True),
-    "perflow": Spec(1, "a PeRFlow student: Euler on its window path (N >= K steps)"),
+    "perflow": Spec(1, "a PeRFlow student: Euler on its window path (N >= K steps)", windows=True),
 }
 
 
 MAX_STEPS = 1_000_000  # a step count beyond this is a typo, not a sampler setting
 
 
-def parse_spec(spec: str, *, mean_flow: bool = False) -> tuple[str, int | None]:
+def parse_spec(spec: str, *, mean_flow: bool = False, windows: bool = False) -> tuple[str, int | None]:
     """``"euler:4"`` -> ("euler", 4); ``"dopri5"`` -> ("dopri5", None).  The library's one spec parser.
 
     ``mean_flow``: the model is an average-velocity model u(z, s, t) (MeanFlow, shortcut), sampled by ``meanflow:N``
-    only; else a velocity model v(x, t), which every other spec samples.
+    only; else a velocity model v(x, t), which every other spec samples.  ``windows``: the velocity model is a PeRFlow
+    student (it has ``sampling_grid(N)``), which ``perflow:N`` samples too; no other model takes ``perflow:N``.
 
     Raises:
         ConfigError: an unknown name, a spec of the other kind of model, a missing or non-integer step count, too few
@@ -92,6 +94,9 @@ def parse_spec(spec: str, *, mean_flow: bool = False) -> tuple[str, int | None]:
     if entry.mean_flow != mean_flow:
         raise ConfigError(f"solver {spec!r}: meanflow:N samples average-velocity models u(z, s, t) and the other samplers velocity models "
                           f"v(x, t); this one is {'an average-velocity' if mean_flow else 'a velocity'} model")
+    if entry.windows and not windows:
+        raise ConfigError(f"solver {spec!r}: perflow:N samples a PeRFlow student (a model with sampling_grid(N), e.g. rectflow.perflow.PeRFlowStudent); "
+                          "this model is not one: use euler:N")
     if entry.min_steps is None:
         if colon:
             raise ConfigError(f"solver {spec!r}: {name} is adaptive and takes no step count (set rtol/atol)")
@@ -107,15 +112,6 @@ def parse_spec(spec: str, *, mean_flow: bool = False) -> tuple[str, int | None]:
 def spec_label(method: str, steps: int | None) -> str:
     """The spec string of (method, steps): the inverse of :func:`parse_spec`."""
     return method if steps is None else f"{method}:{steps}"
-
-
-def _perflow_grid(model: nn.Module, steps: int) -> Tensor:
-    """The sampling grid of ``perflow:steps``: the model's own (a PeRFlow student's window path)."""
-    grid_of = getattr(model, "sampling_grid", None)
-    if not callable(grid_of):
-        raise ConfigError(f"perflow:{steps} samples a PeRFlow student (a model with sampling_grid(steps), e.g. rectflow.perflow.PeRFlowStudent); "
-                          f"{type(model).__name__} has none: use euler:{steps}")
-    return grid_of(steps)
 
 
 def _run(name: str, steps: int | None, f: Callable[..., Tensor], x: Tensor, *, trajectory: bool, rtol: float, atol: float,
@@ -174,7 +170,7 @@ def sample(
         ConfigError: a bad spec, guidance without ``cond``, or a batch size < 1.
         FloatingPointError: the samples are not finite.
     """
-    name, steps = parse_spec(spec, mean_flow=mean_flow)
+    name, steps = parse_spec(spec, mean_flow=mean_flow, windows=callable(getattr(model, "sampling_grid", None)))
     w = check_guidance_scale(guidance)
     b = x0.shape[0]
     if cond is None and w != 1.0:
@@ -189,7 +185,7 @@ def sample(
     if trajectory and chunked and name == "dopri5":
         raise ConfigError("dopri5 with a trajectory cannot be batched (each chunk stops at its own times); drop batch_size or the trajectory")
     null = null_condition(cond, null_cond) if cond is not None and w != 1.0 else None  # full batch, split with cond; unused at w = 1
-    grid = _perflow_grid(model, steps) if name == "perflow" else None
+    grid = model.sampling_grid(steps) if name == "perflow" else None  # parse_spec checked that it has one
 
     def chunk_result(x: Tensor, c: Any, n: Any) -> SolveResult:
         f = model if c is None else (lambda z, t: guided_call(model, z, t, c, n, w))

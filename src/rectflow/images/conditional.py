@@ -56,6 +56,7 @@ __all__ = [
 def drop_labels(y: Tensor, p_uncond: float, generator: torch.Generator | None = None) -> Tensor:
     """Replace each label by NULL_LABEL with probability ``p_uncond`` (one uniform draw per label
     from ``generator``, always made so the stream does not depend on p).  y (B,) -> (B,)."""
+    check_fraction(p_uncond, "label dropout p_uncond")
     return drop_conditions(y, NULL_LABEL, p_uncond, generator)
 
 

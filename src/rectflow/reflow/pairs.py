@@ -333,7 +333,8 @@ class PairOptions:
     """How pairs (Z0 ~ pi0, Z1 = Flow(Z0)) are generated: the ``solver`` (dopri5: ``rtol`` / ``atol``, None: the
     run's eval tolerances for a run's flow, else ``DEFAULT_PAIR_TOL``), the ``seed`` of the Z0 draws, pairs per
     ``shard_size`` shard, ``solve_batch`` pairs integrated together (None: :func:`default_solve_batch`), and the
-    ``device`` of the solve ("auto": CUDA, else MPS, else the CPU)."""
+    ``device`` of the solve ("auto": where the model's weights are; :func:`generate_pairs` never moves the model, and
+    ``generate_run_pairs`` puts a run's model on CUDA, else MPS, else the CPU)."""
 
     seed: int = 0
     solver: str = "dopri5"
@@ -401,7 +402,7 @@ def generate_pairs(
     if method == "dopri5" and not (rtol > 0 and atol >= 0):
         raise ConfigError(f"dopri5 needs rtol > 0 and atol >= 0, got rtol={rtol}, atol={atol}")
     shape = tuple(getattr(source, "shape", None) or (int(source.dim),))
-    device = resolve_device(str(o.device))
+    device = _model_device(model) if o.device == "auto" else resolve_device(str(o.device))
     _model_dim_check(model, shape)
     settings = PairSettings(
         n_pairs=n,
@@ -440,6 +441,13 @@ def generate_pairs(
 
     _shards.write_shards(root, PAIR_STORE, settings, make, provenance=provenance, progress=progress, on_shard=on_shard, finish=finish)
     return PairStore(root, verify=False)  # every shard was hashed when written or when the store was reopened
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s weights (else buffers) are; the CPU for a model with neither."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
 
 
 SOLVE_ELEMENTS = 1 << 22  # default bound on the numbers in one solve batch (pairs x dimension)

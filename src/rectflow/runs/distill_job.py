@@ -41,7 +41,7 @@ def train_distill(
     the random coupling of pi0 and pi1, which can only give E[X1 | X0] (the failure theory §4.2
     describes).  ``init``: ``"previous"`` starts from the run's weights, ``"scratch"`` from a
     fresh network.  ``loss``: ``l2`` or ``pseudo_huber`` (scale ``huber_c``).  The pair
-    arguments are those of :func:`rectflow.runs.reflow_job.train_reflow` (:class:`~rectflow.runs.lineage.PairOptions`),
+    arguments are those of :func:`rectflow.runs.reflow_job.train_reflow` (:class:`~rectflow.reflow.pairs.PairOptions`),
     and so are ``source`` / ``target`` / ``model`` (a teacher made of Python objects).
     """
     teacher = as_run(run, source=source, target=target, model=model)
