@@ -120,6 +120,7 @@ def test_report_of_a_demo_chain_shows_every_stage_and_the_floor(tmp_path, monkey
     res = run_pipeline(tmp_path, target="moons", base_run=base, steps=30, n_pairs=200, n_eval=100, progress=False, echo=lambda s: None)
     runs = [str(r) for r in res["runs"]]
     assert [p.rsplit("/", 1)[-1] for p in runs] == ["moons", "moons-2rf", "moons-2rf-distill"]
+    assert set(res["timings"]) == {"2-RF", "distill", "diagnostics"}  # the given 1-RF was trained before: no 0 s "1-RF" time
     assert any("floor" in label for label in lines_of(pipeline_figs, "W2 vs NFE"))  # pipeline/quality_vs_nfe.png
 
     summaries = [collect_run(r) for r in runs]

@@ -111,7 +111,7 @@ def run_pipeline(
         base_run = out / name
         echo(f"== 1-RF {source} -> {target}: {steps} steps, run dir {base_run}")
         train_run(task_config(source, target, steps=steps, n_eval=n_eval, progress=progress), base_run)
-    timings["1-RF"] = time.perf_counter() - t
+        timings["1-RF"] = time.perf_counter() - t  # only when trained here (a given base_run was trained before)
     runs = [Path(base_run)]
     pair_kw = {"options": PairOptions(solver=pair_solver, rtol=pair_tol, atol=pair_tol), "progress": progress}
     for k in range(2, stages + 2):
