@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from rectflow.draws import draw_device, rand, randint
 from rectflow.errors import DataError
 
 __all__ = [
@@ -385,11 +386,6 @@ def to_uint8(x: Tensor) -> Tensor:
 # ----- samplers --------------------------------------------------------------------------------
 
 
-def _draw_int(high: int, n: int, generator: torch.Generator | None, device) -> Tensor:
-    gdev = generator.device if generator is not None else None
-    return torch.randint(high, (n,), generator=generator, device=gdev).to(device)
-
-
 class ImageDataset:
     """Uniform draws (with replacement) from an image set, as floats in [-1, 1].
 
@@ -430,11 +426,10 @@ class ImageDataset:
         return f"ImageDataset({self.data.source!r}, n={len(self)}, shape={list(self.shape)}, classes={self.num_classes}, flip={self.flip})"
 
     def _draw(self, n: int, generator, device) -> tuple[Tensor, Tensor]:
-        idx = _draw_int(len(self), n, generator, self.storage_device)
+        idx = randint(len(self), n, generator=generator, device=self.storage_device)
         x = self.images[idx]
         if self.flip:
-            gdev = generator.device if generator is not None else None
-            mask = (torch.rand(n, generator=generator, device=gdev) < 0.5).to(self.storage_device)
+            mask = rand(n, generator=generator, device=self.storage_device) < 0.5
             x = torch.where(mask[:, None, None, None], x.flip(-1), x)
         out = device if device is not None else self.storage_device
         return to_unit_range(x.to(out, non_blocking=True)), idx
@@ -471,7 +466,7 @@ class ImageGaussian:
 
     def sample(self, n: int, *, generator: torch.Generator | None = None, device=None) -> Tensor:
         device = torch.device(device) if device is not None else torch.device("cpu")
-        gdev = generator.device if generator is not None else device
+        gdev = draw_device(generator, device)
         if generator is not None and device.type != gdev.type:
             seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=gdev))
             generator = torch.Generator(device=device).manual_seed(seed)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from rectflow.data.image_sets import make_image_distribution, require_real
+from rectflow.draws import rand, randint, randn
 from rectflow.errors import DataError
 
 __all__ = [
@@ -35,21 +36,6 @@ __all__ = [
 ]
 
 
-def _rand(n: int, *shape: int, generator, device) -> Tensor:
-    gdev = generator.device if generator is not None else None
-    return torch.rand(n, *shape, generator=generator, device=gdev).to(device)
-
-
-def _randn(n: int, *shape: int, generator, device) -> Tensor:
-    gdev = generator.device if generator is not None else None
-    return torch.randn(n, *shape, generator=generator, device=gdev).to(device)
-
-
-def _randint(high: int, n: int, generator, device) -> Tensor:
-    gdev = generator.device if generator is not None else None
-    return torch.randint(high, (n,), generator=generator, device=gdev).to(device)
-
-
 @dataclass
 class Gaussian:
     """N(mean, std^2 I) in ``dim`` dimensions (the usual source pi0 = N(0, I))."""
@@ -63,7 +49,7 @@ class Gaussian:
             raise DataError(f"gaussian: need dim >= 1 and std > 0, got dim={self.dim}, std={self.std}")
 
     def sample(self, n: int, *, generator=None, device=None) -> Tensor:
-        return self.mean + self.std * _randn(n, self.dim, generator=generator, device=device)
+        return self.mean + self.std * randn(n, self.dim, generator=generator, device=device)
 
     def log_prob(self, x: Tensor) -> Tensor:
         """log N(x; mean, std^2 I) of points (B, dim) -> (B,) (theory §3.4 needs it for likelihoods)."""
@@ -86,10 +72,10 @@ class EightGaussians:
     dim: int = field(default=2, init=False)
 
     def sample(self, n: int, *, generator=None, device=None) -> Tensor:
-        k = _randint(8, n, generator, device)
+        k = randint(8, n, generator=generator, device=device)
         angle = k.to(torch.float32) * (math.pi / 4)
         centers = self.radius * torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
-        return centers + self.std * _randn(n, 2, generator=generator, device=device)
+        return centers + self.std * randn(n, 2, generator=generator, device=device)
 
 
 @dataclass
@@ -105,11 +91,11 @@ class Moons:
     dim: int = field(default=2, init=False)
 
     def sample(self, n: int, *, generator=None, device=None) -> Tensor:
-        theta = math.pi * _rand(n, generator=generator, device=device)
-        lower = _randint(2, n, generator, device).bool()
+        theta = math.pi * rand(n, generator=generator, device=device)
+        lower = randint(2, n, generator=generator, device=device).bool()
         x = torch.where(lower, 1 - torch.cos(theta), torch.cos(theta))
         y = torch.where(lower, 0.5 - torch.sin(theta), torch.sin(theta))
-        pts = torch.stack([x, y], dim=1) + self.noise * _randn(n, 2, generator=generator, device=device)
+        pts = torch.stack([x, y], dim=1) + self.noise * randn(n, 2, generator=generator, device=device)
         return self.scale * pts + self.shift
 
 
@@ -122,10 +108,10 @@ class Circle:
     dim: int = field(default=2, init=False)
 
     def sample(self, n: int, *, generator=None, device=None) -> Tensor:
-        theta = math.pi * _rand(n, generator=generator, device=device)
-        sign = 1 - 2 * _randint(2, n, generator, device).to(theta.dtype)  # upper or lower half
+        theta = math.pi * rand(n, generator=generator, device=device)
+        sign = 1 - 2 * randint(2, n, generator=generator, device=device).to(theta.dtype)  # upper or lower half
         pts = self.radius * torch.stack([torch.cos(theta), sign * torch.sin(theta)], dim=1)
-        return pts + self.noise * _randn(n, 2, generator=generator, device=device)
+        return pts + self.noise * randn(n, 2, generator=generator, device=device)
 
 
 @dataclass
@@ -136,8 +122,8 @@ class Checkerboard:
     dim: int = field(default=2, init=False)
 
     def sample(self, n: int, *, generator=None, device=None) -> Tensor:
-        x = 4 * _rand(n, generator=generator, device=device) - 2
-        row = _rand(n, generator=generator, device=device) - 2 * _randint(2, n, generator, device).to(x.dtype)
+        x = 4 * rand(n, generator=generator, device=device) - 2
+        row = rand(n, generator=generator, device=device) - 2 * randint(2, n, generator=generator, device=device).to(x.dtype)
         y = row + torch.remainder(torch.floor(x), 2)
         return self.scale * torch.stack([x, y], dim=1)
 
@@ -151,10 +137,10 @@ class Spirals:
     dim: int = field(default=2, init=False)
 
     def sample(self, n: int, *, generator=None, device=None) -> Tensor:
-        r = torch.sqrt(_rand(n, generator=generator, device=device)) * (2 * math.pi * self.turns)
-        sign = 1 - 2 * _randint(2, n, generator, device).to(r.dtype)
+        r = torch.sqrt(rand(n, generator=generator, device=device)) * (2 * math.pi * self.turns)
+        sign = 1 - 2 * randint(2, n, generator=generator, device=device).to(r.dtype)
         pts = sign[:, None] * torch.stack([-torch.cos(r) * r, torch.sin(r) * r], dim=1) / 3
-        return pts + self.noise * _randn(n, 2, generator=generator, device=device)
+        return pts + self.noise * randn(n, 2, generator=generator, device=device)
 
 
 class PointCloud:
@@ -206,7 +192,7 @@ class PointCloud:
         return cls(arr, name=str(p))  # cast to float32 there, after the overflow check
 
     def sample(self, n: int, *, generator=None, device=None) -> Tensor:
-        idx = _randint(self.points.shape[0], n, generator, None)
+        idx = randint(self.points.shape[0], n, generator=generator, device=None)
         return self.points[idx.cpu()].to(device)
 
     def __len__(self) -> int:

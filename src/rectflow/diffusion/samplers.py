@@ -33,6 +33,7 @@ from torch import Tensor
 
 from rectflow.diffusion.parameterizations import SingularConversionError, to_x0_eps
 from rectflow.diffusion.schedules import log_snr, log_snr_derivative, time_from_log_snr
+from rectflow.draws import randn
 from rectflow.flow.paths import AffinePath
 from rectflow.flow.solvers import SolveResult, Trajectory, check_grid, time_vector
 
@@ -67,8 +68,7 @@ def _coef(path: AffinePath, t: float) -> tuple[float, float, float, float]:
 
 
 def _randn(like: Tensor, generator: torch.Generator | None) -> Tensor:
-    gdev = generator.device if generator is not None else like.device
-    return torch.randn(like.shape, generator=generator, device=gdev, dtype=like.dtype).to(like.device)
+    return randn(like.shape, generator=generator, device=like.device, dtype=like.dtype, draw_on=like.device)
 
 
 def _lam(path: AffinePath, t: float) -> float:

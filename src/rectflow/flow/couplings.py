@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rectflow.draws import draw_device
 from rectflow.flow.paths import exact_dtype
 
 __all__ = ["Coupling", "Sampler", "IndependentCoupling", "MinibatchOTCoupling", "ot_pairing", "squared_cost"]
@@ -107,7 +108,7 @@ def _draw_from_plan(plan: Tensor, generator: torch.Generator | None) -> tuple[Te
     """For each row i, draw a column j with probability plan[i, j] / sum_j plan[i, j]."""
     probs = plan.float().clamp_min(0)
     probs = probs / probs.sum(dim=1, keepdim=True).clamp_min(1e-30)
-    gdev = generator.device if generator is not None else probs.device
+    gdev = draw_device(generator, probs.device)
     j = torch.multinomial(probs.to(gdev), 1, generator=generator).squeeze(1).to(plan.device)
     return torch.arange(plan.shape[0], device=plan.device), j
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rectflow.draws import rand
 from rectflow.errors import ConfigError, check_fraction
 from rectflow.protocols import NULL_LABEL
 
@@ -123,8 +124,7 @@ def drop_conditions(cond: Any, null_cond: Any, p_uncond: float, generator: torch
     first = cond
     while not isinstance(first, Tensor):
         first = next(iter(first.values())) if isinstance(first, dict) else first[0]
-    gdev = generator.device if generator is not None else first.device
-    dropped = torch.rand(b, generator=generator, device=gdev).to(first.device) < p_uncond
+    dropped = rand(b, generator=generator, device=first.device, draw_on=first.device) < p_uncond
     return _rows_where(dropped, null_condition(cond, null_cond), cond)
 
 

@@ -21,6 +21,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from rectflow.draws import rand, randn
 from rectflow.errors import ConfigError, check_int
 from rectflow.flow.solvers import solve
 
@@ -120,8 +121,7 @@ def log_likelihood(
         check_int(probes, "probes")
         if noise not in ("rademacher", "gaussian"):
             raise ConfigError(f"noise must be 'rademacher' or 'gaussian', got {noise!r}")
-        gdev = generator.device if generator is not None else x1.device
-        eps = torch.randn((probes, *x1.shape), generator=generator, device=gdev, dtype=x1.dtype).to(x1.device)
+        eps = randn((probes, *x1.shape), generator=generator, device=x1.device, dtype=x1.dtype, draw_on=x1.device)
         if noise == "rademacher":
             eps = eps.sign() + (eps == 0)  # +-1 with equal probability
     b, shape = x1.shape[0], x1.shape[1:]
@@ -152,7 +152,7 @@ def dequantize(images: Tensor, generator: torch.Generator | None = None) -> Tens
     (the same scale as :func:`rectflow.data.image_sets.to_unit_range`): (x + u) / 127.5 - 1, u ~ U[0, 1)."""
     if images.dtype != torch.uint8:
         raise ConfigError(f"dequantize expects uint8 images, got {images.dtype}")
-    u = torch.rand(images.shape, generator=generator, device=generator.device if generator is not None else images.device)
+    u = rand(images.shape, generator=generator, draw_on=images.device)
     return (images.to(u.device).float() + u) * (1 / 127.5) - 1
 
 

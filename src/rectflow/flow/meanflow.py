@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from rectflow.draws import draw_device, rand
 from rectflow.errors import ConfigError, check_fraction, check_int
 from rectflow.flow.couplings import Coupling
 from rectflow.flow.losses import LossOutput, check_coupling, per_sample_mse
@@ -98,8 +99,7 @@ class MeanFlowObjective:
         a = self.time_sampler(n, generator=generator, device=device).to(x0.dtype)
         b = self.time_sampler(n, generator=generator, device=device).to(x0.dtype)
         s, t = torch.minimum(a, b), torch.maximum(a, b)
-        gdev = generator.device if generator is not None else x0.device
-        equal = (torch.rand(n, generator=generator, device=gdev) < self.equal_fraction).to(x0.device)
+        equal = rand(n, generator=generator, device=x0.device, draw_on=x0.device) < self.equal_fraction
         return MeanFlowBatch(x0, x1, s, torch.where(equal, s, t))  # s = t rows at the noisier draw, as the paper's r = t
 
     def power_for(self, x: Tensor) -> float:
@@ -153,7 +153,7 @@ class ShortcutObjective:
     def draw(self, n: int, generator: torch.Generator, device: Any) -> MeanFlowBatch:
         """``s`` holds the start time and ``t`` the start plus d (d = 0: the flow-matching rows)."""
         x0, x1 = self.coupling.sample(n, generator=generator, device=device)
-        gdev = generator.device if generator is not None else x0.device
+        gdev = draw_device(generator, x0.device)
         exact = exact_dtype(gdev)  # float64 where the generator's device has it (dyadic jumps are exact in float32 too)
         u = torch.rand(n, generator=generator, device=gdev, dtype=exact)
         k = torch.randint(1, self.levels + 1, (n,), generator=generator, device=gdev)

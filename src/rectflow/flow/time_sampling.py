@@ -15,6 +15,8 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
+from rectflow.draws import rand, randn
+
 __all__ = [
     "TimeSampler",
     "UniformTime",
@@ -35,8 +37,7 @@ class TimeSampler(Protocol):
 
 
 def _uniform(n: int, generator: torch.Generator | None, device) -> Tensor:
-    gdev = generator.device if generator is not None else device
-    return torch.rand(n, generator=generator, device=gdev).to(device)
+    return rand(n, generator=generator, device=device, draw_on=device)
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,7 @@ class LogitNormalTime:
             raise ValueError(f"LogitNormalTime: std must be > 0, got {self.std}")
 
     def __call__(self, n, *, generator=None, device=None) -> Tensor:
-        gdev = generator.device if generator is not None else device
-        z = torch.randn(n, generator=generator, device=gdev).to(device)
+        z = randn(n, generator=generator, device=device, draw_on=device)
         return torch.sigmoid(self.mean + self.std * z)
 
 

@@ -61,6 +61,7 @@ import torch
 from safetensors import SafetensorError
 from torch import Tensor, nn
 
+from rectflow.draws import randn
 from rectflow.engine.io import load_json, save_json
 from rectflow.engine.shards import state_dict_sha256
 from rectflow.errors import CheckpointError, ConfigError, DataError
@@ -218,8 +219,7 @@ class LatentPipeline:
         z = dist.mean
         if mode == "sample":
             if noise is None:
-                gdev = generator.device if generator is not None else z.device
-                noise = torch.randn(z.shape, generator=generator, device=gdev, dtype=z.dtype)
+                noise = randn(z.shape, generator=generator, dtype=z.dtype, draw_on=z.device)
             z = z + dist.std * noise.to(z.device, z.dtype)
         return (z - self.shift_factor) * self.scaling_factor
 

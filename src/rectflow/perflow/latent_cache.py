@@ -49,6 +49,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from rectflow.data.image_sets import IMAGE_SUFFIXES, ImageArray, resize_images, to_unit_range
+from rectflow.draws import randint
 from rectflow.engine import shards
 from rectflow.engine.io import load_tensors, save_tensors, sha256_file
 from rectflow.engine.shards import ShardLayout, StoreKind
@@ -492,8 +493,7 @@ class LatentCacheData:
         return f"LatentCacheData({self.cache!r})"
 
     def sample(self, n: int, *, generator: torch.Generator | None = None, device: Any = None) -> tuple[Tensor, Tensor | tuple[Tensor, Tensor]]:
-        gdev = generator.device if generator is not None else None
-        idx = torch.randint(len(self.cache), (n,), generator=generator, device=gdev).cpu()
+        idx = randint(len(self.cache), n, generator=generator, device="cpu")
         if self._data is not None:
             lat, cond = self._data[0][idx], map_condition(lambda c: c[idx], self._data[1])
         else:

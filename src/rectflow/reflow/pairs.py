@@ -40,6 +40,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from rectflow.diffusion.specs import parse_spec, sample, spec_label
+from rectflow.draws import randint
 from rectflow.engine import distributed
 from rectflow.engine import shards as _shards
 from rectflow.engine.hardware import resolve_device
@@ -296,8 +297,7 @@ class PairCoupling:
         return len(self.store)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None, device=None) -> tuple[Tensor, Tensor]:
-        gdev = generator.device if generator is not None else None
-        idx = torch.randint(len(self.store), (n,), generator=generator, device=gdev).cpu()
+        idx = randint(len(self.store), n, generator=generator, device="cpu")
         if self._pairs is not None:
             z0, z1 = self._pairs[0][idx], self._pairs[1][idx]
         else:
