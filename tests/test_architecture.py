@@ -215,3 +215,6 @@ def test_subpackages_are_attributes_of_the_lazy_package():
     probe = "import rectflow; print(rectflow.data.make_distribution.__name__, rectflow.flow.solve.__name__, rectflow.errors.ConfigError.__name__)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["make_distribution", "solve", "ConfigError"]
+    modules = [p.stem for p in SRC.glob("*.py") if p.stem not in ("__init__", "__main__")] + [p.name for p in SRC.iterdir() if (p / "__init__.py").is_file()]
+    probe = f"import rectflow; print(all(hasattr(rectflow, m) for m in {sorted(modules)!r}))"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "True"  # every module of the root

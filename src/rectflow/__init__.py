@@ -35,7 +35,7 @@ _EXPORTS = {
 }
 
 
-_SUBPACKAGES = ("cli", "data", "diffusion", "engine", "errors", "flow", "images", "models", "perflow", "protocols", "reflow", "runs", "version")
+_SUBPACKAGES = ("cli", "data", "diffusion", "draws", "engine", "errors", "flow", "images", "models", "perflow", "protocols", "reflow", "runs", "version")
 
 
 def __getattr__(name: str) -> Any:

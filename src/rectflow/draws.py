@@ -7,6 +7,7 @@ Without a generator a draw is made on ``draw_on`` (None: torch's default device)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -20,14 +21,14 @@ def draw_device(generator: torch.Generator | None, draw_on: Any = None) -> Any:
     return generator.device if generator is not None else draw_on
 
 
-def rand(*shape: int, generator: torch.Generator | None = None, device: Any = None, dtype: torch.dtype | None = None, draw_on: Any = None) -> Tensor:
-    """U[0, 1) of ``shape``, drawn on the generator's device (else ``draw_on``), on ``device`` (None: where it was drawn)."""
+def rand(*shape: int | Sequence[int], generator: torch.Generator | None = None, device: Any = None, dtype: torch.dtype | None = None, draw_on: Any = None) -> Tensor:
+    """U[0, 1) of ``shape`` (sizes, or one tuple / torch.Size, as torch.rand takes them), drawn on the generator's device (else ``draw_on``), on ``device`` (None: where it was drawn)."""
     x = torch.rand(*shape, generator=generator, device=draw_device(generator, draw_on), dtype=dtype)
     return x if device is None else x.to(device)
 
 
-def randn(*shape: int, generator: torch.Generator | None = None, device: Any = None, dtype: torch.dtype | None = None, draw_on: Any = None) -> Tensor:
-    """N(0, 1) of ``shape``, drawn on the generator's device (else ``draw_on``), on ``device`` (None: where it was drawn)."""
+def randn(*shape: int | Sequence[int], generator: torch.Generator | None = None, device: Any = None, dtype: torch.dtype | None = None, draw_on: Any = None) -> Tensor:
+    """N(0, 1) of ``shape`` (as torch.randn takes it), drawn on the generator's device (else ``draw_on``), on ``device`` (None: where it was drawn)."""
     x = torch.randn(*shape, generator=generator, device=draw_device(generator, draw_on), dtype=dtype)
     return x if device is None else x.to(device)
 

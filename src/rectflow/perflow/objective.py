@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from rectflow.diffusion.parameterizations import convert
+from rectflow.draws import rand, randint, randn
 from rectflow.errors import ConfigError, check_fraction
 from rectflow.flow.guidance import NULL_LABEL, drop_conditions
 from rectflow.flow.losses import LossOutput, per_sample_mse
@@ -88,8 +89,8 @@ class PeRFlowObjective:
         x = self.data.sample(n, generator=generator, device=device)
         x, cond = x if isinstance(x, tuple) else (x, None)
         gdev = generator.device
-        eps = torch.randn(x.shape, generator=generator, device=gdev, dtype=x.dtype).to(x.device)
-        k = torch.randint(0, self.boundaries.numel() - 1, (n,), generator=generator, device=gdev).to(x.device)
+        eps = randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        k = randint(self.boundaries.numel() - 1, n, generator=generator, device=x.device)
         u = torch.rand(n, generator=generator, device=gdev, dtype=exact_dtype(gdev)).to(x.device, exact_dtype(x.device))
         if self.p_uncond > 0:  # before the teacher's solve: a dropped row follows the unconditional flow
             if cond is None:
@@ -113,7 +114,7 @@ class PeRFlowObjective:
         t_dtype = torch.promote_types(x.dtype, torch.float32)
         tau = torch.minimum(tau, dt - 16 * torch.finfo(t_dtype).eps * t1.abs().clamp_min(1.0)).clamp_min(0.0)
         if self.start_fraction > 0:
-            at_start = torch.rand(n, generator=generator, device=gdev).to(x.device) < self.start_fraction
+            at_start = rand(n, generator=generator, device=x.device) < self.start_fraction
             tau = torch.where(at_start, torch.zeros_like(tau), tau)
         z = z0 + expand_like(tau.to(x.dtype), x) * v
         return PeRFlowBatch(z, (t0 + tau).to(t_dtype), v, cond)
@@ -176,8 +177,8 @@ class PairsObjective:
         self.z_start, self.z_end, self.loss_space, self.t_margin = z_start, z_end, loss_space, float(t_margin)
 
     def draw(self, n: int, generator: torch.Generator, device) -> PeRFlowBatch:
-        i = torch.randint(0, self.z_start.shape[0], (n,), generator=generator, device=generator.device).cpu()
-        u = torch.rand(n, generator=generator, device=generator.device, dtype=torch.float64).cpu()
+        i = randint(self.z_start.shape[0], n, generator=generator, device="cpu")
+        u = rand(n, generator=generator, device="cpu", dtype=torch.float64)
         z0, z1 = self.z_start[i].to(device), self.z_end[i].to(device)
         t = (self.t_margin + u * (1 - 2 * self.t_margin)).to(device)
         v = z1 - z0
