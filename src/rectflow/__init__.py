@@ -26,7 +26,7 @@ _EXPORTS = {
     **dict.fromkeys(["ConvertedModel", "CustomSchedule", "DDPMSchedule", "DiffusionObjective", "FlowMatchingSchedule", "NoiseSchedule", "VPCosineSchedule", "VPLinearSchedule", "churn", "convert", "ddim", "ddpm", "diffusion_time", "euler_eta", "flow_sde", "log_snr", "make_weighting", "parse_spec", "sample"], "rectflow.diffusion"),
     **dict.fromkeys(["TrainConfig", "Trainer"], "rectflow.engine"),
     **dict.fromkeys(["CheckpointError", "ConfigError", "DataError", "RectflowError"], "rectflow.errors"),
-    **dict.fromkeys(["AffinePath", "Coupling", "FlowMatchingObjective", "IndependentCoupling", "LinearPath", "LogitNormalTime", "LossOutput", "MinibatchOTCoupling", "Objective", "SolveResult", "UniformTime", "UShapedTime", "dopri5", "energy_distance", "euler", "flow_matching_loss", "heun", "make_time_sampler", "midpoint", "ot_pairing", "rk4", "sample_model", "solve", "wasserstein2"], "rectflow.flow"),
+    **dict.fromkeys(["AffinePath", "Coupling", "FlowMatchingObjective", "IndependentCoupling", "LinearPath", "LogitNormalTime", "LossOutput", "MinibatchOTCoupling", "Objective", "SolveResult", "UniformTime", "UShapedTime", "dopri5", "energy_distance", "euler", "flow_matching_loss", "heun", "make_time_sampler", "midpoint", "ot_pairing", "rk4", "solve", "wasserstein2"], "rectflow.flow"),
     **dict.fromkeys(["ConditionalFlowMatchingObjective", "GuidedVelocity", "fd", "fid", "sample_guided", "sample_images"], "rectflow.images"),
     **dict.fromkeys(["DiTVelocity", "MLPVelocity", "UNetVelocity"], "rectflow.models"),
     **dict.fromkeys(["PeRFlowObjective", "PeRFlowStudent", "Teacher", "apply_delta", "load_delta", "make_windows", "sample_perflow", "save_delta"], "rectflow.perflow"),
@@ -62,7 +62,7 @@ __all__ = [
     "AffinePath", "LinearPath", "UniformTime", "LogitNormalTime", "UShapedTime", "make_time_sampler",
     "Coupling", "IndependentCoupling", "MinibatchOTCoupling", "ot_pairing",
     "FlowMatchingObjective", "LossOutput", "flow_matching_loss",
-    "SolveResult", "solve", "euler", "midpoint", "heun", "rk4", "dopri5", "sample_model",
+    "SolveResult", "solve", "euler", "midpoint", "heun", "rk4", "dopri5",
     "wasserstein2", "energy_distance",
     # training
     "Objective", "TrainConfig", "Trainer",

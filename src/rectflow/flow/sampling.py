@@ -1,9 +1,10 @@
 """Sampling a trained velocity model with the ODE solvers of :mod:`rectflow.flow.solvers`, and :func:`run_sampler`, the
 guard every sampling entry point runs under (eval mode, no autograd, finite output).
 
-The library's one sampling verb, with every sampler by name (flow solvers, diffusion samplers, mean-flow jumps),
-guidance and batching, is :func:`rectflow.diffusion.specs.sample` (``rectflow.sample``); :func:`sample_model` is the
-flow-ODE door it uses, with a custom time grid or interval."""
+The library's one sampling verb, with every sampler by name (flow solvers, diffusion samplers, mean-flow and PeRFlow
+maps), guidance and batching, is :func:`rectflow.diffusion.specs.sample` (``rectflow.sample``).  :func:`sample_model`
+is only for what a spec cannot say, a custom time grid or a partial interval [t0, t1] of the flow ODE, under the same
+guard; it is not exported at the top of the package."""
 
 from __future__ import annotations
 

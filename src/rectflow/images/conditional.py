@@ -6,7 +6,7 @@ replacing each label by :data:`NULL_LABEL` with probability ``p_uncond`` (label 
 network learns both the conditional and the unconditional velocity.
 
 Sampling: :class:`GuidedVelocity` is a drop-in ``model(x, t)`` for every sampler of the library
-(:mod:`rectflow.flow.solvers`, :func:`rectflow.flow.sampling.sample_model`, :mod:`rectflow.diffusion.samplers`,
+(:mod:`rectflow.flow.solvers`, :func:`rectflow.sample`, :mod:`rectflow.diffusion.samplers`,
 :mod:`rectflow.images.generate`) that returns
 
     v_w(x, t | y) = v(x, t | null) + w (v(x, t | y) - v(x, t | null)),
