@@ -20,7 +20,7 @@ from rectflow.perflow.diffusers_io import load_student
 from rectflow.perflow.diffusers_scheduler import step_grid
 from rectflow.perflow.guidance_modes import Guidance
 from rectflow.perflow.latent import export_pipeline, load_pipeline
-from rectflow.perflow.scheduler_config import _AFFINE_SCHEDULERS, _MUST_BE, _SAMPLER_KEYS, _SCHEDULE_KEYS, schedule_from_config
+from rectflow.perflow.scheduler_config import AFFINE_SCHEDULERS, PINNED_KEYS, SAMPLER_KEYS, SCHEDULE_KEYS, schedule_from_config
 from tests.perflow.conftest import build_tiny_sd, perturbed_student
 
 torch.set_num_threads(1)
@@ -92,8 +92,8 @@ def test_scheduler_configs_become_one_affine_path(cls, prediction):
 
 def test_every_key_of_the_supported_schedulers_is_classified():
     """A diffusers upgrade that adds a scheduler key fails here, not in a user's run."""
-    known = _SCHEDULE_KEYS | _SAMPLER_KEYS | set(_MUST_BE)
-    for cls in _AFFINE_SCHEDULERS:
+    known = SCHEDULE_KEYS | SAMPLER_KEYS | set(PINNED_KEYS)
+    for cls in AFFINE_SCHEDULERS:
         params = set(inspect.signature(getattr(diffusers, cls).__init__).parameters) - {"self", "kwargs"}
         assert params <= known, (cls, params - known)
 

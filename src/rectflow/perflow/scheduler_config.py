@@ -26,30 +26,30 @@ from rectflow.errors import ConfigError, check_int
 from rectflow.perflow.student import PeRFlowStudent
 from rectflow.perflow.windows import validate_windows
 
-__all__ = ["FLOW_SCHEDULERS", "PERFLOW_SCHEDULER_ENTRY", "SCHEDULER_FILE", "TEACHER_SAMPLER_KEYS", "cfg_is_flow", "ddim_scheduler_config", "flow_match_scheduler_config",
+__all__ = ["AFFINE_SCHEDULERS", "FLOW_SCHEDULERS", "PINNED_KEYS", "SAMPLER_KEYS", "SCHEDULE_KEYS", "PERFLOW_SCHEDULER_ENTRY", "SCHEDULER_FILE", "TEACHER_SAMPLER_KEYS", "cfg_is_flow", "ddim_scheduler_config", "flow_match_scheduler_config",
            "perflow_scheduler_config", "save_perflow_scheduler", "schedule_from_config", "schedule_from_file", "stock_scheduler_config",
            "teacher_schedule_keys"]
 
 _KINDS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 # Schedulers that share DDPM's discrete training schedule (betas over N steps, timestep n at
 # s = (n + 1) / N): their configs describe the same model, they differ only in how they sample.
-_AFFINE_SCHEDULERS = {"DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-                      "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "LMSDiscreteScheduler", "HeunDiscreteScheduler",
-                      "UniPCMultistepScheduler", "DEISMultistepScheduler", "KDPM2DiscreteScheduler"}
+AFFINE_SCHEDULERS = {"DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                     "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "LMSDiscreteScheduler", "HeunDiscreteScheduler",
+                     "UniPCMultistepScheduler", "DEISMultistepScheduler", "KDPM2DiscreteScheduler"}
 # Defaults of beta_start / beta_end where a class's own differ from DDPM's (a config may omit them).
 _BETA_DEFAULTS = {"HeunDiscreteScheduler": (0.00085, 0.012), "KDPM2DiscreteScheduler": (0.00085, 0.012)}
 # Keys that define the model: the training noise schedule and the network's output.
-_SCHEDULE_KEYS = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type"}
+SCHEDULE_KEYS = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type"}
 # Keys that only change how a scheduler samples (step spacing, solver, clipping, sigma grids): our
 # samplers replace the scheduler, so they are read past.
-_SAMPLER_KEYS = {"timestep_spacing", "steps_offset", "clip_sample", "clip_sample_range", "set_alpha_to_one", "skip_prk_steps",
-                 "thresholding", "dynamic_thresholding_ratio", "sample_max_value", "solver_order", "algorithm_type", "solver_type",
-                 "lower_order_final", "euler_at_final", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
-                 "final_sigmas_type", "lambda_min_clipped", "interpolation_type", "sigma_min", "sigma_max", "predict_x0", "disable_corrector",
-                 "solver_p", "time_shift_type", "flow_shift"}
+SAMPLER_KEYS = {"timestep_spacing", "steps_offset", "clip_sample", "clip_sample_range", "set_alpha_to_one", "skip_prk_steps",
+                "thresholding", "dynamic_thresholding_ratio", "sample_max_value", "solver_order", "algorithm_type", "solver_type",
+                "lower_order_final", "euler_at_final", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
+                "final_sigmas_type", "lambda_min_clipped", "interpolation_type", "sigma_min", "sigma_max", "predict_x0", "disable_corrector",
+                "solver_p", "time_shift_type", "flow_shift"}
 # Keys that change the model's meaning away from their default: accepted only at these values.
-_MUST_BE = {"rescale_betas_zero_snr": (False,), "timestep_type": ("discrete",), "use_flow_sigmas": (False,), "use_dynamic_shifting": (False,),
-            "shift_terminal": (None,), "variance_type": (None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")}
+PINNED_KEYS = {"rescale_betas_zero_snr": (False,), "timestep_type": ("discrete",), "use_flow_sigmas": (False,), "use_dynamic_shifting": (False,),
+               "shift_terminal": (None,), "variance_type": (None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")}
 # Flow-matching schedulers (theory §6.10): z = (1 - sigma) x0 + sigma noise, the network's output u = noise - x0.
 FLOW_SCHEDULERS = {"FlowMatchEulerDiscreteScheduler"}
 _FLOW_SCHEDULE_KEYS = {"num_train_timesteps", "shift"}
@@ -158,16 +158,16 @@ def schedule_from_config(cfg: dict[str, Any], *, allow_flow: bool = False) -> tu
             raise ConfigError(f"diffusers scheduler {cls!r} is a flow-matching scheduler, read here only with a transformer teacher "
                               "(an SD3-layout folder with transformer/, perflow.load_teacher)")
         return _flow_schedule_from_config(cfg)
-    if cls not in _AFFINE_SCHEDULERS:
+    if cls not in AFFINE_SCHEDULERS:
         why = f" ({_NOT_AFFINE_WHY[cls]})" if cls in _NOT_AFFINE_WHY else ""
         raise ConfigError(f"diffusers scheduler {cls!r} is not supported as an affine path{why}; use a discrete beta scheduler config "
-                          f"({', '.join(sorted(_AFFINE_SCHEDULERS))}) or {', '.join(sorted(FLOW_SCHEDULERS))}")
+                          f"({', '.join(sorted(AFFINE_SCHEDULERS))}) or {', '.join(sorted(FLOW_SCHEDULERS))}")
     for key, value in cfg.items():
-        if key.startswith("_") or key in _SCHEDULE_KEYS or key in _SAMPLER_KEYS:
+        if key.startswith("_") or key in SCHEDULE_KEYS or key in SAMPLER_KEYS:
             continue
-        if key not in _MUST_BE:
+        if key not in PINNED_KEYS:
             raise ConfigError(f"diffusers scheduler: key {key!r} (= {value!r}) is not understood here; remove it if it only affects sampling")
-        if value not in _MUST_BE[key]:
+        if value not in PINNED_KEYS[key]:
             raise ConfigError(f"diffusers scheduler: {key}={value!r} is not supported ({_WHY[key]})")
     n = int(cfg.get("num_train_timesteps", 1000))
     kind = cfg.get("prediction_type", "epsilon")
@@ -203,7 +203,7 @@ def ddim_scheduler_config(teacher_cfg: dict[str, Any], boundaries: Tensor) -> di
     n = int(teacher_cfg.get("num_train_timesteps", 1000))
     if n % k or not torch.allclose(b, torch.linspace(0, 1, k + 1, dtype=torch.float64), atol=1e-9):
         return None
-    keep = {key: v for key, v in teacher_cfg.items() if key in _SCHEDULE_KEYS}
+    keep = {key: v for key, v in teacher_cfg.items() if key in SCHEDULE_KEYS}
     # steps_offset: unused by trailing spacing; 1 keeps StableDiffusionPipeline from flagging the config as outdated
     keep.update(_class_name="DDIMScheduler", timestep_spacing="trailing", set_alpha_to_one=True, steps_offset=1,
                 clip_sample=False, thresholding=False, rescale_betas_zero_snr=False)
