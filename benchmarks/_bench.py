@@ -94,3 +94,9 @@ def write_rows(partial: Path, rows: list[dict[str, Any]]) -> None:
     """Replace a JSONL file by ``rows``, atomically."""
     with atomic_path(partial) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def ratios(r: list[float], digits: int = 2) -> str:
+    """``1.23x (1.20x / 1.26x)``: the mean of per-seed ratios, then each seed's."""
+    each = " / ".join(f"{v:.{digits}f}x" for v in r)
+    return f"{np.mean(r):.{digits}f}x" + (f" ({each})" if len(r) > 1 else "")

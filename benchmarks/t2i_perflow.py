@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from _bench import write_results, write_rows
+from _bench import ratios, write_results, write_rows
 from _cifar10 import FeatureStats
 from _machine import machine_info, machine_line
 from _phases import PhasedBench, log, phased_args
@@ -375,12 +375,6 @@ class Bench(PhasedBench):
             lines += ["", "Columns, left to right: derivative DPM-Solver++ 25, derivative DDIM 4, derivative + base delta 4.", "",
                       *[f"![derivative grid seed {s}]({a.name}_derivative_grid_s{s}.png)" for s in plug_seeds[:1]], ""]
         write_results(a.out, a.name, {"machine": m, "cpu_capability": cap, "bf16_native": native, "phases": d}, "\n".join(lines))
-
-
-def ratios(r: list[float], digits: int = 2) -> str:
-    """``1.23x (1.20x / 1.26x)``: the mean of per-seed ratios, then each seed's."""
-    each = " / ".join(f"{v:.{digits}f}x" for v in r)
-    return f"{np.mean(r):.{digits}f}x" + (f" ({each})" if len(r) > 1 else "")
 
 
 def best_teacher_guidance(teacher_work: Path) -> float:
