@@ -66,7 +66,6 @@ class Bench(PhasedBench):
         super().__init__(a)
         self.teacher = a.teacher_work / "teacher"
 
-
     def data(self, split: str) -> ImageArray:
         return self.cifar(split, smoke_n=400)
 
@@ -103,14 +102,15 @@ class Bench(PhasedBench):
         return {"n": len(rows), "folder": str(folder)}
 
     # ----- 2. PeRFlow through the CLI
-    def perflow_out(self, mode: str, seed: int) -> Path:
-        return self.work / f"perflow-{mode}-s{seed}"
+    def perflow_out(self, mode: str, seed: int, steps: int | None = None) -> Path:
+        return self.work / (f"perflow-{mode}-s{seed}" + (f"-steps{steps}" if steps else ""))
 
-    def perflow(self, mode: str, seed: int) -> dict:
+    def perflow(self, mode: str, seed: int, steps: int | None = None) -> dict:
+        """Distil through the CLI; ``steps`` (the training-length lever) replaces ``--steps`` and gets its own folder."""
         a = self.a
-        out = self.perflow_out(mode, seed)
+        out = self.perflow_out(mode, seed, steps)
         cmd = [sys.executable, "-m", "rectflow.cli", "perflow", str(self.teacher), "--data", str(self.work / "captions"), "--out", str(out),
-               "-K", "4", "--guidance", str(a.guidance), "--guidance-mode", mode, "--solver-steps", str(a.solver_steps), "--steps", str(a.steps),
+               "-K", "4", "--guidance", str(a.guidance), "--guidance-mode", mode, "--solver-steps", str(a.solver_steps), "--steps", str(steps or a.steps),
                "--batch-size", str(a.batch), "--lr", str(a.lr), "--seed", str(seed), "--lora-rank", str(a.lora_rank), "--precision", a.precision,
                "--device", "cpu", "--prompt", prompt(0), "--prompt", prompt(3), "-q"]
         env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
@@ -201,13 +201,18 @@ class Bench(PhasedBench):
         self.teacher_grid(seed)
         return {"rows": rows, "guidance": a.guidance, "n": a.n_fd}
 
-    def evaluate_perflow(self, seed: int, mode: str) -> dict:
+    def evaluate_perflow(self, seed: int, mode: str, train_steps: int | None = None) -> dict:
+        """PeRFlow at 4 and 8 steps through stock diffusers; a training-length lever run (``train_steps``) at 4 only."""
         from diffusers import StableDiffusionPipeline
 
         a, rows = self.a, []
-        export = self.perflow_out(mode, seed) / "diffusers"
+        export = self.perflow_out(mode, seed, train_steps) / "diffusers"
         student = StableDiffusionPipeline.from_pretrained(str(export), trust_remote_code=True)
         w = 1.0 if mode == "teacher" else a.guidance  # mode teacher: the guidance is in the student's weights
+        if train_steps:
+            x, labels, spi = self.sample(student, 4, w, seed)
+            log(f"  PeRFlow {mode}, {train_steps} training steps, 4: FD {(r := self.score(x, labels, 'color'))['fd']:.3f}")
+            return {"rows": [{"method": f"PeRFlow (guidance mode {mode})", "steps": 4, "train_steps": train_steps, **r, "s_per_image": spi}]}
         for steps in (4, 8):
             x, labels, spi = self.sample(student, steps, w, seed)
             rows.append({"method": f"PeRFlow (guidance mode {mode})", "steps": steps, "nfe": steps * (2 if w != 1 else 1),
@@ -302,10 +307,39 @@ class Bench(PhasedBench):
             self.phase(f"perflow-student-s{seed}", lambda s=seed: self.perflow("student", s))
             self.phase(f"eval-s{seed}-perflow-student", lambda s=seed: self.evaluate_perflow(s, "student"))
             self.write()
+        for n in a.lever_steps:  # the training-length lever, on the guidance mode whose goal was missed
+            for seed in a.seeds:
+                self.phase(f"perflow-teacher-s{seed}-steps{n}", lambda s=seed, n=n: self.perflow("teacher", s, n))
+                self.phase(f"eval-s{seed}-perflow-teacher-steps{n}", lambda s=seed, n=n: self.evaluate_perflow(s, "teacher", n))
+                self.write()
 
     def eval_rows(self, d: dict, seed: int) -> list[dict]:
         """Seed ``seed``'s table rows in a fixed order: the teacher's, then each guidance mode's that is done."""
         return [r for part in ("teacher", *(f"perflow-{m}" for m in MODES)) for r in (d.get(f"eval-s{seed}-{part}") or {"rows": []})["rows"]]
+
+    def lever_lines(self, d: dict) -> list[str]:
+        """The training-length lever: guidance mode teacher at 4 steps after each training length, over the same seed's teacher."""
+        a = self.a
+        lengths = sorted({a.steps, *a.lever_steps})
+        cells = {}  # (length, seed) -> (fd, accuracy, fd ratio to the same seed's teacher 25)
+        for s in a.seeds:
+            t25 = next((r for r in (d.get(f"eval-s{s}-teacher") or {"rows": []})["rows"] if (r["method"], r["steps"]) == T25), None)
+            for n in lengths:
+                ev = d.get(f"eval-s{s}-perflow-teacher" + ("" if n == a.steps else f"-steps{n}"))
+                r = next((r for r in (ev or {"rows": []})["rows"] if r["steps"] == 4), None)
+                if t25 and r:
+                    cells[n, s] = (r["fd"], r["prompt_accuracy"], r["fd"] / t25["fd"])
+        if not any(n != a.steps for n, _ in cells):
+            return []
+        lines = ["## Lever: training length (guidance mode teacher, 4 steps; mean, then each seed's value)", "",
+                 "| training steps | seeds | FD | FD / same seed's teacher 25 | prompt accuracy |", "|---:|---|---:|---:|---:|"]
+        for n in lengths:
+            got = [(s, cells[n, s]) for s in a.seeds if (n, s) in cells]
+            if got:
+                fd, acc, rat = ([c[i] for _, c in got] for i in range(3))
+                lines.append(f"| {n} | {', '.join(str(s) for s, _ in got)} | {np.mean(fd):.3f} ({' / '.join(f'{v:.3f}' for v in fd)}) | "
+                             f"{ratios(rat)} | {np.mean(acc):.3f} ({' / '.join(f'{v:.3f}' for v in acc)}) |")
+        return lines + [""]
 
     def write(self) -> None:
         a, m = self.a, machine_info()
@@ -351,6 +385,7 @@ class Bench(PhasedBench):
                 lines += ["", f"Columns, left to right: teacher DPM-Solver++ 25, teacher DDIM 4, PeRFlow 4 (seed {done_seeds[0]}); a row per prompt.", "",
                           f"![grid seed {done_seeds[0]}]({a.name}_grid_s{done_seeds[0]}.png)"]
             lines += [""]
+        lines += self.lever_lines(d)
         plug_seeds = [s for s in a.seeds if d.get(f"plug-s{s}")]
         plugs = [d[f"plug-s{s}"] for s in plug_seeds]
         if plugs:
@@ -399,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
                     help="default: what t2i_teacher.py's speed phase measured faster for this UNet on this machine")
     ap.add_argument("--derivative-steps", type=int, default=1500)
+    ap.add_argument("--lever-steps", type=int, nargs="*", default=[1500],
+                    help="extra training lengths for guidance mode teacher (the training-length lever), after everything else")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--n-fd", type=int, default=5000)
     a = ap.parse_args(argv)
@@ -408,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         speed = a.teacher_work / "phases" / "speed.json"
         a.precision = json.loads(speed.read_text())["precision"] if speed.is_file() else "auto"
     if a.smoke:
-        a.n_captioned, a.steps, a.batch, a.solver_steps, a.derivative_steps, a.n_fd, a.seeds = 40, 2, 4, 2, 4, 40, [1]
+        a.n_captioned, a.steps, a.batch, a.solver_steps, a.derivative_steps, a.n_fd, a.seeds, a.lever_steps = 40, 2, 4, 2, 4, 40, [1], [1]
         a.lora_rank, a.name, a.out = 2, a.name + "_smoke", a.work / "results"
     torch.set_num_threads(a.threads)
     if a.report_only:
