@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from rectflow.errors import ConfigError, check_fraction, check_int
+from rectflow.errors import ConfigError, DataError, check_fraction, check_int, reading
 
 
 @pytest.mark.parametrize("value", [1, 7, 10**12])
@@ -27,3 +27,16 @@ def test_check_fraction_accepts_numbers_in_the_unit_interval(value, expected):
 def test_check_fraction_refuses_with_the_name(value):
     with pytest.raises(ConfigError, match=r"^p must lie in \[0, 1\], got "):
         check_fraction(value, "p")
+
+
+def test_reading_turns_any_failure_into_one_data_error_line_naming_the_file(tmp_path):
+    p = tmp_path / "junk.npy"
+    with pytest.raises(DataError, match=r"^.*junk\.npy: cannot read images \(ValueError: bad bytes\)$"):
+        with reading(p, "images"):
+            raise ValueError("bad bytes\nsecond line")
+
+
+def test_reading_lets_a_data_error_through_unchanged(tmp_path):
+    with pytest.raises(DataError, match=r"^own message$"):
+        with reading(tmp_path / "x.npz", "images"):
+            raise DataError("own message")

@@ -1,5 +1,11 @@
 """Exceptions with one-line, user-facing messages (the CLI prints them and exits non-zero)."""
 
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 
 class RectflowError(Exception):
     """Base class of every error rectflow raises on bad input."""
@@ -46,3 +52,16 @@ def check_fraction(value: object, name: str) -> float:
     if not 0.0 <= p <= 1.0:
         raise ConfigError(f"{name} must lie in [0, 1], got {value!r}")
     return p
+
+
+@contextmanager
+def reading(path: str | Path, what: str) -> Iterator[None]:
+    """Any failure inside becomes one :class:`DataError` line naming ``path`` (a library error passes unchanged):
+    readers such as numpy raise many kinds on a corrupt file."""
+    try:
+        yield
+    except RectflowError:
+        raise
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else "corrupt"
+        raise DataError(f"{path}: cannot read {what} ({type(e).__name__}: {first})") from None

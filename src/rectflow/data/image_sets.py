@@ -38,7 +38,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from rectflow.draws import draw_device, rand, randint
-from rectflow.errors import DataError
+from rectflow.errors import DataError, reading
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -269,7 +269,7 @@ def read_image_array(path: str | Path) -> ImageArray:
     if not p.is_file():
         raise DataError(f"{p}: no such file")
     labels = None
-    try:
+    with reading(p, "images"):
         if p.suffix == ".npy":
             arr = np.load(p, allow_pickle=False)
         elif p.suffix == ".npz":
@@ -282,10 +282,6 @@ def read_image_array(path: str | Path) -> ImageArray:
                 labels = z[lkey] if lkey else None
         else:
             raise DataError(f"{p}: unsupported image-array format {p.suffix!r}; use .npy or .npz")
-    except DataError:
-        raise
-    except Exception as e:  # numpy raises many kinds on a corrupt file
-        raise DataError(f"{p}: cannot read images ({type(e).__name__}: {e})") from None
     if arr.ndim == 3:
         arr = arr[:, None]
     if arr.ndim != 4 or arr.shape[0] == 0:

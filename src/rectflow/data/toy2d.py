@@ -17,7 +17,7 @@ from torch import Tensor
 
 from rectflow.data.image_sets import make_image_distribution, require_real
 from rectflow.draws import rand, randint, randn
-from rectflow.errors import DataError
+from rectflow.errors import DataError, reading
 
 __all__ = [
     "Gaussian",
@@ -175,17 +175,13 @@ class PointCloud:
             raise DataError(f"{p}: no such file")
         if p.stat().st_size == 0:
             raise DataError(f"{p}: file is empty")
-        try:
+        with reading(p, "point cloud"):
             if p.suffix == ".npy":
                 arr = np.load(p, allow_pickle=False)
             elif p.suffix == ".csv":
                 arr = _load_csv(p)
             else:
                 raise DataError(f"{p}: unsupported point-cloud format {p.suffix!r}; use .npy or .csv")
-        except DataError:
-            raise
-        except Exception as e:  # numpy raises many kinds on a corrupt file
-            raise DataError(f"{p}: cannot read point cloud ({type(e).__name__}: {e})") from None
         if arr.ndim == 1:
             arr = arr[:, None]
         require_real(arr, str(p))
