@@ -102,15 +102,26 @@ class Bench(PhasedBench):
         return {"n": len(rows), "folder": str(folder)}
 
     # ----- 2. PeRFlow through the CLI
-    def perflow_out(self, mode: str, seed: int, steps: int | None = None) -> Path:
-        return self.work / (f"perflow-{mode}-s{seed}" + (f"-steps{steps}" if steps else ""))
-
-    def perflow(self, mode: str, seed: int, steps: int | None = None) -> dict:
-        """Distil through the CLI; ``steps`` (the training-length lever) replaces ``--steps`` and gets its own folder."""
+    def levers(self) -> list[tuple[int, int]]:
+        """(training steps, solver steps per window) of the main runs, then of each lever run."""
         a = self.a
-        out = self.perflow_out(mode, seed, steps)
+        return [(a.steps, a.solver_steps), *((n, a.solver_steps) for n in a.lever_steps), *((a.steps, m) for m in a.lever_solver_steps)]
+
+    def suffix(self, lever: tuple[int, int] | None) -> str:
+        """A lever run's name tail: ``-steps1500``, ``-solver24``; the main runs have none."""
+        steps, solver = lever or (self.a.steps, self.a.solver_steps)
+        return (f"-steps{steps}" if steps != self.a.steps else "") + (f"-solver{solver}" if solver != self.a.solver_steps else "")
+
+    def perflow_out(self, mode: str, seed: int, lever: tuple[int, int] | None = None) -> Path:
+        return self.work / f"perflow-{mode}-s{seed}{self.suffix(lever)}"
+
+    def perflow(self, mode: str, seed: int, lever: tuple[int, int] | None = None) -> dict:
+        """Distil through the CLI; a ``lever`` (training steps, solver steps per window) replaces those flags, in its own folder."""
+        a = self.a
+        steps, solver = lever or (a.steps, a.solver_steps)
+        out = self.perflow_out(mode, seed, lever)
         cmd = [sys.executable, "-m", "rectflow.cli", "perflow", str(self.teacher), "--data", str(self.work / "captions"), "--out", str(out),
-               "-K", "4", "--guidance", str(a.guidance), "--guidance-mode", mode, "--solver-steps", str(a.solver_steps), "--steps", str(steps or a.steps),
+               "-K", "4", "--guidance", str(a.guidance), "--guidance-mode", mode, "--solver-steps", str(solver), "--steps", str(steps),
                "--batch-size", str(a.batch), "--lr", str(a.lr), "--seed", str(seed), "--lora-rank", str(a.lora_rank), "--precision", a.precision,
                "--device", "cpu", "--prompt", prompt(0), "--prompt", prompt(3), "-q"]
         env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
@@ -201,18 +212,19 @@ class Bench(PhasedBench):
         self.teacher_grid(seed)
         return {"rows": rows, "guidance": a.guidance, "n": a.n_fd}
 
-    def evaluate_perflow(self, seed: int, mode: str, train_steps: int | None = None) -> dict:
-        """PeRFlow at 4 and 8 steps through stock diffusers; a training-length lever run (``train_steps``) at 4 only."""
+    def evaluate_perflow(self, seed: int, mode: str, lever: tuple[int, int] | None = None) -> dict:
+        """PeRFlow at 4 and 8 steps through stock diffusers; a lever run at 4 only."""
         from diffusers import StableDiffusionPipeline
 
         a, rows = self.a, []
-        export = self.perflow_out(mode, seed, train_steps) / "diffusers"
+        export = self.perflow_out(mode, seed, lever) / "diffusers"
         student = StableDiffusionPipeline.from_pretrained(str(export), trust_remote_code=True)
         w = 1.0 if mode == "teacher" else a.guidance  # mode teacher: the guidance is in the student's weights
-        if train_steps:
+        if lever:
             x, labels, spi = self.sample(student, 4, w, seed)
-            log(f"  PeRFlow {mode}, {train_steps} training steps, 4: FD {(r := self.score(x, labels, 'color'))['fd']:.3f}")
-            return {"rows": [{"method": f"PeRFlow (guidance mode {mode})", "steps": 4, "train_steps": train_steps, **r, "s_per_image": spi}]}
+            log(f"  PeRFlow {mode}, {lever[0]} training steps, {lever[1]} solver steps per window, 4: FD {(r := self.score(x, labels, 'color'))['fd']:.3f}")
+            return {"rows": [{"method": f"PeRFlow (guidance mode {mode})", "steps": 4, "train_steps": lever[0], "solver_steps": lever[1], **r,
+                              "s_per_image": spi}]}
         for steps in (4, 8):
             x, labels, spi = self.sample(student, steps, w, seed)
             rows.append({"method": f"PeRFlow (guidance mode {mode})", "steps": steps, "nfe": steps * (2 if w != 1 else 1),
@@ -317,10 +329,11 @@ class Bench(PhasedBench):
             self.phase(f"eval-s{seed}-perflow-student", lambda s=seed: self.evaluate_perflow(s, "student"))
             self.phase(f"plug-student-s{seed}", lambda s=seed: {"rows": self.plug_deltas(s, "student")})
             self.write()
-        for n in a.lever_steps:  # the training-length lever, on the guidance mode whose goal was missed
+        for lever in self.levers()[1:]:  # training length, solver steps per window: on the guidance mode whose goal was missed
             for seed in a.seeds:
-                self.phase(f"perflow-teacher-s{seed}-steps{n}", lambda s=seed, n=n: self.perflow("teacher", s, n))
-                self.phase(f"eval-s{seed}-perflow-teacher-steps{n}", lambda s=seed, n=n: self.evaluate_perflow(s, "teacher", n))
+                tail = self.suffix(lever)
+                self.phase(f"perflow-teacher-s{seed}{tail}", lambda s=seed, v=lever: self.perflow("teacher", s, v))
+                self.phase(f"eval-s{seed}-perflow-teacher{tail}", lambda s=seed, v=lever: self.evaluate_perflow(s, "teacher", v))
                 self.write()
 
     def eval_rows(self, d: dict, seed: int) -> list[dict]:
@@ -328,26 +341,26 @@ class Bench(PhasedBench):
         return [r for part in ("teacher", *(f"perflow-{m}" for m in MODES)) for r in (d.get(f"eval-s{seed}-{part}") or {"rows": []})["rows"]]
 
     def lever_lines(self, d: dict) -> list[str]:
-        """The training-length lever: guidance mode teacher at 4 steps after each training length, over the same seed's teacher."""
+        """The levers (training length, solver steps per window): guidance mode teacher at 4 steps, over the same seed's teacher."""
         a = self.a
-        lengths = sorted({a.steps, *a.lever_steps})
-        cells = {}  # (length, seed) -> (fd, accuracy, fd ratio to the same seed's teacher 25)
+        cells = {}  # (lever, seed) -> (fd, accuracy, fd ratio to the same seed's teacher 25)
         for s in a.seeds:
             t25 = next((r for r in (d.get(f"eval-s{s}-teacher") or {"rows": []})["rows"] if (r["method"], r["steps"]) == T25), None)
-            for n in lengths:
-                ev = d.get(f"eval-s{s}-perflow-teacher" + ("" if n == a.steps else f"-steps{n}"))
+            for lever in self.levers():
+                ev = d.get(f"eval-s{s}-perflow-teacher{self.suffix(lever)}")
                 r = next((r for r in (ev or {"rows": []})["rows"] if r["steps"] == 4), None)
                 if t25 and r:
-                    cells[n, s] = (r["fd"], r["prompt_accuracy"], r["fd"] / t25["fd"])
-        if not any(n != a.steps for n, _ in cells):
+                    cells[lever, s] = (r["fd"], r["prompt_accuracy"], r["fd"] / t25["fd"])
+        if not any(self.suffix(v) for v, _ in cells):
             return []
-        lines = ["## Lever: training length (guidance mode teacher, 4 steps; mean, then each seed's value)", "",
-                 "| training steps | seeds | FD | FD / same seed's teacher 25 | prompt accuracy |", "|---:|---|---:|---:|---:|"]
-        for n in lengths:
-            got = [(s, cells[n, s]) for s in a.seeds if (n, s) in cells]
+        lines = ["## Levers: training length, solver steps per window (guidance mode teacher, 4 steps; mean, then each seed's value)", "",
+                 "| training steps | solver steps per window | seeds | FD | FD / same seed's teacher 25 | prompt accuracy |",
+                 "|---:|---:|---|---:|---:|---:|"]
+        for lever in sorted(set(self.levers())):
+            got = [(s, cells[lever, s]) for s in a.seeds if (lever, s) in cells]
             if got:
                 fd, acc, rat = ([c[i] for _, c in got] for i in range(3))
-                lines.append(f"| {n} | {', '.join(str(s) for s, _ in got)} | {np.mean(fd):.3f} ({' / '.join(f'{v:.3f}' for v in fd)}) | "
+                lines.append(f"| {lever[0]} | {lever[1]} | {', '.join(str(s) for s, _ in got)} | {np.mean(fd):.3f} ({' / '.join(f'{v:.3f}' for v in fd)}) | "
                              f"{ratios(rat)} | {np.mean(acc):.3f} ({' / '.join(f'{v:.3f}' for v in acc)}) |")
         return lines + [""]
 
@@ -453,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--derivative-steps", type=int, default=1500)
     ap.add_argument("--lever-steps", type=int, nargs="*", default=[1500],
                     help="extra training lengths for guidance mode teacher (the training-length lever), after everything else")
+    ap.add_argument("--lever-solver-steps", type=int, nargs="*", default=[24],
+                    help="extra teacher solver steps per window for guidance mode teacher (the job's default is 24), after the length lever")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--n-fd", type=int, default=5000)
     a = ap.parse_args(argv)
@@ -463,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         a.precision = json.loads(speed.read_text())["precision"] if speed.is_file() else "auto"
     if a.smoke:
         a.n_captioned, a.steps, a.batch, a.solver_steps, a.derivative_steps, a.n_fd, a.seeds, a.lever_steps = 40, 2, 4, 2, 4, 40, [1], [1]
+        a.lever_solver_steps = [3]
         a.lora_rank, a.name, a.out = 2, a.name + "_smoke", a.work / "results"
     torch.set_num_threads(a.threads)
     if a.report_only:
