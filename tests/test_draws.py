@@ -20,3 +20,9 @@ def test_without_a_generator_the_draw_is_made_on_draw_on_from_the_global_stream(
     torch.manual_seed(11)
     assert torch.equal(a, torch.randn(5))
     assert draw_device(None, "cpu") == "cpu" and draw_device(torch.Generator(), "meta") == torch.device("cpu")
+
+
+def test_randint_with_a_low_bound_is_torch_randint_of_that_range():
+    got = randint(6, 50, low=1, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(got, torch.randint(1, 6, (50,), generator=torch.Generator().manual_seed(3)))
+    assert int(got.min()) >= 1 and int(got.max()) <= 5

@@ -33,7 +33,7 @@ def randn(*shape: int | Sequence[int], generator: torch.Generator | None = None,
     return x if device is None else x.to(device)
 
 
-def randint(high: int, n: int, *, generator: torch.Generator | None = None, device: Any = None, draw_on: Any = None) -> Tensor:
-    """(n,) int64 uniform on {0, ..., high - 1}, drawn on the generator's device (else ``draw_on``), on ``device``."""
-    x = torch.randint(high, (n,), generator=generator, device=draw_device(generator, draw_on))
+def randint(high: int, n: int, *, low: int = 0, generator: torch.Generator | None = None, device: Any = None, draw_on: Any = None) -> Tensor:
+    """(n,) int64 uniform on {low, ..., high - 1}, drawn on the generator's device (else ``draw_on``), on ``device``."""
+    x = torch.randint(low, high, (n,), generator=generator, device=draw_device(generator, draw_on))
     return x if device is None else x.to(device)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from rectflow.diffusion.parameterizations import check_parameterization, error_ratio, from_x0_eps
 from rectflow.diffusion.schedules import log_snr, log_snr_derivative, time_from_log_snr
-from rectflow.draws import draw_device
+from rectflow.draws import draw_device, randn
 from rectflow.flow.losses import FlowBatch, FlowMatchingObjective, LossOutput, per_sample_mse
 from rectflow.flow.paths import AffinePath, exact_dtype
 from rectflow.flow.time_sampling import LogitNormalTime, UniformTime
@@ -135,7 +135,7 @@ class LogSNRNormalTime:
 
     def __call__(self, n, *, generator=None, device=None) -> Tensor:
         gdev = draw_device(generator, device)
-        lam = self.mean + self.std * torch.randn(n, generator=generator, device=gdev, dtype=exact_dtype(gdev if gdev is not None else "cpu"))
+        lam = self.mean + self.std * randn(n, generator=generator, dtype=exact_dtype(gdev if gdev is not None else "cpu"), draw_on=gdev)
         return time_from_log_snr(self.path, lam).to(device=device, dtype=torch.get_default_dtype())
 
     def density(self, t: Tensor) -> Tensor:

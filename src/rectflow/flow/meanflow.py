@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from rectflow.draws import draw_device, rand
+from rectflow.draws import draw_device, rand, randint
 from rectflow.errors import ConfigError, check_fraction, check_int
 from rectflow.flow.couplings import Coupling
 from rectflow.flow.losses import LossOutput, check_coupling, per_sample_mse
@@ -155,12 +155,12 @@ class ShortcutObjective:
         x0, x1 = self.coupling.sample(n, generator=generator, device=device)
         gdev = draw_device(generator, x0.device)
         exact = exact_dtype(gdev)  # float64 where the generator's device has it (dyadic jumps are exact in float32 too)
-        u = torch.rand(n, generator=generator, device=gdev, dtype=exact)
-        k = torch.randint(1, self.levels + 1, (n,), generator=generator, device=gdev)
+        u = rand(n, generator=generator, dtype=exact, draw_on=gdev)
+        k = randint(self.levels + 1, n, low=1, generator=generator, draw_on=gdev)
         d = torch.pow(2.0, -k.to(exact))
         slots = torch.floor(u * (1 / (2 * d))).clamp_max(1 / (2 * d) - 1)  # t on the grid of multiples of 2d in [0, 1 - 2d]
         start = slots * 2 * d
-        fm = torch.rand(n, generator=generator, device=gdev) >= self.consistency_fraction
+        fm = rand(n, generator=generator, draw_on=gdev) >= self.consistency_fraction
         start = torch.where(fm, u, start)
         d = torch.where(fm, torch.zeros_like(d), d)
         return MeanFlowBatch(x0, x1, start.to(x0.dtype).to(x0.device), (start + d).to(x0.dtype).to(x0.device))

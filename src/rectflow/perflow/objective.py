@@ -88,10 +88,9 @@ class PeRFlowObjective:
     def draw(self, n: int, generator: torch.Generator, device) -> PeRFlowBatch:
         x = self.data.sample(n, generator=generator, device=device)
         x, cond = x if isinstance(x, tuple) else (x, None)
-        gdev = generator.device
         eps = randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         k = randint(self.boundaries.numel() - 1, n, generator=generator, device=x.device)
-        u = torch.rand(n, generator=generator, device=gdev, dtype=exact_dtype(gdev)).to(x.device, exact_dtype(x.device))
+        u = rand(n, generator=generator, dtype=exact_dtype(generator.device)).to(x.device, exact_dtype(x.device))
         if self.p_uncond > 0:  # before the teacher's solve: a dropped row follows the unconditional flow
             if cond is None:
                 raise ConfigError("perflow.p_uncond > 0 needs conditional data (sample(n) -> (x, cond))")
