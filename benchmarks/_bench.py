@@ -96,7 +96,12 @@ def write_rows(partial: Path, rows: list[dict[str, Any]]) -> None:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def mean_each(values: list[float], digits: int = 3, unit: str = "") -> str:
+    """``1.234 (1.200 / 1.268)``: the mean over seeds, then each seed's value (alone when there is one seed)."""
+    each = " / ".join(f"{v:.{digits}f}{unit}" for v in values)
+    return f"{np.mean(values):.{digits}f}{unit}" + (f" ({each})" if len(values) > 1 else "")
+
+
 def ratios(r: list[float], digits: int = 2) -> str:
     """``1.23x (1.20x / 1.26x)``: the mean of per-seed ratios, then each seed's."""
-    each = " / ".join(f"{v:.{digits}f}x" for v in r)
-    return f"{np.mean(r):.{digits}f}x" + (f" ({each})" if len(r) > 1 else "")
+    return mean_each(r, digits, "x")

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from _bench import ratios, write_results, write_rows
+from _bench import mean_each, ratios, write_results, write_rows
 from _cifar10 import FeatureStats
 from _machine import machine_info, machine_line
 from _phases import PhasedBench, log, phased_args
@@ -360,8 +360,8 @@ class Bench(PhasedBench):
             got = [(s, cells[lever, s]) for s in a.seeds if (lever, s) in cells]
             if got:
                 fd, acc, rat = ([c[i] for _, c in got] for i in range(3))
-                lines.append(f"| {lever[0]} | {lever[1]} | {', '.join(str(s) for s, _ in got)} | {np.mean(fd):.3f} ({' / '.join(f'{v:.3f}' for v in fd)}) | "
-                             f"{ratios(rat)} | {np.mean(acc):.3f} ({' / '.join(f'{v:.3f}' for v in acc)}) |")
+                lines.append(f"| {lever[0]} | {lever[1]} | {', '.join(str(s) for s, _ in got)} | {mean_each(fd)} | "
+                             f"{ratios(rat)} | {mean_each(acc)} |")
         return lines + [""]
 
     def write(self) -> None:
@@ -387,8 +387,8 @@ class Bench(PhasedBench):
             for k in keys:
                 rs = [b[k] for b in by_seed if k in b]
                 fd, acc = [x["fd"] for x in rs], [x["prompt_accuracy"] for x in rs]
-                lines.append(f"| {k[0]} | {k[1]} | {rs[0]['nfe']} | {np.mean(fd):.3f} ({' / '.join(f'{v:.3f}' for v in fd)}) | "
-                             f"{np.mean(acc):.3f} ({' / '.join(f'{v:.3f}' for v in acc)}) | {1e3 * np.mean([x['s_per_image'] for x in rs]):.1f} |")
+                lines.append(f"| {k[0]} | {k[1]} | {rs[0]['nfe']} | {mean_each(fd)} | "
+                             f"{mean_each(acc)} | {1e3 * np.mean([x['s_per_image'] for x in rs]):.1f} |")
             for mode in MODES:
                 k4 = (f"PeRFlow (guidance mode {mode})", 4)
                 paired = [(s, b) for s, b in zip(done_seeds, by_seed) if all(k in b for k in (T25, D4, k4))]
@@ -421,8 +421,8 @@ class Bench(PhasedBench):
                 rs = [p[name] for p in per_seed if name in p]
                 fd, acc = [x["fd"] for x in rs], [x["prompt_accuracy"] for x in rs]
                 label = name + (" (guidance mode teacher)" if "base" in name and "guidance mode" not in name else "")
-                lines.append(f"| {label} | {rs[0]['steps']} | {np.mean(fd):.3f} ({' / '.join(f'{v:.3f}' for v in fd)}) | "
-                             f"{np.mean(acc):.3f} ({' / '.join(f'{v:.3f}' for v in acc)}) |")
+                lines.append(f"| {label} | {rs[0]['steps']} | {mean_each(fd)} | "
+                             f"{mean_each(acc)} |")
             for mode in MODES:
                 tag = "" if mode == "teacher" else f" (guidance mode {mode})"
                 own, full, lora = "derivative DPM-Solver++", f"derivative + base full delta{tag}", f"derivative + base LoRA{tag}"
